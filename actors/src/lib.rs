@@ -1,1 +1,36 @@
-//! placeholder
+//! fogmesh's actors: everything a fog node runs between a sensor reading arriving and
+//! an alert leaving, with no networking of its own (the `fogmesh-cluster` crate puts
+//! these behind gRPC and MQTT).
+//!
+//! The path of a reading: a source pushes a batch of [`Sample`]s to a
+//! [`SensorStream`], which validates, flags, normalises and windows it; each
+//! [`Window`] goes to the stream's [`Router`], which picks experts (static table or
+//! learned gate), sends the window to each [`Expert`] and combines their verdicts into
+//! a [`ScoredWindow`] for the [`Annunciator`]. The [`NodeAgent`] starts and supervises
+//! all of them. See ARCHITECTURE.md for the invariants.
+
+pub mod annunciator;
+pub mod directory;
+pub mod error;
+pub mod expert;
+pub mod node_agent;
+pub mod normalisation;
+pub mod quality;
+pub mod replay;
+pub mod router;
+pub mod sample;
+pub mod sensor_stream;
+pub mod telemetry;
+pub mod windowing;
+
+pub use annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
+pub use directory::NodeDirectory;
+pub use error::{IngestError, ScoreError, SpecError};
+pub use expert::{BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest};
+pub use node_agent::{Node, NodeAgent, NodeSnapshot, NodeSpec, RestartPolicy};
+pub use normalisation::{NormalisationSpec, Normaliser, RunningStats};
+pub use quality::{QualityFlag, QualityFlags, QualityRules};
+pub use router::{Router, RouterMsg, RouterSpec, RoutingPolicy};
+pub use sample::{Sample, Window};
+pub use sensor_stream::{PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec};
+pub use windowing::Windower;

@@ -1,0 +1,56 @@
+//! The node's directory: which sensor streams, routers and experts run on this node,
+//! by name, with their current actor and observable state.
+//!
+//! Routers resolve experts and streams resolve routers through it at send time, so
+//! when the [`crate::NodeAgent`] restarts an actor it only replaces one entry and every
+//! sender reaches the new one from the next message on. The gRPC services look up
+//! sensor streams and routers here too.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use ractor::ActorRef;
+
+use crate::expert::{ExpertMsg, ExpertShared};
+use crate::router::{RouterMsg, RouterShared};
+use crate::sensor_stream::{SensorStreamMsg, SensorStreamShared};
+
+#[derive(Clone)]
+pub struct SensorHandle {
+    pub actor: ActorRef<SensorStreamMsg>,
+    pub shared: Arc<SensorStreamShared>,
+}
+
+#[derive(Clone)]
+pub struct RouterHandle {
+    pub actor: ActorRef<RouterMsg>,
+    pub shared: Arc<RouterShared>,
+}
+
+#[derive(Clone)]
+pub struct ExpertHandle {
+    pub actor: ActorRef<ExpertMsg>,
+    pub shared: Arc<ExpertShared>,
+}
+
+/// Name → running actor, for the three kinds of actor a node hosts.
+#[derive(Default)]
+pub struct NodeDirectory {
+    pub sensors: DashMap<String, SensorHandle>,
+    pub routers: DashMap<String, RouterHandle>,
+    pub experts: DashMap<String, ExpertHandle>,
+}
+
+impl NodeDirectory {
+    pub fn sensor(&self, id: &str) -> Option<SensorHandle> {
+        self.sensors.get(id).map(|h| h.clone())
+    }
+
+    pub fn router(&self, name: &str) -> Option<RouterHandle> {
+        self.routers.get(name).map(|h| h.clone())
+    }
+
+    pub fn expert(&self, name: &str) -> Option<ExpertHandle> {
+        self.experts.get(name).map(|h| h.clone())
+    }
+}

@@ -1,0 +1,97 @@
+//! Errors the actors return to whoever fed them: producers of samples, callers asking
+//! for a score, operators starting a node. Each variant carries what a person needs to
+//! fix the input (the stream, the sequence number, the field, the value and the limit);
+//! `fogmesh-cluster` maps them to gRPC status codes in one place.
+
+use std::time::Duration;
+
+/// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
+/// whole: none of its samples is accepted, and everything acknowledged before it stays.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    #[error("unknown sensor stream `{sensor_id}`")]
+    UnknownSensor { sensor_id: String },
+    #[error(
+        "sensor `{sensor_id}` sample {sequence}: field `values` has {got} channels, the stream has {expected}"
+    )]
+    WrongChannelCount {
+        sensor_id: String,
+        sequence: u64,
+        expected: usize,
+        got: usize,
+    },
+    #[error(
+        "sensor `{sensor_id}` sample {sequence}: field `values[{channel}]` is {value}, only finite values are accepted"
+    )]
+    NotFinite {
+        sensor_id: String,
+        sequence: u64,
+        channel: usize,
+        value: f32,
+    },
+    #[error(
+        "sensor `{sensor_id}` sample {sequence}: field `timestamp_us` {timestamp_us} goes back before {previous_us}, the stream's latest accepted timestamp"
+    )]
+    TimestampBackwards {
+        sensor_id: String,
+        sequence: u64,
+        timestamp_us: i64,
+        previous_us: i64,
+    },
+    #[error("sensor `{sensor_id}` is not running: {reason}")]
+    StreamUnavailable { sensor_id: String, reason: String },
+}
+
+/// Why a window could not be scored.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScoreError {
+    #[error("router `{router}` has no route for sensor `{sensor_id}`")]
+    NoRoute { router: String, sensor_id: String },
+    #[error("window of sensor `{sensor_id}`: field `values` has {got} values, expert `{expert}` takes {expected} ({channels} channels x {length} samples)")]
+    WrongWindowShape {
+        sensor_id: String,
+        expert: String,
+        expected: usize,
+        got: usize,
+        channels: usize,
+        length: usize,
+    },
+    #[error("expert `{expert}` is not calibrated: it has no alarm threshold yet")]
+    Uncalibrated { expert: String },
+    #[error("expert `{expert}` is unavailable: {reason}")]
+    ExpertUnavailable { expert: String, reason: String },
+    #[error("expert `{expert}` failed to score: {reason}")]
+    Model { expert: String, reason: String },
+    #[error("router `{router}` is unavailable: {reason}")]
+    RouterUnavailable { router: String, reason: String },
+    #[error("router `{router}` gate: {reason}")]
+    Gate { router: String, reason: String },
+}
+
+/// A node description that cannot be started.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{what} `{name}`: field `{field}` = {value}: {reason}")]
+    Invalid {
+        what: &'static str,
+        name: String,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{what} `{name}` is defined twice")]
+    Duplicate { what: &'static str, name: String },
+    #[error("{what} `{name}` refers to {target_kind} `{target}`, which the node does not define")]
+    UnknownReference {
+        what: &'static str,
+        name: String,
+        target_kind: &'static str,
+        target: String,
+    },
+    #[error("expert `{name}`: {reason}")]
+    Model { name: String, reason: String },
+    #[error("actor `{name}` did not start: {reason}")]
+    Spawn { name: String, reason: String },
+    #[error("no answer from `{name}` within {timeout:?}")]
+    Timeout { name: String, timeout: Duration },
+}

@@ -1,0 +1,378 @@
+//! `Expert`: one anomaly model on one device, serving windows in dynamic batches.
+//!
+//! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`] placed with
+//! `Device::cuda_if_available()`), the batching queue, and the expert's counters.
+//! **Takes** [`ExpertMsg::Infer`]: one window, answered with its score on the request's
+//! reply port. **Supervised by** the [`crate::NodeAgent`], which restarts it from the
+//! same weights. **On failure**: if the model thread dies the actor fails with it;
+//! requests queued at that moment get a closed reply port, which their router reports
+//! as `ExpertUnavailable` for those windows.
+//!
+//! Why a thread and not the async runtime: a forward pass is milliseconds of CPU; on
+//! the runtime it would stall every other actor. Why one libtorch intra-op thread by
+//! default: batching already fills the cores, and waking idle libtorch threads per small
+//! batch costs more than it gives on a 2-core fog node (`intra_op_threads` overrides).
+//!
+//! Batching contract: the thread blocks for the first request, then collects more
+//! until `max_batch` are held or `max_wait` has passed since the first one *arrived at
+//! the actor*; the batch then runs at once. So no request waits for company longer
+//! than `max_wait`, and a full batch never waits at all.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ScoreError, SpecError};
+use crate::telemetry;
+
+/// How an expert groups windows into forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    pub max_batch: usize,
+    pub max_wait_us: u64,
+}
+
+impl Default for BatchingSpec {
+    /// The W1 setting: up to 32 windows, at most 2 ms of waiting.
+    fn default() -> Self {
+        BatchingSpec {
+            max_batch: 32,
+            max_wait_us: 2_000,
+        }
+    }
+}
+
+/// Everything needed to (re)start an expert.
+#[derive(Debug, Clone)]
+pub struct ExpertSpec {
+    pub name: String,
+    pub model_version: String,
+    pub config: AutoencoderConfig,
+    /// safetensors bytes of the trained weights; `None` starts from `seed`.
+    pub weights: Option<Arc<[u8]>>,
+    pub weights_sha256: Option<String>,
+    pub seed: i64,
+    /// Alarm limit on this model's score, from calibration on normal operation.
+    pub threshold: Option<f32>,
+    pub batching: BatchingSpec,
+    pub intra_op_threads: usize,
+}
+
+impl ExpertSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let invalid = |field: &'static str, value: String, reason: &str| SpecError::Invalid {
+            what: "expert",
+            name: self.name.clone(),
+            field,
+            value,
+            reason: reason.to_string(),
+        };
+        if self.batching.max_batch == 0 || self.batching.max_batch > 4096 {
+            return Err(invalid(
+                "max_batch",
+                self.batching.max_batch.to_string(),
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.intra_op_threads == 0 || self.intra_op_threads > 256 {
+            return Err(invalid(
+                "intra_op_threads",
+                self.intra_op_threads.to_string(),
+                "must be between 1 and 256",
+            ));
+        }
+        if let Some(t) = self.threshold {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(invalid("threshold", t.to_string(), "must be a positive number"));
+            }
+        }
+        self.config.validate().map_err(|e| SpecError::Model {
+            name: self.name.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// One expert's verdict on one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertVerdict {
+    pub score: f32,
+    pub threshold: Option<f32>,
+    pub model_version: Arc<str>,
+    /// Size of the batch the window ran in, and how long that batch waited to fill.
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+}
+
+/// A window for an expert. `enqueued` is when the expert actor took it in; the
+/// batching deadline counts from it.
+pub struct InferRequest {
+    pub values: Arc<[f32]>,
+    pub enqueued: Instant,
+    pub reply: RpcReplyPort<Result<ExpertVerdict, ScoreError>>,
+}
+
+pub enum ExpertMsg {
+    Infer(InferRequest),
+}
+
+/// The expert's observable state, shared with status readers without a message.
+#[derive(Debug)]
+pub struct ExpertShared {
+    pub name: Arc<str>,
+    pub model_version: Arc<str>,
+    pub device: String,
+    pub window_len: usize,
+    threshold_bits: AtomicU32,
+    pub windows_scored: AtomicU64,
+    pub batches: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+impl ExpertShared {
+    pub fn threshold(&self) -> Option<f32> {
+        let t = f32::from_bits(self.threshold_bits.load(Ordering::Relaxed));
+        (!t.is_nan()).then_some(t)
+    }
+
+    pub fn mean_batch_size(&self) -> f64 {
+        let batches = self.batches.load(Ordering::Relaxed);
+        if batches == 0 {
+            0.0
+        } else {
+            self.windows_scored.load(Ordering::Relaxed) as f64 / batches as f64
+        }
+    }
+}
+
+/// The actor. Its arguments are the spec and the shared state its supervisor reads.
+pub struct Expert;
+
+pub struct ExpertArgs {
+    pub spec: ExpertSpec,
+    pub shared: Arc<ExpertShared>,
+}
+
+pub struct ExpertState {
+    jobs: Option<mpsc::Sender<InferRequest>>,
+    worker: Option<JoinHandle<()>>,
+    shared: Arc<ExpertShared>,
+}
+
+impl ExpertShared {
+    /// Shared state for a spec; the device is where the model will be placed.
+    pub fn for_spec(spec: &ExpertSpec) -> Arc<Self> {
+        Arc::new(ExpertShared {
+            name: spec.name.as_str().into(),
+            model_version: spec.model_version.as_str().into(),
+            device: format!("{:?}", fogmesh_models::default_device()),
+            window_len: spec.config.window_len(),
+            threshold_bits: AtomicU32::new(spec.threshold.unwrap_or(f32::NAN).to_bits()),
+            windows_scored: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Actor for Expert {
+    type Msg = ExpertMsg;
+    type State = ExpertState;
+    type Arguments = ExpertArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ExpertArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (jobs, queue) = mpsc::channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let shared = args.shared.clone();
+        let spec = args.spec;
+        let worker = std::thread::Builder::new()
+            .name(format!("expert-{}", spec.name))
+            .spawn(move || model_thread(spec, shared, queue, ready_tx))?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(ExpertState {
+                jobs: Some(jobs),
+                worker: Some(worker),
+                shared: args.shared,
+            }),
+            Ok(Err(reason)) => Err(reason.into()),
+            Err(_) => Err("expert model thread exited before it was ready".into()),
+        }
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ExpertMsg::Infer(request) => {
+                let jobs = state.jobs.as_ref().ok_or("expert is stopping")?;
+                state.shared.queued.fetch_add(1, Ordering::Relaxed);
+                jobs.send(request)
+                    .map_err(|_| "expert model thread is gone; restarting the expert")?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Closing the queue ends the model thread after its current batch; joining on a
+        // blocking thread keeps the runtime free while it finishes.
+        state.jobs.take();
+        if let Some(worker) = state.worker.take() {
+            tokio::task::spawn_blocking(move || worker.join()).await.ok();
+        }
+        Ok(())
+    }
+}
+
+fn model_thread(
+    spec: ExpertSpec,
+    shared: Arc<ExpertShared>,
+    queue: mpsc::Receiver<InferRequest>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    // libtorch's intra-op thread count is per calling thread: set it here, on the
+    // thread that runs every forward pass of this expert.
+    tch::set_num_threads(spec.intra_op_threads as i32);
+    let device = fogmesh_models::default_device();
+    let model = match &spec.weights {
+        Some(bytes) => ConvAutoencoder::from_safetensors(
+            spec.config.clone(),
+            bytes,
+            spec.weights_sha256.as_deref(),
+            device,
+        ),
+        None => ConvAutoencoder::new(spec.config.clone(), device, spec.seed),
+    };
+    let model = match model {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = ready.send(Err(format!("expert `{}`: {e}", spec.name)));
+            return;
+        }
+    };
+    if ready.send(Ok(())).is_err() {
+        return;
+    }
+    let batching = spec.batching;
+    let max_wait = Duration::from_micros(batching.max_wait_us);
+    let batch_size_histogram = metrics::histogram!(telemetry::EXPERT_BATCH_SIZE, "expert" => spec.name.clone());
+    let batch_wait_histogram = metrics::histogram!(telemetry::EXPERT_BATCH_WAIT, "expert" => spec.name.clone());
+    let windows_counter = metrics::counter!(telemetry::EXPERT_WINDOWS, "expert" => spec.name.clone());
+    let window_len = shared.window_len;
+    let mut batch: Vec<InferRequest> = Vec::with_capacity(batching.max_batch);
+    let mut input: Vec<f32> = Vec::with_capacity(batching.max_batch * window_len);
+    while let Some(first) = next_batch(&queue, &mut batch, batching.max_batch, max_wait) {
+        let wait = first.elapsed();
+        shared.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        input.clear();
+        let mut admitted = Vec::with_capacity(batch.len());
+        for request in batch.drain(..) {
+            if request.values.len() == window_len {
+                input.extend_from_slice(&request.values);
+                admitted.push(request);
+            } else {
+                // Routers check shapes before sending; this guards direct callers.
+                let reason = format!(
+                    "window has {} values, the model takes {window_len}",
+                    request.values.len()
+                );
+                request
+                    .reply
+                    .send(Err(ScoreError::Model {
+                        expert: spec.name.clone(),
+                        reason,
+                    }))
+                    .ok();
+            }
+        }
+        if admitted.is_empty() {
+            continue;
+        }
+        let size = admitted.len();
+        batch_size_histogram.record(size as f64);
+        batch_wait_histogram.record(wait.as_secs_f64());
+        let threshold = shared.threshold();
+        match model.score(&input) {
+            Ok(scores) => {
+                for (request, score) in admitted.into_iter().zip(scores) {
+                    request
+                        .reply
+                        .send(Ok(ExpertVerdict {
+                            score,
+                            threshold,
+                            model_version: shared.model_version.clone(),
+                            batch_size: size,
+                            batch_wait: wait,
+                        }))
+                        .ok();
+                }
+            }
+            Err(e) => {
+                for request in admitted {
+                    request
+                        .reply
+                        .send(Err(ScoreError::Model {
+                            expert: spec.name.clone(),
+                            reason: e.to_string(),
+                        }))
+                        .ok();
+                }
+            }
+        }
+        shared.windows_scored.fetch_add(size as u64, Ordering::Relaxed);
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        windows_counter.increment(size as u64);
+    }
+}
+
+/// Fills `batch` following the batching contract (see the module docs) and returns
+/// the arrival time of its first request, or `None` once the queue is closed and empty.
+fn next_batch(
+    queue: &mpsc::Receiver<InferRequest>,
+    batch: &mut Vec<InferRequest>,
+    max_batch: usize,
+    max_wait: Duration,
+) -> Option<Instant> {
+    let first = queue.recv().ok()?;
+    let deadline = first.enqueued + max_wait;
+    let started = first.enqueued;
+    batch.push(first);
+    while batch.len() < max_batch {
+        // Whatever is already queued joins without waiting.
+        match queue.try_recv() {
+            Ok(request) => {
+                batch.push(request);
+                continue;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match queue.recv_timeout(deadline - now) {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+    Some(started)
+}
