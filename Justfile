@@ -1,0 +1,119 @@
+# fogmesh task runner. `just --list` shows the recipes; `just test` is what CI runs (.ci/run).
+#
+# The Python that matters is the `python3` on PATH: tch's build script (torch-sys) asks it
+# where the PyTorch wheel keeps libtorch, and the TEP recordings are generated with it.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+# Extra recipe arguments reach the shell as "$@", quoting intact.
+set positional-arguments
+
+# Belt and braces: .cargo/config.toml sets this too. tch links the libtorch inside the
+# PyTorch wheel that `just setup` installs instead of downloading its own.
+export LIBTORCH_USE_PYTORCH := "1"
+
+# Pinned versions; bump together with the code that depends on them.
+torch_version := "2.13.0"
+tep_studio_version := "0.2.0"
+
+# Show the recipes.
+default:
+    @{{ just_executable() }} --list
+
+# Idempotent: each package is installed only if an import/version check fails, and the
+# recordings are regenerated only if data/tep/manifest.json is missing or stale, so a
+# second run takes seconds.
+# Install torch + tep-studio for python3, then generate the TEP recordings in data/tep.
+setup: _python-deps
+    @echo "setup: TEP recordings (scripts/make_tep_recordings.py --out data/tep)"
+    python3 scripts/make_tep_recordings.py --out data/tep
+
+# Installs with apt-get (through sudo when not root). It is not started here: the tests
+# start their own broker on a free loopback port.
+# Make sure the MQTT broker mosquitto (Debian package) is installed.
+setup-broker:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
+        echo "setup-broker: mosquitto present ($(command -v mosquitto || echo /usr/sbin/mosquitto))"
+        exit 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: mosquitto is not installed and apt-get is not available;" >&2
+        echo "       install the MQTT broker mosquitto with your package manager" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -eq 0 ]; then
+        sudo=""
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo="sudo"
+    else
+        echo "error: mosquitto is not installed, and installing it needs root (no sudo here);" >&2
+        echo "       install it as root: apt-get update && apt-get install -y mosquitto" >&2
+        exit 1
+    fi
+    echo "setup-broker: installing mosquitto: ${sudo:+$sudo }apt-get update && apt-get install -y mosquitto"
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto
+
+# Run the end-to-end demo on the TEP recordings.
+demo: setup
+    cargo run --release -p fogmesh -- demo
+
+# Release mode on purpose: the tch-heavy tests (model training and scoring) are many
+# times slower in a debug build, and the release build is the one that ships.
+# Extra arguments go to cargo: `just test -p fogmesh-actors`, `just test -- --nocapture`.
+# Run every test in the workspace (release build; needs setup and the broker binary).
+test *ARGS: setup setup-broker
+    cargo test --workspace --release "$@"
+
+# Each run prints one JSON object.
+# Benchmark workload w1: baseline, with the learned gate, and with 32 requests in flight.
+bench: setup
+    cargo run --release -p fogmesh -- bench w1
+    cargo run --release -p fogmesh -- bench w1 --gate learned
+    cargo run --release -p fogmesh -- bench w1 --inflight 32
+
+# Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency.
+# Check formatting (rustfmt) and lints (clippy, warnings are errors).
+lint: _python-deps
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format the workspace.
+fmt:
+    cargo fmt --all
+
+# Install torch and tep-studio for python3 unless the pinned versions already import.
+_python-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    echo "setup: python3 is $(command -v python3) ($(python3 --version 2>&1))"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        echo "error: pip is not available for $(command -v python3); install it (or use a venv) and rerun" >&2
+        exit 1
+    fi
+    # Debian/Ubuntu's system Python refuses pip installs (PEP 668); a venv is the way out.
+    if python3 -c 'import os, sys, sysconfig; sys.exit(0 if sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")) else 1)'; then
+        managed=1
+    else
+        managed=0
+    fi
+    pip_install() {
+        if [ "$managed" -eq 1 ]; then
+            echo "error: $(command -v python3) is an externally managed system Python; pip cannot install $* into it." >&2
+            echo "       Use a virtual environment first: python3 -m venv .venv && . .venv/bin/activate && just setup" >&2
+            exit 1
+        fi
+        echo "setup: python3 -m pip install $*"
+        python3 -m pip install --disable-pip-version-check "$@"
+    }
+    if python3 -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "{{ torch_version }}")' >/dev/null 2>&1; then
+        echo "setup: torch {{ torch_version }} present"
+    else
+        pip_install "torch=={{ torch_version }}"
+    fi
+    if python3 -c 'import sys, tep_studio; sys.exit(tep_studio.__version__ != "{{ tep_studio_version }}")' >/dev/null 2>&1; then
+        echo "setup: tep-studio {{ tep_studio_version }} present"
+    else
+        pip_install "tep-studio=={{ tep_studio_version }}"
+    fi
