@@ -1,1 +1,32 @@
-//! placeholder
+//! fogmesh's model zoo: the networks fog nodes run on plant data, their training loops,
+//! their weights as safetensors, and the recordings they learn from.
+//!
+//! - [`autoencoder`]: the convolutional autoencoder expert (the W1 benchmark model).
+//! - [`gate`]: the mixture-of-experts gate, trained with tch, served in plain Rust.
+//! - [`training`]: options and reports shared by every training run.
+//! - [`recording`]: the fogrec file format for plant recordings.
+//! - [`calibration`]: score quantiles for alarm thresholds.
+//!
+//! Everything fallible returns [`ModelError`].
+
+pub mod autoencoder;
+pub mod calibration;
+pub mod error;
+pub mod gate;
+pub mod recording;
+pub mod rng;
+pub mod training;
+
+pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
+pub use calibration::quantile;
+pub use error::ModelError;
+pub use gate::SoftmaxGate;
+pub use recording::{Recording, RecordingHeader};
+pub use rng::SplitMix64;
+pub use training::{EpochReport, TrainOptions, TrainReport};
+
+/// Where models go unless the caller says otherwise: the first CUDA device when libtorch
+/// sees one, else the CPU.
+pub fn default_device() -> tch::Device {
+    tch::Device::cuda_if_available()
+}
