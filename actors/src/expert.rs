@@ -14,9 +14,13 @@
 //! batch costs more than it gives on a 2-core fog node (`intra_op_threads` overrides).
 //!
 //! Batching contract: the thread blocks for the first request, then collects more
-//! until `max_batch` are held or `max_wait` has passed since the first one *arrived at
-//! the actor*; the batch then runs at once. So no request waits for company longer
-//! than `max_wait`, and a full batch never waits at all.
+//! until `max_batch` are held, or `max_wait` has passed since the first one *arrived at
+//! the actor*, or no request has arrived for `max_wait / 8` (the idle gap); the batch
+//! then runs at once. So no request waits for company longer than `max_wait`, a full
+//! batch never waits at all, and when the senders have nothing more to send (a closed
+//! loop with few requests in flight) the batch does not sit out the whole `max_wait`
+//! for company that cannot come. Under load requests arrive far closer together than
+//! the idle gap, so batches still fill.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -343,6 +347,9 @@ fn model_thread(
     }
 }
 
+/// The idle gap is `max_wait` divided by this (see the module docs).
+pub const IDLE_GAP_DIVISOR: u32 = 8;
+
 /// Fills `batch` following the batching contract (see the module docs) and returns
 /// the arrival time of its first request, or `None` once the queue is closed and empty.
 fn next_batch(
@@ -353,6 +360,7 @@ fn next_batch(
 ) -> Option<Instant> {
     let first = queue.recv().ok()?;
     let deadline = first.enqueued + max_wait;
+    let idle_gap = max_wait / IDLE_GAP_DIVISOR;
     let started = first.enqueued;
     batch.push(first);
     while batch.len() < max_batch {
@@ -369,7 +377,7 @@ fn next_batch(
         if now >= deadline {
             break;
         }
-        match queue.recv_timeout(deadline - now) {
+        match queue.recv_timeout((deadline - now).min(idle_gap)) {
             Ok(request) => batch.push(request),
             Err(_) => break,
         }

@@ -93,8 +93,10 @@ impl Normaliser {
             Normaliser::Identity => {}
             Normaliser::Online(stats) => {
                 stats.update(values);
-                for ((x, mean), std) in values.iter_mut().zip(stats.mean()).zip(stats.std()) {
-                    *x = (*x - mean) / std.max(MIN_STD);
+                let n = stats.count as f64;
+                for ((x, mean), m2) in values.iter_mut().zip(&stats.mean).zip(&stats.m2) {
+                    let std = ((m2 / n).sqrt() as f32).max(MIN_STD);
+                    *x = ((f64::from(*x) - mean) as f32) / std;
                 }
             }
             Normaliser::Frozen { mean, inv_std } => {

@@ -90,9 +90,24 @@ async fn a_lone_window_waits_at_most_max_wait() {
     for k in 0..3 {
         let verdict = send(&actor, window(k)).await.unwrap().unwrap();
         assert_eq!(verdict.batch_size, 1);
-        assert!(verdict.batch_wait >= max_wait, "it waited for company: {:?}", verdict.batch_wait);
         // The upper bound allows for the OS waking the model thread late, nothing more.
         assert!(verdict.batch_wait < max_wait + Duration::from_millis(200), "waited {:?}", verdict.batch_wait);
+    }
+    actor.stop(None);
+}
+
+#[tokio::test]
+async fn a_burst_shares_one_batch_and_leaves_when_the_senders_fall_quiet() {
+    // An idle gap of max_wait / 8 = 1.25 s: requests sent back to back all arrive within
+    // it, and the batch leaves after the gap, long before max_wait.
+    let max_wait = Duration::from_secs(10);
+    let actor = start(spec(32, max_wait)).await;
+    let pending: Vec<_> = (0..5).map(|k| send(&actor, window(k))).collect();
+    for rx in pending {
+        let verdict = rx.await.unwrap().unwrap();
+        assert_eq!(verdict.batch_size, 5);
+        assert!(verdict.batch_wait >= max_wait / fogmesh_actors::expert::IDLE_GAP_DIVISOR);
+        assert!(verdict.batch_wait < max_wait, "the burst waited out max_wait: {:?}", verdict.batch_wait);
     }
     actor.stop(None);
 }

@@ -1,1 +1,10 @@
-//! placeholder
+//! Scenarios run on the real fogmesh actors in one process: the plant demo
+//! (`fogmesh demo`) and the benchmark workloads (`fogmesh bench`).
+//!
+//! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
+//! measure it from outside, the way an operator or a load generator would.
+
+pub mod demo;
+pub mod evaluation;
+pub mod tep;
+pub mod w1;
