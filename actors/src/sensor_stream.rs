@@ -109,7 +109,7 @@ impl SensorStreamSpec {
                 format!("needs none or one per channel ({})", self.channels),
             ));
         }
-        if let Some([low, high]) = ranges.iter().find(|[low, high]| !(low <= high)) {
+        if let Some([low, high]) = ranges.iter().find(|[low, high]| low.is_nan() || high.is_nan() || low > high) {
             return Err(invalid("quality.ranges", format!("[{low}, {high}]"), "low must not exceed high".into()));
         }
         Ok(())

@@ -1,1 +1,30 @@
-//! placeholder
+//! A fogmesh node on the network: its TOML configuration, the gRPC services (`Ingest`,
+//! `Inference`, `Control`, `Telemetry`) over the actors of `fogmesh-actors`, MQTT
+//! ingest, file replay and the Prometheus endpoint.
+//!
+//! The entry points: [`NodeConfig::load`] reads a `node.toml` (format in `README.md`
+//! beside this crate), [`NodeServer::start`] runs it and returns a
+//! [`RunningNodeServer`] ([`NodeServer::start_with`] takes the annunciator, for callers
+//! that watch every scored window), [`run_until`] runs it until a signal. Errors
+//! become gRPC statuses in one place, [`status`].
+//!
+//! Architecture invariant: this crate owns no actor logic; it validates what arrives
+//! from the network, hands it to a [`fogmesh_actors::Node`] and maps the answer back.
+
+pub mod config;
+mod ingest;
+pub mod metrics_endpoint;
+mod mqtt;
+pub mod server;
+mod services;
+mod shutdown;
+pub mod status;
+pub mod telemetry;
+
+pub use config::{
+    ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection, ReplayConfig,
+    ReplayJob, ReplayStreamConfig, Role, RouterConfig,
+};
+pub use metrics_endpoint::{prometheus_handle, MetricsError};
+pub use server::{run_until, NodeServer, RunningNodeServer, ServeError};
+pub use status::ServiceError;

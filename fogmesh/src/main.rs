@@ -1,1 +1,132 @@
-fn main() {}
+//! The `fogmesh` command line: thin over the library crates. Each subcommand parses
+//! its flags, calls one library entry point, and turns library errors into a message
+//! with context and a non-zero exit.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fogmesh_simulations::{demo, w1};
+
+#[derive(Parser)]
+#[command(name = "fogmesh", version, about = "A supervised actor mesh that hosts industrial models on fog nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a fog node from a TOML config: sensor streams, routers, experts, gRPC, MQTT.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The embedded default: a local node watching a replayed Tennessee Eastman plant.
+    Demo {
+        /// Folder with the recordings `just setup` generates.
+        #[arg(long, default_value = "data/tep")]
+        data: PathBuf,
+        /// Training budget per unit expert, in seconds.
+        #[arg(long, default_value_t = 6.0)]
+        train_seconds: f64,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Benchmark workloads; each prints one JSON object on stdout.
+    Bench {
+        #[command(subcommand)]
+        workload: Workload,
+    },
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    /// W1: routing + batched expert inference under a closed loop.
+    W1 {
+        /// Windows kept in flight.
+        #[arg(long, default_value_t = 256)]
+        inflight: usize,
+        /// Run length in seconds; the first 3 are warm-up.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value_t = Gate::Static)]
+        gate: Gate,
+        /// libtorch intra-op threads per expert.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Gate {
+    Static,
+    Learned,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fogmesh=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Node { config } => run_node(config).await,
+            Command::Demo {
+                data,
+                train_seconds,
+                json,
+            } => {
+                let options = demo::DemoOptions {
+                    data_dir: data,
+                    train_seconds,
+                    ..Default::default()
+                };
+                let mut stdout = std::io::stdout();
+                let report = demo::run(&options, &mut stdout).await.context("running the demo")?;
+                if let Some(path) = json {
+                    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                Ok(())
+            }
+            Command::Bench {
+                workload:
+                    Workload::W1 {
+                        inflight,
+                        seconds,
+                        gate,
+                        threads,
+                    },
+            } => {
+                let options = w1::W1Options {
+                    inflight,
+                    seconds,
+                    intra_op_threads: threads,
+                    gate: match gate {
+                        Gate::Static => w1::GateKind::Static,
+                        Gate::Learned => w1::GateKind::Learned,
+                    },
+                    ..Default::default()
+                };
+                let report = w1::run(&options).await.context("running W1")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn run_node(config: PathBuf) -> anyhow::Result<()> {
+    let config = fogmesh_cluster::NodeConfig::load(&config)?;
+    fogmesh_cluster::run_until(config, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+    .context("running the node")
+}

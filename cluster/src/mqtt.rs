@@ -1,0 +1,183 @@
+//! MQTT ingest: a broker's `<topic_prefix>/ingest/<sensor id>` topics feed the node's
+//! sensor streams, and every message is answered on `<topic_prefix>/ack/<sensor id>`.
+//!
+//! Protocol (QoS 1 both ways):
+//! - in: `{"samples":[{"sequence":1,"timestamp_us":..,"values":[..]}]}`, one stream per
+//!   message, the stream named by the topic's last level;
+//! - out, accepted: `{"acked_through":..,"accepted":..,"duplicates":..}`;
+//! - out, refused: `{"error":"<message>","sensor_id":".."}`, the message being the same
+//!   text a gRPC producer gets (field, value, limit). Malformed JSON (including numbers
+//!   beyond f32's range), a payload over `limits.max_message_bytes` and samples the
+//!   stream refuses (wrong channel count, time going back) are answered this way and
+//!   counted; none of them stops the connection.
+//!
+//! Delivery: the session is clean and messages are acknowledged to the broker on
+//! receipt, so a message in flight when the connection drops is lost; the producer,
+//! seeing no ack on the ack topic, resends, and sequence numbers make the resend safe
+//! (accepted samples are acknowledged again as duplicates, never windowed twice). The
+//! ack topic, not the broker's PUBACK, is the producer's proof of acceptance.
+//!
+//! One task per broker polls rumqttc's event loop and handles each message inline:
+//! messages of a topic reach the stream in the broker's order, and the node's answer
+//! gates reading the next message (back-pressure on the broker instead of a queue).
+//! Acks leave through `try_publish`, so the task never waits on the outgoing queue it
+//! alone drains. When the broker goes away the event loop reports an error; the task
+//! sleeps (exponential backoff up to [`MAX_BACKOFF`]) and polls again, which
+//! reconnects; the subscription is renewed on every connection.
+
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeReasonCode,
+};
+use serde::Serialize;
+
+use crate::config::MqttConfig;
+use crate::ingest::Ingestor;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// First wait after a connection error; doubled per consecutive error.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Requests (acks, subscriptions) the client may queue for the event loop.
+const OUTGOING_QUEUE: usize = 256;
+/// Incoming packets up to twice `max_message_bytes` (plus room for the topic) are read
+/// and refused with an error ack; a larger one breaks the connection (rumqttc refuses
+/// to read it), which the task survives by reconnecting.
+const PACKET_HEADROOM: usize = 64 << 10;
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long a stopping task keeps polling to send its DISCONNECT.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Serialize)]
+struct ErrorAck<'a> {
+    error: String,
+    sensor_id: &'a str,
+}
+
+/// Where one connection reads and answers.
+struct Topics {
+    /// `<prefix>/ingest/`, followed by the sensor id.
+    ingest: String,
+    /// `<prefix>/ack/`, followed by the sensor id.
+    ack: String,
+    broker: String,
+}
+
+/// Runs ingest from one broker until `shutdown` fires.
+///
+/// Cancel safety: cancel-safe in that every message is answered or left unread; a
+/// cancelled task does not send its DISCONNECT, so the broker notices through the keep
+/// alive instead. Prefer `shutdown`.
+pub(crate) async fn run(
+    config: MqttConfig,
+    node_name: String,
+    index: usize,
+    ingest: Ingestor,
+    max_message_bytes: usize,
+    mut shutdown: Shutdown,
+) {
+    let prefix = config.topic_prefix(&node_name);
+    let topics = Topics {
+        ingest: format!("{prefix}/ingest/"),
+        ack: format!("{prefix}/ack/"),
+        broker: format!("{}:{}", config.host, config.port),
+    };
+    let filter = format!("{prefix}/ingest/+");
+    let mut options = MqttOptions::new(
+        config.client_id(&node_name, index),
+        config.host.clone(),
+        config.port,
+    );
+    options.set_keep_alive(KEEP_ALIVE);
+    options.set_clean_session(true);
+    let max_packet = max_message_bytes
+        .saturating_mul(2)
+        .saturating_add(PACKET_HEADROOM);
+    options.set_max_packet_size(max_packet, max_packet);
+    let (client, mut events) = AsyncClient::new(options, OUTGOING_QUEUE);
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = shutdown.fired() => break,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = MIN_BACKOFF;
+                tracing::info!(broker = %topics.broker, %filter, "connected to the mqtt broker");
+                if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                    tracing::error!(broker = %topics.broker, error = %e, "cannot queue the ingest subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(broker = %topics.broker, %filter, "the broker refused the ingest subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(message))) => {
+                answer(&client, &ingest, &topics, message).await
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics::counter!(telemetry::MQTT_CONNECTION_ERRORS, "broker" => topics.broker.clone()).increment(1);
+                tracing::warn!(broker = %topics.broker, error = %e, retry_in = ?backoff, "mqtt connection failed");
+                tokio::select! {
+                    () = shutdown.fired() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    // Best effort: tell the broker we are leaving so it drops the session at once.
+    if client.try_disconnect().is_ok() {
+        let sent = async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, sent).await;
+    }
+}
+
+/// Pushes one message and publishes its ack or error.
+async fn answer(client: &AsyncClient, ingest: &Ingestor, topics: &Topics, message: Publish) {
+    let Some(sensor_id) = message.topic.strip_prefix(topics.ingest.as_str()) else {
+        tracing::warn!(topic = %message.topic, "message outside the ingest topics; ignored");
+        return;
+    };
+    let reply = match ingest.push_json(sensor_id, &message.payload).await {
+        Ok(ack) => serde_json::to_vec(&ack),
+        Err(e) => {
+            tracing::debug!(sensor = %sensor_id, error = %e, "mqtt batch refused");
+            serde_json::to_vec(&ErrorAck {
+                error: e.to_string(),
+                sensor_id,
+            })
+        }
+    };
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => {
+            tracing::error!(sensor = %sensor_id, error = %e, "cannot encode the mqtt ack");
+            return;
+        }
+    };
+    let topic = format!("{}{sensor_id}", topics.ack);
+    if let Err(e) = client.try_publish(topic, QoS::AtLeastOnce, false, reply) {
+        metrics::counter!(telemetry::MQTT_ACKS_DROPPED, "broker" => topics.broker.clone())
+            .increment(1);
+        tracing::warn!(sensor = %sensor_id, error = %e, "mqtt ack dropped; the producer will resend");
+    }
+}

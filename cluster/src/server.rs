@@ -1,0 +1,344 @@
+//! A node on the network: the actors of a [`NodeConfig`] behind gRPC, MQTT, file
+//! replay and a Prometheus endpoint, with an orderly start and stop.
+//!
+//! Start, in order (each step can fail, and a failure leaves nothing running):
+//! 1. Read every file the config points at (weights, gates, recordings): a bad config
+//!    is refused before anything starts.
+//! 2. Install the Prometheus recorder: the actors bind their counters when they start.
+//! 3. Bind the gRPC and metrics sockets: a port in use is refused before the actors
+//!    start.
+//! 4. Start the node's actors ([`Node::start`] returns once all run).
+//! 5. Serve gRPC and metrics, start one task per MQTT broker and per replay.
+//!
+//! Stop ([`RunningNodeServer::shutdown`]), in order:
+//! 1. Raise the shutdown signal: the gRPC server stops accepting connections, open
+//!    `PushStream` and `WatchAlerts` streams end at their next batch or alert boundary,
+//!    MQTT tasks disconnect after the message in hand, replays stop after the batch in
+//!    hand.
+//! 2. Wait for the gRPC server to finish the calls in flight, then for the MQTT and
+//!    replay tasks (each bounded by [`DRAIN_TIMEOUT`], after which it is aborted).
+//! 3. Stop the node's actors. Every source has stopped pushing by now, so no producer
+//!    sees a half-stopped node, and every acknowledged batch was accepted before its
+//!    acknowledgement left.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fogmesh_actors::replay::replay;
+use fogmesh_actors::{Annunciator, Node, SpecError};
+use fogmesh_proto::control_server::ControlServer;
+use fogmesh_proto::inference_server::InferenceServer;
+use fogmesh_proto::ingest_server::IngestServer;
+use fogmesh_proto::telemetry_server::TelemetryServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{ConfigError, NodeConfig, ReplayJob};
+use crate::ingest::Ingestor;
+use crate::metrics_endpoint::{self, MetricsError};
+use crate::services::NodeServices;
+use crate::shutdown::{self, Shutdown, ShutdownTrigger};
+use crate::{mqtt, telemetry};
+
+/// Scored windows a `WatchAlerts` subscriber may fall behind before it skips some
+/// (the capacity of the annunciator [`NodeServer::start`] creates).
+pub const ALERT_BUFFER: usize = 1024;
+/// Longest a stopping server waits for one of its tasks before aborting it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a node server did not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node `{node}` did not start: {source}")]
+    Node {
+        node: String,
+        #[source]
+        source: Box<SpecError>,
+    },
+    #[error("the gRPC server on {addr} failed: {source}")]
+    Grpc {
+        addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the gRPC server on {addr} stopped on its own: {reason}")]
+    GrpcStopped { addr: SocketAddr, reason: String },
+    #[error("node `{node}` stopped on its own: its supervisor gave up (the log names the failing actor)")]
+    NodeStopped { node: String },
+}
+
+/// Starts node servers; see the module doc for the order of events.
+pub struct NodeServer;
+
+/// A started node server. Call [`RunningNodeServer::shutdown`] to stop it in order;
+/// dropping it only signals everything to stop.
+pub struct RunningNodeServer {
+    node: Node,
+    node_join: Option<JoinHandle<()>>,
+    grpc_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    trigger: ShutdownTrigger,
+    grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// MQTT and replay tasks.
+    sources: Vec<JoinHandle<()>>,
+    metrics_http: Option<JoinHandle<()>>,
+}
+
+impl NodeServer {
+    /// Starts everything `config` describes and returns once it serves.
+    pub async fn start(config: NodeConfig) -> Result<RunningNodeServer, ServeError> {
+        NodeServer::start_with(config, Annunciator::new(ALERT_BUFFER)).await
+    }
+
+    /// [`NodeServer::start`] publishing to `annunciator`: subscribe to it before the
+    /// call to see every scored window, including those of replays that begin as the
+    /// node starts (the demo's live report, tests).
+    pub async fn start_with(
+        config: NodeConfig,
+        annunciator: Annunciator,
+    ) -> Result<RunningNodeServer, ServeError> {
+        // 1. Files; 2. the recorder; 3. sockets; 4. actors (see the module doc).
+        let spec = config.to_node_spec()?;
+        let replays = config.replay_jobs()?;
+        let metrics = metrics_endpoint::prometheus_handle()?;
+        let (grpc_listener, grpc_addr) = bind("gRPC", config.node.listen).await?;
+        let metrics_listener = match config.node.metrics_listen {
+            Some(addr) => Some(bind("metrics", addr).await?),
+            None => None,
+        };
+        let (node, node_join) =
+            Node::start(spec, annunciator)
+                .await
+                .map_err(|source| ServeError::Node {
+                    node: config.node.name.clone(),
+                    source: Box::new(source),
+                })?;
+
+        // 5. Serve.
+        let (trigger, shutdown) = shutdown::channel();
+        let limits = config.limits;
+
+        let services = NodeServices::new(
+            node.clone(),
+            config.node.role,
+            limits,
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        // tonic refuses messages over its limit before a handler sees them, with
+        // OUT_OF_RANGE and no field name; its limit is a backstop at twice ours so
+        // that the handlers refuse oversized messages first, with RESOURCE_EXHAUSTED
+        // naming the limit.
+        let decode_backstop = limits.max_message_bytes.saturating_mul(2);
+        let router = tonic::transport::Server::builder()
+            .add_service(
+                IngestServer::new(services.clone()).max_decoding_message_size(decode_backstop),
+            )
+            .add_service(
+                InferenceServer::new(services.clone()).max_decoding_message_size(decode_backstop),
+            )
+            .add_service(ControlServer::new(services.clone()))
+            .add_service(TelemetryServer::new(services));
+        let mut grpc_shutdown = shutdown.clone();
+        let grpc = tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                    grpc_shutdown.fired().await
+                }),
+        );
+        tracing::info!(node = %config.node.name, %grpc_addr, "serving gRPC");
+
+        let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
+        let metrics_http = metrics_listener.map(|(listener, addr)| {
+            tracing::info!(%addr, "serving prometheus metrics");
+            tokio::spawn(metrics_endpoint::serve(listener, metrics, shutdown.clone()))
+        });
+
+        let mut sources = Vec::new();
+        let mqtt_ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_MQTT);
+        for (index, broker) in config.mqtt.iter().enumerate() {
+            sources.push(tokio::spawn(mqtt::run(
+                broker.clone(),
+                config.node.name.clone(),
+                index,
+                mqtt_ingest.clone(),
+                limits.max_message_bytes,
+                shutdown.clone(),
+            )));
+        }
+        for job in replays {
+            sources.push(tokio::spawn(run_replay(
+                node.clone(),
+                job,
+                shutdown.clone(),
+            )));
+        }
+
+        Ok(RunningNodeServer {
+            node,
+            node_join: Some(node_join),
+            grpc_addr,
+            metrics_addr,
+            trigger,
+            grpc: Some(grpc),
+            sources,
+            metrics_http,
+        })
+    }
+}
+
+/// Binds `addr` and returns the listener with the address it got (the real port
+/// when `addr` asked for port 0).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let error = |source| ServeError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
+}
+
+/// Feeds one recording into the node; stops early on shutdown.
+async fn run_replay(node: Node, job: ReplayJob, mut shutdown: Shutdown) {
+    let file = job.file.display().to_string();
+    tokio::select! {
+        () = shutdown.fired() => tracing::info!(%file, "replay stopped by shutdown"),
+        result = replay(&node, &job.recording, &job.plan) => match result {
+            Ok(report) => tracing::info!(%file, rows = report.rows, samples = report.samples, "replay finished"),
+            Err(e) => {
+                metrics::counter!(telemetry::REPLAY_FAILURES, "file" => file.clone()).increment(1);
+                tracing::error!(%file, error = %e, "replay stopped at a refused batch");
+            }
+        },
+    }
+}
+
+impl RunningNodeServer {
+    /// The bound gRPC address (the real port when the config said port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound Prometheus endpoint, when the config has `metrics_listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The running node, for in-process callers (the demo, tests).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Waits until the node or the gRPC server stops on its own, and says which.
+    ///
+    /// Cancel safety: cancel-safe; after it returns, it returns at once with
+    /// `NodeStopped` or `Grpc` only for a part that has not been reported yet, and
+    /// otherwise waits for the other part.
+    pub async fn stopped(&mut self) -> ServeError {
+        let node = self.node.name.clone();
+        let addr = self.grpc_addr;
+        tokio::select! {
+            _ = async { self.node_join.as_mut()?.await.ok() }, if self.node_join.is_some() => {
+                self.node_join = None;
+                ServeError::NodeStopped { node }
+            }
+            result = async { self.grpc.as_mut()?.await.ok() }, if self.grpc.is_some() => {
+                self.grpc = None;
+                match result {
+                    Some(Err(source)) => ServeError::Grpc { addr, source },
+                    Some(Ok(())) => ServeError::GrpcStopped { addr, reason: "it returned without an error".into() },
+                    None => ServeError::GrpcStopped { addr, reason: "its task panicked".into() },
+                }
+            }
+        }
+    }
+
+    /// Stops everything in order (see the module doc) and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        self.trigger.fire();
+        let mut outcome = Ok(());
+        if let Some(grpc) = self.grpc.take() {
+            if let Some(Ok(Err(source))) = drain("grpc server", grpc).await {
+                outcome = Err(ServeError::Grpc {
+                    addr: self.grpc_addr,
+                    source,
+                });
+            }
+        }
+        for source in self.sources.drain(..) {
+            drain("ingest source", source).await;
+        }
+        if let Some(metrics_http) = self.metrics_http.take() {
+            drain("metrics endpoint", metrics_http).await;
+        }
+        match self.node_join.take() {
+            Some(join) => self.node.shutdown(join).await,
+            None if outcome.is_ok() => {
+                outcome = Err(ServeError::NodeStopped {
+                    node: self.node.name.clone(),
+                })
+            }
+            None => {}
+        }
+        outcome
+    }
+}
+
+/// Awaits a task for at most [`DRAIN_TIMEOUT`], aborting it after that.
+async fn drain<T>(
+    what: &'static str,
+    mut task: JoinHandle<T>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match tokio::time::timeout(DRAIN_TIMEOUT, &mut task).await {
+        Ok(result) => Some(result),
+        Err(_) => {
+            tracing::warn!(task = what, timeout = ?DRAIN_TIMEOUT, "task did not stop in time; aborting it");
+            task.abort();
+            None
+        }
+    }
+}
+
+impl Drop for RunningNodeServer {
+    /// Without [`RunningNodeServer::shutdown`] (a panicking test, say), still stop the
+    /// tasks and the actors rather than leak them; nothing waits for them.
+    fn drop(&mut self) {
+        self.trigger.fire();
+        if self.node_join.is_some() {
+            self.node.agent.stop(Some("node server dropped".into()));
+        }
+    }
+}
+
+/// Runs a node until `shutdown_signal` completes (Ctrl-C in the binary), then stops
+/// it in order. Returns an error when the node cannot start, or stops on its own
+/// before the signal (after stopping the rest).
+pub async fn run_until(
+    config: NodeConfig,
+    shutdown_signal: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut server = NodeServer::start(config).await?;
+    tokio::select! {
+        () = shutdown_signal => server.shutdown().await,
+        error = server.stopped() => {
+            tracing::error!(%error, "node stopping");
+            // The first failure is the one to report; stopping the rest may add none.
+            let _ = server.shutdown().await;
+            Err(error)
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The gRPC services of one node: `Ingest`, `Inference`, `Control` and `Telemetry`,
+//! all over the same running [`Node`]. (`ModelStore` and `ClusterLink` are in the
+//! contract but not served yet.)
+//!
+//! - `Ingest.Push`: one batch, one [`IngestAck`]; the rules (limits, unknown sensors,
+//!   partial acceptance and why resending is safe) are in [`crate::ingest`].
+//! - `Ingest.PushStream`: the same per batch, one ack per batch in order. The first
+//!   refused batch ends the stream with its status; acks sent before it stand. A batch
+//!   is pushed whole or not at all: server shutdown only ends the stream between
+//!   batches.
+//! - `Inference.Score`: checks the window's shape and values, then asks the router.
+//! - `Inference.WatchAlerts`: the annunciator's anomalous windows, filtered by sensor.
+//!   A subscriber that falls behind skips what it missed (logged and counted in
+//!   `fogmesh_alert_watch_skipped_total`); the annunciator never waits for it, so a slow
+//!   client cannot slow the routers down.
+//! - `Control.GetStatus`: the node's snapshot, read without messaging any actor.
+//! - `Telemetry.Metrics`: the process's Prometheus text.
+//!
+//! Every refused call is counted (`fogmesh_ingest_rejected_total`,
+//! `fogmesh_inference_rejected_total`) and answered through the one error mapping in
+//! [`crate::status`].
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use fogmesh_actors::{ExpertOpinion, Node, ScoredWindow, Window};
+use fogmesh_proto::control_server::Control;
+use fogmesh_proto::inference_server::Inference;
+use fogmesh_proto::ingest_server::Ingest;
+use fogmesh_proto::telemetry_server::Telemetry;
+use fogmesh_proto::{
+    Alert, AlertFilter, ExpertScore, ExpertStatus, IngestAck, MetricsRequest, MetricsText,
+    NodeStatus, RouterStatus, SampleBatch, ScoreReply, ScoreRequest, SensorStreamStatus,
+    StatusRequest,
+};
+use futures::{Stream, StreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use prost::Message;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{Limits, Role};
+use crate::ingest::Ingestor;
+use crate::shutdown::Shutdown;
+use crate::status::ServiceError;
+use crate::telemetry;
+
+/// Acks a `PushStream` may run ahead of its client before the stream waits.
+const PUSH_STREAM_ACK_BUFFER: usize = 16;
+
+/// One node's services; every gRPC service of the node is a clone of it.
+#[derive(Clone)]
+pub(crate) struct NodeServices {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: Node,
+    role: Role,
+    limits: Limits,
+    ingest: Ingestor,
+    metrics: PrometheusHandle,
+    shutdown: Shutdown,
+}
+
+impl NodeServices {
+    pub(crate) fn new(
+        node: Node,
+        role: Role,
+        limits: Limits,
+        metrics: PrometheusHandle,
+        shutdown: Shutdown,
+    ) -> Self {
+        let ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_GRPC);
+        NodeServices {
+            inner: Arc::new(Inner {
+                node,
+                role,
+                limits,
+                ingest,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    async fn score_window(&self, request: ScoreRequest) -> Result<ScoreReply, ServiceError> {
+        let limit = self.inner.limits.max_message_bytes;
+        let bytes = request.encoded_len();
+        if bytes > limit {
+            return Err(ServiceError::MessageTooLarge { bytes, limit });
+        }
+        let router = request.router.clone();
+        let window = window_from_request(request)?;
+        if self.inner.node.directory.router(&router).is_none() {
+            return Err(ServiceError::UnknownRouter { router });
+        }
+        let scored = self.inner.node.score(&router, window).await?;
+        Ok(ScoreReply {
+            score: scored.score,
+            anomalous: scored.anomalous,
+            experts: scored.experts.iter().map(expert_score).collect(),
+        })
+    }
+
+    fn alert_filter(&self, filter: AlertFilter) -> Result<HashSet<String>, ServiceError> {
+        for (i, id) in filter.sensor_ids.iter().enumerate() {
+            if self.inner.node.directory.sensor(id).is_none() {
+                return Err(ServiceError::InvalidField {
+                    field: format!("sensor_ids[{i}]"),
+                    value: format!("{id:?}"),
+                    reason: "no sensor stream of this node has this id".into(),
+                });
+            }
+        }
+        Ok(filter.sensor_ids.into_iter().collect())
+    }
+}
+
+fn count_inference_rejection(rpc: &'static str, error: &ServiceError) {
+    metrics::counter!(telemetry::INFERENCE_REJECTED, "rpc" => rpc, "reason" => error.reason())
+        .increment(1);
+}
+
+/// Checks a `ScoreRequest`'s shape and values and turns it into a window.
+fn window_from_request(request: ScoreRequest) -> Result<Window, ServiceError> {
+    let invalid = |field: String, value: String, reason: String| ServiceError::InvalidField {
+        field,
+        value,
+        reason,
+    };
+    for (field, value) in [("channels", request.channels), ("length", request.length)] {
+        if value == 0 {
+            return Err(invalid(
+                field.into(),
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
+    }
+    let expected = u64::from(request.channels) * u64::from(request.length);
+    if expected != request.values.len() as u64 {
+        return Err(invalid(
+            "values".into(),
+            format!("{} values", request.values.len()),
+            format!(
+                "`channels` x `length` is {} x {} = {expected}",
+                request.channels, request.length
+            ),
+        ));
+    }
+    if let Some((i, value)) = request
+        .values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+    {
+        return Err(invalid(
+            format!("values[{i}]"),
+            value.to_string(),
+            "only finite values are accepted".into(),
+        ));
+    }
+    Ok(Window {
+        sensor_id: request.sensor_id.into(),
+        sequence: 0,
+        start_us: 0,
+        end_us: 0,
+        channels: request.channels as usize,
+        length: request.length as usize,
+        values: request.values.into(),
+        quality: Default::default(),
+    })
+}
+
+fn expert_score(opinion: &ExpertOpinion) -> ExpertScore {
+    ExpertScore {
+        expert: opinion.expert.to_string(),
+        model_version: opinion.model_version.to_string(),
+        score: opinion.score,
+        threshold: opinion.threshold,
+        gate_weight: opinion.gate_weight,
+    }
+}
+
+fn alert(window: &ScoredWindow) -> Alert {
+    use fogmesh_actors::QualityFlag as Flag;
+    use fogmesh_proto::QualityFlag as WireFlag;
+    Alert {
+        sensor_id: window.sensor_id.to_string(),
+        window_sequence: window.window_sequence,
+        window_start_us: window.start_us,
+        window_end_us: window.end_us,
+        score: window.score,
+        experts: window.experts.iter().map(expert_score).collect(),
+        quality: window
+            .quality
+            .iter()
+            .map(|flag| match flag {
+                Flag::OutOfRange => WireFlag::OutOfRange,
+                Flag::Stuck => WireFlag::Stuck,
+                Flag::Gap => WireFlag::Gap,
+            } as i32)
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for NodeServices {
+    async fn push(&self, request: Request<SampleBatch>) -> Result<Response<IngestAck>, Status> {
+        Ok(Response::new(
+            self.inner.ingest.push_batch(request.into_inner()).await?,
+        ))
+    }
+
+    type PushStreamStream = ReceiverStream<Result<IngestAck, Status>>;
+
+    async fn push_stream(
+        &self,
+        request: Request<Streaming<SampleBatch>>,
+    ) -> Result<Response<Self::PushStreamStream>, Status> {
+        let mut batches = request.into_inner();
+        let (acks, acks_rx) = tokio::sync::mpsc::channel(PUSH_STREAM_ACK_BUFFER);
+        let ingest = self.inner.ingest.clone();
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = shutdown.fired() => break,
+                    next = batches.message() => next,
+                };
+                let ack = match next {
+                    Ok(Some(batch)) => ingest.push_batch(batch).await.map_err(Status::from),
+                    // The producer closed its side: every batch it sent is answered.
+                    Ok(None) => break,
+                    // A transport or decoding error (tonic's own size backstop, a reset
+                    // stream): pass it on; the client may already be gone.
+                    Err(status) => Err(status),
+                };
+                let refused = ack.is_err();
+                if acks.send(ack).await.is_err() || refused {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(acks_rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for NodeServices {
+    async fn score(&self, request: Request<ScoreRequest>) -> Result<Response<ScoreReply>, Status> {
+        match self.score_window(request.into_inner()).await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(e) => {
+                count_inference_rejection("score", &e);
+                Err(e.into())
+            }
+        }
+    }
+
+    type WatchAlertsStream = Pin<Box<dyn Stream<Item = Result<Alert, Status>> + Send>>;
+
+    async fn watch_alerts(
+        &self,
+        request: Request<AlertFilter>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let sensors = self.alert_filter(request.into_inner()).map_err(|e| {
+            count_inference_rejection("watch_alerts", &e);
+            Status::from(e)
+        })?;
+        let mut shutdown = self.inner.shutdown.clone();
+        let alerts = BroadcastStream::new(self.inner.node.annunciator.subscribe())
+            .filter_map(move |window| {
+                let alert = match window {
+                    Ok(window) => (window.anomalous
+                        && (sensors.is_empty() || sensors.contains(&*window.sensor_id)))
+                    .then(|| Ok(alert(&window))),
+                    Err(BroadcastStreamRecvError::Lagged(skipped)) => {
+                        tracing::warn!(
+                            skipped,
+                            "alert subscriber fell behind; skipping the windows it missed"
+                        );
+                        metrics::counter!(telemetry::ALERT_WATCH_SKIPPED).increment(skipped);
+                        None
+                    }
+                };
+                futures::future::ready(alert)
+            })
+            .take_until(async move { shutdown.fired().await });
+        Ok(Response::new(Box::pin(alerts)))
+    }
+}
+
+#[tonic::async_trait]
+impl Control for NodeServices {
+    async fn get_status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let snapshot = self.inner.node.snapshot();
+        Ok(Response::new(NodeStatus {
+            node: snapshot.node,
+            role: self.inner.role.as_str().to_string(),
+            up_since_us: snapshot.up_since_us,
+            sensors: snapshot
+                .sensors
+                .into_iter()
+                .map(|s| SensorStreamStatus {
+                    sensor_id: s.id,
+                    channels: s.channels.try_into().unwrap_or(u32::MAX),
+                    accepted: s.accepted,
+                    rejected: s.rejected,
+                    duplicates: s.duplicates,
+                    windows: s.windows,
+                    // 0 before the first sample; `accepted` tells the two apart.
+                    last_sequence: s.acked_through.unwrap_or_default(),
+                })
+                .collect(),
+            routers: snapshot
+                .routers
+                .into_iter()
+                .map(|r| RouterStatus {
+                    name: r.name,
+                    policy: r.policy.to_string(),
+                    routed: r.routed,
+                    failed: r.failed,
+                })
+                .collect(),
+            experts: snapshot
+                .experts
+                .into_iter()
+                .map(|x| ExpertStatus {
+                    name: x.name,
+                    model: x.model.to_string(),
+                    version: x.version,
+                    device: x.device,
+                    queue: x.queue.try_into().unwrap_or(u32::MAX),
+                    windows_scored: x.windows_scored,
+                    batches: x.batches,
+                    mean_batch_size: x.mean_batch_size,
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Telemetry for NodeServices {
+    async fn metrics(
+        &self,
+        _request: Request<MetricsRequest>,
+    ) -> Result<Response<MetricsText>, Status> {
+        Ok(Response::new(MetricsText {
+            text: self.inner.metrics.render(),
+        }))
+    }
+}

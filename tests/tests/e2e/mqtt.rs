@@ -1,0 +1,139 @@
+//! MQTT ingest through a real broker (Debian's mosquitto): samples published by a
+//! plant-side producer are acknowledged on the ack topic and raise the alert over
+//! gRPC; malformed, oversized and bad payloads get an error ack without stopping
+//! ingest; the node reconnects when the broker restarts.
+
+use fogmesh_proto::AlertFilter;
+use fogmesh_tests::*;
+use serde_json::Value;
+
+fn acked_through(sequence: u64) -> impl Fn(&Value) -> bool {
+    move |ack| ack["acked_through"] == sequence
+}
+
+fn is_error(ack: &Value) -> bool {
+    ack.get("error").is_some()
+}
+
+fn check_error(ack: &Value, needles: &[&str]) {
+    assert_eq!(ack["sensor_id"], SENSOR, "{ack}");
+    let message = ack["error"].as_str().expect("the error is text");
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "the error should name `{needle}`: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mqtt_ingest_through_a_real_broker() {
+    let port = free_port();
+    let broker = Broker::start(port);
+    let node = TestNode::start(&format!(
+        "[[mqtt]]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"node-under-test\"\n"
+    ))
+    .await;
+    let prefix = format!("fogmesh/{NODE}");
+    let ingest_topic = format!("{prefix}/ingest/{SENSOR}");
+    let mut alerts = node
+        .inference()
+        .await
+        .watch_alerts(AlertFilter {
+            sensor_ids: vec![SENSOR.into()],
+        })
+        .await
+        .expect("watching starts")
+        .into_inner();
+    let mut producer =
+        MqttProducer::connect(port, "plant-producer", &format!("{prefix}/ack/{SENSOR}")).await;
+
+    // The node may still be subscribing: the producer resends until acknowledged.
+    let ack = producer
+        .publish_until_acked(
+            &ingest_topic,
+            json_batch(&samples(SENSOR, 0..32, normal_values)),
+            acked_through(31),
+        )
+        .await;
+    assert!(ack["accepted"] == 32 || ack["duplicates"] == 32, "{ack}");
+
+    let malformed = producer
+        .publish_until_acked(
+            &ingest_topic,
+            b"{\"samples\": [{\"sequence\": 32,".to_vec(),
+            is_error,
+        )
+        .await;
+    check_error(&malformed, &["not a JSON sample batch"]);
+
+    // JSON has no NaN or infinity, and a number beyond f32's range is malformed.
+    let beyond_f32 = format!(
+        r#"{{"samples":[{{"sequence":32,"timestamp_us":{},"values":[1e39,0.0]}}]}}"#,
+        timestamp_us(32)
+    );
+    let out_of_range = producer
+        .publish_until_acked(&ingest_topic, beyond_f32.into_bytes(), is_error)
+        .await;
+    check_error(&out_of_range, &["not a JSON sample batch", "out of range"]);
+
+    let mut three_channels = samples(SENSOR, 32..34, normal_values);
+    three_channels[1].values.push(0.0);
+    let wrong_channels = producer
+        .publish_until_acked(&ingest_topic, json_batch(&three_channels), is_error)
+        .await;
+    check_error(&wrong_channels, &["sample 33", "`values`", "3 channels"]);
+
+    let mut oversized = b"{\"samples\": []}".to_vec();
+    oversized.resize(MAX_MESSAGE_BYTES + 1, b' ');
+    let too_large = producer
+        .publish_until_acked(&ingest_topic, oversized, is_error)
+        .await;
+    check_error(
+        &too_large,
+        &["max_message_bytes", &MAX_MESSAGE_BYTES.to_string()],
+    );
+
+    // Ingest goes on: the spiked samples are accepted and raise the alert.
+    producer
+        .publish_until_acked(
+            &ingest_topic,
+            json_batch(&samples(SENSOR, 32..48, spiked_values)),
+            acked_through(47),
+        )
+        .await;
+    let alert = next_alert(&mut alerts).await;
+    assert_eq!(alert.sensor_id, SENSOR);
+    assert!(
+        alert.window_sequence == 3 || alert.window_sequence == 4,
+        "{alert:?}"
+    );
+
+    // The broker restarts on the same port: the node reconnects and re-subscribes.
+    drop(broker);
+    let broker = Broker::start(port);
+    producer
+        .publish_until_acked(
+            &ingest_topic,
+            json_batch(&samples(SENSOR, 48..56, normal_values)),
+            acked_through(55),
+        )
+        .await;
+
+    let status = node.sensor_status(SENSOR).await;
+    assert_eq!((status.accepted, status.last_sequence), (56, 55));
+    let text = node.metrics_text().await;
+    for reason in ["malformed", "wrong_channel_count", "message_too_large"] {
+        let refused = metric_value(
+            &text,
+            "fogmesh_ingest_rejected_total",
+            &[("transport", "mqtt"), ("reason", reason)],
+        );
+        assert!(
+            refused.is_some_and(|n| n >= 1.0),
+            "no mqtt rejection counted for {reason}"
+        );
+    }
+    node.stop().await;
+    drop(broker);
+}
