@@ -8,7 +8,8 @@ Ricker decentralized controller, as packaged by PyPI ``tep-studio==0.2.0``, and 
 one ``.fogrec`` file per scenario plus ``manifest.json`` into ``--out`` (default
 ``data/tep``):
 
-* ``normal-train.fogrec``: normal operation, 48 h, seed 1001;
+* ``normal-train-1/2/3.fogrec``: normal operation, 24 h each, seeds 1001, 1003, 1005;
+* ``normal-calibration.fogrec``: normal operation, 24 h, seed 1004 (for alarm limits);
 * ``normal-test.fogrec``: normal operation, 24 h, seed 1002;
 * ``idvNN.fogrec`` for IDV 1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14: fault NN switched on at
   t = 4 h, 24 h horizon, seed 2000 + NN.  A run whose plant shuts down (IDV 6 does) keeps
@@ -16,7 +17,8 @@ one ``.fogrec`` file per scenario plus ``manifest.json`` into ``--out`` (default
 
 Each row holds the 41 XMEAS measurements then the 12 XMV manipulated variables (the
 implemented, clipped valve positions), as float32, sampled every 20 control steps of
-0.0005 h, i.e. every 0.01 h = 36 s.  The demo, tests and benchmarks replay these files.
+0.0005 h, i.e. every 0.01 h = 36 s.  Every run starts recording after a 24 h burn-in from
+the initial state (the plant needs most of a day to settle); times count from there.  The demo, tests and benchmarks replay these files.
 
 Why it is generated rather than committed
 -----------------------------------------
@@ -64,7 +66,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     sys.exit("error: numpy is not installed for this python3; run `just setup`")
 
 # Bump when the output of this script changes for the same parameters.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 TEP_STUDIO_VERSION = "0.2.0"
 
 MAGIC = b"FOGREC1\n"
@@ -76,6 +78,11 @@ START_TIMESTAMP_US = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z, the same for
 CONTROL_INTERVAL_H = 0.0005  # tep-studio's default control step (1.8 s)
 RECORD_EVERY = 20  # keep every 20th step: 0.01 h = 36 s between rows
 SAMPLE_PERIOD_H = CONTROL_INTERVAL_H * RECORD_EVERY
+# The plant leaves its initial state in a damped oscillation that takes most of a day to
+# die out (valve positions swing by 3 standard deviations of steady operation). Recordings
+# start after this burn-in, so "normal operation" means steady operation, as in the classic
+# TEP data sets; all times below (onset, horizon) count from the end of the burn-in.
+BURN_IN_H = 24.0
 FAULT_ONSET_H = 4.0
 FAULT_HORIZON_H = 24.0
 FAULTS = (1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
@@ -87,7 +94,12 @@ TIME_TOL_H = 1e-6
 def recording_specs() -> list[dict]:
     """Every recording this script makes, longest first (so the process pool balances)."""
     specs = [
-        {"file": "normal-train.fogrec", "horizon_h": 48.0, "seed": 1001.0, "fault": None},
+        # Normal operation wanders slowly from run to run by more than it varies within a
+        # day, so models learn from several runs and set their alarm limits on another.
+        {"file": "normal-train-1.fogrec", "horizon_h": 24.0, "seed": 1001.0, "fault": None},
+        {"file": "normal-train-2.fogrec", "horizon_h": 24.0, "seed": 1003.0, "fault": None},
+        {"file": "normal-train-3.fogrec", "horizon_h": 24.0, "seed": 1005.0, "fault": None},
+        {"file": "normal-calibration.fogrec", "horizon_h": 24.0, "seed": 1004.0, "fault": None},
         {"file": "normal-test.fogrec", "horizon_h": 24.0, "seed": 1002.0, "fault": None},
     ]
     for k in FAULTS:
@@ -107,6 +119,7 @@ def parameters() -> dict:
         "record_every": RECORD_EVERY,
         "sample_period_s": round(SAMPLE_PERIOD_H * 3600.0, 6),
         "start_timestamp_us": START_TIMESTAMP_US,
+        "burn_in_h": BURN_IN_H,
         "fault_onset_h": FAULT_ONSET_H,
         "columns": "41 XMEAS measurements then 12 XMV implemented actions, float32",
         "recordings": recording_specs(),
@@ -187,11 +200,11 @@ def make_recording(job: tuple[dict, str]) -> dict:
 
     def schedule(t_h: float) -> np.ndarray:
         idv = np.zeros(N_IDV)
-        if fault is not None and t_h >= FAULT_ONSET_H - TIME_TOL_H:
+        if fault is not None and t_h >= BURN_IN_H + FAULT_ONSET_H - TIME_TOL_H:
             idv[fault - 1] = 1.0
         return idv
 
-    sim = ClosedLoopSimulation(control_interval=CONTROL_INTERVAL_H, horizon=spec["horizon_h"])
+    sim = ClosedLoopSimulation(control_interval=CONTROL_INTERVAL_H, horizon=BURN_IN_H + spec["horizon_h"])
     res = sim.run(seed=spec["seed"], disturbance_schedule=schedule, record_every=RECORD_EVERY)
     steps = res.results
     times = np.array([r.time_end for r in steps], dtype=np.float64)
@@ -209,6 +222,10 @@ def make_recording(job: tuple[dict, str]) -> dict:
             f"{spec['file']}: time column is not a {SAMPLE_PERIOD_H} h grid starting at {CONTROL_INTERVAL_H} h "
             f"(first {times[:3]}, max deviation {np.max(np.abs(times - grid)):.3g} h)"
         )
+    recorded = times > BURN_IN_H + TIME_TOL_H
+    times, data = times[recorded] - BURN_IN_H, data[recorded]
+    if len(times) == 0:
+        raise RuntimeError(f"{spec['file']}: the plant shut down during the {BURN_IN_H:g} h burn-in")
     period_s = float(np.median(np.diff(times))) * 3600.0
     if abs(period_s - SAMPLE_PERIOD_H * 3600.0) > 1e-3:
         raise RuntimeError(f"{spec['file']}: measured sample period {period_s} s, expected 36 s")
@@ -229,10 +246,11 @@ def make_recording(job: tuple[dict, str]) -> dict:
     if fault is not None:
         after = np.nonzero(times >= FAULT_ONSET_H - TIME_TOL_H)[0]
         onset_row = int(after[0]) if len(after) else None
-    shutdown_h = float(res.final_time) if res.terminated else None
+    shutdown_h = float(res.final_time) - BURN_IN_H if res.terminated else None
 
     row_time = (
-        f"Row i is the plant state at t = {CONTROL_INTERVAL_H} + {SAMPLE_PERIOD_H} * i h "
+        f"Row i is the plant state at t = {CONTROL_INTERVAL_H} + {SAMPLE_PERIOD_H} * i h after a "
+        f"{BURN_IN_H:g} h burn-in from the initial state "
         f"(every {RECORD_EVERY}th {CONTROL_INTERVAL_H} h control step); columns are the 41 XMEAS "
         f"measurements then the 12 XMV implemented manipulated variables (% open)."
     )

@@ -66,7 +66,8 @@ impl Annunciator {
     pub fn publish(&self, window: ScoredWindow) {
         if window.anomalous {
             self.alerts.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::ALERTS, "sensor" => window.sensor_id.to_string()).increment(1);
+            metrics::counter!(telemetry::ALERTS, "sensor" => window.sensor_id.to_string())
+                .increment(1);
         }
         self.published.fetch_add(1, Ordering::Relaxed);
         // No subscriber is not an error: the counters above still tell the story.

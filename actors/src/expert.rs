@@ -94,7 +94,11 @@ impl ExpertSpec {
         }
         if let Some(t) = self.threshold {
             if !(t.is_finite() && t > 0.0) {
-                return Err(invalid("threshold", t.to_string(), "must be a positive number"));
+                return Err(invalid(
+                    "threshold",
+                    t.to_string(),
+                    "must be a positive number",
+                ));
             }
         }
         self.config.validate().map_err(|e| SpecError::Model {
@@ -240,7 +244,9 @@ impl Actor for Expert {
         // blocking thread keeps the runtime free while it finishes.
         state.jobs.take();
         if let Some(worker) = state.worker.take() {
-            tokio::task::spawn_blocking(move || worker.join()).await.ok();
+            tokio::task::spawn_blocking(move || worker.join())
+                .await
+                .ok();
         }
         Ok(())
     }
@@ -277,15 +283,20 @@ fn model_thread(
     }
     let batching = spec.batching;
     let max_wait = Duration::from_micros(batching.max_wait_us);
-    let batch_size_histogram = metrics::histogram!(telemetry::EXPERT_BATCH_SIZE, "expert" => spec.name.clone());
-    let batch_wait_histogram = metrics::histogram!(telemetry::EXPERT_BATCH_WAIT, "expert" => spec.name.clone());
-    let windows_counter = metrics::counter!(telemetry::EXPERT_WINDOWS, "expert" => spec.name.clone());
+    let batch_size_histogram =
+        metrics::histogram!(telemetry::EXPERT_BATCH_SIZE, "expert" => spec.name.clone());
+    let batch_wait_histogram =
+        metrics::histogram!(telemetry::EXPERT_BATCH_WAIT, "expert" => spec.name.clone());
+    let windows_counter =
+        metrics::counter!(telemetry::EXPERT_WINDOWS, "expert" => spec.name.clone());
     let window_len = shared.window_len;
     let mut batch: Vec<InferRequest> = Vec::with_capacity(batching.max_batch);
     let mut input: Vec<f32> = Vec::with_capacity(batching.max_batch * window_len);
     while let Some(first) = next_batch(&queue, &mut batch, batching.max_batch, max_wait) {
         let wait = first.elapsed();
-        shared.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+        shared
+            .queued
+            .fetch_sub(batch.len() as u64, Ordering::Relaxed);
         input.clear();
         let mut admitted = Vec::with_capacity(batch.len());
         for request in batch.drain(..) {
@@ -341,7 +352,9 @@ fn model_thread(
                 }
             }
         }
-        shared.windows_scored.fetch_add(size as u64, Ordering::Relaxed);
+        shared
+            .windows_scored
+            .fetch_add(size as u64, Ordering::Relaxed);
         shared.batches.fetch_add(1, Ordering::Relaxed);
         windows_counter.increment(size as u64);
     }

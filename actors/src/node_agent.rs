@@ -21,14 +21,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::annunciator::Annunciator;
+use crate::annunciator::ScoredWindow;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
 use crate::error::{IngestError, ScoreError, SpecError};
 use crate::expert::{Expert, ExpertArgs, ExpertShared, ExpertSpec};
 use crate::router::{Router, RouterArgs, RouterMsg, RouterShared, RouterSpec, RoutingPolicy};
 use crate::sample::{Sample, Window};
-use crate::sensor_stream::{PushOutcome, SensorStream, SensorStreamArgs, SensorStreamMsg, SensorStreamShared, SensorStreamSpec};
+use crate::sensor_stream::{
+    PushOutcome, SensorStream, SensorStreamArgs, SensorStreamMsg, SensorStreamShared,
+    SensorStreamSpec,
+};
 use crate::telemetry;
-use crate::annunciator::ScoredWindow;
 
 /// When the agent stops restarting a child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +67,20 @@ impl NodeSpec {
         for expert in &self.experts {
             expert.validate()?;
             if experts.insert(expert.name.as_str(), expert).is_some() {
-                return Err(SpecError::Duplicate { what: "expert", name: expert.name.clone() });
+                return Err(SpecError::Duplicate {
+                    what: "expert",
+                    name: expert.name.clone(),
+                });
             }
         }
         let mut routers = HashMap::new();
         for router in &self.routers {
             router.validate()?;
             if routers.insert(router.name.as_str(), router).is_some() {
-                return Err(SpecError::Duplicate { what: "router", name: router.name.clone() });
+                return Err(SpecError::Duplicate {
+                    what: "router",
+                    name: router.name.clone(),
+                });
             }
             for name in router.policy.experts() {
                 if !experts.contains_key(name) {
@@ -88,14 +97,20 @@ impl NodeSpec {
         for sensor in &self.sensors {
             sensor.validate()?;
             if !sensors.insert(sensor.id.as_str()) {
-                return Err(SpecError::Duplicate { what: "sensor stream", name: sensor.id.clone() });
+                return Err(SpecError::Duplicate {
+                    what: "sensor stream",
+                    name: sensor.id.clone(),
+                });
             }
-            let router = routers.get(sensor.router.as_str()).ok_or_else(|| SpecError::UnknownReference {
-                what: "sensor stream",
-                name: sensor.id.clone(),
-                target_kind: "router",
-                target: sensor.router.clone(),
-            })?;
+            let router =
+                routers
+                    .get(sensor.router.as_str())
+                    .ok_or_else(|| SpecError::UnknownReference {
+                        what: "sensor stream",
+                        name: sensor.id.clone(),
+                        target_kind: "router",
+                        target: sensor.router.clone(),
+                    })?;
             let reachable: Vec<&str> = match &router.policy {
                 RoutingPolicy::Static { routes } => routes
                     .get(&sensor.id)
@@ -108,18 +123,25 @@ impl NodeSpec {
                     .iter()
                     .map(String::as_str)
                     .collect(),
-                RoutingPolicy::LearnedGate { experts, .. } => experts.iter().map(String::as_str).collect(),
+                RoutingPolicy::LearnedGate { experts, .. } => {
+                    experts.iter().map(String::as_str).collect()
+                }
             };
             for name in reachable {
                 let expert = experts[name];
-                let (channels, window) = (expert.config.channels as usize, expert.config.window as usize);
+                let (channels, window) = (
+                    expert.config.channels as usize,
+                    expert.config.window as usize,
+                );
                 if (channels, window) != (sensor.channels, sensor.window) {
                     return Err(SpecError::Invalid {
                         what: "sensor stream",
                         name: sensor.id.clone(),
                         field: "window",
                         value: format!("{} channels x {} samples", sensor.channels, sensor.window),
-                        reason: format!("expert `{name}` takes {channels} channels x {window} samples"),
+                        reason: format!(
+                            "expert `{name}` takes {channels} channels x {window} samples"
+                        ),
                     });
                 }
             }
@@ -174,7 +196,11 @@ impl Actor for NodeAgent {
         let mut state = NodeAgentState {
             expert_shared: spec.experts.iter().map(ExpertShared::for_spec).collect(),
             router_shared: spec.routers.iter().map(RouterShared::for_spec).collect(),
-            sensor_shared: spec.sensors.iter().map(SensorStreamShared::for_spec).collect(),
+            sensor_shared: spec
+                .sensors
+                .iter()
+                .map(SensorStreamShared::for_spec)
+                .collect(),
             spec,
             directory: args.directory,
             annunciator: args.annunciator,
@@ -250,7 +276,11 @@ impl NodeAgentState {
         }
     }
 
-    async fn start(&mut self, child: Child, supervisor: &ActorCell) -> Result<(), ActorProcessingErr> {
+    async fn start(
+        &mut self,
+        child: Child,
+        supervisor: &ActorCell,
+    ) -> Result<(), ActorProcessingErr> {
         let spawn_error = |name: &str, e: ractor::SpawnErr| SpecError::Spawn {
             name: name.to_string(),
             reason: e.to_string(),
@@ -260,11 +290,21 @@ impl NodeAgentState {
                 let spec = self.spec.experts[i].clone();
                 let shared = self.expert_shared[i].clone();
                 let name = spec.name.clone();
-                let (actor, _) = Actor::spawn_linked(None, Expert, ExpertArgs { spec, shared: shared.clone() }, supervisor.clone())
-                    .await
-                    .map_err(|e| spawn_error(&name, e))?;
+                let (actor, _) = Actor::spawn_linked(
+                    None,
+                    Expert,
+                    ExpertArgs {
+                        spec,
+                        shared: shared.clone(),
+                    },
+                    supervisor.clone(),
+                )
+                .await
+                .map_err(|e| spawn_error(&name, e))?;
                 let id = actor.get_id();
-                self.directory.experts.insert(name, ExpertHandle { actor, shared });
+                self.directory
+                    .experts
+                    .insert(name, ExpertHandle { actor, shared });
                 id
             }
             Child::Router(i) => {
@@ -281,7 +321,9 @@ impl NodeAgentState {
                     .await
                     .map_err(|e| spawn_error(&name, e))?;
                 let id = actor.get_id();
-                self.directory.routers.insert(name, RouterHandle { actor, shared });
+                self.directory
+                    .routers
+                    .insert(name, RouterHandle { actor, shared });
                 id
             }
             Child::Sensor(i) => {
@@ -297,7 +339,9 @@ impl NodeAgentState {
                     .await
                     .map_err(|e| spawn_error(&name, e))?;
                 let id = actor.get_id();
-                self.directory.sensors.insert(name, SensorHandle { actor, shared });
+                self.directory
+                    .sensors
+                    .insert(name, SensorHandle { actor, shared });
                 id
             }
         };
@@ -365,7 +409,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Validates the spec and starts the node; returns once every actor is running.
-    pub async fn start(spec: NodeSpec, annunciator: Annunciator) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
+    pub async fn start(
+        spec: NodeSpec,
+        annunciator: Annunciator,
+    ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
         spec.validate()?;
         let directory = Arc::new(NodeDirectory::default());
         let restarts = Arc::new(AtomicU64::new(0));
@@ -376,10 +423,13 @@ impl Node {
             annunciator: annunciator.clone(),
             restarts: restarts.clone(),
         };
-        let (agent, join) = Actor::spawn(None, NodeAgent, args).await.map_err(|e| SpecError::Spawn {
-            name: name.clone(),
-            reason: e.to_string(),
-        })?;
+        let (agent, join) =
+            Actor::spawn(None, NodeAgent, args)
+                .await
+                .map_err(|e| SpecError::Spawn {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
         let up_since_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64);
@@ -397,22 +447,36 @@ impl Node {
     }
 
     /// Hands a batch to its sensor stream and waits for the acknowledgement.
-    pub async fn push(&self, sensor_id: &str, samples: Vec<Sample>) -> Result<PushOutcome, IngestError> {
-        let handle = self.directory.sensor(sensor_id).ok_or_else(|| IngestError::UnknownSensor {
-            sensor_id: sensor_id.to_string(),
-        })?;
+    pub async fn push(
+        &self,
+        sensor_id: &str,
+        samples: Vec<Sample>,
+    ) -> Result<PushOutcome, IngestError> {
+        let handle =
+            self.directory
+                .sensor(sensor_id)
+                .ok_or_else(|| IngestError::UnknownSensor {
+                    sensor_id: sensor_id.to_string(),
+                })?;
         let unavailable = |reason: String| IngestError::StreamUnavailable {
             sensor_id: sensor_id.to_string(),
             reason,
         };
         match handle
             .actor
-            .call(|reply| SensorStreamMsg::Push { samples, reply }, Some(CALL_TIMEOUT))
+            .call(
+                |reply| SensorStreamMsg::Push { samples, reply },
+                Some(CALL_TIMEOUT),
+            )
             .await
         {
             Ok(ractor::rpc::CallResult::Success(outcome)) => outcome,
-            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!("no acknowledgement within {CALL_TIMEOUT:?}"))),
-            Ok(ractor::rpc::CallResult::SenderError) => Err(unavailable("the stream stopped before answering".into())),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!(
+                "no acknowledgement within {CALL_TIMEOUT:?}"
+            ))),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err(unavailable("the stream stopped before answering".into()))
+            }
             Err(e) => Err(unavailable(e.to_string())),
         }
     }
@@ -427,10 +491,21 @@ impl Node {
             .directory
             .router(router)
             .ok_or_else(|| unavailable("not running on this node".into()))?;
-        match handle.actor.call(|reply| RouterMsg::Score { window, reply }, Some(CALL_TIMEOUT)).await {
+        match handle
+            .actor
+            .call(
+                |reply| RouterMsg::Score { window, reply },
+                Some(CALL_TIMEOUT),
+            )
+            .await
+        {
             Ok(ractor::rpc::CallResult::Success(verdict)) => verdict,
-            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!("no verdict within {CALL_TIMEOUT:?}"))),
-            Ok(ractor::rpc::CallResult::SenderError) => Err(unavailable("the router stopped before answering".into())),
+            Ok(ractor::rpc::CallResult::Timeout) => {
+                Err(unavailable(format!("no verdict within {CALL_TIMEOUT:?}")))
+            }
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err(unavailable("the router stopped before answering".into()))
+            }
             Err(e) => Err(unavailable(e.to_string())),
         }
     }

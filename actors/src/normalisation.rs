@@ -153,12 +153,21 @@ mod tests {
             normaliser.apply(&mut v);
             last = v[0];
         }
-        assert!(last.abs() < 3.0, "a sample of the stream's own distribution lands near 0, got {last}");
+        assert!(
+            last.abs() < 3.0,
+            "a sample of the stream's own distribution lands near 0, got {last}"
+        );
     }
 
     #[test]
     fn constant_channel_maps_to_zero() {
-        let mut normaliser = Normaliser::new(&NormalisationSpec::Frozen { mean: vec![2.0], std: vec![0.0] }, 1);
+        let mut normaliser = Normaliser::new(
+            &NormalisationSpec::Frozen {
+                mean: vec![2.0],
+                std: vec![0.0],
+            },
+            1,
+        );
         let mut v = [2.0];
         normaliser.apply(&mut v);
         assert_eq!(v[0], 0.0);

@@ -21,7 +21,11 @@ pub enum QualityFlag {
 }
 
 impl QualityFlag {
-    pub const ALL: [QualityFlag; 3] = [QualityFlag::OutOfRange, QualityFlag::Stuck, QualityFlag::Gap];
+    pub const ALL: [QualityFlag; 3] = [
+        QualityFlag::OutOfRange,
+        QualityFlag::Stuck,
+        QualityFlag::Gap,
+    ];
 
     fn bit(self) -> u8 {
         match self {
@@ -58,7 +62,9 @@ impl QualityFlags {
     }
 
     pub fn iter(self) -> impl Iterator<Item = QualityFlag> {
-        QualityFlag::ALL.into_iter().filter(move |f| self.contains(*f))
+        QualityFlag::ALL
+            .into_iter()
+            .filter(move |f| self.contains(*f))
     }
 }
 
@@ -143,12 +149,20 @@ mod tests {
         let mut tracker = QualityTracker::new(rules, 2);
         assert!(tracker.observe(0, &[5.0, 0.0]).is_empty());
         assert_eq!(
-            tracker.observe(500, &[11.0, 0.5]).iter().collect::<Vec<_>>(),
+            tracker
+                .observe(500, &[11.0, 0.5])
+                .iter()
+                .collect::<Vec<_>>(),
             vec![QualityFlag::OutOfRange]
         );
-        assert!(tracker.observe(1_000, &[11.0, 0.2]).contains(QualityFlag::OutOfRange));
+        assert!(tracker
+            .observe(1_000, &[11.0, 0.2])
+            .contains(QualityFlag::OutOfRange));
         let stuck = tracker.observe(1_500, &[11.0, 0.3]);
-        assert!(stuck.contains(QualityFlag::Stuck), "third repeat of 11.0 is stuck");
+        assert!(
+            stuck.contains(QualityFlag::Stuck),
+            "third repeat of 11.0 is stuck"
+        );
         let gap = tracker.observe(5_000, &[3.0, 0.1]);
         assert!(gap.contains(QualityFlag::Gap));
         assert!(!gap.contains(QualityFlag::Stuck));

@@ -50,7 +50,11 @@ pub struct ReplayReport {
 ///
 /// Cancel safety: not cancel-safe in the sense of resuming. Dropping the future stops
 /// the replay after the last acknowledged batch; everything acknowledged stays accepted.
-pub async fn replay(node: &Node, recording: &Recording, plan: &ReplayPlan) -> Result<ReplayReport, IngestError> {
+pub async fn replay(
+    node: &Node,
+    recording: &Recording,
+    plan: &ReplayPlan,
+) -> Result<ReplayReport, IngestError> {
     let rows = recording.rows();
     let batch_rows = plan.batch_rows.max(1);
     let start = tokio::time::Instant::now();
@@ -83,8 +87,8 @@ pub async fn replay(node: &Node, recording: &Recording, plan: &ReplayPlan) -> Re
         rows,
         samples,
         last_sequence: plan.sequence_offset + rows.saturating_sub(1) as u64,
-        last_timestamp_us: rows
-            .checked_sub(1)
-            .map_or(plan.time_offset_us, |r| recording.timestamp_us(r) + plan.time_offset_us),
+        last_timestamp_us: rows.checked_sub(1).map_or(plan.time_offset_us, |r| {
+            recording.timestamp_us(r) + plan.time_offset_us
+        }),
     })
 }

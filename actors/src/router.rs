@@ -64,8 +64,12 @@ impl RoutingPolicy {
     /// Every expert this policy may send to.
     pub fn experts(&self) -> Vec<&str> {
         match self {
-            RoutingPolicy::Static { routes } => routes.values().flatten().map(String::as_str).collect(),
-            RoutingPolicy::LearnedGate { experts, .. } => experts.iter().map(String::as_str).collect(),
+            RoutingPolicy::Static { routes } => {
+                routes.values().flatten().map(String::as_str).collect()
+            }
+            RoutingPolicy::LearnedGate { experts, .. } => {
+                experts.iter().map(String::as_str).collect()
+            }
         }
     }
 }
@@ -88,10 +92,18 @@ impl RouterSpec {
         match &self.policy {
             RoutingPolicy::Static { routes } => {
                 if let Some((sensor, _)) = routes.iter().find(|(_, experts)| experts.is_empty()) {
-                    return Err(invalid("routes", sensor.clone(), "a route needs at least one expert".into()));
+                    return Err(invalid(
+                        "routes",
+                        sensor.clone(),
+                        "a route needs at least one expert".into(),
+                    ));
                 }
             }
-            RoutingPolicy::LearnedGate { experts, top_k, gate } => {
+            RoutingPolicy::LearnedGate {
+                experts,
+                top_k,
+                gate,
+            } => {
                 if gate.experts != experts.len() {
                     return Err(invalid(
                         "experts",
@@ -201,7 +213,9 @@ impl Actor for Router {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let (window, destination) = match message {
-            RouterMsg::Route(window) => (window, Destination::Annunciator(state.annunciator.clone())),
+            RouterMsg::Route(window) => {
+                (window, Destination::Annunciator(state.annunciator.clone()))
+            }
             RouterMsg::Score { window, reply } => (window, Destination::Caller(reply)),
         };
         match state.dispatch(&window) {
@@ -235,19 +249,31 @@ impl RouterState {
         };
         match &self.policy {
             RoutingPolicy::Static { routes } => {
-                let experts = routes.get(&*window.sensor_id).ok_or_else(|| ScoreError::NoRoute {
-                    router: self.shared.name.to_string(),
-                    sensor_id: window.sensor_id.to_string(),
-                })?;
+                let experts =
+                    routes
+                        .get(&*window.sensor_id)
+                        .ok_or_else(|| ScoreError::NoRoute {
+                            router: self.shared.name.to_string(),
+                            sensor_id: window.sensor_id.to_string(),
+                        })?;
                 let weight = 1.0 / experts.len() as f32;
                 Ok(experts.iter().map(|e| (name(e), weight)).collect())
             }
-            RoutingPolicy::LearnedGate { experts, top_k, gate } => {
-                let chosen = gate.top_k(&window.values, *top_k).map_err(|e| ScoreError::Gate {
-                    router: self.shared.name.to_string(),
-                    reason: e.to_string(),
-                })?;
-                Ok(chosen.into_iter().map(|(i, w)| (name(&experts[i]), w)).collect())
+            RoutingPolicy::LearnedGate {
+                experts,
+                top_k,
+                gate,
+            } => {
+                let chosen = gate
+                    .top_k(&window.values, *top_k)
+                    .map_err(|e| ScoreError::Gate {
+                        router: self.shared.name.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(chosen
+                    .into_iter()
+                    .map(|(i, w)| (name(&experts[i]), w))
+                    .collect())
             }
         }
     }
@@ -258,10 +284,13 @@ impl RouterState {
         let targets = self.targets(window)?;
         let mut handles = Vec::with_capacity(targets.len());
         for (expert, weight) in targets {
-            let handle = self.directory.expert(&expert).ok_or_else(|| ScoreError::ExpertUnavailable {
-                expert: expert.to_string(),
-                reason: "not running on this node".into(),
-            })?;
+            let handle =
+                self.directory
+                    .expert(&expert)
+                    .ok_or_else(|| ScoreError::ExpertUnavailable {
+                        expert: expert.to_string(),
+                        reason: "not running on this node".into(),
+                    })?;
             if handle.shared.window_len != window.values.len() {
                 return Err(ScoreError::WrongWindowShape {
                     sensor_id: window.sensor_id.to_string(),
@@ -283,20 +312,27 @@ impl RouterState {
                 enqueued,
                 reply: RpcReplyPort::from(tx),
             };
-            handle
-                .actor
-                .cast(ExpertMsg::Infer(request))
-                .map_err(|e| ScoreError::ExpertUnavailable {
+            handle.actor.cast(ExpertMsg::Infer(request)).map_err(|e| {
+                ScoreError::ExpertUnavailable {
                     expert: expert.to_string(),
                     reason: e.to_string(),
-                })?;
-            pending.push(Pending { expert, weight, reply: rx });
+                }
+            })?;
+            pending.push(Pending {
+                expert,
+                weight,
+                reply: rx,
+            });
         }
         Ok(pending)
     }
 }
 
-async fn gather(shared: &RouterShared, window: &Window, pending: Vec<Pending>) -> Result<ScoredWindow, ScoreError> {
+async fn gather(
+    shared: &RouterShared,
+    window: &Window,
+    pending: Vec<Pending>,
+) -> Result<ScoredWindow, ScoreError> {
     let mut experts = Vec::with_capacity(pending.len());
     let mut score = 0.0f32;
     for p in pending {
@@ -329,11 +365,16 @@ async fn gather(shared: &RouterShared, window: &Window, pending: Vec<Pending>) -
     })
 }
 
-fn deliver(shared: &RouterShared, verdict: Result<ScoredWindow, ScoreError>, destination: Destination) {
+fn deliver(
+    shared: &RouterShared,
+    verdict: Result<ScoredWindow, ScoreError>,
+    destination: Destination,
+) {
     match &verdict {
         Ok(_) => {
             shared.routed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::WINDOWS_ROUTED, "router" => shared.name.to_string()).increment(1);
+            metrics::counter!(telemetry::WINDOWS_ROUTED, "router" => shared.name.to_string())
+                .increment(1);
         }
         Err(e) => {
             shared.failed.fetch_add(1, Ordering::Relaxed);

@@ -91,14 +91,22 @@ impl SensorStreamSpec {
         if let NormalisationSpec::Frozen { mean, std } = &self.normalisation {
             for (field, v) in [("normalisation.mean", mean), ("normalisation.std", std)] {
                 if v.len() != self.channels {
-                    return Err(invalid(field, format!("{} values", v.len()), format!("needs one per channel ({})", self.channels)));
+                    return Err(invalid(
+                        field,
+                        format!("{} values", v.len()),
+                        format!("needs one per channel ({})", self.channels),
+                    ));
                 }
                 if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
                     return Err(invalid(field, bad.to_string(), "must be finite".into()));
                 }
             }
             if let Some(bad) = std.iter().find(|s| **s < 0.0) {
-                return Err(invalid("normalisation.std", bad.to_string(), "must not be negative".into()));
+                return Err(invalid(
+                    "normalisation.std",
+                    bad.to_string(),
+                    "must not be negative".into(),
+                ));
             }
         }
         let ranges = &self.quality.ranges;
@@ -109,8 +117,15 @@ impl SensorStreamSpec {
                 format!("needs none or one per channel ({})", self.channels),
             ));
         }
-        if let Some([low, high]) = ranges.iter().find(|[low, high]| low.is_nan() || high.is_nan() || low > high) {
-            return Err(invalid("quality.ranges", format!("[{low}, {high}]"), "low must not exceed high".into()));
+        if let Some([low, high]) = ranges
+            .iter()
+            .find(|[low, high]| low.is_nan() || high.is_nan() || low > high)
+        {
+            return Err(invalid(
+                "quality.ranges",
+                format!("[{low}, {high}]"),
+                "low must not exceed high".into(),
+            ));
         }
         Ok(())
     }
@@ -254,11 +269,19 @@ impl SensorStreamState {
             self.accept(sample);
         }
         if let Some(last) = fresh.last() {
-            self.shared.last_timestamp_us.store(last.timestamp_us, Ordering::Release);
-            self.shared.next_sequence.store(last.sequence + 1, Ordering::Release);
+            self.shared
+                .last_timestamp_us
+                .store(last.timestamp_us, Ordering::Release);
+            self.shared
+                .next_sequence
+                .store(last.sequence + 1, Ordering::Release);
         }
-        self.shared.accepted.fetch_add(fresh.len() as u64, Ordering::Relaxed);
-        self.shared.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.shared
+            .accepted
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.shared
+            .duplicates
+            .fetch_add(duplicates, Ordering::Relaxed);
         self.accepted_counter.increment(fresh.len() as u64);
         self.duplicate_counter.increment(duplicates);
         Ok(PushOutcome {
@@ -280,7 +303,12 @@ impl SensorStreamState {
                     got: sample.values.len(),
                 });
             }
-            if let Some((channel, value)) = sample.values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            if let Some((channel, value)) = sample
+                .values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+            {
                 return Err(IngestError::NotFinite {
                     sensor_id: sensor_id(),
                     sequence: sample.sequence,
@@ -304,7 +332,10 @@ impl SensorStreamState {
     fn accept(&mut self, sample: &mut Sample) {
         let flags = self.quality.observe(sample.timestamp_us, &sample.values);
         self.normaliser.apply(&mut sample.values);
-        let Some(cut) = self.windower.push(sample.timestamp_us, &sample.values, flags) else {
+        let Some(cut) = self
+            .windower
+            .push(sample.timestamp_us, &sample.values, flags)
+        else {
             return;
         };
         let window = Window {

@@ -54,7 +54,12 @@ impl Windower {
     }
 
     /// Adds one sample; returns the window it completes, if any.
-    pub fn push(&mut self, timestamp_us: i64, values: &[f32], quality: QualityFlags) -> Option<WindowCut> {
+    pub fn push(
+        &mut self,
+        timestamp_us: i64,
+        values: &[f32],
+        quality: QualityFlags,
+    ) -> Option<WindowCut> {
         debug_assert_eq!(values.len(), self.channels);
         if self.skip > 0 {
             self.skip -= 1;

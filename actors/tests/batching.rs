@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::expert::{ExpertArgs, ExpertShared};
-use fogmesh_actors::{BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ScoreError};
+use fogmesh_actors::{
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ScoreError,
+};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use tokio::sync::oneshot;
@@ -46,7 +48,10 @@ fn window(k: usize) -> Arc<[f32]> {
         .collect()
 }
 
-fn send(actor: &ActorRef<ExpertMsg>, values: Arc<[f32]>) -> oneshot::Receiver<Result<ExpertVerdict, ScoreError>> {
+fn send(
+    actor: &ActorRef<ExpertMsg>,
+    values: Arc<[f32]>,
+) -> oneshot::Receiver<Result<ExpertVerdict, ScoreError>> {
     let (tx, rx) = oneshot::channel();
     actor
         .cast(ExpertMsg::Infer(InferRequest {
@@ -64,7 +69,12 @@ async fn full_batches_leave_at_once_and_answers_reach_their_callers() {
     let actor = start(spec(8, Duration::from_secs(60))).await;
     let windows: Vec<Arc<[f32]>> = (0..16).map(window).collect();
     let pending: Vec<_> = windows.iter().map(|w| send(&actor, w.clone())).collect();
-    let reference = ConvAutoencoder::new(AutoencoderConfig::w1(CHANNELS, LENGTH), tch::Device::Cpu, SEED).unwrap();
+    let reference = ConvAutoencoder::new(
+        AutoencoderConfig::w1(CHANNELS, LENGTH),
+        tch::Device::Cpu,
+        SEED,
+    )
+    .unwrap();
     for (w, rx) in windows.iter().zip(pending) {
         let verdict = tokio::time::timeout(Duration::from_secs(30), rx)
             .await
@@ -91,7 +101,11 @@ async fn a_lone_window_waits_at_most_max_wait() {
         let verdict = send(&actor, window(k)).await.unwrap().unwrap();
         assert_eq!(verdict.batch_size, 1);
         // The upper bound allows for the OS waking the model thread late, nothing more.
-        assert!(verdict.batch_wait < max_wait + Duration::from_millis(200), "waited {:?}", verdict.batch_wait);
+        assert!(
+            verdict.batch_wait < max_wait + Duration::from_millis(200),
+            "waited {:?}",
+            verdict.batch_wait
+        );
     }
     actor.stop(None);
 }
@@ -107,7 +121,11 @@ async fn a_burst_shares_one_batch_and_leaves_when_the_senders_fall_quiet() {
         let verdict = rx.await.unwrap().unwrap();
         assert_eq!(verdict.batch_size, 5);
         assert!(verdict.batch_wait >= max_wait / fogmesh_actors::expert::IDLE_GAP_DIVISOR);
-        assert!(verdict.batch_wait < max_wait, "the burst waited out max_wait: {:?}", verdict.batch_wait);
+        assert!(
+            verdict.batch_wait < max_wait,
+            "the burst waited out max_wait: {:?}",
+            verdict.batch_wait
+        );
     }
     actor.stop(None);
 }

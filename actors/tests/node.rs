@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fogmesh_actors::{
-    Annunciator, BatchingSpec, ExpertSpec, IngestError, Node, NodeSpec, NormalisationSpec, QualityRules, RestartPolicy,
-    RouterSpec, RoutingPolicy, Sample, ScoredWindow, SensorStreamSpec, SpecError, Window,
+    Annunciator, BatchingSpec, ExpertSpec, IngestError, Node, NodeSpec, NormalisationSpec,
+    QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample, ScoredWindow, SensorStreamSpec,
+    SpecError, Window,
 };
 use fogmesh_models::{AutoencoderConfig, SoftmaxGate};
 
@@ -73,7 +74,9 @@ fn samples(sequences: std::ops::Range<u64>) -> Vec<Sample> {
         .collect()
 }
 
-async fn next_window(rx: &mut tokio::sync::broadcast::Receiver<Arc<ScoredWindow>>) -> Arc<ScoredWindow> {
+async fn next_window(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ScoredWindow>>,
+) -> Arc<ScoredWindow> {
     tokio::time::timeout(Duration::from_secs(30), rx.recv())
         .await
         .expect("a scored window arrives")
@@ -86,7 +89,10 @@ async fn samples_become_scored_windows_in_order() {
     let mut scored = annunciator.subscribe();
     let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
     let ack = node.push("pump-1", samples(0..20)).await.unwrap();
-    assert_eq!((ack.acked_through, ack.accepted, ack.duplicates), (Some(19), 20, 0));
+    assert_eq!(
+        (ack.acked_through, ack.accepted, ack.duplicates),
+        (Some(19), 20, 0)
+    );
     // 20 samples, windows of 8 every 4: starts at 0, 4, 8, 12.
     let mut sequences = Vec::new();
     for _ in 0..4 {
@@ -103,12 +109,17 @@ async fn samples_become_scored_windows_in_order() {
 
 #[tokio::test]
 async fn duplicates_are_acknowledged_again_and_dropped() {
-    let (node, join) = Node::start(static_node(), Annunciator::new(64)).await.unwrap();
+    let (node, join) = Node::start(static_node(), Annunciator::new(64))
+        .await
+        .unwrap();
     node.push("pump-1", samples(0..10)).await.unwrap();
     let mut batch = samples(5..15);
     batch.reverse();
     let ack = node.push("pump-1", batch).await.unwrap();
-    assert_eq!((ack.acked_through, ack.accepted, ack.duplicates), (Some(14), 5, 5));
+    assert_eq!(
+        (ack.acked_through, ack.accepted, ack.duplicates),
+        (Some(14), 5, 5)
+    );
     let status = node.snapshot();
     assert_eq!(status.sensors[0].accepted, 15);
     assert_eq!(status.sensors[0].duplicates, 5);
@@ -117,26 +128,39 @@ async fn duplicates_are_acknowledged_again_and_dropped() {
 
 #[tokio::test]
 async fn a_bad_batch_is_refused_whole_and_accepted_data_stays() {
-    let (node, join) = Node::start(static_node(), Annunciator::new(64)).await.unwrap();
+    let (node, join) = Node::start(static_node(), Annunciator::new(64))
+        .await
+        .unwrap();
     node.push("pump-1", samples(0..6)).await.unwrap();
 
     let mut nan = samples(6..10);
     nan[2].values[1] = f32::NAN;
     match node.push("pump-1", nan).await {
-        Err(IngestError::NotFinite { sequence: 8, channel: 1, .. }) => {}
+        Err(IngestError::NotFinite {
+            sequence: 8,
+            channel: 1,
+            ..
+        }) => {}
         other => panic!("expected NotFinite for sample 8 channel 1, got {other:?}"),
     }
     let mut wide = samples(6..10);
     wide[0].values.push(1.0);
     match node.push("pump-1", wide).await {
-        Err(IngestError::WrongChannelCount { expected: 2, got: 3, .. }) => {}
+        Err(IngestError::WrongChannelCount {
+            expected: 2,
+            got: 3,
+            ..
+        }) => {}
         other => panic!("expected WrongChannelCount, got {other:?}"),
     }
     let mut backwards = samples(6..10);
     backwards[1].timestamp_us = 0;
     match node.push("pump-1", backwards).await {
         Err(e @ IngestError::TimestampBackwards { sequence: 7, .. }) => {
-            assert!(e.to_string().contains("timestamp_us"), "the error names the field: {e}");
+            assert!(
+                e.to_string().contains("timestamp_us"),
+                "the error names the field: {e}"
+            );
         }
         other => panic!("expected TimestampBackwards, got {other:?}"),
     }
@@ -164,7 +188,10 @@ async fn a_killed_expert_is_restarted_and_scoring_resumes() {
     first.kill();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while node.directory.expert("pump-ae").unwrap().actor.get_id() == first.get_id() {
-        assert!(tokio::time::Instant::now() < deadline, "expert was not restarted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expert was not restarted"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(node.restarts(), 1);
@@ -192,7 +219,9 @@ async fn the_learned_gate_combines_its_top_k_experts() {
         restart: RestartPolicy::default(),
     };
     let (node, join) = Node::start(spec, Annunciator::new(64)).await.unwrap();
-    let values: Vec<f32> = (0..CHANNELS * WINDOW).map(|i| (i as f32 * 0.37).sin()).collect();
+    let values: Vec<f32> = (0..CHANNELS * WINDOW)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
     let window = Window {
         sensor_id: "press-1".into(),
         sequence: 0,
@@ -206,10 +235,18 @@ async fn the_learned_gate_combines_its_top_k_experts() {
     let verdict = node.score("gate", window).await.unwrap();
     let expected = gate.top_k(&values, 2).unwrap();
     let names = ["a", "b", "c"];
-    let got: Vec<(&str, f32)> = verdict.experts.iter().map(|o| (&*o.expert, o.gate_weight)).collect();
+    let got: Vec<(&str, f32)> = verdict
+        .experts
+        .iter()
+        .map(|o| (&*o.expert, o.gate_weight))
+        .collect();
     let want: Vec<(&str, f32)> = expected.iter().map(|(i, w)| (names[*i], *w)).collect();
     assert_eq!(got, want);
-    let combined: f32 = verdict.experts.iter().map(|o| o.gate_weight * o.score / o.threshold).sum();
+    let combined: f32 = verdict
+        .experts
+        .iter()
+        .map(|o| o.gate_weight * o.score / o.threshold)
+        .sum();
     assert!((verdict.score - combined).abs() < 1e-6);
     assert_eq!(verdict.anomalous, verdict.score >= 1.0);
     node.shutdown(join).await;
@@ -219,16 +256,32 @@ async fn the_learned_gate_combines_its_top_k_experts() {
 async fn specs_that_cannot_run_are_refused_with_the_reason() {
     let mut unknown_router = static_node();
     unknown_router.sensors[0].router = "nowhere".into();
-    let err = Node::start(unknown_router, Annunciator::new(1)).await.err().unwrap();
-    assert!(matches!(err, SpecError::UnknownReference { ref target, .. } if target == "nowhere"), "{err}");
+    let err = Node::start(unknown_router, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, SpecError::UnknownReference { ref target, .. } if target == "nowhere"),
+        "{err}"
+    );
 
     let mut wrong_shape = static_node();
     wrong_shape.sensors[0].window = 16;
-    let err = Node::start(wrong_shape, Annunciator::new(1)).await.err().unwrap();
-    assert!(err.to_string().contains("expert `pump-ae` takes 2 channels x 8 samples"), "{err}");
+    let err = Node::start(wrong_shape, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("expert `pump-ae` takes 2 channels x 8 samples"),
+        "{err}"
+    );
 
     let mut zero_stride = static_node();
     zero_stride.sensors[0].stride = 0;
-    let err = Node::start(zero_stride, Annunciator::new(1)).await.err().unwrap();
+    let err = Node::start(zero_stride, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("field `stride` = 0"), "{err}");
 }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fogmesh_simulations::{demo, w1};
 
 #[derive(Parser)]
-#[command(name = "fogmesh", version, about = "A supervised actor mesh that hosts industrial models on fog nodes")]
+#[command(
+    name = "fogmesh",
+    version,
+    about = "A supervised actor mesh that hosts industrial models on fog nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,7 +72,8 @@ enum Gate {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,fogmesh=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,fogmesh=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -88,7 +93,9 @@ fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 };
                 let mut stdout = std::io::stdout();
-                let report = demo::run(&options, &mut stdout).await.context("running the demo")?;
+                let report = demo::run(&options, &mut stdout)
+                    .await
+                    .context("running the demo")?;
                 if let Some(path) = json {
                     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                         .with_context(|| format!("writing {}", path.display()))?;

@@ -4,10 +4,13 @@
 //! actors, faster than real time.
 //!
 //! Steps:
-//! 1. Read the recordings `just setup` made (`normal-train`, `normal-test`, `idvNN`).
-//! 2. Per unit: fit normalisation on the first 80 % of the normal training run, train
-//!    the expert on its windows (seconds, with a progress bar), and set the alarm limit
-//!    at a high quantile of scores on the held-out last 20 %.
+//! 1. Read the recordings `just setup` made (`normal-train-N`, `normal-calibration`,
+//!    `normal-test`, `idvNN`).
+//! 2. Per unit: fit normalisation on the normal training runs, train the expert on
+//!    their windows (seconds, with a progress bar), and set the alarm limit at a high
+//!    quantile of scores on the calibration run, which the expert never saw: normal
+//!    operation wanders from run to run, and a limit set on the training runs would
+//!    mistake that wandering for faults.
 //! 3. Start a node (sensor streams → router → experts) with those weights and limits.
 //! 4. Replay the normal test run and every fault run into the streams, one after
 //!    another with a gap between them; print a line whenever a unit goes into alarm.
@@ -24,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use fogmesh_actors::replay::{replay, ReplayPlan, ReplayStream};
 use fogmesh_actors::{
-    Annunciator, BatchingSpec, ExpertSpec, Node, NodeSpec, NormalisationSpec, QualityRules, RestartPolicy,
-    RouterSpec, RoutingPolicy, RunningStats, ScoredWindow, SensorStreamSpec, Windower,
+    Annunciator, BatchingSpec, ExpertSpec, Node, NodeSpec, NormalisationSpec, QualityRules,
+    RestartPolicy, RouterSpec, RoutingPolicy, RunningStats, ScoredWindow, SensorStreamSpec,
+    Windower,
 };
 use fogmesh_models::{quantile, AutoencoderConfig, ConvAutoencoder, Recording, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,7 +46,7 @@ pub struct DemoOptions {
     pub train_seconds: f64,
     pub window: usize,
     pub stride: usize,
-    /// Quantile of held-out normal scores that becomes each expert's alarm limit.
+    /// Quantile of the calibration run's scores that becomes each expert's alarm limit.
     pub threshold_quantile: f64,
     /// Print a line per alert.
     pub live: bool,
@@ -156,40 +160,67 @@ impl Run {
 }
 
 /// Runs the demo, printing progress and alerts to `out`, and returns the report.
-pub async fn run(options: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<DemoReport, DemoError> {
+pub async fn run(
+    options: &DemoOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
-    let (train, runs) = load_recordings(&options.data_dir)?;
+    let data = load_recordings(&options.data_dir)?;
+    let (train, calibration, runs) = (&data.train, &data.calibration, data.runs);
+    let reference = &train[0];
     writeln!(
         out,
         "fogmesh demo: Tennessee Eastman plant, {} units, {} recorded runs ({})",
         UNITS.len(),
         runs.len(),
-        train.header.source
+        reference.header.source
     )?;
     let mut columns = Vec::with_capacity(UNITS.len());
     for unit in &UNITS {
-        let indices = unit.column_indices(&train).map_err(|column| DemoError::MissingColumn {
-            file: options.data_dir.join("normal-train.fogrec"),
-            unit: unit.name,
-            column,
-        })?;
+        let indices =
+            unit.column_indices(reference)
+                .map_err(|column| DemoError::MissingColumn {
+                    file: options.data_dir.join("normal-train-1.fogrec"),
+                    unit: unit.name,
+                    column,
+                })?;
         columns.push(indices);
     }
-    for run in &runs {
-        if run.recording.header.columns != train.header.columns {
+    let others = train
+        .iter()
+        .chain([calibration])
+        .chain(runs.iter().map(|r| &*r.recording));
+    for (k, recording) in others.enumerate() {
+        if recording.header.columns != reference.header.columns {
             return Err(DemoError::BadRecording {
-                file: options.data_dir.join(format!("{}.fogrec", run.name)),
-                reason: "its columns differ from normal-train.fogrec".into(),
+                file: options.data_dir.clone(),
+                reason: format!("recording {k} has other columns than normal-train-1.fogrec"),
             });
         }
     }
 
-    writeln!(out, "training one anomaly expert per unit on normal operation ({} h)", hours(&train))?;
+    writeln!(
+        out,
+        "training one anomaly expert per unit on normal operation ({} runs, {:.0} h)",
+        train.len(),
+        train.iter().map(hours).sum::<f64>()
+    )?;
     let mut experts = Vec::new();
     let mut sensors = Vec::new();
     let mut training = Vec::new();
     for (unit, indices) in UNITS.iter().zip(&columns) {
-        let (expert, sensor, report) = train_unit(unit, indices, &train, options)?;
+        let (expert, sensor, report) = train_unit(unit, indices, train, calibration, options)?;
+        writeln!(
+            out,
+            "  {:<11} {:>2} channels  {:>5} windows  {:>3} epochs  validation loss {:.4}  limit {:.4}  {:.1} s",
+            report.unit,
+            report.channels,
+            report.training_windows,
+            report.epochs,
+            report.best_validation_loss,
+            report.threshold,
+            report.seconds
+        )?;
         experts.push(expert);
         sensors.push(sensor);
         training.push(report);
@@ -212,8 +243,18 @@ pub async fn run(options: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<
     let annunciator = Annunciator::new(1 << 16);
     let scored_rx = annunciator.subscribe();
     let (node, join) = Node::start(spec, annunciator).await?;
-    writeln!(out, "node `{}` up: {} sensor streams → router `plant` → {} experts", node.name, UNITS.len(), UNITS.len())?;
-    writeln!(out, "replaying {} runs as fast as the node acknowledges:", runs.len())?;
+    writeln!(
+        out,
+        "node `{}` up: {} sensor streams → router `plant` → {} experts",
+        node.name,
+        UNITS.len(),
+        UNITS.len()
+    )?;
+    writeln!(
+        out,
+        "replaying {} runs as fast as the node acknowledges:",
+        runs.len()
+    )?;
     let timeline = Arc::new(runs);
     let collector = tokio::spawn(collect(scored_rx, timeline.clone(), options.live));
 
@@ -234,10 +275,12 @@ pub async fn run(options: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<
             sequence_offset: run.sequence_offset,
             time_offset_us: run.time_offset_us,
         };
-        let report = replay(&node, &run.recording, &plan).await.map_err(|source| DemoError::Replay {
-            run: run.name.clone(),
-            source,
-        })?;
+        let report = replay(&node, &run.recording, &plan)
+            .await
+            .map_err(|source| DemoError::Replay {
+                run: run.name.clone(),
+                source,
+            })?;
         samples_replayed += report.samples;
     }
     let expected: u64 = node.snapshot().sensors.iter().map(|s| s.windows).sum();
@@ -268,7 +311,11 @@ pub async fn run(options: &DemoOptions, out: &mut (dyn Write + Send)) -> Result<
         writeln!(out, "{line}")?;
     }
     if collected.missed > 0 {
-        writeln!(out, "warning: the report missed {} scored windows (subscriber lagged)", collected.missed)?;
+        writeln!(
+            out,
+            "warning: the report missed {} scored windows (subscriber lagged)",
+            collected.missed
+        )?;
     }
 
     let (runs, overall) = score_runs(&timeline, &collected.windows);
@@ -301,7 +348,14 @@ fn hours(recording: &Recording) -> f64 {
     recording.rows() as f64 * recording.header.sample_period_s / 3600.0
 }
 
-fn load_recordings(dir: &Path) -> Result<(Recording, Vec<Run>), DemoError> {
+/// The recordings the demo uses, by role.
+struct PlantData {
+    train: Vec<Recording>,
+    calibration: Recording,
+    runs: Vec<Run>,
+}
+
+fn load_recordings(dir: &Path) -> Result<PlantData, DemoError> {
     let read = |name: &str| {
         let path = dir.join(format!("{name}.fogrec"));
         if !path.exists() {
@@ -315,21 +369,34 @@ fn load_recordings(dir: &Path) -> Result<(Recording, Vec<Run>), DemoError> {
             reason: e.to_string(),
         })
     };
-    let train = read("normal-train")?;
-    let mut names = vec!["normal-test".to_string()];
-    let mut faults: Vec<String> = std::fs::read_dir(dir)
+    let stems: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| DemoError::MissingData {
             dir: dir.to_path_buf(),
             reason: e.to_string(),
         })?
         .filter_map(|entry| {
             let name = entry.ok()?.file_name().into_string().ok()?;
-            let stem = name.strip_suffix(".fogrec")?;
-            stem.starts_with("idv").then(|| stem.to_string())
+            name.strip_suffix(".fogrec").map(str::to_string)
         })
         .collect();
-    faults.sort();
-    names.extend(faults);
+    let with_prefix = |prefix: &str| {
+        let mut names: Vec<&String> = stems.iter().filter(|s| s.starts_with(prefix)).collect();
+        names.sort();
+        names
+    };
+    let train = with_prefix("normal-train-")
+        .into_iter()
+        .map(|name| read(name))
+        .collect::<Result<Vec<_>, _>>()?;
+    if train.is_empty() {
+        return Err(DemoError::MissingData {
+            dir: dir.to_path_buf(),
+            reason: "no normal-train-N.fogrec".into(),
+        });
+    }
+    let calibration = read("normal-calibration")?;
+    let mut names = vec!["normal-test".to_string()];
+    names.extend(with_prefix("idv").into_iter().cloned());
     // Runs follow each other on the node's timeline with an hour of silence between
     // them, so no window mixes two runs without being recognisable as such.
     let gap_us = 3_600_000_000;
@@ -365,7 +432,11 @@ fn load_recordings(dir: &Path) -> Result<(Recording, Vec<Run>), DemoError> {
             onset_us,
         });
     }
-    Ok((train, runs))
+    Ok(PlantData {
+        train,
+        calibration,
+        runs,
+    })
 }
 
 /// Rows of `recording` restricted to `columns`, row-major.
@@ -380,16 +451,19 @@ fn unit_rows(recording: &Recording, columns: &[usize], rows: std::ops::Range<usi
 fn train_unit(
     unit: &'static PlantUnit,
     columns: &[usize],
-    train: &Recording,
+    train: &[Recording],
+    calibration: &Recording,
     options: &DemoOptions,
 ) -> Result<(ExpertSpec, SensorStreamSpec, UnitTraining), DemoError> {
     let started = Instant::now();
     let channels = columns.len();
-    let split = train.rows() * 4 / 5;
-    let fit_rows = unit_rows(train, columns, 0..split);
-    let held_out_rows = unit_rows(train, columns, split..train.rows());
+    let train_rows: Vec<Vec<f32>> = train
+        .iter()
+        .map(|r| unit_rows(r, columns, 0..r.rows()))
+        .collect();
+    let calibration_rows = unit_rows(calibration, columns, 0..calibration.rows());
     let mut stats = RunningStats::new(channels);
-    for row in fit_rows.chunks(channels) {
+    for row in train_rows.iter().flat_map(|rows| rows.chunks(channels)) {
         stats.update(row);
     }
     let (mean, std) = (stats.mean(), stats.std());
@@ -399,9 +473,17 @@ fn train_unit(
     };
     // Dense windows (stride 1) for training and calibration; the live stream uses the
     // configured stride.
-    let model_err = |source| DemoError::Model { unit: unit.name, source };
-    let fit_windows = windows_of(&fit_rows, channels, options.window, &normalisation);
-    let held_out_windows = windows_of(&held_out_rows, channels, options.window, &normalisation);
+    let model_err = |source| DemoError::Model {
+        unit: unit.name,
+        source,
+    };
+    // Windows never span two runs.
+    let fit_windows: Vec<f32> = train_rows
+        .iter()
+        .flat_map(|rows| windows_of(rows, channels, options.window, &normalisation))
+        .collect();
+    let calibration_windows =
+        windows_of(&calibration_rows, channels, options.window, &normalisation);
     let config = AutoencoderConfig {
         channels: channels as i64,
         window: options.window as i64,
@@ -409,7 +491,8 @@ fn train_unit(
         bottleneck: 3,
         kernel: 5,
     };
-    let mut model = ConvAutoencoder::new(config.clone(), fogmesh_models::default_device(), 7).map_err(model_err)?;
+    let mut model = ConvAutoencoder::new(config.clone(), fogmesh_models::default_device(), 7)
+        .map_err(model_err)?;
     let train_options = TrainOptions {
         epochs: 200,
         batch_size: 64,
@@ -434,9 +517,9 @@ fn train_unit(
             ));
         })
         .map_err(model_err)?;
-    bar.finish();
-    let held_out_scores = model.score(&held_out_windows).map_err(model_err)?;
-    let threshold = quantile(&held_out_scores, options.threshold_quantile).map_err(model_err)?;
+    bar.finish_and_clear();
+    let calibration_scores = model.score(&calibration_windows).map_err(model_err)?;
+    let threshold = quantile(&calibration_scores, options.threshold_quantile).map_err(model_err)?;
     let (weights, sha256) = model.to_safetensors().map_err(model_err)?;
     let expert = ExpertSpec {
         name: expert_name(unit),
@@ -455,7 +538,11 @@ fn train_unit(
         window: options.window,
         stride: options.stride,
         normalisation,
-        quality: quality_rules(&fit_rows, channels, train.header.sample_period_s),
+        quality: quality_rules(
+            &train_rows.concat(),
+            channels,
+            calibration.header.sample_period_s,
+        ),
         router: "plant".into(),
     };
     let training = UnitTraining {
@@ -471,7 +558,12 @@ fn train_unit(
 }
 
 /// Normalised windows of `rows` (row-major), stride 1, flat and channel-major.
-fn windows_of(rows: &[f32], channels: usize, window: usize, normalisation: &NormalisationSpec) -> Vec<f32> {
+fn windows_of(
+    rows: &[f32],
+    channels: usize,
+    window: usize,
+    normalisation: &NormalisationSpec,
+) -> Vec<f32> {
     let mut normaliser = fogmesh_actors::Normaliser::new(normalisation, channels);
     let mut windower = Windower::new(channels, window, 1);
     let mut flat = Vec::new();
@@ -526,11 +618,16 @@ async fn collect(
     loop {
         match scored.recv().await {
             Ok(window) => {
-                let was = in_alarm.insert(window.sensor_id.clone(), window.anomalous).unwrap_or(false);
+                let was = in_alarm
+                    .insert(window.sensor_id.clone(), window.anomalous)
+                    .unwrap_or(false);
                 if window.anomalous && !was {
                     if let Some(run) = timeline.iter().find(|r| r.contains(&window)) {
                         let t_h = (window.end_us - run.start_us) as f64 / 3.6e9;
-                        let limit = window.experts.first().map_or(0.0, |e| e.score / e.threshold);
+                        let limit = window
+                            .experts
+                            .first()
+                            .map_or(0.0, |e| e.score / e.threshold);
                         let flags: Vec<&str> = window.quality.iter().map(|f| f.as_str()).collect();
                         let line = format!(
                             "  ALERT {:<12} t={:>6.2} h  {:<11} score {:>6.2}x limit{}",
@@ -538,7 +635,11 @@ async fn collect(
                             t_h,
                             window.sensor_id,
                             limit,
-                            if flags.is_empty() { String::new() } else { format!("  [{}]", flags.join(",")) }
+                            if flags.is_empty() {
+                                String::new()
+                            } else {
+                                format!("  [{}]", flags.join(","))
+                            }
                         );
                         if live {
                             println!("{line}");
@@ -553,7 +654,11 @@ async fn collect(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
-    Collected { windows, lines, missed }
+    Collected {
+        windows,
+        lines,
+        missed,
+    }
 }
 
 fn score_runs(timeline: &[Run], windows: &[Arc<ScoredWindow>]) -> (Vec<RunResult>, Confusion) {
@@ -588,7 +693,10 @@ fn score_runs(timeline: &[Run], windows: &[Arc<ScoredWindow>]) -> (Vec<RunResult
         results.push(RunResult {
             run: run.name.clone(),
             fault: run.recording.header.fault,
-            windows: confusion.true_positive + confusion.false_positive + confusion.true_negative + confusion.false_negative,
+            windows: confusion.true_positive
+                + confusion.false_positive
+                + confusion.true_negative
+                + confusion.false_negative,
             detection_rate: confusion.detection_rate(),
             false_alarm_rate: confusion.false_alarm_rate(),
             detection_delay_h: run
@@ -607,7 +715,10 @@ fn percent(value: Option<f64>) -> String {
 
 fn print_report(out: &mut (dyn Write + Send), report: &DemoReport) -> std::io::Result<()> {
     writeln!(out)?;
-    writeln!(out, "  run          fault  windows   FDR %   FAR %   first alarm after onset")?;
+    writeln!(
+        out,
+        "  run          fault  windows   FDR %   FAR %   first alarm after onset"
+    )?;
     for run in &report.runs {
         writeln!(
             out,
@@ -624,7 +735,9 @@ fn print_report(out: &mut (dyn Write + Send), report: &DemoReport) -> std::io::R
     writeln!(
         out,
         "\n  overall: F1 {}  FDR {} %  FAR {} %  ({} alerts)",
-        report.f1.map_or_else(|| "-".to_string(), |f| format!("{f:.3}")),
+        report
+            .f1
+            .map_or_else(|| "-".to_string(), |f| format!("{f:.3}")),
         percent(report.detection_rate).trim(),
         percent(report.false_alarm_rate).trim(),
         report.alerts
@@ -705,7 +818,15 @@ mod tests {
         ];
         let (results, overall) = score_runs(&timeline, &windows);
         let c = results[0].confusion;
-        assert_eq!((c.true_positive, c.false_negative, c.false_positive, c.true_negative), (1, 1, 1, 1));
+        assert_eq!(
+            (
+                c.true_positive,
+                c.false_negative,
+                c.false_positive,
+                c.true_negative
+            ),
+            (1, 1, 1, 1)
+        );
         assert_eq!(results[0].detection_delay_h, Some(6.0 / 3600.0));
         assert_eq!(overall, c);
     }

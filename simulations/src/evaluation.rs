@@ -37,7 +37,10 @@ impl Confusion {
 
     /// False alarm rate: normal windows alarmed / normal windows.
     pub fn false_alarm_rate(&self) -> Option<f64> {
-        ratio(self.false_positive, self.false_positive + self.true_negative)
+        ratio(
+            self.false_positive,
+            self.false_positive + self.true_negative,
+        )
     }
 
     pub fn precision(&self) -> Option<f64> {
@@ -62,7 +65,12 @@ mod tests {
     #[test]
     fn rates_follow_their_definitions() {
         let mut c = Confusion::default();
-        for (faulty, alarmed, n) in [(true, true, 8), (true, false, 2), (false, true, 1), (false, false, 9)] {
+        for (faulty, alarmed, n) in [
+            (true, true, 8),
+            (true, false, 2),
+            (false, true, 1),
+            (false, false, 9),
+        ] {
             for _ in 0..n {
                 c.record(faulty, alarmed);
             }

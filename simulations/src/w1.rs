@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::{
-    Annunciator, BatchingSpec, ExpertSpec, Node, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, Window,
+    Annunciator, BatchingSpec, ExpertSpec, Node, NodeSpec, RestartPolicy, RouterSpec,
+    RoutingPolicy, Window,
 };
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SoftmaxGate, SplitMix64, TrainOptions};
 use hdrhistogram::Histogram;
@@ -118,7 +119,7 @@ impl W1Options {
                 });
             }
         }
-        if !(self.seconds > self.warmup_seconds) {
+        if self.seconds.is_nan() || self.seconds <= self.warmup_seconds {
             return Err(W1Error::Option {
                 field: "seconds",
                 value: self.seconds.to_string(),
@@ -170,7 +171,8 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
         // fixed pattern would move in convoys from expert to expert.
         let mut rng = SplitMix64::new(options.seed ^ (lane as u64).wrapping_mul(0x9E37_79B9));
         loops.push(tokio::spawn(async move {
-            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds");
             let (mut done, mut errors) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 let window = windows[(rng.next_u64() % windows.len() as u64) as usize].clone();
@@ -181,7 +183,8 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
                     match verdict {
                         Ok(_) => {
                             done += 1;
-                            latencies.saturating_record(now.duration_since(sent).as_micros() as u64);
+                            latencies
+                                .saturating_record(now.duration_since(sent).as_micros() as u64);
                         }
                         Err(_) => errors += 1,
                     }
@@ -193,7 +196,8 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
     tokio::time::sleep(Duration::from_secs_f64(options.seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let measured = started.elapsed().as_secs_f64() - options.warmup_seconds;
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut latencies =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
     let (mut done, mut errors) = (0u64, 0u64);
     for lane in loops {
         let (h, d, e) = lane.await.expect("a load lane does not panic");
@@ -220,7 +224,11 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
         experts: options.experts,
         streams: options.streams,
         max_batch: options.max_batch,
-        mean_batch_size: if batches == 0 { 0.0 } else { scored as f64 / batches as f64 },
+        mean_batch_size: if batches == 0 {
+            0.0
+        } else {
+            scored as f64 / batches as f64
+        },
         bare_forward_windows_per_s: bare,
         efficiency: windows_per_s / bare,
         measured_seconds: measured,
@@ -231,7 +239,9 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
 }
 
 fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
-    let experts: Vec<String> = (0..options.experts).map(|e| format!("expert-{e}")).collect();
+    let experts: Vec<String> = (0..options.experts)
+        .map(|e| format!("expert-{e}"))
+        .collect();
     let policy = match gate {
         None => RoutingPolicy::Static {
             routes: (0..options.streams)
@@ -247,7 +257,10 @@ fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
     NodeSpec {
         node: "w1".into(),
         sensors: Vec::new(),
-        routers: vec![RouterSpec { name: "w1".into(), policy }],
+        routers: vec![RouterSpec {
+            name: "w1".into(),
+            policy,
+        }],
         experts: experts
             .iter()
             .enumerate()
@@ -288,7 +301,14 @@ fn synthetic_windows(options: &W1Options, per_stream: u64, seed: u64) -> Vec<Win
         for s in 0..options.streams {
             let marked = s % options.experts % options.channels;
             let values: Vec<f32> = (0..options.window_values())
-                .map(|i| rng.normal() as f32 + if i / options.length == marked { SIGNATURE } else { 0.0 })
+                .map(|i| {
+                    rng.normal() as f32
+                        + if i / options.length == marked {
+                            SIGNATURE
+                        } else {
+                            0.0
+                        }
+                })
                 .collect();
             windows.push(Window {
                 sensor_id: sensor_id(s).into(),
@@ -310,11 +330,16 @@ fn synthetic_windows(options: &W1Options, per_stream: u64, seed: u64) -> Vec<Win
 /// its accuracy on the measured windows.
 fn train_gate(options: &W1Options, measured: &[Window]) -> Result<(SoftmaxGate, f64), W1Error> {
     let expert_of = |w: &Window| -> usize {
-        let stream: usize = w.sensor_id["sensor-".len()..].parse().expect("bench sensor ids end in their number");
+        let stream: usize = w.sensor_id["sensor-".len()..]
+            .parse()
+            .expect("bench sensor ids end in their number");
         stream % options.experts
     };
     let training = synthetic_windows(options, 16, options.seed ^ 0x6A7E);
-    let values: Vec<f32> = training.iter().flat_map(|w| w.values.iter().copied()).collect();
+    let values: Vec<f32> = training
+        .iter()
+        .flat_map(|w| w.values.iter().copied())
+        .collect();
     let targets: Vec<usize> = training.iter().map(expert_of).collect();
     let train_options = TrainOptions {
         epochs: 200,
@@ -345,7 +370,11 @@ fn train_gate(options: &W1Options, measured: &[Window]) -> Result<(SoftmaxGate, 
 /// windows per second over about three seconds.
 fn bare_forward(options: &W1Options) -> Result<f64, W1Error> {
     tch::set_num_threads(options.intra_op_threads as i32);
-    let model = ConvAutoencoder::new(options.config(), fogmesh_models::default_device(), options.seed as i64)?;
+    let model = ConvAutoencoder::new(
+        options.config(),
+        fogmesh_models::default_device(),
+        options.seed as i64,
+    )?;
     let mut rng = SplitMix64::new(options.seed ^ 0xB0A2);
     let batch: Vec<f32> = (0..options.max_batch * options.window_values())
         .map(|_| rng.normal() as f32)

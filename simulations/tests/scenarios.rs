@@ -1,0 +1,81 @@
+//! The demo and W1 as a user runs them, shortened: the demo on the recordings
+//! `just setup` generates, W1 for a few seconds. They assert behaviour (faults are
+//! detected, normal operation mostly is not, every window comes back), not speed:
+//! speed is what `just bench` reports.
+
+use std::path::PathBuf;
+
+use fogmesh_simulations::demo::{self, DemoOptions};
+use fogmesh_simulations::w1::{self, GateKind, W1Options};
+
+fn tep_data() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/tep");
+    assert!(
+        dir.join("manifest.json").exists(),
+        "{} has no TEP recordings: run `just setup` first",
+        dir.display()
+    );
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_detects_plant_faults_on_real_recordings() {
+    let options = DemoOptions {
+        data_dir: tep_data(),
+        train_seconds: 2.0,
+        live: false,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let report = demo::run(&options, &mut out).await.expect("the demo runs");
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("overall: F1"), "{text}");
+    let run = |name: &str| {
+        report
+            .runs
+            .iter()
+            .find(|r| r.run == name)
+            .unwrap_or_else(|| panic!("{name} replayed"))
+    };
+    // IDV 1 (A/C feed ratio step) is detected by every method in the literature.
+    assert!(
+        run("idv01").detection_rate.unwrap() > 0.9,
+        "{:?}",
+        run("idv01")
+    );
+    assert!(
+        run("normal-test").false_alarm_rate.unwrap() < 0.2,
+        "{:?}",
+        run("normal-test")
+    );
+    assert!(report.f1.unwrap() > 0.8, "F1 {:?}", report.f1);
+    let expected: u64 = report.runs.iter().map(|r| r.windows).sum();
+    assert!(
+        report.windows_scored >= expected,
+        "every evaluated window was scored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w1_runs_both_policies_without_losing_a_window() {
+    for gate in [GateKind::Static, GateKind::Learned] {
+        let options = W1Options {
+            streams: 8,
+            inflight: 16,
+            seconds: 2.0,
+            warmup_seconds: 0.5,
+            gate,
+            ..Default::default()
+        };
+        let report = w1::run(&options).await.expect("W1 runs");
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert!(report.windows_per_s > 0.0 && report.bare_forward_windows_per_s > 0.0);
+        assert!(report.p50_ms <= report.p99_ms);
+        if gate == GateKind::Learned {
+            assert!(
+                report.gate_accuracy.unwrap() > 0.9,
+                "the gate learns the assets' signatures: {report:?}"
+            );
+        }
+    }
+}
