@@ -9,7 +9,7 @@ use std::time::Duration;
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IngestError {
-    #[error("unknown sensor stream `{sensor_id}`")]
+    #[error("field `sensor_id`: unknown sensor stream `{sensor_id}`")]
     UnknownSensor { sensor_id: String },
     #[error(
         "sensor `{sensor_id}` sample {sequence}: field `values` has {got} channels, the stream has {expected}"
@@ -62,10 +62,43 @@ pub enum ScoreError {
     ExpertUnavailable { expert: String, reason: String },
     #[error("expert `{expert}` failed to score: {reason}")]
     Model { expert: String, reason: String },
+    #[error("field `router`: no router `{router}` runs on this node")]
+    UnknownRouter { router: String },
     #[error("router `{router}` is unavailable: {reason}")]
     RouterUnavailable { router: String, reason: String },
     #[error("router `{router}` gate: {reason}")]
     Gate { router: String, reason: String },
+}
+
+impl IngestError {
+    /// A short, stable name for the rule that refused the batch: the `reason` label of
+    /// the rejection metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::UnknownSensor { .. } => "unknown_sensor",
+            IngestError::WrongChannelCount { .. } => "wrong_channel_count",
+            IngestError::NotFinite { .. } => "not_finite",
+            IngestError::TimestampBackwards { .. } => "timestamp_backwards",
+            IngestError::StreamUnavailable { .. } => "stream_unavailable",
+        }
+    }
+}
+
+impl ScoreError {
+    /// A short, stable name for why the window was not scored: the `reason` label of
+    /// the failure metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ScoreError::NoRoute { .. } => "no_route",
+            ScoreError::WrongWindowShape { .. } => "wrong_shape",
+            ScoreError::Uncalibrated { .. } => "uncalibrated",
+            ScoreError::ExpertUnavailable { .. } => "expert_unavailable",
+            ScoreError::Model { .. } => "model",
+            ScoreError::UnknownRouter { .. } => "unknown_router",
+            ScoreError::RouterUnavailable { .. } => "router_unavailable",
+            ScoreError::Gate { .. } => "gate",
+        }
+    }
 }
 
 /// A node description that cannot be started.

@@ -490,7 +490,9 @@ impl Node {
         let handle = self
             .directory
             .router(router)
-            .ok_or_else(|| unavailable("not running on this node".into()))?;
+            .ok_or_else(|| ScoreError::UnknownRouter {
+                router: router.to_string(),
+            })?;
         match handle
             .actor
             .call(

@@ -378,7 +378,7 @@ fn deliver(
         }
         Err(e) => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(telemetry::ROUTING_FAILURES, "router" => shared.name.to_string(), "reason" => failure_reason(e))
+            metrics::counter!(telemetry::ROUTING_FAILURES, "router" => shared.name.to_string(), "reason" => e.reason())
                 .increment(1);
         }
     }
@@ -391,17 +391,5 @@ fn deliver(
         (Destination::Annunciator(_), Err(e)) => {
             tracing::warn!(router = %shared.name, error = %e, "window not scored");
         }
-    }
-}
-
-fn failure_reason(error: &ScoreError) -> &'static str {
-    match error {
-        ScoreError::NoRoute { .. } => "no_route",
-        ScoreError::WrongWindowShape { .. } => "wrong_shape",
-        ScoreError::Uncalibrated { .. } => "uncalibrated",
-        ScoreError::ExpertUnavailable { .. } => "expert_unavailable",
-        ScoreError::Model { .. } => "model",
-        ScoreError::RouterUnavailable { .. } => "router_unavailable",
-        ScoreError::Gate { .. } => "gate",
     }
 }

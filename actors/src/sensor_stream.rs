@@ -261,7 +261,7 @@ impl SensorStreamState {
         let duplicates = total - fresh.len() as u64;
         if let Err(e) = self.check(&fresh) {
             self.shared.rejected.fetch_add(total, Ordering::Relaxed);
-            metrics::counter!(telemetry::SAMPLES_REJECTED, "sensor" => self.spec.id.clone(), "reason" => rejection_reason(&e))
+            metrics::counter!(telemetry::SAMPLES_REJECTED, "sensor" => self.spec.id.clone(), "reason" => e.reason())
                 .increment(total);
             return Err(e);
         }
@@ -361,15 +361,5 @@ impl SensorStreamState {
                 tracing::warn!(sensor = %self.spec.id, router = %self.spec.router, "router not running; window dropped");
             }
         }
-    }
-}
-
-fn rejection_reason(error: &IngestError) -> &'static str {
-    match error {
-        IngestError::UnknownSensor { .. } => "unknown_sensor",
-        IngestError::WrongChannelCount { .. } => "wrong_channel_count",
-        IngestError::NotFinite { .. } => "not_finite",
-        IngestError::TimestampBackwards { .. } => "timestamp_backwards",
-        IngestError::StreamUnavailable { .. } => "stream_unavailable",
     }
 }

@@ -74,6 +74,7 @@ impl ServiceError {
                 ScoreError::RouterUnavailable { .. }
                 | ScoreError::ExpertUnavailable { .. }
                 | ScoreError::Uncalibrated { .. } => Code::Unavailable,
+                ScoreError::UnknownRouter { .. } => Code::NotFound,
                 ScoreError::Model { .. } => Code::Internal,
             },
         }
@@ -88,22 +89,8 @@ impl ServiceError {
             ServiceError::InvalidField { .. } => "invalid_field",
             ServiceError::MalformedPayload { .. } => "malformed",
             ServiceError::UnknownRouter { .. } => "unknown_router",
-            ServiceError::Ingest(e) => match e {
-                IngestError::UnknownSensor { .. } => "unknown_sensor",
-                IngestError::WrongChannelCount { .. } => "wrong_channel_count",
-                IngestError::NotFinite { .. } => "not_finite",
-                IngestError::TimestampBackwards { .. } => "timestamp_backwards",
-                IngestError::StreamUnavailable { .. } => "stream_unavailable",
-            },
-            ServiceError::Score(e) => match e {
-                ScoreError::NoRoute { .. } => "no_route",
-                ScoreError::WrongWindowShape { .. } => "wrong_shape",
-                ScoreError::Gate { .. } => "gate",
-                ScoreError::RouterUnavailable { .. } => "router_unavailable",
-                ScoreError::ExpertUnavailable { .. } => "expert_unavailable",
-                ScoreError::Uncalibrated { .. } => "uncalibrated",
-                ScoreError::Model { .. } => "model",
-            },
+            ServiceError::Ingest(e) => e.reason(),
+            ServiceError::Score(e) => e.reason(),
         }
     }
 }

@@ -24,7 +24,9 @@ use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::telemetry_client::TelemetryClient;
-use fogmesh_proto::{Alert, MetricsRequest, NodeStatus, Sample, SensorStreamStatus, StatusRequest};
+use fogmesh_proto::{
+    Alert, AlertFilter, MetricsRequest, NodeStatus, Sample, SensorStreamStatus, StatusRequest,
+};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
@@ -229,6 +231,18 @@ impl TestNode {
         InferenceClient::connect(self.endpoint())
             .await
             .expect("connects")
+    }
+
+    /// Opens `WatchAlerts` for these sensors (all of them when empty).
+    pub async fn watch_alerts(&self, sensor_ids: &[&str]) -> tonic::Streaming<Alert> {
+        self.inference()
+            .await
+            .watch_alerts(AlertFilter {
+                sensor_ids: sensor_ids.iter().map(|s| s.to_string()).collect(),
+            })
+            .await
+            .expect("watching starts")
+            .into_inner()
     }
 
     pub async fn control(&self) -> ControlClient<Channel> {

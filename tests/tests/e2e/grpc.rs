@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fogmesh_actors::{Annunciator, ScoredWindow};
-use fogmesh_proto::{Alert, AlertFilter, SampleBatch, ScoreRequest, StreamAck};
+use fogmesh_proto::{Alert, SampleBatch, ScoreRequest, StreamAck};
 use fogmesh_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::broadcast;
@@ -115,19 +115,8 @@ async fn pushed_spikes_raise_an_alert() {
     let mut windows = annunciator.subscribe();
     let dir = tempfile::tempdir().expect("a temporary folder");
     let node = TestNode::start_config(dir, &node_toml(""), annunciator).await;
-    let mut inference = node.inference().await;
-    let mut all_alerts = inference
-        .watch_alerts(AlertFilter::default())
-        .await
-        .expect("watching starts")
-        .into_inner();
-    let mut other_alerts = inference
-        .watch_alerts(AlertFilter {
-            sensor_ids: vec![OTHER_SENSOR.into()],
-        })
-        .await
-        .expect("watching starts")
-        .into_inner();
+    let mut all_alerts = node.watch_alerts(&[]).await;
+    let mut other_alerts = node.watch_alerts(&[OTHER_SENSOR]).await;
     let mut ingest = node.ingest().await;
 
     let ack = ingest
@@ -184,15 +173,7 @@ async fn pushed_spikes_raise_an_alert() {
 #[tokio::test]
 async fn push_stream_acknowledges_each_batch_in_order_and_raises_the_alert() {
     let node = TestNode::start("").await;
-    let mut alerts = node
-        .inference()
-        .await
-        .watch_alerts(AlertFilter {
-            sensor_ids: vec![SENSOR.into()],
-        })
-        .await
-        .expect("watching starts")
-        .into_inner();
+    let mut alerts = node.watch_alerts(&[SENSOR]).await;
     let (batches, batches_rx) = tokio::sync::mpsc::channel(4);
     let mut acks = node
         .ingest()
@@ -238,13 +219,7 @@ async fn push_stream_acknowledges_each_batch_in_order_and_raises_the_alert() {
 #[tokio::test]
 async fn shutdown_ends_open_streams() {
     let node = TestNode::start("").await;
-    let mut alerts = node
-        .inference()
-        .await
-        .watch_alerts(AlertFilter::default())
-        .await
-        .expect("watching starts")
-        .into_inner();
+    let mut alerts = node.watch_alerts(&[]).await;
     let (_batches, batches_rx) = tokio::sync::mpsc::channel::<SampleBatch>(1);
     let mut acks = node
         .ingest()

@@ -3,7 +3,6 @@
 //! gRPC; malformed, oversized and bad payloads get an error ack without stopping
 //! ingest; the node reconnects when the broker restarts.
 
-use fogmesh_proto::AlertFilter;
 use fogmesh_tests::*;
 use serde_json::Value;
 
@@ -36,15 +35,7 @@ async fn mqtt_ingest_through_a_real_broker() {
     .await;
     let prefix = format!("fogmesh/{NODE}");
     let ingest_topic = format!("{prefix}/ingest/{SENSOR}");
-    let mut alerts = node
-        .inference()
-        .await
-        .watch_alerts(AlertFilter {
-            sensor_ids: vec![SENSOR.into()],
-        })
-        .await
-        .expect("watching starts")
-        .into_inner();
+    let mut alerts = node.watch_alerts(&[SENSOR]).await;
     let mut producer =
         MqttProducer::connect(port, "plant-producer", &format!("{prefix}/ack/{SENSOR}")).await;
 
