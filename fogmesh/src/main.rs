@@ -76,6 +76,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn,fogmesh=info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -131,8 +133,15 @@ fn main() -> anyhow::Result<()> {
 
 async fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let config = fogmesh_cluster::NodeConfig::load(&config)?;
-    fogmesh_cluster::run_until(config, async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    // Ctrl-C from a terminal, SIGTERM from systemd or a container runtime: both stop the
+    // node in order.
+    fogmesh_cluster::run_until(config, async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
     })
     .await
     .context("running the node")
