@@ -22,7 +22,7 @@
 //! for company that cannot come. Under load requests arrive far closer together than
 //! the idle gap, so batches still fill.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -138,16 +138,26 @@ pub struct ExpertShared {
     pub model_version: Arc<str>,
     pub device: String,
     pub window_len: usize,
-    threshold_bits: AtomicU32,
+    /// Alarm limit on the model's score, from the spec.
+    pub threshold: Option<f32>,
     pub windows_scored: AtomicU64,
     pub batches: AtomicU64,
     pub queued: AtomicU64,
 }
 
 impl ExpertShared {
-    pub fn threshold(&self) -> Option<f32> {
-        let t = f32::from_bits(self.threshold_bits.load(Ordering::Relaxed));
-        (!t.is_nan()).then_some(t)
+    /// Shared state for a spec; the device is where the model will be placed.
+    pub fn for_spec(spec: &ExpertSpec) -> Arc<Self> {
+        Arc::new(ExpertShared {
+            name: spec.name.as_str().into(),
+            model_version: spec.model_version.as_str().into(),
+            device: format!("{:?}", fogmesh_models::default_device()),
+            window_len: spec.config.window_len(),
+            threshold: spec.threshold,
+            windows_scored: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        })
     }
 
     pub fn mean_batch_size(&self) -> f64 {
@@ -172,22 +182,6 @@ pub struct ExpertState {
     jobs: Option<mpsc::Sender<InferRequest>>,
     worker: Option<JoinHandle<()>>,
     shared: Arc<ExpertShared>,
-}
-
-impl ExpertShared {
-    /// Shared state for a spec; the device is where the model will be placed.
-    pub fn for_spec(spec: &ExpertSpec) -> Arc<Self> {
-        Arc::new(ExpertShared {
-            name: spec.name.as_str().into(),
-            model_version: spec.model_version.as_str().into(),
-            device: format!("{:?}", fogmesh_models::default_device()),
-            window_len: spec.config.window_len(),
-            threshold_bits: AtomicU32::new(spec.threshold.unwrap_or(f32::NAN).to_bits()),
-            windows_scored: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            queued: AtomicU64::new(0),
-        })
-    }
 }
 
 impl Actor for Expert {
@@ -324,7 +318,7 @@ fn model_thread(
         let size = admitted.len();
         batch_size_histogram.record(size as f64);
         batch_wait_histogram.record(wait.as_secs_f64());
-        let threshold = shared.threshold();
+        let threshold = shared.threshold;
         match model.score(&input) {
             Ok(scores) => {
                 for (request, score) in admitted.into_iter().zip(scores) {
