@@ -131,7 +131,10 @@ pub struct DemoReport {
     pub f1: Option<f64>,
     pub detection_rate: Option<f64>,
     pub false_alarm_rate: Option<f64>,
+    /// Windows whose verdict was anomalous (each an `Alert` on `WatchAlerts`).
     pub alerts: u64,
+    /// Times a unit went into alarm (rising edges after the off-delay).
+    pub alarms_raised: u64,
     pub samples_replayed: u64,
     pub windows_scored: u64,
     pub replay_seconds: f64,
@@ -328,6 +331,7 @@ pub async fn run(
         detection_rate: overall.detection_rate(),
         false_alarm_rate: overall.false_alarm_rate(),
         alerts,
+        alarms_raised: collected.alarms_raised,
         samples_replayed,
         windows_scored,
         replay_seconds,
@@ -600,9 +604,16 @@ fn quality_rules(rows: &[f32], channels: usize, period_s: f64) -> QualityRules {
 
 struct Collected {
     windows: Vec<Arc<ScoredWindow>>,
+    /// Rising edges: a unit going into alarm.
+    alarms_raised: u64,
     lines: Vec<String>,
     missed: u64,
 }
+
+/// A unit's alarm clears after this many consecutive normal windows (an off-delay, as
+/// alarm management practice has it), so a fault whose score hovers at the limit raises
+/// one alarm, not one per crossing.
+const ALARM_CLEARS_AFTER: u32 = 5;
 
 /// Gathers every scored window; prints an alert line when a unit goes into alarm
 /// (a rising edge, as an annunciator panel lights up), not for every window in alarm.
@@ -613,15 +624,24 @@ async fn collect(
 ) -> Collected {
     let mut windows = Vec::new();
     let mut missed = 0;
-    let mut in_alarm: HashMap<Arc<str>, bool> = HashMap::new();
+    // Per unit: consecutive normal windows since its last anomalous one.
+    let mut quiet: HashMap<Arc<str>, u32> = HashMap::new();
+    let mut alarms_raised = 0;
     let mut lines = Vec::new();
     loop {
         match scored.recv().await {
             Ok(window) => {
-                let was = in_alarm
-                    .insert(window.sensor_id.clone(), window.anomalous)
-                    .unwrap_or(false);
-                if window.anomalous && !was {
+                let since = quiet
+                    .entry(window.sensor_id.clone())
+                    .or_insert(ALARM_CLEARS_AFTER);
+                let was_in_alarm = *since < ALARM_CLEARS_AFTER;
+                *since = if window.anomalous {
+                    0
+                } else {
+                    since.saturating_add(1)
+                };
+                if window.anomalous && !was_in_alarm {
+                    alarms_raised += 1;
                     if let Some(run) = timeline.iter().find(|r| r.contains(&window)) {
                         let t_h = (window.end_us - run.start_us) as f64 / 3.6e9;
                         let limit = window
@@ -656,6 +676,7 @@ async fn collect(
     }
     Collected {
         windows,
+        alarms_raised,
         lines,
         missed,
     }
@@ -734,13 +755,14 @@ fn print_report(out: &mut (dyn Write + Send), report: &DemoReport) -> std::io::R
     }
     writeln!(
         out,
-        "\n  overall: F1 {}  FDR {} %  FAR {} %  ({} alerts)",
+        "\n  overall: F1 {}  FDR {} %  FAR {} %  ({} windows in alarm, {} alarms raised)",
         report
             .f1
             .map_or_else(|| "-".to_string(), |f| format!("{f:.3}")),
         percent(report.detection_rate).trim(),
         percent(report.false_alarm_rate).trim(),
-        report.alerts
+        report.alerts,
+        report.alarms_raised
     )?;
     writeln!(
         out,
