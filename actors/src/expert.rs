@@ -15,7 +15,7 @@
 //!
 //! Batching contract: the thread blocks for the first request, then collects more
 //! until `max_batch` are held, or `max_wait` has passed since the first one *arrived at
-//! the actor*, or no request has arrived for `max_wait / 8` (the idle gap); the batch
+//! the actor*, or no request has arrived for `max_wait / 16` (the idle gap); the batch
 //! then runs at once. So no request waits for company longer than `max_wait`, a full
 //! batch never waits at all, and when the senders have nothing more to send (a closed
 //! loop with few requests in flight) the batch does not sit out the whole `max_wait`
@@ -355,7 +355,7 @@ fn model_thread(
 }
 
 /// The idle gap is `max_wait` divided by this (see the module docs).
-pub const IDLE_GAP_DIVISOR: u32 = 8;
+pub const IDLE_GAP_DIVISOR: u32 = 16;
 
 /// Fills `batch` following the batching contract (see the module docs) and returns
 /// the arrival time of its first request, or `None` once the queue is closed and empty.

@@ -112,7 +112,7 @@ async fn a_lone_window_waits_at_most_max_wait() {
 
 #[tokio::test]
 async fn a_burst_shares_one_batch_and_leaves_when_the_senders_fall_quiet() {
-    // An idle gap of max_wait / 8 = 1.25 s: requests sent back to back all arrive within
+    // An idle gap of max_wait / 16 = 625 ms: requests sent back to back all arrive within
     // it, and the batch leaves after the gap, long before max_wait.
     let max_wait = Duration::from_secs(10);
     let actor = start(spec(32, max_wait)).await;
