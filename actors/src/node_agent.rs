@@ -281,10 +281,6 @@ impl NodeAgentState {
         child: Child,
         supervisor: &ActorCell,
     ) -> Result<(), ActorProcessingErr> {
-        let spawn_error = |name: &str, e: ractor::SpawnErr| SpecError::Spawn {
-            name: name.to_string(),
-            reason: e.to_string(),
-        };
         let id = match child {
             Child::Expert(i) => {
                 let spec = self.spec.experts[i].clone();
@@ -300,7 +296,7 @@ impl NodeAgentState {
                     supervisor.clone(),
                 )
                 .await
-                .map_err(|e| spawn_error(&name, e))?;
+                .map_err(|e| spawn_failure(&name, e))?;
                 let id = actor.get_id();
                 self.directory
                     .experts
@@ -319,7 +315,7 @@ impl NodeAgentState {
                 };
                 let (actor, _) = Actor::spawn_linked(None, Router, args, supervisor.clone())
                     .await
-                    .map_err(|e| spawn_error(&name, e))?;
+                    .map_err(|e| spawn_failure(&name, e))?;
                 let id = actor.get_id();
                 self.directory
                     .routers
@@ -337,7 +333,7 @@ impl NodeAgentState {
                 };
                 let (actor, _) = Actor::spawn_linked(None, SensorStream, args, supervisor.clone())
                     .await
-                    .map_err(|e| spawn_error(&name, e))?;
+                    .map_err(|e| spawn_failure(&name, e))?;
                 let id = actor.get_id();
                 self.directory
                     .sensors
@@ -347,6 +343,23 @@ impl NodeAgentState {
         };
         self.children.insert(id, child);
         Ok(())
+    }
+}
+
+/// Why an actor did not start, without ractor's "panicked during startup" wrapping:
+/// a child's own [`SpecError`] passes through the agent unchanged, so the operator reads
+/// the expert's reason (say, a weight tensor of the wrong shape) and nothing else.
+fn spawn_failure(name: &str, error: ractor::SpawnErr) -> SpecError {
+    let reason = match error {
+        ractor::SpawnErr::StartupFailed(inner) => match inner.downcast::<SpecError>() {
+            Ok(spec_error) => return *spec_error,
+            Err(inner) => inner.to_string(),
+        },
+        other => other.to_string(),
+    };
+    SpecError::Spawn {
+        name: name.to_string(),
+        reason,
     }
 }
 
@@ -423,13 +436,9 @@ impl Node {
             annunciator: annunciator.clone(),
             restarts: restarts.clone(),
         };
-        let (agent, join) =
-            Actor::spawn(None, NodeAgent, args)
-                .await
-                .map_err(|e| SpecError::Spawn {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
+        let (agent, join) = Actor::spawn(None, NodeAgent, args)
+            .await
+            .map_err(|e| spawn_failure(&name, e))?;
         let up_since_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64);

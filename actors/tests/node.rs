@@ -285,3 +285,31 @@ async fn specs_that_cannot_run_are_refused_with_the_reason() {
         .unwrap();
     assert!(err.to_string().contains("field `stride` = 0"), "{err}");
 }
+
+#[tokio::test]
+async fn an_expert_that_cannot_load_its_weights_stops_the_start_with_its_own_reason() {
+    let other_shape = AutoencoderConfig {
+        hidden: 12,
+        ..AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64)
+    };
+    let (weights, sha256) = fogmesh_models::ConvAutoencoder::new(other_shape, tch::Device::Cpu, 3)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let mut spec = static_node();
+    spec.experts[0].weights = Some(weights.into());
+    spec.experts[0].weights_sha256 = Some(sha256);
+    let err = Node::start(spec, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pump-ae") && err.contains("enc1.weight"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "no actor-framework wrapping: {err}"
+    );
+}
