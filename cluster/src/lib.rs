@@ -11,6 +11,7 @@
 //! Architecture invariant: this crate owns no actor logic; it validates what arrives
 //! from the network, hands it to a [`fogmesh_actors::Node`] and maps the answer back.
 
+pub mod capabilities;
 pub mod config;
 mod ingest;
 pub mod metrics_endpoint;

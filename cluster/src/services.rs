@@ -13,7 +13,8 @@
 //!   A subscriber that falls behind skips what it missed (logged and counted in
 //!   `fogmesh_alert_watch_skipped_total`); the annunciator never waits for it, so a slow
 //!   client cannot slow the routers down.
-//! - `Control.GetStatus`: the node's snapshot, read without messaging any actor.
+//! - `Control.GetStatus`: the node's snapshot, read without messaging any actor, with
+//!   its capabilities (probed at start) and current load.
 //! - `Telemetry.Metrics`: the process's Prometheus text.
 //!
 //! Every refused call is counted (`fogmesh_ingest_rejected_total`,
@@ -30,9 +31,9 @@ use fogmesh_proto::inference_server::Inference;
 use fogmesh_proto::ingest_server::Ingest;
 use fogmesh_proto::telemetry_server::Telemetry;
 use fogmesh_proto::{
-    Alert, AlertFilter, ExpertScore, ExpertStatus, IngestAck, MetricsRequest, MetricsText,
-    NodeStatus, RouterStatus, SampleBatch, ScoreReply, ScoreRequest, SensorStreamStatus,
-    StatusRequest,
+    Alert, AlertFilter, ExpertScore, ExpertStatus, GpuInfo, IngestAck, MetricsRequest, MetricsText,
+    NodeCapabilities, NodeLoad, NodeStatus, RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
+    SensorStreamStatus, StatusRequest,
 };
 use futures::{Stream, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -41,6 +42,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
 use crate::ingest::Ingestor;
 use crate::shutdown::Shutdown;
@@ -59,6 +61,7 @@ pub(crate) struct NodeServices {
 struct Inner {
     node: Node,
     role: Role,
+    capabilities: Capabilities,
     limits: Limits,
     ingest: Ingestor,
     metrics: PrometheusHandle,
@@ -78,6 +81,7 @@ impl NodeServices {
             inner: Arc::new(Inner {
                 node,
                 role,
+                capabilities: Capabilities::probe(),
                 limits,
                 ingest,
                 metrics,
@@ -302,7 +306,26 @@ impl Control for NodeServices {
         _request: Request<StatusRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
         let snapshot = self.inner.node.snapshot();
+        let capabilities = &self.inner.capabilities;
+        let load = capabilities.load();
         Ok(Response::new(NodeStatus {
+            capabilities: Some(NodeCapabilities {
+                cores: capabilities.cores,
+                memory_bytes: capabilities.memory_bytes,
+                gpus: capabilities
+                    .gpus
+                    .iter()
+                    .map(|g| GpuInfo {
+                        index: g.index,
+                        name: g.name.clone(),
+                        memory_bytes: g.memory_bytes,
+                    })
+                    .collect(),
+            }),
+            load: Some(NodeLoad {
+                cpu: load.cpu,
+                memory_available_bytes: load.memory_available_bytes,
+            }),
             node: snapshot.node,
             role: self.inner.role.as_str().to_string(),
             up_since_us: snapshot.up_since_us,

@@ -282,3 +282,21 @@ async fn prometheus_endpoint_serves_the_node_metrics() {
     assert!(accepted(&node.metrics_text().await).is_some_and(|n| n >= 4.0));
     node.stop().await;
 }
+
+#[tokio::test]
+async fn status_reports_the_nodes_capabilities_and_load() {
+    let node = TestNode::start("").await;
+    let status = node.status().await;
+    assert_eq!(status.role, "edge");
+    let capabilities = status.capabilities.expect("capabilities are reported");
+    assert!(capabilities.cores >= 1);
+    assert!(capabilities.memory_bytes > 0);
+    assert_eq!(
+        capabilities.gpus.len() as i64,
+        tch::Cuda::device_count(),
+        "the GPUs libtorch sees"
+    );
+    let load = status.load.expect("load is reported");
+    assert!(load.cpu >= 0.0 && load.memory_available_bytes > 0);
+    node.stop().await;
+}
