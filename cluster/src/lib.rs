@@ -20,6 +20,7 @@ pub mod server;
 mod services;
 mod shutdown;
 pub mod status;
+pub mod status_table;
 pub mod telemetry;
 
 pub use config::{

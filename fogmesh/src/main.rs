@@ -26,6 +26,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// A running node's tables: the node (role, cores, GPUs, load), its experts, routers
+    /// and sensor streams.
+    Status {
+        /// The node's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        node: String,
+    },
     /// The embedded default: a local node watching a replayed Tennessee Eastman plant.
     Demo {
         /// Folder with the recordings `just setup` generates.
@@ -84,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Node { config } => run_node(config).await,
+            Command::Status { node } => print_status(&node).await,
             Command::Demo {
                 data,
                 train_seconds,
@@ -129,6 +137,28 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+async fn print_status(node: &str) -> anyhow::Result<()> {
+    let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
+        .await
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    let status = control
+        .get_status(fogmesh_proto::StatusRequest {})
+        .await
+        .with_context(|| format!("asking {node} for its status"))?
+        .into_inner();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let address = node
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    print!(
+        "{}",
+        fogmesh_cluster::status_table::render(&status, address, now_us)
+    );
+    Ok(())
 }
 
 async fn run_node(config: PathBuf) -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! The `fogmesh` binary as an operator runs it: its own process, started from a
 //! config file without `LD_LIBRARY_PATH` (libtorch is found through the rpath the
-//! build embeds), reached over gRPC, stopped by a signal; and refused with the file,
-//! field and value when its config is wrong.
+//! build embeds), reached over gRPC and by `fogmesh status`, stopped by a signal; and
+//! refused with the file, field and value when its config is wrong.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::SampleBatch;
-use fogmesh_tests::{node_toml, normal_values, samples, write_config, SENSOR};
+use fogmesh_tests::{node_toml, normal_values, samples, write_config, EXPERT, SENSOR};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fogmesh");
 
@@ -59,7 +59,7 @@ fn grpc_address(child: &mut Child) -> String {
 }
 
 #[tokio::test]
-async fn fogmesh_node_serves_ingest_and_stops_cleanly_on_sigint() {
+async fn fogmesh_node_serves_ingest_and_status_and_stops_cleanly_on_sigint() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &node_toml(""));
     let mut node = start_node(&config);
@@ -78,6 +78,23 @@ async fn fogmesh_node_serves_ingest_and_stops_cleanly_on_sigint() {
     assert_eq!(ack.streams[0].acked_through, 19);
 
     let child = node.0.take().expect("still running");
+    let tables = Command::new(BINARY)
+        .args(["status", "--node", &format!("http://{addr}")])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("fogmesh status runs");
+    assert!(tables.status.success(), "{tables:?}");
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    let sensor_line = tables
+        .lines()
+        .find(|l| l.starts_with(SENSOR))
+        .unwrap_or_else(|| panic!("a line for {SENSOR}: {tables}"));
+    assert!(
+        sensor_line.split_whitespace().any(|w| w == "20"),
+        "20 accepted: {tables}"
+    );
+    assert!(tables.lines().any(|l| l.starts_with(EXPERT)), "{tables}");
+
     let interrupted = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -1,0 +1,183 @@
+//! `fogmesh status`: a node's `Control.GetStatus` answer as the tables an operator
+//! reads: the node (role, address, cores, GPUs, load, up since), then its experts
+//! (model, version, device, queue, windows scored, mean batch), routers and sensor
+//! streams.
+//!
+//! Rendering is a pure function of the answer so it can be tested without a node.
+
+use std::fmt::Write;
+
+use fogmesh_proto::NodeStatus;
+
+/// The status tables, ending with a newline. `address` is where the node was reached.
+pub fn render(status: &NodeStatus, address: &str, now_us: i64) -> String {
+    let mut out = String::new();
+    let capabilities = status.capabilities.clone().unwrap_or_default();
+    let load = status.load.unwrap_or_default();
+    let gpus = if capabilities.gpus.is_empty() {
+        "-".to_string()
+    } else {
+        capabilities
+            .gpus
+            .iter()
+            .map(|g| match g.memory_bytes {
+                Some(bytes) => format!("{} ({:.0} GiB)", gpu_name(&g.name, g.index), gib(bytes)),
+                None => gpu_name(&g.name, g.index),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "{:<16} {:<6} {:<22} {:>5} {:>9} {:>6} {:>10}  GPUS",
+        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP"
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<6} {:<22} {:>5} {:>5.1} GiB {:>6.2} {:>10}  {}",
+        status.node,
+        status.role,
+        address,
+        capabilities.cores,
+        gib(capabilities.memory_bytes),
+        load.cpu,
+        uptime(now_us - status.up_since_us),
+        gpus
+    );
+    if !status.experts.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10}",
+            "EXPERT", "MODEL", "VERSION", "DEVICE", "QUEUE", "WINDOWS", "MEAN BATCH"
+        );
+        for e in &status.experts {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10.1}",
+                e.name, e.model, e.version, e.device, e.queue, e.windows_scored, e.mean_batch_size
+            );
+        }
+    }
+    if !status.routers.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<14} {:>14} {:>10}",
+            "ROUTER", "POLICY", "ROUTED", "FAILED"
+        );
+        for r in &status.routers {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<14} {:>14} {:>10}",
+                r.name, r.policy, r.routed, r.failed
+            );
+        }
+    }
+    if !status.sensors.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:>8} {:>14} {:>10} {:>10} {:>12}",
+            "SENSOR", "CHANNELS", "ACCEPTED", "REJECTED", "DUPLICATES", "WINDOWS"
+        );
+        for s in &status.sensors {
+            let _ = writeln!(
+                out,
+                "{:<20} {:>8} {:>14} {:>10} {:>10} {:>12}",
+                s.sensor_id, s.channels, s.accepted, s.rejected, s.duplicates, s.windows
+            );
+        }
+    }
+    out
+}
+
+fn gpu_name(name: &str, index: u32) -> String {
+    if name.is_empty() {
+        format!("cuda:{index}")
+    } else {
+        format!("cuda:{index} {name}")
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// `3d 4h`, `4h 12m`, `12m 5s`, `5s`.
+fn uptime(micros: i64) -> String {
+    let s = (micros / 1_000_000).max(0);
+    let (d, h, m, sec) = (s / 86_400, s / 3_600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) => format!("{m}m {sec}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fogmesh_proto::{ExpertStatus, GpuInfo, NodeCapabilities, NodeLoad};
+
+    #[test]
+    fn renders_the_node_and_its_experts() {
+        let status = NodeStatus {
+            node: "fog-1".into(),
+            role: "fog".into(),
+            up_since_us: 0,
+            capabilities: Some(NodeCapabilities {
+                cores: 16,
+                memory_bytes: 128 << 30,
+                gpus: vec![GpuInfo {
+                    index: 0,
+                    name: "NVIDIA H200".into(),
+                    memory_bytes: Some(141 << 30),
+                }],
+            }),
+            load: Some(NodeLoad {
+                cpu: 0.25,
+                memory_available_bytes: 100 << 30,
+            }),
+            experts: vec![ExpertStatus {
+                name: "reactor-ae".into(),
+                model: "conv_autoencoder".into(),
+                version: "v3".into(),
+                device: "Cuda(0)".into(),
+                queue: 2,
+                windows_scored: 1234,
+                batches: 100,
+                mean_batch_size: 12.34,
+            }],
+            ..Default::default()
+        };
+        let text = render(&status, "10.0.0.7:7700", 3 * 3_600_000_000 + 60_000_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].starts_with("fog-1"), "{text}");
+        for part in [
+            "fog ",
+            "10.0.0.7:7700",
+            "16",
+            "128.0 GiB",
+            "0.25",
+            "3h 1m",
+            "cuda:0 NVIDIA H200 (141 GiB)",
+        ] {
+            assert!(lines[1].contains(part), "node line lacks {part:?}: {text}");
+        }
+        let expert = lines
+            .iter()
+            .find(|l| l.starts_with("reactor-ae"))
+            .expect("an expert line");
+        for part in ["conv_autoencoder", "v3", "Cuda(0)", "1234", "12.3"] {
+            assert!(expert.contains(part), "expert line lacks {part:?}: {text}");
+        }
+        assert!(!text.contains("ROUTER"), "no empty tables: {text}");
+    }
+
+    #[test]
+    fn uptime_reads_like_an_operator_writes_it() {
+        assert_eq!(uptime(5_000_000), "5s");
+        assert_eq!(uptime(125_000_000), "2m 5s");
+        assert_eq!(uptime(7_260_000_000), "2h 1m");
+        assert_eq!(uptime(90_000_000_000), "1d 1h");
+    }
+}
