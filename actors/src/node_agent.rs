@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 
 use crate::annunciator::Annunciator;
 use crate::annunciator::ScoredWindow;
@@ -346,6 +348,32 @@ impl NodeAgentState {
     }
 }
 
+/// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
+/// answering (timeout, callee stopped, message not delivered) into the callee's own
+/// error; `(answer, callee)` name them in the reason, e.g. ("verdict", "router").
+async fn ask<M, T, E>(
+    actor: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<Result<T, E>>) -> M,
+    (answer, callee): (&str, &str),
+    unavailable: impl Fn(String) -> E,
+) -> Result<T, E>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    match actor.call(message, Some(CALL_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        Ok(ractor::rpc::CallResult::Timeout) => {
+            Err(unavailable(format!("no {answer} within {CALL_TIMEOUT:?}")))
+        }
+        Ok(ractor::rpc::CallResult::SenderError) => Err(unavailable(format!(
+            "the {callee} stopped before answering"
+        ))),
+        Err(e) => Err(unavailable(e.to_string())),
+    }
+}
+
 /// Why an actor did not start, without ractor's "panicked during startup" wrapping:
 /// a child's own [`SpecError`] passes through the agent unchanged, so the operator reads
 /// the expert's reason (say, a weight tensor of the wrong shape) and nothing else.
@@ -467,58 +495,36 @@ impl Node {
                 .ok_or_else(|| IngestError::UnknownSensor {
                     sensor_id: sensor_id.to_string(),
                 })?;
-        let unavailable = |reason: String| IngestError::StreamUnavailable {
-            sensor_id: sensor_id.to_string(),
-            reason,
-        };
-        match handle
-            .actor
-            .call(
-                |reply| SensorStreamMsg::Push { samples, reply },
-                Some(CALL_TIMEOUT),
-            )
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(outcome)) => outcome,
-            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!(
-                "no acknowledgement within {CALL_TIMEOUT:?}"
-            ))),
-            Ok(ractor::rpc::CallResult::SenderError) => {
-                Err(unavailable("the stream stopped before answering".into()))
-            }
-            Err(e) => Err(unavailable(e.to_string())),
-        }
+        ask(
+            &handle.actor,
+            |reply| SensorStreamMsg::Push { samples, reply },
+            ("acknowledgement", "stream"),
+            |reason| IngestError::StreamUnavailable {
+                sensor_id: sensor_id.to_string(),
+                reason,
+            },
+        )
+        .await
     }
 
     /// Scores a window through a router and returns the verdict.
     pub async fn score(&self, router: &str, window: Window) -> Result<ScoredWindow, ScoreError> {
-        let unavailable = |reason: String| ScoreError::RouterUnavailable {
-            router: router.to_string(),
-            reason,
-        };
         let handle = self
             .directory
             .router(router)
             .ok_or_else(|| ScoreError::UnknownRouter {
                 router: router.to_string(),
             })?;
-        match handle
-            .actor
-            .call(
-                |reply| RouterMsg::Score { window, reply },
-                Some(CALL_TIMEOUT),
-            )
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(verdict)) => verdict,
-            Ok(ractor::rpc::CallResult::Timeout) => {
-                Err(unavailable(format!("no verdict within {CALL_TIMEOUT:?}")))
-            }
-            Ok(ractor::rpc::CallResult::SenderError) => {
-                Err(unavailable("the router stopped before answering".into()))
-            }
-            Err(e) => Err(unavailable(e.to_string())),
-        }
+        ask(
+            &handle.actor,
+            |reply| RouterMsg::Score { window, reply },
+            ("verdict", "router"),
+            |reason| ScoreError::RouterUnavailable {
+                router: router.to_string(),
+                reason,
+            },
+        )
+        .await
     }
 
     pub fn restarts(&self) -> u64 {
