@@ -54,7 +54,7 @@ impl Default for BatchingSpec {
 }
 
 /// Everything needed to (re)start an expert.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExpertSpec {
     pub name: String,
     pub model_version: String,
@@ -130,6 +130,9 @@ pub struct InferRequest {
 pub enum ExpertMsg {
     Infer(InferRequest),
 }
+
+// Local only: it carries reply ports and shared buffers that cannot cross a node.
+impl ractor::Message for ExpertMsg {}
 
 /// The expert's observable state, shared with status readers without a message.
 #[derive(Debug)]

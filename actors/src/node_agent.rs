@@ -27,7 +27,10 @@ use crate::annunciator::ScoredWindow;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
 use crate::error::{IngestError, ScoreError, SpecError};
 use crate::expert::{Expert, ExpertArgs, ExpertShared, ExpertSpec};
-use crate::router::{Router, RouterArgs, RouterMsg, RouterShared, RouterSpec, RoutingPolicy};
+use crate::expert_endpoint::{ExpertEndpoint, ExpertEndpointArgs};
+use crate::router::{
+    Replicas, RetryPolicy, Router, RouterArgs, RouterMsg, RouterShared, RouterSpec, RoutingPolicy,
+};
 use crate::sample::{Sample, Window};
 use crate::sensor_stream::{
     PushOutcome, SensorStream, SensorStreamArgs, SensorStreamMsg, SensorStreamShared,
@@ -58,6 +61,9 @@ pub struct NodeSpec {
     pub sensors: Vec<SensorStreamSpec>,
     pub routers: Vec<RouterSpec>,
     pub experts: Vec<ExpertSpec>,
+    /// Experts this node's routers may use that run on other nodes: known here for
+    /// their shape, never started here.
+    pub remote_experts: Vec<ExpertSpec>,
     pub restart: RestartPolicy,
 }
 
@@ -66,7 +72,7 @@ impl NodeSpec {
     /// resolve, and windows the shape of every expert they can be routed to.
     pub fn validate(&self) -> Result<(), SpecError> {
         let mut experts = HashMap::new();
-        for expert in &self.experts {
+        for expert in self.experts.iter().chain(&self.remote_experts) {
             expert.validate()?;
             if experts.insert(expert.name.as_str(), expert).is_some() {
                 return Err(SpecError::Duplicate {
@@ -152,12 +158,22 @@ impl NodeSpec {
     }
 }
 
-/// Which spec a running child was started from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A running child, by what it is and the name it has in the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Child {
-    Expert(usize),
-    Router(usize),
-    Sensor(usize),
+    Expert(String),
+    Endpoint(String),
+    Router(String),
+    Sensor(String),
+}
+
+impl Child {
+    fn name(&self) -> String {
+        match self {
+            Child::Expert(n) | Child::Router(n) | Child::Sensor(n) => n.clone(),
+            Child::Endpoint(n) => format!("{n} (endpoint)"),
+        }
+    }
 }
 
 pub struct NodeAgent;
@@ -165,6 +181,7 @@ pub struct NodeAgent;
 pub struct NodeAgentArgs {
     pub spec: NodeSpec,
     pub directory: Arc<NodeDirectory>,
+    pub replicas: Arc<Replicas>,
     pub annunciator: Annunciator,
     pub restarts: Arc<AtomicU64>,
 }
@@ -172,17 +189,43 @@ pub struct NodeAgentArgs {
 pub struct NodeAgentState {
     spec: NodeSpec,
     directory: Arc<NodeDirectory>,
+    replicas: Arc<Replicas>,
     annunciator: Annunciator,
     children: HashMap<ActorId, Child>,
+    /// The other way round, to stop a child the spec no longer has.
+    cells: HashMap<Child, ActorCell>,
     history: HashMap<Child, VecDeque<Instant>>,
-    expert_shared: Vec<Arc<ExpertShared>>,
-    router_shared: Vec<Arc<RouterShared>>,
-    sensor_shared: Vec<Arc<SensorStreamShared>>,
+    expert_shared: HashMap<String, Arc<ExpertShared>>,
+    router_shared: HashMap<String, Arc<RouterShared>>,
+    sensor_shared: HashMap<String, Arc<SensorStreamShared>>,
     restarts: Arc<AtomicU64>,
 }
 
-/// The agent takes no messages; it acts on supervision events only.
-pub enum NodeAgentMsg {}
+/// What a reconcile changed, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+    pub restarted: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty() && self.stopped.is_empty() && self.restarted.is_empty()
+    }
+}
+
+pub enum NodeAgentMsg {
+    /// Makes the node run `spec`: starts what is new, stops what is gone, restarts
+    /// what changed, and leaves the rest running untouched. A spec that does not
+    /// validate changes nothing.
+    Reconcile {
+        spec: Box<NodeSpec>,
+        reply: RpcReplyPort<Result<ReconcileReport, SpecError>>,
+    },
+}
+
+impl ractor::Message for NodeAgentMsg {}
 
 impl Actor for NodeAgent {
     type Msg = NodeAgentMsg;
@@ -194,42 +237,49 @@ impl Actor for NodeAgent {
         myself: ActorRef<Self::Msg>,
         args: NodeAgentArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let spec = args.spec;
         let mut state = NodeAgentState {
-            expert_shared: spec.experts.iter().map(ExpertShared::for_spec).collect(),
-            router_shared: spec.routers.iter().map(RouterShared::for_spec).collect(),
-            sensor_shared: spec
-                .sensors
-                .iter()
-                .map(SensorStreamShared::for_spec)
-                .collect(),
-            spec,
+            spec: NodeSpec {
+                node: args.spec.node.clone(),
+                sensors: Vec::new(),
+                routers: Vec::new(),
+                experts: Vec::new(),
+                remote_experts: Vec::new(),
+                restart: args.spec.restart,
+            },
             directory: args.directory,
+            replicas: args.replicas,
             annunciator: args.annunciator,
             children: HashMap::new(),
+            cells: HashMap::new(),
             history: HashMap::new(),
+            expert_shared: HashMap::new(),
+            router_shared: HashMap::new(),
+            sensor_shared: HashMap::new(),
             restarts: args.restarts,
         };
-        let supervisor = myself.get_cell();
-        for i in 0..state.spec.experts.len() {
-            state.start(Child::Expert(i), &supervisor).await?;
-        }
-        for i in 0..state.spec.routers.len() {
-            state.start(Child::Router(i), &supervisor).await?;
-        }
-        for i in 0..state.spec.sensors.len() {
-            state.start(Child::Sensor(i), &supervisor).await?;
-        }
+        state.reconcile(args.spec, &myself.get_cell()).await?;
         Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
-        _state: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match message {}
+        match message {
+            NodeAgentMsg::Reconcile { spec, reply } => {
+                let outcome = match spec.validate() {
+                    Ok(()) => state.reconcile(*spec, &myself.get_cell()).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, "spec not applied");
+                }
+                let _ = reply.send(outcome);
+            }
+        }
+        Ok(())
     }
 
     async fn handle_supervisor_evt(
@@ -248,8 +298,9 @@ impl Actor for NodeAgent {
         let Some(child) = state.children.remove(&cell.get_id()) else {
             return Ok(());
         };
-        let name = state.name(child);
-        let history = state.history.entry(child).or_default();
+        state.cells.remove(&child);
+        let name = child.name();
+        let history = state.history.entry(child.clone()).or_default();
         let now = Instant::now();
         history.retain(|t| now.duration_since(*t) < state.spec.restart.restart_window);
         if history.len() >= state.spec.restart.max_restarts {
@@ -265,69 +316,160 @@ impl Actor for NodeAgent {
         tracing::warn!(actor = %name, %reason, "actor stopped; restarting it");
         state.restarts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::ACTOR_RESTARTS, "actor" => name).increment(1);
-        state.start(child, &myself.get_cell()).await
+        state.start(child, &myself.get_cell()).await?;
+        Ok(())
     }
 }
 
 impl NodeAgentState {
-    fn name(&self, child: Child) -> String {
-        match child {
-            Child::Expert(i) => self.spec.experts[i].name.clone(),
-            Child::Router(i) => self.spec.routers[i].name.clone(),
-            Child::Sensor(i) => self.spec.sensors[i].id.clone(),
+    /// Moves from the running spec to `target`. Order matters both ways: experts
+    /// start before the routers that use them and routers before the streams that
+    /// feed them, so no window is cut before something can score it; streams stop
+    /// before their routers for the same reason.
+    async fn reconcile(
+        &mut self,
+        target: NodeSpec,
+        supervisor: &ActorCell,
+    ) -> Result<ReconcileReport, SpecError> {
+        let mut report = ReconcileReport::default();
+        let old = std::mem::replace(&mut self.spec, target);
+        let changed_sensors = diff(&old.sensors, &self.spec.sensors, |s| &s.id);
+        let changed_routers = diff(&old.routers, &self.spec.routers, |r| &r.name);
+        let changed_experts = diff(&old.experts, &self.spec.experts, |e| &e.name);
+
+        for (name, change) in &changed_sensors {
+            if *change != Change::Added {
+                self.stop(Child::Sensor(name.clone()));
+                self.directory.sensors.remove(name);
+            }
+        }
+        for (name, change) in &changed_routers {
+            if *change != Change::Added {
+                self.stop(Child::Router(name.clone()));
+                self.directory.routers.remove(name);
+            }
+        }
+        for (name, change) in &changed_experts {
+            if *change != Change::Added {
+                self.stop(Child::Endpoint(name.clone()));
+                self.stop(Child::Expert(name.clone()));
+                self.directory.experts.remove(name);
+            }
+        }
+
+        for (name, change) in changed_experts {
+            if change == Change::Removed {
+                self.expert_shared.remove(&name);
+            } else {
+                let spec = self.expert(&name).cloned().expect("diffed from the spec");
+                self.expert_shared
+                    .insert(name.clone(), ExpertShared::for_spec(&spec));
+                self.start(Child::Expert(name.clone()), supervisor).await?;
+                self.start(Child::Endpoint(name.clone()), supervisor).await?;
+            }
+            report.record(name, change);
+        }
+        for (name, change) in changed_routers {
+            if change == Change::Removed {
+                self.router_shared.remove(&name);
+            } else {
+                let spec = self.router(&name).cloned().expect("diffed from the spec");
+                self.router_shared
+                    .insert(name.clone(), RouterShared::for_spec(&spec));
+                self.start(Child::Router(name.clone()), supervisor).await?;
+            }
+            report.record(name, change);
+        }
+        for (name, change) in changed_sensors {
+            if change == Change::Removed {
+                self.sensor_shared.remove(&name);
+            } else {
+                let spec = self.sensor(&name).cloned().expect("diffed from the spec");
+                self.sensor_shared
+                    .insert(name.clone(), SensorStreamShared::for_spec(&spec));
+                self.start(Child::Sensor(name.clone()), supervisor).await?;
+            }
+            report.record(name, change);
+        }
+        if !report.is_empty() {
+            tracing::info!(started = ?report.started, stopped = ?report.stopped, restarted = ?report.restarted, "node spec reconciled");
+        }
+        Ok(report)
+    }
+
+    fn expert(&self, name: &str) -> Option<&ExpertSpec> {
+        self.spec.experts.iter().find(|e| e.name == name)
+    }
+
+    fn router(&self, name: &str) -> Option<&RouterSpec> {
+        self.spec.routers.iter().find(|r| r.name == name)
+    }
+
+    fn sensor(&self, id: &str) -> Option<&SensorStreamSpec> {
+        self.spec.sensors.iter().find(|s| s.id == id)
+    }
+
+    /// Stops a child for good: it leaves the books first, so its termination is not
+    /// taken for a failure to restart.
+    fn stop(&mut self, child: Child) {
+        if let Some(cell) = self.cells.remove(&child) {
+            self.children.remove(&cell.get_id());
+            self.history.remove(&child);
+            cell.stop(Some("no longer in the node's spec".into()));
         }
     }
 
-    async fn start(
-        &mut self,
-        child: Child,
-        supervisor: &ActorCell,
-    ) -> Result<(), ActorProcessingErr> {
-        let id = match child {
-            Child::Expert(i) => {
-                let spec = self.spec.experts[i].clone();
-                let shared = self.expert_shared[i].clone();
-                let name = spec.name.clone();
-                let (actor, _) = Actor::spawn_linked(
-                    None,
-                    Expert,
-                    ExpertArgs {
-                        spec,
-                        shared: shared.clone(),
-                    },
-                    supervisor.clone(),
-                )
-                .await
-                .map_err(|e| spawn_failure(&name, e))?;
-                let id = actor.get_id();
+    async fn start(&mut self, child: Child, supervisor: &ActorCell) -> Result<(), SpecError> {
+        let name = child.name();
+        let cell = match &child {
+            Child::Expert(expert) => {
+                let spec = self.expert(expert).cloned().ok_or_else(|| gone(&name))?;
+                let shared = self.expert_shared[expert].clone();
+                let args = ExpertArgs {
+                    spec,
+                    shared: shared.clone(),
+                };
+                let (actor, _) = Actor::spawn_linked(None, Expert, args, supervisor.clone())
+                    .await
+                    .map_err(|e| spawn_failure(&name, e))?;
+                let cell = actor.get_cell();
                 self.directory
                     .experts
-                    .insert(name, ExpertHandle { actor, shared });
-                id
+                    .insert(expert.clone(), ExpertHandle { actor, shared });
+                cell
             }
-            Child::Router(i) => {
-                let spec = self.spec.routers[i].clone();
-                let shared = self.router_shared[i].clone();
-                let name = spec.name.clone();
+            Child::Endpoint(expert) => {
+                let args = ExpertEndpointArgs {
+                    expert: expert.clone(),
+                    directory: self.directory.clone(),
+                };
+                let (actor, _) =
+                    Actor::spawn_linked(None, ExpertEndpoint, args, supervisor.clone())
+                        .await
+                        .map_err(|e| spawn_failure(&name, e))?;
+                actor.get_cell()
+            }
+            Child::Router(router) => {
+                let spec = self.router(router).cloned().ok_or_else(|| gone(&name))?;
+                let shared = self.router_shared[router].clone();
                 let args = RouterArgs {
                     spec,
                     shared: shared.clone(),
-                    directory: self.directory.clone(),
+                    replicas: self.replicas.clone(),
                     annunciator: self.annunciator.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, Router, args, supervisor.clone())
                     .await
                     .map_err(|e| spawn_failure(&name, e))?;
-                let id = actor.get_id();
+                let cell = actor.get_cell();
                 self.directory
                     .routers
-                    .insert(name, RouterHandle { actor, shared });
-                id
+                    .insert(router.clone(), RouterHandle { actor, shared });
+                cell
             }
-            Child::Sensor(i) => {
-                let spec = self.spec.sensors[i].clone();
-                let shared = self.sensor_shared[i].clone();
-                let name = spec.id.clone();
+            Child::Sensor(sensor) => {
+                let spec = self.sensor(sensor).cloned().ok_or_else(|| gone(&name))?;
+                let shared = self.sensor_shared[sensor].clone();
                 let args = SensorStreamArgs {
                     spec,
                     shared: shared.clone(),
@@ -336,16 +478,66 @@ impl NodeAgentState {
                 let (actor, _) = Actor::spawn_linked(None, SensorStream, args, supervisor.clone())
                     .await
                     .map_err(|e| spawn_failure(&name, e))?;
-                let id = actor.get_id();
+                let cell = actor.get_cell();
                 self.directory
                     .sensors
-                    .insert(name, SensorHandle { actor, shared });
-                id
+                    .insert(sensor.clone(), SensorHandle { actor, shared });
+                cell
             }
         };
-        self.children.insert(id, child);
+        self.children.insert(cell.get_id(), child.clone());
+        self.cells.insert(child, cell);
         Ok(())
     }
+}
+
+fn gone(name: &str) -> SpecError {
+    SpecError::Spawn {
+        name: name.to_string(),
+        reason: "no longer in the node's spec".into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Added,
+    Removed,
+    Changed,
+}
+
+impl ReconcileReport {
+    fn record(&mut self, name: String, change: Change) {
+        match change {
+            Change::Added => self.started.push(name),
+            Change::Removed => self.stopped.push(name),
+            Change::Changed => self.restarted.push(name),
+        }
+    }
+}
+
+/// Names whose spec was added, removed or changed from `old` to `new`, in `new`'s
+/// order (removed ones last).
+fn diff<T: PartialEq>(
+    old: &[T],
+    new: &[T],
+    name: impl Fn(&T) -> &String,
+) -> Vec<(String, Change)> {
+    let before: HashMap<&String, &T> = old.iter().map(|t| (name(t), t)).collect();
+    let after: HashSet<&String> = new.iter().map(&name).collect();
+    let mut changes: Vec<(String, Change)> = new
+        .iter()
+        .filter_map(|t| match before.get(name(t)) {
+            None => Some((name(t).clone(), Change::Added)),
+            Some(previous) if *previous != t => Some((name(t).clone(), Change::Changed)),
+            Some(_) => None,
+        })
+        .collect();
+    changes.extend(
+        old.iter()
+            .filter(|t| !after.contains(name(t)))
+            .map(|t| (name(t).clone(), Change::Removed)),
+    );
+    changes
 }
 
 /// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
@@ -456,11 +648,13 @@ impl Node {
     ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
         spec.validate()?;
         let directory = Arc::new(NodeDirectory::default());
+        let replicas = Replicas::new(directory.clone(), RetryPolicy::default());
         let restarts = Arc::new(AtomicU64::new(0));
         let name = spec.node.clone();
         let args = NodeAgentArgs {
             spec,
             directory: directory.clone(),
+            replicas,
             annunciator: annunciator.clone(),
             restarts: restarts.clone(),
         };
@@ -521,6 +715,24 @@ impl Node {
             ("verdict", "router"),
             |reason| ScoreError::RouterUnavailable {
                 router: router.to_string(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Makes the node run `spec` (see [`NodeAgentMsg::Reconcile`]).
+    pub async fn reconcile(&self, spec: NodeSpec) -> Result<ReconcileReport, SpecError> {
+        let name = self.name.clone();
+        ask(
+            &self.agent,
+            |reply| NodeAgentMsg::Reconcile {
+                spec: Box::new(spec),
+                reply,
+            },
+            ("report", "node agent"),
+            |reason| SpecError::Spawn {
+                name: name.clone(),
                 reason,
             },
         )

@@ -21,19 +21,22 @@
 //! Experts answer on their own time, so each window's replies are gathered by a
 //! short task; the router's mailbox never waits on a forward pass.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use fogmesh_models::SoftmaxGate;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
 use crate::annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
-use crate::directory::NodeDirectory;
+use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, SpecError};
 use crate::expert::{ExpertMsg, ExpertVerdict, InferRequest};
+use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
 use crate::sample::Window;
 use crate::telemetry;
 
@@ -156,12 +159,15 @@ pub enum RouterMsg {
     },
 }
 
+// Local only: it carries reply ports and shared buffers that cannot cross a node.
+impl ractor::Message for RouterMsg {}
+
 pub struct Router;
 
 pub struct RouterArgs {
     pub spec: RouterSpec,
     pub shared: Arc<RouterShared>,
-    pub directory: Arc<NodeDirectory>,
+    pub replicas: Arc<Replicas>,
     pub annunciator: Annunciator,
 }
 
@@ -170,7 +176,7 @@ pub struct RouterState {
     /// Expert names as shared strings, so a verdict does not allocate per expert.
     names: HashMap<String, Arc<str>>,
     shared: Arc<RouterShared>,
-    directory: Arc<NodeDirectory>,
+    replicas: Arc<Replicas>,
     annunciator: Annunciator,
 }
 
@@ -201,7 +207,7 @@ impl Actor for Router {
             policy: args.spec.policy,
             names,
             shared: args.shared,
-            directory: args.directory,
+            replicas: args.replicas,
             annunciator: args.annunciator,
         })
     }
@@ -221,8 +227,9 @@ impl Actor for Router {
         match state.dispatch(&window) {
             Ok(pending) => {
                 let shared = state.shared.clone();
+                let replicas = state.replicas.clone();
                 tokio::spawn(async move {
-                    let verdict = gather(&shared, &window, pending).await;
+                    let verdict = gather(&shared, &replicas, &window, pending).await;
                     deliver(&shared, verdict, destination);
                 });
             }
@@ -232,11 +239,17 @@ impl Actor for Router {
     }
 }
 
-/// An expert's reply still on its way.
+/// An expert's verdict on its way: already sent to the replica on this node, or to be
+/// fetched from a replica elsewhere by the gathering task.
 struct Pending {
     expert: Arc<str>,
     weight: f32,
-    reply: tokio::sync::oneshot::Receiver<Result<ExpertVerdict, ScoreError>>,
+    first: FirstAttempt,
+}
+
+enum FirstAttempt {
+    Local(tokio::sync::oneshot::Receiver<Result<ExpertVerdict, ScoreError>>),
+    Elsewhere,
 }
 
 impl RouterState {
@@ -278,68 +291,253 @@ impl RouterState {
         }
     }
 
-    /// Sends the window to its experts; fails before sending anything if one of them
-    /// is missing or takes another shape, so a window is scored whole or not at all.
+    /// Sends the window to the replicas on this node at once; experts with no replica
+    /// here are left to the gathering task, which finds one on another node. Fails
+    /// before sending anything if a local replica takes another shape, so a window is
+    /// scored whole or not at all.
     fn dispatch(&self, window: &Window) -> Result<Vec<Pending>, ScoreError> {
         let targets = self.targets(window)?;
-        let mut handles = Vec::with_capacity(targets.len());
+        let mut local = Vec::with_capacity(targets.len());
         for (expert, weight) in targets {
-            let handle =
-                self.directory
-                    .expert(&expert)
-                    .ok_or_else(|| ScoreError::ExpertUnavailable {
-                        expert: expert.to_string(),
-                        reason: "not running on this node".into(),
-                    })?;
-            if handle.shared.window_len != window.values.len() {
-                return Err(ScoreError::WrongWindowShape {
-                    sensor_id: window.sensor_id.to_string(),
-                    expert: expert.to_string(),
-                    expected: handle.shared.window_len,
-                    got: window.values.len(),
-                    channels: window.channels,
-                    length: window.length,
-                });
+            let handle = self.replicas.directory.expert(&expert);
+            if let Some(handle) = &handle {
+                check_shape(handle, &expert, window)?;
             }
-            handles.push((expert, weight, handle));
+            local.push((expert, weight, handle));
         }
         let enqueued = Instant::now();
-        let mut pending = Vec::with_capacity(handles.len());
-        for (expert, weight, handle) in handles {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let request = InferRequest {
-                values: window.values.clone(),
-                enqueued,
-                reply: RpcReplyPort::from(tx),
-            };
-            handle.actor.cast(ExpertMsg::Infer(request)).map_err(|e| {
-                ScoreError::ExpertUnavailable {
-                    expert: expert.to_string(),
-                    reason: e.to_string(),
+        let pending = local
+            .into_iter()
+            .map(|(expert, weight, handle)| {
+                let first = match handle {
+                    Some(handle) => FirstAttempt::Local(send_local(&handle, window, enqueued)),
+                    None => FirstAttempt::Elsewhere,
+                };
+                Pending {
+                    expert,
+                    weight,
+                    first,
                 }
-            })?;
-            pending.push(Pending {
-                expert,
-                weight,
-                reply: rx,
-            });
-        }
+            })
+            .collect();
         Ok(pending)
+    }
+}
+
+fn check_shape(handle: &ExpertHandle, expert: &str, window: &Window) -> Result<(), ScoreError> {
+    if handle.shared.window_len != window.values.len() {
+        return Err(ScoreError::WrongWindowShape {
+            sensor_id: window.sensor_id.to_string(),
+            expert: expert.to_string(),
+            expected: handle.shared.window_len,
+            got: window.values.len(),
+            channels: window.channels,
+            length: window.length,
+        });
+    }
+    Ok(())
+}
+
+/// Casts the window to a replica on this node. A send that fails shows up as a closed
+/// reply port, which the gathering task treats like any unavailable replica.
+fn send_local(
+    handle: &ExpertHandle,
+    window: &Window,
+    enqueued: Instant,
+) -> tokio::sync::oneshot::Receiver<Result<ExpertVerdict, ScoreError>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let request = InferRequest {
+        values: window.values.clone(),
+        enqueued,
+        reply: RpcReplyPort::from(tx),
+    };
+    let _ = handle.actor.cast(ExpertMsg::Infer(request));
+    rx
+}
+
+/// How a router finds an expert's replicas: the one on this node through the
+/// directory, the others through the [`EXPERT_SCOPE`] process group; and how much it
+/// has outstanding at each remote one, to pick the least busy.
+pub struct Replicas {
+    pub directory: Arc<NodeDirectory>,
+    outstanding: DashMap<ActorId, usize>,
+    pub retry: RetryPolicy,
+}
+
+/// How long a router keeps trying to get a window scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Longest wait for one replica's answer before trying another.
+    pub attempt_timeout: Duration,
+    /// Longest time a window waits for any replica (a lost node's experts being
+    /// placed again elsewhere) before it counts as not scored.
+    pub deadline: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempt_timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Replicas {
+    pub fn new(directory: Arc<NodeDirectory>, retry: RetryPolicy) -> Arc<Self> {
+        Arc::new(Replicas {
+            directory,
+            outstanding: DashMap::new(),
+            retry,
+        })
+    }
+
+    /// Remote replicas of `expert` not in `tried`, least outstanding work first.
+    fn remote_candidates(
+        &self,
+        expert: &str,
+        tried: &HashSet<ActorId>,
+    ) -> Vec<ActorRef<ExpertEndpointMsg>> {
+        let mut members: Vec<(usize, ActorCell)> =
+            ractor::pg::get_scoped_members(&EXPERT_SCOPE.to_string(), &expert.to_string())
+                .into_iter()
+                .filter(|cell| !cell.get_id().is_local() && !tried.contains(&cell.get_id()))
+                .map(|cell| {
+                    let load = self.outstanding.get(&cell.get_id()).map_or(0, |n| *n);
+                    (load, cell)
+                })
+                .collect();
+        members.sort_by_key(|(load, cell)| (*load, cell.get_id().pid()));
+        members.into_iter().map(|(_, cell)| cell.into()).collect()
+    }
+
+    async fn ask_remote(
+        &self,
+        endpoint: &ActorRef<ExpertEndpointMsg>,
+        expert: &str,
+        window: &Window,
+    ) -> Result<ExpertVerdict, ScoreError> {
+        let id = endpoint.get_id();
+        *self.outstanding.entry(id).or_insert(0) += 1;
+        let answer = endpoint
+            .call(
+                |reply| {
+                    ExpertEndpointMsg::Score(
+                        window.sensor_id.to_string(),
+                        window.sequence,
+                        window.values.to_vec(),
+                        reply,
+                    )
+                },
+                Some(self.retry.attempt_timeout),
+            )
+            .await;
+        if let Some(mut n) = self.outstanding.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+        let unavailable = |reason: String| ScoreError::ExpertUnavailable {
+            expert: expert.to_string(),
+            reason,
+        };
+        match answer {
+            Ok(ractor::rpc::CallResult::Success(bytes)) => decode_verdict(expert, &bytes),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!(
+                "replica {id} gave no answer within {:?}",
+                self.retry.attempt_timeout
+            ))),
+            Ok(ractor::rpc::CallResult::SenderError) => {
+                Err(unavailable(format!("replica {id} went away")))
+            }
+            Err(e) => Err(unavailable(format!("replica {id}: {e}"))),
+        }
+    }
+
+    /// Gets `expert`'s verdict on `window` from any replica: this node's first, then
+    /// the least busy elsewhere; a replica that fails or goes silent is skipped, and
+    /// when none is left the window waits (with backoff) for one to appear, up to the
+    /// retry deadline. Only an unavailable replica is retried: a model error would
+    /// repeat on every replica.
+    async fn verdict(
+        &self,
+        router: &str,
+        expert: &Arc<str>,
+        window: &Window,
+    ) -> Result<ExpertVerdict, ScoreError> {
+        let deadline = Instant::now() + self.retry.deadline;
+        let mut backoff = Duration::from_millis(10);
+        let mut last_error = None;
+        let retries = metrics::counter!(telemetry::ROUTER_RETRIES, "router" => router.to_string(), "expert" => expert.to_string());
+        loop {
+            if let Some(handle) = self.directory.expert(expert) {
+                check_shape(&handle, expert, window)?;
+                let local = send_local(&handle, window, Instant::now())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ScoreError::ExpertUnavailable {
+                            expert: expert.to_string(),
+                            reason: "the expert stopped before answering".into(),
+                        })
+                    });
+                match local {
+                    Err(e @ ScoreError::ExpertUnavailable { .. }) => last_error = Some(e),
+                    done => return done,
+                }
+                retries.increment(1);
+            }
+            let mut tried = HashSet::new();
+            loop {
+                let Some(endpoint) = self.remote_candidates(expert, &tried).into_iter().next()
+                else {
+                    break;
+                };
+                tried.insert(endpoint.get_id());
+                metrics::counter!(telemetry::ROUTER_REMOTE, "router" => router.to_string(), "expert" => expert.to_string()).increment(1);
+                match self.ask_remote(&endpoint, expert, window).await {
+                    Err(e @ ScoreError::ExpertUnavailable { .. }) => {
+                        tracing::debug!(%router, %expert, error = %e, "replica failed; trying another");
+                        retries.increment(1);
+                        last_error = Some(e);
+                    }
+                    done => return done,
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(last_error.unwrap_or_else(|| ScoreError::ExpertUnavailable {
+                    expert: expert.to_string(),
+                    reason: format!("no replica on any node within {:?}", self.retry.deadline),
+                }));
+            }
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
     }
 }
 
 async fn gather(
     shared: &RouterShared,
+    replicas: &Replicas,
     window: &Window,
     pending: Vec<Pending>,
 ) -> Result<ScoredWindow, ScoreError> {
     let mut experts = Vec::with_capacity(pending.len());
     let mut score = 0.0f32;
     for p in pending {
-        let verdict = p.reply.await.map_err(|_| ScoreError::ExpertUnavailable {
-            expert: p.expert.to_string(),
-            reason: "the expert stopped before answering".into(),
-        })??;
+        let first = match p.first {
+            FirstAttempt::Local(reply) => Some(reply.await.unwrap_or_else(|_| {
+                Err(ScoreError::ExpertUnavailable {
+                    expert: p.expert.to_string(),
+                    reason: "the expert stopped before answering".into(),
+                })
+            })),
+            FirstAttempt::Elsewhere => None,
+        };
+        let verdict = match first {
+            Some(Err(ScoreError::ExpertUnavailable { .. })) | None => {
+                replicas.verdict(&shared.name, &p.expert, window).await?
+            }
+            Some(done) => done?,
+        };
         let threshold = verdict.threshold.ok_or_else(|| ScoreError::Uncalibrated {
             expert: p.expert.to_string(),
         })?;

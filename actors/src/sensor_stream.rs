@@ -181,6 +181,9 @@ pub enum SensorStreamMsg {
     },
 }
 
+// Local only: it carries reply ports and shared buffers that cannot cross a node.
+impl ractor::Message for SensorStreamMsg {}
+
 pub struct SensorStream;
 
 pub struct SensorStreamArgs {

@@ -26,3 +26,9 @@ pub const EXPERT_BATCH_WAIT: &str = "fogmesh_expert_batch_wait_seconds";
 pub const ALERTS: &str = "fogmesh_alerts_total";
 /// Actor restarts by the node agent (label `actor`).
 pub const ACTOR_RESTARTS: &str = "fogmesh_actor_restarts_total";
+/// Attempts a router made again on another replica after one failed (labels `router`, `expert`).
+pub const ROUTER_RETRIES: &str = "fogmesh_router_retries_total";
+/// Windows a router sent to a replica on another node (labels `router`, `expert`).
+pub const ROUTER_REMOTE: &str = "fogmesh_router_remote_windows_total";
+/// Repeated requests an expert endpoint answered from its cache (label `expert`).
+pub const ENDPOINT_DUPLICATES: &str = "fogmesh_endpoint_duplicates_total";

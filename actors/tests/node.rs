@@ -60,6 +60,7 @@ fn static_node() -> NodeSpec {
             },
         }],
         experts: vec![expert("pump-ae", 1)],
+        remote_experts: Vec::new(),
         restart: RestartPolicy::default(),
     }
 }
@@ -216,6 +217,7 @@ async fn the_learned_gate_combines_its_top_k_experts() {
             },
         }],
         experts: vec![expert("a", 1), expert("b", 2), expert("c", 3)],
+        remote_experts: Vec::new(),
         restart: RestartPolicy::default(),
     };
     let (node, join) = Node::start(spec, Annunciator::new(64)).await.unwrap();

@@ -512,6 +512,7 @@ impl NodeConfig {
             sensors: self.sensors.clone(),
             routers,
             experts,
+            remote_experts: Vec::new(),
             restart: RestartPolicy::default(),
         };
         spec.validate().map_err(|source| self.spec_error(source))?;

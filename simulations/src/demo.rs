@@ -240,6 +240,7 @@ pub async fn run(
             policy: RoutingPolicy::Static { routes },
         }],
         experts,
+        remote_experts: Vec::new(),
         restart: RestartPolicy::default(),
     };
 

@@ -280,6 +280,7 @@ fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
                 intra_op_threads: options.intra_op_threads,
             })
             .collect(),
+        remote_experts: Vec::new(),
         restart: RestartPolicy::default(),
     }
 }
