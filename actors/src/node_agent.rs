@@ -55,7 +55,7 @@ impl Default for RestartPolicy {
 }
 
 /// Everything one node runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeSpec {
     pub node: String,
     pub sensors: Vec<SensorStreamSpec>,
@@ -365,7 +365,8 @@ impl NodeAgentState {
                 self.expert_shared
                     .insert(name.clone(), ExpertShared::for_spec(&spec));
                 self.start(Child::Expert(name.clone()), supervisor).await?;
-                self.start(Child::Endpoint(name.clone()), supervisor).await?;
+                self.start(Child::Endpoint(name.clone()), supervisor)
+                    .await?;
             }
             report.record(name, change);
         }
@@ -517,11 +518,7 @@ impl ReconcileReport {
 
 /// Names whose spec was added, removed or changed from `old` to `new`, in `new`'s
 /// order (removed ones last).
-fn diff<T: PartialEq>(
-    old: &[T],
-    new: &[T],
-    name: impl Fn(&T) -> &String,
-) -> Vec<(String, Change)> {
+fn diff<T: PartialEq>(old: &[T], new: &[T], name: impl Fn(&T) -> &String) -> Vec<(String, Change)> {
     let before: HashMap<&String, &T> = old.iter().map(|t| (name(t), t)).collect();
     let after: HashSet<&String> = new.iter().map(&name).collect();
     let mut changes: Vec<(String, Change)> = new

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub mqtt: Vec<MqttConfig>,
     #[serde(default)]
     pub replay: Vec<ReplayConfig>,
+    /// Joins a mesh when present; a node without it runs alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
     /// The file this config came from: errors name it, relative paths resolve against
     /// its folder. Not part of the TOML.
     #[serde(skip)]
@@ -68,6 +71,25 @@ pub struct NodeSection {
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
 }
+
+/// `[cluster]`: how a node joins a mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Shared by every node of one mesh; a node with another is refused.
+    pub secret: String,
+    /// gRPC addresses of nodes already in the mesh; only needed to join.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// The gRPC address other nodes dial; defaults to the bound `node.listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the node keeps the mesh's deployment spec across restarts.
+    pub data: PathBuf,
+}
+
+/// Shortest accepted cluster secret.
+pub const MIN_SECRET_LEN: usize = 12;
 
 /// Where in the plant's hierarchy a node sits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -409,6 +431,42 @@ impl NodeConfig {
                     format!("experts[{i}].sha256"),
                     format!("{sha256:?}"),
                     "pins the hash of `weights`, which is not set",
+                ));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.secret.chars().count() < MIN_SECRET_LEN {
+                return Err(self.invalid(
+                    "cluster.secret".into(),
+                    format!("<{} characters>", cluster.secret.chars().count()),
+                    format!("must have at least {MIN_SECRET_LEN} characters"),
+                ));
+            }
+            for (i, seed) in cluster.seeds.iter().enumerate() {
+                if seed.parse::<SocketAddr>().is_err() {
+                    return Err(self.invalid(
+                        format!("cluster.seeds[{i}]"),
+                        format!("{seed:?}"),
+                        "must be a node's gRPC address, host:port",
+                    ));
+                }
+            }
+            if let Some(advertise) = &cluster.advertise {
+                if advertise.parse::<SocketAddr>().is_err() {
+                    return Err(self.invalid(
+                        "cluster.advertise".into(),
+                        format!("{advertise:?}"),
+                        "must be host:port",
+                    ));
+                }
+            } else if self.node.listen.ip().is_unspecified() {
+                return Err(self.invalid(
+                    "cluster.advertise".into(),
+                    "(absent)",
+                    format!(
+                        "node.listen = {} listens everywhere; say which address other nodes dial",
+                        self.node.listen
+                    ),
                 ));
             }
         }

@@ -13,9 +13,16 @@
 
 pub mod capabilities;
 pub mod config;
+pub mod deployment;
 mod ingest;
+pub mod link;
+pub mod membership;
+pub mod mesh;
+pub mod mesh_spec;
 pub mod metrics_endpoint;
 mod mqtt;
+pub mod peer_links;
+pub mod placement;
 pub mod server;
 mod services;
 mod shutdown;
@@ -24,8 +31,8 @@ pub mod status_table;
 pub mod telemetry;
 
 pub use config::{
-    ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection, ReplayConfig,
-    ReplayJob, ReplayStreamConfig, Role, RouterConfig,
+    ClusterSection, ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection,
+    ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig,
 };
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
 pub use server::{run_until, NodeServer, RunningNodeServer, ServeError};

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use fogmesh_actors::replay::replay;
 use fogmesh_actors::{Annunciator, Node, SpecError};
+use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
 use fogmesh_proto::inference_server::InferenceServer;
 use fogmesh_proto::ingest_server::IngestServer;
@@ -35,10 +36,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::capabilities::Capabilities;
 use crate::config::{ConfigError, NodeConfig, ReplayJob};
 use crate::ingest::Ingestor;
+use crate::link;
+use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
-use crate::services::NodeServices;
+use crate::services::{MeshView, NodeServices};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::{mqtt, telemetry};
 
@@ -78,6 +82,8 @@ pub enum ServeError {
     GrpcStopped { addr: SocketAddr, reason: String },
     #[error("node `{node}` stopped on its own: its supervisor gave up (the log names the failing actor)")]
     NodeStopped { node: String },
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
 }
 
 /// Starts node servers; see the module doc for the order of events.
@@ -86,6 +92,7 @@ pub struct NodeServer;
 /// A started node server. Call [`RunningNodeServer::shutdown`] to stop it in order;
 /// dropping it only signals everything to stop.
 pub struct RunningNodeServer {
+    mesh: Option<Mesh>,
     node: Node,
     node_join: Option<JoinHandle<()>>,
     grpc_addr: SocketAddr,
@@ -127,9 +134,30 @@ impl NodeServer {
                     source: Box::new(source),
                 })?;
 
-        // 5. Serve.
+        // 5. Join the mesh, then serve.
         let (trigger, shutdown) = shutdown::channel();
         let limits = config.limits;
+        let mesh = match &config.cluster {
+            Some(cluster) => {
+                let settings = MeshSettings {
+                    name: config.node.name.clone(),
+                    role: config.node.role,
+                    data: config.resolve(&cluster.data),
+                    cluster: cluster.clone(),
+                    grpc_addr,
+                    capabilities: Capabilities::probe(),
+                    up_since_us: node.snapshot().up_since_us,
+                    local: config.to_node_spec()?,
+                };
+                Some(Mesh::start(settings, node.clone(), shutdown.clone()).await?)
+            }
+            None => None,
+        };
+        let mesh_view = mesh.as_ref().map(|m| MeshView {
+            membership: m.membership.clone(),
+            links: m.link_view.clone(),
+            deployment: m.deployment.clone(),
+        });
 
         let services = NodeServices::new(
             node.clone(),
@@ -137,6 +165,7 @@ impl NodeServer {
             limits,
             metrics.clone(),
             shutdown.clone(),
+            mesh_view,
         );
         // tonic refuses messages over its limit before a handler sees them, with
         // OUT_OF_RANGE and no field name; its limit is a backstop at twice ours so
@@ -144,6 +173,12 @@ impl NodeServer {
         // naming the limit.
         let decode_backstop = limits.max_message_bytes.saturating_mul(2);
         let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(link::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(link::KEEPALIVE_TIMEOUT))
+            .add_optional_service(
+                mesh.as_ref()
+                    .map(|m| ClusterLinkServer::new(m.link_service())),
+            )
             .add_service(
                 IngestServer::new(services.clone()).max_decoding_message_size(decode_backstop),
             )
@@ -188,6 +223,7 @@ impl NodeServer {
         }
 
         Ok(RunningNodeServer {
+            mesh,
             node,
             node_join: Some(node_join),
             grpc_addr,
@@ -284,6 +320,9 @@ impl RunningNodeServer {
         }
         if let Some(metrics_http) = self.metrics_http.take() {
             drain("metrics endpoint", metrics_http).await;
+        }
+        if let Some(mesh) = self.mesh.take() {
+            mesh.shutdown().await;
         }
         match self.node_join.take() {
             Some(join) => self.node.shutdown(join).await,

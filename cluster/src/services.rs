@@ -31,7 +31,8 @@ use fogmesh_proto::inference_server::Inference;
 use fogmesh_proto::ingest_server::Ingest;
 use fogmesh_proto::telemetry_server::Telemetry;
 use fogmesh_proto::{
-    Alert, AlertFilter, ExpertScore, ExpertStatus, GpuInfo, IngestAck, MetricsRequest, MetricsText,
+    Alert, AlertFilter, ApplyReply, ApplyRequest, ExpertPlacement, ExpertScore, ExpertStatus,
+    GpuInfo, IngestAck, MemberStatus, MeshRequest, MeshStatus, MetricsRequest, MetricsText,
     NodeCapabilities, NodeLoad, NodeStatus, RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
     SensorStreamStatus, StatusRequest,
 };
@@ -44,7 +45,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
+use crate::deployment::{candidates, place, DeploymentState};
 use crate::ingest::Ingestor;
+use crate::membership::Membership;
+use crate::mesh_spec::{MeshSpec, StoredSpec};
+use crate::peer_links::LinkView;
 use crate::shutdown::Shutdown;
 use crate::status::ServiceError;
 use crate::telemetry;
@@ -66,6 +71,15 @@ struct Inner {
     ingest: Ingestor,
     metrics: PrometheusHandle,
     shutdown: Shutdown,
+    mesh: Option<MeshView>,
+}
+
+/// What the services read of the node's mesh membership.
+#[derive(Clone)]
+pub(crate) struct MeshView {
+    pub membership: Arc<Membership>,
+    pub links: tokio::sync::watch::Receiver<LinkView>,
+    pub deployment: Arc<std::sync::Mutex<DeploymentState>>,
 }
 
 impl NodeServices {
@@ -75,6 +89,7 @@ impl NodeServices {
         limits: Limits,
         metrics: PrometheusHandle,
         shutdown: Shutdown,
+        mesh: Option<MeshView>,
     ) -> Self {
         let ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_GRPC);
         NodeServices {
@@ -86,6 +101,7 @@ impl NodeServices {
                 ingest,
                 metrics,
                 shutdown,
+                mesh,
             }),
         }
     }
@@ -272,7 +288,9 @@ impl Inference for NodeServices {
         &self,
         request: Request<AlertFilter>,
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
-        let sensors = self.alert_filter(request.into_inner()).map_err(|e| {
+        let filter = request.into_inner();
+        let include_normal = filter.include_normal;
+        let sensors = self.alert_filter(filter).map_err(|e| {
             count_inference_rejection("watch_alerts", &e);
             Status::from(e)
         })?;
@@ -280,7 +298,7 @@ impl Inference for NodeServices {
         let alerts = BroadcastStream::new(self.inner.node.annunciator.subscribe())
             .filter_map(move |window| {
                 let alert = match window {
-                    Ok(window) => (window.anomalous
+                    Ok(window) => ((include_normal || window.anomalous)
                         && (sensors.is_empty() || sensors.contains(&*window.sensor_id)))
                     .then(|| Ok(alert(&window))),
                     Err(BroadcastStreamRecvError::Lagged(skipped)) => {
@@ -299,8 +317,133 @@ impl Inference for NodeServices {
     }
 }
 
+impl NodeServices {
+    fn mesh(&self) -> Result<&MeshView, Status> {
+        self.inner.mesh.as_ref().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node `{}` is not in a mesh: its config has no [cluster] section",
+                self.inner.node.name
+            ))
+        })
+    }
+}
+
+fn placement_list(assignment: &crate::placement::Assignment) -> Vec<ExpertPlacement> {
+    assignment
+        .iter()
+        .map(|(expert, nodes)| ExpertPlacement {
+            expert: expert.clone(),
+            nodes: nodes.clone(),
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Control for NodeServices {
+    async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
+        let mesh = self.mesh()?;
+        let request = request.into_inner();
+        let spec = MeshSpec::parse(&request.spec_toml, std::path::Path::new("mesh.toml"))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let members = mesh.membership.members();
+        let links = mesh.links.borrow().clone();
+        let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
+        let assignment = place(&spec, &nodes, &Default::default())
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let mut state = mesh
+            .deployment
+            .lock()
+            .map_err(|_| Status::internal("deployment state poisoned"))?;
+        let known = members
+            .values()
+            .filter_map(|m| m.spec.as_deref())
+            .filter_map(|t| serde_json::from_str::<StoredSpec>(t).ok())
+            .map(|s| s.version)
+            .chain(state.spec.as_ref().map(|s| s.version))
+            .max()
+            .unwrap_or(0);
+        let version = known + 1;
+        if !request.dry_run {
+            let applied_at_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as i64);
+            state.spec = Some(StoredSpec {
+                version,
+                applied_at_us,
+                text: request.spec_toml,
+            });
+            tracing::info!(version, placement = ?assignment, "mesh spec applied");
+        }
+        Ok(Response::new(ApplyReply {
+            version,
+            placement: placement_list(&assignment),
+        }))
+    }
+
+    async fn get_mesh(
+        &self,
+        _request: Request<MeshRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        let mesh = self.mesh()?;
+        let me = &self.inner.node.name;
+        let links = mesh.links.borrow().clone();
+        let members = mesh
+            .membership
+            .members()
+            .into_values()
+            .map(|m| {
+                let link = links.get(&m.name);
+                MemberStatus {
+                    link: if &m.name == me {
+                        "self".into()
+                    } else {
+                        link.map_or("down", |l| l.state.as_str()).into()
+                    },
+                    link_rtt_ms: link.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1e3),
+                    node: m.name,
+                    role: m.card.role,
+                    address: m.card.grpc,
+                    capabilities: Some(NodeCapabilities {
+                        cores: m.card.cores,
+                        memory_bytes: m.card.memory_bytes,
+                        gpus: m
+                            .card
+                            .gpus
+                            .iter()
+                            .map(|g| GpuInfo {
+                                index: g.index,
+                                name: g.name.clone(),
+                                memory_bytes: g.memory_bytes,
+                            })
+                            .collect(),
+                    }),
+                    load: Some(NodeLoad {
+                        cpu: m.load.cpu,
+                        memory_available_bytes: m.load.memory_available_bytes,
+                    }),
+                    up_since_us: m.card.up_since_us,
+                }
+            })
+            .collect();
+        let state = mesh
+            .deployment
+            .lock()
+            .map_err(|_| Status::internal("deployment state poisoned"))?;
+        Ok(Response::new(MeshStatus {
+            node: me.clone(),
+            members,
+            spec_version: state.spec.as_ref().map_or(0, |s| s.version),
+            placement_epoch: state.placement.as_ref().map_or(0, |p| p.epoch),
+            leader: state.leader.clone().unwrap_or_default(),
+            placement: state
+                .placement
+                .as_ref()
+                .map(|p| placement_list(&p.experts))
+                .unwrap_or_default(),
+            last_error: state.last_error.clone().unwrap_or_default(),
+        }))
+    }
+
     async fn get_status(
         &self,
         _request: Request<StatusRequest>,

@@ -7,7 +7,67 @@
 
 use std::fmt::Write;
 
-use fogmesh_proto::NodeStatus;
+use fogmesh_proto::{MeshStatus, NodeStatus};
+
+/// The mesh as one node sees it: every live node (role, address, cores, GPUs, load,
+/// up since, link from the answering node) and where each expert's replicas run.
+pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<6} {:<22} {:>5} {:>9} {:>6} {:>10}  {:<12} GPUS",
+        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK"
+    );
+    for m in &mesh.members {
+        let capabilities = m.capabilities.clone().unwrap_or_default();
+        let load = m.load.unwrap_or_default();
+        let link = match m.link_rtt_ms {
+            Some(rtt) if m.link == "ready" => format!("ready {rtt:.1}ms"),
+            _ => m.link.clone(),
+        };
+        let gpus = if capabilities.gpus.is_empty() {
+            "-".to_string()
+        } else {
+            capabilities
+                .gpus
+                .iter()
+                .map(|g| gpu_name(&g.name, g.index))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:<6} {:<22} {:>5} {:>5.1} GiB {:>6.2} {:>10}  {:<12} {}",
+            m.node,
+            m.role,
+            m.address,
+            capabilities.cores,
+            gib(capabilities.memory_bytes),
+            load.cpu,
+            uptime(now_us - m.up_since_us),
+            link,
+            gpus
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nspec v{}, placement epoch {} by {}",
+        mesh.spec_version,
+        mesh.placement_epoch,
+        if mesh.leader.is_empty() {
+            "-"
+        } else {
+            &mesh.leader
+        }
+    );
+    for p in &mesh.placement {
+        let _ = writeln!(out, "  {:<20} on {}", p.expert, p.nodes.join(", "));
+    }
+    if !mesh.last_error.is_empty() {
+        let _ = writeln!(out, "last problem: {}", mesh.last_error);
+    }
+    out
+}
 
 /// The status tables, ending with a newline. `address` is where the node was reached.
 pub fn render(status: &NodeStatus, address: &str, now_us: i64) -> String {

@@ -22,3 +22,8 @@ pub const REPLAY_FAILURES: &str = "fogmesh_replay_failures_total";
 /// `transport` label values of [`INGEST_REJECTED`].
 pub const TRANSPORT_GRPC: &str = "grpc";
 pub const TRANSPORT_MQTT: &str = "mqtt";
+
+/// Cluster links refused for a wrong cluster secret.
+pub const LINKS_REFUSED: &str = "fogmesh_cluster_links_refused_total";
+/// Cluster link state changes (labels `peer`, `state`).
+pub const LINK_TRANSITIONS: &str = "fogmesh_cluster_link_transitions_total";

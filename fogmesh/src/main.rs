@@ -26,8 +26,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// A running node's tables: the node (role, cores, GPUs, load), its experts, routers
-    /// and sensor streams.
+    /// Deploy a mesh spec (sensors, experts with replicas and placement rules, routers)
+    /// across the mesh through any of its nodes; refused whole if it cannot be placed.
+    Apply {
+        /// A node of the mesh (its gRPC address).
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        node: String,
+        /// Check and place, but store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The mesh.toml.
+        spec: PathBuf,
+    },
+    /// The mesh's nodes (role, address, cores, GPUs, load, link) and placement, then
+    /// each node's experts, routers and sensor streams; a node outside a mesh shows
+    /// only its own tables.
     Status {
         /// The node's gRPC address.
         #[arg(long, default_value = "http://127.0.0.1:7700")]
@@ -92,6 +105,11 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Node { config } => run_node(config).await,
             Command::Status { node } => print_status(&node).await,
+            Command::Apply {
+                node,
+                dry_run,
+                spec,
+            } => apply(&node, &spec, dry_run).await,
             Command::Demo {
                 data,
                 train_seconds,
@@ -139,7 +157,70 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+async fn apply(node: &str, spec: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let folder = std::fs::canonicalize(spec)
+        .ok()
+        .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    let text = fogmesh_cluster::mesh_spec::MeshSpec::absolute_text(&text, &folder)
+        .with_context(|| format!("{} is not TOML", spec.display()))?;
+    let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
+        .await
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    let reply = control
+        .apply(fogmesh_proto::ApplyRequest {
+            spec_toml: text,
+            dry_run,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .with_context(|| format!("{} refused {}", node, spec.display()))?
+        .into_inner();
+    println!(
+        "{} spec v{}",
+        if dry_run { "would apply" } else { "applied" },
+        reply.version
+    );
+    for p in reply.placement {
+        println!("  {:<20} on {}", p.expert, p.nodes.join(", "));
+    }
+    Ok(())
+}
+
 async fn print_status(node: &str) -> anyhow::Result<()> {
+    let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
+        .await
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    match control.get_mesh(fogmesh_proto::MeshRequest {}).await {
+        Ok(mesh) => {
+            let mesh = mesh.into_inner();
+            print!(
+                "{}",
+                fogmesh_cluster::status_table::render_mesh(&mesh, now_us)
+            );
+            for member in &mesh.members {
+                println!();
+                let url = format!("http://{}", member.address);
+                if let Err(e) = print_node_status(&url).await {
+                    println!("{}: {e:#}", member.node);
+                }
+            }
+            Ok(())
+        }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            print_node_status(node).await
+        }
+        Err(status) => Err(anyhow::anyhow!("{}", status.message()))
+            .with_context(|| format!("asking {node} for the mesh")),
+    }
+}
+
+async fn print_node_status(node: &str) -> anyhow::Result<()> {
     let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
         .await
         .with_context(|| format!("connecting to the node at {node}"))?;

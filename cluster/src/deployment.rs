@@ -1,0 +1,323 @@
+//! The deployment loop: every node adopts the newest mesh spec, one node (the leader)
+//! places experts, and every node runs its share.
+//!
+//! Runs as one task per node, woken by membership and link changes and by a tick.
+//! Each round:
+//! 1. **Adopt**: the newest [`StoredSpec`] among this node's and the members' wins; it
+//!    is written to the data folder (so a restarted node gets it back before anyone
+//!    gossips it) and republished, so the spec survives any one node.
+//! 2. **Usable nodes**: members gossip calls live *and* whose cluster link is ready
+//!    (this node always). A killed node drops out as soon as its link closes, long
+//!    before gossip's failure detector would call it dead.
+//! 3. **Lead**: the usable node whose name sorts first places the experts
+//!    (`crate::placement`), starting from the newest placement any member published for
+//!    this spec so replicas stay where they serve, and publishes the result with a
+//!    higher epoch. A spec that cannot be placed keeps the last placement, logged.
+//! 4. **Follow**: every node takes the leader's placement for the adopted spec and
+//!    reconciles its node agent to its share: sensors pinned to it, the routers those
+//!    use, the experts placed on it, next to what its own `node.toml` runs.
+//!
+//! Views differ for a moment after a change (two nodes may each think they lead);
+//! the placement with the highest epoch wins once gossip settles, and routers retry
+//! windows meanwhile, so a transient double or missing replica costs time, not windows.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fogmesh_actors::{Node, NodeSpec};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::Role;
+use crate::membership::{Member, Membership, PLACEMENT_KEY, SPEC_KEY};
+use crate::mesh_spec::{MeshSpec, StoredSpec};
+use crate::peer_links::{LinkState, LinkView};
+use crate::placement::{self, Assignment, Candidate};
+use crate::shutdown::Shutdown;
+
+/// How often the loop runs without being woken (load changes, missed wake-ups).
+pub const ROUND_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A leader's placement, as gossiped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPlacement {
+    pub spec_version: u64,
+    pub epoch: u64,
+    pub leader: String,
+    pub experts: Assignment,
+}
+
+/// What the deployment loop shares with the services (`Control.Apply`, status).
+#[derive(Debug, Default)]
+pub struct DeploymentState {
+    pub spec: Option<StoredSpec>,
+    pub placement: Option<PublishedPlacement>,
+    pub leader: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Why a spec was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the spec cannot be placed on the live nodes: {0}")]
+    Placement(String),
+}
+
+/// The node's own deployment loop and what it needs.
+pub struct Deployment {
+    pub node_name: String,
+    pub local: NodeSpec,
+    pub data: PathBuf,
+    pub node: Node,
+    pub membership: Arc<Membership>,
+    pub links: watch::Receiver<LinkView>,
+    pub state: Arc<Mutex<DeploymentState>>,
+}
+
+fn spec_file(data: &std::path::Path) -> PathBuf {
+    data.join("mesh-spec.json")
+}
+
+/// The spec this node stored before it last stopped.
+pub fn load_stored(data: &std::path::Path) -> Option<StoredSpec> {
+    let text = std::fs::read_to_string(spec_file(data)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn role_of(text: &str) -> Role {
+    match text {
+        "edge" => Role::Edge,
+        "cloud" => Role::Cloud,
+        _ => Role::Fog,
+    }
+}
+
+/// The usable nodes as placement candidates.
+pub fn candidates(
+    members: &BTreeMap<String, Member>,
+    links: &LinkView,
+    me: &str,
+    spec: &MeshSpec,
+) -> Vec<Candidate> {
+    let sensors = spec.sensors_by_node();
+    members
+        .values()
+        .filter(|m| {
+            m.name == me
+                || links
+                    .get(&m.name)
+                    .is_some_and(|l| l.state == LinkState::Ready)
+        })
+        .map(|m| Candidate {
+            name: m.name.clone(),
+            role: role_of(&m.card.role),
+            gpus: m.card.gpus.len() as u32,
+            cpu_load: m.load.cpu,
+            sensors: sensors.get(&m.name).cloned().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Places `spec` on `nodes`, refusing it whole when a sensor's node is missing or an
+/// expert cannot get its replicas.
+pub fn place(
+    spec: &MeshSpec,
+    nodes: &[Candidate],
+    previous: &Assignment,
+) -> Result<Assignment, ApplyError> {
+    let missing = spec.missing_sensor_nodes(nodes);
+    if !missing.is_empty() {
+        return Err(ApplyError::Placement(format!(
+            "sensors are pinned to node(s) {} which are not in the mesh",
+            missing.join(", ")
+        )));
+    }
+    placement::place(&spec.demands(), nodes, previous)
+        .map_err(|e| ApplyError::Placement(e.to_string()))
+}
+
+impl Deployment {
+    /// Runs rounds until `shutdown` fires.
+    pub(crate) async fn run(self, mut shutdown: Shutdown) {
+        let mut changes = self.membership.changes();
+        let mut links = self.links.clone();
+        let mut own_spec = load_stored(&self.data);
+        let mut own_placement: Option<PublishedPlacement> = None;
+        let mut applied: Option<NodeSpec> = None;
+        let mut parsed: Option<(StoredSpec, MeshSpec)> = None;
+        if let Some(spec) = &own_spec {
+            tracing::info!(
+                version = spec.version,
+                "mesh spec restored from the data folder"
+            );
+            self.publish_spec(spec).await;
+        }
+        let mut tick = tokio::time::interval(ROUND_INTERVAL);
+        loop {
+            tokio::select! {
+                () = shutdown.fired() => return,
+                _ = changes.changed() => {}
+                _ = links.changed() => {}
+                _ = tick.tick() => {}
+            }
+            let members = self.membership.members();
+            let link_view = links.borrow().clone();
+
+            // 1. Adopt.
+            let newest = members
+                .values()
+                .filter_map(|m| m.spec.as_deref())
+                .filter_map(|text| serde_json::from_str::<StoredSpec>(text).ok())
+                .chain(self.state.lock().ok().and_then(|s| s.spec.clone()))
+                .fold(own_spec.clone(), |best, s| match best {
+                    Some(b) if !s.newer_than(&b) => Some(b),
+                    _ => Some(s),
+                });
+            let Some(newest) = newest else { continue };
+            if own_spec.as_ref() != Some(&newest) {
+                tracing::info!(version = newest.version, "adopting mesh spec");
+                self.persist(&newest);
+                self.publish_spec(&newest).await;
+                own_spec = Some(newest.clone());
+            }
+            if parsed.as_ref().map(|(s, _)| s) != Some(&newest) {
+                match MeshSpec::parse(&newest.text, &self.data.join("mesh.toml")) {
+                    Ok(spec) => parsed = Some((newest.clone(), spec)),
+                    Err(e) => {
+                        self.record_error(format!(
+                            "mesh spec {} unusable here: {e}",
+                            newest.version
+                        ));
+                        continue;
+                    }
+                }
+            }
+            let Some((stored, spec)) = &parsed else {
+                continue;
+            };
+            if let Ok(mut state) = self.state.lock() {
+                state.spec = Some(stored.clone());
+            }
+
+            // 2. Usable nodes; 3. lead.
+            let nodes = candidates(&members, &link_view, &self.node_name, spec);
+            let leader = nodes.iter().map(|c| c.name.clone()).min();
+            let published: Vec<PublishedPlacement> = members
+                .values()
+                .filter_map(|m| m.placement.as_deref())
+                .filter_map(|t| serde_json::from_str::<PublishedPlacement>(t).ok())
+                .chain(own_placement.clone())
+                .filter(|p| p.spec_version == stored.version)
+                .collect();
+            let latest = published
+                .iter()
+                .max_by_key(|p| (p.epoch, p.leader.clone()))
+                .cloned();
+            if leader.as_deref() == Some(self.node_name.as_str()) {
+                let previous = latest
+                    .as_ref()
+                    .map(|p| p.experts.clone())
+                    .unwrap_or_default();
+                match place(spec, &nodes, &previous) {
+                    Ok(experts) => {
+                        let unchanged = latest
+                            .as_ref()
+                            .is_some_and(|p| p.experts == experts && p.leader == self.node_name);
+                        if !unchanged {
+                            let placement = PublishedPlacement {
+                                spec_version: stored.version,
+                                epoch: latest.as_ref().map_or(1, |p| p.epoch + 1),
+                                leader: self.node_name.clone(),
+                                experts,
+                            };
+                            tracing::info!(epoch = placement.epoch, experts = ?placement.experts, "placed experts");
+                            self.membership
+                                .set(
+                                    PLACEMENT_KEY,
+                                    serde_json::to_string(&placement).unwrap_or_default(),
+                                )
+                                .await;
+                            own_placement = Some(placement);
+                        }
+                    }
+                    Err(e) => self.record_error(e.to_string()),
+                }
+            }
+
+            // 4. Follow the leader's placement (the newest, once views agree).
+            let follow = published
+                .iter()
+                .filter(|p| Some(&p.leader) == leader.as_ref())
+                .max_by_key(|p| p.epoch)
+                .cloned()
+                .or(own_placement
+                    .clone()
+                    .filter(|p| p.spec_version == stored.version));
+            if let Ok(mut state) = self.state.lock() {
+                state.leader = leader.clone();
+                state.placement = follow.clone();
+            }
+            let Some(follow) = follow else { continue };
+            let mut target = spec.share(&self.node_name, &follow.experts);
+            merge(&mut target, &self.local);
+            if applied.as_ref() != Some(&target) {
+                match self.node.reconcile(target.clone()).await {
+                    Ok(report) => {
+                        if !report.is_empty() {
+                            tracing::info!(epoch = follow.epoch, started = ?report.started, stopped = ?report.stopped, restarted = ?report.restarted, "running this node's share of the mesh");
+                        }
+                        applied = Some(target);
+                    }
+                    Err(e) => self.record_error(format!("this node's share did not start: {e}")),
+                }
+            }
+        }
+    }
+
+    async fn publish_spec(&self, spec: &StoredSpec) {
+        self.membership
+            .set(SPEC_KEY, serde_json::to_string(spec).unwrap_or_default())
+            .await;
+    }
+
+    fn persist(&self, spec: &StoredSpec) {
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.data)?;
+            let file = spec_file(&self.data);
+            let tmp = file.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(spec).unwrap_or_default())?;
+            std::fs::rename(&tmp, &file)
+        };
+        if let Err(e) = write() {
+            self.record_error(format!(
+                "cannot store the mesh spec in {}: {e}",
+                self.data.display()
+            ));
+        }
+    }
+
+    fn record_error(&self, error: String) {
+        let mut state = match self.state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if state.last_error.as_ref() != Some(&error) {
+            tracing::error!(%error, "deployment");
+            state.last_error = Some(error);
+        }
+    }
+}
+
+/// Adds what the node's own config runs to its share of the mesh.
+fn merge(target: &mut NodeSpec, local: &NodeSpec) {
+    target.sensors.extend(local.sensors.iter().cloned());
+    target.routers.extend(local.routers.iter().cloned());
+    target.experts.extend(local.experts.iter().cloned());
+    target
+        .remote_experts
+        .retain(|e| !local.experts.iter().any(|l| l.name == e.name));
+}

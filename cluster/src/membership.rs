@@ -1,0 +1,217 @@
+//! Membership: which nodes are in the mesh, with their role, address, hardware and
+//! load, kept by gossip (chitchat, the scuttlebutt gossip with a phi-accrual failure
+//! detector that Quickwit runs in production).
+//!
+//! Each node publishes a few keys about itself: [`CARD_KEY`] (role, gRPC address,
+//! cores, memory, GPUs, up since; set once), [`LOAD_KEY`] (refreshed every
+//! [`LOAD_INTERVAL`]), and the deployment's [`SPEC_KEY`] and [`PLACEMENT_KEY`] (see
+//! `crate::deployment`). Every node learns every other node's keys from any node it
+//! gossips with, so seeds are only needed to join.
+//!
+//! The gossip runs over UDP on the same address and port number as the node's gRPC
+//! listener (UDP and TCP ports are separate), so one `host:port` names a node for
+//! both; seeds are other nodes' gRPC addresses. The gossip cluster id is the
+//! [`ClusterKey`]: a node with another secret gossips with nobody.
+//!
+//! The failure detector alone takes seconds to call a silent node dead; a node whose
+//! process died is noticed much sooner by its cluster link closing, and the mesh view
+//! (`crate::mesh`) combines the two.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::capabilities::{Capabilities, Load};
+use crate::link::ClusterKey;
+
+pub const CARD_KEY: &str = "card";
+pub const LOAD_KEY: &str = "load";
+pub const SPEC_KEY: &str = "spec";
+pub const PLACEMENT_KEY: &str = "placement";
+
+/// How often a node gossips with a few others.
+pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a node republishes its load.
+pub const LOAD_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What a node says about itself when it joins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberCard {
+    pub role: String,
+    /// The address peers dial for gRPC and the cluster link.
+    pub grpc: String,
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub gpus: Vec<GpuCard>,
+    pub up_since_us: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuCard {
+    pub index: u32,
+    pub name: String,
+    pub memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct LoadCard {
+    pub cpu: f64,
+    pub memory_available_bytes: u64,
+}
+
+impl From<Load> for LoadCard {
+    fn from(load: Load) -> Self {
+        LoadCard {
+            cpu: load.cpu,
+            memory_available_bytes: load.memory_available_bytes,
+        }
+    }
+}
+
+impl MemberCard {
+    pub fn new(role: &str, grpc: String, capabilities: &Capabilities, up_since_us: i64) -> Self {
+        MemberCard {
+            role: role.to_string(),
+            grpc,
+            cores: capabilities.cores,
+            memory_bytes: capabilities.memory_bytes,
+            gpus: capabilities
+                .gpus
+                .iter()
+                .map(|g| GpuCard {
+                    index: g.index,
+                    name: g.name.clone(),
+                    memory_bytes: g.memory_bytes,
+                })
+                .collect(),
+            up_since_us,
+        }
+    }
+}
+
+/// One live node as gossip knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub card: MemberCard,
+    pub load: LoadCard,
+    /// Raw values of the deployment keys, parsed by `crate::deployment`.
+    pub spec: Option<String>,
+    pub placement: Option<String>,
+}
+
+/// Why gossip did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("cannot gossip on UDP {addr}: {reason}")]
+    Bind { addr: SocketAddr, reason: String },
+}
+
+/// This node's membership: its gossip task and what it knows of the others.
+pub struct Membership {
+    handle: ChitchatHandle,
+    live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+}
+
+impl Membership {
+    /// Starts gossiping on `gossip_addr`, introducing this node with `card`.
+    /// `generation` tells a restarted node from its former self (the start time).
+    pub async fn start(
+        name: &str,
+        generation: u64,
+        gossip_addr: SocketAddr,
+        seeds: &[String],
+        key: &ClusterKey,
+        card: &MemberCard,
+    ) -> Result<Membership, MembershipError> {
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(name.to_string(), generation, gossip_addr),
+            cluster_id: key.as_str().to_string(),
+            gossip_interval: GOSSIP_INTERVAL,
+            listen_addr: gossip_addr,
+            seed_nodes: seeds.to_vec(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: GOSSIP_INTERVAL,
+                max_interval: Duration::from_secs(2),
+                dead_node_grace_period: Duration::from_secs(600),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: Some(Box::new(|state: &NodeState| {
+                state.get(CARD_KEY).is_some()
+            })),
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let card = serde_json::to_string(card).unwrap_or_default();
+        let handle =
+            chitchat::spawn_chitchat(config, vec![(CARD_KEY.to_string(), card)], &UdpTransport)
+                .await
+                .map_err(|e| MembershipError::Bind {
+                    addr: gossip_addr,
+                    reason: format!("{e:#}"),
+                })?;
+        let live = handle.chitchat().lock().await.live_nodes_watcher();
+        Ok(Membership { handle, live })
+    }
+
+    /// Wakes whenever a node joins, leaves or changes a key.
+    pub fn changes(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.live.clone()
+    }
+
+    /// The live nodes, this one included, by name (a restarted node's newest
+    /// generation wins over its former self until gossip declares that one dead).
+    pub fn members(&self) -> BTreeMap<String, Member> {
+        members_of(&self.live.borrow())
+    }
+
+    /// Publishes (or replaces) one of this node's keys.
+    pub async fn set(&self, key: &str, value: String) {
+        self.handle
+            .chitchat()
+            .lock()
+            .await
+            .self_node_state()
+            .set(key, value);
+    }
+
+    /// Leaves: stops gossiping. Peers notice through the failure detector.
+    pub async fn shutdown(self) {
+        let _ = self.handle.shutdown().await;
+    }
+}
+
+pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Member> {
+    let mut newest: BTreeMap<String, (u64, Member)> = BTreeMap::new();
+    for (id, state) in live {
+        let Some(card) = state
+            .get(CARD_KEY)
+            .and_then(|c| serde_json::from_str::<MemberCard>(c).ok())
+        else {
+            continue;
+        };
+        let member = Member {
+            name: id.node_id.to_string(),
+            card,
+            load: state
+                .get(LOAD_KEY)
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default(),
+            spec: state.get(SPEC_KEY).map(str::to_string),
+            placement: state.get(PLACEMENT_KEY).map(str::to_string),
+        };
+        match newest.get(&member.name) {
+            Some((generation, _)) if *generation >= id.generation_id => {}
+            _ => {
+                newest.insert(member.name.clone(), (id.generation_id, member));
+            }
+        }
+    }
+    newest.into_iter().map(|(name, (_, m))| (name, m)).collect()
+}

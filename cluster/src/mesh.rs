@@ -1,0 +1,236 @@
+//! A node's place in the mesh: the ractor_cluster node server, the cluster links,
+//! gossip membership and the deployment loop, started together for a node whose
+//! config has a `[cluster]` section and stopped together with it.
+//!
+//! ractor_cluster always opens a TCP listener of its own; it is bound to loopback
+//! on a free port and never dialed: every link comes through the gRPC port
+//! (`crate::link`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fogmesh_actors::{Node, NodeSpec};
+use ractor::{Actor, ActorRef};
+use ractor_cluster::NodeServerMessage;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::capabilities::Capabilities;
+use crate::config::{ClusterSection, Role};
+use crate::deployment::{Deployment, DeploymentState};
+use crate::link::{ClusterKey, ClusterLinkService};
+use crate::membership::{
+    LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
+};
+use crate::peer_links::{
+    LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
+};
+use crate::shutdown::Shutdown;
+
+/// The host part ractor_cluster appends to node names (`edge-1@fogmesh`).
+const CLUSTER_HOST: &str = "fogmesh";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("the cluster node server did not start: {0}")]
+    NodeServer(String),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+}
+
+/// What a node needs to join.
+pub struct MeshSettings {
+    pub name: String,
+    pub role: Role,
+    pub cluster: ClusterSection,
+    /// `[cluster] data`, resolved against the config file.
+    pub data: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub capabilities: Capabilities,
+    pub up_since_us: i64,
+    /// What the node's own `node.toml` runs, kept beside its share of the mesh.
+    pub local: NodeSpec,
+}
+
+/// A node's running membership in the mesh.
+pub struct Mesh {
+    pub name: String,
+    pub key: ClusterKey,
+    pub node_server: ActorRef<NodeServerMessage>,
+    pub links: ActorRef<PeerLinksMsg>,
+    pub link_view: watch::Receiver<LinkView>,
+    pub membership: Arc<Membership>,
+    pub deployment: Arc<Mutex<DeploymentState>>,
+    probe: ActorRef<NodeProbeMsg>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Mesh {
+    pub(crate) async fn start(
+        settings: MeshSettings,
+        node: Node,
+        shutdown: Shutdown,
+    ) -> Result<Mesh, MeshError> {
+        let key = ClusterKey::from_secret(&settings.cluster.secret);
+        let server = ractor_cluster::NodeServer::new(
+            0,
+            settings.cluster.secret.clone(),
+            settings.name.clone(),
+            CLUSTER_HOST.to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let (node_server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|e| MeshError::NodeServer(e.to_string()))?;
+        let (probe, _) = Actor::spawn(None, NodeProbe, settings.name.clone())
+            .await
+            .map_err(|e| MeshError::NodeServer(e.to_string()))?;
+        let (view_tx, link_view) = watch::channel(LinkView::new());
+        let (links, _) = Actor::spawn(
+            None,
+            PeerLinks,
+            PeerLinksArgs {
+                node: settings.name.clone(),
+                key: key.clone(),
+                node_server: node_server.clone(),
+                view: view_tx,
+            },
+        )
+        .await
+        .map_err(|e| MeshError::NodeServer(e.to_string()))?;
+
+        let advertise = settings
+            .cluster
+            .advertise
+            .clone()
+            .unwrap_or_else(|| settings.grpc_addr.to_string());
+        let card = MemberCard::new(
+            settings.role.as_str(),
+            advertise,
+            &settings.capabilities,
+            settings.up_since_us,
+        );
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let membership = Arc::new(
+            Membership::start(
+                &settings.name,
+                generation,
+                settings.grpc_addr,
+                &settings.cluster.seeds,
+                &key,
+                &card,
+            )
+            .await?,
+        );
+        tracing::info!(node = %settings.name, gossip = %settings.grpc_addr, seeds = ?settings.cluster.seeds, "joining the mesh");
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(feed_peers(
+            settings.name.clone(),
+            membership.clone(),
+            links.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(publish_load(
+            membership.clone(),
+            settings.capabilities.clone(),
+            shutdown.clone(),
+        )));
+        let deployment = Arc::new(Mutex::new(DeploymentState::default()));
+        tasks.push(tokio::spawn(
+            Deployment {
+                node_name: settings.name.clone(),
+                local: settings.local,
+                data: settings.data,
+                node,
+                membership: membership.clone(),
+                links: link_view.clone(),
+                state: deployment.clone(),
+            }
+            .run(shutdown),
+        ));
+        Ok(Mesh {
+            name: settings.name,
+            key,
+            node_server,
+            links,
+            link_view,
+            membership,
+            deployment,
+            probe,
+            tasks,
+        })
+    }
+
+    /// The `ClusterLink` gRPC service of this node.
+    pub fn link_service(&self) -> ClusterLinkService {
+        ClusterLinkService::new(
+            self.node_server.clone(),
+            self.key.clone(),
+            self.name.clone(),
+        )
+    }
+
+    /// Leaves the mesh: stops gossip, the links and the cluster node server.
+    pub async fn shutdown(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+        self.links.stop(None);
+        self.probe.stop(None);
+        self.node_server.stop(None);
+        if let Ok(membership) = Arc::try_unwrap(self.membership) {
+            membership.shutdown().await;
+        }
+    }
+}
+
+/// Tells the link keeper which peers gossip knows, whenever that changes.
+async fn feed_peers(
+    me: String,
+    membership: Arc<Membership>,
+    links: ActorRef<PeerLinksMsg>,
+    mut shutdown: Shutdown,
+) {
+    let mut changes = membership.changes();
+    loop {
+        let peers: BTreeMap<String, String> = membership
+            .members()
+            .into_values()
+            .filter(|m| m.name != me)
+            .map(|m| (m.name, m.card.grpc))
+            .collect();
+        if links.cast(PeerLinksMsg::Peers(peers)).is_err() {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.fired() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn publish_load(
+    membership: Arc<Membership>,
+    capabilities: Capabilities,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(LOAD_INTERVAL);
+    loop {
+        tokio::select! {
+            () = shutdown.fired() => return,
+            _ = tick.tick() => {}
+        }
+        let load = LoadCard::from(capabilities.load());
+        membership
+            .set(LOAD_KEY, serde_json::to_string(&load).unwrap_or_default())
+            .await;
+    }
+}

@@ -1,0 +1,292 @@
+//! `mesh.toml`: what the whole mesh runs, as `fogmesh apply` sends it.
+//!
+//! The same tables as a `node.toml` (`[[experts]]`, `[[routers]]`, `[[sensors]]`, see
+//! `README.md` beside this crate) plus where things go:
+//! - a sensor names its `node` (a stream is read where its source is);
+//! - an expert says how many `replicas` it wants (on distinct nodes) and its
+//!   `placement` rules: `roles` it may run on, whether it needs a `gpu`, a sensor it
+//!   should run `near`, and `max_per_node` (a node hosting it hosts at most that many
+//!   experts in all);
+//! - a router runs on every node that hosts a sensor routed through it.
+//!
+//! Relative paths (weights, gates) resolve against the spec file's folder when it is
+//! read; `fogmesh apply` sends the text with those paths made absolute, and every node
+//! reads them from its own disk (a shared or provisioned folder; moving weights through
+//! `ModelStore` is not built yet).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use fogmesh_actors::{ExpertSpec, NodeSpec, RestartPolicy, RouterSpec, SensorStreamSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{
+    ClusterSection, ConfigError, ExpertConfig, Limits, NodeConfig, NodeSection, Role, RouterConfig,
+};
+use crate::placement::{Assignment, Candidate, Demand};
+
+/// Largest spec text the mesh gossips (every node carries a copy in each gossip digest).
+pub const MAX_SPEC_BYTES: usize = 32 * 1024;
+
+/// An expert's placement rules.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementRules {
+    pub roles: Vec<Role>,
+    pub gpu: bool,
+    pub near: Option<String>,
+    pub max_per_node: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshExpert {
+    pub config: ExpertConfig,
+    pub replicas: usize,
+    pub placement: PlacementRules,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshSensor {
+    pub node: String,
+    pub spec: SensorStreamSpec,
+}
+
+/// A parsed and validated `mesh.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshSpec {
+    pub experts: Vec<MeshExpert>,
+    pub routers: Vec<RouterConfig>,
+    pub sensors: Vec<MeshSensor>,
+    /// The actors' view of every expert and router, files read and checked.
+    expert_specs: Vec<ExpertSpec>,
+    router_specs: Vec<RouterSpec>,
+}
+
+/// The spec as the mesh stores and gossips it: the newest `version` wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSpec {
+    pub version: u64,
+    pub applied_at_us: i64,
+    /// `mesh.toml` text with absolute paths.
+    pub text: String,
+}
+
+impl StoredSpec {
+    /// Which of two specs the mesh keeps.
+    pub fn newer_than(&self, other: &StoredSpec) -> bool {
+        (self.version, self.applied_at_us, &self.text)
+            > (other.version, other.applied_at_us, &other.text)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    #[serde(default)]
+    experts: Vec<toml::Table>,
+    #[serde(default)]
+    routers: Vec<RouterConfig>,
+    #[serde(default)]
+    sensors: Vec<toml::Table>,
+}
+
+impl MeshSpec {
+    /// Parses and checks spec text as if read from `file` (which relative paths
+    /// resolve against): every file it names is read and every reference resolved.
+    pub fn parse(text: &str, file: &Path) -> Result<MeshSpec, ConfigError> {
+        let syntax = |source| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            source: Box::new(source),
+        };
+        let invalid = |field: String, value: String, reason: String| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            field,
+            value,
+            reason,
+        };
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(invalid(
+                "(file)".into(),
+                format!("{} bytes", text.len()),
+                format!("a mesh spec may have at most {MAX_SPEC_BYTES} bytes"),
+            ));
+        }
+        let raw: RawMesh = toml::from_str(text).map_err(syntax)?;
+        let mut experts = Vec::new();
+        for (i, mut table) in raw.experts.into_iter().enumerate() {
+            let replicas = match table.remove("replicas") {
+                None => 1,
+                Some(toml::Value::Integer(n)) if n >= 1 => n as usize,
+                Some(other) => {
+                    return Err(invalid(
+                        format!("experts[{i}].replicas"),
+                        other.to_string(),
+                        "must be a whole number of at least 1".into(),
+                    ))
+                }
+            };
+            let placement: PlacementRules = match table.remove("placement") {
+                None => PlacementRules::default(),
+                Some(value) => value.try_into().map_err(syntax)?,
+            };
+            if placement.max_per_node == Some(0) {
+                return Err(invalid(
+                    format!("experts[{i}].placement.max_per_node"),
+                    "0".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            let config: ExpertConfig = toml::Value::Table(table).try_into().map_err(syntax)?;
+            experts.push(MeshExpert {
+                config,
+                replicas,
+                placement,
+            });
+        }
+        let mut sensors = Vec::new();
+        for (i, mut table) in raw.sensors.into_iter().enumerate() {
+            let node = match table.remove("node") {
+                Some(toml::Value::String(node)) if !node.is_empty() => node,
+                other => {
+                    return Err(invalid(
+                        format!("sensors[{i}].node"),
+                        other.map_or("(absent)".into(), |v| v.to_string()),
+                        "must name the node that reads this sensor".into(),
+                    ))
+                }
+            };
+            let spec: SensorStreamSpec = toml::Value::Table(table).try_into().map_err(syntax)?;
+            sensors.push(MeshSensor { node, spec });
+        }
+        // The node config machinery reads the files and checks the whole as one node.
+        let whole = NodeConfig {
+            node: NodeSection {
+                name: "mesh".into(),
+                role: Role::Cloud,
+                listen: ([127, 0, 0, 1], 0).into(),
+                metrics_listen: None,
+            },
+            limits: Limits::default(),
+            experts: experts.iter().map(|e| e.config.clone()).collect(),
+            routers: raw.routers.clone(),
+            sensors: sensors.iter().map(|s| s.spec.clone()).collect(),
+            mqtt: Vec::new(),
+            replay: Vec::new(),
+            cluster: None::<ClusterSection>,
+            file: file.to_path_buf(),
+        };
+        let spec = whole.to_node_spec()?;
+        for (i, expert) in experts.iter().enumerate() {
+            if let Some(near) = &expert.placement.near {
+                if !sensors.iter().any(|s| &s.spec.id == near) {
+                    return Err(invalid(
+                        format!("experts[{i}].placement.near"),
+                        format!("{near:?}"),
+                        "no sensor of this spec has this id".into(),
+                    ));
+                }
+            }
+        }
+        Ok(MeshSpec {
+            experts,
+            routers: raw.routers,
+            sensors,
+            expert_specs: spec.experts,
+            router_specs: spec.routers,
+        })
+    }
+
+    /// The spec text with every relative file path made absolute against `folder`, so
+    /// that it reads the same on any node.
+    pub fn absolute_text(text: &str, folder: &Path) -> Result<String, toml::de::Error> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        let absolute = |value: &mut toml::Value| {
+            if let toml::Value::String(path) = value {
+                let p = PathBuf::from(&*path);
+                if p.is_relative() {
+                    *path = folder.join(p).display().to_string();
+                }
+            }
+        };
+        for (list, key) in [("experts", "weights"), ("routers", "gate")] {
+            if let Some(toml::Value::Array(items)) = doc.get_mut(list) {
+                for item in items {
+                    if let Some(value) = item.get_mut(key) {
+                        absolute(value);
+                    }
+                }
+            }
+        }
+        Ok(toml::to_string(&doc).unwrap_or_else(|_| text.to_string()))
+    }
+
+    /// What placement needs to know about each expert.
+    pub fn demands(&self) -> Vec<Demand> {
+        self.experts
+            .iter()
+            .map(|e| Demand {
+                expert: e.config.name.clone(),
+                replicas: e.replicas,
+                roles: e.placement.roles.clone(),
+                needs_gpu: e.placement.gpu,
+                near: e.placement.near.clone(),
+                max_per_node: e.placement.max_per_node,
+            })
+            .collect()
+    }
+
+    /// Sensors pinned to each node.
+    pub fn sensors_by_node(&self) -> BTreeMap<String, Vec<String>> {
+        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for sensor in &self.sensors {
+            by_node
+                .entry(sensor.node.clone())
+                .or_default()
+                .push(sensor.spec.id.clone());
+        }
+        by_node
+    }
+
+    /// Nodes the spec pins sensors to that `live` lacks.
+    pub fn missing_sensor_nodes(&self, live: &[Candidate]) -> Vec<String> {
+        let live: BTreeSet<&str> = live.iter().map(|c| c.name.as_str()).collect();
+        let wanted: BTreeSet<&str> = self.sensors.iter().map(|s| s.node.as_str()).collect();
+        wanted.difference(&live).map(|n| n.to_string()).collect()
+    }
+
+    /// `node`'s share of the mesh under `assignment`: its sensors, the routers they
+    /// use, the experts placed on it; every other expert is known for its shape.
+    pub fn share(&self, node: &str, assignment: &Assignment) -> NodeSpec {
+        let sensors: Vec<SensorStreamSpec> = self
+            .sensors
+            .iter()
+            .filter(|s| s.node == node)
+            .map(|s| s.spec.clone())
+            .collect();
+        let used: BTreeSet<&str> = sensors.iter().map(|s| s.router.as_str()).collect();
+        let routers = self
+            .router_specs
+            .iter()
+            .filter(|r| used.contains(r.name.as_str()))
+            .cloned()
+            .collect();
+        let hosts = |expert: &str| {
+            assignment
+                .get(expert)
+                .is_some_and(|nodes| nodes.iter().any(|n| n == node))
+        };
+        let (experts, remote_experts) = self
+            .expert_specs
+            .iter()
+            .cloned()
+            .partition(|e| hosts(&e.name));
+        NodeSpec {
+            node: node.to_string(),
+            sensors,
+            routers,
+            experts,
+            remote_experts,
+            restart: RestartPolicy::default(),
+        }
+    }
+}
