@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fogmesh_proto::cluster_link_client::ClusterLinkClient;
 use fogmesh_proto::cluster_link_server::ClusterLink;
-use fogmesh_proto::LinkFrame;
+use fogmesh_proto::{AdmitReply, AdmitRequest, LinkFrame};
 use futures::StreamExt;
 use ractor::ActorRef;
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServerMessage};
@@ -235,6 +235,14 @@ type OutboundStream = ReceiverStream<Result<LinkFrame, Status>>;
 impl ClusterLink for ClusterLinkService {
     type OpenStream = OutboundStream;
 
+    async fn admit(&self, request: Request<AdmitRequest>) -> Result<Response<AdmitReply>, Status> {
+        let peer = admit(&request, &self.key, &self.node, "admission")?;
+        tracing::debug!(%peer, "admitted a node to the mesh");
+        Ok(Response::new(AdmitReply {
+            node: self.node.clone(),
+        }))
+    }
+
     async fn open(
         &self,
         request: Request<Streaming<LinkFrame>>,
@@ -285,6 +293,26 @@ fn source_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out.join(": ")
+}
+
+/// Asks a seed to admit this node; returns the seed's name. Called once per seed at
+/// start, so a node with the wrong secret is told so at once, not left gossiping with
+/// nobody.
+pub async fn ask_admission(addr: &str, key: &ClusterKey, node: &str) -> Result<String, LinkError> {
+    let mut client = ClusterLinkClient::new(connect(addr).await?);
+    let mut request = Request::new(AdmitRequest {});
+    introduce(&mut request, key, node);
+    match client.admit(request).await {
+        Ok(reply) => Ok(reply.into_inner().node),
+        Err(status) if status.code() == tonic::Code::PermissionDenied => Err(LinkError::Refused {
+            addr: addr.to_string(),
+            reason: status.message().to_string(),
+        }),
+        Err(status) => Err(LinkError::Unreachable {
+            addr: addr.to_string(),
+            reason: status.message().to_string(),
+        }),
+    }
 }
 
 /// Dials `peer` at `addr` and hands the stream to the local node server. Returns once

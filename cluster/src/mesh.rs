@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::capabilities::Capabilities;
 use crate::config::{ClusterSection, Role};
 use crate::deployment::{Deployment, DeploymentState};
-use crate::link::{ClusterKey, ClusterLinkService};
+use crate::link::{self, ClusterKey, ClusterLinkService};
 use crate::membership::{
     LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
 };
@@ -132,6 +132,11 @@ impl Mesh {
         tracing::info!(node = %settings.name, gossip = %settings.grpc_addr, seeds = ?settings.cluster.seeds, "joining the mesh");
 
         let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(ask_seeds(
+            settings.cluster.seeds.clone(),
+            key.clone(),
+            settings.name.clone(),
+        )));
         tasks.push(tokio::spawn(feed_peers(
             settings.name.clone(),
             membership.clone(),
@@ -189,6 +194,31 @@ impl Mesh {
         if let Ok(membership) = Arc::try_unwrap(self.membership) {
             membership.shutdown().await;
         }
+    }
+}
+
+/// Asks every seed to admit this node, retrying those not yet reachable, and says
+/// loudly when one refuses (the secret differs: this node will never join).
+async fn ask_seeds(seeds: Vec<String>, key: ClusterKey, me: String) {
+    let mut pending = seeds;
+    let mut delay = std::time::Duration::from_millis(200);
+    while !pending.is_empty() {
+        let mut unreachable = Vec::new();
+        for seed in pending {
+            match link::ask_admission(&seed, &key, &me).await {
+                Ok(name) => tracing::info!(%seed, node = %name, "admitted by seed"),
+                Err(error @ link::LinkError::Refused { .. }) => {
+                    tracing::error!(%seed, %error, "seed refused this node: its [cluster] secret differs from the mesh's; this node will not join");
+                }
+                Err(error) => {
+                    tracing::debug!(%seed, %error, "seed not reachable yet");
+                    unreachable.push(seed);
+                }
+            }
+        }
+        pending = unreachable;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
     }
 }
 

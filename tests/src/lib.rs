@@ -30,6 +30,8 @@ use fogmesh_proto::{
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+pub mod mesh;
+
 pub const NODE: &str = "edge-test";
 pub const SENSOR: &str = "pump-1";
 /// A second stream on the same router and expert, for batches spanning streams.
@@ -239,6 +241,7 @@ impl TestNode {
             .await
             .watch_alerts(AlertFilter {
                 sensor_ids: sensor_ids.iter().map(|s| s.to_string()).collect(),
+                include_normal: false,
             })
             .await
             .expect("watching starts")

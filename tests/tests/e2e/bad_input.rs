@@ -364,6 +364,7 @@ async fn malformed_score_requests_and_alert_filters_are_refused() {
     let watch = inference
         .watch_alerts(AlertFilter {
             sensor_ids: vec![SENSOR.into(), "no-such-sensor".into()],
+            include_normal: false,
         })
         .await;
     check_refusal(

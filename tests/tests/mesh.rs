@@ -1,0 +1,342 @@
+//! The fog mesh as it runs in a plant: separate `fogmesh node` processes on their own
+//! loopback addresses, joined by gossip and gRPC cluster links. Shown here: full
+//! membership, a spec refused whole when it cannot be placed, a spec placed by its
+//! constraints, windows scored on another node, a `kill -9` of the node holding the
+//! expert while windows flow (every window scored exactly once, none lost), a silent
+//! partition detected and healed, and a node with the wrong secret refused.
+//!
+//! Timings (detection, re-placement) are printed for the record, not asserted: the
+//! deadlines here only bound a hung test. `just bench` is where speed is judged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fogmesh_proto::control_client::ControlClient;
+use fogmesh_proto::inference_client::InferenceClient;
+use fogmesh_proto::ingest_client::IngestClient;
+use fogmesh_proto::{AlertFilter, ApplyRequest, SampleBatch};
+use fogmesh_tests::mesh::{poll, BlackholeProxy, MeshNode, NodeSettings};
+use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
+
+const SECRET: &str = "mesh-test-secret";
+const LONG: Duration = Duration::from_secs(40);
+
+fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> NodeSettings<'a> {
+    NodeSettings {
+        name,
+        role,
+        ip,
+        secret: SECRET,
+        seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
+        advertise: None,
+    }
+}
+
+/// Waits until `observer` sees `expected` members, each linked (or itself).
+async fn full_membership(observer: &MeshNode, expected: usize) {
+    poll(
+        &format!("{} to see {expected} linked members", observer.name),
+        LONG,
+        || async {
+            let mesh = observer.mesh().await?;
+            (mesh.members.len() == expected
+                && mesh
+                    .members
+                    .iter()
+                    .all(|m| m.link == "ready" || m.link == "self"))
+            .then_some(())
+        },
+    )
+    .await;
+}
+
+/// One expert `ae`, one router, one sensor `s1` read on `sensor_node`; `expert_extra`
+/// adds to the expert's table (replicas, placement).
+fn spec(sensor_node: &str, expert_extra: &str) -> String {
+    format!(
+        r#"
+[[experts]]
+name = "ae"
+model_version = "v1"
+channels = {CHANNELS}
+window = {WINDOW}
+threshold = 1000.0
+seed = 7
+{expert_extra}
+
+[[routers]]
+name = "r1"
+policy = "static"
+routes = {{ s1 = ["ae"] }}
+
+[[sensors]]
+node = "{sensor_node}"
+id = "s1"
+channels = {CHANNELS}
+window = {WINDOW}
+stride = {WINDOW}
+router = "r1"
+"#
+    )
+}
+
+async fn apply(
+    node: &MeshNode,
+    text: String,
+) -> Result<BTreeMap<String, Vec<String>>, tonic::Status> {
+    let mut control = node.control().await;
+    let reply = control
+        .apply(ApplyRequest {
+            spec_toml: text,
+            dry_run: false,
+        })
+        .await?
+        .into_inner();
+    Ok(reply
+        .placement
+        .into_iter()
+        .map(|p| (p.expert, p.nodes))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.21", &[]));
+    let fog_a = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.22", &[&edge]));
+    let fog_b = MeshNode::start(dir.path(), node("fog-b", "fog", "127.0.0.23", &[&edge]));
+    let joined = Instant::now();
+    for n in [&edge, &fog_a, &fog_b] {
+        full_membership(n, 3).await;
+    }
+    eprintln!("full membership of 3 nodes after {:?}", joined.elapsed());
+
+    // Specs that cannot be placed are refused whole, naming why; nothing is stored.
+    let no_gpu = apply(&edge, spec("edge-1", "placement = { gpu = true }"))
+        .await
+        .expect_err("no node has a GPU");
+    assert_eq!(no_gpu.code(), tonic::Code::FailedPrecondition);
+    assert!(no_gpu.message().contains("GPU"), "{}", no_gpu.message());
+    let too_many = apply(
+        &edge,
+        spec("edge-1", "replicas = 3\nplacement = { roles = [\"fog\"] }"),
+    )
+    .await
+    .expect_err("only two fog nodes");
+    assert_eq!(too_many.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        too_many.message().contains("3 replicas"),
+        "{}",
+        too_many.message()
+    );
+    let unknown_node = apply(&edge, spec("edge-9", ""))
+        .await
+        .expect_err("no such node");
+    assert!(
+        unknown_node.message().contains("edge-9"),
+        "{}",
+        unknown_node.message()
+    );
+    assert_eq!(edge.mesh().await.expect("mesh status").spec_version, 0);
+
+    // Placed by its constraints: a fog node, never the edge node holding the sensor.
+    let placement = apply(&edge, spec("edge-1", "placement = { roles = [\"fog\"] }"))
+        .await
+        .expect("the spec is placed");
+    let host_name = placement["ae"][0].clone();
+    assert_eq!(placement["ae"].len(), 1);
+    assert!(host_name.starts_with("fog-"), "placed on {host_name}");
+    let (mut host, survivor) = if host_name == fog_a.name {
+        (fog_a, fog_b)
+    } else {
+        (fog_b, fog_a)
+    };
+    poll("the sensor to start on the edge node", LONG, || async {
+        edge.status()
+            .await?
+            .sensors
+            .iter()
+            .any(|s| s.sensor_id == "s1")
+            .then_some(())
+    })
+    .await;
+
+    let mut inference = InferenceClient::connect(edge.url())
+        .await
+        .expect("inference");
+    let mut scored = inference
+        .watch_alerts(AlertFilter {
+            sensor_ids: vec!["s1".into()],
+            include_normal: true,
+        })
+        .await
+        .expect("watching scored windows")
+        .into_inner();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(window)) = scored.message().await {
+                seen.lock().unwrap().push(window.window_sequence);
+            }
+        })
+    };
+
+    // Windows flow: one window per batch, every 20 ms.
+    const WINDOWS: u64 = 200;
+    let producer = {
+        let url = edge.url();
+        tokio::spawn(async move {
+            let mut ingest = IngestClient::connect(url).await.expect("ingest");
+            for w in 0..WINDOWS {
+                let first = w * WINDOW as u64;
+                let batch = SampleBatch {
+                    samples: samples("s1", first..first + WINDOW as u64, normal_values),
+                };
+                ingest.push(batch).await.expect("every batch is accepted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let count = |seen: &Arc<Mutex<Vec<u64>>>| seen.lock().unwrap().len();
+    poll("windows scored on the fog node", LONG, || async {
+        (count(&seen) >= 30).then_some(())
+    })
+    .await;
+    assert!(
+        host.status().await.expect("host status").experts[0].windows_scored > 0,
+        "the expert on {} scored the windows",
+        host.name
+    );
+
+    // kill -9 the node holding the expert while windows flow.
+    host.kill();
+    let killed = Instant::now();
+    poll("the edge node to notice the kill", LONG, || async {
+        let mesh = edge.mesh().await?;
+        mesh.members
+            .iter()
+            .all(|m| m.node != host_name || m.link != "ready")
+            .then_some(())
+    })
+    .await;
+    let detected = killed.elapsed();
+    poll("the expert re-placed and serving", LONG, || async {
+        let status = survivor.status().await?;
+        status
+            .experts
+            .iter()
+            .any(|e| e.name == "ae" && e.windows_scored > 0)
+            .then_some(())
+    })
+    .await;
+    let serving = killed.elapsed();
+    eprintln!(
+        "killed node detected after {detected:?}; re-placed expert serving after {serving:?}"
+    );
+
+    producer.await.expect("the producer finished");
+    poll("every window scored", LONG, || async {
+        (count(&seen) >= WINDOWS as usize).then_some(())
+    })
+    .await;
+    // A moment for any duplicate to show up before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    collector.abort();
+    let mut windows = seen.lock().unwrap().clone();
+    windows.sort_unstable();
+    let expected: Vec<u64> = (0..WINDOWS).collect();
+    assert_eq!(
+        windows, expected,
+        "each window scored exactly once: none lost, none twice"
+    );
+    let router = &edge.status().await.expect("edge status").routers[0];
+    assert_eq!((router.routed, router.failed), (WINDOWS, 0));
+    let mesh = edge.mesh().await.expect("mesh status");
+    assert!(mesh
+        .placement
+        .iter()
+        .any(|p| p.expert == "ae" && p.nodes == vec![survivor.name.clone()]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_is_detected_and_healed() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let a = MeshNode::start(dir.path(), node("part-a", "fog", "127.0.0.31", &[]));
+    // part-b is reached through a proxy that can go silent; part-a dials it (names sort).
+    let b_port = fogmesh_tests::mesh::free_port_on("127.0.0.32");
+    let proxy = BlackholeProxy::start("127.0.0.33", format!("127.0.0.32:{b_port}")).await;
+    let mut settings = node("part-b", "fog", "127.0.0.32", &[&a]);
+    settings.advertise = Some(proxy.addr.clone());
+    let b = MeshNode::start_on_port(dir.path(), settings, b_port);
+    full_membership(&a, 2).await;
+    full_membership(&b, 2).await;
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    let link_of = |mesh: fogmesh_proto::MeshStatus, peer: &str| {
+        mesh.members
+            .into_iter()
+            .find(|m| m.node == peer)
+            .map_or("gone".to_string(), |m| m.link)
+    };
+    poll("part-a to notice the partition", LONG, || async {
+        (link_of(a.mesh().await?, "part-b") != "ready").then_some(())
+    })
+    .await;
+    let a_detected = cut.elapsed();
+    poll("part-b to notice the partition", LONG, || async {
+        (link_of(b.mesh().await?, "part-a") != "ready").then_some(())
+    })
+    .await;
+    let b_detected = cut.elapsed();
+    eprintln!(
+        "partition detected by the dialer after {a_detected:?}, by the dialed after {b_detected:?}"
+    );
+
+    proxy.heal();
+    let healed = Instant::now();
+    full_membership(&a, 2).await;
+    full_membership(&b, 2).await;
+    eprintln!(
+        "link re-formed {:?} after the partition healed",
+        healed.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_secret_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let a = MeshNode::start(dir.path(), node("good-a", "fog", "127.0.0.41", &[]));
+    let mut settings = node("bad-b", "fog", "127.0.0.42", &[&a]);
+    settings.secret = "some-other-plant-secret";
+    let b = MeshNode::start(dir.path(), settings);
+    poll("the intruder to log its refusal", LONG, || async {
+        b.log().contains("seed refused this node").then_some(())
+    })
+    .await;
+    poll("the seed to log the refusal", LONG, || async {
+        a.log()
+            .contains("refused a node whose cluster secret differs")
+            .then_some(())
+    })
+    .await;
+    // Gossip would have had time to spread it several times over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen_by_a = a.mesh().await.expect("mesh status");
+    assert_eq!(seen_by_a.members.len(), 1, "{:?}", seen_by_a.members);
+    let seen_by_b = b.mesh().await.expect("mesh status");
+    assert_eq!(seen_by_b.members.len(), 1, "{:?}", seen_by_b.members);
+    let mut control = ControlClient::connect(b.url()).await.expect("control");
+    assert_eq!(
+        control
+            .get_status(fogmesh_proto::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .experts
+            .len(),
+        0
+    );
+}
