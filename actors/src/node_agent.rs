@@ -2,9 +2,11 @@
 //! a running node.
 //!
 //! **Owns** the node's spec (what to restart an actor from), the restart history, and
-//! the [`NodeDirectory`]. **Takes** no work of its own: it starts the experts, then the
-//! routers, then the sensor streams (so no window is cut before something can score
-//! it), and reacts to supervision events. **Supervised by** nobody on this node: when
+//! the [`NodeDirectory`]. **Takes** [`NodeAgentMsg::Reconcile`] (run a new spec: the
+//! mesh's deployment loop sends it when this node's share changes); otherwise it starts
+//! the experts (each with its remotable [`crate::ExpertEndpoint`]), then the routers,
+//! then the sensor streams (so no window is cut before something can score it), and
+//! reacts to supervision events. **Supervised by** nobody on this node: when
 //! it gives up, the process that started it sees the node stop and exits with the
 //! reason.
 //!

@@ -20,6 +20,15 @@
 //!
 //! Experts answer on their own time, so each window's replies are gathered by a
 //! short task; the router's mailbox never waits on a forward pass.
+//!
+//! Replicas ([`Replicas`]): an expert may run on this node (found in the
+//! [`NodeDirectory`]) or on others (found through the [`EXPERT_SCOPE`] process group,
+//! reached through their [`crate::ExpertEndpoint`]). A window goes to the replica here
+//! first, else to the remote one with the least outstanding work; a replica that fails
+//! or stays silent past the [`RetryPolicy`]'s attempt timeout is skipped and the next
+//! one tried, and with none left the window waits, with backoff, for a replica to
+//! appear (a lost node's expert re-placed elsewhere) until the policy's deadline. Each
+//! window still yields exactly one verdict.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

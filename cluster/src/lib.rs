@@ -1,6 +1,9 @@
 //! A fogmesh node on the network: its TOML configuration, the gRPC services (`Ingest`,
-//! `Inference`, `Control`, `Telemetry`) over the actors of `fogmesh-actors`, MQTT
-//! ingest, file replay and the Prometheus endpoint.
+//! `Inference`, `Control`, `Telemetry`, `ClusterLink`) over the actors of
+//! `fogmesh-actors`, MQTT ingest, file replay, the Prometheus endpoint, and the mesh:
+//! cluster links ([`link`], [`peer_links`]), gossip membership ([`membership`]), mesh
+//! specs ([`mesh_spec`]), placement ([`placement`]) and the deployment loop
+//! ([`deployment`]), started together by [`mesh`].
 //!
 //! The entry points: [`NodeConfig::load`] reads a `node.toml` (format in `README.md`
 //! beside this crate), [`NodeServer::start`] runs it and returns a

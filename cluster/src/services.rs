@@ -1,6 +1,6 @@
 //! The gRPC services of one node: `Ingest`, `Inference`, `Control` and `Telemetry`,
-//! all over the same running [`Node`]. (`ModelStore` and `ClusterLink` are in the
-//! contract but not served yet.)
+//! all over the same running [`Node`]. (`ClusterLink` is in [`crate::link`];
+//! `ModelStore` is in the contract but not served yet.)
 //!
 //! - `Ingest.Push`: one batch, one [`IngestAck`]; the rules (limits, unknown sensors,
 //!   partial acceptance and why resending is safe) are in [`crate::ingest`].
@@ -9,12 +9,16 @@
 //!   is pushed whole or not at all: server shutdown only ends the stream between
 //!   batches.
 //! - `Inference.Score`: checks the window's shape and values, then asks the router.
-//! - `Inference.WatchAlerts`: the annunciator's anomalous windows, filtered by sensor.
+//! - `Inference.WatchAlerts`: the annunciator's anomalous windows (every scored window
+//!   with `include_normal`), filtered by sensor.
 //!   A subscriber that falls behind skips what it missed (logged and counted in
 //!   `fogmesh_alert_watch_skipped_total`); the annunciator never waits for it, so a slow
 //!   client cannot slow the routers down.
 //! - `Control.GetStatus`: the node's snapshot, read without messaging any actor, with
 //!   its capabilities (probed at start) and current load.
+//! - `Control.Apply`: a mesh spec, parsed, checked and placed on the usable nodes before
+//!   it is stored (the deployment loop then spreads it); `Control.GetMesh`: the members,
+//!   links and placement as this node sees them.
 //! - `Telemetry.Metrics`: the process's Prometheus text.
 //!
 //! Every refused call is counted (`fogmesh_ingest_rejected_total`,
