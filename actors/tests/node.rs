@@ -315,3 +315,64 @@ async fn an_expert_that_cannot_load_its_weights_stops_the_start_with_its_own_rea
         "no actor-framework wrapping: {err}"
     );
 }
+
+#[tokio::test]
+async fn reconcile_starts_stops_and_restarts_only_what_changed() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    node.push("pump-1", samples(0..8)).await.unwrap();
+    next_window(&mut scored).await;
+    let expert_before = node.directory.expert("pump-ae").unwrap().actor.get_id();
+
+    // Unchanged: nothing moves.
+    let report = node.reconcile(static_node()).await.unwrap();
+    assert!(report.is_empty(), "{report:?}");
+    assert_eq!(
+        node.directory.expert("pump-ae").unwrap().actor.get_id(),
+        expert_before
+    );
+
+    // A second stream and expert join; the first stream keeps its position.
+    let mut grown = static_node();
+    grown.experts.push(expert("fan-ae", 2));
+    grown.sensors.push(sensor("fan-1", "by-asset"));
+    if let RoutingPolicy::Static { routes } = &mut grown.routers[0].policy {
+        routes.insert("fan-1".into(), vec!["fan-ae".into()]);
+    }
+    let report = node.reconcile(grown.clone()).await.unwrap();
+    assert_eq!(report.started, vec!["fan-ae", "fan-1"]);
+    assert_eq!(report.restarted, vec!["by-asset"]);
+    assert!(report.stopped.is_empty());
+    assert_eq!(
+        node.directory.expert("pump-ae").unwrap().actor.get_id(),
+        expert_before,
+        "an expert whose spec did not change keeps running"
+    );
+    let ack = node.push("pump-1", samples(0..12)).await.unwrap();
+    assert_eq!((ack.accepted, ack.duplicates), (4, 8));
+    node.push("fan-1", samples(0..8)).await.unwrap();
+    let mut sensors = Vec::new();
+    for _ in 0..2 {
+        sensors.push(next_window(&mut scored).await.sensor_id.to_string());
+    }
+    sensors.sort();
+    assert_eq!(sensors, vec!["fan-1", "pump-1"]);
+
+    // Back to one stream: the other's actors stop and leave the directory.
+    let report = node.reconcile(static_node()).await.unwrap();
+    assert_eq!(report.stopped, vec!["fan-ae", "fan-1"]);
+    assert!(node.directory.sensor("fan-1").is_none());
+    assert!(node.directory.expert("fan-ae").is_none());
+    assert_eq!(node.restarts(), 0, "stopping is not failing");
+
+    // A spec that does not validate changes nothing.
+    let mut broken = static_node();
+    broken.sensors[0].router = "nowhere".into();
+    assert!(matches!(
+        node.reconcile(broken).await,
+        Err(SpecError::UnknownReference { .. })
+    ));
+    assert!(node.directory.sensor("pump-1").is_some());
+    node.shutdown(join).await;
+}

@@ -290,3 +290,124 @@ impl MeshSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[experts]]
+name = "ae"
+model_version = "v1"
+channels = 2
+window = 16
+threshold = 1.0
+replicas = 2
+placement = { roles = ["fog"], near = "s1", max_per_node = 3 }
+
+[[routers]]
+name = "r1"
+policy = "static"
+routes = { s1 = ["ae"] }
+
+[[sensors]]
+node = "edge-1"
+id = "s1"
+channels = 2
+window = 16
+stride = 8
+router = "r1"
+"#;
+
+    fn parse(text: &str) -> Result<MeshSpec, String> {
+        MeshSpec::parse(text, Path::new("mesh.toml")).map_err(|e| e.to_string())
+    }
+
+    fn candidate(name: &str, role: Role) -> Candidate {
+        Candidate {
+            name: name.into(),
+            role,
+            gpus: 0,
+            cpu_load: 0.0,
+            sensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_spec_reads_with_its_placement_rules() {
+        let spec = parse(GOOD).unwrap();
+        assert_eq!(spec.experts[0].replicas, 2);
+        assert_eq!(spec.experts[0].placement.roles, vec![Role::Fog]);
+        assert_eq!(spec.demands()[0].near.as_deref(), Some("s1"));
+        assert_eq!(spec.sensors[0].node, "edge-1");
+    }
+
+    #[test]
+    fn a_share_holds_the_nodes_sensors_their_routers_and_its_experts() {
+        let spec = parse(GOOD).unwrap();
+        let assignment = Assignment::from([("ae".to_string(), vec!["fog-1".to_string()])]);
+        let edge = spec.share("edge-1", &assignment);
+        assert_eq!((edge.sensors.len(), edge.routers.len()), (1, 1));
+        assert!(edge.experts.is_empty());
+        assert_eq!(edge.remote_experts[0].name, "ae");
+        edge.validate().unwrap();
+        let fog = spec.share("fog-1", &assignment);
+        assert_eq!(
+            (fog.sensors.len(), fog.routers.len(), fog.experts.len()),
+            (0, 0, 1)
+        );
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        for (broken, needle) in [
+            (
+                GOOD.replace("replicas = 2", "replicas = 0"),
+                "experts[0].replicas",
+            ),
+            (GOOD.replace("node = \"edge-1\"\n", ""), "sensors[0].node"),
+            (
+                GOOD.replace("near = \"s1\"", "near = \"s9\""),
+                "experts[0].placement.near",
+            ),
+            (
+                GOOD.replace("max_per_node = 3", "max_per_node = 0"),
+                "max_per_node",
+            ),
+            (
+                GOOD.replace("roles = [\"fog\"]", "roles = [\"moon\"]"),
+                "moon",
+            ),
+            (GOOD.replace("near = \"s1\"", "nearby = \"s1\""), "nearby"),
+            (
+                GOOD.replace("routes = { s1 = [\"ae\"] }", "routes = { s1 = [\"zz\"] }"),
+                "zz",
+            ),
+            ("x".repeat(MAX_SPEC_BYTES + 1), "at most"),
+        ] {
+            let error = parse(&broken).expect_err(needle);
+            assert!(error.contains(needle), "`{needle}` not in: {error}");
+        }
+    }
+
+    #[test]
+    fn placement_refuses_a_sensor_on_a_node_not_in_the_mesh() {
+        let spec = parse(GOOD).unwrap();
+        let nodes = vec![candidate("fog-1", Role::Fog), candidate("fog-2", Role::Fog)];
+        assert_eq!(
+            spec.missing_sensor_nodes(&nodes),
+            vec!["edge-1".to_string()]
+        );
+        let mut with_edge = nodes.clone();
+        with_edge.push(candidate("edge-1", Role::Edge));
+        assert!(spec.missing_sensor_nodes(&with_edge).is_empty());
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let text = "[[experts]]\nname = \"ae\"\nweights = \"w/ae.safetensors\"\n\n[[routers]]\nname = \"g\"\ngate = \"/abs/gate.json\"\n";
+        let out = MeshSpec::absolute_text(text, Path::new("/plant/specs")).unwrap();
+        assert!(out.contains("/plant/specs/w/ae.safetensors"), "{out}");
+        assert!(out.contains("\"/abs/gate.json\""), "{out}");
+    }
+}
