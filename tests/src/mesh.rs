@@ -48,6 +48,7 @@ pub fn free_port_on(ip: &str) -> u16 {
 pub struct MeshNode {
     pub name: String,
     pub addr: String,
+    config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -91,20 +92,35 @@ impl MeshNode {
         let config_path = dir.join(format!("{}.toml", settings.name));
         std::fs::write(&config_path, config).expect("the config is written");
         let log = dir.join(format!("{}.log", settings.name));
-        let child = Command::new(fogmesh_binary())
-            .args(["node", "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "info,chitchat=error")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("the log file is created"))
-            .spawn()
-            .expect("the fogmesh binary starts");
-        MeshNode {
+        let mut node = MeshNode {
             name: settings.name.to_string(),
             addr,
+            config: config_path,
             log,
-            child: Some(child),
-        }
+            child: None,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts the node's process again from the same config (same address, same data
+    /// folder); its log goes on in the same file.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("the log file opens");
+        let child = Command::new(fogmesh_binary())
+            .args(["node", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,chitchat=error")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the fogmesh binary starts");
+        self.child = Some(child);
     }
 
     pub fn url(&self) -> String {

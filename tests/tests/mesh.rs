@@ -258,6 +258,27 @@ async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node()
         .placement
         .iter()
         .any(|p| p.expert == "ae" && p.nodes == vec![survivor.name.clone()]));
+
+    // The killed node comes back: it rejoins and holds the spec again; the expert
+    // stays where it serves now (placement keeps replicas in place).
+    host.restart();
+    for n in [&edge, &survivor, &host] {
+        full_membership(n, 3).await;
+    }
+    poll(
+        "the restarted node to hold the spec again",
+        LONG,
+        || async { (host.mesh().await?.spec_version == 1).then_some(()) },
+    )
+    .await;
+    assert!(host
+        .log()
+        .contains("mesh spec restored from the data folder"));
+    let mesh = edge.mesh().await.expect("mesh status");
+    assert!(mesh
+        .placement
+        .iter()
+        .any(|p| p.expert == "ae" && p.nodes == vec![survivor.name.clone()]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
