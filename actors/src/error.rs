@@ -68,6 +68,13 @@ pub enum ScoreError {
     RouterUnavailable { router: String, reason: String },
     #[error("router `{router}` gate: {reason}")]
     Gate { router: String, reason: String },
+    #[error("window of sensor `{sensor_id}` has {bytes} bytes of values; one message to expert `{expert}` on another node may carry at most {limit}")]
+    TooLargeToSend {
+        sensor_id: String,
+        expert: String,
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 impl IngestError {
@@ -97,6 +104,7 @@ impl ScoreError {
             ScoreError::UnknownRouter { .. } => "unknown_router",
             ScoreError::RouterUnavailable { .. } => "router_unavailable",
             ScoreError::Gate { .. } => "gate",
+            ScoreError::TooLargeToSend { .. } => "too_large_to_send",
         }
     }
 }

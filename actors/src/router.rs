@@ -392,6 +392,25 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Most bytes of window values a router sends to a replica on another node. Well
+/// under ractor_cluster's 16 MiB frame limit, which closes the whole link when crossed:
+/// one oversized window must not cost every other window on that link.
+pub const MAX_REMOTE_WINDOW_BYTES: usize = 4 << 20;
+
+/// Refuses a window too large for one cluster message, before it is sent.
+fn check_remote_size(expert: &str, window: &Window) -> Result<(), ScoreError> {
+    let bytes = window.values.len() * std::mem::size_of::<f32>();
+    if bytes > MAX_REMOTE_WINDOW_BYTES {
+        return Err(ScoreError::TooLargeToSend {
+            sensor_id: window.sensor_id.to_string(),
+            expert: expert.to_string(),
+            bytes,
+            limit: MAX_REMOTE_WINDOW_BYTES,
+        });
+    }
+    Ok(())
+}
+
 impl Replicas {
     pub fn new(directory: Arc<NodeDirectory>, retry: RetryPolicy) -> Arc<Self> {
         Arc::new(Replicas {
@@ -499,6 +518,7 @@ impl Replicas {
                 else {
                     break;
                 };
+                check_remote_size(expert, window)?;
                 tried.insert(endpoint.get_id());
                 metrics::counter!(telemetry::ROUTER_REMOTE, "router" => router.to_string(), "expert" => expert.to_string()).increment(1);
                 match self.ask_remote(&endpoint, expert, window).await {
@@ -598,5 +618,33 @@ fn deliver(
         (Destination::Annunciator(_), Err(e)) => {
             tracing::warn!(router = %shared.name, error = %e, "window not scored");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quality::QualityFlags;
+
+    fn window_of(values: usize) -> Window {
+        Window {
+            sensor_id: "s".into(),
+            sequence: 0,
+            start_us: 0,
+            end_us: 0,
+            channels: 1,
+            length: values,
+            values: vec![0.0; values].into(),
+            quality: QualityFlags::default(),
+        }
+    }
+
+    #[test]
+    fn windows_too_large_for_one_cluster_message_are_refused_before_sending() {
+        let limit_values = MAX_REMOTE_WINDOW_BYTES / 4;
+        assert!(check_remote_size("ae", &window_of(limit_values)).is_ok());
+        let refused = check_remote_size("ae", &window_of(limit_values + 1)).unwrap_err();
+        assert_eq!(refused.reason(), "too_large_to_send");
+        assert!(refused.to_string().contains("at most 4194304"), "{refused}");
     }
 }

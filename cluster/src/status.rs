@@ -75,6 +75,7 @@ impl ServiceError {
                 | ScoreError::ExpertUnavailable { .. }
                 | ScoreError::Uncalibrated { .. } => Code::Unavailable,
                 ScoreError::UnknownRouter { .. } => Code::NotFound,
+                ScoreError::TooLargeToSend { .. } => Code::ResourceExhausted,
                 ScoreError::Model { .. } => Code::Internal,
             },
         }

@@ -101,7 +101,7 @@ pub enum W1Error {
 }
 
 impl W1Options {
-    fn validate(&self) -> Result<(), W1Error> {
+    pub(crate) fn validate(&self) -> Result<(), W1Error> {
         let positive = [
             ("streams", self.streams),
             ("experts", self.experts),
@@ -158,6 +158,67 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
         }
     };
     let (node, join) = Node::start(node_spec(options, gate), Annunciator::new(16)).await?;
+    let load = closed_loop(&node, ROUTER, windows, options).await;
+    let snapshot = node.snapshot();
+    let (scored, batches) = snapshot
+        .experts
+        .iter()
+        .fold((0, 0), |(w, b), e| (w + e.windows_scored, b + e.batches));
+    node.shutdown(join).await;
+
+    let windows_per_s = load.windows_per_s();
+    Ok(W1Report {
+        workload: "w1",
+        gate: options.gate,
+        gate_accuracy,
+        windows_per_s,
+        p50_ms: load.quantile_ms(0.50),
+        p99_ms: load.quantile_ms(0.99),
+        inflight: options.inflight,
+        experts: options.experts,
+        streams: options.streams,
+        max_batch: options.max_batch,
+        mean_batch_size: if batches == 0 {
+            0.0
+        } else {
+            scored as f64 / batches as f64
+        },
+        bare_forward_windows_per_s: bare,
+        efficiency: windows_per_s / bare,
+        measured_seconds: load.measured_seconds,
+        errors: load.errors,
+        max_rss_mib: peak_rss_mib(),
+        device: format!("{:?}", fogmesh_models::default_device()),
+    })
+}
+
+/// What the closed loop saw after its warm-up.
+pub(crate) struct LoadOutcome {
+    latencies: Histogram<u64>,
+    done: u64,
+    pub(crate) errors: u64,
+    pub(crate) measured_seconds: f64,
+}
+
+impl LoadOutcome {
+    pub(crate) fn windows_per_s(&self) -> f64 {
+        self.done as f64 / self.measured_seconds
+    }
+
+    pub(crate) fn quantile_ms(&self, quantile: f64) -> f64 {
+        self.latencies.value_at_quantile(quantile) as f64 / 1e3
+    }
+}
+
+/// Keeps `options.inflight` windows, drawn from `windows`, in flight through `router`
+/// for `options.seconds`; counts only what was sent after the warm-up.
+pub(crate) async fn closed_loop(
+    node: &Node,
+    router: &str,
+    windows: Vec<Window>,
+    options: &W1Options,
+) -> LoadOutcome {
+    let router: Arc<str> = router.into();
     let windows = Arc::new(windows);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -165,6 +226,7 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
     let mut loops = Vec::with_capacity(options.inflight);
     for lane in 0..options.inflight {
         let node = node.clone();
+        let router = router.clone();
         let windows = windows.clone();
         let stop = stop.clone();
         // Each lane draws its windows independently: lanes that picked windows in a
@@ -177,7 +239,7 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
             while !stop.load(Ordering::Relaxed) {
                 let window = windows[(rng.next_u64() % windows.len() as u64) as usize].clone();
                 let sent = Instant::now();
-                let verdict = node.score("w1", window).await;
+                let verdict = node.score(&router, window).await;
                 let now = Instant::now();
                 if sent >= measure_from {
                     match verdict {
@@ -195,7 +257,7 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
     }
     tokio::time::sleep(Duration::from_secs_f64(options.seconds)).await;
     stop.store(true, Ordering::Relaxed);
-    let measured = started.elapsed().as_secs_f64() - options.warmup_seconds;
+    let measured_seconds = started.elapsed().as_secs_f64() - options.warmup_seconds;
     let mut latencies =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
     let (mut done, mut errors) = (0u64, 0u64);
@@ -205,40 +267,18 @@ pub async fn run(options: &W1Options) -> Result<W1Report, W1Error> {
         done += d;
         errors += e;
     }
-    let snapshot = node.snapshot();
-    let (scored, batches) = snapshot
-        .experts
-        .iter()
-        .fold((0, 0), |(w, b), e| (w + e.windows_scored, b + e.batches));
-    node.shutdown(join).await;
-
-    let windows_per_s = done as f64 / measured;
-    Ok(W1Report {
-        workload: "w1",
-        gate: options.gate,
-        gate_accuracy,
-        windows_per_s,
-        p50_ms: latencies.value_at_quantile(0.50) as f64 / 1e3,
-        p99_ms: latencies.value_at_quantile(0.99) as f64 / 1e3,
-        inflight: options.inflight,
-        experts: options.experts,
-        streams: options.streams,
-        max_batch: options.max_batch,
-        mean_batch_size: if batches == 0 {
-            0.0
-        } else {
-            scored as f64 / batches as f64
-        },
-        bare_forward_windows_per_s: bare,
-        efficiency: windows_per_s / bare,
-        measured_seconds: measured,
+    LoadOutcome {
+        latencies,
+        done,
         errors,
-        max_rss_mib: peak_rss_mib(),
-        device: format!("{:?}", fogmesh_models::default_device()),
-    })
+        measured_seconds,
+    }
 }
 
-fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
+/// The router W1's windows go through.
+pub(crate) const ROUTER: &str = "w1";
+
+pub(crate) fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
     let experts: Vec<String> = (0..options.experts)
         .map(|e| format!("expert-{e}"))
         .collect();
@@ -258,7 +298,7 @@ fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
         node: "w1".into(),
         sensors: Vec::new(),
         routers: vec![RouterSpec {
-            name: "w1".into(),
+            name: ROUTER.into(),
             policy,
         }],
         experts: experts
@@ -285,7 +325,7 @@ fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeSpec {
     }
 }
 
-fn sensor_id(s: usize) -> String {
+pub(crate) fn sensor_id(s: usize) -> String {
     format!("sensor-{s:03}")
 }
 
@@ -295,7 +335,7 @@ const SIGNATURE: f32 = 1.5;
 /// `per_stream` windows per stream, fixed by the seed: standard-normal values, with
 /// channel `stream % experts` shifted by [`SIGNATURE`] so that a window carries the mark
 /// of its asset, as real sensor data does, and a gate has something to learn.
-fn synthetic_windows(options: &W1Options, per_stream: u64, seed: u64) -> Vec<Window> {
+pub(crate) fn synthetic_windows(options: &W1Options, per_stream: u64, seed: u64) -> Vec<Window> {
     let mut rng = SplitMix64::new(seed);
     let mut windows = Vec::with_capacity(options.streams * per_stream as usize);
     for round in 0..per_stream {
@@ -394,7 +434,12 @@ fn bare_forward(options: &W1Options) -> Result<f64, W1Error> {
 
 /// Peak resident set of this process (VmHWM), where the OS reports it.
 pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    peak_rss_mib_of("self")
+}
+
+/// Peak resident set of process `pid` (a number, or `self`), where the OS reports it.
+pub(crate) fn peak_rss_mib_of(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
