@@ -69,8 +69,15 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
     out
 }
 
-/// The status tables, ending with a newline. `address` is where the node was reached.
-pub fn render(status: &NodeStatus, address: &str, now_us: i64) -> String {
+/// The status tables, ending with a newline. `address` is where the node was reached;
+/// `earlier` is the same node's status `seconds` before, from which each expert's
+/// current throughput is computed (`-` without it).
+pub fn render(
+    status: &NodeStatus,
+    address: &str,
+    now_us: i64,
+    earlier: Option<(&NodeStatus, f64)>,
+) -> String {
     let mut out = String::new();
     let capabilities = status.capabilities.clone().unwrap_or_default();
     let load = status.load.unwrap_or_default();
@@ -107,14 +114,29 @@ pub fn render(status: &NodeStatus, address: &str, now_us: i64) -> String {
     if !status.experts.is_empty() {
         let _ = writeln!(
             out,
-            "\n{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10}",
-            "EXPERT", "MODEL", "VERSION", "DEVICE", "QUEUE", "WINDOWS", "MEAN BATCH"
+            "\n{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10} {:>10}",
+            "EXPERT", "MODEL", "VERSION", "DEVICE", "QUEUE", "WINDOWS", "WINDOWS/S", "MEAN BATCH"
         );
         for e in &status.experts {
+            let rate = earlier
+                .and_then(|(before, seconds)| {
+                    let then = before.experts.iter().find(|b| b.name == e.name)?;
+                    (seconds > 0.0).then(|| {
+                        e.windows_scored.saturating_sub(then.windows_scored) as f64 / seconds
+                    })
+                })
+                .map_or_else(|| "-".to_string(), |r| format!("{r:.1}"));
             let _ = writeln!(
                 out,
-                "{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10.1}",
-                e.name, e.model, e.version, e.device, e.queue, e.windows_scored, e.mean_batch_size
+                "{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10} {:>10.1}",
+                e.name,
+                e.model,
+                e.version,
+                e.device,
+                e.queue,
+                e.windows_scored,
+                rate,
+                e.mean_batch_size
             );
         }
     }
@@ -176,7 +198,9 @@ fn uptime(micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fogmesh_proto::{ExpertStatus, GpuInfo, NodeCapabilities, NodeLoad};
+    use fogmesh_proto::{
+        ExpertPlacement, ExpertStatus, GpuInfo, MemberStatus, NodeCapabilities, NodeLoad,
+    };
 
     #[test]
     fn renders_the_node_and_its_experts() {
@@ -209,7 +233,14 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = render(&status, "10.0.0.7:7700", 3 * 3_600_000_000 + 60_000_000);
+        let mut before = status.clone();
+        before.experts[0].windows_scored = 234;
+        let text = render(
+            &status,
+            "10.0.0.7:7700",
+            3 * 3_600_000_000 + 60_000_000,
+            Some((&before, 2.0)),
+        );
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].starts_with("fog-1"), "{text}");
         for part in [
@@ -227,10 +258,67 @@ mod tests {
             .iter()
             .find(|l| l.starts_with("reactor-ae"))
             .expect("an expert line");
-        for part in ["conv_autoencoder", "v3", "Cuda(0)", "1234", "12.3"] {
+        for part in ["conv_autoencoder", "v3", "Cuda(0)", "1234", "500.0", "12.3"] {
             assert!(expert.contains(part), "expert line lacks {part:?}: {text}");
         }
         assert!(!text.contains("ROUTER"), "no empty tables: {text}");
+    }
+
+    #[test]
+    fn the_mesh_table_has_a_line_per_node_and_the_placement() {
+        let member = |node: &str, link: &str, rtt: Option<f64>| MemberStatus {
+            node: node.into(),
+            role: "fog".into(),
+            address: format!("{node}.plant:7700"),
+            capabilities: Some(NodeCapabilities {
+                cores: 8,
+                memory_bytes: 32 << 30,
+                gpus: Vec::new(),
+            }),
+            load: Some(NodeLoad {
+                cpu: 0.5,
+                memory_available_bytes: 1 << 30,
+            }),
+            up_since_us: 0,
+            link: link.into(),
+            link_rtt_ms: rtt,
+        };
+        let mesh = MeshStatus {
+            node: "fog-1".into(),
+            members: vec![
+                member("fog-1", "self", None),
+                member("fog-2", "ready", Some(0.8)),
+                member("fog-3", "down", None),
+            ],
+            spec_version: 4,
+            placement_epoch: 9,
+            leader: "fog-1".into(),
+            placement: vec![ExpertPlacement {
+                expert: "reactor-ae".into(),
+                nodes: vec!["fog-1".into(), "fog-2".into()],
+            }],
+            last_error: String::new(),
+        };
+        let text = render_mesh(&mesh, 65_000_000);
+        let line = |node: &str| {
+            text.lines()
+                .find(|l| l.starts_with(node))
+                .unwrap_or_else(|| panic!("no line for {node}: {text}"))
+                .to_string()
+        };
+        assert!(line("fog-1").contains("self"), "{text}");
+        assert!(line("fog-2").contains("ready 0.8ms"), "{text}");
+        assert!(line("fog-3").contains("down"), "{text}");
+        assert!(line("fog-2").contains("fog-2.plant:7700") && line("fog-2").contains("1m 5s"));
+        assert!(
+            text.contains("spec v4, placement epoch 9 by fog-1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("reactor-ae") && text.contains("on fog-1, fog-2"),
+            "{text}"
+        );
+        assert!(!text.contains("last problem"), "{text}");
     }
 
     #[test]

@@ -237,7 +237,7 @@ async fn print_node_status(node: &str) -> anyhow::Result<()> {
         .trim_start_matches("https://");
     print!(
         "{}",
-        fogmesh_cluster::status_table::render(&status, address, now_us)
+        fogmesh_cluster::status_table::render(&status, address, now_us, None)
     );
     Ok(())
 }
