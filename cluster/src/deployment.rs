@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Role;
-use crate::membership::{Member, Membership, PLACEMENT_KEY, SPEC_KEY};
+use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY};
 use crate::mesh_spec::{MeshSpec, StoredSpec};
 use crate::peer_links::{LinkState, LinkView};
 use crate::placement::{self, Assignment, Candidate};
@@ -149,6 +149,7 @@ impl Deployment {
         let mut own_placement: Option<PublishedPlacement> = None;
         let mut applied: Option<NodeSpec> = None;
         let mut parsed: Option<(StoredSpec, MeshSpec)> = None;
+        let mut moving: Option<Move> = None;
         if let Some(spec) = &own_spec {
             tracing::info!(
                 version = spec.version,
@@ -218,12 +219,22 @@ impl Deployment {
                 .max_by_key(|p| (p.epoch, p.leader.clone()))
                 .cloned();
             if leader.as_deref() == Some(self.node_name.as_str()) {
-                let previous = latest
+                let mut previous = latest
                     .as_ref()
                     .map(|p| p.experts.clone())
                     .unwrap_or_default();
+                // A replica being moved is an extra on top of the placement proper.
+                if let Some(m) = &moving {
+                    if let Some(hosts) = previous.get_mut(&m.expert) {
+                        hosts.retain(|n| n != &m.to);
+                    }
+                }
                 match place(spec, &nodes, &previous) {
-                    Ok(experts) => {
+                    Ok(mut experts) => {
+                        moving = advance_move(moving.take(), &mut experts, &nodes, &members);
+                        if moving.is_none() {
+                            moving = start_move(spec, &nodes, &mut experts);
+                        }
                         let unchanged = latest
                             .as_ref()
                             .is_some_and(|p| p.experts == experts && p.leader == self.node_name);
@@ -246,6 +257,8 @@ impl Deployment {
                     }
                     Err(e) => self.record_error(e.to_string()),
                 }
+            } else {
+                moving = None;
             }
 
             // 4. Follow the leader's placement (the newest, once views agree).
@@ -270,6 +283,14 @@ impl Deployment {
                         if !report.is_empty() {
                             tracing::info!(epoch = follow.epoch, started = ?report.started, stopped = ?report.stopped, restarted = ?report.restarted, "running this node's share of the mesh");
                         }
+                        let serving: Vec<&str> =
+                            target.experts.iter().map(|e| e.name.as_str()).collect();
+                        self.membership
+                            .set(
+                                SERVING_KEY,
+                                serde_json::to_string(&serving).unwrap_or_default(),
+                            )
+                            .await;
                         applied = Some(target);
                     }
                     Err(e) => self.record_error(format!("this node's share did not start: {e}")),
@@ -312,6 +333,101 @@ impl Deployment {
     }
 }
 
+/// A replica on its way from a busy node to an idle one: placed on both until the new
+/// host says it serves (make before break), so no window waits for a cold replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub expert: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// Carries a move one step on: keeps both hosts while the new one is not serving yet,
+/// drops the old one once it is, and gives the move up when either host left or
+/// placement no longer puts the expert on the old host.
+pub fn advance_move(
+    moving: Option<Move>,
+    experts: &mut Assignment,
+    nodes: &[Candidate],
+    members: &BTreeMap<String, Member>,
+) -> Option<Move> {
+    let m = moving?;
+    let hosts = experts.get_mut(&m.expert)?;
+    if !hosts.contains(&m.from) || !nodes.iter().any(|c| c.name == m.to) {
+        return None;
+    }
+    let serving = members
+        .get(&m.to)
+        .is_some_and(|member| member.serving.contains(&m.expert));
+    if serving {
+        hosts.retain(|n| n != &m.from);
+    }
+    if !hosts.contains(&m.to) {
+        hosts.push(m.to.clone());
+        hosts.sort();
+    }
+    if serving {
+        tracing::info!(expert = %m.expert, from = %m.from, to = %m.to, "replica moved");
+        None
+    } else {
+        Some(m)
+    }
+}
+
+/// Rebalancing: when the busiest usable node hosts at least two experts more than the
+/// idlest, starts moving one replica (the first by name that placement would put on a
+/// less busy node) and adds its new host to `experts`. One move at a time.
+pub fn start_move(spec: &MeshSpec, nodes: &[Candidate], experts: &mut Assignment) -> Option<Move> {
+    let mut counts: BTreeMap<&str, usize> = nodes.iter().map(|c| (c.name.as_str(), 0)).collect();
+    for host in experts.values().flatten() {
+        if let Some(n) = counts.get_mut(host.as_str()) {
+            *n += 1;
+        }
+    }
+    let (busiest, most) = counts
+        .iter()
+        .max_by_key(|(name, n)| (**n, std::cmp::Reverse(**name)))
+        .map(|(name, n)| (name.to_string(), *n))?;
+    let fewest = counts.values().min().copied()?;
+    if most < fewest + 2 {
+        return None;
+    }
+    let before = experts.clone();
+    for (expert, hosts) in &before {
+        if !hosts.contains(&busiest) {
+            continue;
+        }
+        let mut trial = experts.clone();
+        if let Some(h) = trial.get_mut(expert) {
+            h.retain(|n| n != &busiest);
+        }
+        let Ok(placed) = placement::place(&spec.demands(), nodes, &trial) else {
+            continue;
+        };
+        let Some(to) = placed
+            .get(expert)
+            .and_then(|h| h.iter().find(|n| !hosts.contains(n)))
+            .cloned()
+        else {
+            continue;
+        };
+        if counts.get(to.as_str()).is_some_and(|n| n + 1 < most) {
+            let m = Move {
+                expert: expert.clone(),
+                from: busiest.clone(),
+                to: to.clone(),
+            };
+            tracing::info!(expert = %m.expert, from = %m.from, to = %m.to, "rebalancing: moving a replica");
+            if let Some(h) = experts.get_mut(expert) {
+                h.push(to);
+                h.sort();
+            }
+            return Some(m);
+        }
+    }
+    None
+}
+
 /// Adds what the node's own config runs to its share of the mesh.
 fn merge(target: &mut NodeSpec, local: &NodeSpec) {
     target.sensors.extend(local.sensors.iter().cloned());
@@ -320,4 +436,120 @@ fn merge(target: &mut NodeSpec, local: &NodeSpec) {
     target
         .remote_experts
         .retain(|e| !local.experts.iter().any(|l| l.name == e.name));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{LoadCard, MemberCard};
+
+    const TWO_EXPERTS: &str = r#"
+[[experts]]
+name = "ae1"
+model_version = "v1"
+channels = 2
+window = 16
+placement = { roles = ["fog"] }
+
+[[experts]]
+name = "ae2"
+model_version = "v1"
+channels = 2
+window = 16
+placement = { roles = ["fog"] }
+"#;
+
+    fn fog(name: &str) -> Candidate {
+        Candidate {
+            name: name.into(),
+            role: Role::Fog,
+            gpus: 0,
+            cpu_load: 0.0,
+            sensors: Vec::new(),
+        }
+    }
+
+    fn member(name: &str, serving: &[&str]) -> (String, Member) {
+        let card = MemberCard {
+            role: "fog".into(),
+            grpc: format!("{name}:7700"),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpus: Vec::new(),
+            up_since_us: 0,
+        };
+        (
+            name.to_string(),
+            Member {
+                name: name.into(),
+                card,
+                load: LoadCard::default(),
+                spec: None,
+                placement: None,
+                serving: serving.iter().map(|s| s.to_string()).collect(),
+            },
+        )
+    }
+
+    fn assignment(pairs: &[(&str, &[&str])]) -> Assignment {
+        pairs
+            .iter()
+            .map(|(e, nodes)| (e.to_string(), nodes.iter().map(|n| n.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_joining_node_gets_a_replica_made_before_the_old_one_breaks() {
+        let spec = MeshSpec::parse(TWO_EXPERTS, std::path::Path::new("mesh.toml")).unwrap();
+        let nodes = vec![fog("fog-a"), fog("fog-b")];
+        let mut experts = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
+        let m = start_move(&spec, &nodes, &mut experts).expect("a move to the idle node");
+        assert_eq!(
+            (m.expert.as_str(), m.from.as_str(), m.to.as_str()),
+            ("ae1", "fog-a", "fog-b")
+        );
+        assert_eq!(
+            experts,
+            assignment(&[("ae1", &["fog-a", "fog-b"]), ("ae2", &["fog-a"])])
+        );
+
+        // Not serving yet: both hosts stay.
+        let waiting: BTreeMap<_, _> =
+            [member("fog-a", &["ae1", "ae2"]), member("fog-b", &[])].into();
+        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
+        let still = advance_move(Some(m.clone()), &mut step, &nodes, &waiting);
+        assert_eq!(still, Some(m.clone()));
+        assert_eq!(step["ae1"], vec!["fog-a", "fog-b"]);
+
+        // Serving: the old host lets go.
+        let serving: BTreeMap<_, _> =
+            [member("fog-a", &["ae1", "ae2"]), member("fog-b", &["ae1"])].into();
+        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
+        assert_eq!(
+            advance_move(Some(m.clone()), &mut step, &nodes, &serving),
+            None
+        );
+        assert_eq!(
+            step,
+            assignment(&[("ae1", &["fog-b"]), ("ae2", &["fog-a"])])
+        );
+
+        // The new host left: the move is given up, placement as it was.
+        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
+        assert_eq!(
+            advance_move(Some(m), &mut step, &nodes[..1], &serving),
+            None
+        );
+        assert_eq!(step["ae1"], vec!["fog-a"]);
+    }
+
+    #[test]
+    fn a_balanced_mesh_moves_nothing() {
+        let spec = MeshSpec::parse(TWO_EXPERTS, std::path::Path::new("mesh.toml")).unwrap();
+        let nodes = vec![fog("fog-a"), fog("fog-b"), fog("fog-c")];
+        let mut experts = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-b"])]);
+        assert_eq!(start_move(&spec, &nodes, &mut experts), None);
+        let mut one_node = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
+        assert_eq!(start_move(&spec, &nodes[..1], &mut one_node), None);
+    }
 }

@@ -33,6 +33,9 @@ pub const CARD_KEY: &str = "card";
 pub const LOAD_KEY: &str = "load";
 pub const SPEC_KEY: &str = "spec";
 pub const PLACEMENT_KEY: &str = "placement";
+/// The experts a node has running (JSON list of names), set after each reconcile: the
+/// leader moves a replica only once its new host says it serves.
+pub const SERVING_KEY: &str = "serving";
 
 /// How often a node gossips with a few others.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
@@ -103,6 +106,7 @@ pub struct Member {
     /// Raw values of the deployment keys, parsed by `crate::deployment`.
     pub spec: Option<String>,
     pub placement: Option<String>,
+    pub serving: Vec<String>,
 }
 
 /// Why gossip did not start.
@@ -205,6 +209,10 @@ pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Me
                 .unwrap_or_default(),
             spec: state.get(SPEC_KEY).map(str::to_string),
             placement: state.get(PLACEMENT_KEY).map(str::to_string),
+            serving: state
+                .get(SERVING_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
         };
         match newest.get(&member.name) {
             Some((generation, _)) if *generation >= id.generation_id => {}

@@ -361,3 +361,120 @@ async fn a_node_with_the_wrong_secret_is_refused() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_takes_over_a_replica_without_dropping_a_window() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let edge = MeshNode::start(dir.path(), node("edge-r", "edge", "127.0.0.51", &[]));
+    let fog_a = MeshNode::start(dir.path(), node("fog-ra", "fog", "127.0.0.52", &[&edge]));
+    full_membership(&edge, 2).await;
+    let expert = |name: &str| {
+        format!(
+            "[[experts]]\nname = \"{name}\"\nmodel_version = \"v1\"\nchannels = {CHANNELS}\nwindow = {WINDOW}\nthreshold = 1000.0\nseed = 7\nplacement = {{ roles = [\"fog\"] }}\n\n"
+        )
+    };
+    let text = format!(
+        "{}{}[[routers]]\nname = \"r1\"\npolicy = \"static\"\nroutes = {{ s1 = [\"ae1\", \"ae2\"] }}\n\n[[sensors]]\nnode = \"edge-r\"\nid = \"s1\"\nchannels = {CHANNELS}\nwindow = {WINDOW}\nstride = {WINDOW}\nrouter = \"r1\"\n",
+        expert("ae1"),
+        expert("ae2")
+    );
+    let placement = apply(&edge, text).await.expect("the spec is placed");
+    assert_eq!(placement["ae1"], vec!["fog-ra"]);
+    assert_eq!(placement["ae2"], vec!["fog-ra"]);
+    poll("the sensor to start on the edge node", LONG, || async {
+        edge.status()
+            .await?
+            .sensors
+            .iter()
+            .any(|s| s.sensor_id == "s1")
+            .then_some(())
+    })
+    .await;
+    let mut inference = InferenceClient::connect(edge.url())
+        .await
+        .expect("inference");
+    let mut scored = inference
+        .watch_alerts(AlertFilter {
+            sensor_ids: vec!["s1".into()],
+            include_normal: true,
+        })
+        .await
+        .expect("watching scored windows")
+        .into_inner();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(window)) = scored.message().await {
+                seen.lock().unwrap().push(window.window_sequence);
+            }
+        })
+    };
+    const WINDOWS: u64 = 250;
+    let producer = {
+        let url = edge.url();
+        tokio::spawn(async move {
+            let mut ingest = IngestClient::connect(url).await.expect("ingest");
+            for w in 0..WINDOWS {
+                let first = w * WINDOW as u64;
+                let batch = SampleBatch {
+                    samples: samples("s1", first..first + WINDOW as u64, normal_values),
+                };
+                ingest.push(batch).await.expect("every batch is accepted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let count = |seen: &Arc<Mutex<Vec<u64>>>| seen.lock().unwrap().len();
+    poll("windows scored", LONG, || async {
+        (count(&seen) >= 20).then_some(())
+    })
+    .await;
+
+    let fog_b = MeshNode::start(dir.path(), node("fog-rb", "fog", "127.0.0.53", &[&edge]));
+    let joined = Instant::now();
+    poll("one replica moved to the new node", LONG, || async {
+        let mesh = edge.mesh().await?;
+        let on = |expert: &str| {
+            mesh.placement
+                .iter()
+                .find(|p| p.expert == expert)
+                .map(|p| p.nodes.clone())
+                .unwrap_or_default()
+        };
+        (on("ae1") == vec!["fog-rb".to_string()] && on("ae2") == vec!["fog-ra".to_string()])
+            .then_some(())
+    })
+    .await;
+    eprintln!(
+        "replica moved to the joining node {:?} after it started",
+        joined.elapsed()
+    );
+
+    producer.await.expect("the producer finished");
+    poll("every window scored", LONG, || async {
+        (count(&seen) >= WINDOWS as usize).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    collector.abort();
+    let mut windows = seen.lock().unwrap().clone();
+    windows.sort_unstable();
+    assert_eq!(
+        windows,
+        (0..WINDOWS).collect::<Vec<_>>(),
+        "each window scored exactly once"
+    );
+    let router = &edge.status().await.expect("edge status").routers[0];
+    assert_eq!((router.routed, router.failed), (WINDOWS, 0));
+    let moved = fog_b.status().await.expect("fog-rb status");
+    assert!(moved
+        .experts
+        .iter()
+        .any(|e| e.name == "ae1" && e.windows_scored > 0));
+    let stayed = fog_a.status().await.expect("fog-ra status");
+    assert!(
+        stayed.experts.iter().all(|e| e.name != "ae1"),
+        "the old replica stopped"
+    );
+}
