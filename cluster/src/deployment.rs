@@ -13,6 +13,9 @@
 //!    (`crate::placement`), starting from the newest placement any member published for
 //!    this spec so replicas stay where they serve, and publishes the result with a
 //!    higher epoch. A spec that cannot be placed keeps the last placement, logged.
+//!    When a node joins and the load is uneven by two experts or more, the leader
+//!    moves one replica at a time to it ([`start_move`], [`advance_move`]): make
+//!    before break, the old host let go only once the new one says it serves.
 //! 4. **Follow**: every node takes the leader's placement for the adopted spec and
 //!    reconciles its node agent to its share: sensors pinned to it, the routers those
 //!    use, the experts placed on it, next to what its own `node.toml` runs.
