@@ -72,6 +72,7 @@ bench: setup
     cargo run --release -p fogmesh -- bench w1
     cargo run --release -p fogmesh -- bench w1 --gate learned
     cargo run --release -p fogmesh -- bench w1 --inflight 32
+    cargo run --release -p fogmesh -- bench w1 --remote
 
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency.
 # Check formatting (rustfmt) and lints (clippy, warnings are errors).

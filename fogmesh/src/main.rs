@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use fogmesh_simulations::{demo, w1};
+use fogmesh_simulations::{demo, w1, w1_remote};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +80,10 @@ enum Workload {
         /// libtorch intra-op threads per expert.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Experts on a second node process, reached over the cluster link (static
+        /// gate only); also reports the link's round trip against bare loopback TCP.
+        #[arg(long)]
+        remote: bool,
     },
 }
 
@@ -137,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                         seconds,
                         gate,
                         threads,
+                        remote,
                     },
             } => {
                 let options = w1::W1Options {
@@ -149,8 +154,15 @@ fn main() -> anyhow::Result<()> {
                     },
                     ..Default::default()
                 };
-                let report = w1::run(&options).await.context("running W1")?;
-                println!("{}", serde_json::to_string(&report)?);
+                let json = if remote {
+                    let report = w1_remote::run(&options)
+                        .await
+                        .context("running W1 with remote experts")?;
+                    serde_json::to_string(&report)?
+                } else {
+                    serde_json::to_string(&w1::run(&options).await.context("running W1")?)?
+                };
+                println!("{json}");
                 Ok(())
             }
         }

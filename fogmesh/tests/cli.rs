@@ -127,3 +127,47 @@ fn a_malformed_config_is_refused_with_file_field_and_value() {
     assert!(stderr.contains("max_batch"), "names the field: {stderr}");
     assert!(stderr.contains('0'), "names the value: {stderr}");
 }
+
+#[test]
+fn bench_w1_remote_scores_every_window_on_a_second_node_process_and_cleans_up() {
+    let output = Command::new(BINARY)
+        .args([
+            "bench",
+            "w1",
+            "--remote",
+            "--seconds",
+            "4",
+            "--inflight",
+            "32",
+        ])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    assert_eq!(report["remote"], true, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    for field in [
+        "windows_per_s",
+        "p99_ms",
+        "remote_rtt_us",
+        "tcp_rtt_us",
+        "rtt_ratio",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} in {report}"
+        );
+    }
+    // The expert node was this binary started again; it must not outlive the run.
+    let leftover = Command::new("pgrep")
+        .args(["-f", "expert-node.toml"])
+        .output()
+        .expect("pgrep runs");
+    assert!(
+        leftover.stdout.is_empty(),
+        "expert node still running: {leftover:?}"
+    );
+}

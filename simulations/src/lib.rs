@@ -1,5 +1,6 @@
 //! Scenarios run on the real fogmesh actors in one process: the plant demo
-//! (`fogmesh demo`) and the benchmark workloads (`fogmesh bench`).
+//! (`fogmesh demo`) and the benchmark workloads (`fogmesh bench`); W1's remote run
+//! puts its experts on a second node process to price the cluster link.
 //!
 //! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
 //! measure it from outside, the way an operator or a load generator would.
@@ -8,3 +9,4 @@ pub mod demo;
 pub mod evaluation;
 pub mod tep;
 pub mod w1;
+pub mod w1_remote;

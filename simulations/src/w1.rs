@@ -221,6 +221,7 @@ pub(crate) async fn closed_loop(
     let router: Arc<str> = router.into();
     let windows = Arc::new(windows);
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_lanes = StopOnDrop(stop.clone());
     let started = Instant::now();
     let measure_from = started + Duration::from_secs_f64(options.warmup_seconds);
     let mut loops = Vec::with_capacity(options.inflight);
@@ -256,7 +257,7 @@ pub(crate) async fn closed_loop(
         }));
     }
     tokio::time::sleep(Duration::from_secs_f64(options.seconds)).await;
-    stop.store(true, Ordering::Relaxed);
+    drop(stop_lanes);
     let measured_seconds = started.elapsed().as_secs_f64() - options.warmup_seconds;
     let mut latencies =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
@@ -272,6 +273,17 @@ pub(crate) async fn closed_loop(
         done,
         errors,
         measured_seconds,
+    }
+}
+
+/// Raises the lanes' stop flag when dropped, so they stop also when the loop's future
+/// is dropped mid-run (an interrupted remote run): a lane whose node is gone fails
+/// each window at once, never yields, and would spin until the process ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
