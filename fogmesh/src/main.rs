@@ -201,57 +201,83 @@ async fn apply(node: &str, spec: &std::path::Path, dry_run: bool) -> anyhow::Res
     Ok(())
 }
 
+/// How long `fogmesh status` watches the experts' counters to show their throughput.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn print_status(node: &str) -> anyhow::Result<()> {
     let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
         .await
         .with_context(|| format!("connecting to the node at {node}"))?;
+    let (nodes, mesh) = match control.get_mesh(fogmesh_proto::MeshRequest {}).await {
+        Ok(mesh) => {
+            let mesh = mesh.into_inner();
+            let nodes = mesh
+                .members
+                .iter()
+                .map(|m| format!("http://{}", m.address))
+                .collect();
+            (nodes, Some(mesh))
+        }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            (vec![node.to_string()], None)
+        }
+        Err(status) => {
+            return Err(anyhow::anyhow!("{}", status.message()))
+                .with_context(|| format!("asking {node} for the mesh"))
+        }
+    };
+    let earlier = node_statuses(&nodes).await;
+    let started = std::time::Instant::now();
+    tokio::time::sleep(RATE_WINDOW).await;
+    let now = node_statuses(&nodes).await;
+    let seconds = started.elapsed().as_secs_f64();
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64);
-    match control.get_mesh(fogmesh_proto::MeshRequest {}).await {
-        Ok(mesh) => {
-            let mesh = mesh.into_inner();
-            print!(
-                "{}",
-                fogmesh_cluster::status_table::render_mesh(&mesh, now_us)
-            );
-            for member in &mesh.members {
-                println!();
-                let url = format!("http://{}", member.address);
-                if let Err(e) = print_node_status(&url).await {
-                    println!("{}: {e:#}", member.node);
-                }
-            }
-            Ok(())
-        }
-        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-            print_node_status(node).await
-        }
-        Err(status) => Err(anyhow::anyhow!("{}", status.message()))
-            .with_context(|| format!("asking {node} for the mesh")),
+    if let Some(mesh) = &mesh {
+        print!(
+            "{}",
+            fogmesh_cluster::status_table::render_mesh(mesh, now_us)
+        );
     }
+    for ((url, before), status) in nodes.iter().zip(earlier).zip(now) {
+        if mesh.is_some() {
+            println!();
+        }
+        let address = url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        match status {
+            Ok(status) => print!(
+                "{}",
+                fogmesh_cluster::status_table::render(
+                    &status,
+                    address,
+                    now_us,
+                    before.as_ref().ok().map(|b| (b, seconds))
+                )
+            ),
+            // One unreachable node must not hide the others.
+            Err(e) if mesh.is_some() => println!("{address}: {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
-async fn print_node_status(node: &str) -> anyhow::Result<()> {
+async fn node_statuses(nodes: &[String]) -> Vec<anyhow::Result<fogmesh_proto::NodeStatus>> {
+    futures::future::join_all(nodes.iter().map(|node| node_status(node))).await
+}
+
+async fn node_status(node: &str) -> anyhow::Result<fogmesh_proto::NodeStatus> {
     let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
         .await
         .with_context(|| format!("connecting to the node at {node}"))?;
-    let status = control
+    Ok(control
         .get_status(fogmesh_proto::StatusRequest {})
         .await
         .with_context(|| format!("asking {node} for its status"))?
-        .into_inner();
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    let address = node
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    print!(
-        "{}",
-        fogmesh_cluster::status_table::render(&status, address, now_us, None)
-    );
-    Ok(())
+        .into_inner())
 }
 
 async fn run_node(config: PathBuf) -> anyhow::Result<()> {

@@ -210,6 +210,27 @@ async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node()
         host.name
     );
 
+    // The operator's view: every node, where the expert runs, its throughput.
+    let status = tokio::process::Command::new(fogmesh_tests::mesh::fogmesh_binary())
+        .args(["status", "--node", &edge.url()])
+        .output()
+        .await
+        .expect("fogmesh status runs");
+    let tables = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{tables}");
+    for name in ["edge-1", "fog-a", "fog-b"] {
+        assert!(
+            tables.lines().filter(|l| l.starts_with(name)).count() >= 2,
+            "{name}: {tables}"
+        );
+    }
+    assert!(tables.contains(&format!("on {host_name}")), "{tables}");
+    let expert_line = tables
+        .lines()
+        .find(|l| l.starts_with("ae "))
+        .unwrap_or_else(|| panic!("an expert line: {tables}"));
+    assert!(expert_line.contains("conv_autoencoder"), "{tables}");
+
     // kill -9 the node holding the expert while windows flow.
     host.kill();
     let killed = Instant::now();
