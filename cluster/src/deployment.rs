@@ -125,9 +125,9 @@ pub fn candidates(
         .collect()
 }
 
-/// Places `spec` on `nodes`, refusing it whole when a sensor's node is missing or an
-/// expert cannot get its replicas.
-pub fn place(
+/// Places a spec being applied on `nodes`, refusing it whole when a sensor's node is
+/// missing or an expert cannot get its replicas.
+pub fn place_new(
     spec: &MeshSpec,
     nodes: &[Candidate],
     previous: &Assignment,
@@ -139,6 +139,17 @@ pub fn place(
             missing.join(", ")
         )));
     }
+    place(spec, nodes, previous)
+}
+
+/// Places an adopted spec on the nodes usable now. A sensor whose node is gone is not
+/// a reason to stop placing experts: its node gets its share back when it returns, and
+/// the experts of other lost nodes still need new hosts meanwhile.
+pub fn place(
+    spec: &MeshSpec,
+    nodes: &[Candidate],
+    previous: &Assignment,
+) -> Result<Assignment, ApplyError> {
     placement::place(&spec.demands(), nodes, previous)
         .map_err(|e| ApplyError::Placement(e.to_string()))
 }

@@ -29,6 +29,7 @@ use crate::peer_links::{
     LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
 };
 use crate::shutdown::Shutdown;
+use crate::telemetry;
 
 /// The host part ractor_cluster appends to node names (`edge-1@fogmesh`).
 const CLUSTER_HOST: &str = "fogmesh";
@@ -230,13 +231,27 @@ async fn feed_peers(
     mut shutdown: Shutdown,
 ) {
     let mut changes = membership.changes();
+    let mut known: BTreeMap<String, String> = BTreeMap::new();
     loop {
-        let peers: BTreeMap<String, String> = membership
-            .members()
+        let members = membership.members();
+        for (name, m) in &members {
+            if name != &me && !known.contains_key(name) {
+                tracing::info!(node = %name, role = %m.card.role, address = %m.card.grpc, cores = m.card.cores, gpus = m.card.gpus.len(), "node joined the mesh");
+                metrics::counter!(telemetry::MEMBERS_JOINED).increment(1);
+            }
+        }
+        for name in known.keys() {
+            if !members.contains_key(name) {
+                tracing::warn!(node = %name, "node left the mesh (gossip no longer hears it)");
+                metrics::counter!(telemetry::MEMBERS_LEFT).increment(1);
+            }
+        }
+        let peers: BTreeMap<String, String> = members
             .into_values()
             .filter(|m| m.name != me)
             .map(|m| (m.name, m.card.grpc))
             .collect();
+        known = peers.clone();
         if links.cast(PeerLinksMsg::Peers(peers)).is_err() {
             return;
         }

@@ -49,7 +49,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
-use crate::deployment::{candidates, place, DeploymentState};
+use crate::deployment::{candidates, place_new, DeploymentState};
 use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
@@ -352,7 +352,7 @@ impl Control for NodeServices {
         let members = mesh.membership.members();
         let links = mesh.links.borrow().clone();
         let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
-        let assignment = place(&spec, &nodes, &Default::default())
+        let assignment = place_new(&spec, &nodes, &Default::default())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let mut state = mesh
             .deployment

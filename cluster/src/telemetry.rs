@@ -27,3 +27,7 @@ pub const TRANSPORT_MQTT: &str = "mqtt";
 pub const LINKS_REFUSED: &str = "fogmesh_cluster_links_refused_total";
 /// Cluster link state changes (labels `peer`, `state`).
 pub const LINK_TRANSITIONS: &str = "fogmesh_cluster_link_transitions_total";
+/// Nodes gossip started to hear.
+pub const MEMBERS_JOINED: &str = "fogmesh_mesh_members_joined_total";
+/// Nodes gossip stopped hearing (failure detector or graceful leave).
+pub const MEMBERS_LEFT: &str = "fogmesh_mesh_members_left_total";
