@@ -48,6 +48,11 @@ pub const MAX_CHUNK: usize = 256 * 1024;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a ping may go unanswered before the link is dropped.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 flow-control windows of cluster links (and the node's other gRPC streams):
+/// hundreds of windows in flight on one link exceed the 64 KiB default, and a sender
+/// waiting for a window update adds a round trip to every window behind it.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
 /// Longest a dial may take to get a TCP connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -279,6 +284,8 @@ pub(crate) async fn connect(addr: &str) -> Result<Channel, LinkError> {
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .tcp_nodelay(true)
         .connect()
         .await

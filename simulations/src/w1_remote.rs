@@ -28,8 +28,6 @@ use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::{ApplyRequest, StatusRequest};
 use ractor::rpc::CallResult;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::w1::{self, GateKind, W1Error, W1Options};
 
@@ -581,43 +579,50 @@ async fn remote_rtt_us() -> Result<f64, W1RemoteError> {
     Ok(median_us(rtts))
 }
 
-/// The same echo over one loopback TCP connection to an echo task in this process.
+/// The bare floor: a request/response round trip of the same payload over loopback
+/// TCP between two threads blocked in the kernel, as netperf's TCP_RR measures it.
+/// Blocking threads on both ends, like the two node processes of the remote path;
+/// two async tasks that happen to share one runtime thread would measure a task
+/// switch instead, and which one a run gets is chance.
 async fn tcp_rtt_us() -> Result<f64, W1RemoteError> {
-    let io = io_error("the loopback TCP echo");
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    tokio::task::spawn_blocking(blocking_tcp_rtt_us)
         .await
-        .map_err(io)?;
+        .map_err(|e| io_error("the loopback TCP echo")(std::io::Error::other(e)))?
+}
+
+fn blocking_tcp_rtt_us() -> Result<f64, W1RemoteError> {
+    use std::io::{Read, Write};
+    let io = io_error("the loopback TCP echo");
+    let listener = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
-    let echo = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
         let mut buffer = [0u8; RTT_PAYLOAD];
         loop {
-            match stream.read_exact(&mut buffer).await {
-                Ok(_) => stream.write_all(&buffer).await?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    return Ok::<(), std::io::Error>(())
-                }
+            match stream.read_exact(&mut buffer) {
+                Ok(()) => stream.write_all(&buffer)?,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
     });
-    let mut stream = TcpStream::connect(addr).await.map_err(io)?;
+    let mut stream = std::net::TcpStream::connect(addr).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     let payload = [0u8; RTT_PAYLOAD];
     let mut back = [0u8; RTT_PAYLOAD];
     let mut rtts = Vec::with_capacity(RTT_ROUNDS);
     for round in 0..RTT_WARMUP + RTT_ROUNDS {
         let sent = Instant::now();
-        stream.write_all(&payload).await.map_err(io)?;
-        stream.read_exact(&mut back).await.map_err(io)?;
+        stream.write_all(&payload).map_err(io)?;
+        stream.read_exact(&mut back).map_err(io)?;
         if round >= RTT_WARMUP {
             rtts.push(sent.elapsed());
         }
     }
     drop(stream);
-    echo.await
-        .map_err(|e| io(std::io::Error::other(e)))?
+    echo.join()
+        .map_err(|_| io(std::io::Error::other("the echo thread panicked")))?
         .map_err(io)?;
     Ok(median_us(rtts))
 }
