@@ -9,7 +9,8 @@
 //! 2. **Usable nodes**: members gossip calls live *and* whose cluster link is ready
 //!    (this node always). A killed node drops out as soon as its link closes, long
 //!    before gossip's failure detector would call it dead.
-//! 3. **Lead**: the usable node whose name sorts first places the experts
+//! 3. **Lead**: the usable node whose name sorts first (once it is linked to every
+//!    node gossip knows, or after [`SETTLE_TIME`]) places the experts
 //!    (`crate::placement`), starting from the newest placement any member published for
 //!    this spec so replicas stay where they serve, and publishes the result with a
 //!    higher epoch. A spec that cannot be placed keeps the last placement, logged.
@@ -42,6 +43,10 @@ use crate::shutdown::Shutdown;
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).
 pub const ROUND_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a node that sees only part of the mesh waits before it may lead: a
+/// joining node's links come up one by one, and a node leading on that partial view
+/// would move experts off nodes it simply has not linked to yet.
+pub const SETTLE_TIME: Duration = Duration::from_secs(3);
 
 /// A leader's placement, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,10 +124,23 @@ pub fn candidates(
             name: m.name.clone(),
             role: role_of(&m.card.role),
             gpus: m.card.gpus.len() as u32,
-            cpu_load: m.load.cpu,
+            cpu_load: load_step(m.load.cpu),
             sensors: sensors.get(&m.name).cloned().unwrap_or_default(),
         })
         .collect()
+}
+
+/// Load in quarter-core steps: placement should follow real differences in load, not
+/// the noise between two samples of the same one-minute average.
+fn load_step(cpu: f64) -> f64 {
+    (cpu * 4.0).round() / 4.0
+}
+
+/// Whether `me` places experts this round: it sorts first among the usable `nodes`,
+/// and either links to all `members` gossip knows or has been up [`SETTLE_TIME`].
+pub fn may_lead(me: &str, nodes: &[Candidate], members: usize, up: Duration) -> bool {
+    let first = nodes.iter().map(|c| c.name.as_str()).min() == Some(me);
+    first && (nodes.len() == members || up >= SETTLE_TIME)
 }
 
 /// Places a spec being applied on `nodes`, refusing it whole when a sensor's node is
@@ -172,6 +190,7 @@ impl Deployment {
             self.publish_spec(spec).await;
         }
         let mut tick = tokio::time::interval(ROUND_INTERVAL);
+        let started = std::time::Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.fired() => return,
@@ -232,7 +251,7 @@ impl Deployment {
                 .iter()
                 .max_by_key(|p| (p.epoch, p.leader.clone()))
                 .cloned();
-            if leader.as_deref() == Some(self.node_name.as_str()) {
+            if may_lead(&self.node_name, &nodes, members.len(), started.elapsed()) {
                 let mut previous = latest
                     .as_ref()
                     .map(|p| p.experts.clone())
@@ -555,6 +574,26 @@ placement = { roles = ["fog"] }
             None
         );
         assert_eq!(step["ae1"], vec!["fog-a"]);
+    }
+
+    /// Regression: a node that had just joined, linked to nobody yet, saw itself as the
+    /// only usable node, led, and placed every expert on itself; the real leader then
+    /// took that placement as the one to keep stable and moves went back and forth.
+    #[test]
+    fn a_node_with_a_partial_view_leads_only_once_settled() {
+        let alone = vec![fog("fog-a")];
+        assert!(!may_lead("fog-a", &alone, 3, Duration::from_millis(100)));
+        assert!(may_lead("fog-a", &alone, 3, SETTLE_TIME));
+        assert!(
+            may_lead("fog-a", &alone, 1, Duration::ZERO),
+            "a mesh of one"
+        );
+        let all = vec![fog("fog-a"), fog("fog-b")];
+        assert!(may_lead("fog-a", &all, 2, Duration::ZERO));
+        assert!(
+            !may_lead("fog-b", &all, 2, SETTLE_TIME),
+            "fog-a sorts first"
+        );
     }
 
     #[test]

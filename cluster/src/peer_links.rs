@@ -35,7 +35,7 @@ use crate::telemetry;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MISSED_BEATS: u32 = 3;
 const TICK: Duration = Duration::from_millis(100);
 
