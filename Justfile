@@ -66,8 +66,13 @@ demo: setup
 test *ARGS: setup setup-broker
     cargo test --workspace --release "$@"
 
+# SKAB is not shipped: pass its `data` folder (default: ../shared/data/skab).
+# Evaluate on public benchmarks (one JSON object each).
+eval skab="../shared/data/skab":
+    cargo run --release -p fogmesh -- eval skab --data "{{ skab }}"
+
 # Each run prints one JSON object.
-# Benchmark workload w1: baseline, with the learned gate, and with 32 requests in flight.
+# Benchmark workload w1: baseline, learned gate, 32 requests in flight, experts on a second process.
 bench: setup
     cargo run --release -p fogmesh -- bench w1
     cargo run --release -p fogmesh -- bench w1 --gate learned

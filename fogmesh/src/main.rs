@@ -58,6 +58,11 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Evaluations on public benchmarks; each prints one JSON object on stdout.
+    Eval {
+        #[command(subcommand)]
+        dataset: Dataset,
+    },
     /// Benchmark workloads; each prints one JSON object on stdout.
     Bench {
         #[command(subcommand)]
@@ -84,6 +89,28 @@ enum Workload {
         /// gate only); also reports the link's round trip against bare loopback TCP.
         #[arg(long)]
         remote: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dataset {
+    /// SKAB pump benchmark, scored like its leaderboard (F1, FAR, MAR).
+    Skab {
+        /// The SKAB `data` folder (valve1/, valve2/, other/); SKAB is not shipped.
+        #[arg(long, default_value = "../shared/data/skab")]
+        data: PathBuf,
+        /// Rows per window.
+        #[arg(long, default_value_t = 60)]
+        window: usize,
+        /// Channels at the autoencoder's narrowest layer.
+        #[arg(long, default_value_t = 4)]
+        bottleneck: i64,
+        /// The alarm limit: this quantile of the training errors ...
+        #[arg(long, default_value_t = 0.99)]
+        ucl_quantile: f64,
+        /// ... times this factor.
+        #[arg(long, default_value_t = 1.5)]
+        ucl_factor: f32,
     },
 }
 
@@ -132,6 +159,41 @@ fn main() -> anyhow::Result<()> {
                     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
+                Ok(())
+            }
+            Command::Eval {
+                dataset:
+                    Dataset::Skab {
+                        data,
+                        window,
+                        bottleneck,
+                        ucl_quantile,
+                        ucl_factor,
+                    },
+            } => {
+                let options = fogmesh_simulations::skab::SkabOptions {
+                    data,
+                    window,
+                    bottleneck,
+                    ucl_quantile,
+                    ucl_factor,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::skab::evaluate(&options, &mut |run| {
+                        eprintln!(
+                            "{:<10} rows {:>5}  F1 {:>5}  trained in {:.1} s",
+                            run.run,
+                            run.rows,
+                            run.f1.map_or("-".into(), |f| format!("{f:.3}")),
+                            run.train_seconds
+                        );
+                    })
+                })
+                .await
+                .context("the evaluation task")?
+                .context("evaluating on SKAB")?;
+                println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
             Command::Bench {

@@ -6,8 +6,9 @@
 //! - [`training`]: options and reports shared by every training run.
 //! - [`recording`]: the fogrec file format for plant recordings.
 //! - [`calibration`]: score quantiles for alarm thresholds.
+//! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
 //!
-//! Everything fallible returns [`ModelError`].
+//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`]).
 
 pub mod autoencoder;
 pub mod calibration;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod gate;
 pub mod recording;
 pub mod rng;
+pub mod skab;
 pub mod training;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};

@@ -1,12 +1,14 @@
 //! Scenarios run on the real fogmesh actors in one process: the plant demo
-//! (`fogmesh demo`) and the benchmark workloads (`fogmesh bench`); W1's remote run
-//! puts its experts on a second node process to price the cluster link.
+//! (`fogmesh demo`), the benchmark workloads (`fogmesh bench`; W1's remote run puts its
+//! experts on a second node process to price the cluster link) and evaluations on
+//! public benchmarks (`fogmesh eval skab`).
 //!
 //! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
 //! measure it from outside, the way an operator or a load generator would.
 
 pub mod demo;
 pub mod evaluation;
+pub mod skab;
 pub mod tep;
 pub mod w1;
 pub mod w1_remote;

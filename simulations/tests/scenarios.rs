@@ -79,3 +79,50 @@ async fn w1_runs_both_policies_without_losing_a_window() {
         }
     }
 }
+
+/// SKAB lives beside the repository (`../shared/data/skab`) on development machines
+/// and in CI; fogmesh does not ship it.
+fn skab_data() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/skab");
+    assert!(
+        dir.join("valve1").is_dir(),
+        "{} has no SKAB data: these tests need the SKAB `data` folder beside the repository (shared/data/skab)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn skab_is_scored_like_its_leaderboard_and_meets_the_target() {
+    let options = fogmesh_simulations::skab::SkabOptions {
+        data: skab_data(),
+        ..Default::default()
+    };
+    let mut runs = 0;
+    let report = fogmesh_simulations::skab::evaluate(&options, &mut |_| runs += 1)
+        .expect("the evaluation runs");
+    assert_eq!((report.runs, runs), (34, 34));
+    assert!(report.rows > 30_000, "{} rows", report.rows);
+    // The target, and within 10 % of the published Conv-AE.
+    assert!(report.f1 >= 0.70, "F1 {}", report.f1);
+    assert!(report.f1_vs_published >= 0.9, "{}", report.f1_vs_published);
+    assert!(
+        report.far < 0.3 && report.mar < 0.3,
+        "FAR {} MAR {}",
+        report.far,
+        report.mar
+    );
+}
+
+#[test]
+fn skab_missing_is_said_plainly() {
+    let options = fogmesh_simulations::skab::SkabOptions {
+        data: PathBuf::from("/nonexistent/skab"),
+        ..Default::default()
+    };
+    let error = fogmesh_simulations::skab::evaluate(&options, &mut |_| {})
+        .expect_err("no data")
+        .to_string();
+    assert!(error.contains("/nonexistent/skab"), "{error}");
+    assert!(error.contains("not shipped"), "{error}");
+}
