@@ -145,8 +145,8 @@ impl SkabRun {
                 run.values.push(value);
             }
             let label = |at: usize| match fields[at].parse::<f32>() {
-                Ok(v) if v == 0.0 => Ok(false),
-                Ok(v) if v == 1.0 => Ok(true),
+                Ok(0.0) => Ok(false),
+                Ok(1.0) => Ok(true),
                 _ => Err(bad(at, "a label must be 0 or 1")),
             };
             run.anomaly.push(label(anomaly_at)?);
