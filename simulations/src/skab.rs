@@ -176,7 +176,7 @@ pub fn evaluate_run(
     let fit_rows = options.train_rows - options.train_rows / 4;
     if rows <= options.train_rows + window
         || fit_rows < window
-        || options.train_rows + 1 <= fit_rows + window
+        || options.train_rows < fit_rows + window
     {
         return Err(SkabEvalError::TooShort {
             run: run.name.clone(),
