@@ -58,6 +58,14 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The model store: weights addressed by sha256, a manifest per version.
+    Models {
+        /// The store's folder.
+        #[arg(long, default_value = "data/models", global = true)]
+        store: PathBuf,
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
     /// Evaluations on public benchmarks; each prints one JSON object on stdout.
     Eval {
         #[command(subcommand)]
@@ -89,6 +97,27 @@ enum Workload {
         /// gate only); also reports the link's round trip against bare loopback TCP.
         #[arg(long)]
         remote: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Every stored version.
+    Ls,
+    /// One version's manifest (NAME for the newest, NAME@VERSION for one).
+    Show { id: String },
+    /// Store a manifest (JSON) and its safetensors weights; the hash is checked.
+    Import {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+    },
+    /// Write manifest.json and weights.safetensors of a version into a folder.
+    Export {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -161,6 +190,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Models { store, action } => models(&store, action),
             Command::Eval {
                 dataset:
                     Dataset::Skab {
@@ -259,6 +289,59 @@ async fn apply(node: &str, spec: &std::path::Path, dry_run: bool) -> anyhow::Res
     );
     for p in reply.placement {
         println!("  {:<20} on {}", p.expert, p.nodes.join(", "));
+    }
+    Ok(())
+}
+
+fn models(store: &std::path::Path, action: ModelsAction) -> anyhow::Result<()> {
+    let store = fogmesh_models::store::ModelStore::open(store);
+    match action {
+        ModelsAction::Ls => {
+            let manifests = store.list()?;
+            println!(
+                "{:<20} {:<12} {:<12} {:<18} {:>10}  {:<12} {:<24} METRICS",
+                "NAME", "VERSION", "KIND", "ARCHITECTURE", "BYTES", "SHA256", "PARENTS"
+            );
+            for m in manifests {
+                let metrics: Vec<String> = m
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .collect();
+                println!(
+                    "{:<20} {:<12} {:<12} {:<18} {:>10}  {:<12} {:<24} {}",
+                    m.name,
+                    m.version,
+                    serde_json::to_value(m.kind)?.as_str().unwrap_or_default(),
+                    m.architecture,
+                    m.weights_bytes,
+                    &m.weights_sha256[..12.min(m.weights_sha256.len())],
+                    if m.parents.is_empty() {
+                        "-".to_string()
+                    } else {
+                        m.parents.join(",")
+                    },
+                    metrics.join(" ")
+                );
+            }
+        }
+        ModelsAction::Show { id } => {
+            let manifest = store.get(&id)?;
+            store
+                .weights(&manifest)
+                .with_context(|| format!("checking the weights of {}", manifest.id()))?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+        }
+        ModelsAction::Import { manifest, weights } => {
+            let stored = store
+                .import_files(&manifest, &weights)
+                .with_context(|| format!("importing {}", manifest.display()))?;
+            println!("stored {} ({})", stored.id(), stored.weights_sha256);
+        }
+        ModelsAction::Export { id, out } => {
+            let manifest = store.export(&id, &out)?;
+            println!("exported {} to {}", manifest.id(), out.display());
+        }
     }
     Ok(())
 }

@@ -171,3 +171,73 @@ fn bench_w1_remote_scores_every_window_on_a_second_node_process_and_cleans_up() 
         "expert node still running: {leftover:?}"
     );
 }
+
+#[test]
+fn the_model_store_imports_lists_exports_and_refuses_tampered_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let manifest = dir.path().join("manifest.json");
+    let weights = dir.path().join("w.safetensors");
+    std::fs::write(&weights, b"not really safetensors, just bytes to address").unwrap();
+    std::fs::write(
+        &manifest,
+        r#"{"name":"pump-ae","version":"v1","kind":"time_series","architecture":"conv_autoencoder",
+            "hyper":{"channels":8,"window":60},"input":{"shape":[-1,8,60]},
+            "metrics":{"f1":0.788},"weights_sha256":"","weights_bytes":0}"#,
+    )
+    .unwrap();
+    let fogmesh = |args: &[&str]| {
+        let output = Command::new(BINARY)
+            .args(["models", "--store"])
+            .arg(&store)
+            .args(args)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .expect("the fogmesh binary runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = fogmesh(&[
+        "import",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("stored pump-ae@v1"), "{out}");
+    let (ok, out, _) = fogmesh(&["ls"]);
+    assert!(
+        ok && out
+            .lines()
+            .any(|l| l.starts_with("pump-ae") && l.contains("f1=0.7880")),
+        "{out}"
+    );
+    let (ok, out, _) = fogmesh(&["show", "pump-ae"]);
+    assert!(ok && out.contains("\"weights_sha256\""), "{out}");
+    let export = dir.path().join("export");
+    let (ok, _, err) = fogmesh(&["export", "pump-ae@v1", "--out", export.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read(export.join("weights.safetensors")).unwrap(),
+        std::fs::read(&weights).unwrap()
+    );
+
+    // Damage the stored blob: every load refuses it, naming the file and both hashes.
+    let blob = std::fs::read_dir(store.join("blobs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&blob, b"tampered").unwrap();
+    let (ok, _, err) = fogmesh(&["show", "pump-ae@v1"]);
+    assert!(!ok);
+    assert!(
+        err.contains("tampered") && err.contains(blob.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+}

@@ -7,6 +7,8 @@
 //! - [`recording`]: the fogrec file format for plant recordings.
 //! - [`calibration`]: score quantiles for alarm thresholds.
 //! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
+//! - [`store`]: the content-addressed model store (weights by sha256, manifests with
+//!   lineage).
 //!
 //! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`]).
 
@@ -17,6 +19,7 @@ pub mod gate;
 pub mod recording;
 pub mod rng;
 pub mod skab;
+pub mod store;
 pub mod training;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
