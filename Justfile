@@ -68,8 +68,9 @@ test *ARGS: setup setup-broker
 
 # SKAB is not shipped: pass its `data` folder (default: ../shared/data/skab).
 # Evaluate on public benchmarks (one JSON object each).
-eval skab="../shared/data/skab":
+eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval skab --data "{{ skab }}"
+    cargo run --release -p fogmesh -- eval tep --data data/tep
 
 # Each run prints one JSON object.
 # Benchmark workload w1: baseline, learned gate, 32 requests in flight, experts on a second process.

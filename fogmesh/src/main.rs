@@ -123,6 +123,13 @@ enum ModelsAction {
 
 #[derive(Subcommand)]
 enum Dataset {
+    /// Tennessee Eastman: fault detection and false alarm rates per fault, fogmesh's
+    /// autoencoder against the PCA T²/Q baseline on the same rows.
+    Tep {
+        /// The recordings `just setup` generates.
+        #[arg(long, default_value = "data/tep")]
+        data: PathBuf,
+    },
     /// SKAB pump benchmark, scored like its leaderboard (F1, FAR, MAR).
     Skab {
         /// The SKAB `data` folder (valve1/, valve2/, other/); SKAB is not shipped.
@@ -191,6 +198,33 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Models { store, action } => models(&store, action),
+            Command::Eval {
+                dataset: Dataset::Tep { data },
+            } => {
+                let options = fogmesh_simulations::tep_eval::TepEvalOptions {
+                    data,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::tep_eval::evaluate(&options, &mut |run| {
+                        let pct =
+                            |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}", 100.0 * v));
+                        eprintln!(
+                            "{:<12} PCA FDR {:>5} FAR {:>5}   fogmesh FDR {:>5} FAR {:>5}",
+                            run.run,
+                            pct(run.pca.fdr),
+                            pct(run.pca.far),
+                            pct(run.fogmesh.fdr),
+                            pct(run.fogmesh.far)
+                        );
+                    })
+                })
+                .await
+                .context("the evaluation task")?
+                .context("evaluating on the Tennessee Eastman recordings")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
             Command::Eval {
                 dataset:
                     Dataset::Skab {

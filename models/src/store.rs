@@ -301,8 +301,7 @@ impl ModelStore {
             None => self
                 .list()?
                 .into_iter()
-                .filter(|m| m.name == name)
-                .next_back()
+                .rfind(|m| m.name == name)
                 .ok_or_else(|| StoreError::NotFound(id.to_string())),
         }
     }

@@ -1,7 +1,7 @@
 //! Scenarios run on the real fogmesh actors in one process: the plant demo
 //! (`fogmesh demo`), the benchmark workloads (`fogmesh bench`; W1's remote run puts its
 //! experts on a second node process to price the cluster link) and evaluations on
-//! public benchmarks (`fogmesh eval skab`).
+//! public benchmarks (`fogmesh eval skab`, `fogmesh eval tep`).
 //!
 //! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
 //! measure it from outside, the way an operator or a load generator would.
@@ -10,5 +10,6 @@ pub mod demo;
 pub mod evaluation;
 pub mod skab;
 pub mod tep;
+pub mod tep_eval;
 pub mod w1;
 pub mod w1_remote;

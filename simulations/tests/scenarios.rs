@@ -126,3 +126,29 @@ fn skab_missing_is_said_plainly() {
     assert!(error.contains("/nonexistent/skab"), "{error}");
     assert!(error.contains("not shipped"), "{error}");
 }
+
+#[test]
+fn tep_detection_is_reported_against_the_pca_baseline_on_the_same_rows() {
+    let options = fogmesh_simulations::tep_eval::TepEvalOptions {
+        data: tep_data(),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let report =
+        fogmesh_simulations::tep_eval::evaluate(&options, &mut |r| seen.push(r.run.clone()))
+            .expect("the evaluation runs");
+    assert!(seen.contains(&"normal-test".to_string()) && seen.contains(&"idv01".to_string()));
+    let run = |name: &str| report.runs.iter().find(|r| r.run == name).unwrap();
+    // Step faults every method in the literature detects.
+    for fault in ["idv01", "idv04", "idv07"] {
+        let r = run(fault);
+        assert!(
+            r.pca.fdr.unwrap() > 0.95 && r.fogmesh.fdr.unwrap() > 0.95,
+            "{r:?}"
+        );
+    }
+    // Limits at the 0.99 quantile of calibration data: few alarms on unseen normal data.
+    assert!(run("normal-test").fogmesh.far.unwrap() < 0.05);
+    assert!(run("normal-test").pca.far.unwrap() < 0.05);
+    assert!(report.pca_components >= 1);
+}

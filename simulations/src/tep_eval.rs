@@ -1,0 +1,302 @@
+//! `fogmesh eval tep`: fault detection on the Tennessee Eastman recordings, fogmesh's
+//! convolutional autoencoder against the PCA T²/Q baseline, both fitted and limited on
+//! the same normal data and scored on the same rows.
+//!
+//! - Fitted on the three `normal-train-*` runs; alarm limits are the 0.99 quantiles of
+//!   each statistic on `normal-calibration` (so about 1 % false alarms by design).
+//! - Scored per row on `normal-test` and every `idvNN` run: fault detection rate (FDR,
+//!   alarmed rows after the fault's onset) and false alarm rate (FAR, alarmed rows
+//!   before it, or in all of `normal-test`).
+//! - PCA keeps the components explaining 90 % of the variance and alarms when T² or Q
+//!   is over its limit. The autoencoder sees all 53 variables in windows of
+//!   [`TepEvalOptions::window`] rows ending at the scored row (rows before the first
+//!   full window count as normal).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fogmesh_models::pca::Pca;
+use fogmesh_models::{
+    quantile, AutoencoderConfig, ConvAutoencoder, ModelError, Recording, TrainOptions,
+};
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct TepEvalOptions {
+    /// The folder `just setup` fills (`data/tep`).
+    pub data: PathBuf,
+    pub window: usize,
+    pub explained: f64,
+    pub limit_quantile: f64,
+    pub train: TrainOptions,
+}
+
+impl Default for TepEvalOptions {
+    fn default() -> Self {
+        TepEvalOptions {
+            data: PathBuf::from("data/tep"),
+            window: 10,
+            explained: 0.9,
+            limit_quantile: 0.99,
+            train: TrainOptions {
+                epochs: 30,
+                batch_size: 64,
+                learning_rate: 1e-3,
+                validation_fraction: 0.1,
+                patience: 4,
+                seed: 7,
+                max_seconds: Some(30.0),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TepEvalError {
+    #[error("{}: {source} (run `just setup` to generate the recordings)", path.display())]
+    Recording {
+        path: PathBuf,
+        #[source]
+        source: ModelError,
+    },
+    #[error("{}: {} columns, the training runs have {expected}", path.display(), got)]
+    Columns {
+        path: PathBuf,
+        expected: usize,
+        got: usize,
+    },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Detection of one run by one method.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Detection {
+    pub fdr: Option<f64>,
+    pub far: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunDetection {
+    pub run: String,
+    pub fault: Option<u32>,
+    pub pca: Detection,
+    pub pca_t2: Detection,
+    pub pca_q: Detection,
+    pub fogmesh: Detection,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TepReport {
+    pub dataset: &'static str,
+    pub pca_components: usize,
+    pub runs: Vec<RunDetection>,
+    /// Means over the fault runs (FDR) and over every run's normal rows (FAR).
+    pub mean_fdr_pca: f64,
+    pub mean_fdr_fogmesh: f64,
+    pub mean_far_pca: f64,
+    pub mean_far_fogmesh: f64,
+    pub seconds: f64,
+}
+
+fn read(path: &Path) -> Result<Recording, TepEvalError> {
+    Recording::read(path).map_err(|source| TepEvalError::Recording {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Per-column mean and deviation of row-major `rows`.
+fn standardiser(rows: &[f32], columns: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (rows.len() / columns).max(1) as f64;
+    let mut mean = vec![0.0f64; columns];
+    let mut square = vec![0.0f64; columns];
+    for row in rows.chunks_exact(columns) {
+        for c in 0..columns {
+            mean[c] += f64::from(row[c]);
+            square[c] += f64::from(row[c]).powi(2);
+        }
+    }
+    let mean: Vec<f64> = mean.iter().map(|m| m / n).collect();
+    let std = square
+        .iter()
+        .zip(&mean)
+        .map(|(s, m)| {
+            let sd = (s / n - m * m).max(0.0).sqrt();
+            if sd > 1e-9 {
+                sd as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (mean.iter().map(|m| *m as f32).collect(), std)
+}
+
+/// Channel-major windows of `window` rows ending at each row from `window - 1` on.
+fn windows(rows: &[f32], columns: usize, window: usize, mean: &[f32], std: &[f32]) -> Vec<f32> {
+    let n = rows.len() / columns;
+    let mut out = Vec::with_capacity(n.saturating_sub(window - 1) * columns * window);
+    for end in window - 1..n {
+        for c in 0..columns {
+            out.extend(
+                (end + 1 - window..=end).map(|r| (rows[r * columns + c] - mean[c]) / std[c]),
+            );
+        }
+    }
+    out
+}
+
+fn rate(alarmed: &[bool], rows: std::ops::Range<usize>) -> Option<f64> {
+    let n = rows.len();
+    (n > 0).then(|| alarmed[rows].iter().filter(|a| **a).count() as f64 / n as f64)
+}
+
+fn detection(alarmed: &[bool], onset: Option<usize>) -> Detection {
+    match onset {
+        Some(onset) => Detection {
+            fdr: rate(alarmed, onset..alarmed.len()),
+            far: rate(alarmed, 0..onset),
+        },
+        None => Detection {
+            fdr: None,
+            far: rate(alarmed, 0..alarmed.len()),
+        },
+    }
+}
+
+fn mean(values: impl Iterator<Item = Option<f64>>) -> f64 {
+    let values: Vec<f64> = values.flatten().collect();
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+pub fn evaluate(
+    options: &TepEvalOptions,
+    progress: &mut dyn FnMut(&RunDetection),
+) -> Result<TepReport, TepEvalError> {
+    let started = Instant::now();
+    let data = &options.data;
+    let mut train = Vec::new();
+    let mut columns = 0;
+    for i in 1..=3 {
+        let run = read(&data.join(format!("normal-train-{i}.fogrec")))?;
+        columns = run.columns();
+        train.extend_from_slice(&run.values);
+    }
+    let calibration = read(&data.join("normal-calibration.fogrec"))?;
+    let window = options.window;
+
+    let pca = Pca::fit(&train, columns, options.explained)?;
+    let calibration_scores = pca.score(&calibration.values)?;
+    let t2: Vec<f32> = calibration_scores.iter().map(|s| s.t2 as f32).collect();
+    let q: Vec<f32> = calibration_scores.iter().map(|s| s.q as f32).collect();
+    let t2_limit = f64::from(quantile(&t2, options.limit_quantile)?);
+    let q_limit = f64::from(quantile(&q, options.limit_quantile)?);
+
+    let (mu, sd) = standardiser(&train, columns);
+    let config = AutoencoderConfig {
+        channels: columns as i64,
+        window: window as i64,
+        hidden: 64,
+        bottleneck: 16,
+        kernel: 3,
+    };
+    let mut model =
+        ConvAutoencoder::new(config, fogmesh_models::default_device(), options.train.seed)?;
+    // Each training run is windowed on its own, so no window straddles two runs.
+    let train_windows: Vec<f32> = train
+        .chunks(train.len() / 3)
+        .flat_map(|run| windows(run, columns, window, &mu, &sd))
+        .collect();
+    model.fit(&train_windows, &options.train, &mut |_| {})?;
+    let calibration_errors =
+        model.score(&windows(&calibration.values, columns, window, &mu, &sd))?;
+    let ae_limit = quantile(&calibration_errors, options.limit_quantile)?;
+
+    let mut names: Vec<String> = std::fs::read_dir(data)
+        .map_err(|e| TepEvalError::Recording {
+            path: data.clone(),
+            source: ModelError::Io {
+                path: data.clone(),
+                source: e,
+            },
+        })?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| (n.starts_with("idv") || n == "normal-test.fogrec") && n.ends_with(".fogrec"))
+        .collect();
+    names.sort();
+    let mut runs = Vec::new();
+    for name in names {
+        let path = data.join(&name);
+        let run = read(&path)?;
+        if run.columns() != columns {
+            return Err(TepEvalError::Columns {
+                path,
+                expected: columns,
+                got: run.columns(),
+            });
+        }
+        let onset = run.header.fault_onset_row.map(|r| r as usize);
+        let scores = pca.score(&run.values)?;
+        let by = |f: &dyn Fn(&fogmesh_models::pca::PcaScores) -> bool| -> Vec<bool> {
+            scores.iter().map(f).collect()
+        };
+        let pca_t2 = by(&|s| s.t2 > t2_limit);
+        let pca_q = by(&|s| s.q > q_limit);
+        let pca_any: Vec<bool> = pca_t2.iter().zip(&pca_q).map(|(a, b)| *a || *b).collect();
+        let errors = model.score(&windows(&run.values, columns, window, &mu, &sd))?;
+        let mut ae = vec![false; window - 1];
+        ae.extend(errors.iter().map(|e| *e > ae_limit));
+        let result = RunDetection {
+            run: name.trim_end_matches(".fogrec").to_string(),
+            fault: run.header.fault,
+            pca: detection(&pca_any, onset),
+            pca_t2: detection(&pca_t2, onset),
+            pca_q: detection(&pca_q, onset),
+            fogmesh: detection(&ae, onset),
+        };
+        progress(&result);
+        runs.push(result);
+    }
+    Ok(TepReport {
+        dataset: "tep",
+        pca_components: pca.components(),
+        mean_fdr_pca: mean(runs.iter().map(|r| r.pca.fdr)),
+        mean_fdr_fogmesh: mean(runs.iter().map(|r| r.fogmesh.fdr)),
+        mean_far_pca: mean(runs.iter().map(|r| r.pca.far)),
+        mean_far_fogmesh: mean(runs.iter().map(|r| r.fogmesh.far)),
+        runs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_split_at_the_onset() {
+        let alarmed = [false, true, false, false, true, true, true, false];
+        let d = detection(&alarmed, Some(4));
+        assert_eq!((d.far, d.fdr), (Some(0.25), Some(0.75)));
+        let normal = detection(&alarmed, None);
+        assert_eq!((normal.far, normal.fdr), (Some(0.5), None));
+    }
+
+    #[test]
+    fn windows_end_at_each_row_and_are_standardised() {
+        // 4 rows of 2 columns: column 0 = row, column 1 = 10 * row.
+        let rows: Vec<f32> = (0..4).flat_map(|r| [r as f32, 10.0 * r as f32]).collect();
+        let w = windows(&rows, 2, 3, &[0.0, 0.0], &[1.0, 10.0]);
+        // Ends at rows 2 and 3; channel-major.
+        assert_eq!(
+            w,
+            vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+        );
+    }
+}
