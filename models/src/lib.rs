@@ -6,20 +6,26 @@
 //! - [`training`]: options and reports shared by every training run.
 //! - [`recording`]: the fogrec file format for plant recordings.
 //! - [`calibration`]: score quantiles for alarm thresholds.
+//! - [`pca`]: PCA T²/Q monitoring, the classic process-monitoring baseline.
 //! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
+//! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
+//!   checked against their declared signature and served as experts.
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
-//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`]).
+//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`];
+//! TorchScript models: [`ScriptError`]).
 
 pub mod autoencoder;
 pub mod calibration;
 pub mod error;
 pub mod gate;
+pub mod pca;
 pub mod recording;
 pub mod rng;
 pub mod skab;
 pub mod store;
+pub mod torchscript;
 pub mod training;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
@@ -28,6 +34,7 @@ pub use error::ModelError;
 pub use gate::SoftmaxGate;
 pub use recording::{Recording, RecordingHeader};
 pub use rng::SplitMix64;
+pub use torchscript::{ScriptError, ScriptedModel, Signature, TensorSpec};
 pub use training::{EpochReport, TrainOptions, TrainReport};
 
 /// Where models go unless the caller says otherwise: the first CUDA device when libtorch
