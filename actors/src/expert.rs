@@ -1,7 +1,8 @@
 //! `Expert`: one anomaly model on one device, serving windows in dynamic batches.
 //!
-//! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`] placed with
-//! `Device::cuda_if_available()`), the batching queue, and the expert's counters.
+//! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`], or a
+//! TorchScript file a plant engineer exported from PyTorch, checked against its declared
+//! signature on load; placed with `Device::cuda_if_available()`), the batching queue, and the expert's counters.
 //! **Takes** [`ExpertMsg::Infer`]: one window, answered with its score on the request's
 //! reply port. **Supervised by** the [`crate::NodeAgent`], which restarts it from the
 //! same weights. **On failure**: if the model thread dies the actor fails with it;
@@ -28,7 +29,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+use std::path::PathBuf;
+
+use fogmesh_models::torchscript::Dtype;
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ScriptedModel, Signature, TensorSpec};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +71,10 @@ pub struct ExpertSpec {
     pub threshold: Option<f32>,
     pub batching: BatchingSpec,
     pub intra_op_threads: usize,
+    /// A TorchScript file to serve instead of the autoencoder (bring your own model).
+    /// Its declared signature is one input `[batch, config.channels, config.window]`
+    /// and one score per window, `[batch]`; the file is checked against it on load.
+    pub torchscript: Option<PathBuf>,
 }
 
 impl ExpertSpec {
@@ -138,6 +146,8 @@ impl ractor::Message for ExpertMsg {}
 #[derive(Debug)]
 pub struct ExpertShared {
     pub name: Arc<str>,
+    /// `conv_autoencoder` or `torchscript`.
+    pub model: &'static str,
     pub model_version: Arc<str>,
     pub device: String,
     pub window_len: usize,
@@ -153,6 +163,11 @@ impl ExpertShared {
     pub fn for_spec(spec: &ExpertSpec) -> Arc<Self> {
         Arc::new(ExpertShared {
             name: spec.name.as_str().into(),
+            model: if spec.torchscript.is_some() {
+                "torchscript"
+            } else {
+                "conv_autoencoder"
+            },
             model_version: spec.model_version.as_str().into(),
             device: format!("{:?}", fogmesh_models::default_device()),
             window_len: spec.config.window_len(),
@@ -259,19 +274,10 @@ fn model_thread(
     // thread that runs every forward pass of this expert.
     tch::set_num_threads(spec.intra_op_threads as i32);
     let device = fogmesh_models::default_device();
-    let model = match &spec.weights {
-        Some(bytes) => ConvAutoencoder::from_safetensors(
-            spec.config.clone(),
-            bytes,
-            spec.weights_sha256.as_deref(),
-            device,
-        ),
-        None => ConvAutoencoder::new(spec.config.clone(), device, spec.seed),
-    };
-    let model = match model {
+    let model = match ExpertModel::load(&spec, device) {
         Ok(model) => model,
-        Err(e) => {
-            let _ = ready.send(Err(format!("expert `{}`: {e}", spec.name)));
+        Err(reason) => {
+            let _ = ready.send(Err(format!("expert `{}`: {reason}", spec.name)));
             return;
         }
     };
@@ -322,7 +328,7 @@ fn model_thread(
         batch_size_histogram.record(size as f64);
         batch_wait_histogram.record(wait.as_secs_f64());
         let threshold = shared.threshold;
-        match model.score(&input) {
+        match model.score(&input, size) {
             Ok(scores) => {
                 for (request, score) in admitted.into_iter().zip(scores) {
                     request
@@ -343,7 +349,7 @@ fn model_thread(
                         .reply
                         .send(Err(ScoreError::Model {
                             expert: spec.name.clone(),
-                            reason: e.to_string(),
+                            reason: e.clone(),
                         }))
                         .ok();
                 }
@@ -354,6 +360,54 @@ fn model_thread(
             .fetch_add(size as u64, Ordering::Relaxed);
         shared.batches.fetch_add(1, Ordering::Relaxed);
         windows_counter.increment(size as u64);
+    }
+}
+
+/// What an expert runs: fogmesh's autoencoder or a model brought as TorchScript.
+enum ExpertModel {
+    Autoencoder(ConvAutoencoder),
+    Scripted(ScriptedModel),
+}
+
+impl ExpertModel {
+    fn load(spec: &ExpertSpec, device: tch::Device) -> Result<ExpertModel, String> {
+        if let Some(path) = &spec.torchscript {
+            let signature = Signature {
+                inputs: vec![TensorSpec {
+                    shape: vec![-1, spec.config.channels, spec.config.window],
+                    dtype: Dtype::F32,
+                }],
+                output: TensorSpec {
+                    shape: vec![-1],
+                    dtype: Dtype::F32,
+                },
+            };
+            return ScriptedModel::load(path, signature, device)
+                .map(ExpertModel::Scripted)
+                .map_err(|e| e.to_string());
+        }
+        let model = match &spec.weights {
+            Some(bytes) => ConvAutoencoder::from_safetensors(
+                spec.config.clone(),
+                bytes,
+                spec.weights_sha256.as_deref(),
+                device,
+            ),
+            None => ConvAutoencoder::new(spec.config.clone(), device, spec.seed),
+        };
+        model
+            .map(ExpertModel::Autoencoder)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One score per window of `input` (windows back to back, channel-major).
+    fn score(&self, input: &[f32], windows: usize) -> Result<Vec<f32>, String> {
+        match self {
+            ExpertModel::Autoencoder(model) => model.score(input).map_err(|e| e.to_string()),
+            ExpertModel::Scripted(model) => {
+                model.forward(&[input], windows).map_err(|e| e.to_string())
+            }
+        }
     }
 }
 

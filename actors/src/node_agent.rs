@@ -784,7 +784,7 @@ impl Node {
                 let x = &e.value().shared;
                 ExpertSnapshot {
                     name: x.name.to_string(),
-                    model: "conv_autoencoder",
+                    model: x.model,
                     version: x.model_version.to_string(),
                     device: x.device.clone(),
                     queue: x.queued.load(Ordering::Relaxed),

@@ -31,6 +31,7 @@ fn spec(max_batch: usize, max_wait: Duration) -> ExpertSpec {
             max_wait_us: max_wait.as_micros() as u64,
         },
         intra_op_threads: 1,
+        torchscript: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn expert(name: &str, seed: i64) -> ExpertSpec {
             max_wait_us: 1_000,
         },
         intra_op_threads: 1,
+        torchscript: None,
     }
 }
 

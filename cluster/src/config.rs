@@ -173,6 +173,12 @@ pub struct ExpertConfig {
     pub intra_op_threads: usize,
     #[serde(default)]
     pub seed: i64,
+    /// Serve this TorchScript file instead of the autoencoder: it must take one input
+    /// `[batch, channels, window]` and return one score per window, `[batch]`; `sha256`
+    /// then pins this file. `hidden`, `bottleneck`, `kernel`, `weights` and `seed` do
+    /// not apply.
+    #[serde(default)]
+    pub torchscript: Option<PathBuf>,
 }
 
 fn default_hidden() -> i64 {
@@ -426,7 +432,16 @@ impl NodeConfig {
             }
         }
         for (i, expert) in self.experts.iter().enumerate() {
-            if let (Some(sha256), None) = (&expert.sha256, &expert.weights) {
+            if expert.torchscript.is_some() && expert.weights.is_some() {
+                return Err(self.invalid(
+                    format!("experts[{i}].torchscript"),
+                    format!("{:?}", expert.torchscript),
+                    "an expert serves either a TorchScript file or autoencoder `weights`, not both",
+                ));
+            }
+            if let (Some(sha256), None, None) =
+                (&expert.sha256, &expert.weights, &expert.torchscript)
+            {
                 return Err(self.invalid(
                     format!("experts[{i}].sha256"),
                     format!("{sha256:?}"),
@@ -605,6 +620,32 @@ impl NodeConfig {
             }
             None => None,
         };
+        let torchscript = match &expert.torchscript {
+            Some(path) => {
+                let path = self.resolve(path);
+                let bytes = std::fs::read(&path).map_err(|source| ConfigError::UnreadableFile {
+                    file: self.file.clone(),
+                    field: format!("experts[{i}].torchscript"),
+                    what: "TorchScript",
+                    path: path.clone(),
+                    source,
+                })?;
+                if let Some(expected) = &expert.sha256 {
+                    let actual = sha256_hex(&bytes);
+                    if !actual.eq_ignore_ascii_case(expected) {
+                        return Err(ConfigError::WeightsHash {
+                            file: self.file.clone(),
+                            field: format!("experts[{i}].sha256"),
+                            path,
+                            expected: expected.clone(),
+                            actual,
+                        });
+                    }
+                }
+                Some(path)
+            }
+            None => None,
+        };
         Ok(ExpertSpec {
             name: expert.name.clone(),
             model_version: expert.model_version.clone(),
@@ -624,6 +665,7 @@ impl NodeConfig {
                 max_wait_us: expert.max_wait_us,
             },
             intra_op_threads: expert.intra_op_threads,
+            torchscript,
         })
     }
 

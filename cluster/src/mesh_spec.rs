@@ -208,7 +208,11 @@ impl MeshSpec {
                 }
             }
         };
-        for (list, key) in [("experts", "weights"), ("routers", "gate")] {
+        for (list, key) in [
+            ("experts", "weights"),
+            ("experts", "torchscript"),
+            ("routers", "gate"),
+        ] {
             if let Some(toml::Value::Array(items)) = doc.get_mut(list) {
                 for item in items {
                     if let Some(value) = item.get_mut(key) {

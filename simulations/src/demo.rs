@@ -536,6 +536,7 @@ fn train_unit(
         threshold: Some(threshold),
         batching: BatchingSpec::default(),
         intra_op_threads: 1,
+        torchscript: None,
     };
     let sensor = SensorStreamSpec {
         id: unit.name.to_string(),

@@ -330,6 +330,7 @@ pub(crate) fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeS
                     max_wait_us: options.max_wait_us,
                 },
                 intra_op_threads: options.intra_op_threads,
+                torchscript: None,
             })
             .collect(),
         remote_experts: Vec::new(),

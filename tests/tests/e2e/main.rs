@@ -10,3 +10,4 @@ mod config;
 mod grpc;
 mod mqtt;
 mod replay;
+mod torchscript;
