@@ -210,12 +210,13 @@ fn main() -> anyhow::Result<()> {
                         let pct =
                             |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}", 100.0 * v));
                         eprintln!(
-                            "{:<12} PCA FDR {:>5} FAR {:>5}   fogmesh FDR {:>5} FAR {:>5}",
+                            "{:<12} PCA FDR {:>5} FAR {:>5}   fogmesh FDR {:>5} FAR {:>5}   diagnosed {:>5}",
                             run.run,
                             pct(run.pca.fdr),
                             pct(run.pca.far),
                             pct(run.fogmesh.fdr),
-                            pct(run.fogmesh.far)
+                            pct(run.fogmesh.far),
+                            pct(run.diagnosed)
                         );
                     })
                 })

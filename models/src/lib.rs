@@ -2,6 +2,7 @@
 //! their weights as safetensors, and the recordings they learn from.
 //!
 //! - [`autoencoder`]: the convolutional autoencoder expert (the W1 benchmark model).
+//! - [`classifier`]: the fault classifier (diagnosis: which fault, not only whether).
 //! - [`gate`]: the mixture-of-experts gate, trained with tch, served in plain Rust.
 //! - [`training`]: options and reports shared by every training run.
 //! - [`recording`]: the fogrec file format for plant recordings.
@@ -18,6 +19,7 @@
 
 pub mod autoencoder;
 pub mod calibration;
+pub mod classifier;
 pub mod error;
 pub mod gate;
 pub mod pca;

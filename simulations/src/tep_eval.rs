@@ -11,10 +11,17 @@
 //!   is over its limit. The autoencoder sees all 53 variables in windows of
 //!   [`TepEvalOptions::window`] rows ending at the scored row (rows before the first
 //!   full window count as normal).
+//!
+//! Diagnosis: a [`FaultClassifier`] learns which fault the plant is in from windows of
+//! [`TepEvalOptions::classifier_window`] rows: normal operation from the training runs,
+//! each fault from the first [`TepEvalOptions::classifier_split`] of its run after the
+//! onset. It is tested on `normal-test` and on the rest of each fault run (later in
+//! time than anything it saw), and the report gives the accuracy overall and per run.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
 use fogmesh_models::pca::Pca;
 use fogmesh_models::{
     quantile, AutoencoderConfig, ConvAutoencoder, ModelError, Recording, TrainOptions,
@@ -29,6 +36,9 @@ pub struct TepEvalOptions {
     pub explained: f64,
     pub limit_quantile: f64,
     pub train: TrainOptions,
+    pub classifier_window: usize,
+    pub classifier_split: f64,
+    pub classifier_train: TrainOptions,
 }
 
 impl Default for TepEvalOptions {
@@ -46,6 +56,17 @@ impl Default for TepEvalOptions {
                 patience: 4,
                 seed: 7,
                 max_seconds: Some(30.0),
+            },
+            classifier_window: 20,
+            classifier_split: 0.6,
+            classifier_train: TrainOptions {
+                epochs: 40,
+                batch_size: 64,
+                learning_rate: 2e-3,
+                validation_fraction: 0.1,
+                patience: 5,
+                seed: 11,
+                max_seconds: Some(40.0),
             },
         }
     }
@@ -84,6 +105,8 @@ pub struct RunDetection {
     pub pca_t2: Detection,
     pub pca_q: Detection,
     pub fogmesh: Detection,
+    /// Share of this run's test windows the classifier put in the right class.
+    pub diagnosed: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +119,9 @@ pub struct TepReport {
     pub mean_fdr_fogmesh: f64,
     pub mean_far_pca: f64,
     pub mean_far_fogmesh: f64,
+    /// Fault classification accuracy over every test window (normal and faulty).
+    pub classification_accuracy: f64,
+    pub classes: usize,
     pub seconds: f64,
 }
 
@@ -230,7 +256,7 @@ pub fn evaluate(
         .filter(|n| (n.starts_with("idv") || n == "normal-test.fogrec") && n.ends_with(".fogrec"))
         .collect();
     names.sort();
-    let mut runs = Vec::new();
+    let mut recordings = Vec::new();
     for name in names {
         let path = data.join(&name);
         let run = read(&path)?;
@@ -241,6 +267,14 @@ pub fn evaluate(
                 got: run.columns(),
             });
         }
+        recordings.push((name.trim_end_matches(".fogrec").to_string(), run));
+    }
+
+    let diagnosis = Diagnosis::train(options, &train, columns, &recordings, &mu, &sd)?;
+    let mut runs = Vec::new();
+    let mut correct = 0usize;
+    let mut tested = 0usize;
+    for (name, run) in &recordings {
         let onset = run.header.fault_onset_row.map(|r| r as usize);
         let scores = pca.score(&run.values)?;
         let by = |f: &dyn Fn(&fogmesh_models::pca::PcaScores) -> bool| -> Vec<bool> {
@@ -252,13 +286,17 @@ pub fn evaluate(
         let errors = model.score(&windows(&run.values, columns, window, &mu, &sd))?;
         let mut ae = vec![false; window - 1];
         ae.extend(errors.iter().map(|e| *e > ae_limit));
+        let (right, total) = diagnosis.test(run, columns, &mu, &sd)?;
+        correct += right;
+        tested += total;
         let result = RunDetection {
-            run: name.trim_end_matches(".fogrec").to_string(),
+            run: name.clone(),
             fault: run.header.fault,
             pca: detection(&pca_any, onset),
             pca_t2: detection(&pca_t2, onset),
             pca_q: detection(&pca_q, onset),
             fogmesh: detection(&ae, onset),
+            diagnosed: (total > 0).then(|| right as f64 / total as f64),
         };
         progress(&result);
         runs.push(result);
@@ -270,9 +308,121 @@ pub fn evaluate(
         mean_fdr_fogmesh: mean(runs.iter().map(|r| r.fogmesh.fdr)),
         mean_far_pca: mean(runs.iter().map(|r| r.pca.far)),
         mean_far_fogmesh: mean(runs.iter().map(|r| r.fogmesh.far)),
+        classification_accuracy: if tested > 0 {
+            correct as f64 / tested as f64
+        } else {
+            0.0
+        },
+        classes: diagnosis.classes.len(),
         runs,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The fault classifier and the class of each fault.
+struct Diagnosis {
+    model: FaultClassifier,
+    /// Fault number of each class; class 0 is normal operation (`None`).
+    classes: Vec<Option<u32>>,
+    window: usize,
+    split: f64,
+}
+
+impl Diagnosis {
+    fn class_of(&self, fault: Option<u32>) -> i64 {
+        self.classes
+            .iter()
+            .position(|c| *c == fault)
+            .map_or(0, |i| i as i64)
+    }
+
+    /// The first row of a fault run's test part: the rows after the onset split at
+    /// `split`.
+    fn test_from(&self, run: &Recording, onset: usize) -> usize {
+        onset + ((run.rows() - onset) as f64 * self.split) as usize
+    }
+
+    fn train(
+        options: &TepEvalOptions,
+        train: &[f32],
+        columns: usize,
+        recordings: &[(String, Recording)],
+        mu: &[f32],
+        sd: &[f32],
+    ) -> Result<Diagnosis, TepEvalError> {
+        let window = options.classifier_window;
+        let mut classes: Vec<Option<u32>> = vec![None];
+        classes.extend(
+            recordings
+                .iter()
+                .filter_map(|(_, r)| r.header.fault.map(Some)),
+        );
+        let mut diagnosis = Diagnosis {
+            model: FaultClassifier::new(
+                ClassifierConfig {
+                    channels: columns as i64,
+                    window: window as i64,
+                    hidden: 64,
+                    classes: classes.len() as i64,
+                },
+                fogmesh_models::default_device(),
+                options.classifier_train.seed,
+            )?,
+            classes,
+            window,
+            split: options.classifier_split,
+        };
+        let mut inputs = Vec::new();
+        let mut labels = Vec::new();
+        for run in train.chunks(train.len() / 3) {
+            let w = windows(run, columns, window, mu, sd);
+            labels.extend(std::iter::repeat_n(0, w.len() / (columns * window)));
+            inputs.extend(w);
+        }
+        for (_, run) in recordings {
+            let (Some(fault), Some(onset)) = (run.header.fault, run.header.fault_onset_row) else {
+                continue;
+            };
+            let onset = onset as usize;
+            let end = diagnosis.test_from(run, onset);
+            // Windows that end in [onset, end): the fault is on at their last row.
+            let first = onset.saturating_sub(window - 1);
+            let part = &run.values[first * columns..end * columns];
+            let w = windows(part, columns, window, mu, sd);
+            let class = diagnosis.class_of(Some(fault));
+            labels.extend(std::iter::repeat_n(class, w.len() / (columns * window)));
+            inputs.extend(w);
+        }
+        diagnosis
+            .model
+            .fit(&inputs, &labels, &options.classifier_train, &mut |_| {})?;
+        Ok(diagnosis)
+    }
+
+    /// (right, tested) over `run`'s test windows: all of a normal run, the part after
+    /// the split of a fault run.
+    fn test(
+        &self,
+        run: &Recording,
+        columns: usize,
+        mu: &[f32],
+        sd: &[f32],
+    ) -> Result<(usize, usize), TepEvalError> {
+        let from = match run.header.fault_onset_row {
+            Some(onset) if run.header.fault.is_some() => self
+                .test_from(run, onset as usize)
+                .saturating_sub(self.window - 1),
+            _ => 0,
+        };
+        if run.rows() < from + self.window {
+            return Ok((0, 0));
+        }
+        let w = windows(&run.values[from * columns..], columns, self.window, mu, sd);
+        let predicted = self.model.predict(&w)?;
+        let truth = self.class_of(run.header.fault);
+        let right = predicted.iter().filter(|p| **p == truth).count();
+        Ok((right, predicted.len()))
+    }
 }
 
 #[cfg(test)]

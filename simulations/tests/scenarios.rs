@@ -129,9 +129,15 @@ fn skab_missing_is_said_plainly() {
 
 #[test]
 fn tep_detection_is_reported_against_the_pca_baseline_on_the_same_rows() {
+    let defaults = fogmesh_simulations::tep_eval::TepEvalOptions::default();
     let options = fogmesh_simulations::tep_eval::TepEvalOptions {
         data: tep_data(),
-        ..Default::default()
+        // A shorter training budget than `fogmesh eval tep`: enough to tell faults apart.
+        classifier_train: fogmesh_models::TrainOptions {
+            max_seconds: Some(10.0),
+            ..defaults.classifier_train.clone()
+        },
+        ..defaults
     };
     let mut seen = Vec::new();
     let report =
@@ -151,4 +157,15 @@ fn tep_detection_is_reported_against_the_pca_baseline_on_the_same_rows() {
     assert!(run("normal-test").fogmesh.far.unwrap() < 0.05);
     assert!(run("normal-test").pca.far.unwrap() < 0.05);
     assert!(report.pca_components >= 1);
+    // Diagnosis: 13 classes, of which the largest (normal) is a fifth of the test
+    // windows; step faults are told apart nearly always.
+    assert_eq!(report.classes, 13);
+    assert!(
+        report.classification_accuracy > 0.5,
+        "{}",
+        report.classification_accuracy
+    );
+    for fault in ["idv01", "idv04", "idv07"] {
+        assert!(run(fault).diagnosed.unwrap() > 0.8, "{:?}", run(fault));
+    }
 }

@@ -22,7 +22,10 @@ fn export(dir: &Path) -> (Vec<f32>, Vec<f32>) {
         .arg(dir)
         .status()
         .expect("python3 runs (install torch with `just setup`)");
-    assert!(status.success(), "the export script failed: run `just setup` for torch");
+    assert!(
+        status.success(),
+        "the export script failed: run `just setup` for torch"
+    );
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
     let floats = |key: &str| -> Vec<f32> {
