@@ -592,56 +592,50 @@ impl NodeConfig {
         Ok(spec)
     }
 
+    /// Reads the file an expert's `key` names and checks it against the expert's
+    /// `sha256`. The expert checks too, but its error cannot name this config file.
+    fn read_pinned(
+        &self,
+        i: usize,
+        expert: &ExpertConfig,
+        key: &str,
+        what: &'static str,
+        path: &Path,
+    ) -> Result<(PathBuf, Vec<u8>), ConfigError> {
+        let path = self.resolve(path);
+        let bytes = std::fs::read(&path).map_err(|source| ConfigError::UnreadableFile {
+            file: self.file.clone(),
+            field: format!("experts[{i}].{key}"),
+            what,
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(expected) = &expert.sha256 {
+            let actual = sha256_hex(&bytes);
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(ConfigError::WeightsHash {
+                    file: self.file.clone(),
+                    field: format!("experts[{i}].sha256"),
+                    path,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok((path, bytes))
+    }
+
     fn expert_spec(&self, i: usize, expert: &ExpertConfig) -> Result<ExpertSpec, ConfigError> {
         let weights = match &expert.weights {
             Some(path) => {
-                let path = self.resolve(path);
-                let bytes = std::fs::read(&path).map_err(|source| ConfigError::UnreadableFile {
-                    file: self.file.clone(),
-                    field: format!("experts[{i}].weights"),
-                    what: "weights",
-                    path: path.clone(),
-                    source,
-                })?;
-                if let Some(expected) = &expert.sha256 {
-                    // The expert checks too, but its error cannot name this file.
-                    let actual = sha256_hex(&bytes);
-                    if !actual.eq_ignore_ascii_case(expected) {
-                        return Err(ConfigError::WeightsHash {
-                            file: self.file.clone(),
-                            field: format!("experts[{i}].sha256"),
-                            path,
-                            expected: expected.clone(),
-                            actual,
-                        });
-                    }
-                }
+                let (_, bytes) = self.read_pinned(i, expert, "weights", "weights", path)?;
                 Some(Arc::<[u8]>::from(bytes))
             }
             None => None,
         };
         let torchscript = match &expert.torchscript {
             Some(path) => {
-                let path = self.resolve(path);
-                let bytes = std::fs::read(&path).map_err(|source| ConfigError::UnreadableFile {
-                    file: self.file.clone(),
-                    field: format!("experts[{i}].torchscript"),
-                    what: "TorchScript",
-                    path: path.clone(),
-                    source,
-                })?;
-                if let Some(expected) = &expert.sha256 {
-                    let actual = sha256_hex(&bytes);
-                    if !actual.eq_ignore_ascii_case(expected) {
-                        return Err(ConfigError::WeightsHash {
-                            file: self.file.clone(),
-                            field: format!("experts[{i}].sha256"),
-                            path,
-                            expected: expected.clone(),
-                            actual,
-                        });
-                    }
-                }
+                let (path, _) = self.read_pinned(i, expert, "torchscript", "TorchScript", path)?;
                 Some(path)
             }
             None => None,
