@@ -192,10 +192,12 @@ impl Deployment {
         let mut tick = tokio::time::interval(ROUND_INTERVAL);
         let started = std::time::Instant::now();
         loop {
+            // A watch whose sender is gone (gossip or the link keeper stopped) would
+            // answer at once forever; its branch then sits out and the tick drives.
             tokio::select! {
                 () = shutdown.fired() => return,
-                _ = changes.changed() => {}
-                _ = links.changed() => {}
+                Ok(()) = changes.changed() => {}
+                Ok(()) = links.changed() => {}
                 _ = tick.tick() => {}
             }
             let members = self.membership.members();
