@@ -73,12 +73,13 @@ eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval tep --data data/tep
 
 # Each run prints one JSON object.
-# Benchmark workload w1: baseline, learned gate, 32 requests in flight, experts on a second process.
+# Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process) and training speed against PyTorch.
 bench: setup
     cargo run --release -p fogmesh -- bench w1
     cargo run --release -p fogmesh -- bench w1 --gate learned
     cargo run --release -p fogmesh -- bench w1 --inflight 32
     cargo run --release -p fogmesh -- bench w1 --remote
+    cargo run --release -p fogmesh -- bench train
 
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency.
 # Check formatting (rustfmt) and lints (clippy, warnings are errors).

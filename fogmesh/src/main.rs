@@ -80,6 +80,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Workload {
+    /// Training and inference speed of the time-series models against PyTorch eager.
+    Train {
+        /// Random windows per model.
+        #[arg(long, default_value_t = 4096)]
+        samples: usize,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+    },
     /// W1: routing + batched expert inference under a closed loop.
     W1 {
         /// Windows kept in flight.
@@ -258,6 +266,23 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("the evaluation task")?
                 .context("evaluating on SKAB")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Bench {
+                workload: Workload::Train { samples, epochs },
+            } => {
+                let options = fogmesh_simulations::bench_train::BenchTrainOptions {
+                    samples,
+                    epochs,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::bench_train::run(&options)
+                })
+                .await
+                .context("the benchmark task")?
+                .context("benchmarking training")?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }

@@ -241,3 +241,30 @@ fn the_model_store_imports_lists_exports_and_refuses_tampered_weights() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_train_compares_both_time_series_models_with_pytorch() {
+    let output = Command::new(BINARY)
+        .args(["bench", "train", "--samples", "512", "--epochs", "1"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
+    let models = report["models"].as_array().expect("a models list");
+    let names: Vec<&str> = models.iter().filter_map(|m| m["model"].as_str()).collect();
+    assert_eq!(names, ["conv_autoencoder", "fault_classifier"]);
+    for m in models {
+        for field in [
+            "fogmesh_samples_per_s",
+            "pytorch_samples_per_s",
+            "speedup_vs_pytorch",
+            "inference_speedup_vs_pytorch",
+        ] {
+            assert!(m[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {m}");
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
-use tch::{Device, Kind, TchError, Tensor};
+use tch::{Device, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::rng::SplitMix64;
@@ -196,25 +196,26 @@ pub(crate) fn train(
     for epoch in 1..=options.epochs {
         rng.shuffle(&mut train_indices);
         let epoch_started = Instant::now();
-        // Summed on the device so a GPU run synchronises once per epoch, not per batch.
-        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
+        // Read after the epoch, so a GPU run synchronises once per epoch, not per batch,
+        // and a step costs no kernels beyond its own.
+        let mut losses = Vec::with_capacity(train_indices.len() / options.batch_size + 1);
         let mut seen = 0usize;
         let mut cut_short = false;
         for batch in train_indices.chunks(options.batch_size) {
             let loss = batch_loss(&index_tensor(batch, device)?)?;
             optimizer.backward_step(&loss);
-            let weighted = loss
-                .f_detach()?
-                .f_to_kind(Kind::Double)?
-                .f_mul_scalar(batch.len() as f64)?;
-            loss_sum = loss_sum.f_add(&weighted)?;
+            losses.push((loss.f_detach()?, batch.len()));
             seen += batch.len();
             if out_of_time() {
                 cut_short = true;
                 break;
             }
         }
-        let train_loss = loss_sum.f_double_value(&[])? / seen as f64;
+        let mut loss_sum = 0.0;
+        for (loss, n) in &losses {
+            loss_sum += loss.f_double_value(&[])? * *n as f64;
+        }
+        let train_loss = loss_sum / seen as f64;
         let step_seconds = epoch_started.elapsed().as_secs_f64();
         let validation_loss = evaluate(batch_loss, &evaluation_batches)?;
         epochs_run = epoch;
@@ -336,6 +337,7 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     /// One scalar parameter `w` fitted to `targets` by squared error.
     fn scalar_problem(targets: &[f32]) -> (nn::VarStore, Tensor, Tensor) {

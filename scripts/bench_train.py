@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Train and run fogmesh's time-series models in PyTorch eager, for `fogmesh bench train`.
+
+``python3 scripts/bench_train.py MODEL CHANNELS WINDOW BATCH SAMPLES EPOCHS`` builds the
+same network fogmesh builds (``conv_autoencoder`` or ``fault_classifier``), trains it on
+random windows with Adam for EPOCHS passes in batches of BATCH, then scores every window
+in batches of 256, and prints one JSON line: ``{"samples_per_s": ..., "inference_windows_per_s": ...}``.
+
+Only the training steps are timed (index, forward, loss, backward, step), as fogmesh's
+training loop reports them; libtorch's thread count is left at its default on both sides,
+so the comparison is the loop around the same kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+from torch import nn
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, channels: int, hidden: int = 32, bottleneck: int = 16, kernel: int = 5):
+        super().__init__()
+        pad = kernel // 2
+        self.enc1 = nn.Conv1d(channels, hidden, kernel, padding=pad)
+        self.enc2 = nn.Conv1d(hidden, bottleneck, kernel, padding=pad)
+        self.dec1 = nn.Conv1d(bottleneck, hidden, kernel, padding=pad)
+        self.dec2 = nn.Conv1d(hidden, channels, kernel, padding=pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.enc1(x))
+        x = torch.relu(self.enc2(x))
+        x = torch.relu(self.dec1(x))
+        return self.dec2(x)
+
+
+class FaultClassifier(nn.Module):
+    def __init__(self, channels: int, hidden: int = 64, classes: int = 13):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, hidden, 5, padding=2)
+        self.conv2 = nn.Conv1d(hidden, hidden, 5, padding=2)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean(dim=2))
+
+
+def main() -> None:
+    model_name, channels, window, batch, samples, epochs = sys.argv[1:7]
+    channels, window, batch, samples, epochs = map(int, (channels, window, batch, samples, epochs))
+    torch.manual_seed(0)
+    data = torch.randn(samples, channels, window)
+    if model_name == "conv_autoencoder":
+        model = ConvAutoencoder(channels)
+        targets = None
+        loss_of = lambda out, idx: nn.functional.mse_loss(out, data.index_select(0, idx))
+        score = lambda x: ((model(x) - x) ** 2).mean(dim=(1, 2))
+    elif model_name == "fault_classifier":
+        model = FaultClassifier(channels)
+        targets = torch.randint(0, 13, (samples,))
+        loss_of = lambda out, idx: nn.functional.cross_entropy(out, targets.index_select(0, idx))
+        score = lambda x: model(x).argmax(dim=1)
+    else:
+        raise SystemExit(f"unknown model {model_name!r}: conv_autoencoder or fault_classifier")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trained = 0
+    seconds = 0.0
+    for _ in range(epochs):
+        order = torch.randperm(samples)
+        started = time.perf_counter()
+        for first in range(0, samples, batch):
+            idx = order[first:first + batch]
+            optimizer.zero_grad()
+            loss = loss_of(model(data.index_select(0, idx)), idx)
+            loss.backward()
+            optimizer.step()
+            trained += len(idx)
+        seconds += time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.no_grad():
+        for first in range(0, samples, 256):
+            score(data[first:first + 256])
+    inference = time.perf_counter() - started
+    print(json.dumps({"samples_per_s": trained / seconds, "inference_windows_per_s": samples / inference}))
+
+
+if __name__ == "__main__":
+    main()
