@@ -7,11 +7,13 @@
 //! sensor streams and routers here too.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use dashmap::DashMap;
-use ractor::ActorRef;
+use ractor::{ActorRef, RpcReplyPort};
 
-use crate::expert::{ExpertMsg, ExpertShared};
+use crate::error::ScoreError;
+use crate::expert::{ExpertMsg, ExpertShared, ExpertVerdict, InferRequest};
 use crate::router::{RouterMsg, RouterShared};
 use crate::sensor_stream::{SensorStreamMsg, SensorStreamShared};
 
@@ -31,6 +33,26 @@ pub struct RouterHandle {
 pub struct ExpertHandle {
     pub actor: ActorRef<ExpertMsg>,
     pub shared: Arc<ExpertShared>,
+}
+
+impl ExpertHandle {
+    /// Casts one window to the expert; `enqueued` starts its batching deadline. A cast
+    /// that fails shows up as a closed reply port, which callers treat like an expert
+    /// that stopped before answering.
+    pub fn infer(
+        &self,
+        values: Arc<[f32]>,
+        enqueued: Instant,
+    ) -> tokio::sync::oneshot::Receiver<Result<ExpertVerdict, ScoreError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = InferRequest {
+            values,
+            enqueued,
+            reply: RpcReplyPort::from(tx),
+        };
+        let _ = self.actor.cast(ExpertMsg::Infer(request));
+        rx
+    }
 }
 
 /// Name → running actor, for the three kinds of actor a node hosts.

@@ -29,7 +29,7 @@ use ractor_cluster::RactorClusterMessage;
 
 use crate::directory::NodeDirectory;
 use crate::error::ScoreError;
-use crate::expert::{ExpertMsg, ExpertVerdict, InferRequest};
+use crate::expert::ExpertVerdict;
 use crate::telemetry;
 
 /// The process-group scope expert endpoints join; the group is the expert's name.
@@ -144,19 +144,7 @@ fn score_locally(
                 handle.shared.window_len
             ),
         }),
-        Some(handle) => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let request = InferRequest {
-                values: values.into(),
-                enqueued: Instant::now(),
-                reply: RpcReplyPort::from(tx),
-            };
-            handle
-                .actor
-                .cast(ExpertMsg::Infer(request))
-                .map(|_| rx)
-                .map_err(|e| unavailable(&e.to_string()))
-        }
+        Some(handle) => Ok(handle.infer(values.into(), Instant::now())),
     };
     let stopped = unavailable("the expert stopped before answering");
     async move {

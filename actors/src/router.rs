@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
 use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, SpecError};
-use crate::expert::{ExpertMsg, ExpertVerdict, InferRequest};
+use crate::expert::ExpertVerdict;
 use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
 use crate::sample::Window;
 use crate::telemetry;
@@ -319,7 +319,9 @@ impl RouterState {
             .into_iter()
             .map(|(expert, weight, handle)| {
                 let first = match handle {
-                    Some(handle) => FirstAttempt::Local(send_local(&handle, window, enqueued)),
+                    Some(handle) => {
+                        FirstAttempt::Local(handle.infer(window.values.clone(), enqueued))
+                    }
                     None => FirstAttempt::Elsewhere,
                 };
                 Pending {
@@ -345,23 +347,6 @@ fn check_shape(handle: &ExpertHandle, expert: &str, window: &Window) -> Result<(
         });
     }
     Ok(())
-}
-
-/// Casts the window to a replica on this node. A send that fails shows up as a closed
-/// reply port, which the gathering task treats like any unavailable replica.
-fn send_local(
-    handle: &ExpertHandle,
-    window: &Window,
-    enqueued: Instant,
-) -> tokio::sync::oneshot::Receiver<Result<ExpertVerdict, ScoreError>> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let request = InferRequest {
-        values: window.values.clone(),
-        enqueued,
-        reply: RpcReplyPort::from(tx),
-    };
-    let _ = handle.actor.cast(ExpertMsg::Infer(request));
-    rx
 }
 
 /// How a router finds an expert's replicas: the one on this node through the
@@ -498,7 +483,8 @@ impl Replicas {
         loop {
             if let Some(handle) = self.directory.expert(expert) {
                 check_shape(&handle, expert, window)?;
-                let local = send_local(&handle, window, Instant::now())
+                let local = handle
+                    .infer(window.values.clone(), Instant::now())
                     .await
                     .unwrap_or_else(|_| {
                         Err(ScoreError::ExpertUnavailable {

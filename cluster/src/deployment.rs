@@ -104,6 +104,25 @@ fn role_of(text: &str) -> Role {
     }
 }
 
+/// The specs the members gossip (unreadable values skipped: a peer of a newer version
+/// may write what this one cannot read).
+pub fn gossiped_specs(members: &BTreeMap<String, Member>) -> impl Iterator<Item = StoredSpec> + '_ {
+    members
+        .values()
+        .filter_map(|m| m.spec.as_deref())
+        .filter_map(|text| serde_json::from_str(text).ok())
+}
+
+/// The placements the members gossip.
+pub fn gossiped_placements(
+    members: &BTreeMap<String, Member>,
+) -> impl Iterator<Item = PublishedPlacement> + '_ {
+    members
+        .values()
+        .filter_map(|m| m.placement.as_deref())
+        .filter_map(|text| serde_json::from_str(text).ok())
+}
+
 /// The usable nodes as placement candidates.
 pub fn candidates(
     members: &BTreeMap<String, Member>,
@@ -204,10 +223,7 @@ impl Deployment {
             let link_view = links.borrow().clone();
 
             // 1. Adopt.
-            let newest = members
-                .values()
-                .filter_map(|m| m.spec.as_deref())
-                .filter_map(|text| serde_json::from_str::<StoredSpec>(text).ok())
+            let newest = gossiped_specs(&members)
                 .chain(self.state.lock().ok().and_then(|s| s.spec.clone()))
                 .fold(own_spec.clone(), |best, s| match best {
                     Some(b) if !s.newer_than(&b) => Some(b),
@@ -242,10 +258,7 @@ impl Deployment {
             // 2. Usable nodes; 3. lead.
             let nodes = candidates(&members, &link_view, &self.node_name, spec);
             let leader = nodes.iter().map(|c| c.name.clone()).min();
-            let published: Vec<PublishedPlacement> = members
-                .values()
-                .filter_map(|m| m.placement.as_deref())
-                .filter_map(|t| serde_json::from_str::<PublishedPlacement>(t).ok())
+            let published: Vec<PublishedPlacement> = gossiped_placements(&members)
                 .chain(own_placement.clone())
                 .filter(|p| p.spec_version == stored.version)
                 .collect();

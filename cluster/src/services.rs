@@ -49,7 +49,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
-use crate::deployment::{candidates, place_new, DeploymentState};
+use crate::deployment::{candidates, gossiped_specs, place_new, DeploymentState};
 use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
@@ -358,10 +358,7 @@ impl Control for NodeServices {
             .deployment
             .lock()
             .map_err(|_| Status::internal("deployment state poisoned"))?;
-        let known = members
-            .values()
-            .filter_map(|m| m.spec.as_deref())
-            .filter_map(|t| serde_json::from_str::<StoredSpec>(t).ok())
+        let known = gossiped_specs(&members)
             .map(|s| s.version)
             .chain(state.spec.as_ref().map(|s| s.version))
             .max()

@@ -7,6 +7,35 @@
 
 use crate::error::ModelError;
 
+/// Per-column mean and (population) deviation of row-major `rows`, in f64. A column
+/// that does not move keeps a deviation of 1, so standardising by it cannot blow up
+/// later values.
+pub fn column_stats(rows: &[f32], columns: usize) -> (Vec<f64>, Vec<f64>) {
+    let n = (rows.len() / columns.max(1)).max(1) as f64;
+    let mut mean = vec![0.0f64; columns];
+    let mut square = vec![0.0f64; columns];
+    for row in rows.chunks_exact(columns.max(1)) {
+        for (c, v) in row.iter().enumerate() {
+            mean[c] += f64::from(*v);
+            square[c] += f64::from(*v) * f64::from(*v);
+        }
+    }
+    let mean: Vec<f64> = mean.iter().map(|m| m / n).collect();
+    let std = square
+        .iter()
+        .zip(&mean)
+        .map(|(s, m)| {
+            let sd = (s / n - m * m).max(0.0).sqrt();
+            if sd > 1e-9 {
+                sd
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (mean, std)
+}
+
 /// The `q`-quantile (0 ≤ q ≤ 1) of the finite values, interpolating linearly between
 /// the two nearest order statistics (NumPy's default "linear" method). Non-finite values
 /// are ignored. Errors with `InvalidOption` when `q` is outside [0, 1] or no value is
@@ -46,6 +75,16 @@ pub fn quantile(values: &[f32], q: f64) -> Result<f32, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_stats_standardise_and_spare_still_columns() {
+        let rows = [1.0, 5.0, 3.0, 5.0];
+        let (mean, std) = column_stats(&rows, 2);
+        assert_eq!(mean, vec![2.0, 5.0]);
+        assert_eq!(std, vec![1.0, 1.0], "column 1 never moves: deviation 1");
+        let (_, std) = column_stats(&[0.0, 4.0], 1);
+        assert_eq!(std, vec![2.0]);
+    }
     use proptest::prelude::*;
 
     /// The textbook definition over a fully sorted copy.

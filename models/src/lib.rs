@@ -31,7 +31,7 @@ pub mod torchscript;
 pub mod training;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
-pub use calibration::quantile;
+pub use calibration::{column_stats, quantile};
 pub use error::ModelError;
 pub use gate::SoftmaxGate;
 pub use recording::{Recording, RecordingHeader};

@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use fogmesh_models::skab::{read_benchmark, SkabError, SkabRun, SENSORS};
-use fogmesh_models::{quantile, AutoencoderConfig, ConvAutoencoder, ModelError, TrainOptions};
+use fogmesh_models::{
+    column_stats, quantile, AutoencoderConfig, ConvAutoencoder, ModelError, TrainOptions,
+};
 use serde::Serialize;
 
 use crate::evaluation::Confusion;
@@ -237,27 +239,7 @@ pub fn evaluate_run(
 /// cannot blow up later values.
 fn standardise(run: &SkabRun, train_rows: usize) -> Vec<f32> {
     let n = SENSORS.len();
-    let mut mean = vec![0.0f64; n];
-    let mut square = vec![0.0f64; n];
-    for i in 0..train_rows {
-        for (c, v) in run.row(i).iter().enumerate() {
-            mean[c] += f64::from(*v);
-            square[c] += f64::from(*v) * f64::from(*v);
-        }
-    }
-    let count = train_rows as f64;
-    let std: Vec<f64> = (0..n)
-        .map(|c| {
-            let m = mean[c] / count;
-            let var = (square[c] / count - m * m).max(0.0);
-            if var.sqrt() > 1e-9 {
-                var.sqrt()
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let mean: Vec<f64> = mean.iter().map(|m| m / count).collect();
+    let (mean, std) = column_stats(&run.values[..train_rows * n], n);
     run.values
         .iter()
         .enumerate()

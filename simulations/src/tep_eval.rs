@@ -24,7 +24,7 @@ use std::time::Instant;
 use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
 use fogmesh_models::pca::Pca;
 use fogmesh_models::{
-    quantile, AutoencoderConfig, ConvAutoencoder, ModelError, Recording, TrainOptions,
+    column_stats, quantile, AutoencoderConfig, ConvAutoencoder, ModelError, Recording, TrainOptions,
 };
 use serde::Serialize;
 
@@ -132,31 +132,11 @@ fn read(path: &Path) -> Result<Recording, TepEvalError> {
     })
 }
 
-/// Per-column mean and deviation of row-major `rows`.
+/// Per-column mean and deviation of row-major `rows`, as f32 for the windows.
 fn standardiser(rows: &[f32], columns: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = (rows.len() / columns).max(1) as f64;
-    let mut mean = vec![0.0f64; columns];
-    let mut square = vec![0.0f64; columns];
-    for row in rows.chunks_exact(columns) {
-        for c in 0..columns {
-            mean[c] += f64::from(row[c]);
-            square[c] += f64::from(row[c]).powi(2);
-        }
-    }
-    let mean: Vec<f64> = mean.iter().map(|m| m / n).collect();
-    let std = square
-        .iter()
-        .zip(&mean)
-        .map(|(s, m)| {
-            let sd = (s / n - m * m).max(0.0).sqrt();
-            if sd > 1e-9 {
-                sd as f32
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    (mean.iter().map(|m| *m as f32).collect(), std)
+    let (mean, std) = column_stats(rows, columns);
+    let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    (f32s(mean), f32s(std))
 }
 
 /// Channel-major windows of `window` rows ending at each row from `window - 1` on.
