@@ -14,10 +14,10 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::weights::sha256_hex;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 
@@ -456,13 +456,6 @@ impl ConvAutoencoder {
         let tensors = self.layers.iter().flat_map(|l| [&l.weight, &l.bias]);
         TENSOR_NAMES.into_iter().zip(tensors)
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]

@@ -8,14 +8,17 @@
 //! 9 samples, a few minutes of a process sampled every 36 s. Trained with cross-entropy
 //! through the same loop (split, early stopping, time cap) as the autoencoder.
 
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::ModelError;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
+use crate::weights;
 
 /// Sizes of the classifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClassifierConfig {
     pub channels: i64,
     pub window: i64,
@@ -84,11 +87,16 @@ impl FaultClassifier {
         self.config
     }
 
-    fn logits(&self, windows: &Tensor) -> Tensor {
+    /// The pooled features the head classifies, `[N, hidden]`: what a fusion expert
+    /// takes from this model.
+    fn features(&self, windows: &Tensor) -> Tensor {
         let hidden = self.conv1.forward(windows).relu();
         let hidden = self.conv2.forward(&hidden).relu();
-        self.head
-            .forward(&hidden.mean_dim([2i64].as_slice(), false, Kind::Float))
+        hidden.mean_dim([2i64].as_slice(), false, Kind::Float)
+    }
+
+    fn logits(&self, windows: &Tensor) -> Tensor {
+        self.head.forward(&self.features(windows))
     }
 
     fn windows_tensor(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
@@ -155,15 +163,59 @@ impl FaultClassifier {
 
     /// The most likely class of each window.
     pub fn predict(&self, windows: &[f32]) -> Result<Vec<i64>, ModelError> {
+        let probabilities = self.predict_proba(windows)?;
+        Ok(Vec::<i64>::try_from(&probabilities.f_argmax(1, false)?)?)
+    }
+
+    /// Class probabilities of each window, `[N, classes]` on the CPU.
+    pub fn predict_proba(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
+        self.batched(windows, |chunk| {
+            Ok(self.logits(chunk).f_softmax(1, Kind::Float)?)
+        })
+    }
+
+    /// The pooled features of each window, `[N, hidden]` on the CPU.
+    pub fn embed(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
+        self.batched(windows, |chunk| Ok(self.features(chunk)))
+    }
+
+    fn batched(
+        &self,
+        windows: &[f32],
+        f: impl Fn(&Tensor) -> Result<Tensor, ModelError>,
+    ) -> Result<Tensor, ModelError> {
         let _no_grad = tch::no_grad_guard();
         let x = self.windows_tensor(windows)?;
-        let mut classes = Vec::with_capacity(x.size()[0] as usize);
         // Batches bound the activations' memory on long recordings.
-        for chunk in x.split(1024, 0) {
-            let predicted = self.logits(&chunk).f_argmax(1, false)?;
-            classes.extend(Vec::<i64>::try_from(&predicted)?);
-        }
-        Ok(classes)
+        let parts = x
+            .split(1024, 0)
+            .iter()
+            .map(|chunk| Ok(f(chunk)?.f_to_device(Device::Cpu)?))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// The weights as safetensors bytes and their sha256 (see [`crate::weights`]).
+    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
+        weights::to_safetensors(&self.vs)
+    }
+
+    /// A classifier of `config` with the weights in `bytes`, checked as
+    /// [`weights::load_into`] does.
+    pub fn from_safetensors(
+        config: ClassifierConfig,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let mut model = Self::new(config, device, 0)?;
+        weights::load_into(
+            &mut model.vs,
+            bytes,
+            expected_sha256,
+            "fault classifier weights",
+        )?;
+        Ok(model)
     }
 }
 
@@ -218,6 +270,33 @@ mod tests {
         let predicted = model.predict(&test).unwrap();
         let correct = predicted.iter().zip(&truth).filter(|(p, t)| p == t).count();
         assert!(correct >= 85, "{correct}/90 correct");
+    }
+
+    #[test]
+    fn weights_round_trip_and_probabilities_sum_to_one() {
+        let config = ClassifierConfig {
+            channels: 3,
+            window: 16,
+            hidden: 8,
+            classes: 3,
+        };
+        let model = FaultClassifier::new(config, Device::Cpu, 5).unwrap();
+        let (windows, _) = data(7, 3);
+        let (bytes, sha) = model.to_safetensors().unwrap();
+        let copy =
+            FaultClassifier::from_safetensors(config, &bytes, Some(&sha), Device::Cpu).unwrap();
+        let p = model.predict_proba(&windows).unwrap();
+        assert_eq!(p.size(), [7, 3]);
+        assert_eq!(p, copy.predict_proba(&windows).unwrap());
+        let sums =
+            Vec::<f32>::try_from(p.sum_dim_intlist([1i64].as_slice(), false, Kind::Float)).unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        assert_eq!(model.embed(&windows).unwrap().size(), [7, 8]);
+        let wider = ClassifierConfig {
+            hidden: 9,
+            ..config
+        };
+        assert!(FaultClassifier::from_safetensors(wider, &bytes, None, Device::Cpu).is_err());
     }
 
     #[test]

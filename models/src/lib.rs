@@ -11,6 +11,7 @@
 //! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
 //!   checked against their declared signature and served as experts.
+//! - [`weights`]: any model's `VarStore` as checked safetensors bytes, and back.
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
@@ -29,6 +30,7 @@ pub mod skab;
 pub mod store;
 pub mod torchscript;
 pub mod training;
+pub mod weights;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
 pub use calibration::{column_stats, quantile};
