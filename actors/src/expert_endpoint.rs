@@ -199,13 +199,20 @@ const VERDICT_UNAVAILABLE: u8 = 2;
 pub fn encode_verdict(verdict: &Result<ExpertVerdict, ScoreError>) -> Vec<u8> {
     match verdict {
         Ok(v) => {
-            let mut out = Vec::with_capacity(21 + v.model_version.len());
+            let class = v.class.as_deref().unwrap_or_default();
+            let mut out = Vec::with_capacity(23 + v.model_version.len() + class.len());
             out.push(VERDICT_OK);
             out.extend_from_slice(&v.score.to_le_bytes());
             out.extend_from_slice(&v.threshold.unwrap_or(f32::NAN).to_le_bytes());
             out.extend_from_slice(&(v.batch_size as u32).to_le_bytes());
             out.extend_from_slice(&(v.batch_wait.as_micros() as u64).to_le_bytes());
-            out.extend_from_slice(v.model_version.as_bytes());
+            // Versions are short names; one longer than u16 is cut rather than
+            // corrupting the class that follows it.
+            let version =
+                &v.model_version.as_bytes()[..v.model_version.len().min(u16::MAX as usize)];
+            out.extend_from_slice(&(version.len() as u16).to_le_bytes());
+            out.extend_from_slice(version);
+            out.extend_from_slice(class.as_bytes());
             out
         }
         Err(e) => {
@@ -229,15 +236,20 @@ pub fn decode_verdict(expert: &str, bytes: &[u8]) -> Result<ExpertVerdict, Score
     };
     let text = |rest: &[u8]| String::from_utf8_lossy(rest).into_owned();
     match bytes.split_first() {
-        Some((&VERDICT_OK, rest)) if rest.len() >= 20 => {
+        Some((&VERDICT_OK, rest)) if rest.len() >= 22 => {
             let f32_at = |i: usize| f32::from_le_bytes(rest[i..i + 4].try_into().unwrap_or([0; 4]));
             let threshold = f32_at(4);
             let batch_size = u32::from_le_bytes(rest[8..12].try_into().map_err(|_| malformed())?);
             let wait_us = u64::from_le_bytes(rest[12..20].try_into().map_err(|_| malformed())?);
+            let version_len =
+                u16::from_le_bytes(rest[20..22].try_into().map_err(|_| malformed())?) as usize;
+            let version = rest.get(22..22 + version_len).ok_or_else(malformed)?;
+            let class = &rest[22 + version_len..];
             Ok(ExpertVerdict {
                 score: f32_at(0),
                 threshold: (!threshold.is_nan()).then_some(threshold),
-                model_version: text(&rest[20..]).into(),
+                model_version: text(version).into(),
+                class: (!class.is_empty()).then(|| text(class).into()),
                 batch_size: batch_size as usize,
                 batch_wait: Duration::from_micros(wait_us),
             })
@@ -266,12 +278,14 @@ mod tests {
             threshold in proptest::option::of(0.001f32..1e6),
             batch_size in 1usize..4096,
             wait_us in 0u64..10_000_000,
-            version in "[a-z0-9.-]{0,24}",
+            version in "[a-z0-9.@-]{0,24}",
+            class in proptest::option::of("[a-z0-9 _é-]{1,16}"),
         ) {
             let verdict = ExpertVerdict {
                 score,
                 threshold,
                 model_version: version.as_str().into(),
+                class: class.map(|c| c.as_str().into()),
                 batch_size,
                 batch_wait: Duration::from_micros(wait_us),
             };

@@ -27,7 +27,9 @@ pub mod windowing;
 pub use annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
 pub use directory::NodeDirectory;
 pub use error::{IngestError, ScoreError, SpecError};
-pub use expert::{BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest};
+pub use expert::{
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, StoredModel,
+};
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use node_agent::{Node, NodeAgent, NodeSnapshot, NodeSpec, ReconcileReport, RestartPolicy};
 pub use normalisation::{NormalisationSpec, Normaliser, RunningStats};

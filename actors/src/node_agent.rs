@@ -615,7 +615,7 @@ pub struct RouterSnapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertSnapshot {
     pub name: String,
-    pub model: &'static str,
+    pub model: String,
     pub version: String,
     pub device: String,
     pub queue: u64,
@@ -784,7 +784,7 @@ impl Node {
                 let x = &e.value().shared;
                 ExpertSnapshot {
                     name: x.name.to_string(),
-                    model: x.model,
+                    model: x.model.to_string(),
                     version: x.model_version.to_string(),
                     device: x.device.clone(),
                     queue: x.queued.load(Ordering::Relaxed),

@@ -563,6 +563,7 @@ async fn gather(
             score: verdict.score,
             threshold,
             gate_weight: p.weight,
+            class: verdict.class,
         });
     }
     Ok(ScoredWindow {

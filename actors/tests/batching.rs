@@ -32,6 +32,7 @@ fn spec(max_batch: usize, max_wait: Duration) -> ExpertSpec {
         },
         intra_op_threads: 1,
         torchscript: None,
+        stored: None,
     }
 }
 

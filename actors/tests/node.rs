@@ -32,6 +32,7 @@ fn expert(name: &str, seed: i64) -> ExpertSpec {
         },
         intra_op_threads: 1,
         torchscript: None,
+        stored: None,
     }
 }
 

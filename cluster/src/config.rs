@@ -27,8 +27,9 @@ use std::sync::Arc;
 use fogmesh_actors::replay::{ReplayPlan, ReplayStream};
 use fogmesh_actors::{
     BatchingSpec, ExpertSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
-    SpecError,
+    SpecError, StoredModel,
 };
+use fogmesh_models::store::ModelStore;
 use fogmesh_models::{AutoencoderConfig, ModelError, Recording, SoftmaxGate};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -70,6 +71,13 @@ pub struct NodeSection {
     /// Prometheus HTTP endpoint (`GET /metrics`); none when absent.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The node's model store (see `fogmesh models`); experts with `model` load from it.
+    #[serde(default)]
+    pub models: Option<PathBuf>,
+    /// The MiniLM encoder folder (`just setup` exports it to `data/minilm`), for
+    /// stored language and multimodal models.
+    #[serde(default)]
+    pub minilm: Option<PathBuf>,
 }
 
 /// `[cluster]`: how a node joins a mesh.
@@ -141,14 +149,26 @@ impl Default for Limits {
 /// transports keep a decoding backstop of twice the limit, which must fit as well.
 pub const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 
-/// `[[experts]]`: one autoencoder expert. Sizes default to the W1 model, batching to
-/// the actors' defaults.
+/// `[[experts]]`: one expert: an autoencoder built from the sizes here (they default to
+/// the W1 model), a stored model version (`model`), or a TorchScript file. Batching
+/// defaults to the actors' defaults.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpertConfig {
     pub name: String,
+    /// Shown in every verdict; defaults to the stored model's `name@version`.
+    #[serde(default)]
     pub model_version: String,
+    /// A model version in the node's store (`[node] models`), as `name@version`: any
+    /// kind the zoo trains. Its manifest gives the network and the window shape, so
+    /// the autoencoder sizes, `weights` and `seed` do not apply; `sha256` pins the
+    /// weights' hash.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Autoencoder and TorchScript experts: channels and samples per window.
+    #[serde(default)]
     pub channels: i64,
+    #[serde(default)]
     pub window: i64,
     #[serde(default = "default_hidden")]
     pub hidden: i64,
@@ -432,6 +452,36 @@ impl NodeConfig {
             }
         }
         for (i, expert) in self.experts.iter().enumerate() {
+            if let Some(model) = &expert.model {
+                if expert.torchscript.is_some() || expert.weights.is_some() {
+                    return Err(self.invalid(
+                        format!("experts[{i}].model"),
+                        format!("{model:?}"),
+                        "an expert serves a stored model, a TorchScript file or autoencoder `weights`: one of them",
+                    ));
+                }
+                if self.node.models.is_none() {
+                    return Err(self.invalid(
+                        format!("experts[{i}].model"),
+                        format!("{model:?}"),
+                        "a stored model needs the node's model store: set `models` in [node]",
+                    ));
+                }
+                if !matches!(fogmesh_models::store::parse_id(model), (name, Some(version)) if !name.is_empty() && !version.is_empty())
+                {
+                    return Err(self.invalid(
+                        format!("experts[{i}].model"),
+                        format!("{model:?}"),
+                        "must be name@version",
+                    ));
+                }
+            } else if expert.model_version.is_empty() {
+                return Err(self.invalid(
+                    format!("experts[{i}].model_version"),
+                    "(absent)",
+                    "an expert that is not a stored model needs a model_version",
+                ));
+            }
             if expert.torchscript.is_some() && expert.weights.is_some() {
                 return Err(self.invalid(
                     format!("experts[{i}].torchscript"),
@@ -625,7 +675,53 @@ impl NodeConfig {
         Ok((path, bytes))
     }
 
+    /// Reads the stored model an expert names, checking the weights against the
+    /// manifest (and against the expert's `sha256` when set).
+    fn stored_model(
+        &self,
+        i: usize,
+        expert: &ExpertConfig,
+        id: &str,
+    ) -> Result<StoredModel, ConfigError> {
+        let field = format!("experts[{i}].model");
+        let root = self.node.models.as_deref().map(|p| self.resolve(p));
+        let store = ModelStore::open(root.unwrap_or_default());
+        let store_error = |e: fogmesh_models::store::StoreError| ConfigError::Invalid {
+            file: self.file.clone(),
+            field: field.clone(),
+            value: format!("{id:?}"),
+            reason: format!("model store {}: {e}", store.root().display()),
+        };
+        let manifest = store.get(id).map_err(store_error)?;
+        if let Some(expected) = &expert.sha256 {
+            if !manifest.weights_sha256.eq_ignore_ascii_case(expected) {
+                return Err(ConfigError::Invalid {
+                    file: self.file.clone(),
+                    field: format!("experts[{i}].sha256"),
+                    value: format!("{expected:?}"),
+                    reason: format!("{id} has weights with sha256 {}", manifest.weights_sha256),
+                });
+            }
+        }
+        let weights = store.weights(&manifest).map_err(store_error)?;
+        Ok(StoredModel {
+            manifest,
+            weights: weights.into(),
+            assets: fogmesh_models::served::Assets {
+                minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
+            },
+        })
+    }
+
     fn expert_spec(&self, i: usize, expert: &ExpertConfig) -> Result<ExpertSpec, ConfigError> {
+        let stored = match &expert.model {
+            Some(id) => Some(self.stored_model(i, expert, id)?),
+            None => None,
+        };
+        let model_version = match (&stored, expert.model_version.is_empty()) {
+            (Some(stored), true) => stored.manifest.id(),
+            _ => expert.model_version.clone(),
+        };
         let weights = match &expert.weights {
             Some(path) => {
                 let (_, bytes) = self.read_pinned(i, expert, "weights", "weights", path)?;
@@ -642,7 +738,7 @@ impl NodeConfig {
         };
         Ok(ExpertSpec {
             name: expert.name.clone(),
-            model_version: expert.model_version.clone(),
+            model_version,
             config: AutoencoderConfig {
                 channels: expert.channels,
                 window: expert.window,
@@ -660,6 +756,7 @@ impl NodeConfig {
             },
             intra_op_threads: expert.intra_op_threads,
             torchscript,
+            stored,
         })
     }
 

@@ -165,6 +165,8 @@ impl MeshSpec {
                 role: Role::Cloud,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
+                models: None,
+                minilm: None,
             },
             limits: Limits::default(),
             experts: experts.iter().map(|e| e.config.clone()).collect(),

@@ -206,6 +206,7 @@ fn expert_score(opinion: &ExpertOpinion) -> ExpertScore {
         score: opinion.score,
         threshold: opinion.threshold,
         gate_weight: opinion.gate_weight,
+        class: opinion.class.as_deref().unwrap_or_default().to_string(),
     }
 }
 

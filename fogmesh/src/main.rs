@@ -66,6 +66,37 @@ enum Command {
         #[command(subcommand)]
         action: ModelsAction,
     },
+    /// Train one model of the zoo on a plant data set, evaluate it with the set's
+    /// standard metric, and store it as a new version in the model store. Progress on
+    /// stderr; the report as one JSON object on stdout.
+    Train {
+        #[arg(long, value_enum)]
+        model: TrainModel,
+        /// The data set's folder (`data/tep` for the time-series models).
+        #[arg(long)]
+        data: PathBuf,
+        /// The model store that receives the trained version.
+        #[arg(long, default_value = "data/models")]
+        store: PathBuf,
+        /// Store name (default: one per model, e.g. `tep-diagnosis`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Store version (default: one more than the newest whole-number version).
+        #[arg(long)]
+        version: Option<String>,
+        /// Upper bound on epochs.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Epochs without a better validation loss before stopping.
+        #[arg(long)]
+        patience: Option<usize>,
+        /// Fixes initialisation, split and batch order.
+        #[arg(long)]
+        seed: Option<i64>,
+        /// Wall-clock budget for training, in seconds.
+        #[arg(long)]
+        max_seconds: Option<f64>,
+    },
     /// Evaluations on public benchmarks; each prints one JSON object on stdout.
     Eval {
         #[command(subcommand)]
@@ -108,6 +139,16 @@ enum Workload {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TrainModel {
+    /// Convolutional autoencoder: anomaly detection (time series).
+    Autoencoder,
+    /// Temporal convolution network: forecasting, its error an anomaly score.
+    Forecaster,
+    /// Convolutional fault classifier: diagnosis (which fault).
+    Classifier,
+}
+
 #[derive(Subcommand)]
 enum ModelsAction {
     /// Every stored version.
@@ -131,6 +172,16 @@ enum ModelsAction {
 
 #[derive(Subcommand)]
 enum Dataset {
+    /// Tennessee Eastman windows paired with operator notes of the same episode:
+    /// sensors only, text only and the fused expert on the same test pairs.
+    Multimodal {
+        #[arg(long, default_value = "data/tep")]
+        tep: PathBuf,
+        #[arg(long, default_value = "models/data/tep_operator_notes.tsv")]
+        notes: PathBuf,
+        #[arg(long, default_value = "data/minilm")]
+        minilm: PathBuf,
+    },
     /// Tennessee Eastman: fault detection and false alarm rates per fault, fogmesh's
     /// autoencoder against the PCA T²/Q baseline on the same rows.
     Tep {
@@ -155,6 +206,16 @@ enum Dataset {
         /// ... times this factor.
         #[arg(long, default_value_t = 1.5)]
         ucl_factor: f32,
+    },
+    /// Operator notes: which TEP class a note was written for, from MiniLM embeddings
+    /// of its text alone (the project's own labelled set, 70/30 stratified split).
+    Notes {
+        /// The labelled notes (label, note, source; tab-separated).
+        #[arg(long, default_value = "models/data/tep_operator_notes.tsv")]
+        data: PathBuf,
+        /// The MiniLM folder `just setup` exports.
+        #[arg(long, default_value = "data/minilm")]
+        minilm: PathBuf,
     },
 }
 
@@ -207,6 +268,64 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Models { store, action } => models(&store, action),
             Command::Eval {
+                dataset: Dataset::Multimodal { tep, notes, minilm },
+            } => {
+                let options = fogmesh_simulations::fusion_eval::FusionEvalOptions {
+                    tep,
+                    notes,
+                    minilm,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::fusion_eval::evaluate(&options)
+                })
+                .await
+                .context("the evaluation task")?
+                .context("evaluating the multimodal expert on TEP windows and operator notes")?;
+                eprintln!("{:<14} {:>8} {:>8} {:>8}", "class", "sensors", "text", "fused");
+                for (class, s, t, f) in &report.per_class {
+                    eprintln!("{class:<14} {:>8.3} {:>8.3} {:>8.3}", s, t, f);
+                }
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Train {
+                model,
+                data,
+                store,
+                name,
+                version,
+                epochs,
+                patience,
+                seed,
+                max_seconds,
+            } => {
+                use fogmesh_simulations::train::{ModelChoice, TrainRequest};
+                let model = match model {
+                    TrainModel::Autoencoder => ModelChoice::Autoencoder,
+                    TrainModel::Forecaster => ModelChoice::Forecaster,
+                    TrainModel::Classifier => ModelChoice::Classifier,
+                };
+                let mut options = model.default_options();
+                options.epochs = epochs.unwrap_or(options.epochs);
+                options.patience = patience.unwrap_or(options.patience);
+                options.seed = seed.unwrap_or(options.seed);
+                options.max_seconds = max_seconds.or(options.max_seconds);
+                let request = TrainRequest {
+                    model,
+                    data,
+                    store,
+                    name,
+                    version,
+                    options,
+                };
+                let outcome = tokio::task::spawn_blocking(move || train(&request))
+                    .await
+                    .context("the training task")??;
+                println!("{}", serde_json::to_string(&outcome)?);
+                Ok(())
+            }
+            Command::Eval {
                 dataset: Dataset::Tep { data },
             } => {
                 let options = fogmesh_simulations::tep_eval::TepEvalOptions {
@@ -231,6 +350,23 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("the evaluation task")?
                 .context("evaluating on the Tennessee Eastman recordings")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Eval {
+                dataset: Dataset::Notes { data, minilm },
+            } => {
+                let options = fogmesh_simulations::notes_eval::NotesEvalOptions {
+                    data,
+                    minilm,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::notes_eval::evaluate(&options)
+                })
+                .await
+                .context("the evaluation task")?
+                .context("evaluating on the operator notes")?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }
@@ -499,4 +635,68 @@ async fn run_node(config: PathBuf) -> anyhow::Result<()> {
     })
     .await
     .context("running the node")
+}
+
+/// Runs `fogmesh train` with a progress bar (epoch, losses, samples/s, ETA) on stderr and
+/// a table of the evaluation after it.
+fn train(
+    request: &fogmesh_simulations::train::TrainRequest,
+) -> anyhow::Result<fogmesh_simulations::train::TrainingOutcome> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(request.options.epochs as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:28}] epoch {pos}/{len} {msg} ETA {eta}")
+            .context("the progress bar template")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(request.model.default_name());
+    let outcome = fogmesh_simulations::train::run(request, &mut |epoch| {
+        bar.set_length(epoch.epochs as u64);
+        bar.set_position(epoch.epoch as u64);
+        bar.set_message(format!(
+            "loss {:.4} val {:.4} {:.0} samples/s",
+            epoch.train_loss, epoch.validation_loss, epoch.samples_per_s
+        ));
+    });
+    bar.finish_and_clear();
+    let outcome = outcome.with_context(|| {
+        format!(
+            "training {} on {}",
+            request.model.default_name(),
+            request.data.display()
+        )
+    })?;
+    let t = &outcome.training;
+    eprintln!(
+        "stored        {} ({})",
+        outcome.model,
+        outcome.store.display()
+    );
+    eprintln!(
+        "trained       {} epochs (best {}), {:.0} samples/s, {:.1} s{}",
+        t.epochs_run,
+        t.best_epoch,
+        t.samples_per_s,
+        t.elapsed_s,
+        if t.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        }
+    );
+    for (metric, value) in &outcome.metrics {
+        let mark = if metric == outcome.metric {
+            " <- standard metric"
+        } else {
+            ""
+        };
+        eprintln!("{metric:<28} {value:>10.4}{mark}");
+    }
+    if let Some(published) = &outcome.published {
+        eprintln!(
+            "published     {} {:.4} ({})",
+            published.model, published.score, published.source
+        );
+    }
+    Ok(outcome)
 }

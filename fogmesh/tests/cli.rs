@@ -268,3 +268,56 @@ fn bench_train_compares_both_time_series_models_with_pytorch() {
         }
     }
 }
+
+#[test]
+fn train_stores_a_new_version_each_run_with_its_evaluation_and_refuses_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let train = |data: &str| {
+        let output = Command::new(BINARY)
+            .args(["train", "--model", "classifier", "--data", data, "--store"])
+            .arg(&store)
+            .args(["--epochs", "1", "--max-seconds", "5"])
+            .current_dir(repo)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .expect("the fogmesh binary runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = train("data/tep");
+    assert!(ok, "`just setup` makes data/tep: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(report["model"], "tep-diagnosis@1");
+    assert_eq!(report["metric"], "accuracy");
+    assert_eq!(report["architecture"], "fault_classifier");
+    let accuracy = report["score"].as_f64().unwrap();
+    // One short epoch over 13 classes is far from the full run, but far above chance.
+    assert!(accuracy > 2.0 / 13.0 && accuracy <= 1.0, "{report}");
+    assert_eq!(report["training"]["epochs_run"], 1);
+    assert!(
+        err.contains("<- standard metric"),
+        "a readable table: {err}"
+    );
+    let manifest = store.join("manifests/tep-diagnosis/1.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(manifest["metrics"]["accuracy"], report["score"]);
+    assert_eq!(manifest["hyper"]["classes"]["names"][0], "normal");
+    assert_eq!(manifest["training"]["options"]["epochs"], 1);
+
+    let (ok, out, _) = train("data/tep");
+    assert!(ok);
+    assert!(out.contains("\"model\":\"tep-diagnosis@2\""), "{out}");
+
+    let (ok, _, err) = train("no/such/folder");
+    assert!(!ok);
+    assert!(
+        err.contains("no/such/folder") && err.contains("just setup"),
+        "{err}"
+    );
+}

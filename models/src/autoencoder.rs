@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
-use crate::weights::sha256_hex;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
+use crate::weights::sha256_hex;
 
 /// Layer names in forward order; each holds `<name>.weight` and `<name>.bias`.
 const LAYERS: [&str; 4] = ["enc1", "enc2", "dec1", "dec2"];

@@ -3,7 +3,13 @@
 //!
 //! - [`autoencoder`]: the convolutional autoencoder expert (the W1 benchmark model).
 //! - [`classifier`]: the fault classifier (diagnosis: which fault, not only whether).
+//! - [`forecaster`]: the temporal convolution network that forecasts every channel and
+//!   scores a window by its forecast error.
+//! - [`fusion`]: the multimodal expert: sensor window and operator-note embedding,
+//!   one decision.
 //! - [`gate`]: the mixture-of-experts gate, trained with tch, served in plain Rust.
+//! - [`minilm`]: the language expert's sentence encoder, all-MiniLM-L6-v2 in tch.
+//! - [`notes`]: labelled TEP operator notes and the classifier over their embeddings.
 //! - [`training`]: options and reports shared by every training run.
 //! - [`recording`]: the fogrec file format for plant recordings.
 //! - [`calibration`]: score quantiles for alarm thresholds.
@@ -11,6 +17,7 @@
 //! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
 //!   checked against their declared signature and served as experts.
+//! - [`served`]: any stored model version loaded for serving behind an expert.
 //! - [`weights`]: any model's `VarStore` as checked safetensors bytes, and back.
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
@@ -22,10 +29,15 @@ pub mod autoencoder;
 pub mod calibration;
 pub mod classifier;
 pub mod error;
+pub mod forecaster;
+pub mod fusion;
 pub mod gate;
+pub mod minilm;
+pub mod notes;
 pub mod pca;
 pub mod recording;
 pub mod rng;
+pub mod served;
 pub mod skab;
 pub mod store;
 pub mod torchscript;
@@ -35,6 +47,7 @@ pub mod weights;
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
 pub use calibration::{column_stats, quantile};
 pub use error::ModelError;
+pub use forecaster::{ForecasterConfig, TcnForecaster};
 pub use gate::SoftmaxGate;
 pub use recording::{Recording, RecordingHeader};
 pub use rng::SplitMix64;

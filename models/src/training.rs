@@ -127,7 +127,7 @@ pub struct EpochReport {
 }
 
 /// The outcome of a whole training run. The model holds the weights of `best_epoch`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct TrainReport {
     pub epochs_run: usize,
     /// 1-based epoch whose weights were restored at the end.

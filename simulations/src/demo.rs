@@ -537,6 +537,7 @@ fn train_unit(
         batching: BatchingSpec::default(),
         intra_op_threads: 1,
         torchscript: None,
+        stored: None,
     };
     let sensor = SensorStreamSpec {
         id: unit.name.to_string(),

@@ -9,8 +9,11 @@
 pub mod bench_train;
 pub mod demo;
 pub mod evaluation;
+pub mod fusion_eval;
+pub mod notes_eval;
 pub mod skab;
 pub mod tep;
 pub mod tep_eval;
+pub mod train;
 pub mod w1;
 pub mod w1_remote;

@@ -180,81 +180,136 @@ fn mean(values: impl Iterator<Item = Option<f64>>) -> f64 {
     }
 }
 
+/// The TEP recordings as the evaluations and `fogmesh train` split them.
+pub(crate) struct TepRuns {
+    /// The three `normal-train-*` runs back to back (row-major).
+    pub train: Vec<f32>,
+    pub columns: usize,
+    pub calibration: Recording,
+    /// `normal-test` and every `idvNN` run, by name, sorted.
+    pub tests: Vec<(String, Recording)>,
+    /// Per-column mean and deviation of `train`.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl TepRuns {
+    pub fn read(data: &Path) -> Result<TepRuns, TepEvalError> {
+        let mut train = Vec::new();
+        let mut columns = 0;
+        for i in 1..=3 {
+            let run = read(&data.join(format!("normal-train-{i}.fogrec")))?;
+            columns = run.columns();
+            train.extend_from_slice(&run.values);
+        }
+        let calibration = read(&data.join("normal-calibration.fogrec"))?;
+        let mut names: Vec<String> = std::fs::read_dir(data)
+            .map_err(|e| TepEvalError::Recording {
+                path: data.to_path_buf(),
+                source: ModelError::Io {
+                    path: data.to_path_buf(),
+                    source: e,
+                },
+            })?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| {
+                (n.starts_with("idv") || n == "normal-test.fogrec") && n.ends_with(".fogrec")
+            })
+            .collect();
+        names.sort();
+        let mut tests = Vec::new();
+        for name in names {
+            let path = data.join(&name);
+            let run = read(&path)?;
+            if run.columns() != columns {
+                return Err(TepEvalError::Columns {
+                    path,
+                    expected: columns,
+                    got: run.columns(),
+                });
+            }
+            tests.push((name.trim_end_matches(".fogrec").to_string(), run));
+        }
+        let (mean, std) = standardiser(&train, columns);
+        Ok(TepRuns {
+            train,
+            columns,
+            calibration,
+            tests,
+            mean,
+            std,
+        })
+    }
+
+    /// Standardised windows of `window` rows of each training run (none straddles two
+    /// runs).
+    pub fn train_windows(&self, window: usize) -> Vec<f32> {
+        self.train
+            .chunks(self.train.len() / 3)
+            .flat_map(|run| self.windows(run, window))
+            .collect()
+    }
+
+    /// Standardised windows of `window` rows ending at each row of `rows`.
+    pub fn windows(&self, rows: &[f32], window: usize) -> Vec<f32> {
+        windows(rows, self.columns, window, &self.mean, &self.std)
+    }
+}
+
+/// The autoencoder both `fogmesh eval tep` and `fogmesh train` fit to TEP windows.
+pub(crate) fn tep_autoencoder_config(columns: usize, window: usize) -> AutoencoderConfig {
+    AutoencoderConfig {
+        channels: columns as i64,
+        window: window as i64,
+        hidden: 64,
+        bottleneck: 16,
+        kernel: 3,
+    }
+}
+
 pub fn evaluate(
     options: &TepEvalOptions,
     progress: &mut dyn FnMut(&RunDetection),
 ) -> Result<TepReport, TepEvalError> {
     let started = Instant::now();
-    let data = &options.data;
-    let mut train = Vec::new();
-    let mut columns = 0;
-    for i in 1..=3 {
-        let run = read(&data.join(format!("normal-train-{i}.fogrec")))?;
-        columns = run.columns();
-        train.extend_from_slice(&run.values);
-    }
-    let calibration = read(&data.join("normal-calibration.fogrec"))?;
+    let runs_read = TepRuns::read(&options.data)?;
+    let TepRuns {
+        train,
+        columns,
+        calibration,
+        ..
+    } = &runs_read;
+    let (train, columns) = (train.as_slice(), *columns);
     let window = options.window;
 
-    let pca = Pca::fit(&train, columns, options.explained)?;
+    let pca = Pca::fit(train, columns, options.explained)?;
     let calibration_scores = pca.score(&calibration.values)?;
     let t2: Vec<f32> = calibration_scores.iter().map(|s| s.t2 as f32).collect();
     let q: Vec<f32> = calibration_scores.iter().map(|s| s.q as f32).collect();
     let t2_limit = f64::from(quantile(&t2, options.limit_quantile)?);
     let q_limit = f64::from(quantile(&q, options.limit_quantile)?);
 
-    let (mu, sd) = standardiser(&train, columns);
-    let config = AutoencoderConfig {
-        channels: columns as i64,
-        window: window as i64,
-        hidden: 64,
-        bottleneck: 16,
-        kernel: 3,
-    };
-    let mut model =
-        ConvAutoencoder::new(config, fogmesh_models::default_device(), options.train.seed)?;
-    // Each training run is windowed on its own, so no window straddles two runs.
-    let train_windows: Vec<f32> = train
-        .chunks(train.len() / 3)
-        .flat_map(|run| windows(run, columns, window, &mu, &sd))
-        .collect();
-    model.fit(&train_windows, &options.train, &mut |_| {})?;
-    let calibration_errors =
-        model.score(&windows(&calibration.values, columns, window, &mu, &sd))?;
+    let (mu, sd) = (&runs_read.mean, &runs_read.std);
+    let mut model = ConvAutoencoder::new(
+        tep_autoencoder_config(columns, window),
+        fogmesh_models::default_device(),
+        options.train.seed,
+    )?;
+    model.fit(
+        &runs_read.train_windows(window),
+        &options.train,
+        &mut |_| {},
+    )?;
+    let calibration_errors = model.score(&runs_read.windows(&calibration.values, window))?;
     let ae_limit = quantile(&calibration_errors, options.limit_quantile)?;
+    let recordings = &runs_read.tests;
 
-    let mut names: Vec<String> = std::fs::read_dir(data)
-        .map_err(|e| TepEvalError::Recording {
-            path: data.clone(),
-            source: ModelError::Io {
-                path: data.clone(),
-                source: e,
-            },
-        })?
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| (n.starts_with("idv") || n == "normal-test.fogrec") && n.ends_with(".fogrec"))
-        .collect();
-    names.sort();
-    let mut recordings = Vec::new();
-    for name in names {
-        let path = data.join(&name);
-        let run = read(&path)?;
-        if run.columns() != columns {
-            return Err(TepEvalError::Columns {
-                path,
-                expected: columns,
-                got: run.columns(),
-            });
-        }
-        recordings.push((name.trim_end_matches(".fogrec").to_string(), run));
-    }
-
-    let diagnosis = Diagnosis::train(options, &train, columns, &recordings, &mu, &sd)?;
+    let diagnosis = Diagnosis::train(options, train, columns, recordings, mu, sd, &mut |_| {})?;
     let mut runs = Vec::new();
     let mut correct = 0usize;
     let mut tested = 0usize;
-    for (name, run) in &recordings {
+    for (name, run) in recordings {
         let onset = run.header.fault_onset_row.map(|r| r as usize);
         let scores = pca.score(&run.values)?;
         let by = |f: &dyn Fn(&fogmesh_models::pca::PcaScores) -> bool| -> Vec<bool> {
@@ -263,10 +318,10 @@ pub fn evaluate(
         let pca_t2 = by(&|s| s.t2 > t2_limit);
         let pca_q = by(&|s| s.q > q_limit);
         let pca_any: Vec<bool> = pca_t2.iter().zip(&pca_q).map(|(a, b)| *a || *b).collect();
-        let errors = model.score(&windows(&run.values, columns, window, &mu, &sd))?;
+        let errors = model.score(&runs_read.windows(&run.values, window))?;
         let mut ae = vec![false; window - 1];
         ae.extend(errors.iter().map(|e| *e > ae_limit));
-        let (right, total) = diagnosis.test(run, columns, &mu, &sd)?;
+        let (right, total) = diagnosis.test(run, columns, mu, sd)?;
         correct += right;
         tested += total;
         let result = RunDetection {
@@ -300,10 +355,11 @@ pub fn evaluate(
 }
 
 /// The fault classifier and the class of each fault.
-struct Diagnosis {
-    model: FaultClassifier,
+pub(crate) struct Diagnosis {
+    pub model: FaultClassifier,
     /// Fault number of each class; class 0 is normal operation (`None`).
-    classes: Vec<Option<u32>>,
+    pub classes: Vec<Option<u32>>,
+    pub training: fogmesh_models::TrainReport,
     window: usize,
     split: f64,
 }
@@ -322,13 +378,14 @@ impl Diagnosis {
         onset + ((run.rows() - onset) as f64 * self.split) as usize
     }
 
-    fn train(
+    pub fn train(
         options: &TepEvalOptions,
         train: &[f32],
         columns: usize,
         recordings: &[(String, Recording)],
         mu: &[f32],
         sd: &[f32],
+        progress: &mut dyn FnMut(&fogmesh_models::EpochReport),
     ) -> Result<Diagnosis, TepEvalError> {
         let window = options.classifier_window;
         let mut classes: Vec<Option<u32>> = vec![None];
@@ -349,9 +406,30 @@ impl Diagnosis {
                 options.classifier_train.seed,
             )?,
             classes,
+            training: fogmesh_models::TrainReport::default(),
             window,
             split: options.classifier_split,
         };
+        let (inputs, labels) = diagnosis.training_windows(train, columns, recordings, mu, sd);
+        diagnosis.training =
+            diagnosis
+                .model
+                .fit(&inputs, &labels, &options.classifier_train, progress)?;
+        Ok(diagnosis)
+    }
+
+    /// The labelled training windows: every window of the normal training runs
+    /// (class 0), and of each fault run the windows ending between the onset and the
+    /// split.
+    pub fn training_windows(
+        &self,
+        train: &[f32],
+        columns: usize,
+        recordings: &[(String, Recording)],
+        mu: &[f32],
+        sd: &[f32],
+    ) -> (Vec<f32>, Vec<i64>) {
+        let window = self.window;
         let mut inputs = Vec::new();
         let mut labels = Vec::new();
         for run in train.chunks(train.len() / 3) {
@@ -364,30 +442,27 @@ impl Diagnosis {
                 continue;
             };
             let onset = onset as usize;
-            let end = diagnosis.test_from(run, onset);
+            let end = self.test_from(run, onset);
             // Windows that end in [onset, end): the fault is on at their last row.
             let first = onset.saturating_sub(window - 1);
             let part = &run.values[first * columns..end * columns];
             let w = windows(part, columns, window, mu, sd);
-            let class = diagnosis.class_of(Some(fault));
+            let class = self.class_of(Some(fault));
             labels.extend(std::iter::repeat_n(class, w.len() / (columns * window)));
             inputs.extend(w);
         }
-        diagnosis
-            .model
-            .fit(&inputs, &labels, &options.classifier_train, &mut |_| {})?;
-        Ok(diagnosis)
+        (inputs, labels)
     }
 
-    /// (right, tested) over `run`'s test windows: all of a normal run, the part after
-    /// the split of a fault run.
-    fn test(
+    /// `run`'s test windows and their class: all of a normal run, the part after the
+    /// split of a fault run; `None` when the run is too short for one.
+    pub fn test_windows(
         &self,
         run: &Recording,
         columns: usize,
         mu: &[f32],
         sd: &[f32],
-    ) -> Result<(usize, usize), TepEvalError> {
+    ) -> Option<(Vec<f32>, i64)> {
         let from = match run.header.fault_onset_row {
             Some(onset) if run.header.fault.is_some() => self
                 .test_from(run, onset as usize)
@@ -395,13 +470,34 @@ impl Diagnosis {
             _ => 0,
         };
         if run.rows() < from + self.window {
-            return Ok((0, 0));
+            return None;
         }
         let w = windows(&run.values[from * columns..], columns, self.window, mu, sd);
+        Some((w, self.class_of(run.header.fault)))
+    }
+
+    /// (right, tested) over `run`'s test windows.
+    pub fn test(
+        &self,
+        run: &Recording,
+        columns: usize,
+        mu: &[f32],
+        sd: &[f32],
+    ) -> Result<(usize, usize), TepEvalError> {
+        let Some((w, truth)) = self.test_windows(run, columns, mu, sd) else {
+            return Ok((0, 0));
+        };
         let predicted = self.model.predict(&w)?;
-        let truth = self.class_of(run.header.fault);
         let right = predicted.iter().filter(|p| **p == truth).count();
         Ok((right, predicted.len()))
+    }
+
+    /// The class names: `normal`, then `idvNN` per fault.
+    pub fn class_names(&self) -> Vec<String> {
+        self.classes
+            .iter()
+            .map(|c| c.map_or_else(|| "normal".to_string(), |f| format!("idv{f:02}")))
+            .collect()
     }
 }
 

@@ -331,6 +331,7 @@ pub(crate) fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeS
                 },
                 intra_op_threads: options.intra_op_threads,
                 torchscript: None,
+                stored: None,
             })
             .collect(),
         remote_experts: Vec::new(),

@@ -11,3 +11,4 @@ mod grpc;
 mod mqtt;
 mod replay;
 mod torchscript;
+mod zoo;
