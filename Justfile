@@ -74,6 +74,8 @@ test *ARGS: setup setup-broker
 eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval skab --data "{{ skab }}"
     cargo run --release -p fogmesh -- eval tep --data data/tep
+    cargo run --release -p fogmesh -- eval notes
+    cargo run --release -p fogmesh -- eval multimodal
 
 # Each run prints one JSON object.
 # Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process) and training speed against PyTorch.

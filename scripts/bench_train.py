@@ -2,7 +2,8 @@
 """Train and run fogmesh's time-series models in PyTorch eager, for `fogmesh bench train`.
 
 ``python3 scripts/bench_train.py MODEL CHANNELS WINDOW BATCH SAMPLES EPOCHS`` builds the
-same network fogmesh builds (``conv_autoencoder`` or ``fault_classifier``), trains it on
+same network fogmesh builds (``conv_autoencoder``, ``fault_classifier`` or
+``tcn_forecaster``, whose windows are 4 steps of horizon after the context), trains it on
 random windows with Adam for EPOCHS passes in batches of BATCH, then scores every window
 in batches of 256, and prints one JSON line: ``{"samples_per_s": ..., "inference_windows_per_s": ...}``.
 
@@ -50,6 +51,51 @@ class FaultClassifier(nn.Module):
         return self.head(x.mean(dim=2))
 
 
+class TcnBlock(nn.Module):
+    def __init__(self, inputs: int, hidden: int, kernel: int, dilation: int):
+        super().__init__()
+        self.pad = (kernel - 1) * dilation
+        self.conv1 = nn.Conv1d(inputs, hidden, kernel, dilation=dilation)
+        self.conv2 = nn.Conv1d(hidden, hidden, kernel, dilation=dilation)
+        self.downsample = nn.Conv1d(inputs, hidden, 1) if inputs != hidden else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Left padding only: no output step sees a later input.
+        out = torch.relu(self.conv1(nn.functional.pad(x, (self.pad, 0))))
+        out = torch.relu(self.conv2(nn.functional.pad(out, (self.pad, 0))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TcnForecaster(nn.Module):
+    """fogmesh's `TcnForecaster`, with the same state-dict names: contexts [B, C, T] to
+    forecasts [B, C, horizon], each added to its channel's last context value."""
+
+    def __init__(self, channels: int, horizon: int = 4, hidden: int = 32, levels: int = 4, kernel: int = 3):
+        super().__init__()
+        self.channels, self.horizon = channels, horizon
+        self.blocks = nn.ModuleList(
+            TcnBlock(channels if i == 0 else hidden, hidden, kernel, 2**i) for i in range(levels)
+        )
+        self.head = nn.Linear(hidden, channels * horizon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = x[:, :, -1:]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x[:, :, -1]).view(-1, self.channels, self.horizon) + last
+
+
+class ForecastFromWindows(nn.Module):
+    """Feeds a window's context to the forecaster, as fogmesh's `fit` and `score` do."""
+
+    def __init__(self, forecaster: TcnForecaster, context: int):
+        super().__init__()
+        self.forecaster, self.context = forecaster, context
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.forecaster(windows[:, :, : self.context])
+
+
 def main() -> None:
     model_name, channels, window, batch, samples, epochs = sys.argv[1:7]
     channels, window, batch, samples, epochs = map(int, (channels, window, batch, samples, epochs))
@@ -65,8 +111,15 @@ def main() -> None:
         targets = torch.randint(0, 13, (samples,))
         loss_of = lambda out, idx: nn.functional.cross_entropy(out, targets.index_select(0, idx))
         score = lambda x: model(x).argmax(dim=1)
+    elif model_name == "tcn_forecaster":
+        forecaster = TcnForecaster(channels)
+        context = window - forecaster.horizon
+        model = ForecastFromWindows(forecaster, context)
+        targets = None
+        loss_of = lambda out, idx: nn.functional.mse_loss(out, data.index_select(0, idx)[:, :, context:])
+        score = lambda x: ((model(x) - x[:, :, context:]) ** 2).mean(dim=(1, 2))
     else:
-        raise SystemExit(f"unknown model {model_name!r}: conv_autoencoder or fault_classifier")
+        raise SystemExit(f"unknown model {model_name!r}: conv_autoencoder, fault_classifier or tcn_forecaster")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     trained = 0
     seconds = 0.0

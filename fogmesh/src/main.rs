@@ -72,7 +72,8 @@ enum Command {
     Train {
         #[arg(long, value_enum)]
         model: TrainModel,
-        /// The data set's folder (`data/tep` for the time-series models).
+        /// The data: `data/tep` for the time-series and multimodal models, the notes
+        /// file for the language model.
         #[arg(long)]
         data: PathBuf,
         /// The model store that receives the trained version.
@@ -96,6 +97,12 @@ enum Command {
         /// Wall-clock budget for training, in seconds.
         #[arg(long)]
         max_seconds: Option<f64>,
+        /// The MiniLM folder `just setup` exports (models that read text).
+        #[arg(long, default_value = "data/minilm")]
+        minilm: PathBuf,
+        /// The labelled operator notes (models that read them).
+        #[arg(long, default_value = "models/data/tep_operator_notes.tsv")]
+        notes: PathBuf,
     },
     /// Evaluations on public benchmarks; each prints one JSON object on stdout.
     Eval {
@@ -147,6 +154,10 @@ enum TrainModel {
     Forecaster,
     /// Convolutional fault classifier: diagnosis (which fault).
     Classifier,
+    /// Operator notes and alarm texts to fault classes (`--data` the notes file).
+    Language,
+    /// Sensor window + operator note fused into one diagnosis (needs `--notes`, `--minilm`).
+    Multimodal,
 }
 
 #[derive(Subcommand)]
@@ -299,12 +310,16 @@ fn main() -> anyhow::Result<()> {
                 patience,
                 seed,
                 max_seconds,
+                minilm,
+                notes,
             } => {
                 use fogmesh_simulations::train::{ModelChoice, TrainRequest};
                 let model = match model {
                     TrainModel::Autoencoder => ModelChoice::Autoencoder,
                     TrainModel::Forecaster => ModelChoice::Forecaster,
                     TrainModel::Classifier => ModelChoice::Classifier,
+                    TrainModel::Language => ModelChoice::Language,
+                    TrainModel::Multimodal => ModelChoice::Multimodal,
                 };
                 let mut options = model.default_options();
                 options.epochs = epochs.unwrap_or(options.epochs);
@@ -318,6 +333,8 @@ fn main() -> anyhow::Result<()> {
                     name,
                     version,
                     options,
+                    minilm,
+                    notes,
                 };
                 let outcome = tokio::task::spawn_blocking(move || train(&request))
                     .await

@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
-use fogmesh_proto::SampleBatch;
+use fogmesh_proto::{SampleBatch, ScoreRequest};
 use fogmesh_tests::{node_toml, normal_values, samples, write_config, EXPERT, SENSOR};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_fogmesh");
@@ -269,8 +270,8 @@ fn bench_train_compares_both_time_series_models_with_pytorch() {
     }
 }
 
-#[test]
-fn train_stores_a_new_version_each_run_with_its_evaluation_and_refuses_missing_data() {
+#[tokio::test]
+async fn train_stores_a_new_version_each_run_and_a_node_serves_it_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -313,6 +314,58 @@ fn train_stores_a_new_version_each_run_with_its_evaluation_and_refuses_missing_d
     let (ok, out, _) = train("data/tep");
     assert!(ok);
     assert!(out.contains("\"model\":\"tep-diagnosis@2\""), "{out}");
+
+    // The stored version serves behind a router of a node process, by name alone.
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        r#"[node]
+name = "dx"
+role = "fog"
+listen = "127.0.0.1:0"
+models = "store"
+
+[[experts]]
+name = "diagnosis"
+model = "tep-diagnosis@2"
+
+[[routers]]
+name = "plant"
+policy = "static"
+routes = { tep = ["diagnosis"] }
+"#,
+    )
+    .unwrap();
+    let mut node = start_node(&config);
+    let addr = grpc_address(node.0.as_mut().expect("started"));
+    let mut inference = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connects");
+    let names: Vec<String> = manifest["hyper"]["classes"]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    let window = manifest["hyper"]["config"]["window"].as_u64().unwrap() as usize;
+    let reply = inference
+        .score(ScoreRequest {
+            router: "plant".into(),
+            sensor_id: "tep".into(),
+            channels: 53,
+            length: window as u32,
+            // The training mean, standardised: the plant at its normal operating point.
+            values: vec![0.0; 53 * window],
+        })
+        .await
+        .expect("the window is scored")
+        .into_inner();
+    let opinion = &reply.experts[0];
+    assert_eq!(opinion.model_version, "tep-diagnosis@2");
+    assert!(names.contains(&opinion.class), "{opinion:?} in {names:?}");
+    assert!((0.0..=1.0).contains(&opinion.score), "{opinion:?}");
+    assert_eq!(opinion.threshold, 0.5, "a classifier alarms past even odds");
+    drop(node);
 
     let (ok, _, err) = train("no/such/folder");
     assert!(!ok);

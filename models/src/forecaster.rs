@@ -9,10 +9,12 @@
 //! causal convolutions dilated by 2^i (padding on the left only, so no output sees a
 //! later input), ReLU after each, and a residual connection (through a 1×1 projection
 //! where the widths differ). A linear head maps the features of the last context step to
-//! `channels × horizon` values. Weights live in a `VarStore` under PyTorch's names for
-//! the same module tree (`blocks.0.conv1.weight`, `blocks.0.downsample.bias`,
-//! `head.weight`, ...), so safetensors files move between the two, and initial weights
-//! come from the crate's seeded generator, never libtorch's global one.
+//! `channels × horizon` values, each added to its channel's last context value. Weights
+//! live in a `VarStore` under PyTorch's names for the same module tree
+//! (`blocks.0.conv1.weight`, `blocks.0.downsample.bias`, `head.weight`, ...), so
+//! safetensors files move between the two (`scripts/bench_train.py` holds the PyTorch
+//! module), and initial weights come from the crate's seeded generator, never
+//! libtorch's global one.
 //!
 //! Data is channel-major like the other models. A *context* is `channels × context`
 //! values; a *scoring window* is `channels × (context + horizon)`: the first `context`

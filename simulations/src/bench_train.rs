@@ -12,7 +12,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ModelError, SplitMix64, TrainOptions};
+use fogmesh_models::{
+    AutoencoderConfig, ConvAutoencoder, ForecasterConfig, ModelError, SplitMix64, TcnForecaster,
+    TrainOptions,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone)]
@@ -75,7 +78,7 @@ struct Case {
     window: usize,
 }
 
-const CASES: [Case; 2] = [
+const CASES: [Case; 3] = [
     // W1's autoencoder.
     Case {
         model: "conv_autoencoder",
@@ -87,6 +90,12 @@ const CASES: [Case; 2] = [
         model: "fault_classifier",
         channels: 53,
         window: 20,
+    },
+    // The TEP forecaster: 53 variables, 32 steps of context and 4 of horizon.
+    Case {
+        model: "tcn_forecaster",
+        channels: 53,
+        window: 36,
     },
 ];
 
@@ -140,6 +149,18 @@ fn fogmesh_speed(case: &Case, options: &BenchTrainOptions) -> Result<(f64, f64),
         "conv_autoencoder" => {
             let config = AutoencoderConfig::w1(case.channels as i64, case.window as i64);
             let mut model = ConvAutoencoder::new(config, device, 0)?;
+            let report = model.fit(&data, &train, &mut |_| {})?;
+            let inference = chunks(&mut |c| model.score(c).map(|_| ()))?;
+            Ok((report.samples_per_s, inference))
+        }
+        "tcn_forecaster" => {
+            let defaults = ForecasterConfig::default();
+            let config = ForecasterConfig {
+                channels: case.channels as i64,
+                context: case.window as i64 - defaults.horizon,
+                ..defaults
+            };
+            let mut model = TcnForecaster::new(config, device, 0)?;
             let report = model.fit(&data, &train, &mut |_| {})?;
             let inference = chunks(&mut |c| model.score(c).map(|_| ()))?;
             Ok((report.samples_per_s, inference))

@@ -122,6 +122,23 @@ fn paired_notes(
 }
 
 pub fn evaluate(options: &FusionEvalOptions) -> Result<FusionReport, FusionEvalError> {
+    Ok(train(options, &mut |_| {})?.report)
+}
+
+/// The trained fused expert, its class names, and how it and the single modalities
+/// did.
+pub struct FusionOutcome {
+    pub model: FusionClassifier,
+    pub classes: Vec<String>,
+    pub report: FusionReport,
+    pub training: fogmesh_models::TrainReport,
+}
+
+/// Trains the three models (`progress` follows the fused one's epochs) and scores them.
+pub fn train(
+    options: &FusionEvalOptions,
+    progress: &mut dyn FnMut(&fogmesh_models::EpochReport),
+) -> Result<FusionOutcome, FusionEvalError> {
     let started = Instant::now();
     let runs = TepRuns::read(&options.tep)?;
     let notes = OperatorNotes::read(&options.notes)?;
@@ -237,12 +254,12 @@ pub fn evaluate(options: &FusionEvalOptions) -> Result<FusionReport, FusionEvalE
         device,
         options.fusion_train.seed,
     )?;
-    fused.fit(
+    let training = fused.fit(
         &train_windows,
         &train_text,
         &train_labels,
         &options.fusion_train,
-        &mut |_| {},
+        progress,
     )?;
 
     let (mut test_windows, mut truth) = (Vec::new(), Vec::new());
@@ -276,7 +293,7 @@ pub fn evaluate(options: &FusionEvalOptions) -> Result<FusionReport, FusionEvalE
         accuracy(&by_text, &truth),
         accuracy(&by_both, &truth),
     );
-    Ok(FusionReport {
+    let report = FusionReport {
         dataset: "tep + tep-operator-notes (fogmesh-made)",
         classes: class_names.len(),
         train_pairs: train_labels.len(),
@@ -287,5 +304,11 @@ pub fn evaluate(options: &FusionEvalOptions) -> Result<FusionReport, FusionEvalE
         fused_beats_each: both > sensors && both > text,
         per_class,
         seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(FusionOutcome {
+        model: fused,
+        classes: class_names,
+        report,
+        training,
     })
 }

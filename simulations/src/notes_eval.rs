@@ -196,6 +196,15 @@ fn nearest_centroid(
 }
 
 pub fn evaluate(options: &NotesEvalOptions) -> Result<NotesReport, NotesEvalError> {
+    Ok(train(options, &mut |_| {})?.0)
+}
+
+/// Trains the note classifier (`progress` follows its epochs) and scores it; also
+/// returns the classifier and its training summary, for `fogmesh train`.
+pub fn train(
+    options: &NotesEvalOptions,
+    progress: &mut dyn FnMut(&fogmesh_models::EpochReport),
+) -> Result<(NotesReport, NoteClassifier, fogmesh_models::TrainReport), NotesEvalError> {
     let started = Instant::now();
     let notes = OperatorNotes::read(&options.data)?;
     let (train, test) = notes.stratified_split(options.test_fraction, options.split_seed)?;
@@ -229,7 +238,7 @@ pub fn evaluate(options: &NotesEvalOptions) -> Result<NotesReport, NotesEvalErro
     };
     let mut classifier =
         NoteClassifier::new(config, fogmesh_models::default_device(), options.model_seed)?;
-    let report = classifier.fit(&train_x, &train_y, &options.train, &mut |_| {})?;
+    let report = classifier.fit(&train_x, &train_y, &options.train, progress)?;
     let (per_class, accuracy, macro_f1) = score(&classifier.predict(&test_x)?, &test_y);
     let (_, baseline_accuracy, baseline_f1) =
         score(&nearest_centroid(&train_x, &train_y, &test_x)?, &test_y);
@@ -239,7 +248,7 @@ pub fn evaluate(options: &NotesEvalOptions) -> Result<NotesReport, NotesEvalErro
     } else {
         "a linear softmax head".to_string()
     };
-    Ok(NotesReport {
+    let notes_report = NotesReport {
         dataset: "tep-operator-notes (fogmesh-made)",
         model: format!("all-MiniLM-L6-v2 embeddings (frozen, fogmesh tch) + {head}"),
         classes: TEP_CLASSES.len(),
@@ -259,7 +268,8 @@ pub fn evaluate(options: &NotesEvalOptions) -> Result<NotesReport, NotesEvalErro
         seconds: started.elapsed().as_secs_f64(),
         published: None,
         note: "no published score exists: the notes are a set the fogmesh project wrote itself (models/data/README.md)",
-    })
+    };
+    Ok((notes_report, classifier, report))
 }
 
 #[cfg(test)]

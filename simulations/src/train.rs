@@ -14,19 +14,24 @@
 //! | `autoencoder` | TEP recordings (`data/tep`) | mean fault detection rate at a q0.99 limit, and false alarms |
 //! | `forecaster` | TEP recordings | forecast MSE on `normal-test` relative to persistence |
 //! | `classifier` | TEP recordings | diagnosis accuracy over 13 classes |
+//! | `language` | the project's operator notes | accuracy over 13 TEP classes on held-out notes |
+//! | `multimodal` | TEP recordings + the project's operator notes | diagnosis accuracy of sensor window + note, next to each modality alone |
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use fogmesh_models::forecaster::{persistence_score, ForecasterConfig, TcnForecaster};
-use fogmesh_models::served::{Architecture, Classes};
+use fogmesh_models::notes::TEP_CLASSES;
+use fogmesh_models::served::{encoder_sha256, Architecture, Classes};
 use fogmesh_models::store::{InputSpec, Manifest, ModelStore, StoreError};
 use fogmesh_models::{
     quantile, ConvAutoencoder, EpochReport, ModelError, TrainOptions, TrainReport,
 };
 use serde::Serialize;
 
+use crate::fusion_eval::{FusionEvalError, FusionEvalOptions};
+use crate::notes_eval::{NotesEvalError, NotesEvalOptions};
 use crate::tep_eval::{tep_autoencoder_config, Diagnosis, TepEvalError, TepEvalOptions, TepRuns};
 
 /// The models `fogmesh train` can train.
@@ -35,6 +40,8 @@ pub enum ModelChoice {
     Autoencoder,
     Forecaster,
     Classifier,
+    Language,
+    Multimodal,
 }
 
 impl ModelChoice {
@@ -44,6 +51,8 @@ impl ModelChoice {
             ModelChoice::Autoencoder => "tep-autoencoder",
             ModelChoice::Forecaster => "tep-forecaster",
             ModelChoice::Classifier => "tep-diagnosis",
+            ModelChoice::Language => "tep-notes",
+            ModelChoice::Multimodal => "tep-fused-diagnosis",
         }
     }
 
@@ -58,6 +67,8 @@ impl ModelChoice {
                 ..tep.train
             },
             ModelChoice::Classifier => tep.classifier_train,
+            ModelChoice::Language => NotesEvalOptions::default().train,
+            ModelChoice::Multimodal => FusionEvalOptions::default().fusion_train,
         }
     }
 }
@@ -72,10 +83,18 @@ pub struct TrainRequest {
     /// Store version; the next whole number after the stored ones when `None`.
     pub version: Option<String>,
     pub options: TrainOptions,
+    /// The MiniLM folder, for models that read text.
+    pub minilm: PathBuf,
+    /// The operator notes, for models that read them.
+    pub notes: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error(transparent)]
+    Fusion(#[from] FusionEvalError),
+    #[error(transparent)]
+    Notes(#[from] NotesEvalError),
     #[error(transparent)]
     Tep(#[from] TepEvalError),
     #[error(transparent)]
@@ -140,6 +159,8 @@ pub fn run(
         ModelChoice::Autoencoder => train_autoencoder(request, progress)?,
         ModelChoice::Forecaster => train_forecaster(request, progress)?,
         ModelChoice::Classifier => train_classifier(request, progress)?,
+        ModelChoice::Language => train_language(request, progress)?,
+        ModelChoice::Multimodal => train_multimodal(request, progress)?,
     };
     let store = ModelStore::open(&request.store);
     let store_error = |source| TrainError::Store {
@@ -410,5 +431,109 @@ fn train_classifier(
             config.window, runs.columns
         ),
         data_summary: tep_summary(&runs, options.classifier_window),
+    })
+}
+
+/// Token ids a stored multimodal model takes per note: operator notes are a sentence or
+/// two, well inside this.
+const NOTE_TOKENS: i64 = 128;
+
+fn train_multimodal(
+    request: &TrainRequest,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<Trained, TrainError> {
+    let options = FusionEvalOptions {
+        tep: request.data.clone(),
+        notes: request.notes.clone(),
+        minilm: request.minilm.clone(),
+        fusion_train: request.options.clone(),
+        ..FusionEvalOptions::default()
+    };
+    let outcome = crate::fusion_eval::train(&options, progress)?;
+    let report = &outcome.report;
+    let metrics = BTreeMap::from([
+        ("accuracy".to_string(), report.accuracy_fused),
+        ("accuracy_sensors_only".to_string(), report.accuracy_sensors),
+        ("accuracy_text_only".to_string(), report.accuracy_text),
+    ]);
+    let config = outcome.model.config();
+    let (weights, _) = outcome.model.to_safetensors()?;
+    Ok(Trained {
+        architecture: Architecture::Fusion {
+            config,
+            tokens: NOTE_TOKENS,
+            classes: Classes {
+                names: outcome.classes.clone(),
+                normal: 0,
+            },
+            encoder_sha256: encoder_sha256(&request.minilm)?,
+        },
+        weights,
+        dataset: "tep + tep-operator-notes",
+        metric: "accuracy",
+        published: None,
+        metrics,
+        training: outcome.training,
+        input: format!(
+            "{} rows of the {} TEP variables (standardised), then {NOTE_TOKENS} MiniLM token ids of the operator note (0 pads)",
+            config.window, config.channels
+        ),
+        data_summary: serde_json::json!({
+            "set": "tep + tep-operator-notes (fogmesh-made)",
+            "notes": request.notes,
+            "train_pairs": report.train_pairs,
+            "test_pairs": report.test_pairs,
+        }),
+    })
+}
+
+fn train_language(
+    request: &TrainRequest,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<Trained, TrainError> {
+    let options = NotesEvalOptions {
+        data: request.data.clone(),
+        minilm: request.minilm.clone(),
+        train: request.options.clone(),
+        ..NotesEvalOptions::default()
+    };
+    let (report, classifier, training) = crate::notes_eval::train(&options, progress)?;
+    let mut metrics = BTreeMap::from([
+        ("accuracy".to_string(), report.accuracy),
+        ("macro_f1".to_string(), report.macro_f1),
+        (
+            "nearest_centroid_accuracy".to_string(),
+            report.baseline.accuracy,
+        ),
+    ]);
+    for class in &report.per_class {
+        metrics.insert(format!("accuracy_{}", class.class), class.accuracy);
+    }
+    let (weights, _) = classifier.to_safetensors()?;
+    Ok(Trained {
+        architecture: Architecture::NoteClassifier {
+            config: classifier.config(),
+            tokens: NOTE_TOKENS,
+            classes: Classes {
+                names: TEP_CLASSES.iter().map(|c| c.to_string()).collect(),
+                normal: 0,
+            },
+            encoder_sha256: encoder_sha256(&request.minilm)?,
+        },
+        weights,
+        dataset: "tep-operator-notes",
+        metric: "accuracy",
+        published: None,
+        metrics,
+        training,
+        input: format!(
+            "{NOTE_TOKENS} MiniLM token ids of one operator note or alarm text (0 pads)"
+        ),
+        data_summary: serde_json::json!({
+            "set": "tep-operator-notes (fogmesh-made)",
+            "notes": request.data,
+            "train_notes": report.train_notes,
+            "test_notes": report.test_notes,
+        }),
     })
 }
