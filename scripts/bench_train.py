@@ -97,8 +97,11 @@ class ForecastFromWindows(nn.Module):
 
 
 def main() -> None:
-    model_name, channels, window, batch, samples, epochs = sys.argv[1:7]
-    channels, window, batch, samples, epochs = map(int, (channels, window, batch, samples, epochs))
+    model_name, channels, window, batch, samples, epochs, threads = sys.argv[1:8]
+    channels, window, batch, samples, epochs, threads = map(
+        int, (channels, window, batch, samples, epochs, threads)
+    )
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = torch.randn(samples, channels, window)
     if model_name == "conv_autoencoder":

@@ -103,6 +103,10 @@ enum Command {
         /// The labelled operator notes (models that read them).
         #[arg(long, default_value = "models/data/tep_operator_notes.tsv")]
         notes: PathBuf,
+        /// libtorch intra-op threads. One by default: on a fog node the serving experts
+        /// share the cores, and on two busy cores more threads only wait on each other.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Evaluations on public benchmarks; each prints one JSON object on stdout.
     Eval {
@@ -125,6 +129,9 @@ enum Workload {
         samples: usize,
         #[arg(long, default_value_t = 3)]
         epochs: usize,
+        /// libtorch intra-op threads, for both fogmesh and PyTorch.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// W1: routing + batched expert inference under a closed loop.
     W1 {
@@ -312,6 +319,7 @@ fn main() -> anyhow::Result<()> {
                 max_seconds,
                 minilm,
                 notes,
+                threads,
             } => {
                 use fogmesh_simulations::train::{ModelChoice, TrainRequest};
                 let model = match model {
@@ -335,6 +343,7 @@ fn main() -> anyhow::Result<()> {
                     options,
                     minilm,
                     notes,
+                    threads,
                 };
                 let outcome = tokio::task::spawn_blocking(move || train(&request))
                     .await
@@ -423,11 +432,17 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Bench {
-                workload: Workload::Train { samples, epochs },
+                workload:
+                    Workload::Train {
+                        samples,
+                        epochs,
+                        threads,
+                    },
             } => {
                 let options = fogmesh_simulations::bench_train::BenchTrainOptions {
                     samples,
                     epochs,
+                    threads,
                     ..Default::default()
                 };
                 let report = tokio::task::spawn_blocking(move || {

@@ -244,7 +244,7 @@ fn the_model_store_imports_lists_exports_and_refuses_tampered_weights() {
 }
 
 #[test]
-fn bench_train_compares_both_time_series_models_with_pytorch() {
+fn bench_train_compares_the_time_series_models_with_pytorch() {
     let output = Command::new(BINARY)
         .args(["bench", "train", "--samples", "512", "--epochs", "1"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -257,7 +257,10 @@ fn bench_train_compares_both_time_series_models_with_pytorch() {
         serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
     let models = report["models"].as_array().expect("a models list");
     let names: Vec<&str> = models.iter().filter_map(|m| m["model"].as_str()).collect();
-    assert_eq!(names, ["conv_autoencoder", "fault_classifier"]);
+    assert_eq!(
+        names,
+        ["conv_autoencoder", "fault_classifier", "tcn_forecaster"]
+    );
     for m in models {
         for field in [
             "fogmesh_samples_per_s",

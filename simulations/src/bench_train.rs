@@ -4,8 +4,9 @@
 //!
 //! Both sides train on the same number of random windows with Adam in the same batch
 //! size and time only the training steps; then both score every window in batches of
-//! 256. libtorch's thread count is left at its default on both sides: what differs is
-//! the loop around the same kernels (Rust and tch against Python and torch).
+//! 256. Both sides run libtorch with the same intra-op thread count (`threads`, 1 by
+//! default like an expert's, since a fog node's other actors share its cores): what
+//! differs is the loop around the same kernels (Rust and tch against Python and torch).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +26,8 @@ pub struct BenchTrainOptions {
     pub samples: usize,
     pub batch: usize,
     pub epochs: usize,
+    /// libtorch intra-op threads, on both sides.
+    pub threads: usize,
 }
 
 impl Default for BenchTrainOptions {
@@ -34,6 +37,7 @@ impl Default for BenchTrainOptions {
             samples: 4096,
             batch: 64,
             epochs: 3,
+            threads: 1,
         }
     }
 }
@@ -63,6 +67,7 @@ pub struct BenchTrainReport {
     pub samples: usize,
     pub batch: usize,
     pub epochs: usize,
+    pub threads: usize,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +105,7 @@ const CASES: [Case; 3] = [
 ];
 
 pub fn run(options: &BenchTrainOptions) -> Result<BenchTrainReport, BenchTrainError> {
+    tch::set_num_threads(options.threads as i32);
     let mut models = Vec::new();
     for case in &CASES {
         let (fogmesh_train, fogmesh_infer) = fogmesh_speed(case, options)?;
@@ -119,6 +125,7 @@ pub fn run(options: &BenchTrainOptions) -> Result<BenchTrainReport, BenchTrainEr
         samples: options.samples,
         batch: options.batch,
         epochs: options.epochs,
+        threads: options.threads,
     })
 }
 
@@ -204,6 +211,7 @@ fn pytorch_speed(
             options.batch.to_string(),
             options.samples.to_string(),
             options.epochs.to_string(),
+            options.threads.to_string(),
         ])
         .output()
         .map_err(|e| failed(format!("cannot run python3: {e}")))?;

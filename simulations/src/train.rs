@@ -87,6 +87,8 @@ pub struct TrainRequest {
     pub minilm: PathBuf,
     /// The operator notes, for models that read them.
     pub notes: PathBuf,
+    /// libtorch intra-op threads for this process.
+    pub threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +157,15 @@ pub fn run(
 ) -> Result<TrainingOutcome, TrainError> {
     let started = Instant::now();
     request.options.validate()?;
+    if !(1..=256).contains(&request.threads) {
+        return Err(ModelError::InvalidOption {
+            field: "threads",
+            value: request.threads.to_string(),
+            reason: "must be between 1 and 256".into(),
+        }
+        .into());
+    }
+    tch::set_num_threads(request.threads as i32);
     let trained = match request.model {
         ModelChoice::Autoencoder => train_autoencoder(request, progress)?,
         ModelChoice::Forecaster => train_forecaster(request, progress)?,
