@@ -3,6 +3,8 @@
 //!
 //! - [`autoencoder`]: the convolutional autoencoder expert (the W1 benchmark model).
 //! - [`classifier`]: the fault classifier (diagnosis: which fault, not only whether).
+//! - [`drift`]: drift detectors (Page–Hinkley, ADWIN, Kolmogorov–Smirnov) for an
+//!   expert's inputs and scores.
 //! - [`forecaster`]: the temporal convolution network that forecasts every channel and
 //!   scores a window by its forecast error.
 //! - [`fusion`]: the multimodal expert: sensor window and operator-note embedding,
@@ -28,6 +30,7 @@
 pub mod autoencoder;
 pub mod calibration;
 pub mod classifier;
+pub mod drift;
 pub mod error;
 pub mod forecaster;
 pub mod fusion;
