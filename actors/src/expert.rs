@@ -1,4 +1,4 @@
-//! `Expert`: one anomaly model on one device, serving windows in dynamic batches.
+//! `Expert`: one model on one device, serving windows in dynamic batches.
 //!
 //! **Owns** a dedicated OS thread that owns the model (a [`ConvAutoencoder`] from its
 //! config; any model version from the model store, of any kind, checked against its
@@ -6,8 +6,9 @@
 //! PyTorch, checked against its declared signature; placed with
 //! `Device::cuda_if_available()`), the batching queue, and the expert's counters.
 //! **Takes** [`ExpertMsg::Infer`]: one window, answered with its score on the request's
-//! reply port. **Supervised by** the [`crate::NodeAgent`], which restarts it from the
-//! same weights. **On failure**: if the model thread dies the actor fails with it;
+//! reply port; [`ExpertMsg::Swap`]: serve another version from the next batch on.
+//! **Supervised by** the [`crate::NodeAgent`], which restarts it from the spec of the
+//! version it serves. **On failure**: if the model thread dies the actor fails with it;
 //! requests queued at that moment get a closed reply port, which their router reports
 //! as `ExpertUnavailable` for those windows.
 //!
@@ -15,6 +16,13 @@
 //! the runtime it would stall every other actor. Why one libtorch intra-op thread by
 //! default: batching already fills the cores, and waking idle libtorch threads per small
 //! batch costs more than it gives on a 2-core fog node (`intra_op_threads` overrides).
+//!
+//! Hot swap: a new version is loaded on a blocking thread while the old one keeps
+//! serving, then handed to the model thread, which installs it between two batches. So
+//! no request waits for a load, none fails, every batch runs wholly on one version, and
+//! every verdict names the version that computed it. A version whose window shape
+//! differs, or that does not load (wrong hash, missing tensor, wrong architecture), is
+//! refused and the old one keeps serving.
 //!
 //! Batching contract: the thread blocks for the first request, then collects more
 //! until `max_batch` are held, or `max_wait` has passed since the first one *arrived at
@@ -205,6 +213,26 @@ pub struct InferRequest {
 
 pub enum ExpertMsg {
     Infer(InferRequest),
+    /// Serve `spec`'s model from the next batch on; answered with the version once it
+    /// serves, or why it was refused.
+    Swap {
+        spec: Box<ExpertSpec>,
+        reply: RpcReplyPort<Result<Arc<str>, String>>,
+    },
+}
+
+/// Work for the model thread, in arrival order.
+enum Job {
+    Infer(InferRequest),
+    Install(Box<Install>),
+}
+
+/// A loaded version, ready to serve.
+struct Install {
+    model: ExpertModel,
+    version: Arc<str>,
+    threshold: Option<f32>,
+    done: tokio::sync::oneshot::Sender<()>,
 }
 
 // Local only: it carries reply ports and shared buffers that cannot cross a node.
@@ -216,11 +244,13 @@ pub struct ExpertShared {
     pub name: Arc<str>,
     /// `conv_autoencoder`, `torchscript`, or a stored model's architecture.
     pub model: Arc<str>,
-    pub model_version: Arc<str>,
+    model_version: std::sync::Mutex<Arc<str>>,
     pub device: String,
     pub window_len: usize,
     /// Alarm limit on the model's score, from the spec.
     pub threshold: Option<f32>,
+    /// Versions installed by hot swaps since the expert started.
+    pub swaps: AtomicU64,
     pub windows_scored: AtomicU64,
     pub batches: AtomicU64,
     pub queued: AtomicU64,
@@ -232,14 +262,29 @@ impl ExpertShared {
         Arc::new(ExpertShared {
             name: spec.name.as_str().into(),
             model: spec.model_name().into(),
-            model_version: spec.model_version.as_str().into(),
+            model_version: std::sync::Mutex::new(spec.model_version.as_str().into()),
             device: format!("{:?}", fogmesh_models::default_device()),
             window_len: spec.window_len(),
             threshold: spec.effective_threshold(),
+            swaps: AtomicU64::new(0),
             windows_scored: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             queued: AtomicU64::new(0),
         })
+    }
+
+    /// The version serving now.
+    pub fn model_version(&self) -> Arc<str> {
+        self.model_version
+            .lock()
+            .map_or_else(|poisoned| poisoned.into_inner().clone(), |v| v.clone())
+    }
+
+    fn set_model_version(&self, version: Arc<str>) {
+        match self.model_version.lock() {
+            Ok(mut v) => *v = version,
+            Err(poisoned) => *poisoned.into_inner() = version,
+        }
     }
 
     pub fn mean_batch_size(&self) -> f64 {
@@ -261,7 +306,7 @@ pub struct ExpertArgs {
 }
 
 pub struct ExpertState {
-    jobs: Option<mpsc::Sender<InferRequest>>,
+    jobs: Option<mpsc::Sender<Job>>,
     worker: Option<JoinHandle<()>>,
     shared: Arc<ExpertShared>,
 }
@@ -304,8 +349,16 @@ impl Actor for Expert {
             ExpertMsg::Infer(request) => {
                 let jobs = state.jobs.as_ref().ok_or("expert is stopping")?;
                 state.shared.queued.fetch_add(1, Ordering::Relaxed);
-                jobs.send(request)
+                jobs.send(Job::Infer(request))
                     .map_err(|_| "expert model thread is gone; restarting the expert")?;
+            }
+            ExpertMsg::Swap { spec, reply } => {
+                let jobs = state.jobs.clone().ok_or("expert is stopping")?;
+                let shared = state.shared.clone();
+                // Loading takes as long as it takes; the mailbox keeps taking windows.
+                tokio::spawn(async move {
+                    let _ = reply.send(swap(*spec, shared, jobs).await);
+                });
             }
         }
         Ok(())
@@ -328,17 +381,61 @@ impl Actor for Expert {
     }
 }
 
+/// Loads `spec`'s model off the runtime and hands it to the model thread; resolves
+/// once it serves.
+async fn swap(
+    spec: ExpertSpec,
+    shared: Arc<ExpertShared>,
+    jobs: mpsc::Sender<Job>,
+) -> Result<Arc<str>, String> {
+    let version: Arc<str> = spec.model_version.as_str().into();
+    let refused = |reason: String| {
+        format!(
+            "expert `{}`: version {version} refused: {reason}",
+            shared.name
+        )
+    };
+    spec.validate().map_err(|e| refused(e.to_string()))?;
+    if spec.window_len() != shared.window_len {
+        return Err(refused(format!(
+            "it takes windows of {} values, this expert serves windows of {}",
+            spec.window_len(),
+            shared.window_len
+        )));
+    }
+    let threshold = spec.effective_threshold();
+    let loaded = tokio::task::spawn_blocking(move || {
+        tch::set_num_threads(spec.intra_op_threads as i32);
+        ExpertModel::load(&spec, fogmesh_models::default_device())
+    })
+    .await
+    .map_err(|e| refused(format!("the loading thread failed: {e}")))?
+    .map_err(refused)?;
+    let (done, installed) = tokio::sync::oneshot::channel();
+    jobs.send(Job::Install(Box::new(Install {
+        model: loaded,
+        version: version.clone(),
+        threshold,
+        done,
+    })))
+    .map_err(|_| refused("the expert is stopping".into()))?;
+    installed
+        .await
+        .map_err(|_| refused("the expert stopped before installing it".into()))?;
+    Ok(version)
+}
+
 fn model_thread(
     spec: ExpertSpec,
     shared: Arc<ExpertShared>,
-    queue: mpsc::Receiver<InferRequest>,
+    queue: mpsc::Receiver<Job>,
     ready: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) {
     // libtorch's intra-op thread count is per calling thread: set it here, on the
     // thread that runs every forward pass of this expert.
     tch::set_num_threads(spec.intra_op_threads as i32);
     let device = fogmesh_models::default_device();
-    let model = match ExpertModel::load(&spec, device) {
+    let mut model = match ExpertModel::load(&spec, device) {
         Ok(model) => model,
         Err(reason) => {
             let _ = ready.send(Err(format!("expert `{}`: {reason}", spec.name)));
@@ -359,7 +456,37 @@ fn model_thread(
     let window_len = shared.window_len;
     let mut batch: Vec<InferRequest> = Vec::with_capacity(batching.max_batch);
     let mut input: Vec<f32> = Vec::with_capacity(batching.max_batch * window_len);
-    while let Some(first) = next_batch(&queue, &mut batch, batching.max_batch, max_wait) {
+    let mut version = shared.model_version();
+    let mut threshold = shared.threshold;
+    let mut install: Option<Box<Install>> = None;
+    loop {
+        if let Some(next) = install.take() {
+            let Install {
+                model: loaded,
+                version: new_version,
+                threshold: new_threshold,
+                done,
+            } = *next;
+            model = loaded;
+            version = new_version;
+            threshold = new_threshold;
+            shared.set_model_version(version.clone());
+            shared.swaps.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(expert = %spec.name, version = %version, "serving a new version");
+            let _ = done.send(());
+        }
+        let Some(first) = next_batch(
+            &queue,
+            &mut batch,
+            &mut install,
+            batching.max_batch,
+            max_wait,
+        ) else {
+            break;
+        };
+        if batch.is_empty() {
+            continue;
+        }
         let wait = first.elapsed();
         shared
             .queued
@@ -391,7 +518,6 @@ fn model_thread(
         let size = admitted.len();
         batch_size_histogram.record(size as f64);
         batch_wait_histogram.record(wait.as_secs_f64());
-        let threshold = shared.threshold;
         match model.score(&input, size) {
             Ok(scores) => {
                 for (request, (score, class)) in admitted.into_iter().zip(scores) {
@@ -400,7 +526,7 @@ fn model_thread(
                         .send(Ok(ExpertVerdict {
                             score,
                             threshold,
-                            model_version: shared.model_version.clone(),
+                            model_version: version.clone(),
                             class,
                             batch_size: size,
                             batch_wait: wait,
@@ -508,34 +634,46 @@ pub const IDLE_GAP_DIVISOR: u32 = 16;
 
 /// Fills `batch` following the batching contract (see the module docs) and returns
 /// the arrival time of its first request, or `None` once the queue is closed and empty.
+/// A version to install ends the batch early and is left in `install`: the batch runs
+/// on the old version, the next on the new one (the batch may then be empty).
 fn next_batch(
-    queue: &mpsc::Receiver<InferRequest>,
+    queue: &mpsc::Receiver<Job>,
     batch: &mut Vec<InferRequest>,
+    install: &mut Option<Box<Install>>,
     max_batch: usize,
     max_wait: Duration,
 ) -> Option<Instant> {
-    let first = queue.recv().ok()?;
+    let first = match queue.recv().ok()? {
+        Job::Infer(request) => request,
+        Job::Install(next) => {
+            *install = Some(next);
+            return Some(Instant::now());
+        }
+    };
     let deadline = first.enqueued + max_wait;
     let idle_gap = max_wait / IDLE_GAP_DIVISOR;
     let started = first.enqueued;
     batch.push(first);
     while batch.len() < max_batch {
         // Whatever is already queued joins without waiting.
-        match queue.try_recv() {
-            Ok(request) => {
-                batch.push(request);
-                continue;
-            }
+        let job = match queue.try_recv() {
+            Ok(job) => Some(job),
             Err(mpsc::TryRecvError::Disconnected) => break,
-            Err(mpsc::TryRecvError::Empty) => {}
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        match queue.recv_timeout((deadline - now).min(idle_gap)) {
-            Ok(request) => batch.push(request),
-            Err(_) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                queue.recv_timeout((deadline - now).min(idle_gap)).ok()
+            }
+        };
+        match job {
+            Some(Job::Infer(request)) => batch.push(request),
+            Some(Job::Install(next)) => {
+                *install = Some(next);
+                break;
+            }
+            None => break,
         }
     }
     Some(started)

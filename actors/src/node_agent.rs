@@ -785,7 +785,7 @@ impl Node {
                 ExpertSnapshot {
                     name: x.name.to_string(),
                     model: x.model.to_string(),
-                    version: x.model_version.to_string(),
+                    version: x.model_version().to_string(),
                     device: x.device.clone(),
                     queue: x.queued.load(Ordering::Relaxed),
                     windows_scored: x.windows_scored.load(Ordering::Relaxed),
