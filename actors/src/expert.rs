@@ -456,8 +456,11 @@ fn model_thread(
     let window_len = shared.window_len;
     let mut batch: Vec<InferRequest> = Vec::with_capacity(batching.max_batch);
     let mut input: Vec<f32> = Vec::with_capacity(batching.max_batch * window_len);
-    let mut version = shared.model_version();
-    let mut threshold = shared.threshold;
+    // The version is the one this thread loaded, even when a restart reuses shared
+    // state that a swap changed.
+    let mut version: Arc<str> = spec.model_version.as_str().into();
+    shared.set_model_version(version.clone());
+    let mut threshold = spec.effective_threshold();
     let mut install: Option<Box<Install>> = None;
     loop {
         if let Some(next) = install.take() {

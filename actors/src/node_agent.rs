@@ -3,7 +3,8 @@
 //!
 //! **Owns** the node's spec (what to restart an actor from), the restart history, and
 //! the [`NodeDirectory`]. **Takes** [`NodeAgentMsg::Reconcile`] (run a new spec: the
-//! mesh's deployment loop sends it when this node's share changes); otherwise it starts
+//! mesh's deployment loop sends it when this node's share changes) and
+//! [`NodeAgentMsg::Swap`] (hot-swap one expert's version without a restart); otherwise it starts
 //! the experts (each with its remotable [`crate::ExpertEndpoint`]), then the routers,
 //! then the sensor streams (so no window is cut before something can score it), and
 //! reacts to supervision events. **Supervised by** nobody on this node: when
@@ -28,7 +29,7 @@ use crate::annunciator::Annunciator;
 use crate::annunciator::ScoredWindow;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
 use crate::error::{IngestError, ScoreError, SpecError};
-use crate::expert::{Expert, ExpertArgs, ExpertShared, ExpertSpec};
+use crate::expert::{Expert, ExpertArgs, ExpertMsg, ExpertShared, ExpertSpec};
 use crate::expert_endpoint::{ExpertEndpoint, ExpertEndpointArgs};
 use crate::router::{
     Replicas, RetryPolicy, Router, RouterArgs, RouterMsg, RouterShared, RouterSpec, RoutingPolicy,
@@ -225,6 +226,15 @@ pub enum NodeAgentMsg {
         spec: Box<NodeSpec>,
         reply: RpcReplyPort<Result<ReconcileReport, SpecError>>,
     },
+    /// Hot-swaps the running expert `spec.name` to `spec`'s model (see
+    /// [`crate::Expert`]); once it serves, the agent restarts the expert from this spec
+    /// if it ever fails. Answered with the version now serving.
+    Swap {
+        spec: Box<ExpertSpec>,
+        reply: RpcReplyPort<Result<Arc<str>, SpecError>>,
+    },
+    /// The expert serves `spec`'s version now: restart it from this spec.
+    Swapped { spec: Box<ExpertSpec> },
 }
 
 impl ractor::Message for NodeAgentMsg {}
@@ -279,6 +289,45 @@ impl Actor for NodeAgent {
                     tracing::warn!(error = %e, "spec not applied");
                 }
                 let _ = reply.send(outcome);
+            }
+            NodeAgentMsg::Swap { spec, reply } => {
+                let name = spec.name.clone();
+                let running = state.spec.experts.iter().any(|e| e.name == name);
+                let Some(expert) = state.directory.expert(&name).filter(|_| running) else {
+                    let _ = reply.send(Err(SpecError::UnknownReference {
+                        what: "swap",
+                        name: spec.model_version.clone(),
+                        target_kind: "expert",
+                        target: name,
+                    }));
+                    return Ok(());
+                };
+                // The agent's mailbox does not wait for the load: supervision goes on.
+                tokio::spawn(async move {
+                    let outcome = ask(
+                        &expert.actor,
+                        |reply| ExpertMsg::Swap {
+                            spec: spec.clone(),
+                            reply,
+                        },
+                        ("swap", "expert"),
+                        |reason| reason,
+                    )
+                    .await;
+                    let outcome = match outcome {
+                        Ok(version) => {
+                            let _ = myself.cast(NodeAgentMsg::Swapped { spec });
+                            Ok(version)
+                        }
+                        Err(reason) => Err(SpecError::Model { name, reason }),
+                    };
+                    let _ = reply.send(outcome);
+                });
+            }
+            NodeAgentMsg::Swapped { spec } => {
+                if let Some(slot) = state.spec.experts.iter_mut().find(|e| e.name == spec.name) {
+                    *slot = *spec;
+                }
             }
         }
         Ok(())
@@ -714,6 +763,24 @@ impl Node {
             ("verdict", "router"),
             |reason| ScoreError::RouterUnavailable {
                 router: router.to_string(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Hot-swaps a running expert to another version (see [`NodeAgentMsg::Swap`]).
+    pub async fn swap_expert(&self, spec: ExpertSpec) -> Result<Arc<str>, SpecError> {
+        let name = spec.name.clone();
+        ask(
+            &self.agent,
+            |reply| NodeAgentMsg::Swap {
+                spec: Box::new(spec),
+                reply,
+            },
+            ("swap", "node agent"),
+            |reason| SpecError::Model {
+                name: name.clone(),
                 reason,
             },
         )

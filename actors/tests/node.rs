@@ -378,3 +378,44 @@ async fn reconcile_starts_stops_and_restarts_only_what_changed() {
     assert!(node.directory.sensor("pump-1").is_some());
     node.shutdown(join).await;
 }
+
+#[tokio::test]
+async fn a_swapped_version_serves_through_the_router_and_survives_a_restart() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    let mut v2 = expert("pump-ae", 2);
+    v2.model_version = "v2".into();
+    let version = node
+        .swap_expert(v2)
+        .await
+        .expect("the new version swaps in");
+    assert_eq!(&*version, "v2");
+    node.push("pump-1", samples(0..8)).await.unwrap();
+    assert_eq!(
+        &*next_window(&mut scored).await.experts[0].model_version,
+        "v2"
+    );
+
+    let mut ghost = expert("no-such-expert", 3);
+    ghost.model_version = "v9".into();
+    let refused = node.swap_expert(ghost).await.unwrap_err();
+    assert!(refused.to_string().contains("no-such-expert"), "{refused}");
+
+    // A restarted expert comes back with the version it served, not the one it started with.
+    let first = node.directory.expert("pump-ae").unwrap().actor;
+    first.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while node.directory.expert("pump-ae").unwrap().actor.get_id() == first.get_id() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expert was not restarted"
+        );
+        tokio::task::yield_now().await;
+    }
+    node.push("pump-1", samples(8..12)).await.unwrap();
+    let w = next_window(&mut scored).await;
+    assert_eq!(w.window_sequence, 1);
+    assert_eq!(&*w.experts[0].model_version, "v2");
+    node.shutdown(join).await;
+}
