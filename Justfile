@@ -78,13 +78,14 @@ eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval multimodal
 
 # Each run prints one JSON object.
-# Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process) and training speed against PyTorch.
+# Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process), training speed against PyTorch, hot swaps under load.
 bench: setup
     cargo run --release -p fogmesh -- bench w1
     cargo run --release -p fogmesh -- bench w1 --gate learned
     cargo run --release -p fogmesh -- bench w1 --inflight 32
     cargo run --release -p fogmesh -- bench w1 --remote
     cargo run --release -p fogmesh -- bench train
+    cargo run --release -p fogmesh -- bench swap
 
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency.
 # Check formatting (rustfmt) and lints (clippy, warnings are errors).

@@ -122,6 +122,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum Workload {
+    /// W1 steady, then W1 while every expert is hot-swapped to a new version every
+    /// `--every` seconds: p99 of both phases, swaps, failed requests.
+    Swap {
+        /// Length of each phase in seconds (the first 2 are warm-up).
+        #[arg(long, default_value_t = 12.0)]
+        seconds: f64,
+        /// Seconds between swap rounds.
+        #[arg(long, default_value_t = 1.0)]
+        every: f64,
+    },
     /// Training and inference speed of the time-series models against PyTorch eager.
     Train {
         /// Random windows per model.
@@ -285,6 +295,28 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Models { store, action } => models(&store, action),
+            Command::Bench {
+                workload: Workload::Swap { seconds, every },
+            } => {
+                anyhow::ensure!(
+                    every.is_finite() && every > 0.0 && every < seconds,
+                    "--every {every}: must be positive and shorter than --seconds {seconds}"
+                );
+                let defaults = fogmesh_simulations::bench_swap::BenchSwapOptions::default();
+                let options = fogmesh_simulations::bench_swap::BenchSwapOptions {
+                    load: w1::W1Options {
+                        seconds,
+                        ..defaults.load.clone()
+                    },
+                    swap_every: std::time::Duration::from_secs_f64(every),
+                    ..defaults
+                };
+                let report = fogmesh_simulations::bench_swap::run(&options)
+                    .await
+                    .context("running the swap benchmark")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
             Command::Eval {
                 dataset: Dataset::Multimodal { tep, notes, minilm },
             } => {
