@@ -143,6 +143,19 @@ enum Workload {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Model merging against a memcpy of the same run: random replicas of ~PARAMS f32
+    /// parameters in ten tensors, merged on every core.
+    Merge {
+        /// Parameters per model.
+        #[arg(long, default_value_t = 25_000_000)]
+        params: usize,
+        /// Models merged, the base not counted (default 4; 2 for slerp).
+        #[arg(long)]
+        models: Option<usize>,
+        /// weighted_average, task_arithmetic, ties, dare or slerp.
+        #[arg(long, default_value = "weighted_average")]
+        method: fogmesh_simulations::bench_merge::BenchMethod,
+    },
     /// W1: routing + batched expert inference under a closed loop.
     W1 {
         /// Windows kept in flight.
@@ -484,6 +497,29 @@ fn main() -> anyhow::Result<()> {
                 .context("the benchmark task")?
                 .context("benchmarking training")?;
                 println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Bench {
+                workload:
+                    Workload::Merge {
+                        params,
+                        models,
+                        method,
+                    },
+            } => {
+                let options = fogmesh_simulations::bench_merge::BenchMergeOptions {
+                    params,
+                    models,
+                    method,
+                    ..Default::default()
+                };
+                let outcome = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::bench_merge::run(&options)
+                })
+                .await
+                .context("the benchmark task")?
+                .context("benchmarking model merging")?;
+                println!("{}", serde_json::to_string(&outcome.report)?);
                 Ok(())
             }
             Command::Bench {

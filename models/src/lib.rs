@@ -10,6 +10,8 @@
 //! - [`fusion`]: the multimodal expert: sensor window and operator-note embedding,
 //!   one decision.
 //! - [`gate`]: the mixture-of-experts gate, trained with tch, served in plain Rust.
+//! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
+//!   on safetensors weights, near memory bandwidth; errors: [`merge::MergeError`].
 //! - [`minilm`]: the language expert's sentence encoder, all-MiniLM-L6-v2 in tch.
 //! - [`notes`]: labelled TEP operator notes and the classifier over their embeddings.
 //! - [`training`]: options and reports shared by every training run.
@@ -35,6 +37,7 @@ pub mod error;
 pub mod forecaster;
 pub mod fusion;
 pub mod gate;
+pub mod merge;
 pub mod minilm;
 pub mod notes;
 pub mod pca;

@@ -6,6 +6,7 @@
 //! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
 //! measure it from outside, the way an operator or a load generator would.
 
+pub mod bench_merge;
 pub mod bench_swap;
 pub mod bench_train;
 pub mod demo;
