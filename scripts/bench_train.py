@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Train and run fogmesh's time-series models in PyTorch eager, for `fogmesh bench train`.
+"""Train and run fogmesh's models in PyTorch eager, for `fogmesh bench train`.
 
-``python3 scripts/bench_train.py MODEL CHANNELS WINDOW BATCH SAMPLES EPOCHS`` builds the
-same network fogmesh builds (``conv_autoencoder``, ``fault_classifier`` or
-``tcn_forecaster``, whose windows are 4 steps of horizon after the context), trains it on
-random windows with Adam for EPOCHS passes in batches of BATCH, then scores every window
-in batches of 256, and prints one JSON line: ``{"samples_per_s": ..., "inference_windows_per_s": ...}``.
+``python3 scripts/bench_train.py MODEL CHANNELS WINDOW BATCH SAMPLES EPOCHS THREADS``
+builds the same network fogmesh builds (``conv_autoencoder``, ``fault_classifier``,
+``tcn_forecaster``, whose windows are 4 steps of horizon after the context, or
+``defect_cnn``, whose samples are CHANNELS x WINDOW x WINDOW images, randomly transposed
+and mirrored in every training batch as fogmesh's training does), trains it on random
+windows with Adam for EPOCHS passes in batches of BATCH, then scores every window in
+batches of 256, and prints one JSON line: ``{"samples_per_s": ..., "inference_windows_per_s": ...}``.
 
 Only the training steps are timed (index, forward, loss, backward, step), as fogmesh's
-training loop reports them; libtorch's thread count is left at its default on both sides,
-so the comparison is the loop around the same kernels.
+training loop reports them; libtorch runs THREADS intra-op threads on both sides, so the
+comparison is the loop around the same kernels.
 """
 
 from __future__ import annotations
@@ -96,6 +98,44 @@ class ForecastFromWindows(nn.Module):
         return self.forecaster(windows[:, :, : self.context])
 
 
+class ConvBlock(nn.Module):
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.conv = nn.Conv2d(inputs, outputs, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Pooling before ReLU, as fogmesh does: the same values, a quarter of the work.
+        return torch.relu(nn.functional.max_pool2d(self.bn(self.conv(x)), 2))
+
+
+class DefectCnn(nn.Module):
+    """fogmesh's `DefectCnn`, with the same state-dict names (batch norm's
+    ``num_batches_tracked`` aside): images [B, 1, H, W] to class logits."""
+
+    def __init__(self, base: int = 16, classes: int = 2, blocks: int = 4):
+        super().__init__()
+        widths = [base << i for i in range(blocks)]
+        self.blocks = nn.ModuleList(ConvBlock(i, o) for i, o in zip([1] + widths[:-1], widths))
+        self.head = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each image standardised by its own mean and deviation first.
+        centred = x - x.mean(dim=(2, 3), keepdim=True)
+        x = centred / (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-6).sqrt()
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def symmetries(images: torch.Tensor) -> torch.Tensor:
+    """Each image transposed, mirrored left-right and upside down with probability 1/2."""
+    n = images.shape[0]
+    for flip in (lambda x: x.transpose(2, 3), lambda x: x.flip(3), lambda x: x.flip(2)):
+        images = torch.where(torch.rand(n, 1, 1, 1) < 0.5, flip(images), images)
+    return images
+
+
 def main() -> None:
     model_name, channels, window, batch, samples, epochs, threads = sys.argv[1:8]
     channels, window, batch, samples, epochs, threads = map(
@@ -103,7 +143,10 @@ def main() -> None:
     )
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    data = torch.randn(samples, channels, window)
+    # The vision expert's samples are square images, the others' channel-major windows.
+    shape = (samples, channels, window) + ((window,) if model_name == "defect_cnn" else ())
+    data = torch.randn(shape)
+    augment = lambda x: x
     if model_name == "conv_autoencoder":
         model = ConvAutoencoder(channels)
         targets = None
@@ -121,8 +164,16 @@ def main() -> None:
         targets = None
         loss_of = lambda out, idx: nn.functional.mse_loss(out, data.index_select(0, idx)[:, :, context:])
         score = lambda x: ((model(x) - x[:, :, context:]) ** 2).mean(dim=(1, 2))
+    elif model_name == "defect_cnn":
+        model = DefectCnn()
+        targets = torch.randint(0, 2, (samples,))
+        augment = symmetries
+        loss_of = lambda out, idx: nn.functional.cross_entropy(out, targets.index_select(0, idx))
+        score = lambda x: model(x).softmax(dim=1)[:, 1]
     else:
-        raise SystemExit(f"unknown model {model_name!r}: conv_autoencoder, fault_classifier or tcn_forecaster")
+        raise SystemExit(
+            f"unknown model {model_name!r}: conv_autoencoder, fault_classifier, tcn_forecaster or defect_cnn"
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     trained = 0
     seconds = 0.0
@@ -132,11 +183,13 @@ def main() -> None:
         for first in range(0, samples, batch):
             idx = order[first:first + batch]
             optimizer.zero_grad()
-            loss = loss_of(model(data.index_select(0, idx)), idx)
+            loss = loss_of(model(augment(data.index_select(0, idx))), idx)
             loss.backward()
             optimizer.step()
             trained += len(idx)
         seconds += time.perf_counter() - started
+    # Inference as served: batch norm from its running statistics.
+    model.eval()
     started = time.perf_counter()
     with torch.no_grad():
         for first in range(0, samples, 256):

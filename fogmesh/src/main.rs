@@ -230,6 +230,13 @@ enum Dataset {
         #[arg(long, default_value = "data/tep")]
         data: PathBuf,
     },
+    /// ELPV solar-cell images: defective or functional, the vision expert's accuracy
+    /// on a stratified 25 % test split against the published VGG19.
+    Elpv {
+        /// The cells `just setup` converts.
+        #[arg(long, default_value = "data/elpv")]
+        data: PathBuf,
+    },
     /// SKAB pump benchmark, scored like its leaderboard (F1, FAR, MAR).
     Skab {
         /// The SKAB `data` folder (valve1/, valve2/, other/); SKAB is not shipped.
@@ -421,6 +428,33 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("the evaluation task")?
                 .context("evaluating on the Tennessee Eastman recordings")?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::Eval {
+                dataset: Dataset::Elpv { data },
+            } => {
+                let options = fogmesh_simulations::elpv_eval::ElpvEvalOptions {
+                    data,
+                    ..Default::default()
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    fogmesh_simulations::elpv_eval::run(&options, &mut |epoch| {
+                        eprintln!(
+                            "epoch {:>2}/{}  train loss {:.4}  validation loss {:.4}  {:.0} images/s  {:.0} s",
+                            epoch.epoch,
+                            epoch.epochs,
+                            epoch.train_loss,
+                            epoch.validation_loss,
+                            epoch.samples_per_s,
+                            epoch.elapsed_s
+                        );
+                    })
+                })
+                .await
+                .context("the evaluation task")?
+                .context("evaluating on the ELPV solar cells")?;
+                eprintln!("{}", report.table());
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }

@@ -259,7 +259,12 @@ fn bench_train_compares_the_time_series_models_with_pytorch() {
     let names: Vec<&str> = models.iter().filter_map(|m| m["model"].as_str()).collect();
     assert_eq!(
         names,
-        ["conv_autoencoder", "fault_classifier", "tcn_forecaster"]
+        [
+            "conv_autoencoder",
+            "fault_classifier",
+            "tcn_forecaster",
+            "defect_cnn"
+        ]
     );
     for m in models {
         for field in [

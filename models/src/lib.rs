@@ -10,8 +10,6 @@
 //! - [`fusion`]: the multimodal expert: sensor window and operator-note embedding,
 //!   one decision.
 //! - [`gate`]: the mixture-of-experts gate, trained with tch, served in plain Rust.
-//! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
-//!   on safetensors weights, near memory bandwidth; errors: [`merge::MergeError`].
 //! - [`minilm`]: the language expert's sentence encoder, all-MiniLM-L6-v2 in tch.
 //! - [`notes`]: labelled TEP operator notes and the classifier over their embeddings.
 //! - [`training`]: options and reports shared by every training run.
@@ -19,20 +17,27 @@
 //! - [`calibration`]: score quantiles for alarm thresholds.
 //! - [`pca`]: PCA T²/Q monitoring, the classic process-monitoring baseline.
 //! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
+//! - [`elpv`]: the ELPV solar-cell images as `scripts/make_elpv.py` converts them,
+//!   checked, with a stratified train/test split.
+//! - [`vision`]: the vision expert, a small CNN telling defective solar cells from
+//!   functional ones, whose pooled features a fusion expert can take.
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
 //!   checked against their declared signature and served as experts.
 //! - [`served`]: any stored model version loaded for serving behind an expert.
 //! - [`weights`]: any model's `VarStore` as checked safetensors bytes, and back.
+//! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
+//!   on safetensors weights, near memory bandwidth; errors: [`merge::MergeError`].
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
-//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`];
-//! TorchScript models: [`ScriptError`]).
+//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`]; ELPV
+//! folders: [`elpv::ElpvError`]; TorchScript models: [`ScriptError`]).
 
 pub mod autoencoder;
 pub mod calibration;
 pub mod classifier;
 pub mod drift;
+pub mod elpv;
 pub mod error;
 pub mod forecaster;
 pub mod fusion;
@@ -48,6 +53,7 @@ pub mod skab;
 pub mod store;
 pub mod torchscript;
 pub mod training;
+pub mod vision;
 pub mod weights;
 
 pub use autoencoder::{AutoencoderConfig, ConvAutoencoder};
@@ -59,6 +65,7 @@ pub use recording::{Recording, RecordingHeader};
 pub use rng::SplitMix64;
 pub use torchscript::{ScriptError, ScriptedModel, Signature, TensorSpec};
 pub use training::{EpochReport, TrainOptions, TrainReport};
+pub use vision::{DefectCnn, VisionConfig};
 
 /// Where models go unless the caller says otherwise: the first CUDA device when libtorch
 /// sees one, else the CPU.

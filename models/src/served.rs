@@ -33,6 +33,7 @@ use crate::fusion::{FusionClassifier, FusionConfig};
 use crate::minilm::MiniLm;
 use crate::notes::{NoteClassifier, NoteClassifierConfig};
 use crate::store::{Manifest, ModelKind};
+use crate::vision::{DefectCnn, VisionConfig};
 
 /// The class names of a classifier and which one is normal operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +74,12 @@ pub enum Architecture {
     TcnForecaster(ForecasterConfig),
     FaultClassifier {
         config: ClassifierConfig,
+        classes: Classes,
+    },
+    /// Images: `height` rows of `width` grey values in [0, 1] (channels × length =
+    /// height × width).
+    DefectCnn {
+        config: VisionConfig,
         classes: Classes,
     },
     /// Operator notes and alarm texts: `tokens` MiniLM token ids per window (0 pads),
@@ -125,6 +132,7 @@ impl Architecture {
             Architecture::ConvAutoencoder(_)
             | Architecture::TcnForecaster(_)
             | Architecture::FaultClassifier { .. } => ModelKind::TimeSeries,
+            Architecture::DefectCnn { .. } => ModelKind::Vision,
             Architecture::NoteClassifier { .. } => ModelKind::Language,
             Architecture::Fusion { .. } => ModelKind::Multimodal,
         }
@@ -143,6 +151,10 @@ impl Architecture {
             Architecture::ConvAutoencoder(config) => config.validate(),
             Architecture::TcnForecaster(config) => config.validate(),
             Architecture::FaultClassifier { config, classes } => classes.validate(config.classes),
+            Architecture::DefectCnn { config, classes } => {
+                config.validate()?;
+                classes.validate(config.classes)
+            }
             Architecture::NoteClassifier {
                 config,
                 tokens,
@@ -173,6 +185,7 @@ impl Architecture {
                 [config.channels, config.context + config.horizon]
             }
             Architecture::FaultClassifier { config, .. } => [config.channels, config.window],
+            Architecture::DefectCnn { config, .. } => [config.height, config.width],
             Architecture::NoteClassifier { tokens, .. } => [1, *tokens],
             Architecture::Fusion { config, tokens, .. } => {
                 [1, config.channels * config.window + tokens]
@@ -265,6 +278,7 @@ enum Network {
     Autoencoder(ConvAutoencoder),
     Forecaster(TcnForecaster),
     Classifier(Box<FaultClassifier>, Classes),
+    Vision(Box<DefectCnn>, Classes),
     // Boxed: an encoder is far larger than the other networks' handles.
     Notes(Box<(NoteClassifier, MiniLm)>, i64, Classes),
     Fusion(Box<(FusionClassifier, MiniLm)>, i64, Classes),
@@ -301,6 +315,10 @@ impl ServedModel {
                 )?),
                 classes.clone(),
             ),
+            Architecture::DefectCnn { config, classes } => Network::Vision(
+                Box::new(DefectCnn::from_safetensors(*config, weights, sha, device)?),
+                classes.clone(),
+            ),
             Architecture::NoteClassifier {
                 config,
                 tokens,
@@ -330,6 +348,7 @@ impl ServedModel {
         };
         let labels = match &network {
             Network::Classifier(_, classes)
+            | Network::Vision(_, classes)
             | Network::Notes(_, _, classes)
             | Network::Fusion(_, _, classes) => classes.names.clone(),
             Network::Autoencoder(_) | Network::Forecaster(_) => Vec::new(),
@@ -357,6 +376,9 @@ impl ServedModel {
             Network::Forecaster(model) => Ok(anomaly(model.score(input)?)),
             Network::Classifier(model, classes) => {
                 classified(&model.predict_proba(input)?, classes.normal)
+            }
+            Network::Vision(model, classes) => {
+                classified(&model.class_probabilities(input)?, classes.normal)
             }
             Network::Notes(networks, tokens, classes) => {
                 let (model, encoder) = &**networks;

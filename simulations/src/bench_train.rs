@@ -1,12 +1,15 @@
-//! `fogmesh bench train`: how fast fogmesh trains and runs its time-series models,
-//! against the same networks in PyTorch eager on the same machine in the same run
-//! (`scripts/bench_train.py`, run with the `python3` that supplies libtorch).
+//! `fogmesh bench train`: how fast fogmesh trains and runs its time-series models and
+//! its vision expert, against the same networks in PyTorch eager on the same machine in
+//! the same run (`scripts/bench_train.py`, run with the `python3` that supplies
+//! libtorch).
 //!
-//! Both sides train on the same number of random windows with Adam in the same batch
-//! size and time only the training steps; then both score every window in batches of
-//! 256. Both sides run libtorch with the same intra-op thread count (`threads`, 1 by
-//! default like an expert's, since a fog node's other actors share its cores): what
-//! differs is the loop around the same kernels (Rust and tch against Python and torch).
+//! Both sides train on the same number of random windows (64 × 64 images for the
+//! vision expert, randomly mirrored and transposed on both sides as its training does)
+//! with Adam in the same batch size and time only the training steps; then both score
+//! every window in batches of 256. Both sides run libtorch with the same intra-op
+//! thread count (`threads`, 1 by default like an expert's, since a fog node's other
+//! actors share its cores): what differs is the loop around the same kernels (Rust and
+//! tch against Python and torch).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,8 +17,8 @@ use std::time::Instant;
 
 use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
 use fogmesh_models::{
-    AutoencoderConfig, ConvAutoencoder, ForecasterConfig, ModelError, SplitMix64, TcnForecaster,
-    TrainOptions,
+    AutoencoderConfig, ConvAutoencoder, DefectCnn, ForecasterConfig, ModelError, SplitMix64,
+    TcnForecaster, TrainOptions, VisionConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -80,27 +83,50 @@ struct PyTorchSpeed {
 struct Case {
     model: &'static str,
     channels: usize,
+    /// Steps per window; for an image, the side of the square.
     window: usize,
+    image: bool,
 }
 
-const CASES: [Case; 3] = [
+impl Case {
+    fn values(&self) -> usize {
+        let steps = if self.image {
+            self.window * self.window
+        } else {
+            self.window
+        };
+        self.channels * steps
+    }
+}
+
+const CASES: [Case; 4] = [
     // W1's autoencoder.
     Case {
         model: "conv_autoencoder",
         channels: 8,
         window: 64,
+        image: false,
     },
     // `fogmesh eval tep`'s classifier: 53 TEP variables, 13 classes.
     Case {
         model: "fault_classifier",
         channels: 53,
         window: 20,
+        image: false,
     },
     // The TEP forecaster: 53 variables, 32 steps of context and 4 of horizon.
     Case {
         model: "tcn_forecaster",
         channels: 53,
         window: 36,
+        image: false,
+    },
+    // `fogmesh eval elpv`'s vision expert: 64 × 64 grey solar cells, 2 classes.
+    Case {
+        model: "defect_cnn",
+        channels: 1,
+        window: 64,
+        image: true,
     },
 ];
 
@@ -131,7 +157,7 @@ pub fn run(options: &BenchTrainOptions) -> Result<BenchTrainReport, BenchTrainEr
 
 fn fogmesh_speed(case: &Case, options: &BenchTrainOptions) -> Result<(f64, f64), BenchTrainError> {
     let mut rng = SplitMix64::new(1);
-    let per_window = case.channels * case.window;
+    let per_window = case.values();
     let data: Vec<f32> = (0..options.samples * per_window)
         .map(|_| rng.normal() as f32)
         .collect();
@@ -170,6 +196,20 @@ fn fogmesh_speed(case: &Case, options: &BenchTrainOptions) -> Result<(f64, f64),
             let mut model = TcnForecaster::new(config, device, 0)?;
             let report = model.fit(&data, &train, &mut |_| {})?;
             let inference = chunks(&mut |c| model.score(c).map(|_| ()))?;
+            Ok((report.samples_per_s, inference))
+        }
+        "defect_cnn" => {
+            let config = VisionConfig {
+                height: case.window as i64,
+                width: case.window as i64,
+                ..VisionConfig::default()
+            };
+            let mut model = DefectCnn::new(config, device, 0)?;
+            let labels: Vec<i64> = (0..options.samples)
+                .map(|_| (rng.next_u64() % 2) as i64)
+                .collect();
+            let report = model.fit(&data, &labels, &train, &mut |_| {})?;
+            let inference = chunks(&mut |c| model.predict_proba(c).map(|_| ()))?;
             Ok((report.samples_per_s, inference))
         }
         _ => {

@@ -1,5 +1,6 @@
 //! The model zoo through a node: one model of each kind (time series: anomaly,
-//! forecast, diagnosis; language: operator notes; multimodal: sensors + note) is put in
+//! forecast, diagnosis; vision: cell defects; language: operator notes; multimodal:
+//! sensors + note) is put in
 //! a model store, a node
 //! config names each by `name@version` (`model = ...`), and windows scored over gRPC
 //! come back with the same score and class the stored model gives offline, from the
@@ -19,7 +20,7 @@ use fogmesh_models::served::{
     encoder_sha256, token_window, Architecture, Assets, Classes, ServedModel,
 };
 use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, DefectCnn, SplitMix64, VisionConfig};
 use fogmesh_proto::ScoreRequest;
 use fogmesh_tests::TestNode;
 use tch::Device;
@@ -163,6 +164,38 @@ fn time_series_models(root: &Path) -> Vec<Stored> {
         manifest,
         weights,
         windows: random_windows(48, 3),
+    });
+
+    let config = VisionConfig {
+        height: 16,
+        width: 16,
+        channels_base: 4,
+        classes: 2,
+    };
+    let (weights, _) = DefectCnn::new(config, Device::Cpu, 7)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let manifest = store(
+        &models,
+        "cell-defects",
+        Architecture::DefectCnn {
+            config,
+            classes: Classes {
+                names: vec!["functional".into(), "defective".into()],
+                normal: 0,
+            },
+        },
+        weights.clone(),
+    );
+    out.push(Stored {
+        expert: "vision",
+        manifest,
+        weights,
+        windows: random_windows(256, 7)
+            .into_iter()
+            .map(|w| w.into_iter().map(|v| v.abs().min(1.0)).collect())
+            .collect(),
     });
 
     let encoder = MiniLm::load(&minilm_dir(), Device::Cpu).unwrap();
