@@ -129,24 +129,13 @@ impl FaultClassifier {
     ) -> Result<TrainReport, ModelError> {
         let data = self.windows_tensor(windows)?;
         let samples = data.size()[0] as usize;
-        if labels.len() != samples {
-            return Err(ModelError::Shape {
-                what: "classifier labels",
-                expected: format!("one per window ({samples})"),
-                got: format!("{} labels", labels.len()),
-            });
-        }
-        if let Some(bad) = labels
-            .iter()
-            .find(|l| !(0..self.config.classes).contains(*l))
-        {
-            return Err(ModelError::InvalidOption {
-                field: "label",
-                value: bad.to_string(),
-                reason: format!("classes are 0..{}", self.config.classes),
-            });
-        }
-        let targets = Tensor::f_from_slice(labels)?.f_to_device(self.vs.device())?;
+        let targets = training::class_targets(
+            labels,
+            samples,
+            self.config.classes,
+            ("classifier labels", "window"),
+            self.vs.device(),
+        )?;
         let loss = |indices: &Tensor| {
             let batch = data.f_index_select(0, indices)?;
             let target = targets.f_index_select(0, indices)?;

@@ -162,24 +162,13 @@ impl FusionClassifier {
     ) -> Result<TrainReport, ModelError> {
         let (sensors, texts) = self.inputs(sensors, texts)?;
         let samples = sensors.size()[0] as usize;
-        if labels.len() != samples {
-            return Err(ModelError::Shape {
-                what: "fusion labels",
-                expected: format!("one per pair ({samples})"),
-                got: format!("{} labels", labels.len()),
-            });
-        }
-        if let Some(bad) = labels
-            .iter()
-            .find(|l| !(0..self.config.classes).contains(*l))
-        {
-            return Err(ModelError::InvalidOption {
-                field: "label",
-                value: bad.to_string(),
-                reason: format!("classes are 0..{}", self.config.classes),
-            });
-        }
-        let targets = Tensor::f_from_slice(labels)?.f_to_device(self.vs.device())?;
+        let targets = training::class_targets(
+            labels,
+            samples,
+            self.config.classes,
+            ("fusion labels", "pair"),
+            self.vs.device(),
+        )?;
         let hidden = self.config.hidden;
         let dropout = self.config.modality_dropout;
         let loss = |indices: &Tensor| {

@@ -140,6 +140,37 @@ pub struct TrainReport {
     pub elapsed_s: f64,
 }
 
+/// The class of each training sample as an int64 tensor on `device`, after checking
+/// there is one per sample and each is in `0..classes`; `(what, unit)` name the labels
+/// and what they label in errors ("fusion labels", "pair").
+pub(crate) fn class_targets(
+    labels: &[i64],
+    samples: usize,
+    classes: i64,
+    (what, unit): (&'static str, &str),
+    device: Device,
+) -> Result<Tensor, ModelError> {
+    if labels.len() != samples {
+        return Err(ModelError::Shape {
+            what,
+            expected: format!("one per {unit} ({samples})"),
+            got: format!("{} labels", labels.len()),
+        });
+    }
+    if let Some((index, bad)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, l)| !(0..classes).contains(*l))
+    {
+        return Err(ModelError::InvalidOption {
+            field: "label",
+            value: bad.to_string(),
+            reason: format!("label {index}: classes are 0..{classes}"),
+        });
+    }
+    Ok(Tensor::f_from_slice(labels)?.f_to_device(device)?)
+}
+
 /// Mean loss of one batch, given its window indices (int64, on the model's device).
 pub(crate) type BatchLoss<'a> = dyn Fn(&Tensor) -> Result<Tensor, TchError> + 'a;
 

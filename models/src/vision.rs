@@ -311,25 +311,13 @@ impl DefectCnn {
         options.validate()?;
         let data = self.images_tensor(images, "training images")?;
         let samples = data.size()[0] as usize;
-        if labels.len() != samples {
-            return Err(ModelError::Shape {
-                what: "training labels",
-                expected: format!("one per image ({samples})"),
-                got: format!("{} labels", labels.len()),
-            });
-        }
-        if let Some((index, bad)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, l)| !(0..self.config.classes).contains(*l))
-        {
-            return Err(ModelError::InvalidOption {
-                field: "label",
-                value: bad.to_string(),
-                reason: format!("label {index}: classes are 0..{}", self.config.classes),
-            });
-        }
-        let targets = Tensor::f_from_slice(labels)?.f_to_device(self.device())?;
+        let targets = training::class_targets(
+            labels,
+            samples,
+            self.config.classes,
+            ("training labels", "image"),
+            self.device(),
+        )?;
         let rng = RefCell::new(SplitMix64::new(options.seed as u64 ^ AUGMENT_STREAM));
         let loss = |indices: &Tensor| {
             let batch = data.f_index_select(0, indices)?;
