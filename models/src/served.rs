@@ -238,15 +238,10 @@ impl Assets {
                 value: "(absent)".into(),
                 reason: "a language or multimodal model needs the MiniLM encoder folder".into(),
             })?;
-        let weights = dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|source| ModelError::Io {
-            path: weights.clone(),
-            source,
-        })?;
-        let actual = crate::weights::sha256_hex(&bytes);
+        let actual = encoder_sha256(dir)?;
         if !actual.eq_ignore_ascii_case(expected_sha256) {
             return Err(ModelError::HashMismatch {
-                origin: weights.display().to_string(),
+                origin: dir.join("model.safetensors").display().to_string(),
                 expected: expected_sha256.to_string(),
                 actual,
             });
