@@ -73,7 +73,7 @@ enum Command {
         #[arg(long, value_enum)]
         model: TrainModel,
         /// The data: `data/tep` for the time-series and multimodal models, the notes
-        /// file for the language model.
+        /// file for the language model, `data/elpv` for the vision model.
         #[arg(long)]
         data: PathBuf,
         /// The model store that receives the trained version.
@@ -188,6 +188,8 @@ enum TrainModel {
     Language,
     /// Sensor window + operator note fused into one diagnosis (needs `--notes`, `--minilm`).
     Multimodal,
+    /// Defect CNN on solar-cell electroluminescence images (`--data data/elpv`).
+    Vision,
 }
 
 #[derive(Subcommand)]
@@ -380,6 +382,7 @@ fn main() -> anyhow::Result<()> {
                     TrainModel::Classifier => ModelChoice::Classifier,
                     TrainModel::Language => ModelChoice::Language,
                     TrainModel::Multimodal => ModelChoice::Multimodal,
+                    TrainModel::Vision => ModelChoice::Vision,
                 };
                 let mut options = model.default_options();
                 options.epochs = epochs.unwrap_or(options.epochs);

@@ -382,3 +382,46 @@ routes = { tep = ["diagnosis"] }
         "{err}"
     );
 }
+
+#[test]
+fn train_vision_stores_a_defect_cnn_scored_on_held_out_elpv_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let output = Command::new(BINARY)
+        .args([
+            "train",
+            "--model",
+            "vision",
+            "--data",
+            "data/elpv",
+            "--store",
+        ])
+        .arg(&store)
+        .args(["--epochs", "1", "--max-seconds", "20"])
+        .current_dir(repo)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "`just setup` makes data/elpv: {err}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(report["model"], "elpv-defects@1");
+    assert_eq!(report["kind"], "vision");
+    assert_eq!(report["architecture"], "defect_cnn");
+    assert_eq!(report["metric"], "accuracy");
+    assert_eq!(report["published"]["score"], 0.8842);
+    let accuracy = report["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{report}");
+    let manifest = store.join("manifests/elpv-defects/1.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(manifest["metrics"]["accuracy"], report["score"]);
+    assert_eq!(manifest["hyper"]["classes"]["names"][1], "defective");
+    assert_eq!(manifest["input"]["shape"], serde_json::json!([-1, 64, 64]));
+    assert_eq!(manifest["training"]["data"]["test_images"], 656);
+}

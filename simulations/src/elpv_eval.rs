@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use fogmesh_models::elpv::{CellType, ElpvError, ElpvSet};
-use fogmesh_models::{DefectCnn, EpochReport, ModelError, TrainOptions, VisionConfig};
+use fogmesh_models::{DefectCnn, EpochReport, ModelError, TrainOptions, TrainReport, VisionConfig};
 use serde::Serialize;
 
 use crate::evaluation::Confusion;
@@ -184,6 +184,22 @@ pub fn run(
     options: &ElpvEvalOptions,
     progress: &mut dyn FnMut(&EpochReport),
 ) -> Result<ElpvReport, ElpvEvalError> {
+    train(options, progress).map(|trained| trained.report)
+}
+
+/// What [`train`] hands back: the report and the network, so `fogmesh train` can
+/// store the very model the report describes.
+pub struct TrainedDefectCnn {
+    pub report: ElpvReport,
+    pub model: DefectCnn,
+    pub training: TrainReport,
+}
+
+/// [`run`], keeping the trained network.
+pub fn train(
+    options: &ElpvEvalOptions,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<TrainedDefectCnn, ElpvEvalError> {
     let started = Instant::now();
     if !(1..=256).contains(&options.threads) {
         return Err(ModelError::InvalidOption {
@@ -241,7 +257,7 @@ pub fn run(
     let correct = (confusion.true_positive + confusion.true_negative) as usize;
     let defective = (confusion.true_positive + confusion.false_negative) as usize;
     let accuracy = share(correct, test_images);
-    Ok(ElpvReport {
+    let report = ElpvReport {
         dataset: "elpv",
         model: format!("DefectCnn (4 conv blocks, base {})", config.channels_base),
         accuracy,
@@ -264,6 +280,11 @@ pub fn run(
         published: PUBLISHED,
         accuracy_vs_published: accuracy / PUBLISHED.accuracy,
         seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(TrainedDefectCnn {
+        report,
+        model,
+        training: train,
     })
 }
 

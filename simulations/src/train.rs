@@ -16,6 +16,7 @@
 //! | `classifier` | TEP recordings | diagnosis accuracy over 13 classes |
 //! | `language` | the project's operator notes | accuracy over 13 TEP classes on held-out notes |
 //! | `multimodal` | TEP recordings + the project's operator notes | diagnosis accuracy of sensor window + note, next to each modality alone |
+//! | `vision` | ELPV solar cells (`data/elpv`) | accuracy on a stratified held-out quarter (as `fogmesh eval elpv`) |
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use fogmesh_models::{
 };
 use serde::Serialize;
 
+use crate::elpv_eval::{ElpvEvalError, ElpvEvalOptions};
 use crate::fusion_eval::{FusionEvalError, FusionEvalOptions};
 use crate::notes_eval::{NotesEvalError, NotesEvalOptions};
 use crate::tep_eval::{tep_autoencoder_config, Diagnosis, TepEvalError, TepEvalOptions, TepRuns};
@@ -42,6 +44,7 @@ pub enum ModelChoice {
     Classifier,
     Language,
     Multimodal,
+    Vision,
 }
 
 impl ModelChoice {
@@ -53,6 +56,7 @@ impl ModelChoice {
             ModelChoice::Classifier => "tep-diagnosis",
             ModelChoice::Language => "tep-notes",
             ModelChoice::Multimodal => "tep-fused-diagnosis",
+            ModelChoice::Vision => "elpv-defects",
         }
     }
 
@@ -69,6 +73,7 @@ impl ModelChoice {
             ModelChoice::Classifier => tep.classifier_train,
             ModelChoice::Language => NotesEvalOptions::default().train,
             ModelChoice::Multimodal => FusionEvalOptions::default().fusion_train,
+            ModelChoice::Vision => ElpvEvalOptions::default().train,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct TrainRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error(transparent)]
+    Elpv(#[from] ElpvEvalError),
     #[error(transparent)]
     Fusion(#[from] FusionEvalError),
     #[error(transparent)]
@@ -172,6 +179,7 @@ pub fn run(
         ModelChoice::Classifier => train_classifier(request, progress)?,
         ModelChoice::Language => train_language(request, progress)?,
         ModelChoice::Multimodal => train_multimodal(request, progress)?,
+        ModelChoice::Vision => train_vision(request, progress)?,
     };
     let store = ModelStore::open(&request.store);
     let store_error = |source| TrainError::Store {
@@ -545,6 +553,67 @@ fn train_language(
             "notes": request.data,
             "train_notes": report.train_notes,
             "test_notes": report.test_notes,
+        }),
+    })
+}
+
+/// The classes a stored defect CNN answers with; index 0 is the cell without defects.
+const ELPV_CLASSES: [&str; 2] = ["functional", "defective"];
+
+fn train_vision(
+    request: &TrainRequest,
+    progress: &mut dyn FnMut(&EpochReport),
+) -> Result<Trained, TrainError> {
+    let options = ElpvEvalOptions {
+        data: request.data.clone(),
+        train: request.options.clone(),
+        model_seed: request.options.seed,
+        threads: request.threads,
+        ..ElpvEvalOptions::default()
+    };
+    let trained = crate::elpv_eval::train(&options, progress)?;
+    let report = &trained.report;
+    let metrics = BTreeMap::from([
+        ("accuracy".to_string(), report.accuracy),
+        ("f1".to_string(), report.f1),
+        ("precision".to_string(), report.precision),
+        ("recall".to_string(), report.recall),
+        ("accuracy_mono".to_string(), report.mono.accuracy),
+        ("accuracy_poly".to_string(), report.poly.accuracy),
+        ("majority_accuracy".to_string(), report.majority_accuracy),
+    ]);
+    let config = trained.model.config();
+    let (weights, _) = trained.model.to_safetensors()?;
+    Ok(Trained {
+        architecture: Architecture::DefectCnn {
+            config,
+            classes: Classes {
+                names: ELPV_CLASSES.iter().map(|c| c.to_string()).collect(),
+                normal: 0,
+            },
+        },
+        weights,
+        dataset: "elpv",
+        metric: "accuracy",
+        published: Some(Published {
+            model: crate::elpv_eval::PUBLISHED.model,
+            score: crate::elpv_eval::PUBLISHED.accuracy,
+            source: crate::elpv_eval::PUBLISHED.source,
+        }),
+        metrics,
+        training: trained.training,
+        input: format!(
+            "one {}x{} electroluminescence cell image, grey levels scaled to 0-1, row by row (each image is standardised inside the network)",
+            config.width, config.height
+        ),
+        data_summary: serde_json::json!({
+            "set": "elpv",
+            "data": request.data,
+            "resolution": report.resolution,
+            "train_images": report.train_images,
+            "test_images": report.test_images,
+            "test_fraction": options.test_fraction,
+            "split_seed": options.split_seed,
         }),
     })
 }
