@@ -112,6 +112,19 @@ impl ExpertSpec {
         }
     }
 
+    /// `(channels, samples)` of the windows this expert takes: the stored model's
+    /// input, else the autoencoder's (and a TorchScript file's declared) shape.
+    pub fn window_shape(&self) -> (usize, usize) {
+        match &self.stored {
+            Some(stored) => fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
+                .map_or((0, 0), |a| {
+                    let [channels, length] = a.input_shape();
+                    (channels as usize, length as usize)
+                }),
+            None => (self.config.channels as usize, self.config.window as usize),
+        }
+    }
+
     /// `conv_autoencoder`, `torchscript`, or the stored model's architecture.
     pub fn model_name(&self) -> String {
         match (&self.stored, &self.torchscript) {

@@ -140,10 +140,7 @@ impl NodeSpec {
             };
             for name in reachable {
                 let expert = experts[name];
-                let (channels, window) = (
-                    expert.config.channels as usize,
-                    expert.config.window as usize,
-                );
+                let (channels, window) = expert.window_shape();
                 if (channels, window) != (sensor.channels, sensor.window) {
                     return Err(SpecError::Invalid {
                         what: "sensor stream",

@@ -460,7 +460,7 @@ impl NodeConfig {
                         "an expert serves a stored model, a TorchScript file or autoencoder `weights`: one of them",
                     ));
                 }
-                if self.node.models.is_none() {
+                if self.model_store_root().is_none() {
                     return Err(self.invalid(
                         format!("experts[{i}].model"),
                         format!("{model:?}"),
@@ -608,6 +608,24 @@ impl NodeConfig {
     }
 
     /// `path` as written in the config, resolved against the config file's folder.
+    /// The node's model store folder: `[node] models`, or for a node in a mesh
+    /// `models` inside `[cluster] data` (versions rolled out across the mesh land there).
+    pub fn model_store_root(&self) -> Option<PathBuf> {
+        match (&self.node.models, &self.cluster) {
+            (Some(models), _) => Some(self.resolve(models)),
+            (None, Some(cluster)) => Some(self.resolve(&cluster.data).join("models")),
+            (None, None) => None,
+        }
+    }
+
+    /// Where this node keeps what stored models need, as absolute paths.
+    pub fn model_places(&self) -> crate::mesh_spec::ModelPlaces {
+        crate::mesh_spec::ModelPlaces {
+            models: self.model_store_root(),
+            minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
+        }
+    }
+
     pub fn resolve(&self, path: &Path) -> PathBuf {
         match self.file.parent() {
             Some(folder) if path.is_relative() => folder.join(path),
@@ -684,8 +702,7 @@ impl NodeConfig {
         id: &str,
     ) -> Result<StoredModel, ConfigError> {
         let field = format!("experts[{i}].model");
-        let root = self.node.models.as_deref().map(|p| self.resolve(p));
-        let store = ModelStore::open(root.unwrap_or_default());
+        let store = ModelStore::open(self.model_store_root().unwrap_or_default());
         let store_error = |e: fogmesh_models::store::StoreError| ConfigError::Invalid {
             file: self.file.clone(),
             field: field.clone(),

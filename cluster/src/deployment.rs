@@ -21,6 +21,12 @@
 //!    reconciles its node agent to its share: sensors pinned to it, the routers those
 //!    use, the experts placed on it, next to what its own `node.toml` runs.
 //!
+//! Before a node parses an adopted spec it copies the stored model versions the spec
+//! names and its store lacks from a peer (`crate::rollout::ensure_local`). An expert
+//! whose spec changed only in its model (a rollout or rollback) is hot-swapped
+//! (`Node::swap_expert`) rather than restarted, so it never stops serving; then the
+//! node gossips which version each of its replicas runs.
+//!
 //! Views differ for a moment after a change (two nodes may each think they lead);
 //! the placement with the highest epoch wins once gossip settles, and routers retry
 //! windows meanwhile, so a transient double or missing replica costs time, not windows.
@@ -35,10 +41,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::Role;
-use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY};
-use crate::mesh_spec::{MeshSpec, StoredSpec};
+use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY, VERSIONS_KEY};
+use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
 use crate::peer_links::{LinkState, LinkView};
 use crate::placement::{self, Assignment, Candidate};
+use crate::rollout::{self, RolloutRecord};
 use crate::shutdown::Shutdown;
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).
@@ -64,6 +71,8 @@ pub struct DeploymentState {
     pub placement: Option<PublishedPlacement>,
     pub leader: Option<String>,
     pub last_error: Option<String>,
+    /// The last rollout this node ran (`Control.Rollout`).
+    pub rollout: Option<RolloutRecord>,
 }
 
 /// Why a spec was not applied.
@@ -84,6 +93,10 @@ pub struct Deployment {
     pub membership: Arc<Membership>,
     pub links: watch::Receiver<LinkView>,
     pub state: Arc<Mutex<DeploymentState>>,
+    /// Where stored models live on this node.
+    pub places: ModelPlaces,
+    /// The mesh's `fogmesh-cluster-key` value, for copying versions from peers.
+    pub key: String,
 }
 
 fn spec_file(data: &std::path::Path) -> PathBuf {
@@ -237,7 +250,15 @@ impl Deployment {
                 own_spec = Some(newest.clone());
             }
             if parsed.as_ref().map(|(s, _)| s) != Some(&newest) {
-                match MeshSpec::parse(&newest.text, &self.data.join("mesh.toml")) {
+                if let Err(e) = self.fetch_models(&newest, &members).await {
+                    self.record_error(format!(
+                        "mesh spec {} waits for its models: {e}",
+                        newest.version
+                    ));
+                    continue;
+                }
+                match MeshSpec::parse_with(&newest.text, &self.data.join("mesh.toml"), &self.places)
+                {
                     Ok(spec) => parsed = Some((newest.clone(), spec)),
                     Err(e) => {
                         self.record_error(format!(
@@ -326,6 +347,9 @@ impl Deployment {
             let mut target = spec.share(&self.node_name, &follow.experts);
             merge(&mut target, &self.local);
             if applied.as_ref() != Some(&target) {
+                if let Some(before) = &applied {
+                    self.swap_changed_models(before, &target).await;
+                }
                 match self.node.reconcile(target.clone()).await {
                     Ok(report) => {
                         if !report.is_empty() {
@@ -339,12 +363,72 @@ impl Deployment {
                                 serde_json::to_string(&serving).unwrap_or_default(),
                             )
                             .await;
+                        self.publish_versions().await;
                         applied = Some(target);
                     }
                     Err(e) => self.record_error(format!("this node's share did not start: {e}")),
                 }
             }
         }
+    }
+
+    /// Copies the stored versions `spec` names that this node's store lacks.
+    async fn fetch_models(
+        &self,
+        spec: &StoredSpec,
+        members: &BTreeMap<String, Member>,
+    ) -> Result<(), rollout::RolloutError> {
+        let ids = MeshSpec::stored_models(&spec.text)
+            .map_err(|e| rollout::RolloutError::Spec(e.to_string()))?;
+        let Some(root) = &self.places.models else {
+            return Ok(());
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let store = fogmesh_models::store::ModelStore::open(root);
+        let peers = rollout::peer_addresses(members, &self.node_name);
+        rollout::ensure_local(&ids, &store, &peers, &self.key).await?;
+        Ok(())
+    }
+
+    /// Hot-swaps the experts whose spec changed from `before` to `target` only in
+    /// their model. One that does not swap is left to the reconcile, which restarts it.
+    async fn swap_changed_models(&self, before: &NodeSpec, target: &NodeSpec) {
+        for new in &target.experts {
+            let Some(old) = before.experts.iter().find(|e| e.name == new.name) else {
+                continue;
+            };
+            if !rollout::swappable(old, new) {
+                continue;
+            }
+            match self.node.swap_expert(new.clone()).await {
+                Ok(version) => {
+                    tracing::info!(expert = %new.name, %version, "expert swapped to the spec's version")
+                }
+                Err(e) => self.record_error(format!(
+                    "expert {} did not swap to {}: {e}",
+                    new.name, new.model_version
+                )),
+            }
+        }
+    }
+
+    /// Gossips the version each local replica serves now.
+    async fn publish_versions(&self) {
+        let versions: BTreeMap<String, String> = self
+            .node
+            .snapshot()
+            .experts
+            .into_iter()
+            .map(|e| (e.name, e.version))
+            .collect();
+        self.membership
+            .set(
+                VERSIONS_KEY,
+                serde_json::to_string(&versions).unwrap_or_default(),
+            )
+            .await;
     }
 
     async fn publish_spec(&self, spec: &StoredSpec) {
@@ -535,6 +619,7 @@ placement = { roles = ["fog"] }
                 spec: None,
                 placement: None,
                 serving: serving.iter().map(|s| s.to_string()).collect(),
+                versions: BTreeMap::new(),
             },
         )
     }

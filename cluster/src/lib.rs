@@ -1,9 +1,11 @@
 //! A fogmesh node on the network: its TOML configuration, the gRPC services (`Ingest`,
 //! `Inference`, `Control`, `Telemetry`, `ClusterLink`) over the actors of
-//! `fogmesh-actors`, MQTT ingest, file replay, the Prometheus endpoint, and the mesh:
-//! cluster links ([`link`], [`peer_links`]), gossip membership ([`membership`]), mesh
-//! specs ([`mesh_spec`]), placement ([`placement`]) and the deployment loop
-//! ([`deployment`]), started together by [`mesh`].
+//! `fogmesh-actors`, `ModelStore` over the node's model store with the client that
+//! copies versions between nodes ([`model_store_service`]), MQTT ingest, file replay,
+//! the Prometheus endpoint, and the mesh: cluster links ([`link`], [`peer_links`]),
+//! gossip membership ([`membership`]), mesh specs ([`mesh_spec`]), placement
+//! ([`placement`]) and the deployment loop ([`deployment`]), started together by
+//! [`mesh`].
 //!
 //! The entry points: [`NodeConfig::load`] reads a `node.toml` (format in `README.md`
 //! beside this crate), [`NodeServer::start`] runs it and returns a
@@ -23,9 +25,11 @@ pub mod membership;
 pub mod mesh;
 pub mod mesh_spec;
 pub mod metrics_endpoint;
+pub mod model_store_service;
 mod mqtt;
 pub mod peer_links;
 pub mod placement;
+pub mod rollout;
 pub mod server;
 mod services;
 mod shutdown;
@@ -38,5 +42,8 @@ pub use config::{
     ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig,
 };
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
+pub use model_store_service::{
+    download_version, list_versions, upload_version, TransferError, CHUNK_BYTES, MAX_MODEL_BYTES,
+};
 pub use server::{run_until, NodeServer, RunningNodeServer, ServeError};
 pub use status::ServiceError;

@@ -209,7 +209,7 @@ pub(crate) fn admit<T>(
     let addr = request
         .remote_addr()
         .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
-    if header(KEY_HEADER) != key.as_str() {
+    if !carries_key(request, key) {
         tracing::warn!(peer = %peer, %addr, call = what, "refused a node whose cluster secret differs from this mesh's");
         metrics::counter!(telemetry::LINKS_REFUSED).increment(1);
         return Err(Status::permission_denied(format!(
@@ -222,6 +222,15 @@ pub(crate) fn admit<T>(
         )));
     }
     Ok(peer)
+}
+
+/// Whether a call's metadata carries this mesh's key: the rule for every call that
+/// changes a mesh node from outside (cluster links, model uploads).
+pub(crate) fn carries_key<T>(request: &Request<T>, key: &ClusterKey) -> bool {
+    request
+        .metadata()
+        .get(KEY_HEADER)
+        .is_some_and(|v| v.as_bytes() == key.as_str().as_bytes())
 }
 
 /// Adds this node's name and key to a request.

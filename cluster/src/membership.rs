@@ -36,6 +36,9 @@ pub const PLACEMENT_KEY: &str = "placement";
 /// The experts a node has running (JSON list of names), set after each reconcile: the
 /// leader moves a replica only once its new host says it serves.
 pub const SERVING_KEY: &str = "serving";
+/// Which model version each expert this node serves runs, so a rollout's progress can
+/// be read from any node.
+pub const VERSIONS_KEY: &str = "versions";
 
 /// How often a node gossips with a few others.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
@@ -107,6 +110,8 @@ pub struct Member {
     pub spec: Option<String>,
     pub placement: Option<String>,
     pub serving: Vec<String>,
+    /// Expert → the model version its replica here serves.
+    pub versions: BTreeMap<String, String>,
 }
 
 /// Why gossip did not start.
@@ -211,6 +216,10 @@ pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Me
             placement: state.get(PLACEMENT_KEY).map(str::to_string),
             serving: state
                 .get(SERVING_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            versions: state
+                .get(VERSIONS_KEY)
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
         };

@@ -54,6 +54,8 @@ pub struct MeshSettings {
     pub up_since_us: i64,
     /// What the node's own `node.toml` runs, kept beside its share of the mesh.
     pub local: NodeSpec,
+    /// Where the node keeps stored models.
+    pub places: crate::mesh_spec::ModelPlaces,
 }
 
 /// A node's running membership in the mesh.
@@ -159,6 +161,8 @@ impl Mesh {
                 membership: membership.clone(),
                 links: link_view.clone(),
                 state: deployment.clone(),
+                places: settings.places,
+                key: key.as_str().to_string(),
             }
             .run(shutdown),
         ));

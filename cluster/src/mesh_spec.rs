@@ -11,8 +11,10 @@
 //!
 //! Relative paths (weights, gates) resolve against the spec file's folder when it is
 //! read; `fogmesh apply` sends the text with those paths made absolute, and every node
-//! reads them from its own disk (a shared or provisioned folder; moving weights through
-//! `ModelStore` is not built yet).
+//! reads them from its own disk (a shared or provisioned folder). An expert may instead
+//! name a stored version (`model = "name@version"`): every node reads it from its own
+//! model store, and the deployment loop first copies versions a node lacks from a
+//! peer's `ModelStore` service (`crate::rollout`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -49,6 +51,14 @@ pub struct MeshExpert {
 pub struct MeshSensor {
     pub node: String,
     pub spec: SensorStreamSpec,
+}
+
+/// Where a node keeps what stored models need: its model store and the MiniLM folder
+/// (absolute paths; see `NodeConfig::model_store_root`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelPlaces {
+    pub models: Option<PathBuf>,
+    pub minilm: Option<PathBuf>,
 }
 
 /// A parsed and validated `mesh.toml`.
@@ -93,7 +103,17 @@ struct RawMesh {
 impl MeshSpec {
     /// Parses and checks spec text as if read from `file` (which relative paths
     /// resolve against): every file it names is read and every reference resolved.
+    /// A spec naming stored models needs [`MeshSpec::parse_with`].
     pub fn parse(text: &str, file: &Path) -> Result<MeshSpec, ConfigError> {
+        MeshSpec::parse_with(text, file, &ModelPlaces::default())
+    }
+
+    /// [`MeshSpec::parse`], reading stored models from `places`.
+    pub fn parse_with(
+        text: &str,
+        file: &Path,
+        places: &ModelPlaces,
+    ) -> Result<MeshSpec, ConfigError> {
         let syntax = |source| ConfigError::Syntax {
             file: file.to_path_buf(),
             source: Box::new(source),
@@ -165,8 +185,8 @@ impl MeshSpec {
                 role: Role::Cloud,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
-                models: None,
-                minilm: None,
+                models: places.models.clone(),
+                minilm: places.minilm.clone(),
             },
             limits: Limits::default(),
             experts: experts.iter().map(|e| e.config.clone()).collect(),
@@ -224,6 +244,55 @@ impl MeshSpec {
             }
         }
         Ok(toml::to_string(&doc).unwrap_or_else(|_| text.to_string()))
+    }
+
+    /// The stored versions (`model = "name@version"`) the spec's experts name, in
+    /// order, without parsing anything else.
+    pub fn stored_models(text: &str) -> Result<Vec<String>, toml::de::Error> {
+        let doc: toml::Table = toml::from_str(text)?;
+        let experts = match doc.get("experts") {
+            Some(toml::Value::Array(items)) => items.as_slice(),
+            _ => &[],
+        };
+        Ok(experts
+            .iter()
+            .filter_map(|e| e.get("model").and_then(|m| m.as_str()))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The spec text with expert `expert` serving the stored version `id` (weights
+    /// pinned to `sha256`), everything else as it was. `None` when the spec has no
+    /// such expert.
+    pub fn with_model(
+        text: &str,
+        expert: &str,
+        id: &str,
+        sha256: &str,
+    ) -> Result<Option<String>, toml::de::Error> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        let Some(toml::Value::Array(items)) = doc.get_mut("experts") else {
+            return Ok(None);
+        };
+        let Some(table) = items
+            .iter_mut()
+            .filter_map(|e| e.as_table_mut())
+            .find(|e| e.get("name").and_then(|n| n.as_str()) == Some(expert))
+        else {
+            return Ok(None);
+        };
+        // The verdicts then name the stored version itself.
+        table.remove("model_version");
+        table.insert("model".into(), toml::Value::String(id.into()));
+        table.insert("sha256".into(), toml::Value::String(sha256.into()));
+        Ok(Some(
+            toml::to_string(&doc).unwrap_or_else(|_| text.to_string()),
+        ))
+    }
+
+    /// The actors' view of expert `name`, files read.
+    pub fn expert_spec(&self, name: &str) -> Option<&ExpertSpec> {
+        self.expert_specs.iter().find(|e| e.name == name)
     }
 
     /// What placement needs to know about each expert.

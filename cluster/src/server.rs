@@ -12,7 +12,8 @@
 //!
 //! Stop ([`RunningNodeServer::shutdown`]), in order:
 //! 1. Raise the shutdown signal: the gRPC server stops accepting connections, open
-//!    `PushStream` and `WatchAlerts` streams end at their next batch or alert boundary,
+//!    `PushStream` and `WatchAlerts` streams end at their next batch or alert boundary
+//!    (model `Download`s at their next chunk: the client sees them end short),
 //!    MQTT tasks disconnect after the message in hand, replays stop after the batch in
 //!    hand.
 //! 2. Wait for the gRPC server to finish the calls in flight, then for the MQTT and
@@ -27,10 +28,12 @@ use std::time::Duration;
 
 use fogmesh_actors::replay::replay;
 use fogmesh_actors::{Annunciator, Node, SpecError};
+use fogmesh_models::store::ModelStore;
 use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
 use fogmesh_proto::inference_server::InferenceServer;
 use fogmesh_proto::ingest_server::IngestServer;
+use fogmesh_proto::model_store_server::ModelStoreServer;
 use fogmesh_proto::telemetry_server::TelemetryServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -42,6 +45,7 @@ use crate::ingest::Ingestor;
 use crate::link;
 use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
+use crate::model_store_service::ModelStoreService;
 use crate::services::{MeshView, NodeServices};
 use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::{mqtt, telemetry};
@@ -148,6 +152,7 @@ impl NodeServer {
                     capabilities: Capabilities::probe(),
                     up_since_us: node.snapshot().up_since_us,
                     local: config.to_node_spec()?,
+                    places: config.model_places(),
                 };
                 Some(Mesh::start(settings, node.clone(), shutdown.clone()).await?)
             }
@@ -157,8 +162,16 @@ impl NodeServer {
             membership: m.membership.clone(),
             links: m.link_view.clone(),
             deployment: m.deployment.clone(),
+            places: config.model_places(),
+            key: m.key.as_str().to_string(),
         });
 
+        let model_store = ModelStoreService::new(
+            config.node.name.clone(),
+            config.model_store_root().map(ModelStore::open),
+            mesh.as_ref().map(|m| m.key.clone()),
+            shutdown.clone(),
+        );
         let services = NodeServices::new(
             node.clone(),
             config.node.role,
@@ -188,6 +201,7 @@ impl NodeServer {
                 InferenceServer::new(services.clone()).max_decoding_message_size(decode_backstop),
             )
             .add_service(ControlServer::new(services.clone()))
+            .add_service(ModelStoreServer::new(model_store))
             .add_service(TelemetryServer::new(services));
         let mut grpc_shutdown = shutdown.clone();
         let grpc = tokio::spawn(

@@ -1,6 +1,6 @@
 //! The gRPC services of one node: `Ingest`, `Inference`, `Control` and `Telemetry`,
-//! all over the same running [`Node`]. (`ClusterLink` is in [`crate::link`];
-//! `ModelStore` is in the contract but not served yet.)
+//! all over the same running [`Node`]. (`ClusterLink` is in [`crate::link`],
+//! `ModelStore` in [`crate::model_store_service`].)
 //!
 //! - `Ingest.Push`: one batch, one [`IngestAck`]; the rules (limits, unknown sensors,
 //!   partial acceptance and why resending is safe) are in [`crate::ingest`].
@@ -18,7 +18,9 @@
 //!   its capabilities (probed at start) and current load.
 //! - `Control.Apply`: a mesh spec, parsed, checked and placed on the usable nodes before
 //!   it is stored (the deployment loop then spreads it); `Control.GetMesh`: the members,
-//!   links and placement as this node sees them.
+//!   links, placement, each replica's model version and the last rollout as this node
+//!   sees them; `Control.Rollout`: a stored version checked, shipped to every node
+//!   and committed to the spec, or refused (see [`crate::rollout`]).
 //! - `Telemetry.Metrics`: the process's Prometheus text.
 //!
 //! Every refused call is counted (`fogmesh_ingest_rejected_total`,
@@ -37,7 +39,8 @@ use fogmesh_proto::telemetry_server::Telemetry;
 use fogmesh_proto::{
     Alert, AlertFilter, ApplyReply, ApplyRequest, ExpertPlacement, ExpertScore, ExpertStatus,
     GpuInfo, IngestAck, MemberStatus, MeshRequest, MeshStatus, MetricsRequest, MetricsText,
-    NodeCapabilities, NodeLoad, NodeStatus, RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
+    NodeCapabilities, NodeLoad, NodeStatus, ReplicaVersion, RolloutReply, RolloutRequest,
+    RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
     SensorStreamStatus, StatusRequest,
 };
 use futures::{Stream, StreamExt};
@@ -84,6 +87,10 @@ pub(crate) struct MeshView {
     pub membership: Arc<Membership>,
     pub links: tokio::sync::watch::Receiver<LinkView>,
     pub deployment: Arc<std::sync::Mutex<DeploymentState>>,
+    /// Where this node keeps stored models.
+    pub places: crate::mesh_spec::ModelPlaces,
+    /// The mesh's `fogmesh-cluster-key` value, for model transfers between nodes.
+    pub key: String,
 }
 
 impl NodeServices {
@@ -333,6 +340,35 @@ impl NodeServices {
     }
 }
 
+fn rollout_reply(record: &crate::rollout::RolloutRecord) -> RolloutReply {
+    RolloutReply {
+        expert: record.expert.clone(),
+        from: record.from.clone(),
+        to: record.to.clone(),
+        spec_version: record.spec_version,
+        outcome: record.outcome.as_str().into(),
+        prepared: record.prepared.clone(),
+        lost: record.lost.clone(),
+        detail: record.detail.clone(),
+    }
+}
+
+/// A refused rollout's status: the caller's mistake, or the mesh not ready for it.
+fn rollout_status(error: crate::rollout::RolloutError) -> Status {
+    use crate::rollout::RolloutError as E;
+    let message = error.to_string();
+    match error {
+        E::UnknownExpert(_) | E::Missing { .. } => Status::not_found(message),
+        E::BadVersion(_) | E::Unfit { .. } | E::Spec(_) => Status::invalid_argument(message),
+        E::NotInMesh(_)
+        | E::NoSpec
+        | E::NotStored { .. }
+        | E::NothingBefore { .. }
+        | E::AlreadyServing { .. } => Status::failed_precondition(message),
+        E::Raced { .. } => Status::aborted(message),
+    }
+}
+
 fn placement_list(assignment: &crate::placement::Assignment) -> Vec<ExpertPlacement> {
     assignment
         .iter()
@@ -348,9 +384,27 @@ impl Control for NodeServices {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
         let mesh = self.mesh()?;
         let request = request.into_inner();
-        let spec = MeshSpec::parse(&request.spec_toml, std::path::Path::new("mesh.toml"))
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let members = mesh.membership.members();
+        // Stored versions the spec names must be on this node before it can check them.
+        if let Some(root) = &mesh.places.models {
+            let ids = MeshSpec::stored_models(&request.spec_toml)
+                .map_err(|e| Status::invalid_argument(format!("mesh.toml: {e}")))?;
+            let peers = crate::rollout::peer_addresses(&members, &self.inner.node.name);
+            crate::rollout::ensure_local(
+                &ids,
+                &fogmesh_models::store::ModelStore::open(root),
+                &peers,
+                &mesh.key,
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
+        let spec = MeshSpec::parse_with(
+            &request.spec_toml,
+            std::path::Path::new("mesh.toml"),
+            &mesh.places,
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let links = mesh.links.borrow().clone();
         let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
         let assignment = place_new(&spec, &nodes, &Default::default())
@@ -427,6 +481,20 @@ impl Control for NodeServices {
                 }
             })
             .collect();
+        let versions = mesh
+            .membership
+            .members()
+            .into_values()
+            .flat_map(|m| {
+                m.versions
+                    .into_iter()
+                    .map(move |(expert, model_version)| ReplicaVersion {
+                        node: m.name.clone(),
+                        expert,
+                        model_version,
+                    })
+            })
+            .collect();
         let state = mesh
             .deployment
             .lock()
@@ -443,7 +511,30 @@ impl Control for NodeServices {
                 .map(|p| placement_list(&p.experts))
                 .unwrap_or_default(),
             last_error: state.last_error.clone().unwrap_or_default(),
+            versions,
+            last_rollout: state.rollout.as_ref().map(rollout_reply),
         }))
+    }
+
+    async fn rollout(
+        &self,
+        request: Request<RolloutRequest>,
+    ) -> Result<Response<RolloutReply>, Status> {
+        let mesh = self.mesh()?;
+        let request = request.into_inner();
+        let context = crate::rollout::RolloutContext {
+            me: &self.inner.node.name,
+            places: &mesh.places,
+            key: &mesh.key,
+            membership: &mesh.membership,
+            links: &mesh.links,
+            state: &mesh.deployment,
+        };
+        let record =
+            crate::rollout::run(&context, &request.expert, &request.model, request.rollback)
+                .await
+                .map_err(rollout_status)?;
+        Ok(Response::new(rollout_reply(&record)))
     }
 
     async fn get_status(

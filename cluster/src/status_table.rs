@@ -61,7 +61,29 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
         }
     );
     for p in &mesh.placement {
-        let _ = writeln!(out, "  {:<20} on {}", p.expert, p.nodes.join(", "));
+        // Each host with the version it gossips, so a rollout's progress shows here.
+        let hosts: Vec<String> = p
+            .nodes
+            .iter()
+            .map(|node| {
+                match mesh
+                    .versions
+                    .iter()
+                    .find(|v| &v.node == node && v.expert == p.expert)
+                {
+                    Some(v) => format!("{node} ({})", v.model_version),
+                    None => node.clone(),
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "  {:<20} on {}", p.expert, hosts.join(", "));
+    }
+    if let Some(r) = &mesh.last_rollout {
+        let _ = writeln!(
+            out,
+            "last rollout: {} {} -> {}: {} (spec v{}); {}",
+            r.expert, r.from, r.to, r.outcome, r.spec_version, r.detail
+        );
     }
     if !mesh.last_error.is_empty() {
         let _ = writeln!(out, "last problem: {}", mesh.last_error);
@@ -200,6 +222,7 @@ mod tests {
     use super::*;
     use fogmesh_proto::{
         ExpertPlacement, ExpertStatus, GpuInfo, MemberStatus, NodeCapabilities, NodeLoad,
+        ReplicaVersion,
     };
 
     #[test]
@@ -298,8 +321,18 @@ mod tests {
                 nodes: vec!["fog-1".into(), "fog-2".into()],
             }],
             last_error: String::new(),
+            versions: vec![ReplicaVersion {
+                node: "fog-2".into(),
+                expert: "reactor-ae".into(),
+                model_version: "ae@2".into(),
+            }],
+            last_rollout: None,
         };
         let text = render_mesh(&mesh, 65_000_000);
+        assert!(
+            text.contains("reactor-ae           on fog-1, fog-2 (ae@2)"),
+            "{text}"
+        );
         let line = |node: &str| {
             text.lines()
                 .find(|l| l.starts_with(node))

@@ -9,6 +9,8 @@
 pub const INGEST_REJECTED: &str = "fogmesh_ingest_rejected_total";
 /// `Inference` calls refused (labels `rpc` = `score` | `watch_alerts`, `reason`).
 pub const INFERENCE_REJECTED: &str = "fogmesh_inference_rejected_total";
+/// `ModelStore` calls refused (labels `rpc` = `upload` | `download` | `list`, `reason`).
+pub const MODEL_STORE_REJECTED: &str = "fogmesh_model_store_rejected_total";
 /// Scored windows a `WatchAlerts` subscriber skipped because it fell behind.
 pub const ALERT_WATCH_SKIPPED: &str = "fogmesh_alert_watch_skipped_total";
 /// Failed connections to, or connections lost with, an MQTT broker (label `broker`).

@@ -38,6 +38,28 @@ enum Command {
         /// The mesh.toml.
         spec: PathBuf,
     },
+    /// Move every replica of an expert to a stored version: checked on the node,
+    /// shipped to every node's model store, then hot-swapped as the mesh adopts it.
+    /// Prints the outcome (committed or rolled back) and exits non-zero when a node
+    /// refused the version.
+    Rollout {
+        /// A node of the mesh (its gRPC address).
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        node: String,
+        /// The expert, as named in the mesh spec.
+        expert: String,
+        /// `name@version`, or the version alone for the serving model's name.
+        version: String,
+    },
+    /// Move every replica of an expert back to an earlier stored version: VERSION, or
+    /// by default the one the serving version came from.
+    Rollback {
+        /// A node of the mesh (its gRPC address).
+        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        node: String,
+        expert: String,
+        version: Option<String>,
+    },
     /// The mesh's nodes (role, address, cores, GPUs, load, link) and placement, then
     /// each node's experts, routers and sensor streams; a node outside a mesh shows
     /// only its own tables.
@@ -195,7 +217,11 @@ enum TrainModel {
 #[derive(Subcommand)]
 enum ModelsAction {
     /// Every stored version.
-    Ls,
+    Ls {
+        /// List the store of the node at this gRPC address (HOST:PORT) instead.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// One version's manifest (NAME for the newest, NAME@VERSION for one).
     Show { id: String },
     /// Store a manifest (JSON) and its safetensors weights; the hash is checked.
@@ -210,6 +236,26 @@ enum ModelsAction {
         id: String,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Send a version (NAME for the newest) to a node's store, with the ancestors it
+    /// lacks; checked by sha256 on the node.
+    Push {
+        id: String,
+        /// The node's gRPC address (HOST:PORT).
+        #[arg(long)]
+        node: String,
+        /// The mesh's `[cluster] secret`, for a node in a mesh: only its fingerprint
+        /// is sent.
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// Copy a version (NAME for the newest) from a node's store into this one, with
+    /// the ancestors this one lacks; checked by sha256 as it arrives.
+    Pull {
+        id: String,
+        /// The node's gRPC address (HOST:PORT).
+        #[arg(long)]
+        node: String,
     },
 }
 
@@ -296,6 +342,16 @@ fn main() -> anyhow::Result<()> {
                 dry_run,
                 spec,
             } => apply(&node, &spec, dry_run).await,
+            Command::Rollout {
+                node,
+                expert,
+                version,
+            } => rollout(&node, &expert, &version, false).await,
+            Command::Rollback {
+                node,
+                expert,
+                version,
+            } => rollout(&node, &expert, version.as_deref().unwrap_or(""), true).await,
             Command::Demo {
                 data,
                 train_seconds,
@@ -316,7 +372,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Models { store, action } => models(&store, action),
+            Command::Models { store, action } => models(&store, action).await,
             Command::Bench {
                 workload: Workload::Swap { seconds, every },
             } => {
@@ -626,10 +682,49 @@ async fn apply(node: &str, spec: &std::path::Path, dry_run: bool) -> anyhow::Res
     Ok(())
 }
 
-fn models(store: &std::path::Path, action: ModelsAction) -> anyhow::Result<()> {
+async fn rollout(node: &str, expert: &str, version: &str, rollback: bool) -> anyhow::Result<()> {
+    let what = if rollback { "rollback" } else { "rollout" };
+    let mut control = fogmesh_proto::control_client::ControlClient::connect(node.to_string())
+        .await
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    let reply = control
+        .rollout(fogmesh_proto::RolloutRequest {
+            expert: expert.to_string(),
+            model: version.to_string(),
+            rollback,
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .with_context(|| format!("{node} refused the {what} of expert {expert}"))?
+        .into_inner();
+    println!(
+        "{what} of {} from {} to {}: {} (spec v{})",
+        reply.expert, reply.from, reply.to, reply.outcome, reply.spec_version
+    );
+    println!("  holding {}: {}", reply.to, reply.prepared.join(", "));
+    if !reply.lost.is_empty() {
+        println!("  lost meanwhile: {}", reply.lost.join(", "));
+    }
+    println!("  {}", reply.detail);
+    anyhow::ensure!(
+        reply.outcome == "committed",
+        "the {what} rolled back: every replica stays on {}",
+        reply.from
+    );
+    Ok(())
+}
+
+async fn models(store: &std::path::Path, action: ModelsAction) -> anyhow::Result<()> {
     let store = fogmesh_models::store::ModelStore::open(store);
     match action {
-        ModelsAction::Ls => {
+        ModelsAction::Ls { node: Some(node) } => {
+            let versions = fogmesh_cluster::list_versions(&node, None).await?;
+            println!("{:<32} {:>10}  SHA256", "MODEL", "BYTES");
+            for v in versions {
+                println!("{:<32} {:>10}  {}", v.model, v.total_bytes, v.sha256);
+            }
+        }
+        ModelsAction::Ls { node: None } => {
             let manifests = store.list()?;
             println!(
                 "{:<20} {:<12} {:<12} {:<18} {:>10}  {:<12} {:<24} METRICS",
@@ -674,6 +769,25 @@ fn models(store: &std::path::Path, action: ModelsAction) -> anyhow::Result<()> {
         ModelsAction::Export { id, out } => {
             let manifest = store.export(&id, &out)?;
             println!("exported {} to {}", manifest.id(), out.display());
+        }
+        ModelsAction::Push { id, node, secret } => {
+            let key = secret.map(|s| fogmesh_cluster::link::ClusterKey::from_secret(&s));
+            let sent = fogmesh_cluster::upload_version(
+                &node,
+                key.as_ref().map(|k| k.as_str()),
+                &id,
+                &store,
+            )
+            .await?;
+            println!("sent {} ({}) to {node}", sent.id(), sent.weights_sha256);
+        }
+        ModelsAction::Pull { id, node } => {
+            let stored = fogmesh_cluster::download_version(&node, None, &id, &store).await?;
+            println!(
+                "stored {} ({}) from {node}",
+                stored.id(),
+                stored.weights_sha256
+            );
         }
     }
     Ok(())

@@ -425,3 +425,55 @@ fn train_vision_stores_a_defect_cnn_scored_on_held_out_elpv_cells() {
     assert_eq!(manifest["input"]["shape"], serde_json::json!([-1, 64, 64]));
     assert_eq!(manifest["training"]["data"]["test_images"], 656);
 }
+
+#[test]
+fn models_push_ls_and_pull_move_a_version_through_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &fogmesh_tests::node_toml_with("models = \"node-store\"", ""),
+    );
+    let mut node = start_node(&config);
+    let addr = grpc_address(node.0.as_mut().expect("the node runs"));
+    let weights = b"bytes standing in for safetensors".to_vec();
+    let local = fogmesh_models::store::ModelStore::open(dir.path().join("local"));
+    let manifest: fogmesh_models::store::Manifest = serde_json::from_str(
+        r#"{"name":"pump-ae","version":"v1","kind":"time_series","architecture":"conv_autoencoder",
+            "input":{"shape":[-1,8,60]},"weights_sha256":"","weights_bytes":0}"#,
+    )
+    .unwrap();
+    local.import(manifest, &weights).unwrap();
+    let fogmesh = |store: &str, args: &[&str]| {
+        let output = Command::new(BINARY)
+            .args(["models", "--store"])
+            .arg(dir.path().join(store))
+            .args(args)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .expect("the fogmesh binary runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = fogmesh("local", &["push", "pump-ae", "--node", &addr]);
+    assert!(ok && out.contains("sent pump-ae@v1"), "{out}{err}");
+    let (ok, out, err) = fogmesh("local", &["ls", "--node", &addr]);
+    assert!(
+        ok && out.lines().any(|l| l.starts_with("pump-ae@v1")),
+        "{out}{err}"
+    );
+    let (ok, out, err) = fogmesh("pulled", &["pull", "pump-ae@v1", "--node", &addr]);
+    assert!(ok && out.contains("stored pump-ae@v1"), "{out}{err}");
+    let pulled = fogmesh_models::store::ModelStore::open(dir.path().join("pulled"));
+    assert_eq!(
+        pulled.weights(&pulled.get("pump-ae@v1").unwrap()).unwrap(),
+        weights
+    );
+    let (ok, _, err) = fogmesh("pulled", &["pull", "pump-ae@v9", "--node", &addr]);
+    assert!(
+        !ok && err.contains("pump-ae@v9") && err.contains("NotFound"),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@
 mod bad_input;
 mod config;
 mod grpc;
+mod model_store;
 mod mqtt;
 mod replay;
 mod torchscript;

@@ -1,0 +1,523 @@
+//! Rolling a stored model version out to every replica of an expert across the mesh,
+//! and rolling back (`Control.Rollout`, `fogmesh rollout`, `fogmesh rollback`).
+//!
+//! A rollout is a change of the mesh spec (the expert's `model` and its pinned
+//! `sha256`), made in two phases so that a bad version never reaches a replica:
+//! 1. **Check** on the node asked: the version is in its store (copied from a peer if
+//!    not), its bytes hash to the manifest's sha256, its network builds from the
+//!    manifest and loads every tensor, and it takes the same window as the version
+//!    serving now. Anything else is refused here, and nothing changes anywhere.
+//! 2. **Prepare**: the version is uploaded to every usable node's `ModelStore`
+//!    (chunked, sha256-checked on arrival). A node that refuses it rolls the rollout
+//!    back: the spec is not changed, so no replica swaps. A node that is lost
+//!    meanwhile (unreachable, or the transfer cut) does not stop the rollout: it is
+//!    named in the reply and takes the version from a peer when it returns.
+//! 3. **Commit**: the new spec is stored with the next version number; the deployment
+//!    loop spreads it by gossip, and every node hot-swaps its replicas
+//!    ([`swappable`] changes) between two batches, so no request fails and none is
+//!    scored by a half-loaded model. A replica re-placed from a lost node starts on the
+//!    new version, so once the mesh settles every replica serves one version.
+//!
+//! Every node also runs [`ensure_local`] before it parses an adopted spec: a version
+//! the spec names that its store lacks is copied from the first peer that has it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fogmesh_actors::ExpertSpec;
+use fogmesh_models::served::{Assets, ServedModel};
+use fogmesh_models::store::{Manifest, ModelStore, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::deployment::{candidates, DeploymentState};
+use crate::membership::{Member, Membership};
+use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
+use crate::model_store_service::{download_version, upload_version, TransferError};
+use crate::peer_links::LinkView;
+
+/// Longest one node may take to receive a version in the prepare phase.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutOutcome {
+    /// The spec names the new version; replicas swap as the mesh adopts it.
+    Committed,
+    /// A node refused the version: the spec is unchanged, no replica swapped.
+    RolledBack,
+}
+
+impl RolloutOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutOutcome::Committed => "committed",
+            RolloutOutcome::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// The last rollout a node ran, for the reply and `fogmesh status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub expert: String,
+    pub from: String,
+    pub to: String,
+    /// The spec version that names `to` (committed), or the one left in place.
+    pub spec_version: u64,
+    pub outcome: RolloutOutcome,
+    /// Nodes that hold the version.
+    pub prepared: Vec<String>,
+    /// Nodes lost during the prepare phase.
+    pub lost: Vec<String>,
+    pub detail: String,
+}
+
+/// Why a rollout was refused before anything changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("node `{0}` is not in a mesh: its config has no [cluster] section")]
+    NotInMesh(String),
+    #[error("no mesh spec has been applied yet: `fogmesh apply` one first")]
+    NoSpec,
+    #[error("the mesh spec has no expert `{0}`")]
+    UnknownExpert(String),
+    #[error("expert `{expert}` serves {serving}, not a stored model: only experts with `model = \"name@version\"` roll out")]
+    NotStored { expert: String, serving: String },
+    #[error("`{0}` is not a version: give `name@version` or the version alone")]
+    BadVersion(String),
+    #[error("expert `{expert}` has no version before {current} to roll back to")]
+    NothingBefore { expert: String, current: String },
+    #[error("expert `{expert}` already serves {id}")]
+    AlreadyServing { expert: String, id: String },
+    #[error("{id} cannot serve expert `{expert}`: {reason}")]
+    Unfit {
+        expert: String,
+        id: String,
+        reason: String,
+    },
+    #[error("{id} is in no store of this mesh: {reason}")]
+    Missing { id: String, reason: String },
+    #[error("{0}")]
+    Spec(String),
+    #[error("the mesh spec changed from version {from} to {to} while the rollout ran; nothing was changed: run it again")]
+    Raced { from: u64, to: u64 },
+}
+
+/// What a rollout reads and changes on the node that runs it.
+pub struct RolloutContext<'a> {
+    pub me: &'a str,
+    pub places: &'a ModelPlaces,
+    /// The mesh's `fogmesh-cluster-key` value.
+    pub key: &'a str,
+    pub membership: &'a Membership,
+    pub links: &'a tokio::sync::watch::Receiver<LinkView>,
+    pub state: &'a Mutex<DeploymentState>,
+}
+
+/// Runs one rollout (or rollback) of `expert` to `requested` through the three phases
+/// of the module doc. `Err` means it was refused before anything changed; `Ok` carries
+/// whether it committed or rolled back, which is also kept as the node's last rollout.
+pub async fn run(
+    ctx: &RolloutContext<'_>,
+    expert: &str,
+    requested: &str,
+    rollback: bool,
+) -> Result<RolloutRecord, RolloutError> {
+    let root = ctx
+        .places
+        .models
+        .clone()
+        .ok_or_else(|| RolloutError::NotInMesh(ctx.me.to_string()))?;
+    let store = ModelStore::open(root);
+    let current = lock(ctx.state).spec.clone().ok_or(RolloutError::NoSpec)?;
+    let members = ctx.membership.members();
+    let peers = peer_addresses(&members, ctx.me);
+    let spec_error = |e: &dyn std::fmt::Display| RolloutError::Spec(e.to_string());
+    let named = MeshSpec::stored_models(&current.text).map_err(|e| spec_error(&e))?;
+    ensure_local(&named, &store, &peers, ctx.key).await?;
+    let file = Path::new("mesh.toml");
+    let spec = MeshSpec::parse_with(&current.text, file, ctx.places).map_err(|e| spec_error(&e))?;
+    let serving = spec
+        .expert_spec(expert)
+        .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?
+        .clone();
+    let Some(from) = serving.stored.as_ref().map(|s| s.manifest.clone()) else {
+        return Err(RolloutError::NotStored {
+            expert: expert.to_string(),
+            serving: serving.model_name(),
+        });
+    };
+    let to = target_version(&store, expert, &from, requested, rollback)?;
+    ensure_local(std::slice::from_ref(&to), &store, &peers, ctx.key).await?;
+    let manifest = {
+        let (store, expert, to) = (store.clone(), expert.to_string(), to.clone());
+        let assets = Assets {
+            minilm: ctx.places.minilm.clone(),
+        };
+        tokio::task::spawn_blocking(move || check_fit(&store, &expert, &serving, &to, &assets))
+            .await
+            .map_err(|e| spec_error(&e))??
+    };
+    let text = MeshSpec::with_model(&current.text, expert, &to, &manifest.weights_sha256)
+        .map_err(|e| spec_error(&e))?
+        .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?;
+    // The edited spec must read as every node will read it (routes, shapes).
+    MeshSpec::parse_with(&text, file, ctx.places).map_err(|e| spec_error(&e))?;
+
+    let link_view = ctx.links.borrow().clone();
+    let nodes: Vec<(String, String)> = candidates(&members, &link_view, ctx.me, &spec)
+        .into_iter()
+        .filter(|c| c.name != ctx.me)
+        .filter_map(|c| members.get(&c.name).map(|m| (c.name, m.card.grpc.clone())))
+        .collect();
+    let (mut prepared, failed) = prepare(&nodes, &to, &store, ctx.key).await;
+    prepared.insert(0, ctx.me.to_string());
+    // A node that could not be reached was lost, not refusing: it copies the
+    // version from a peer when it returns.
+    let (lost, refused): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, e)| unreachable(e));
+    let mut record = RolloutRecord {
+        expert: expert.to_string(),
+        from: from.id(),
+        to: to.clone(),
+        spec_version: current.version,
+        outcome: RolloutOutcome::RolledBack,
+        prepared,
+        lost: lost.iter().map(|(name, _)| name.clone()).collect(),
+        detail: String::new(),
+    };
+    if !refused.is_empty() {
+        let reasons: Vec<String> = refused
+            .iter()
+            .map(|(name, e)| format!("{name}: {e}"))
+            .collect();
+        record.detail = format!(
+            "rolled back before any replica swapped: {}; every replica stays on {}",
+            reasons.join("; "),
+            record.from
+        );
+        tracing::warn!(expert, to = %to, detail = %record.detail, "rollout rolled back");
+        lock(ctx.state).rollout = Some(record.clone());
+        return Ok(record);
+    }
+
+    let mut state = lock(ctx.state);
+    let now = state.spec.as_ref().map_or(0, |s| s.version);
+    if now != current.version {
+        return Err(RolloutError::Raced {
+            from: current.version,
+            to: now,
+        });
+    }
+    let version = crate::deployment::gossiped_specs(&members)
+        .map(|s| s.version)
+        .chain([now])
+        .max()
+        .unwrap_or(0)
+        + 1;
+    state.spec = Some(StoredSpec {
+        version,
+        applied_at_us: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64),
+        text,
+    });
+    record.spec_version = version;
+    record.outcome = RolloutOutcome::Committed;
+    record.detail = if lost.is_empty() {
+        format!("every usable node holds {to}; replicas swap to it as they adopt spec {version}")
+    } else {
+        let reasons: Vec<String> = lost
+            .iter()
+            .map(|(name, e)| format!("{name}: {e}"))
+            .collect();
+        format!(
+            "resumed without node(s) lost while {to} was shipped ({}): they copy it from a peer when they return, and their replicas are re-placed on nodes serving it meanwhile",
+            reasons.join("; ")
+        )
+    };
+    tracing::info!(expert, from = %record.from, to = %to, version, "rollout committed");
+    state.rollout = Some(record.clone());
+    Ok(record)
+}
+
+/// Whether a failed upload means the node is gone (connection refused or reset,
+/// stream cut, no answer) rather than that it looked at the version and said no.
+fn unreachable(error: &TransferError) -> bool {
+    match error {
+        TransferError::Connect { .. } | TransferError::ShortStream { .. } => true,
+        TransferError::Refused { code, .. } => matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Aborted
+        ),
+        TransferError::HashMismatch { .. }
+        | TransferError::Invalid { .. }
+        | TransferError::Store { .. } => false,
+    }
+}
+
+fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentState> {
+    match state.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Whether a running expert can move from `old` to `new` by a hot swap rather than a
+/// restart: only the model differs (version, weights, threshold), and it takes the
+/// same window, so its routers and batching stay as they are.
+pub fn swappable(old: &ExpertSpec, new: &ExpertSpec) -> bool {
+    old != new
+        && old.name == new.name
+        && old.batching == new.batching
+        && old.intra_op_threads == new.intra_op_threads
+        && old.torchscript.is_none()
+        && new.torchscript.is_none()
+        && old.window_len() == new.window_len()
+}
+
+/// The peers a version may come from: every member but `me`, by gRPC address.
+pub fn peer_addresses(members: &BTreeMap<String, Member>, me: &str) -> Vec<(String, String)> {
+    members
+        .values()
+        .filter(|m| m.name != me)
+        .map(|m| (m.name.clone(), m.card.grpc.clone()))
+        .collect()
+}
+
+/// Copies each of `ids` that `store` lacks from the first of `peers` that has it.
+/// Returns the ids copied; an id no peer could give is an error naming what each said.
+pub async fn ensure_local(
+    ids: &[String],
+    store: &ModelStore,
+    peers: &[(String, String)],
+    key: &str,
+) -> Result<Vec<String>, RolloutError> {
+    let mut copied = Vec::new();
+    for id in ids {
+        match store.get(id) {
+            Ok(_) => continue,
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => {
+                return Err(RolloutError::Missing {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let mut reasons = Vec::new();
+        let mut found = false;
+        for (name, addr) in peers {
+            match download_version(addr, Some(key), id, store).await {
+                Ok(manifest) => {
+                    tracing::info!(model = %manifest.id(), from = %name, "copied a model version from a peer");
+                    copied.push(manifest.id());
+                    found = true;
+                    break;
+                }
+                Err(e) => reasons.push(format!("{name}: {e}")),
+            }
+        }
+        if !found {
+            return Err(RolloutError::Missing {
+                id: id.clone(),
+                reason: if reasons.is_empty() {
+                    "this node has no peers to ask".into()
+                } else {
+                    reasons.join("; ")
+                },
+            });
+        }
+    }
+    Ok(copied)
+}
+
+/// The stored version a rollout or rollback goes to. `requested` may be
+/// `name@version`, a version of the serving model's name, or (rollback only) empty:
+/// the serving version's parent of the same name, else the newest older one.
+pub fn target_version(
+    store: &ModelStore,
+    expert: &str,
+    current: &Manifest,
+    requested: &str,
+    rollback: bool,
+) -> Result<String, RolloutError> {
+    let id = match (requested.trim(), rollback) {
+        ("", false) => return Err(RolloutError::BadVersion(String::new())),
+        ("", true) => {
+            previous_version(store, current).ok_or_else(|| RolloutError::NothingBefore {
+                expert: expert.into(),
+                current: current.id(),
+            })?
+        }
+        (id, _) if id.contains('@') => id.to_string(),
+        (version, _) => format!("{}@{version}", current.name),
+    };
+    match fogmesh_models::store::parse_id(&id) {
+        (name, Some(version)) if !name.is_empty() && !version.is_empty() => {}
+        _ => return Err(RolloutError::BadVersion(id)),
+    }
+    if id == current.id() {
+        return Err(RolloutError::AlreadyServing {
+            expert: expert.into(),
+            id,
+        });
+    }
+    Ok(id)
+}
+
+/// The version before `current`: its first parent of the same name that is stored,
+/// else the newest stored version of that name created before it.
+fn previous_version(store: &ModelStore, current: &Manifest) -> Option<String> {
+    let same_name = |id: &String| fogmesh_models::store::parse_id(id).0 == current.name;
+    if let Some(parent) = current
+        .parents
+        .iter()
+        .filter(|p| same_name(p))
+        .find(|p| store.get(p).is_ok())
+    {
+        return Some(parent.clone());
+    }
+    let order = |m: &Manifest| (m.version.parse::<u64>().ok(), m.created_us);
+    store
+        .list()
+        .ok()?
+        .into_iter()
+        .filter(|m| m.name == current.name && order(m) < order(current))
+        .max_by_key(order)
+        .map(|m| m.id())
+}
+
+/// Step 1: the version's bytes, network and window are fit to replace `current`.
+pub fn check_fit(
+    store: &ModelStore,
+    expert: &str,
+    current: &ExpertSpec,
+    id: &str,
+    assets: &Assets,
+) -> Result<Manifest, RolloutError> {
+    let unfit = |reason: String| RolloutError::Unfit {
+        expert: expert.into(),
+        id: id.into(),
+        reason,
+    };
+    let manifest = store.get(id).map_err(|e| unfit(e.to_string()))?;
+    let weights = store.weights(&manifest).map_err(|e| unfit(e.to_string()))?;
+    let model = ServedModel::load(&manifest, &weights, assets, tch::Device::Cpu)
+        .map_err(|e| unfit(e.to_string()))?;
+    let window = model.architecture().window_len();
+    if window != current.window_len() {
+        return Err(unfit(format!(
+            "it takes windows of {window} values; the expert's routers send {}",
+            current.window_len()
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Step 2: uploads `id` to every node in `nodes` (name, address) at once. Returns the
+/// nodes that hold it and, per failing node, its error.
+pub async fn prepare(
+    nodes: &[(String, String)],
+    id: &str,
+    store: &ModelStore,
+    key: &str,
+) -> (Vec<String>, Vec<(String, TransferError)>) {
+    let uploads = nodes.iter().map(|(name, addr)| async move {
+        let outcome =
+            tokio::time::timeout(PREPARE_TIMEOUT, upload_version(addr, Some(key), id, store)).await;
+        let outcome = match outcome {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(TransferError::Connect {
+                addr: addr.clone(),
+                model: id.to_string(),
+                reason: format!("no answer within {PREPARE_TIMEOUT:?}"),
+            }),
+        };
+        (name.clone(), outcome)
+    });
+    let mut prepared = Vec::new();
+    let mut failed = Vec::new();
+    for (name, outcome) in futures::future::join_all(uploads).await {
+        match outcome {
+            Ok(()) => prepared.push(name),
+            Err(e) => failed.push((name, e)),
+        }
+    }
+    (prepared, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fogmesh_models::store::{InputSpec, ModelKind};
+
+    fn manifest(version: &str, parents: &[&str], created_us: i64) -> Manifest {
+        Manifest {
+            name: "ae".into(),
+            version: version.into(),
+            kind: ModelKind::TimeSeries,
+            architecture: "conv_autoencoder".into(),
+            hyper: serde_json::Value::Null,
+            input: InputSpec {
+                shape: vec![-1, 2, 16],
+                description: String::new(),
+            },
+            training: serde_json::Value::Null,
+            metrics: Default::default(),
+            parents: parents.iter().map(|p| p.to_string()).collect(),
+            weights_sha256: String::new(),
+            weights_bytes: 0,
+            created_us,
+        }
+    }
+
+    fn store_with(versions: &[Manifest]) -> (tempfile::TempDir, ModelStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path());
+        for (i, m) in versions.iter().enumerate() {
+            store.import(m.clone(), &[i as u8; 8]).unwrap();
+        }
+        (dir, store)
+    }
+
+    #[test]
+    fn rollback_goes_to_the_parent_else_the_newest_older_version() {
+        let (_dir, store) = store_with(&[
+            manifest("1", &[], 1),
+            manifest("2", &[], 2),
+            manifest("3", &["ae@1"], 3),
+        ]);
+        let v3 = store.get("ae@3").unwrap();
+        assert_eq!(target_version(&store, "x", &v3, "", true).unwrap(), "ae@1");
+        let v2 = store.get("ae@2").unwrap();
+        assert_eq!(target_version(&store, "x", &v2, "", true).unwrap(), "ae@1");
+        let v1 = store.get("ae@1").unwrap();
+        assert!(matches!(
+            target_version(&store, "x", &v1, "", true),
+            Err(RolloutError::NothingBefore { .. })
+        ));
+        assert_eq!(
+            target_version(&store, "x", &v1, "3", false).unwrap(),
+            "ae@3"
+        );
+        assert_eq!(
+            target_version(&store, "x", &v1, "other@9", false).unwrap(),
+            "other@9"
+        );
+        assert!(matches!(
+            target_version(&store, "x", &v1, "1", false),
+            Err(RolloutError::AlreadyServing { .. })
+        ));
+        assert!(matches!(
+            target_version(&store, "x", &v1, "", false),
+            Err(RolloutError::BadVersion(_))
+        ));
+    }
+}

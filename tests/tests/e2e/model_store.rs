@@ -1,0 +1,361 @@
+//! The `ModelStore` service of a node: versions uploaded from one store, listed,
+//! downloaded into another byte for byte (with their lineage), and every refusal:
+//! bytes that do not hash to the header's sha256, streams that end short or run over,
+//! unknown versions, a damaged blob on the serving node, a node without a store, and
+//! a mesh node's upload without the mesh's cluster key. The models span several
+//! chunks (an autoencoder of ~750 KB against [`CHUNK_BYTES`] of 256 KiB).
+
+use std::path::Path;
+
+use fogmesh_actors::Annunciator;
+use fogmesh_cluster::link::ClusterKey;
+use fogmesh_cluster::{
+    download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
+};
+use fogmesh_models::served::Architecture;
+use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+use fogmesh_proto::model_store_client::ModelStoreClient;
+use fogmesh_proto::{ListModelsRequest, ModelRef, WeightChunk, WeightHeader};
+use fogmesh_tests::{node_toml_with, TestNode};
+use tch::Device;
+use tonic::Code;
+
+const SECRET: &str = "model-store-test-secret";
+
+/// An autoencoder whose safetensors span three chunks, stored as `pump-ae@version`.
+fn store_autoencoder(
+    store: &ModelStore,
+    version: &str,
+    seed: i64,
+    parents: &[&str],
+) -> (Manifest, Vec<u8>) {
+    let config = AutoencoderConfig {
+        channels: 8,
+        window: 32,
+        hidden: 128,
+        bottleneck: 96,
+        kernel: 7,
+    };
+    let (weights, _) = ConvAutoencoder::new(config.clone(), Device::Cpu, seed)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    assert!(
+        weights.len() > 2 * CHUNK_BYTES,
+        "{} bytes must span several chunks",
+        weights.len()
+    );
+    let architecture = Architecture::ConvAutoencoder(config);
+    let (arch, hyper) = architecture.manifest_fields();
+    let [channels, length] = architecture.input_shape();
+    let manifest = Manifest {
+        name: "pump-ae".into(),
+        version: version.into(),
+        kind: architecture.kind(),
+        architecture: arch,
+        hyper,
+        input: InputSpec {
+            shape: vec![-1, channels, length],
+            description: String::new(),
+        },
+        training: serde_json::json!({"seed": seed}),
+        metrics: [("threshold".to_string(), 0.5)].into(),
+        parents: parents.iter().map(|p| p.to_string()).collect(),
+        weights_sha256: String::new(),
+        weights_bytes: 0,
+        created_us: 0,
+    };
+    let stored = store.import(manifest, &weights).unwrap();
+    (stored, weights)
+}
+
+/// The fixture node with a model store (`models/` beside its config) and `extra`
+/// appended to its config.
+async fn node_with_store(extra: &str) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    TestNode::start_config(
+        dir,
+        &node_toml_with("models = \"models\"", extra),
+        Annunciator::new(16),
+    )
+    .await
+}
+
+fn addr(node: &TestNode) -> String {
+    node.server.grpc_addr().to_string()
+}
+
+fn node_store(node: &TestNode) -> ModelStore {
+    ModelStore::open(node.dir.path().join("models"))
+}
+
+fn blob_count(root: &Path) -> usize {
+    std::fs::read_dir(root.join("blobs")).map_or(0, |d| d.count())
+}
+
+/// Uploads `chunks` as they are, bypassing the client's checks.
+async fn raw_upload(node: &TestNode, chunks: Vec<WeightChunk>) -> tonic::Status {
+    ModelStoreClient::connect(node.endpoint())
+        .await
+        .unwrap()
+        .upload(futures::stream::iter(chunks))
+        .await
+        .expect_err("the node refuses the upload")
+}
+
+/// The header of `manifest` and its weights split at `CHUNK_BYTES`.
+fn chunks_of(manifest: &Manifest, weights: &[u8]) -> Vec<WeightChunk> {
+    let header = WeightHeader {
+        model: manifest.id(),
+        sha256: manifest.weights_sha256.clone(),
+        total_bytes: manifest.weights_bytes,
+        manifest: serde_json::to_vec_pretty(manifest).unwrap(),
+    };
+    std::iter::once(WeightChunk {
+        header: Some(header),
+        data: Vec::new(),
+    })
+    .chain(weights.chunks(CHUNK_BYTES).map(|data| WeightChunk {
+        header: None,
+        data: data.to_vec(),
+    }))
+    .collect()
+}
+
+fn refused_code(error: &TransferError) -> Code {
+    match error {
+        TransferError::Refused { code, .. } => *code,
+        other => panic!("expected a refusal from the node, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
+    let node = node_with_store("").await;
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    let (v1, weights_v1) = store_autoencoder(&local, "1", 1, &[]);
+    let (v2, weights_v2) = store_autoencoder(&local, "2", 2, &["pump-ae@1"]);
+
+    // The child goes up; its parent, which the node lacks, goes first.
+    let sent = upload_version(&addr(&node), None, "pump-ae@2", &local)
+        .await
+        .unwrap();
+    assert_eq!(sent, v2);
+    let listed = list_versions(&addr(&node), None).await.unwrap();
+    assert_eq!(
+        listed,
+        [&v1, &v2]
+            .map(|m| ModelRef {
+                model: m.id(),
+                sha256: m.weights_sha256.clone(),
+                total_bytes: m.weights_bytes,
+            })
+            .to_vec()
+    );
+    // The same version again with the same bytes is accepted and changes nothing.
+    upload_version(&addr(&node), None, "pump-ae@2", &local)
+        .await
+        .unwrap();
+    assert_eq!(list_versions(&addr(&node), None).await.unwrap().len(), 2);
+
+    // A bare name comes down as the newest version, after its parent.
+    let third_dir = tempfile::tempdir().unwrap();
+    let third = ModelStore::open(third_dir.path());
+    let copied = download_version(&addr(&node), None, "pump-ae", &third)
+        .await
+        .unwrap();
+    assert_eq!(copied, v2);
+    assert_eq!(third.get("pump-ae@1").unwrap(), v1);
+    assert_eq!(
+        third.weights(&third.get("pump-ae@1").unwrap()).unwrap(),
+        weights_v1
+    );
+    assert_eq!(third.weights(&copied).unwrap(), weights_v2);
+    assert_eq!(
+        std::fs::read(third_dir.path().join("manifests/pump-ae/2.json")).unwrap(),
+        std::fs::read(local_dir.path().join("manifests/pump-ae/2.json")).unwrap(),
+        "the manifest arrives as the store wrote it"
+    );
+
+    // Other bytes under a stored version are refused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = ModelStore::open(other_dir.path());
+    store_autoencoder(&other, "1", 99, &[]);
+    let error = upload_version(&addr(&node), None, "pump-ae@1", &other)
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::AlreadyExists, "{error}");
+    assert!(error.to_string().contains("pump-ae@1"), "{error}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_whose_bytes_do_not_hash_to_its_header_stores_nothing() {
+    let node = node_with_store("").await;
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    let (manifest, mut weights) = store_autoencoder(&local, "1", 1, &[]);
+    let last = weights.len() - 1;
+    weights[last] ^= 0xff;
+    let actual = fogmesh_models::weights::sha256_hex(&weights);
+
+    let status = raw_upload(&node, chunks_of(&manifest, &weights)).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains("header.sha256")
+            && message.contains(&manifest.weights_sha256)
+            && message.contains(&actual),
+        "names the field and both hashes: {message}"
+    );
+    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
+    assert_eq!(blob_count(node_store(&node).root()), 0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
+    let node = node_with_store("").await;
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    let (manifest, weights) = store_autoencoder(&local, "1", 1, &[]);
+    let declared = weights.len();
+
+    let mut short = chunks_of(&manifest, &weights);
+    short.truncate(2);
+    let status = raw_upload(&node, short).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "{CHUNK_BYTES} bytes came where its header declares {declared}"
+        )) && status.message().contains("nothing was stored"),
+        "{}",
+        status.message()
+    );
+
+    let mut over = chunks_of(&manifest, &weights);
+    over.push(WeightChunk {
+        header: None,
+        data: vec![0; 10],
+    });
+    let status = raw_upload(&node, over).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "{} bytes came where its header declares {declared}",
+            declared + 10
+        )),
+        "{}",
+        status.message()
+    );
+
+    let no_header = raw_upload(
+        &node,
+        vec![WeightChunk {
+            header: None,
+            data: weights[..10].to_vec(),
+        }],
+    )
+    .await;
+    assert_eq!(no_header.code(), Code::InvalidArgument);
+    assert!(no_header.message().contains("header"), "{no_header:?}");
+
+    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
+    assert_eq!(blob_count(node_store(&node).root()), 0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_and_damaged_versions_are_not_served() {
+    let node = node_with_store("").await;
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = ModelStore::open(target_dir.path());
+
+    let error = download_version(&addr(&node), None, "pump-ae@7", &target)
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::NotFound, "{error}");
+    assert!(error.to_string().contains("pump-ae@7"), "{error}");
+
+    // A blob changed on the serving node after it was stored is refused, not sent.
+    let (stored, _) = store_autoencoder(&node_store(&node), "1", 1, &[]);
+    let blob = node_store(&node)
+        .root()
+        .join(format!("blobs/{}.safetensors", stored.weights_sha256));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let error = download_version(&addr(&node), None, "pump-ae@1", &target)
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::DataLoss, "{error}");
+    assert!(
+        error.to_string().contains(&stored.weights_sha256),
+        "{error}"
+    );
+    assert!(target.list().unwrap().is_empty());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_without_a_store_says_how_to_give_it_one() {
+    let node = TestNode::start("").await;
+    let error = list_versions(&addr(&node), None).await.unwrap_err();
+    assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("has no model store: set `models` in [node]"),
+        "{error}"
+    );
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    store_autoencoder(&local, "1", 1, &[]);
+    let error = upload_version(&addr(&node), None, "pump-ae@1", &local)
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
+    let error = download_version(&addr(&node), None, "pump-ae@1", &local)
+        .await
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_mesh_node_takes_uploads_only_with_the_mesh_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[node]\nname = \"store-mesh\"\nrole = \"fog\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n"
+    );
+    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    store_autoencoder(&local, "1", 1, &[]);
+
+    let wrong = ClusterKey::from_secret("another-mesh-secret");
+    for key in [None, Some(wrong.as_str())] {
+        let error = upload_version(&addr(&node), key, "pump-ae@1", &local)
+            .await
+            .unwrap_err();
+        assert_eq!(refused_code(&error), Code::PermissionDenied, "{error}");
+        assert!(error.to_string().contains("fogmesh-cluster-key"), "{error}");
+    }
+    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
+
+    let key = ClusterKey::from_secret(SECRET);
+    upload_version(&addr(&node), Some(key.as_str()), "pump-ae@1", &local)
+        .await
+        .unwrap();
+    let listed = ModelStoreClient::connect(node.endpoint())
+        .await
+        .unwrap()
+        .list(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.models.len(), 1);
+    node.stop().await;
+}

@@ -1,0 +1,334 @@
+//! Rolling a stored model version out across `fogmesh node` processes while windows
+//! flow, with a node `kill -9`ed mid-rollout; rolling back with `fogmesh rollback`;
+//! versions that do not fit refused before any replica swaps.
+//!
+//! Only the node the test talks to holds the versions at first: the others copy them
+//! through the `ModelStore` service, so this is also the test of shipping versions
+//! between nodes.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fogmesh_models::served::Architecture;
+use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+use fogmesh_proto::inference_client::InferenceClient;
+use fogmesh_proto::ingest_client::IngestClient;
+use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
+use fogmesh_tests::mesh::{fogmesh_binary, poll, MeshNode, NodeSettings};
+use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
+use tch::Device;
+
+const SECRET: &str = "rollout-test-secret";
+const LONG: Duration = Duration::from_secs(40);
+const WINDOWS: u64 = 500;
+
+fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> NodeSettings<'a> {
+    NodeSettings {
+        name,
+        role,
+        ip,
+        secret: SECRET,
+        seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
+        advertise: None,
+    }
+}
+
+/// Stores `ae@version` (an autoencoder over `window` samples, weights from `seed`).
+fn store_version(store: &ModelStore, version: &str, window: usize, seed: i64, parents: &[&str]) {
+    let config = AutoencoderConfig::w1(CHANNELS as i64, window as i64);
+    let (weights, _) = ConvAutoencoder::new(config.clone(), Device::Cpu, seed)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let architecture = Architecture::ConvAutoencoder(config);
+    let (arch, hyper) = architecture.manifest_fields();
+    let [channels, length] = architecture.input_shape();
+    let manifest = Manifest {
+        name: "ae".into(),
+        version: version.into(),
+        kind: architecture.kind(),
+        architecture: arch,
+        hyper,
+        input: InputSpec {
+            shape: vec![-1, channels, length],
+            description: String::new(),
+        },
+        training: serde_json::Value::Null,
+        metrics: [("threshold".to_string(), 1000.0)].into(),
+        parents: parents.iter().map(|p| p.to_string()).collect(),
+        weights_sha256: String::new(),
+        weights_bytes: 0,
+        created_us: version.parse().unwrap(),
+    };
+    store
+        .import(manifest, &weights)
+        .expect("the store takes it");
+}
+
+fn spec(model: &str) -> String {
+    format!(
+        r#"
+[[experts]]
+name = "ae"
+model = "{model}"
+replicas = 2
+
+[[routers]]
+name = "r1"
+policy = "static"
+routes = {{ s1 = ["ae"] }}
+
+[[sensors]]
+node = "edge-1"
+id = "s1"
+channels = {CHANNELS}
+window = {WINDOW}
+stride = {WINDOW}
+router = "r1"
+"#
+    )
+}
+
+/// Hosts of `ae` and the version each gossips, once every host reports one.
+fn replicas(mesh: &MeshStatus) -> Vec<(String, String)> {
+    let hosts = mesh
+        .placement
+        .iter()
+        .find(|p| p.expert == "ae")
+        .map(|p| p.nodes.clone())
+        .unwrap_or_default();
+    hosts
+        .into_iter()
+        .filter_map(|host| {
+            mesh.versions
+                .iter()
+                .find(|v| v.node == host && v.expert == "ae")
+                .map(|v| (host, v.model_version.clone()))
+        })
+        .collect()
+}
+
+/// Waits until both replicas of `ae`, on live nodes other than `not_on`, serve `version`.
+async fn all_serve(observer: &MeshNode, version: &str, not_on: Option<&str>) -> Vec<String> {
+    poll(
+        &format!("every replica of ae to serve {version}"),
+        LONG,
+        || async {
+            let replicas = replicas(&observer.mesh().await?);
+            (replicas.len() == 2
+                && replicas
+                    .iter()
+                    .all(|(host, v)| v == version && Some(host.as_str()) != not_on))
+            .then(|| replicas.into_iter().map(|(host, _)| host).collect())
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_back() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    // The versions live in edge-1's store only (its `[cluster] data` folder's `models`).
+    let store = ModelStore::open(dir.path().join("data-edge-1/models"));
+    store_version(&store, "1", WINDOW, 1, &[]);
+    store_version(&store, "2", WINDOW, 2, &["ae@1"]);
+    store_version(&store, "3", WINDOW * 2, 3, &[]);
+    store_version(&store, "4", WINDOW, 4, &[]);
+    let tampered = store.get("ae@4").unwrap();
+    let blob = dir.path().join(format!(
+        "data-edge-1/models/blobs/{}.safetensors",
+        tampered.weights_sha256
+    ));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.41", &[]));
+    let fog_a = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.42", &[&edge]));
+    let fog_b = MeshNode::start(dir.path(), node("fog-b", "fog", "127.0.0.43", &[&edge]));
+    for n in [&edge, &fog_a, &fog_b] {
+        poll("full membership", LONG, || async {
+            let mesh = n.mesh().await?;
+            (mesh.members.len() == 3
+                && mesh
+                    .members
+                    .iter()
+                    .all(|m| m.link == "ready" || m.link == "self"))
+            .then_some(())
+        })
+        .await;
+    }
+    edge.control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: spec("ae@1"),
+            dry_run: false,
+        })
+        .await
+        .expect("the spec naming ae@1 is applied");
+    let hosts = all_serve(&edge, "ae@1", None).await;
+
+    // Windows flow while the version changes; each scored window names its version.
+    poll("the sensor on the edge node", LONG, || async {
+        edge.status()
+            .await?
+            .sensors
+            .iter()
+            .any(|s| s.sensor_id == "s1")
+            .then_some(())
+    })
+    .await;
+    let mut watch = InferenceClient::connect(edge.url())
+        .await
+        .unwrap()
+        .watch_alerts(AlertFilter {
+            sensor_ids: vec!["s1".into()],
+            include_normal: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let collector = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(alert)) = watch.message().await {
+                let version = alert
+                    .experts
+                    .first()
+                    .map(|e| e.model_version.clone())
+                    .unwrap_or_default();
+                seen.lock().unwrap().push((alert.window_sequence, version));
+            }
+        })
+    };
+    let producer = {
+        let url = edge.url();
+        tokio::spawn(async move {
+            let mut ingest = IngestClient::connect(url).await.unwrap();
+            for w in 0..WINDOWS {
+                let first = w * WINDOW as u64;
+                let batch = SampleBatch {
+                    samples: samples("s1", first..first + WINDOW as u64, normal_values),
+                };
+                ingest.push(batch).await.expect("every batch is accepted");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let scored = || seen.lock().unwrap().len();
+    poll("windows scored on v1", LONG, || async {
+        (scored() >= 50).then_some(())
+    })
+    .await;
+
+    // Roll out ae@2 and kill -9 a fog node hosting a replica at the same moment.
+    let (mut victim, survivor) = if hosts.iter().any(|h| h == "fog-a") {
+        (fog_a, fog_b)
+    } else {
+        (fog_b, fog_a)
+    };
+    let mut control = edge.control().await;
+    let rollout = control.rollout(RolloutRequest {
+        expert: "ae".into(),
+        model: "2".into(),
+        rollback: false,
+    });
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        victim.kill();
+    };
+    let (reply, ()) = tokio::join!(rollout, kill);
+    let reply = reply.expect("the rollout is accepted").into_inner();
+    eprintln!("rollout with {} killed: {reply:?}", victim.name);
+    // Killed before or after its upload, the rollout goes on without it.
+    assert_eq!(reply.outcome, "committed", "{reply:?}");
+    assert_eq!((reply.from.as_str(), reply.to.as_str()), ("ae@1", "ae@2"));
+    let hosts = all_serve(&edge, "ae@2", Some(&victim.name)).await;
+    assert!(hosts.contains(&survivor.name) || hosts.contains(&edge.name));
+
+    producer.await.expect("the producer finished");
+    poll("every window scored", LONG, || async {
+        (scored() >= WINDOWS as usize).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    collector.abort();
+    let windows = seen.lock().unwrap().clone();
+    let sequences: BTreeSet<u64> = windows.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        windows.len(),
+        WINDOWS as usize,
+        "each window scored exactly once"
+    );
+    assert_eq!(sequences.len(), WINDOWS as usize, "none twice, none lost");
+    let versions: BTreeSet<&str> = windows.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(
+        versions,
+        BTreeSet::from(["ae@1", "ae@2"]),
+        "no other version scored"
+    );
+    assert!(
+        windows[windows.len() - 50..]
+            .iter()
+            .all(|(_, v)| v == "ae@2"),
+        "the last windows are scored by the new version"
+    );
+    let router = &edge.status().await.unwrap().routers[0];
+    assert_eq!(
+        (router.routed, router.failed),
+        (WINDOWS, 0),
+        "no request failed"
+    );
+
+    // The killed node returns and copies the version it missed from a peer.
+    victim.restart();
+    let copied = dir
+        .path()
+        .join(format!("data-{}/models/manifests/ae/2.json", victim.name));
+    poll("the returned node to hold ae@2", LONG, || async {
+        copied.is_file().then_some(())
+    })
+    .await;
+
+    // Versions that do not fit are refused before any replica swaps.
+    let spec_version = edge.mesh().await.unwrap().spec_version;
+    for (version, problem) in [("3", "windows of 64 values"), ("4", "tampered")] {
+        let refused = control
+            .rollout(RolloutRequest {
+                expert: "ae".into(),
+                model: version.into(),
+                rollback: false,
+            })
+            .await
+            .expect_err("a version that does not fit");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains(problem), "{}", refused.message());
+    }
+    assert_eq!(edge.mesh().await.unwrap().spec_version, spec_version);
+
+    // `fogmesh rollback`: back to the parent of ae@2 on every replica.
+    let output = std::process::Command::new(fogmesh_binary())
+        .args(["rollback", "--node", &edge.url(), "ae"])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("from ae@2 to ae@1: committed"), "{stdout}");
+    all_serve(&edge, "ae@1", None).await;
+    let mesh = edge.mesh().await.unwrap();
+    let last = mesh.last_rollout.expect("the last rollout is kept");
+    assert_eq!(
+        (last.to.as_str(), last.outcome.as_str()),
+        ("ae@1", "committed")
+    );
+    drop(survivor);
+}
