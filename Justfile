@@ -76,6 +76,7 @@ test *ARGS: setup setup-broker
 eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval skab --data "{{ skab }}"
     cargo run --release -p fogmesh -- eval tep --data data/tep
+    cargo run --release -p fogmesh -- eval continual --data data/tep
     cargo run --release -p fogmesh -- eval elpv
     cargo run --release -p fogmesh -- eval notes
     cargo run --release -p fogmesh -- eval multimodal

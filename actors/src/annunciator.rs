@@ -44,6 +44,9 @@ pub struct ScoredWindow {
     /// `score >= 1`: the window raises an alert.
     pub anomalous: bool,
     pub experts: Vec<ExpertOpinion>,
+    /// The window the experts scored (normalised, channel-major), shared with the
+    /// router's copy: learners downstream need the values, not only the verdict.
+    pub values: Arc<[f32]>,
 }
 
 /// Fan-out of scored windows to subscribers. Cheap to clone.

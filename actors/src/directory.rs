@@ -4,7 +4,8 @@
 //! Routers resolve experts and streams resolve routers through it at send time, so
 //! when the [`crate::NodeAgent`] restarts an actor it only replaces one entry and every
 //! sender reaches the new one from the next message on. The gRPC services look up
-//! sensor streams and routers here too.
+//! sensor streams and routers here too. Continual learners are listed here as well, so
+//! `status` reads their state without a message.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use dashmap::DashMap;
 use ractor::{ActorRef, RpcReplyPort};
 
+use crate::continual_learner::{ContinualLearnerMsg, ContinualLearnerShared};
 use crate::error::ScoreError;
 use crate::expert::{ExpertMsg, ExpertShared, ExpertVerdict, InferRequest};
 use crate::router::{RouterMsg, RouterShared};
@@ -55,12 +57,20 @@ impl ExpertHandle {
     }
 }
 
-/// Name → running actor, for the three kinds of actor a node hosts.
+#[derive(Clone)]
+pub struct LearnerHandle {
+    pub actor: ActorRef<ContinualLearnerMsg>,
+    pub shared: Arc<ContinualLearnerShared>,
+}
+
+/// Name → running actor, for the kinds of actor a node hosts (learners by the name of
+/// their expert).
 #[derive(Default)]
 pub struct NodeDirectory {
     pub sensors: DashMap<String, SensorHandle>,
     pub routers: DashMap<String, RouterHandle>,
     pub experts: DashMap<String, ExpertHandle>,
+    pub learners: DashMap<String, LearnerHandle>,
 }
 
 impl NodeDirectory {
@@ -74,5 +84,10 @@ impl NodeDirectory {
 
     pub fn expert(&self, name: &str) -> Option<ExpertHandle> {
         self.experts.get(name).map(|h| h.clone())
+    }
+
+    /// The learner of expert `expert`.
+    pub fn learner(&self, expert: &str) -> Option<LearnerHandle> {
+        self.learners.get(expert).map(|h| h.clone())
     }
 }

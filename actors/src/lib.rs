@@ -7,13 +7,18 @@
 //! [`Window`] goes to the stream's [`Router`], which picks experts (static table or
 //! learned gate), sends the window to each [`Expert`] and combines their verdicts into
 //! a [`ScoredWindow`] for the [`Annunciator`]. The [`NodeAgent`] starts and supervises
-//! all of them. See ARCHITECTURE.md for the invariants.
+//! all of them. A [`ContinualLearner`] per learning expert watches its scored windows
+//! for drift and fine-tunes, validates and promotes new versions. A [`Merger`] merges
+//! stored versions into a new one, through the same validation gate when asked. See
+//! ARCHITECTURE.md for the invariants.
 
 pub mod annunciator;
+pub mod continual_learner;
 pub mod directory;
 pub mod error;
 pub mod expert;
 pub mod expert_endpoint;
+pub mod merger;
 pub mod node_agent;
 pub mod normalisation;
 pub mod quality;
@@ -25,12 +30,20 @@ pub mod telemetry;
 pub mod windowing;
 
 pub use annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
+pub use continual_learner::{
+    ContinualLearner, ContinualLearnerMsg, LearnerError, LearnerSnapshot, LearningSpec,
+    LocalPromoter, Promoter, RoundReport, RunningLearner,
+};
 pub use directory::NodeDirectory;
 pub use error::{IngestError, ScoreError, SpecError};
 pub use expert::{
     BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, StoredModel,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
+pub use merger::{
+    MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,
+    Validation,
+};
 pub use node_agent::{Node, NodeAgent, NodeSnapshot, NodeSpec, ReconcileReport, RestartPolicy};
 pub use normalisation::{NormalisationSpec, Normaliser, RunningStats};
 pub use quality::{QualityFlag, QualityFlags, QualityRules};

@@ -576,6 +576,7 @@ async fn gather(
         score,
         anomalous: score >= 1.0,
         experts,
+        values: window.values.clone(),
     })
 }
 

@@ -32,3 +32,21 @@ pub const ROUTER_RETRIES: &str = "fogmesh_router_retries_total";
 pub const ROUTER_REMOTE: &str = "fogmesh_router_remote_windows_total";
 /// Repeated requests an expert endpoint answered from its cache (label `expert`).
 pub const ENDPOINT_DUPLICATES: &str = "fogmesh_endpoint_duplicates_total";
+/// Windows a continual learner took in (label `expert`).
+pub const LEARNER_WINDOWS: &str = "fogmesh_learner_windows_total";
+/// Windows a continual learner missed because it fell behind (label `expert`).
+pub const LEARNER_SKIPPED: &str = "fogmesh_learner_skipped_windows_total";
+/// Drifts a continual learner detected (labels `expert`, `detector`).
+pub const LEARNER_DRIFTS: &str = "fogmesh_learner_drifts_total";
+/// Learning rounds that ended (labels `expert`, `outcome` = `promoted` | `refused` | `failed`).
+pub const LEARNER_ROUNDS: &str = "fogmesh_learner_rounds_total";
+/// Old-regime windows in a learner's replay reservoir (label `expert`).
+pub const LEARNER_RESERVOIR: &str = "fogmesh_learner_reservoir_windows";
+/// Recent (new-regime) windows a learner holds (label `expert`).
+pub const LEARNER_NEW_WINDOWS: &str = "fogmesh_learner_new_windows";
+/// Seconds of fine-tuning per round (label `expert`).
+pub const LEARNER_FINE_TUNE_SECONDS: &str = "fogmesh_learner_fine_tune_seconds";
+/// Seconds from a drift to the promotion that answered it (label `expert`).
+pub const LEARNER_DRIFT_TO_PROMOTION: &str = "fogmesh_learner_drift_to_promotion_seconds";
+/// Learners that stopped on their own (label `expert`).
+pub const LEARNER_STOPPED: &str = "fogmesh_learner_stopped_total";

@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use fogmesh_actors::replay::{ReplayPlan, ReplayStream};
 use fogmesh_actors::{
-    BatchingSpec, ExpertSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
-    SpecError, StoredModel,
+    BatchingSpec, ExpertSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy,
+    SensorStreamSpec, SpecError, StoredModel,
 };
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::{AutoencoderConfig, ModelError, Recording, SoftmaxGate};
@@ -199,6 +199,11 @@ pub struct ExpertConfig {
     /// not apply.
     #[serde(default)]
     pub torchscript: Option<PathBuf>,
+    /// `[experts.learning]`: a continual learner that fine-tunes this expert's stored
+    /// model when the plant drifts and promotes versions its gate accepts (stored
+    /// models only, `model = "name@version"`). Absent: the version never changes.
+    #[serde(default)]
+    pub learning: Option<LearningSpec>,
 }
 
 fn default_hidden() -> i64 {
@@ -498,6 +503,25 @@ impl NodeConfig {
                     "pins the hash of `weights`, which is not set",
                 ));
             }
+            if let Some(learning) = &expert.learning {
+                if expert.model.is_none() {
+                    return Err(self.invalid(
+                        format!("experts[{i}].learning"),
+                        "(a table)",
+                        format!(
+                            "expert `{}` does not serve a stored model: only experts with `model = \"name@version\"` can learn",
+                            expert.name
+                        ),
+                    ));
+                }
+                learning.validate().map_err(|e| {
+                    self.invalid(
+                        format!("experts[{i}].learning.{}", e.field),
+                        e.value,
+                        format!("expert `{}`: {}", expert.name, e.reason),
+                    )
+                })?;
+            }
         }
         if let Some(cluster) = &self.cluster {
             if cluster.secret.chars().count() < MIN_SECRET_LEN {
@@ -607,7 +631,21 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// `path` as written in the config, resolved against the config file's folder.
+    /// The node's model store (`[node] models`), when it has one.
+    pub fn model_store(&self) -> Option<ModelStore> {
+        self.node
+            .models
+            .as_deref()
+            .map(|p| ModelStore::open(self.resolve(p)))
+    }
+
+    /// The experts that learn, by name, with their `[experts.learning]`.
+    pub fn learners(&self) -> impl Iterator<Item = (&str, &LearningSpec)> {
+        self.experts
+            .iter()
+            .filter_map(|e| Some((e.name.as_str(), e.learning.as_ref()?)))
+    }
+
     /// The node's model store folder: `[node] models`, or for a node in a mesh
     /// `models` inside `[cluster] data` (versions rolled out across the mesh land there).
     pub fn model_store_root(&self) -> Option<PathBuf> {
@@ -626,6 +664,7 @@ impl NodeConfig {
         }
     }
 
+    /// `path` as written in the config, resolved against the config file's folder.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         match self.file.parent() {
             Some(folder) if path.is_relative() => folder.join(path),
@@ -934,4 +973,91 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "[node]\nname = \"edge-1\"\nrole = \"edge\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n";
+
+    fn parse(experts: &str) -> Result<NodeConfig, ConfigError> {
+        NodeConfig::parse(&format!("{NODE}\n{experts}"), Path::new("node.toml"))
+    }
+
+    #[test]
+    fn learning_takes_its_defaults_and_the_readme_example() {
+        let config = parse(
+            "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nmin_new_windows = 64\n\n[experts.learning.gate]\nmin_gain = 0.2\n",
+        )
+        .unwrap();
+        let (name, learning) = config.learners().next().expect("one learner");
+        assert_eq!(name, "pump-ae");
+        assert_eq!(learning.min_new_windows, 64);
+        assert_eq!(learning.gate.min_gain, 0.2);
+        let defaults = LearningSpec::default();
+        assert_eq!(learning.reservoir, defaults.reservoir);
+        assert_eq!(learning.gate.max_forgetting, defaults.gate.max_forgetting);
+        assert_eq!(learning.fine_tune.epochs, defaults.fine_tune.epochs);
+
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("### Continual learning")
+            .nth(1)
+            .and_then(|section| section.split("```toml\n").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README documents [experts.learning]");
+        let documented = parse(example).expect("the README's learning example parses");
+        let (_, documented) = documented.learners().next().expect("one learner");
+        assert_eq!(
+            documented,
+            &LearningSpec::default(),
+            "the README shows the defaults"
+        );
+    }
+
+    #[test]
+    fn learning_is_refused_naming_the_expert_the_field_the_value_and_the_limit() {
+        let cases = [
+            (
+                "[[experts]]\nname = \"press-ae\"\nmodel_version = \"v1\"\n\n[experts.learning]\n",
+                vec!["experts[0].learning", "press-ae", "model = \"name@version\""],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nholdout = 1.5\n",
+                vec!["experts[0].learning.holdout", "1.5", "(0, 1)", "pump-ae"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nmin_new_windows = 100\nmax_new_windows = 50\n",
+                vec!["experts[0].learning.max_new_windows", "50", "min_new_windows (100)"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning.fine_tune]\nepochs = 0\n",
+                vec!["experts[0].learning.fine_tune.epochs", "= 0", "at least 1"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning.gate]\nmin_gain = 1.0\n",
+                vec!["experts[0].learning.gate.min_gain", "= 1", "[0, 1)"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning.drift]\nks_size = 5\n",
+                vec!["experts[0].learning.drift.ks_size", "= 5", "at least 20"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nevery_s = 0.5\n",
+                vec!["experts[0].learning.every_s", "0.5", "at least 1 second"],
+            ),
+            (
+                "[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nreservior = 10\n",
+                vec!["unknown field `reservior`"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let error = parse(text).expect_err(text).to_string();
+            assert!(error.starts_with("node.toml"), "{error}");
+            for needle in needles {
+                assert!(error.contains(needle), "{text}: lacks {needle:?}: {error}");
+            }
+        }
+    }
 }

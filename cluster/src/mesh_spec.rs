@@ -134,6 +134,15 @@ impl MeshSpec {
         let raw: RawMesh = toml::from_str(text).map_err(syntax)?;
         let mut experts = Vec::new();
         for (i, mut table) in raw.experts.into_iter().enumerate() {
+            // A learner watches one node's windows and promotes on that node; a mesh
+            // expert's replicas move between nodes, so learning stays a node's own.
+            if table.contains_key("learning") {
+                return Err(invalid(
+                    format!("experts[{i}].learning"),
+                    "(table)".into(),
+                    "continual learning runs on an expert of a node's own node.toml, not on a mesh expert: promote its versions across the mesh with `fogmesh rollout`".into(),
+                ));
+            }
             let replicas = match table.remove("replicas") {
                 None => 1,
                 Some(toml::Value::Integer(n)) if n >= 1 => n as usize,
@@ -463,6 +472,17 @@ router = "r1"
             let error = parse(&broken).expect_err(needle);
             assert!(error.contains(needle), "`{needle}` not in: {error}");
         }
+    }
+
+    #[test]
+    fn a_mesh_expert_with_learning_is_refused_naming_the_field() {
+        let text = GOOD.replace(
+            "replicas = 2",
+            "replicas = 2\nlearning = { reservoir = 64 }",
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("experts[0].learning"), "{error}");
+        assert!(error.contains("fogmesh rollout"), "{error}");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! 2. Install the Prometheus recorder: the actors bind their counters when they start.
 //! 3. Bind the gRPC and metrics sockets: a port in use is refused before the actors
 //!    start.
-//! 4. Start the node's actors ([`Node::start`] returns once all run).
+//! 4. Start the node's actors ([`Node::start`] returns once all run), then one
+//!    continual learner per expert with `[experts.learning]` (after the experts it
+//!    watches; a learner that does not start stops the node again).
 //! 5. Serve gRPC and metrics, start one task per MQTT broker and per replay.
 //!
 //! Stop ([`RunningNodeServer::shutdown`]), in order:
@@ -18,16 +20,23 @@
 //!    hand.
 //! 2. Wait for the gRPC server to finish the calls in flight, then for the MQTT and
 //!    replay tasks (each bounded by [`DRAIN_TIMEOUT`], after which it is aborted).
-//! 3. Stop the node's actors. Every source has stopped pushing by now, so no producer
-//!    sees a half-stopped node, and every acknowledged batch was accepted before its
-//!    acknowledgement left.
+//! 3. Stop the continual learners (a round in flight is abandoned, the serving
+//!    version stays), then the node's actors. Every source has stopped pushing by now,
+//!    so no producer sees a half-stopped node, and every acknowledged batch was
+//!    accepted before its acknowledgement left.
+//!
+//! Learners are not restarted: one that stops on its own is logged and shows as
+//! `stopped` in `status` while its expert keeps serving (see
+//! [`fogmesh_actors::continual_learner`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use fogmesh_actors::replay::replay;
-use fogmesh_actors::{Annunciator, Node, SpecError};
+use fogmesh_actors::{
+    Annunciator, ContinualLearner, LearnerError, LocalPromoter, Node, RunningLearner, SpecError,
+};
 use fogmesh_models::store::ModelStore;
 use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
@@ -76,6 +85,12 @@ pub enum ServeError {
         #[source]
         source: Box<SpecError>,
     },
+    #[error("node `{node}` did not start: {source}")]
+    Learner {
+        node: String,
+        #[source]
+        source: Box<LearnerError>,
+    },
     #[error("the gRPC server on {addr} failed: {source}")]
     Grpc {
         addr: SocketAddr,
@@ -99,6 +114,7 @@ pub struct RunningNodeServer {
     mesh: Option<Mesh>,
     node: Node,
     node_join: Option<JoinHandle<()>>,
+    learners: Vec<RunningLearner>,
     grpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     trigger: ShutdownTrigger,
@@ -130,6 +146,13 @@ impl NodeServer {
             Some(addr) => Some(bind("metrics", addr).await?),
             None => None,
         };
+        let learning: Vec<_> = config
+            .learners()
+            .filter_map(|(name, learning)| {
+                let expert = spec.experts.iter().find(|e| e.name == name)?;
+                Some((expert.clone(), learning.clone()))
+            })
+            .collect();
         let (node, node_join) =
             Node::start(spec, annunciator)
                 .await
@@ -137,6 +160,16 @@ impl NodeServer {
                     node: config.node.name.clone(),
                     source: Box::new(source),
                 })?;
+        let learners = match start_learners(&config, &node, learning).await {
+            Ok(learners) => learners,
+            Err(source) => {
+                node.shutdown(node_join).await;
+                return Err(ServeError::Learner {
+                    node: config.node.name.clone(),
+                    source: Box::new(source),
+                });
+            }
+        };
 
         // 5. Join the mesh, then serve.
         let (trigger, shutdown) = shutdown::channel();
@@ -241,6 +274,7 @@ impl NodeServer {
             mesh,
             node,
             node_join: Some(node_join),
+            learners,
             grpc_addr,
             metrics_addr,
             trigger,
@@ -249,6 +283,47 @@ impl NodeServer {
             metrics_http,
         })
     }
+}
+
+/// Starts a learner for each `(expert, learning)`, promoting on this node; on the
+/// first that does not start, stops those already started.
+async fn start_learners(
+    config: &NodeConfig,
+    node: &Node,
+    learning: Vec<(fogmesh_actors::ExpertSpec, fogmesh_actors::LearningSpec)>,
+) -> Result<Vec<RunningLearner>, LearnerError> {
+    let mut learners = Vec::new();
+    if learning.is_empty() {
+        return Ok(learners);
+    }
+    // The config refuses learning for experts without a stored model, and stored
+    // models without a store; this only guards a config built by hand.
+    let Some(store) = config.model_store() else {
+        return Err(LearnerError::NotStored {
+            expert: learning[0].0.name.clone(),
+        });
+    };
+    let promoter = std::sync::Arc::new(LocalPromoter::new(
+        node.clone(),
+        store.clone(),
+        learning.iter().map(|(expert, _)| expert.clone()),
+    ));
+    for (expert, spec) in learning {
+        let name = expert.name.clone();
+        match ContinualLearner::start(node, expert, spec, store.clone(), promoter.clone()).await {
+            Ok(learner) => {
+                tracing::info!(expert = %name, "continual learner started");
+                learners.push(learner);
+            }
+            Err(e) => {
+                for learner in learners {
+                    learner.shutdown().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(learners)
 }
 
 /// The accepted connections with Nagle's algorithm off: small replies (acks, verdicts,
@@ -355,6 +430,9 @@ impl RunningNodeServer {
         if let Some(mesh) = self.mesh.take() {
             mesh.shutdown().await;
         }
+        for learner in self.learners.drain(..) {
+            learner.shutdown().await;
+        }
         match self.node_join.take() {
             Some(join) => self.node.shutdown(join).await,
             None if outcome.is_ok() => {
@@ -388,6 +466,9 @@ impl Drop for RunningNodeServer {
     /// tasks and the actors rather than leak them; nothing waits for them.
     fn drop(&mut self) {
         self.trigger.fire();
+        for learner in &self.learners {
+            learner.stop();
+        }
         if self.node_join.is_some() {
             self.node.agent.stop(Some("node server dropped".into()));
         }
@@ -428,5 +509,52 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_expert_with_learning_gets_a_learner_that_stops_with_the_node() {
+        use fogmesh_actors::continual_learner::Phase;
+        use fogmesh_models::served::Architecture;
+        use fogmesh_models::store::{InputSpec, Manifest, ModelKind, ModelStore};
+        use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = AutoencoderConfig::w1(2, 8);
+        let model = ConvAutoencoder::new(config.clone(), tch::Device::Cpu, 1).unwrap();
+        let (weights, _) = model.to_safetensors().unwrap();
+        let (architecture, hyper) = Architecture::ConvAutoencoder(config).manifest_fields();
+        ModelStore::open(dir.path().join("models"))
+            .import(
+                Manifest {
+                    name: "pump-ae".into(),
+                    version: "v1".into(),
+                    kind: ModelKind::TimeSeries,
+                    architecture,
+                    hyper,
+                    input: InputSpec {
+                        shape: vec![-1, 2, 8],
+                        description: String::new(),
+                    },
+                    training: serde_json::Value::Null,
+                    metrics: [("threshold".to_string(), 0.5)].into(),
+                    parents: Vec::new(),
+                    weights_sha256: String::new(),
+                    weights_bytes: 0,
+                    created_us: 0,
+                },
+                &weights,
+            )
+            .unwrap();
+        let text = "[node]\nname = \"edge-1\"\nrole = \"edge\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nmin_new_windows = 16\n\n[[experts]]\nname = \"plain-ae\"\nmodel = \"pump-ae@v1\"\n";
+        let config = NodeConfig::parse(text, &dir.path().join("node.toml")).unwrap();
+        let server = NodeServer::start(config).await.expect("the node starts");
+        let directory = server.node().directory.clone();
+        assert_eq!(directory.learners.len(), 1, "only the expert that learns");
+        let learner = directory.learner("pump-ae").expect("a learner");
+        let snapshot = learner.shared.snapshot();
+        assert_eq!(snapshot.phase, Phase::Watching);
+        assert_eq!(snapshot.serving_version, "pump-ae@v1");
+        server.shutdown().await.expect("an orderly stop");
+        assert_eq!(learner.shared.phase(), Phase::Stopped);
     }
 }

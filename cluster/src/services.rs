@@ -15,7 +15,7 @@
 //!   `fogmesh_alert_watch_skipped_total`); the annunciator never waits for it, so a slow
 //!   client cannot slow the routers down.
 //! - `Control.GetStatus`: the node's snapshot, read without messaging any actor, with
-//!   its capabilities (probed at start) and current load.
+//!   its capabilities (probed at start), current load and continual learners.
 //! - `Control.Apply`: a mesh spec, parsed, checked and placed on the usable nodes before
 //!   it is stored (the deployment loop then spreads it); `Control.GetMesh`: the members,
 //!   links, placement, each replica's model version and the last rollout as this node
@@ -38,9 +38,9 @@ use fogmesh_proto::ingest_server::Ingest;
 use fogmesh_proto::telemetry_server::Telemetry;
 use fogmesh_proto::{
     Alert, AlertFilter, ApplyReply, ApplyRequest, ExpertPlacement, ExpertScore, ExpertStatus,
-    GpuInfo, IngestAck, MemberStatus, MeshRequest, MeshStatus, MetricsRequest, MetricsText,
-    NodeCapabilities, NodeLoad, NodeStatus, ReplicaVersion, RolloutReply, RolloutRequest,
-    RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
+    GpuInfo, IngestAck, LearnerGate, LearnerStatus, MemberStatus, MeshRequest, MeshStatus,
+    MetricsRequest, MetricsText, NodeCapabilities, NodeLoad, NodeStatus, ReplicaVersion,
+    RolloutReply, RolloutRequest, RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
     SensorStreamStatus, StatusRequest,
 };
 use futures::{Stream, StreamExt};
@@ -603,8 +603,48 @@ impl Control for NodeServices {
                     mean_batch_size: x.mean_batch_size,
                 })
                 .collect(),
+            learners: learner_statuses(&self.inner.node),
         }))
     }
+}
+
+/// Every continual learner of the node, by expert, read from their shared state.
+fn learner_statuses(node: &Node) -> Vec<LearnerStatus> {
+    let mut learners: Vec<LearnerStatus> = node
+        .directory
+        .learners
+        .iter()
+        .map(|entry| {
+            let l = entry.value().shared.snapshot();
+            LearnerStatus {
+                expert: l.expert,
+                phase: l.phase.as_str().to_string(),
+                serving_version: l.serving_version,
+                windows_seen: l.windows_seen,
+                windows_skipped: l.windows_skipped,
+                reservoir_windows: l.reservoir,
+                new_windows: l.new_windows,
+                drifts: l.drifts,
+                rounds: l.rounds,
+                promotions: l.promotions,
+                refusals: l.refusals,
+                failures: l.failures,
+                last_drift: l.last_drift.map(|d| d.summary()).unwrap_or_default(),
+                last_gate: l.last_round.map(|r| LearnerGate {
+                    old_before: r.gate.old_before,
+                    old_after: r.gate.old_after,
+                    new_before: r.gate.new_before,
+                    new_after: r.gate.new_after,
+                    promote: r.gate.promote,
+                    reason: r.gate.reason,
+                }),
+                drift_to_promotion_s: l.last_drift_to_promotion_s,
+                last_error: l.last_error.unwrap_or_default(),
+            }
+        })
+        .collect();
+    learners.sort_by(|a, b| a.expert.cmp(&b.expert));
+    learners
 }
 
 #[tonic::async_trait]

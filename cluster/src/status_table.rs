@@ -1,7 +1,8 @@
 //! `fogmesh status`: a node's `Control.GetStatus` answer as the tables an operator
 //! reads: the node (role, address, cores, GPUs, load, up since), then its experts
-//! (model, version, device, queue, windows scored, mean batch), routers and sensor
-//! streams.
+//! (model, version, device, queue, windows scored, mean batch), their continual
+//! learners (phase, serving version, rounds, promotions and refusals, the last gate and
+//! drift), routers and sensor streams.
 //!
 //! Rendering is a pure function of the answer so it can be tested without a node.
 
@@ -162,6 +163,50 @@ pub fn render(
             );
         }
     }
+    if !status.learners.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<12} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10} {:>8}",
+            "LEARNER",
+            "PHASE",
+            "SERVING",
+            "ROUNDS",
+            "PROMOTED",
+            "REFUSED",
+            "FAILED",
+            "DRIFTS",
+            "RESERVOIR",
+            "NEW"
+        );
+        for l in &status.learners {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<12} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10} {:>8}",
+                l.expert,
+                l.phase,
+                l.serving_version,
+                l.rounds,
+                l.promotions,
+                l.refusals,
+                l.failures,
+                l.drifts,
+                l.reservoir_windows,
+                l.new_windows
+            );
+            if !l.last_drift.is_empty() {
+                let _ = writeln!(out, "  last drift: {}", l.last_drift);
+            }
+            if let Some(gate) = &l.last_gate {
+                let _ = writeln!(out, "  last gate:  {}", gate.reason);
+            }
+            if let Some(seconds) = l.drift_to_promotion_s {
+                let _ = writeln!(out, "  drift to promotion: {seconds:.1} s");
+            }
+            if !l.last_error.is_empty() {
+                let _ = writeln!(out, "  last error: {}", l.last_error);
+            }
+        }
+    }
     if !status.routers.is_empty() {
         let _ = writeln!(
             out,
@@ -221,8 +266,8 @@ fn uptime(micros: i64) -> String {
 mod tests {
     use super::*;
     use fogmesh_proto::{
-        ExpertPlacement, ExpertStatus, GpuInfo, MemberStatus, NodeCapabilities, NodeLoad,
-        ReplicaVersion,
+        ExpertPlacement, ExpertStatus, GpuInfo, LearnerGate, LearnerStatus, MemberStatus,
+        NodeCapabilities, NodeLoad, ReplicaVersion,
     };
 
     #[test]
@@ -285,6 +330,56 @@ mod tests {
             assert!(expert.contains(part), "expert line lacks {part:?}: {text}");
         }
         assert!(!text.contains("ROUTER"), "no empty tables: {text}");
+        assert!(!text.contains("LEARNER"), "no empty tables: {text}");
+    }
+
+    #[test]
+    fn a_learner_shows_its_phase_outcomes_and_last_gate() {
+        let status = NodeStatus {
+            node: "fog-1".into(),
+            learners: vec![LearnerStatus {
+                expert: "pump-ae".into(),
+                phase: "collecting".into(),
+                serving_version: "pump-ae@v2".into(),
+                windows_seen: 5000,
+                windows_skipped: 0,
+                reservoir_windows: 512,
+                new_windows: 130,
+                drifts: 2,
+                rounds: 3,
+                promotions: 1,
+                refusals: 1,
+                failures: 1,
+                last_drift: "score (page_hinkley) -0.7000 -> 3.2000, statistic 21.0000 > 20.0000 at pump-1#412".into(),
+                last_gate: Some(LearnerGate {
+                    old_before: 0.0099,
+                    old_after: 0.0300,
+                    new_before: 0.49,
+                    new_after: 0.01,
+                    promote: false,
+                    reason: "keep the incumbent: too much forgetting of the old regime: ...".into(),
+                }),
+                drift_to_promotion_s: Some(42.0),
+                last_error: "expert `pump-ae`: fine-tuning pump-ae@v2 failed: out of memory".into(),
+            }],
+            ..Default::default()
+        };
+        let text = render(&status, "10.0.0.7:7700", 0, None);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("pump-ae"))
+            .expect("a learner line");
+        for part in ["collecting", "pump-ae@v2", " 3 ", " 1 ", " 512 ", " 130"] {
+            assert!(line.contains(part), "learner line lacks {part:?}: {text}");
+        }
+        for part in [
+            "last drift: score (page_hinkley)",
+            "last gate:  keep the incumbent: too much forgetting",
+            "drift to promotion: 42.0 s",
+            "last error: expert `pump-ae`: fine-tuning",
+        ] {
+            assert!(text.contains(part), "status lacks {part:?}: {text}");
+        }
     }
 
     #[test]

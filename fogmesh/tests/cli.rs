@@ -477,3 +477,102 @@ fn models_push_ls_and_pull_move_a_version_through_a_node() {
         "{err}"
     );
 }
+
+#[test]
+fn merge_averages_two_trained_versions_into_a_third_that_names_both_parents() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let fogmesh = |args: &[&str]| {
+        let output = Command::new(BINARY)
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .current_dir(repo)
+            .env_remove("LD_LIBRARY_PATH")
+            .output()
+            .expect("the fogmesh binary runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Two replicas of one network: same data and sizes, other seeds.
+    for seed in ["1", "2"] {
+        let (ok, _, err) = fogmesh(&[
+            "train",
+            "--model",
+            "classifier",
+            "--data",
+            "data/tep",
+            "--epochs",
+            "1",
+            "--max-seconds",
+            "5",
+            "--seed",
+            seed,
+        ]);
+        assert!(ok, "`just setup` makes data/tep: {err}");
+    }
+    let both = ["tep-diagnosis@1", "tep-diagnosis@2"];
+
+    let merge = |flags: &[&str]| {
+        let mut args = vec!["merge"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&both);
+        fogmesh(&args)
+    };
+    for (flags, expected) in [
+        (
+            &["--method", "ties"][..],
+            "--base: invalid base = none: ties adds deltas to the base model",
+        ),
+        (
+            &["--method", "weighted_average", "--weights", "1,2,3"][..],
+            "--weights: invalid weights = [1.0, 2.0, 3.0]: 3 weights for 2 models",
+        ),
+        (
+            &[
+                "--method",
+                "ties",
+                "--base",
+                "tep-diagnosis@1",
+                "--density",
+                "1.5",
+            ][..],
+            "--density: invalid density = 1.5: must be in (0, 1]",
+        ),
+        (
+            &["--method", "slerp", "--density", "0.3"][..],
+            "--density: slerp does not take it",
+        ),
+    ] {
+        let (ok, _, err) = merge(flags);
+        assert!(!ok && err.contains(expected), "{flags:?}: {err}");
+    }
+
+    let (ok, out, err) = merge(&["--method", "weighted_average"]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(report["model"], "tep-diagnosis@3");
+    assert_eq!(report["method"], "weighted_average");
+    assert_eq!(report["parents"], serde_json::json!(both));
+    assert_eq!(report["validated"], false);
+    assert_eq!(report["weights_sha256"].as_str().unwrap().len(), 64);
+    assert!(
+        err.contains("stored tep-diagnosis@3") && err.contains("unvalidated"),
+        "{err}"
+    );
+
+    let (ok, out, err) = fogmesh(&["models", "show", "tep-diagnosis@3"]);
+    assert!(ok, "{err}");
+    let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(manifest["parents"], serde_json::json!(both));
+    assert_eq!(manifest["architecture"], "fault_classifier");
+    assert_eq!(manifest["weights_sha256"], report["weights_sha256"]);
+    assert_eq!(
+        manifest["training"]["merge"]["weights"],
+        serde_json::json!([1.0, 1.0])
+    );
+}

@@ -213,6 +213,11 @@ impl ConvAutoencoder {
         self.vs.device()
     }
 
+    /// The variables, for training loops outside this file (continual fine-tuning).
+    pub(crate) fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
     /// Reconstructs a batch: `[B, C, L]` → `[B, C, L]`, on the model's device.
     ///
     /// # Panics
@@ -228,7 +233,7 @@ impl ConvAutoencoder {
         }
     }
 
-    fn try_forward(&self, windows: &Tensor) -> Result<Tensor, TchError> {
+    pub(crate) fn try_forward(&self, windows: &Tensor) -> Result<Tensor, TchError> {
         let padding = self.config.kernel / 2;
         let conv = |x: &Tensor, layer: &Conv| {
             x.f_conv1d(&layer.weight, Some(&layer.bias), [1], [padding], [1], 1)

@@ -87,6 +87,11 @@ impl FaultClassifier {
         self.config
     }
 
+    /// The variables, for training loops outside this file (continual fine-tuning).
+    pub(crate) fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
     /// The pooled features the head classifies, `[N, hidden]`: what a fusion expert
     /// takes from this model.
     fn features(&self, windows: &Tensor) -> Tensor {
@@ -95,7 +100,7 @@ impl FaultClassifier {
         hidden.mean_dim([2i64].as_slice(), false, Kind::Float)
     }
 
-    fn logits(&self, windows: &Tensor) -> Tensor {
+    pub(crate) fn logits(&self, windows: &Tensor) -> Tensor {
         self.head.forward(&self.features(windows))
     }
 

@@ -3,6 +3,8 @@
 //!
 //! - [`autoencoder`]: the convolutional autoencoder expert (the W1 benchmark model).
 //! - [`classifier`]: the fault classifier (diagnosis: which fault, not only whether).
+//! - [`continual`]: continual learning: a stored version fine-tuned on a new operating
+//!   regime with replay and EWC, and the gate that decides whether it may serve.
 //! - [`drift`]: drift detectors (Page–Hinkley, ADWIN, Kolmogorov–Smirnov) for an
 //!   expert's inputs and scores.
 //! - [`forecaster`]: the temporal convolution network that forecasts every channel and
@@ -27,6 +29,9 @@
 //! - [`weights`]: any model's `VarStore` as checked safetensors bytes, and back.
 //! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
 //!   on safetensors weights, near memory bandwidth; errors: [`merge::MergeError`].
+//! - [`merging`]: stored versions merged into a new version (checked to be one network,
+//!   read hash-checked, loaded once to prove it serves), for the `Merger` actor and
+//!   `fogmesh merge`; errors: [`merging::MergingError`].
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
@@ -36,6 +41,7 @@
 pub mod autoencoder;
 pub mod calibration;
 pub mod classifier;
+pub mod continual;
 pub mod drift;
 pub mod elpv;
 pub mod error;
@@ -43,6 +49,7 @@ pub mod forecaster;
 pub mod fusion;
 pub mod gate;
 pub mod merge;
+pub mod merging;
 pub mod minilm;
 pub mod notes;
 pub mod pca;

@@ -336,7 +336,10 @@ impl MergeMethod {
         )
     }
 
-    fn validate(&self, base: bool, models: usize) -> Result<(), MergeError> {
+    /// Checks the parameters against a merge of `models` models, with a base or not,
+    /// before any weights are read: [`merge`] runs the same check, but a caller that
+    /// loads models from disk can refuse a bad request without reading them.
+    pub fn validate(&self, base: bool, models: usize) -> Result<(), MergeError> {
         let invalid = |field: &str, value: String, reason: String| {
             Err(MergeError::InvalidParameter {
                 field: field.to_string(),

@@ -257,6 +257,19 @@ impl ModelStore {
     }
 
     /// Every stored version, by name, oldest version first.
+    /// One more than the largest whole-number version of `name`, or "1": the version a
+    /// new model gets when nobody names one (`fogmesh train`, `fogmesh merge`).
+    pub fn next_version(&self, name: &str) -> Result<String, StoreError> {
+        let last = self
+            .list()?
+            .iter()
+            .filter(|m| m.name == name)
+            .filter_map(|m| m.version.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        Ok((last + 1).to_string())
+    }
+
     pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
         let dir = self.root.join("manifests");
         let Ok(names) = std::fs::read_dir(&dir) else {

@@ -821,6 +821,7 @@ mod tests {
             score: if anomalous { 2.0 } else { 0.1 },
             anomalous,
             experts: Vec::new(),
+            values: Arc::from([]),
         })
     }
 

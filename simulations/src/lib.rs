@@ -1,7 +1,8 @@
 //! Scenarios run on the real fogmesh actors in one process: the plant demo
 //! (`fogmesh demo`), the benchmark workloads (`fogmesh bench`; W1's remote run puts its
 //! experts on a second node process to price the cluster link) and evaluations on
-//! public benchmarks (`fogmesh eval skab`, `fogmesh eval tep`, `fogmesh eval elpv`).
+//! public benchmarks (`fogmesh eval skab`, `fogmesh eval tep`, `fogmesh eval elpv`,
+//! `fogmesh eval continual`).
 //!
 //! Nothing here is a mock: the demo and W1 start a real [`fogmesh_actors::Node`] and
 //! measure it from outside, the way an operator or a load generator would.
@@ -9,6 +10,7 @@
 pub mod bench_merge;
 pub mod bench_swap;
 pub mod bench_train;
+pub mod continual_eval;
 pub mod demo;
 pub mod elpv_eval;
 pub mod evaluation;

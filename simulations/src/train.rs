@@ -192,7 +192,7 @@ pub fn run(
         .unwrap_or_else(|| request.model.default_name().to_string());
     let version = match &request.version {
         Some(version) => version.clone(),
-        None => next_version(&store, &name).map_err(store_error)?,
+        None => store.next_version(&name).map_err(store_error)?,
     };
     let (architecture, hyper) = trained.architecture.manifest_fields();
     let [channels, length] = trained.architecture.input_shape();
@@ -238,18 +238,6 @@ pub fn run(
         weights_sha256: manifest.weights_sha256,
         seconds: started.elapsed().as_secs_f64(),
     })
-}
-
-/// One more than the largest whole-number version of `name`, or 1.
-fn next_version(store: &ModelStore, name: &str) -> Result<String, StoreError> {
-    let last = store
-        .list()?
-        .iter()
-        .filter(|m| m.name == name)
-        .filter_map(|m| m.version.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
-    Ok((last + 1).to_string())
 }
 
 fn tep_summary(runs: &TepRuns, window: usize) -> serde_json::Value {
