@@ -21,6 +21,10 @@
 //!    reconciles its node agent to its share: sensors pinned to it, the routers those
 //!    use, the experts placed on it, next to what its own `node.toml` runs.
 //!
+//! A mesh expert with a `learning` table gets one continual learner, on the first node
+//! (by name) whose sensors are routed to it; the learner promotes a validated version
+//! by a mesh rollout (`crate::rollout::MeshPromoter`), so every replica gets it.
+//!
 //! Before a node parses an adopted spec it copies the stored model versions the spec
 //! names and its store lacks from a peer (`crate::rollout::ensure_local`). An expert
 //! whose spec changed only in its model (a rollout or rollback) is hot-swapped
@@ -36,7 +40,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fogmesh_actors::{Node, NodeSpec};
+use fogmesh_actors::{ContinualLearner, ExpertSpec, LearningSpec, Node, NodeSpec, RunningLearner};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -214,6 +218,8 @@ impl Deployment {
         let mut applied: Option<NodeSpec> = None;
         let mut parsed: Option<(StoredSpec, MeshSpec)> = None;
         let mut moving: Option<Move> = None;
+        // Learners of mesh experts that run here, by expert.
+        let mut learners: BTreeMap<String, RunningLearner> = BTreeMap::new();
         if let Some(spec) = &own_spec {
             tracing::info!(
                 version = spec.version,
@@ -227,7 +233,12 @@ impl Deployment {
             // A watch whose sender is gone (gossip or the link keeper stopped) would
             // answer at once forever; its branch then sits out and the tick drives.
             tokio::select! {
-                () = shutdown.fired() => return,
+                () = shutdown.fired() => {
+                    for (_, learner) in std::mem::take(&mut learners) {
+                        learner.shutdown().await;
+                    }
+                    return;
+                }
                 Ok(()) = changes.changed() => {}
                 Ok(()) = links.changed() => {}
                 _ = tick.tick() => {}
@@ -365,6 +376,7 @@ impl Deployment {
                             .await;
                         self.publish_versions().await;
                         applied = Some(target);
+                        self.run_learners(spec, &mut learners).await;
                     }
                     Err(e) => self.record_error(format!("this node's share did not start: {e}")),
                 }
@@ -410,6 +422,58 @@ impl Deployment {
                     "expert {} did not swap to {}: {e}",
                     new.name, new.model_version
                 )),
+            }
+        }
+    }
+
+    /// Keeps one learner per mesh expert that learns and whose learner node this is
+    /// ([`MeshSpec::learners`]), promoting through a mesh rollout. A learner whose
+    /// expert the spec moved to another version than the one it knows (a rollout or
+    /// rollback by someone else) is started again from that version.
+    async fn run_learners(&self, spec: &MeshSpec, learners: &mut BTreeMap<String, RunningLearner>) {
+        let wanted: BTreeMap<String, (ExpertSpec, LearningSpec)> = spec
+            .learners()
+            .into_iter()
+            .filter(|(_, _, node)| node == &self.node_name)
+            .map(|(expert, learning, _)| (expert.name.clone(), (expert.clone(), learning.clone())))
+            .collect();
+        let stale: Vec<String> = learners
+            .iter()
+            .filter(|(name, learner)| {
+                wanted.get(*name).is_none_or(|(expert, _)| {
+                    let stored = expert.stored.as_ref().map(|s| s.manifest.id());
+                    stored.as_deref() != Some(&*learner.handle.shared.snapshot().serving_version)
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(learner) = learners.remove(&name) {
+                learner.shutdown().await;
+            }
+        }
+        let Some(root) = &self.places.models else {
+            return;
+        };
+        for (name, (expert, learning)) in wanted {
+            if learners.contains_key(&name) {
+                continue;
+            }
+            let promoter = Arc::new(rollout::MeshPromoter {
+                me: self.node_name.clone(),
+                places: self.places.clone(),
+                key: self.key.clone(),
+                membership: self.membership.clone(),
+                links: self.links.clone(),
+                state: self.state.clone(),
+            });
+            let store = fogmesh_models::store::ModelStore::open(root);
+            match ContinualLearner::start(&self.node, expert, learning, store, promoter).await {
+                Ok(learner) => {
+                    tracing::info!(expert = %name, "continual learner of a mesh expert started");
+                    learners.insert(name, learner);
+                }
+                Err(e) => self.record_error(format!("the learner of {name} did not start: {e}")),
             }
         }
     }

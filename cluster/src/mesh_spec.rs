@@ -19,7 +19,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use fogmesh_actors::{ExpertSpec, NodeSpec, RestartPolicy, RouterSpec, SensorStreamSpec};
+use fogmesh_actors::{
+    ExpertSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -134,15 +136,6 @@ impl MeshSpec {
         let raw: RawMesh = toml::from_str(text).map_err(syntax)?;
         let mut experts = Vec::new();
         for (i, mut table) in raw.experts.into_iter().enumerate() {
-            // A learner watches one node's windows and promotes on that node; a mesh
-            // expert's replicas move between nodes, so learning stays a node's own.
-            if table.contains_key("learning") {
-                return Err(invalid(
-                    format!("experts[{i}].learning"),
-                    "(table)".into(),
-                    "continual learning runs on an expert of a node's own node.toml, not on a mesh expert: promote its versions across the mesh with `fogmesh rollout`".into(),
-                ));
-            }
             let replicas = match table.remove("replicas") {
                 None => 1,
                 Some(toml::Value::Integer(n)) if n >= 1 => n as usize,
@@ -166,6 +159,22 @@ impl MeshSpec {
                 ));
             }
             let config: ExpertConfig = toml::Value::Table(table).try_into().map_err(syntax)?;
+            if let Some(learning) = &config.learning {
+                if config.model.is_none() {
+                    return Err(invalid(
+                        format!("experts[{i}].learning"),
+                        "(a table)".into(),
+                        format!("expert `{}` does not serve a stored model: only experts with `model = \"name@version\"` can learn", config.name),
+                    ));
+                }
+                learning.validate().map_err(|e| {
+                    invalid(
+                        format!("experts[{i}].learning.{}", e.field),
+                        e.value,
+                        format!("expert `{}`: {}", config.name, e.reason),
+                    )
+                })?;
+            }
             experts.push(MeshExpert {
                 config,
                 replicas,
@@ -302,6 +311,38 @@ impl MeshSpec {
     /// The actors' view of expert `name`, files read.
     pub fn expert_spec(&self, name: &str) -> Option<&ExpertSpec> {
         self.expert_specs.iter().find(|e| e.name == name)
+    }
+
+    /// The experts that learn, with the node that runs each one's learner: the first,
+    /// by name, of the nodes whose sensors are routed to it, because a learner reads the
+    /// scored windows of its own node's routers.
+    pub fn learners(&self) -> Vec<(&ExpertSpec, &LearningSpec, String)> {
+        self.experts
+            .iter()
+            .filter_map(|e| {
+                let learning = e.config.learning.as_ref()?;
+                let spec = self.expert_spec(&e.config.name)?;
+                let node = self
+                    .sensors
+                    .iter()
+                    .filter(|s| {
+                        self.router_specs
+                            .iter()
+                            .find(|r| r.name == s.spec.router)
+                            .is_some_and(|r| match &r.policy {
+                                RoutingPolicy::Static { routes } => routes
+                                    .get(&s.spec.id)
+                                    .is_some_and(|experts| experts.contains(&spec.name)),
+                                RoutingPolicy::LearnedGate { experts, .. } => {
+                                    experts.contains(&spec.name)
+                                }
+                            })
+                    })
+                    .map(|s| s.node.clone())
+                    .min()?;
+                Some((spec, learning, node))
+            })
+            .collect()
     }
 
     /// What placement needs to know about each expert.
@@ -475,14 +516,14 @@ router = "r1"
     }
 
     #[test]
-    fn a_mesh_expert_with_learning_is_refused_naming_the_field() {
+    fn a_learning_table_needs_a_stored_model_and_valid_values() {
         let text = GOOD.replace(
             "replicas = 2",
             "replicas = 2\nlearning = { reservoir = 64 }",
         );
         let error = parse(&text).unwrap_err();
         assert!(error.contains("experts[0].learning"), "{error}");
-        assert!(error.contains("fogmesh rollout"), "{error}");
+        assert!(error.contains("stored model"), "{error}");
     }
 
     #[test]

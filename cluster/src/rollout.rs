@@ -18,6 +18,9 @@
 //!    scored by a half-loaded model. A replica re-placed from a lost node starts on the
 //!    new version, so once the mesh settles every replica serves one version.
 //!
+//! A mesh expert's continual learner promotes through the same three steps
+//! ([`MeshPromoter`]).
+//!
 //! Every node also runs [`ensure_local`] before it parses an adopted spec: a version
 //! the spec names that its store lacks is copied from the first peer that has it.
 
@@ -241,6 +244,46 @@ pub async fn run(
     tracing::info!(expert, from = %record.from, to = %to, version, "rollout committed");
     state.rollout = Some(record.clone());
     Ok(record)
+}
+
+/// Promotes a version a `ContinualLearner` validated by rolling it out to every
+/// replica of the expert across the mesh: the same path as `fogmesh rollout`, so the
+/// version is checked, shipped to every node and only then named by the spec.
+#[derive(Clone)]
+pub struct MeshPromoter {
+    pub me: String,
+    pub places: ModelPlaces,
+    pub key: String,
+    pub membership: std::sync::Arc<Membership>,
+    pub links: tokio::sync::watch::Receiver<LinkView>,
+    pub state: std::sync::Arc<Mutex<DeploymentState>>,
+}
+
+impl fogmesh_actors::Promoter for MeshPromoter {
+    fn promote(
+        &self,
+        expert: &str,
+        version: &Manifest,
+    ) -> fogmesh_actors::continual_learner::BoxFuture<'static, Result<(), String>> {
+        let promoter = self.clone();
+        let expert = expert.to_string();
+        let id = version.id();
+        Box::pin(async move {
+            let context = RolloutContext {
+                me: &promoter.me,
+                places: &promoter.places,
+                key: &promoter.key,
+                membership: &promoter.membership,
+                links: &promoter.links,
+                state: &promoter.state,
+            };
+            match run(&context, &expert, &id, false).await {
+                Ok(record) if record.outcome == RolloutOutcome::Committed => Ok(()),
+                Ok(record) => Err(record.detail),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
 }
 
 /// Whether a failed upload means the node is gone (connection refused or reset,

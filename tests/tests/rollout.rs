@@ -2,6 +2,10 @@
 //! flow, with a node `kill -9`ed mid-rollout; rolling back with `fogmesh rollback`;
 //! versions that do not fit refused before any replica swaps.
 //!
+//! A mesh expert that learns: its learner (on the sensor's node) sees the plant move to
+//! a new regime, fine-tunes, validates and promotes by a mesh rollout, so every replica
+//! serves the learned version.
+//!
 //! Only the node the test talks to holds the versions at first: the others copy them
 //! through the `ModelStore` service, so this is also the test of shipping versions
 //! between nodes.
@@ -12,7 +16,7 @@ use std::time::Duration;
 
 use fogmesh_models::served::Architecture;
 use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
@@ -21,6 +25,10 @@ use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 use tch::Device;
 
 const SECRET: &str = "rollout-test-secret";
+
+/// One mesh test at a time: each runs node processes and libtorch training on a
+/// 2-core machine.
+static ONE_MESH_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LONG: Duration = Duration::from_secs(40);
 const WINDOWS: u64 = 500;
 
@@ -129,6 +137,7 @@ async fn all_serve(observer: &MeshNode, version: &str, not_on: Option<&str>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_back() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     // The versions live in edge-1's store only (its `[cluster] data` folder's `models`).
     let store = ModelStore::open(dir.path().join("data-edge-1/models"));
@@ -331,4 +340,181 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
         ("ae@1", "committed")
     );
     drop(survivor);
+}
+
+/// Regime A (what version 1 learned) or B (a new operating point), one row.
+fn plant_row(t: u64, shifted: bool, rng: &mut SplitMix64) -> Vec<f32> {
+    (0..CHANNELS)
+        .map(|c| {
+            let (t, c) = (t as f64, c as f64);
+            let clean = if shifted {
+                1.0 + 0.6 * (0.9 * t + 2.0 * c).sin()
+            } else {
+                (0.4 * t + c).sin()
+            };
+            (clean + 0.05 * rng.normal()) as f32
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_expert_learns_a_new_regime_and_every_replica_gets_the_version() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    // Version 1 learned regime A; its alarm limit is its q0.99 there.
+    let store = ModelStore::open(dir.path().join("data-edge-1/models"));
+    let config = AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
+    let mut rng = SplitMix64::new(11);
+    let rows: Vec<Vec<f32>> = (0..600).map(|t| plant_row(t, false, &mut rng)).collect();
+    let mut windows = Vec::new();
+    for start in (0..=rows.len() - WINDOW).step_by(4) {
+        for c in 0..CHANNELS {
+            windows.extend(rows[start..start + WINDOW].iter().map(|r| r[c]));
+        }
+    }
+    let mut model = ConvAutoencoder::new(config.clone(), Device::Cpu, 1).unwrap();
+    let options = fogmesh_models::TrainOptions {
+        epochs: 30,
+        ..Default::default()
+    };
+    model.fit(&windows, &options, &mut |_| {}).unwrap();
+    let threshold = fogmesh_models::quantile(&model.score(&windows).unwrap(), 0.99).unwrap();
+    let (weights, _) = model.to_safetensors().unwrap();
+    let architecture = Architecture::ConvAutoencoder(config);
+    let (arch, hyper) = architecture.manifest_fields();
+    store
+        .import(
+            Manifest {
+                name: "ae".into(),
+                version: "1".into(),
+                kind: architecture.kind(),
+                architecture: arch,
+                hyper,
+                input: InputSpec {
+                    shape: vec![-1, CHANNELS as i64, WINDOW as i64],
+                    description: String::new(),
+                },
+                training: serde_json::Value::Null,
+                metrics: [("threshold".to_string(), f64::from(threshold))].into(),
+                parents: Vec::new(),
+                weights_sha256: String::new(),
+                weights_bytes: 0,
+                created_us: 1,
+            },
+            &weights,
+        )
+        .unwrap();
+
+    let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.44", &[]));
+    let fog = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.45", &[&edge]));
+    for n in [&edge, &fog] {
+        poll("full membership", LONG, || async {
+            let mesh = n.mesh().await?;
+            (mesh.members.len() == 2
+                && mesh
+                    .members
+                    .iter()
+                    .all(|m| m.link == "ready" || m.link == "self"))
+            .then_some(())
+        })
+        .await;
+    }
+    let learning = "
+[experts.learning]
+reservoir = 256
+min_new_windows = 64
+max_new_windows = 512
+seed = 3
+
+[experts.learning.fine_tune]
+epochs = 40
+
+[experts.learning.gate]
+min_gain = 0.1
+max_forgetting = 1.0
+";
+    let text = spec("ae@1")
+        .replace("replicas = 2", &format!("replicas = 2\n{learning}"))
+        .replace(
+            "router = \"r1\"",
+            "router = \"r1\"\nnormalisation = { mode = \"none\" }",
+        );
+    edge.control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: text,
+            dry_run: false,
+        })
+        .await
+        .expect("the spec with a learning expert is applied");
+    all_serve(&edge, "ae@1", None).await;
+
+    // The plant in regime A, then B; every batch acknowledged before the next.
+    let mut ingest = IngestClient::connect(edge.url()).await.unwrap();
+    let mut rng = SplitMix64::new(5);
+    let mut push = |first: u64, rows: u64, shifted: bool| {
+        let batch: Vec<fogmesh_proto::Sample> = (first..first + rows)
+            .map(|t| fogmesh_proto::Sample {
+                sensor_id: "s1".into(),
+                sequence: t,
+                timestamp_us: fogmesh_tests::START_US + t as i64 * fogmesh_tests::SAMPLE_PERIOD_US,
+                values: plant_row(t, shifted, &mut rng),
+            })
+            .collect();
+        SampleBatch { samples: batch }
+    };
+    let mut t = 0;
+    for _ in 0..40 {
+        ingest
+            .push(push(t, WINDOW as u64 * 5, false))
+            .await
+            .unwrap();
+        t += WINDOW as u64 * 5;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let promoted = poll(
+        "the learner's version on every replica",
+        Duration::from_secs(240),
+        || {
+            let batch = push(t, WINDOW as u64 * 5, true);
+            t += WINDOW as u64 * 5;
+            let mut ingest = ingest.clone();
+            let edge = &edge;
+            async move {
+                ingest.push(batch).await.ok()?;
+                let replicas = replicas(&edge.mesh().await?);
+                (replicas.len() == 2 && replicas.iter().all(|(_, v)| v == "ae@2"))
+                    .then_some(replicas)
+            }
+        },
+    )
+    .await;
+    eprintln!("every replica serves the learned version: {promoted:?}");
+    let learned = ModelStore::open(dir.path().join("data-fog-a/models"))
+        .get("ae@2")
+        .expect("the learned version was shipped to the other node");
+    assert_eq!(learned.parents, vec!["ae@1".to_string()]);
+    assert!(
+        learned.metrics.contains_key("gate_new_after"),
+        "{:?}",
+        learned.metrics
+    );
+    let status = edge.status().await.expect("status");
+    let learner = status
+        .learners
+        .iter()
+        .find(|l| l.expert == "ae")
+        .expect("the learner shows in the edge node's status");
+    assert!(learner.promotions >= 1, "{learner:?}");
+    let last = edge
+        .mesh()
+        .await
+        .unwrap()
+        .last_rollout
+        .expect("the promotion was a rollout");
+    assert_eq!(
+        (last.to.as_str(), last.outcome.as_str()),
+        ("ae@2", "committed")
+    );
+    drop(fog);
 }
