@@ -451,6 +451,11 @@ pub fn check_fit(
         reason,
     };
     let manifest = store.get(id).map_err(|e| unfit(e.to_string()))?;
+    if unvalidated_merge(&manifest) {
+        return Err(unfit(
+            "it is a merge that never passed the validation gate: merge it through the Merger with held-out windows and the incumbent, so the gate can judge it".into(),
+        ));
+    }
     let weights = store.weights(&manifest).map_err(|e| unfit(e.to_string()))?;
     let model = ServedModel::load(&manifest, &weights, assets, tch::Device::Cpu)
         .map_err(|e| unfit(e.to_string()))?;
@@ -462,6 +467,16 @@ pub fn check_fit(
         )));
     }
     Ok(manifest)
+}
+
+/// A merged version stored without a gate's verdict (`fogmesh merge` without
+/// validation): merged versions pass the validation gate before they serve.
+fn unvalidated_merge(manifest: &Manifest) -> bool {
+    manifest.training.get("merge").is_some()
+        && manifest
+            .training
+            .get("validation")
+            .is_none_or(serde_json::Value::is_null)
 }
 
 /// Step 2: uploads `id` to every node in `nodes` (name, address) at once. Returns the
@@ -528,6 +543,38 @@ mod tests {
             store.import(m.clone(), &[i as u8; 8]).unwrap();
         }
         (dir, store)
+    }
+
+    #[test]
+    fn a_merge_without_a_gate_verdict_does_not_roll_out() {
+        let mut merged = manifest("5", &["ae@1", "ae@2"], 5);
+        merged.training = serde_json::json!({"merge": "weighted_average", "validation": null});
+        assert!(unvalidated_merge(&merged));
+        merged.training["validation"] = serde_json::json!({"incumbent": "ae@1"});
+        assert!(!unvalidated_merge(&merged));
+        assert!(!unvalidated_merge(&manifest("2", &["ae@1"], 2)));
+        let mut unvalidated = manifest("5", &[], 5);
+        unvalidated.training = serde_json::json!({"merge": "ties", "validation": null});
+        let dir = tempfile::tempdir().unwrap();
+        let other = ModelStore::open(dir.path());
+        other.import(manifest("1", &[], 1), &[0u8; 8]).unwrap();
+        other.import(manifest("2", &[], 2), &[1u8; 8]).unwrap();
+        other.import(unvalidated, &[2u8; 8]).unwrap();
+        let serving = ExpertSpec {
+            name: "ae".into(),
+            model_version: "ae@1".into(),
+            config: fogmesh_models::AutoencoderConfig::w1(2, 16),
+            weights: None,
+            weights_sha256: None,
+            seed: 0,
+            threshold: None,
+            batching: Default::default(),
+            intra_op_threads: 1,
+            torchscript: None,
+            stored: None,
+        };
+        let refused = check_fit(&other, "ae", &serving, "ae@5", &Assets::default()).unwrap_err();
+        assert!(refused.to_string().contains("validation gate"), "{refused}");
     }
 
     #[test]
