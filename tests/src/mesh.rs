@@ -171,6 +171,45 @@ impl Drop for MeshNode {
     }
 }
 
+impl<'a> NodeSettings<'a> {
+    /// A node of the mesh whose secret is `secret`, joining through `seeds`.
+    pub fn new(
+        name: &'a str,
+        role: &'a str,
+        ip: &'a str,
+        secret: &'a str,
+        seeds: &[&MeshNode],
+    ) -> NodeSettings<'a> {
+        NodeSettings {
+            name,
+            role,
+            ip,
+            secret,
+            seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
+            advertise: None,
+        }
+    }
+}
+
+/// Waits (at most `timeout`) until `observer` sees `expected` members, each linked (or
+/// itself).
+pub async fn full_membership(observer: &MeshNode, expected: usize, timeout: Duration) {
+    poll(
+        &format!("{} to see {expected} linked members", observer.name),
+        timeout,
+        || async {
+            let mesh = observer.mesh().await?;
+            (mesh.members.len() == expected
+                && mesh
+                    .members
+                    .iter()
+                    .all(|m| m.link == "ready" || m.link == "self"))
+            .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Calls `check` every 50 ms until it returns something, for at most `timeout`;
 /// panics naming `what` after that.
 pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T

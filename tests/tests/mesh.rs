@@ -27,32 +27,12 @@ static ONE_MESH_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_ne
 const LONG: Duration = Duration::from_secs(40);
 
 fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> NodeSettings<'a> {
-    NodeSettings {
-        name,
-        role,
-        ip,
-        secret: SECRET,
-        seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
-        advertise: None,
-    }
+    NodeSettings::new(name, role, ip, SECRET, seeds)
 }
 
 /// Waits until `observer` sees `expected` members, each linked (or itself).
 async fn full_membership(observer: &MeshNode, expected: usize) {
-    poll(
-        &format!("{} to see {expected} linked members", observer.name),
-        LONG,
-        || async {
-            let mesh = observer.mesh().await?;
-            (mesh.members.len() == expected
-                && mesh
-                    .members
-                    .iter()
-                    .all(|m| m.link == "ready" || m.link == "self"))
-            .then_some(())
-        },
-    )
-    .await;
+    fogmesh_tests::mesh::full_membership(observer, expected, LONG).await;
 }
 
 /// One expert `ae`, one router, one sensor `s1` read on `sensor_node`; `expert_extra`

@@ -20,7 +20,7 @@ use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
-use fogmesh_tests::mesh::{fogmesh_binary, poll, MeshNode, NodeSettings};
+use fogmesh_tests::mesh::{fogmesh_binary, full_membership, poll, MeshNode, NodeSettings};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 use tch::Device;
 
@@ -33,14 +33,7 @@ const LONG: Duration = Duration::from_secs(40);
 const WINDOWS: u64 = 500;
 
 fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> NodeSettings<'a> {
-    NodeSettings {
-        name,
-        role,
-        ip,
-        secret: SECRET,
-        seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
-        advertise: None,
-    }
+    NodeSettings::new(name, role, ip, SECRET, seeds)
 }
 
 /// Stores `ae@version` (an autoencoder over `window` samples, weights from `seed`).
@@ -159,16 +152,7 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
     let fog_a = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.42", &[&edge]));
     let fog_b = MeshNode::start(dir.path(), node("fog-b", "fog", "127.0.0.43", &[&edge]));
     for n in [&edge, &fog_a, &fog_b] {
-        poll("full membership", LONG, || async {
-            let mesh = n.mesh().await?;
-            (mesh.members.len() == 3
-                && mesh
-                    .members
-                    .iter()
-                    .all(|m| m.link == "ready" || m.link == "self"))
-            .then_some(())
-        })
-        .await;
+        full_membership(n, 3, LONG).await;
     }
     edge.control()
         .await
@@ -408,16 +392,7 @@ async fn a_mesh_expert_learns_a_new_regime_and_every_replica_gets_the_version() 
     let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.44", &[]));
     let fog = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.45", &[&edge]));
     for n in [&edge, &fog] {
-        poll("full membership", LONG, || async {
-            let mesh = n.mesh().await?;
-            (mesh.members.len() == 2
-                && mesh
-                    .members
-                    .iter()
-                    .all(|m| m.link == "ready" || m.link == "self"))
-            .then_some(())
-        })
-        .await;
+        full_membership(n, 2, LONG).await;
     }
     let learning = "
 [experts.learning]
