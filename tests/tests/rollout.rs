@@ -36,14 +36,16 @@ fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> N
     NodeSettings::new(name, role, ip, SECRET, seeds)
 }
 
-/// Stores `ae@version` (an autoencoder over `window` samples, weights from `seed`).
-fn store_version(store: &ModelStore, version: &str, window: usize, seed: i64, parents: &[&str]) {
-    let config = AutoencoderConfig::w1(CHANNELS as i64, window as i64);
-    let (weights, _) = ConvAutoencoder::new(config.clone(), Device::Cpu, seed)
-        .unwrap()
-        .to_safetensors()
-        .unwrap();
-    let architecture = Architecture::ConvAutoencoder(config);
+/// Stores `model` as `ae@version` with the alarm limit `threshold`.
+fn import_autoencoder(
+    store: &ModelStore,
+    version: &str,
+    model: &ConvAutoencoder,
+    threshold: f64,
+    parents: &[&str],
+) {
+    let (weights, _) = model.to_safetensors().unwrap();
+    let architecture = Architecture::ConvAutoencoder(model.config().clone());
     let (arch, hyper) = architecture.manifest_fields();
     let [channels, length] = architecture.input_shape();
     let manifest = Manifest {
@@ -57,7 +59,7 @@ fn store_version(store: &ModelStore, version: &str, window: usize, seed: i64, pa
             description: String::new(),
         },
         training: serde_json::Value::Null,
-        metrics: [("threshold".to_string(), 1000.0)].into(),
+        metrics: [("threshold".to_string(), threshold)].into(),
         parents: parents.iter().map(|p| p.to_string()).collect(),
         weights_sha256: String::new(),
         weights_bytes: 0,
@@ -66,6 +68,14 @@ fn store_version(store: &ModelStore, version: &str, window: usize, seed: i64, pa
     store
         .import(manifest, &weights)
         .expect("the store takes it");
+}
+
+/// Stores `ae@version`: an untrained autoencoder over `window` samples, weights from
+/// `seed`, whose limit no window reaches.
+fn store_version(store: &ModelStore, version: &str, window: usize, seed: i64, parents: &[&str]) {
+    let config = AutoencoderConfig::w1(CHANNELS as i64, window as i64);
+    let model = ConvAutoencoder::new(config, Device::Cpu, seed).unwrap();
+    import_autoencoder(store, version, &model, 1000.0, parents);
 }
 
 fn spec(model: &str) -> String {
@@ -363,31 +373,7 @@ async fn a_mesh_expert_learns_a_new_regime_and_every_replica_gets_the_version() 
     };
     model.fit(&windows, &options, &mut |_| {}).unwrap();
     let threshold = fogmesh_models::quantile(&model.score(&windows).unwrap(), 0.99).unwrap();
-    let (weights, _) = model.to_safetensors().unwrap();
-    let architecture = Architecture::ConvAutoencoder(config);
-    let (arch, hyper) = architecture.manifest_fields();
-    store
-        .import(
-            Manifest {
-                name: "ae".into(),
-                version: "1".into(),
-                kind: architecture.kind(),
-                architecture: arch,
-                hyper,
-                input: InputSpec {
-                    shape: vec![-1, CHANNELS as i64, WINDOW as i64],
-                    description: String::new(),
-                },
-                training: serde_json::Value::Null,
-                metrics: [("threshold".to_string(), f64::from(threshold))].into(),
-                parents: Vec::new(),
-                weights_sha256: String::new(),
-                weights_bytes: 0,
-                created_us: 1,
-            },
-            &weights,
-        )
-        .unwrap();
+    import_autoencoder(&store, "1", &model, f64::from(threshold), &[]);
 
     let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.44", &[]));
     let fog = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.45", &[&edge]));
