@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::layout;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights::sha256_hex;
@@ -236,13 +237,13 @@ impl ConvAutoencoder {
     pub(crate) fn try_forward(&self, windows: &Tensor) -> Result<Tensor, TchError> {
         let padding = self.config.kernel / 2;
         let conv = |x: &Tensor, layer: &Conv| {
-            x.f_conv1d(&layer.weight, Some(&layer.bias), [1], [padding], [1], 1)
+            layout::conv_along_time(x, &layer.weight, Some(&layer.bias), padding, 1)
         };
-        let mut hidden = conv(windows, &self.layers[0])?.f_relu()?;
+        let mut hidden = conv(&layout::sequence(windows)?, &self.layers[0])?.f_relu()?;
         for layer in &self.layers[1..3] {
             hidden = conv(&hidden, layer)?.f_relu()?;
         }
-        conv(&hidden, &self.layers[3])
+        conv(&hidden, &self.layers[3])?.f_squeeze_dim(2)
     }
 
     /// Number of whole windows in a flat buffer; a Shape error if it is empty or ragged.

@@ -10,9 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::layout;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights;
 
@@ -94,14 +95,12 @@ impl FaultClassifier {
 
     /// The pooled features the head classifies, `[N, hidden]`: what a fusion expert
     /// takes from this model.
-    fn features(&self, windows: &Tensor) -> Tensor {
-        let hidden = self.conv1.forward(windows).relu();
-        let hidden = self.conv2.forward(&hidden).relu();
-        hidden.mean_dim([2i64].as_slice(), false, Kind::Float)
+    fn features(&self, windows: &Tensor) -> Result<Tensor, TchError> {
+        layout::pooled_sensor_features(windows, &self.conv1, &self.conv2)
     }
 
-    pub(crate) fn logits(&self, windows: &Tensor) -> Tensor {
-        self.head.forward(&self.features(windows))
+    pub(crate) fn logits(&self, windows: &Tensor) -> Result<Tensor, TchError> {
+        Ok(self.head.forward(&self.features(windows)?))
     }
 
     fn windows_tensor(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
@@ -144,7 +143,7 @@ impl FaultClassifier {
         let loss = |indices: &Tensor| {
             let batch = data.f_index_select(0, indices)?;
             let target = targets.f_index_select(0, indices)?;
-            self.logits(&batch).f_cross_entropy_loss::<Tensor>(
+            self.logits(&batch)?.f_cross_entropy_loss::<Tensor>(
                 &target,
                 None,
                 tch::Reduction::Mean,
@@ -164,13 +163,13 @@ impl FaultClassifier {
     /// Class probabilities of each window, `[N, classes]` on the CPU.
     pub fn predict_proba(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
         self.batched(windows, |chunk| {
-            Ok(self.logits(chunk).f_softmax(1, Kind::Float)?)
+            Ok(self.logits(chunk)?.f_softmax(1, Kind::Float)?)
         })
     }
 
     /// The pooled features of each window, `[N, hidden]` on the CPU.
     pub fn embed(&self, windows: &[f32]) -> Result<Tensor, ModelError> {
-        self.batched(windows, |chunk| Ok(self.features(chunk)))
+        self.batched(windows, |chunk| Ok(self.features(chunk)?))
     }
 
     fn batched(

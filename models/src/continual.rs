@@ -335,7 +335,7 @@ impl Shadow {
                 .try_forward(windows)?
                 .f_mse_loss(windows, Reduction::Mean),
             (Shadow::Classifier(model), Some(targets)) => model
-                .logits(windows)
+                .logits(windows)?
                 .f_cross_entropy_loss::<Tensor>(targets, None, Reduction::Mean, -100, 0.0),
             (Shadow::Classifier(_), None) => Err(TchError::Shape(
                 "a classifier's loss needs the windows' classes".into(),

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::layout;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights;
@@ -309,23 +310,21 @@ impl TcnForecaster {
 
     /// `[B, C, context]` → `[B, C, horizon]`.
     fn try_forward(&self, contexts: &Tensor) -> Result<Tensor, TchError> {
+        // Padding both sides and keeping the first `steps` outputs is the causal
+        // convolution: output t sees inputs t − (k−1)·d ..= t. The outputs past the end
+        // are wasted work, but cheaper than copying a left-padded channels-last input.
         let causal = |x: &Tensor, layer: &Layer, dilation: i64| {
-            let left = (self.config.kernel - 1) * dilation;
-            x.f_constant_pad_nd([left, 0])?.f_conv1d(
-                &layer.weight,
-                Some(&layer.bias),
-                [1],
-                [0],
-                [dilation],
-                1,
-            )
+            let steps = x.size()[3];
+            let padding = (self.config.kernel - 1) * dilation;
+            layout::conv_along_time(x, &layer.weight, Some(&layer.bias), padding, dilation)?
+                .f_narrow(3, 0, steps)
         };
-        let mut x = contexts.shallow_clone();
+        let mut x = layout::sequence(contexts)?;
         for block in &self.blocks {
             let out = causal(&x, &block.conv1, block.dilation)?.f_relu()?;
             let out = causal(&out, &block.conv2, block.dilation)?.f_relu()?;
             let residual = match &block.downsample {
-                Some(p) => x.f_conv1d(&p.weight, Some(&p.bias), [1], [0], [1], 1)?,
+                Some(p) => layout::conv_along_time(&x, &p.weight, Some(&p.bias), 0, 1)?,
                 None => x,
             };
             x = out.f_add(&residual)?.f_relu()?;
@@ -334,7 +333,8 @@ impl TcnForecaster {
         // network then starts near persistence instead of near zero, and smooth
         // channels only need a small correction.
         let last = contexts.f_narrow(2, self.config.context - 1, 1)?;
-        x.f_select(2, -1)?
+        x.f_select(2, 0)?
+            .f_select(2, -1)?
             .f_linear(&self.head.weight, Some(&self.head.bias))?
             .f_view([-1, self.config.channels, self.config.horizon])?
             .f_add(&last)

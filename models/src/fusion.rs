@@ -15,9 +15,10 @@
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::layout;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights;
 
@@ -111,12 +112,10 @@ impl FusionClassifier {
     }
 
     /// `[N, 2 × hidden]`: sensor features, then text features.
-    fn features(&self, sensors: &Tensor, texts: &Tensor) -> Tensor {
-        let s = self.conv1.forward(sensors).relu();
-        let s = self.conv2.forward(&s).relu();
-        let s = s.mean_dim([2i64].as_slice(), false, Kind::Float);
-        let t = self.text.forward(texts).relu();
-        Tensor::cat(&[s, t], 1)
+    fn features(&self, sensors: &Tensor, texts: &Tensor) -> Result<Tensor, TchError> {
+        let s = layout::pooled_sensor_features(sensors, &self.conv1, &self.conv2)?;
+        let t = self.text.forward(texts).f_relu()?;
+        Tensor::f_cat(&[s, t], 1)
     }
 
     /// Checks and shapes the inputs: `sensors` channel-major windows back to back,
@@ -174,7 +173,7 @@ impl FusionClassifier {
         let loss = |indices: &Tensor| {
             let s = sensors.f_index_select(0, indices)?;
             let t = texts.f_index_select(0, indices)?;
-            let mut features = self.features(&s, &t);
+            let mut features = self.features(&s, &t)?;
             if dropout > 0.0 && features.requires_grad() {
                 // Per example: keep both branches, or zero one of them (either with
                 // equal chance).
@@ -212,7 +211,7 @@ impl FusionClassifier {
     pub fn predict_proba(&self, sensors: &[f32], texts: &Tensor) -> Result<Tensor, ModelError> {
         let _no_grad = tch::no_grad_guard();
         let (sensors, texts) = self.inputs(sensors, texts)?;
-        let logits = self.head.forward(&self.features(&sensors, &texts));
+        let logits = self.head.forward(&self.features(&sensors, &texts)?);
         Ok(logits.f_softmax(1, Kind::Float)?.f_to_device(Device::Cpu)?)
     }
 

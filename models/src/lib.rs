@@ -48,6 +48,7 @@ pub mod error;
 pub mod forecaster;
 pub mod fusion;
 pub mod gate;
+mod layout;
 pub mod merge;
 pub mod merging;
 pub mod minilm;

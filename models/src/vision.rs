@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::layout;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights;
@@ -236,10 +237,6 @@ impl DefectCnn {
 
     /// `[N, 1, H, W]` → the pooled features `[N, 8·base]`.
     fn features(&self, images: &Tensor, norm: Norm) -> Result<Tensor, TchError> {
-        let (training, momentum) = match norm {
-            Norm::Batch { momentum } => (true, momentum),
-            Norm::Running => (false, BN_MOMENTUM),
-        };
         let mean = images.f_mean_dim([2i64, 3].as_slice(), true, Kind::Float)?;
         let centred = images.f_sub(&mean)?;
         let deviation = centred
@@ -247,20 +244,35 @@ impl DefectCnn {
             .f_mean_dim([2i64, 3].as_slice(), true, Kind::Float)?
             .f_add_scalar(STANDARDISE_EPS)?
             .f_sqrt()?;
-        let mut hidden = centred.f_div(&deviation)?;
+        let mut hidden = layout::channels_last(&centred.f_div(&deviation)?)?;
         for block in &self.blocks {
-            hidden = hidden
-                .f_conv2d(&block.conv, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 1)?
-                .f_batch_norm(
+            let conv = |weight: &Tensor, bias: Option<&Tensor>| {
+                hidden.f_conv2d(weight, bias, [1, 1], [1, 1], [1, 1], 1)
+            };
+            let normalised = match norm {
+                Norm::Batch { momentum } => conv(&block.conv, None)?.f_batch_norm(
                     Some(&block.scale),
                     Some(&block.shift),
                     Some(&block.running_mean),
                     Some(&block.running_var),
-                    training,
+                    true,
                     momentum,
                     BN_EPS,
                     true,
-                )?
+                )?,
+                // Fixed statistics make batch norm an affine map per channel, folded
+                // into the convolution's kernel and bias: one pass over the largest
+                // activations instead of two.
+                Norm::Running => {
+                    let gain = block
+                        .scale
+                        .f_div(&block.running_var.f_add_scalar(BN_EPS)?.f_sqrt()?)?;
+                    let weight = block.conv.f_mul(&gain.f_view([-1, 1, 1, 1])?)?;
+                    let bias = block.shift.f_sub(&block.running_mean.f_mul(&gain)?)?;
+                    conv(&weight, Some(&bias))?
+                }
+            };
+            hidden = normalised
                 .f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)?
                 .f_relu()?;
         }
@@ -747,6 +759,61 @@ mod tests {
             ..small()
         };
         assert_eq!(wide.symmetries(), 4);
+    }
+
+    #[test]
+    fn inference_folds_batch_norm_without_changing_the_features() {
+        let model = DefectCnn::new(small(), Device::Cpu, 3).expect("model");
+        tch::manual_seed(5);
+        tch::no_grad(|| {
+            for block in &model.blocks {
+                let channels = block.scale.size()[0];
+                let random = |low: f64| Tensor::rand([channels], (Kind::Float, Device::Cpu)) + low;
+                for (mut tensor, value) in [
+                    (block.scale.shallow_clone(), random(0.5)),
+                    (block.shift.shallow_clone(), random(-0.5)),
+                    (block.running_mean.shallow_clone(), random(-0.5)),
+                    (block.running_var.shallow_clone(), random(0.2)),
+                ] {
+                    tensor.copy_(&value);
+                }
+            }
+        });
+        let (images, _) = cells(6, 11);
+        let x = model.images_tensor(&images, "images").expect("images");
+        let folded = tch::no_grad(|| model.features(&x, Norm::Running)).expect("features");
+        // Batch norm applied after the convolution, from the running statistics.
+        let mean = x.mean_dim([2i64, 3].as_slice(), true, Kind::Float);
+        let centred = &x - mean;
+        let deviation = (centred
+            .square()
+            .mean_dim([2i64, 3].as_slice(), true, Kind::Float)
+            + STANDARDISE_EPS)
+            .sqrt();
+        let mut hidden = centred / deviation;
+        for block in &model.blocks {
+            hidden = hidden
+                .conv2d(&block.conv, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 1)
+                .batch_norm(
+                    Some(&block.scale),
+                    Some(&block.shift),
+                    Some(&block.running_mean),
+                    Some(&block.running_var),
+                    false,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                    false,
+                )
+                .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+                .relu();
+        }
+        let reference = hidden.mean_dim([2i64, 3].as_slice(), false, Kind::Float);
+        let error = (&folded - &reference).abs().max().double_value(&[]);
+        assert!(error < 1e-4, "folded features differ by {error}");
+        assert!(
+            reference.abs().max().double_value(&[]) > 0.1,
+            "features all zero"
+        );
     }
 
     #[test]
