@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""Train and run fogmesh's models in PyTorch eager, for `fogmesh bench train`.
+"""Train and run fogmesh's models in PyTorch eager, round after round, for `fogmesh bench train`.
 
 ``python3 scripts/bench_train.py MODEL CHANNELS WINDOW BATCH SAMPLES EPOCHS THREADS``
 builds the same network fogmesh builds (``conv_autoencoder``, ``fault_classifier``,
 ``tcn_forecaster``, whose windows are 4 steps of horizon after the context, or
 ``defect_cnn``, whose samples are CHANNELS x WINDOW x WINDOW images, randomly transposed
-and mirrored in every training batch as fogmesh's training does), trains it on random
-windows with Adam for EPOCHS passes in batches of BATCH, then scores every window in
-batches of 256, and prints one JSON line: ``{"samples_per_s": ..., "inference_windows_per_s": ...}``.
+and mirrored in every training batch as fogmesh's training does) and draws its random
+windows (and labels) once, then prints ``ready`` and serves rounds: each line read on
+stdin (``round``) trains a freshly initialised network with Adam for EPOCHS passes in
+batches of BATCH, scores every window in batches of 256, and prints one JSON line:
+``{"samples_per_s": ..., "inference_windows_per_s": ...}``. It exits at the end of stdin.
+``echo round | python3 scripts/bench_train.py conv_autoencoder 8 64 64 4096 3 1`` is one
+round by hand.
 
 Only the training steps are timed (index, forward, loss, backward, step), as fogmesh's
 training loop reports them; libtorch runs THREADS intra-op threads on both sides, so the
-comparison is the loop around the same kernels.
+comparison is the loop around the same kernels. Every round starts from the random state
+the first one started from: the same initial weights, batch orders and augmentations.
+Printing ``ready`` only once the data is drawn keeps Python's start-up out of the
+fogmesh round that the benchmark runs before asking for the first one here.
 """
 
 from __future__ import annotations
@@ -136,44 +143,36 @@ def symmetries(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def main() -> None:
-    model_name, channels, window, batch, samples, epochs, threads = sys.argv[1:8]
-    channels, window, batch, samples, epochs, threads = map(
-        int, (channels, window, batch, samples, epochs, threads)
-    )
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    # The vision expert's samples are square images, the others' channel-major windows.
-    shape = (samples, channels, window) + ((window,) if model_name == "defect_cnn" else ())
-    data = torch.randn(shape)
+MODELS = ("conv_autoencoder", "fault_classifier", "tcn_forecaster", "defect_cnn")
+# Label classes of the classifiers; the other models reconstruct or forecast their windows.
+CLASSES = {"fault_classifier": 13, "defect_cnn": 2}
+
+
+def one_round(
+    model_name: str, channels: int, window: int, batch: int, epochs: int, data: torch.Tensor, targets
+) -> dict:
+    """Trains a new network on ``data`` and scores it: one round's two speeds."""
+    samples = data.shape[0]
     augment = lambda x: x
     if model_name == "conv_autoencoder":
         model = ConvAutoencoder(channels)
-        targets = None
         loss_of = lambda out, idx: nn.functional.mse_loss(out, data.index_select(0, idx))
         score = lambda x: ((model(x) - x) ** 2).mean(dim=(1, 2))
     elif model_name == "fault_classifier":
         model = FaultClassifier(channels)
-        targets = torch.randint(0, 13, (samples,))
         loss_of = lambda out, idx: nn.functional.cross_entropy(out, targets.index_select(0, idx))
         score = lambda x: model(x).argmax(dim=1)
     elif model_name == "tcn_forecaster":
         forecaster = TcnForecaster(channels)
         context = window - forecaster.horizon
         model = ForecastFromWindows(forecaster, context)
-        targets = None
         loss_of = lambda out, idx: nn.functional.mse_loss(out, data.index_select(0, idx)[:, :, context:])
         score = lambda x: ((model(x) - x[:, :, context:]) ** 2).mean(dim=(1, 2))
-    elif model_name == "defect_cnn":
+    else:
         model = DefectCnn()
-        targets = torch.randint(0, 2, (samples,))
         augment = symmetries
         loss_of = lambda out, idx: nn.functional.cross_entropy(out, targets.index_select(0, idx))
         score = lambda x: model(x).softmax(dim=1)[:, 1]
-    else:
-        raise SystemExit(
-            f"unknown model {model_name!r}: conv_autoencoder, fault_classifier, tcn_forecaster or defect_cnn"
-        )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     trained = 0
     seconds = 0.0
@@ -195,7 +194,29 @@ def main() -> None:
         for first in range(0, samples, 256):
             score(data[first:first + 256])
     inference = time.perf_counter() - started
-    print(json.dumps({"samples_per_s": trained / seconds, "inference_windows_per_s": samples / inference}))
+    return {"samples_per_s": trained / seconds, "inference_windows_per_s": samples / inference}
+
+
+def main() -> None:
+    model_name, channels, window, batch, samples, epochs, threads = sys.argv[1:8]
+    channels, window, batch, samples, epochs, threads = map(
+        int, (channels, window, batch, samples, epochs, threads)
+    )
+    if model_name not in MODELS:
+        raise SystemExit(f"unknown model {model_name!r}: {', '.join(MODELS)}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    # The vision expert's samples are square images, the others' channel-major windows.
+    shape = (samples, channels, window) + ((window,) if model_name == "defect_cnn" else ())
+    data = torch.randn(shape)
+    classes = CLASSES.get(model_name)
+    targets = None if classes is None else torch.randint(0, classes, (samples,))
+    first_round = torch.get_rng_state()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        torch.set_rng_state(first_round)
+        speeds = one_round(model_name, channels, window, batch, epochs, data, targets)
+        print(json.dumps(speeds), flush=True)
 
 
 if __name__ == "__main__":

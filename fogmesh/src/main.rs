@@ -158,16 +158,21 @@ enum Workload {
         #[arg(long, default_value_t = 1.0)]
         every: f64,
     },
-    /// Training and inference speed of the time-series models against PyTorch eager.
+    /// Training and inference speed of the time-series models and the vision expert
+    /// against PyTorch eager: rounds taken in turns, medians compared.
     Train {
         /// Random windows per model.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = fogmesh_simulations::bench_train::SAMPLES)]
         samples: usize,
-        #[arg(long, default_value_t = 3)]
+        /// Training passes per round.
+        #[arg(long, default_value_t = fogmesh_simulations::bench_train::EPOCHS)]
         epochs: usize,
         /// libtorch intra-op threads, for both fogmesh and PyTorch.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Rounds per side and model, each a fresh model trained and scored.
+        #[arg(long, default_value_t = fogmesh_simulations::bench_train::ROUNDS)]
+        rounds: usize,
     },
     /// Model merging against a memcpy of the same run: random replicas of ~PARAMS f32
     /// parameters in ten tensors, merged on every core.
@@ -682,12 +687,14 @@ fn main() -> anyhow::Result<()> {
                         samples,
                         epochs,
                         threads,
+                        rounds,
                     },
             } => {
                 let options = fogmesh_simulations::bench_train::BenchTrainOptions {
                     samples,
                     epochs,
                     threads,
+                    rounds,
                     ..Default::default()
                 };
                 let report = tokio::task::spawn_blocking(move || {

@@ -246,7 +246,16 @@ fn the_model_store_imports_lists_exports_and_refuses_tampered_weights() {
 #[test]
 fn bench_train_compares_the_time_series_models_with_pytorch() {
     let output = Command::new(BINARY)
-        .args(["bench", "train", "--samples", "512", "--epochs", "1"])
+        .args([
+            "bench",
+            "train",
+            "--samples",
+            "512",
+            "--epochs",
+            "1",
+            "--rounds",
+            "2",
+        ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .env_remove("LD_LIBRARY_PATH")
         .output()
@@ -275,7 +284,12 @@ fn bench_train_compares_the_time_series_models_with_pytorch() {
         ] {
             assert!(m[field].as_f64().is_some_and(|v| v > 0.0), "{field} in {m}");
         }
+        for side in ["fogmesh_rounds", "pytorch_rounds"] {
+            let rounds = m[side].as_array().expect("the rounds of each side");
+            assert_eq!(rounds.len(), 2, "{side} in {m}");
+        }
     }
+    assert_eq!(report["rounds"], 2);
 }
 
 #[tokio::test]
