@@ -57,15 +57,16 @@ pub(crate) fn conv_along_time(
 }
 
 /// The sensor trunk the fault classifier and the fusion expert share: two ReLU'd
-/// `k = 5`, same-length convolutions over `[N, C, L]` windows, averaged over time into
-/// `[N, hidden]`.
+/// same-length convolutions (odd kernels, padded by half their width) over `[N, C, L]`
+/// windows, averaged over time into `[N, hidden]`.
 pub(crate) fn pooled_sensor_features(
     windows: &Tensor,
     conv1: &nn::Conv1D,
     conv2: &nn::Conv1D,
 ) -> Result<Tensor, TchError> {
     let conv = |x: &Tensor, layer: &nn::Conv1D| {
-        conv_along_time(x, &layer.ws, layer.bs.as_ref(), 2, 1)?.f_relu()
+        let width = layer.ws.size()[2];
+        conv_along_time(x, &layer.ws, layer.bs.as_ref(), width / 2, 1)?.f_relu()
     };
     let hidden = conv(&conv(&sequence(windows)?, conv1)?, conv2)?;
     hidden.f_mean_dim([2i64, 3].as_slice(), false, Kind::Float)
