@@ -1,5 +1,5 @@
-//! Embeds the libtorch folder as an rpath for this package's binaries and tests.
+//! Links libtorch (rpath, CUDA backend where present) into this package's binaries and tests.
 
 fn main() {
-    fogmesh_build_support::embed_libtorch_rpath();
+    fogmesh_build_support::link_libtorch();
 }

@@ -143,7 +143,7 @@ def symmetries(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-# Timed inference passes per round, as in simulations/src/bench_train.rs.
+# Timed inference passes per round, as in bench/src/training_speed.rs.
 INFERENCE_PASSES = 3
 MODELS = ("conv_autoencoder", "fault_classifier", "tcn_forecaster", "defect_cnn")
 # Label classes of the classifiers; the other models reconstruct or forecast their windows.

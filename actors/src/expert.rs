@@ -74,22 +74,53 @@ impl Default for BatchingSpec {
 pub struct ExpertSpec {
     pub name: String,
     pub model_version: String,
+    /// The built-in autoencoder's configuration, whose `channels` and `window` are also
+    /// the window a TorchScript file declares; a stored version brings its own.
     pub config: AutoencoderConfig,
-    /// safetensors bytes of the trained weights; `None` starts from `seed`.
-    pub weights: Option<Arc<[u8]>>,
-    pub weights_sha256: Option<String>,
-    pub seed: i64,
     /// Alarm limit on this model's score, from calibration on normal operation.
     pub threshold: Option<f32>,
     pub batching: BatchingSpec,
     pub intra_op_threads: usize,
-    /// A TorchScript file to serve instead of the autoencoder (bring your own model).
-    /// Its declared signature is one input `[batch, config.channels, config.window]`
-    /// and one score per window, `[batch]`; the file is checked against it on load.
-    pub torchscript: Option<PathBuf>,
-    /// A model version from the store to serve instead of the autoencoder; `config`,
-    /// `weights` and `seed` then do not apply.
-    pub stored: Option<StoredModel>,
+    pub source: ModelSource,
+}
+
+/// Where an expert's model comes from: exactly one of three sources.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// fogmesh's convolutional autoencoder as [`ExpertSpec::config`] describes it:
+    /// trained safetensors weights (checked against `weights_sha256` when the config
+    /// pins one) or, with none, initialised from `seed`.
+    Autoencoder {
+        weights: Option<Arc<[u8]>>,
+        weights_sha256: Option<String>,
+        seed: i64,
+    },
+    /// A TorchScript file brought by the user. Its declared signature is one input
+    /// `[batch, config.channels, config.window]` and one score per window, `[batch]`;
+    /// the file is checked against it on load.
+    TorchScript(PathBuf),
+    /// A model version from the store, of any architecture the zoo serves (boxed: its
+    /// manifest is many times the size of the other sources).
+    Stored(Box<StoredModel>),
+}
+
+impl ModelSource {
+    /// An untrained autoencoder initialised from `seed`.
+    pub fn seeded(seed: i64) -> ModelSource {
+        ModelSource::Autoencoder {
+            weights: None,
+            weights_sha256: None,
+            seed,
+        }
+    }
+
+    /// The stored version, when the model comes from the store.
+    pub fn stored(&self) -> Option<&StoredModel> {
+        match self {
+            ModelSource::Stored(stored) => Some(stored),
+            _ => None,
+        }
+    }
 }
 
 /// A stored model version, read from a node's model store, ready to load.
@@ -105,7 +136,7 @@ pub struct StoredModel {
 impl ExpertSpec {
     /// Values in one window this expert takes.
     pub fn window_len(&self) -> usize {
-        match &self.stored {
+        match self.source.stored() {
             Some(stored) => fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
                 .map_or(0, |a| a.window_len()),
             None => self.config.window_len(),
@@ -115,7 +146,7 @@ impl ExpertSpec {
     /// `(channels, samples)` of the windows this expert takes: the stored model's
     /// input, else the autoencoder's (and a TorchScript file's declared) shape.
     pub fn window_shape(&self) -> (usize, usize) {
-        match &self.stored {
+        match self.source.stored() {
             Some(stored) => fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
                 .map_or((0, 0), |a| {
                     let [channels, length] = a.input_shape();
@@ -125,12 +156,26 @@ impl ExpertSpec {
         }
     }
 
+    /// Whether a running expert can move from this spec to `new` by a hot swap rather
+    /// than a restart: only the model differs (version, weights, threshold), and it
+    /// takes the same window, so its routers and batching stay as they are. A
+    /// TorchScript file is loaded once at start and never swapped.
+    pub fn swaps_to(&self, new: &ExpertSpec) -> bool {
+        self != new
+            && self.name == new.name
+            && self.batching == new.batching
+            && self.intra_op_threads == new.intra_op_threads
+            && !matches!(self.source, ModelSource::TorchScript(_))
+            && !matches!(new.source, ModelSource::TorchScript(_))
+            && self.window_len() == new.window_len()
+    }
+
     /// `conv_autoencoder`, `torchscript`, or the stored model's architecture.
     pub fn model_name(&self) -> String {
-        match (&self.stored, &self.torchscript) {
-            (Some(stored), _) => stored.manifest.architecture.clone(),
-            (None, Some(_)) => "torchscript".into(),
-            (None, None) => "conv_autoencoder".into(),
+        match &self.source {
+            ModelSource::Stored(stored) => stored.manifest.architecture.clone(),
+            ModelSource::TorchScript(_) => "torchscript".into(),
+            ModelSource::Autoencoder { .. } => "conv_autoencoder".into(),
         }
     }
 
@@ -141,7 +186,7 @@ impl ExpertSpec {
         if let Some(t) = self.threshold {
             return Some(t);
         }
-        let stored = self.stored.as_ref()?;
+        let stored = self.source.stored()?;
         if let Some(t) = stored.manifest.metrics.get("threshold") {
             return Some(*t as f32);
         }
@@ -181,14 +226,7 @@ impl ExpertSpec {
                 ));
             }
         }
-        if let Some(stored) = &self.stored {
-            if self.torchscript.is_some() {
-                return Err(invalid(
-                    "model",
-                    stored.manifest.id(),
-                    "an expert serves either a stored model or a TorchScript file, not both",
-                ));
-            }
+        if let Some(stored) = self.source.stored() {
             return fogmesh_models::served::Architecture::from_manifest(&stored.manifest)
                 .map(|_| ())
                 .map_err(|e| SpecError::Model {
@@ -583,40 +621,45 @@ enum ExpertModel {
 
 impl ExpertModel {
     fn load(spec: &ExpertSpec, device: tch::Device) -> Result<ExpertModel, String> {
-        if let Some(stored) = &spec.stored {
-            let model =
-                ServedModel::load(&stored.manifest, &stored.weights, &stored.assets, device)
-                    .map_err(|e| format!("{}: {e}", stored.manifest.id()))?;
-            let labels = model.labels().iter().map(|l| l.as_str().into()).collect();
-            return Ok(ExpertModel::Stored(model, labels));
-        }
-        if let Some(path) = &spec.torchscript {
-            let signature = Signature {
-                inputs: vec![TensorSpec {
-                    shape: vec![-1, spec.config.channels, spec.config.window],
-                    dtype: Dtype::F32,
-                }],
-                output: TensorSpec {
-                    shape: vec![-1],
-                    dtype: Dtype::F32,
-                },
-            };
-            return ScriptedModel::load(path, signature, device)
-                .map(ExpertModel::Scripted)
-                .map_err(|e| e.to_string());
-        }
-        let model = match &spec.weights {
-            Some(bytes) => ConvAutoencoder::from_safetensors(
-                spec.config.clone(),
-                bytes,
-                spec.weights_sha256.as_deref(),
-                device,
-            ),
-            None => ConvAutoencoder::new(spec.config.clone(), device, spec.seed),
-        };
-        model
+        match &spec.source {
+            ModelSource::Stored(stored) => {
+                let model =
+                    ServedModel::load(&stored.manifest, &stored.weights, &stored.assets, device)
+                        .map_err(|e| format!("{}: {e}", stored.manifest.id()))?;
+                let labels = model.labels().iter().map(|l| l.as_str().into()).collect();
+                Ok(ExpertModel::Stored(model, labels))
+            }
+            ModelSource::TorchScript(path) => {
+                let signature = Signature {
+                    inputs: vec![TensorSpec {
+                        shape: vec![-1, spec.config.channels, spec.config.window],
+                        dtype: Dtype::F32,
+                    }],
+                    output: TensorSpec {
+                        shape: vec![-1],
+                        dtype: Dtype::F32,
+                    },
+                };
+                ScriptedModel::load(path, signature, device)
+                    .map(ExpertModel::Scripted)
+                    .map_err(|e| e.to_string())
+            }
+            ModelSource::Autoencoder {
+                weights,
+                weights_sha256,
+                seed,
+            } => match weights {
+                Some(bytes) => ConvAutoencoder::from_safetensors(
+                    spec.config.clone(),
+                    bytes,
+                    weights_sha256.as_deref(),
+                    device,
+                ),
+                None => ConvAutoencoder::new(spec.config.clone(), device, *seed),
+            }
             .map(ExpertModel::Autoencoder)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string()),
+        }
     }
 
     /// One score (and, for classifiers, class) per window of `input` (windows back to

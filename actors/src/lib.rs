@@ -37,7 +37,8 @@ pub use continual_learner::{
 pub use directory::NodeDirectory;
 pub use error::{IngestError, ScoreError, SpecError};
 pub use expert::{
-    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, StoredModel,
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
+    StoredModel,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use merger::{

@@ -33,8 +33,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fogmesh_models::continual::{evaluate, GateReport, ReplayItem, ValidationGate};
-use fogmesh_models::merge::MergeMethod;
-use fogmesh_models::merging::{check_same_network, merge_stored, MergeSpec, MergingError};
+use fogmesh_models::merge::{
+    check_same_network, merge_stored, MergeMethod, MergeSpec, MergingError,
+};
 use fogmesh_models::served::Assets;
 use fogmesh_models::store::{Manifest, ModelStore, StoreError};
 use fogmesh_models::ModelError;

@@ -26,15 +26,16 @@
 //! reached through their [`crate::ExpertEndpoint`]). A window goes to the replica here
 //! first, else to the remote one with the least outstanding work; a replica that fails
 //! or stays silent past the [`RetryPolicy`]'s attempt timeout is skipped and the next
-//! one tried, and with none left the window waits, with backoff, for a replica to
-//! appear (a lost node's expert re-placed elsewhere) until the policy's deadline. Each
-//! window still yields exactly one verdict.
+//! one tried, and with none left the window waits, with jittered backoff
+//! ([`RETRY_WAIT`]), for a replica to appear (a lost node's expert re-placed elsewhere)
+//! until the policy's deadline. Each window still yields exactly one verdict.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use dashmap::DashMap;
 
 use fogmesh_models::SoftmaxGate;
@@ -377,6 +378,18 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Longest wait between two searches for a replica, before jitter.
+const MAX_RETRY_WAIT: Duration = Duration::from_millis(200);
+
+/// The waits between searches for a replica of an expert with none reachable, from
+/// 10 ms up. Jitter (up to the wait itself) keeps the windows that lost their replica
+/// together, on every router, from asking the mesh again in lockstep.
+const RETRY_WAIT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(10))
+    .with_max_delay(MAX_RETRY_WAIT)
+    .with_jitter()
+    .without_max_times();
+
 /// Most bytes of window values a router sends to a replica on another node. Well
 /// under ractor_cluster's 16 MiB frame limit, which closes the whole link when crossed:
 /// one oversized window must not cost every other window on that link.
@@ -476,8 +489,10 @@ impl Replicas {
         expert: &Arc<str>,
         window: &Window,
     ) -> Result<ExpertVerdict, ScoreError> {
-        let deadline = Instant::now() + self.retry.deadline;
-        let mut backoff = Duration::from_millis(10);
+        // tokio's clock, not the OS's: the retry deadline and its backoff sleeps must
+        // agree, and tests drive both on paused time.
+        let deadline = tokio::time::Instant::now() + self.retry.deadline;
+        let mut backoff = RETRY_WAIT.build();
         let mut last_error = None;
         let retries = metrics::counter!(telemetry::ROUTER_RETRIES, "router" => router.to_string(), "expert" => expert.to_string());
         loop {
@@ -516,15 +531,16 @@ impl Replicas {
                     done => return done,
                 }
             }
-            let now = Instant::now();
+            let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(last_error.unwrap_or_else(|| ScoreError::ExpertUnavailable {
                     expert: expert.to_string(),
                     reason: format!("no replica on any node within {:?}", self.retry.deadline),
                 }));
             }
-            tokio::time::sleep(backoff.min(deadline - now)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
+            // Never exhausted (no max times); the cap stands in should that change.
+            let wait = backoff.next().unwrap_or(MAX_RETRY_WAIT);
+            tokio::time::sleep(wait.min(deadline - now)).await;
         }
     }
 }
@@ -624,6 +640,35 @@ mod tests {
             length: values,
             values: vec![0.0; values].into(),
             quality: QualityFlags::default(),
+        }
+    }
+
+    /// With no replica anywhere, a window waits with backoff for one to be placed and
+    /// fails at the retry deadline, not before and not never; on paused time the test
+    /// takes no wall-clock time.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_with_no_replica_fails_at_the_retry_deadline() {
+        let retry = RetryPolicy {
+            attempt_timeout: Duration::from_secs(3),
+            deadline: Duration::from_secs(15),
+        };
+        let replicas = Replicas::new(Arc::new(NodeDirectory::default()), retry);
+        let started = tokio::time::Instant::now();
+        let error = replicas
+            .verdict("r1", &Arc::from("nowhere-ae"), &window_of(8))
+            .await
+            .unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            waited >= retry.deadline && waited < retry.deadline + Duration::from_millis(250),
+            "waited {waited:?}"
+        );
+        match error {
+            ScoreError::ExpertUnavailable { expert, reason } => {
+                assert_eq!(expert, "nowhere-ae");
+                assert_eq!(reason, "no replica on any node within 15s");
+            }
+            other => panic!("expected ExpertUnavailable, got {other:?}"),
         }
     }
 

@@ -26,10 +26,12 @@
 //! by a mesh rollout (`crate::rollout::MeshPromoter`), so every replica gets it.
 //!
 //! Before a node parses an adopted spec it copies the stored model versions the spec
-//! names and its store lacks from a peer (`crate::rollout::ensure_local`). An expert
-//! whose spec changed only in its model (a rollout or rollback) is hot-swapped
-//! (`Node::swap_expert`) rather than restarted, so it never stops serving; then the
-//! node gossips which version each of its replicas runs.
+//! names and its store lacks from a peer (`crate::rollout::ensure_local`), then hands
+//! its share to the node agent in one reconcile. The agent hot-swaps an expert whose
+//! spec changed only in its model (a rollout or rollback) rather than restarting it, so
+//! it never stops serving; a version an expert refuses is recorded as this node's error
+//! and the replica keeps its version. Then the node gossips which version each of its
+//! replicas runs.
 //!
 //! Views differ for a moment after a change (two nodes may each think they lead);
 //! the placement with the highest epoch wins once gossip settles, and routers retry
@@ -43,6 +45,7 @@ use std::time::Duration;
 use fogmesh_actors::{ContinualLearner, ExpertSpec, LearningSpec, Node, NodeSpec, RunningLearner};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Role;
 use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY, VERSIONS_KEY};
@@ -50,7 +53,6 @@ use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
 use crate::peer_links::{LinkState, LinkView};
 use crate::placement::{self, Assignment, Candidate};
 use crate::rollout::{self, RolloutRecord};
-use crate::shutdown::Shutdown;
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).
 pub const ROUND_INTERVAL: Duration = Duration::from_millis(500);
@@ -209,8 +211,8 @@ pub fn place(
 }
 
 impl Deployment {
-    /// Runs rounds until `shutdown` fires.
-    pub(crate) async fn run(self, mut shutdown: Shutdown) {
+    /// Runs rounds until `shutdown` is cancelled.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut changes = self.membership.changes();
         let mut links = self.links.clone();
         let mut own_spec = load_stored(&self.data);
@@ -233,7 +235,7 @@ impl Deployment {
             // A watch whose sender is gone (gossip or the link keeper stopped) would
             // answer at once forever; its branch then sits out and the tick drives.
             tokio::select! {
-                () = shutdown.fired() => {
+                () = shutdown.cancelled() => {
                     for (_, learner) in std::mem::take(&mut learners) {
                         learner.shutdown().await;
                     }
@@ -358,13 +360,15 @@ impl Deployment {
             let mut target = spec.share(&self.node_name, &follow.experts);
             merge(&mut target, &self.local);
             if applied.as_ref() != Some(&target) {
-                if let Some(before) = &applied {
-                    self.swap_changed_models(before, &target).await;
-                }
                 match self.node.reconcile(target.clone()).await {
                     Ok(report) => {
                         if !report.is_empty() {
-                            tracing::info!(epoch = follow.epoch, started = ?report.started, stopped = ?report.stopped, restarted = ?report.restarted, "running this node's share of the mesh");
+                            tracing::info!(epoch = follow.epoch, started = ?report.started, stopped = ?report.stopped, restarted = ?report.restarted, swapped = ?report.swapped, "running this node's share of the mesh");
+                        }
+                        for (expert, error) in &report.refused {
+                            self.record_error(format!(
+                                "expert {expert} did not swap to the spec's version: {error}"
+                            ));
                         }
                         let serving: Vec<&str> =
                             target.experts.iter().map(|e| e.name.as_str()).collect();
@@ -404,32 +408,12 @@ impl Deployment {
         Ok(())
     }
 
-    /// Hot-swaps the experts whose spec changed from `before` to `target` only in
-    /// their model. One that does not swap is left to the reconcile, which restarts it.
-    async fn swap_changed_models(&self, before: &NodeSpec, target: &NodeSpec) {
-        for new in &target.experts {
-            let Some(old) = before.experts.iter().find(|e| e.name == new.name) else {
-                continue;
-            };
-            if !rollout::swappable(old, new) {
-                continue;
-            }
-            match self.node.swap_expert(new.clone()).await {
-                Ok(version) => {
-                    tracing::info!(expert = %new.name, %version, "expert swapped to the spec's version")
-                }
-                Err(e) => self.record_error(format!(
-                    "expert {} did not swap to {}: {e}",
-                    new.name, new.model_version
-                )),
-            }
-        }
-    }
-
     /// Keeps one learner per mesh expert that learns and whose learner node this is
     /// ([`MeshSpec::learners`]), promoting through a mesh rollout. A learner whose
-    /// expert the spec moved to another version than the one it knows (a rollout or
-    /// rollback by someone else) is started again from that version.
+    /// expert the spec moved to a version it neither serves nor is promoting (a rollout
+    /// or rollback by someone else) is started again from that version; the spec its own
+    /// promotion commits, which this loop may adopt before the learner's round ends,
+    /// never restarts it.
     async fn run_learners(&self, spec: &MeshSpec, learners: &mut BTreeMap<String, RunningLearner>) {
         let wanted: BTreeMap<String, (ExpertSpec, LearningSpec)> = spec
             .learners()
@@ -441,8 +425,8 @@ impl Deployment {
             .iter()
             .filter(|(name, learner)| {
                 wanted.get(*name).is_none_or(|(expert, _)| {
-                    let stored = expert.stored.as_ref().map(|s| s.manifest.id());
-                    stored.as_deref() != Some(&*learner.handle.shared.snapshot().serving_version)
+                    let stored = expert.source.stored().map(|s| s.manifest.id());
+                    !stored.is_some_and(|id| learner.handle.shared.knows_version(&id))
                 })
             })
             .map(|(name, _)| name.clone())

@@ -1,7 +1,7 @@
 //! A fogmesh node on the network: its TOML configuration, the gRPC services (`Ingest`,
 //! `Inference`, `Control`, `Telemetry`, `ClusterLink`) over the actors of
 //! `fogmesh-actors`, `ModelStore` over the node's model store with the client that
-//! copies versions between nodes ([`model_store_service`]), MQTT ingest, file replay,
+//! copies versions between nodes ([`model_store`]), MQTT ingest, file replay,
 //! the Prometheus endpoint, and the mesh: cluster links ([`link`], [`peer_links`]),
 //! gossip membership ([`membership`]), mesh specs ([`mesh_spec`]), placement
 //! ([`placement`]) and the deployment loop ([`deployment`]), started together by
@@ -25,14 +25,13 @@ pub mod membership;
 pub mod mesh;
 pub mod mesh_spec;
 pub mod metrics_endpoint;
-pub mod model_store_service;
+pub mod model_store;
 mod mqtt;
 pub mod peer_links;
 pub mod placement;
 pub mod rollout;
 pub mod server;
 mod services;
-mod shutdown;
 pub mod status;
 pub mod status_table;
 pub mod telemetry;
@@ -42,7 +41,7 @@ pub use config::{
     ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig,
 };
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
-pub use model_store_service::{
+pub use model_store::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES, MAX_MODEL_BYTES,
 };
 pub use server::{run_until, NodeServer, RunningNodeServer, ServeError};

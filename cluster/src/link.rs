@@ -40,6 +40,7 @@ use tokio_util::sync::PollSender;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::status::ServiceError;
 use crate::telemetry;
 
 /// Largest chunk of ractor bytes in one `LinkFrame`.
@@ -196,7 +197,7 @@ pub(crate) fn admit<T>(
     key: &ClusterKey,
     node: &str,
     what: &str,
-) -> Result<String, Status> {
+) -> Result<String, ServiceError> {
     let header = |name: &str| {
         request
             .metadata()
@@ -212,14 +213,13 @@ pub(crate) fn admit<T>(
     if !carries_key(request, key) {
         tracing::warn!(peer = %peer, %addr, call = what, "refused a node whose cluster secret differs from this mesh's");
         metrics::counter!(telemetry::LINKS_REFUSED).increment(1);
-        return Err(Status::permission_denied(format!(
-            "node `{node}` refused `{peer}`: its cluster secret differs from this mesh's ([cluster] secret)"
-        )));
+        return Err(ServiceError::LinkRefused {
+            node: node.to_string(),
+            peer,
+        });
     }
     if peer.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "metadata `{NODE_HEADER}`: a node must say its name"
-        )));
+        return Err(ServiceError::UnnamedPeer);
     }
     Ok(peer)
 }
@@ -276,7 +276,10 @@ impl ClusterLink for ClusterLinkService {
                 stream: Box::new(stream),
                 is_server: true,
             })
-            .map_err(|e| Status::unavailable(format!("node `{}` is stopping: {e}", self.node)))?;
+            .map_err(|e| ServiceError::NodeStopping {
+                node: self.node.clone(),
+                source: e.map(drop),
+            })?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -17,6 +17,7 @@ use ractor::{Actor, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::capabilities::Capabilities;
 use crate::config::{ClusterSection, Role};
@@ -28,7 +29,6 @@ use crate::membership::{
 use crate::peer_links::{
     LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
 };
-use crate::shutdown::Shutdown;
 use crate::telemetry;
 
 /// The host part ractor_cluster appends to node names (`edge-1@fogmesh`).
@@ -75,7 +75,7 @@ impl Mesh {
     pub(crate) async fn start(
         settings: MeshSettings,
         node: Node,
-        shutdown: Shutdown,
+        shutdown: CancellationToken,
     ) -> Result<Mesh, MeshError> {
         let key = ClusterKey::from_secret(&settings.cluster.secret);
         let server = ractor_cluster::NodeServer::new(
@@ -232,7 +232,7 @@ async fn feed_peers(
     me: String,
     membership: Arc<Membership>,
     links: ActorRef<PeerLinksMsg>,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) {
     let mut changes = membership.changes();
     let mut known: BTreeMap<String, String> = BTreeMap::new();
@@ -260,7 +260,7 @@ async fn feed_peers(
             return;
         }
         tokio::select! {
-            () = shutdown.fired() => return,
+            () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
         }
     }
@@ -269,12 +269,12 @@ async fn feed_peers(
 async fn publish_load(
     membership: Arc<Membership>,
     capabilities: Capabilities,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(LOAD_INTERVAL);
     loop {
         tokio::select! {
-            () = shutdown.fired() => return,
+            () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
         let load = LoadCard::from(capabilities.load());

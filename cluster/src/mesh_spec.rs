@@ -25,7 +25,8 @@ use fogmesh_actors::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    ClusterSection, ConfigError, ExpertConfig, Limits, NodeConfig, NodeSection, Role, RouterConfig,
+    fold_max_wait, ClusterSection, ConfigError, ExpertConfig, Limits, NodeConfig, NodeSection,
+    Role, RouterConfig,
 };
 use crate::placement::{Assignment, Candidate, Demand};
 
@@ -158,7 +159,10 @@ impl MeshSpec {
                     "must be at least 1".into(),
                 ));
             }
-            let config: ExpertConfig = toml::Value::Table(table).try_into().map_err(syntax)?;
+            // serde fills in `max_wait_us` when absent; the table says if it was written.
+            let us_written = table.contains_key("max_wait_us");
+            let mut config: ExpertConfig = toml::Value::Table(table).try_into().map_err(syntax)?;
+            fold_max_wait(file, i, &mut config, us_written)?;
             if let Some(learning) = &config.learning {
                 if config.model.is_none() {
                     return Err(invalid(
@@ -513,6 +517,31 @@ router = "r1"
             let error = parse(&broken).expect_err(needle);
             assert!(error.contains(needle), "`{needle}` not in: {error}");
         }
+    }
+
+    #[test]
+    fn max_wait_reads_in_words_and_not_beside_max_wait_us() {
+        let spec =
+            parse(&GOOD.replace("replicas = 2", "replicas = 2\nmax_wait = \"5ms\"")).unwrap();
+        assert_eq!(spec.experts[0].config.max_wait_us, 5_000);
+        let both = parse(&GOOD.replace(
+            "replicas = 2",
+            "replicas = 2\nmax_wait = \"5ms\"\nmax_wait_us = 10",
+        ))
+        .unwrap_err();
+        for needle in [
+            "mesh.toml",
+            "experts[0].max_wait`",
+            "experts[0].max_wait_us`",
+        ] {
+            assert!(both.contains(needle), "lacks {needle:?}: {both}");
+        }
+        let bad =
+            parse(&GOOD.replace("replicas = 2", "replicas = 2\nmax_wait = \"soon\"")).unwrap_err();
+        assert!(
+            bad.contains("experts[0].max_wait") && bad.contains("\"soon\""),
+            "{bad}"
+        );
     }
 
     #[test]

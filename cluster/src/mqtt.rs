@@ -22,25 +22,34 @@
 //! gates reading the next message (back-pressure on the broker instead of a queue).
 //! Acks leave through `try_publish`, so the task never waits on the outgoing queue it
 //! alone drains. When the broker goes away the event loop reports an error; the task
-//! sleeps (exponential backoff up to [`MAX_BACKOFF`]) and polls again, which
-//! reconnects; the subscription is renewed on every connection.
+//! sleeps ([`RECONNECT`]: exponential backoff up to [`MAX_BACKOFF`], with jitter so
+//! that the nodes a broker restart disconnected together do not reconnect together)
+//! and polls again, which reconnects; the subscription is renewed on every connection.
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeReasonCode,
 };
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
 use crate::ingest::Ingestor;
-use crate::shutdown::Shutdown;
 use crate::telemetry;
 
 /// First wait after a connection error; doubled per consecutive error.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts.
+/// Longest wait between reconnection attempts, before jitter.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The waits between reconnection attempts. Jitter adds up to the wait itself, so a
+/// wait lies between the backoff and twice it.
+const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(MIN_BACKOFF)
+    .with_max_delay(MAX_BACKOFF)
+    .with_jitter()
+    .without_max_times();
 /// Requests (acks, subscriptions) the client may queue for the event loop.
 const OUTGOING_QUEUE: usize = 256;
 /// Incoming packets up to twice `max_message_bytes` (plus room for the topic) are read
@@ -66,18 +75,18 @@ struct Topics {
     broker: String,
 }
 
-/// Runs ingest from one broker until `shutdown` fires.
+/// Runs ingest from one broker until `shutdown` is cancelled.
 ///
 /// Cancel safety: cancel-safe in that every message is answered or left unread; a
 /// cancelled task does not send its DISCONNECT, so the broker notices through the keep
-/// alive instead. Prefer `shutdown`.
+/// alive instead. Prefer cancelling `shutdown`.
 pub(crate) async fn run(
     config: MqttConfig,
     node_name: String,
     index: usize,
     ingest: Ingestor,
     max_message_bytes: usize,
-    mut shutdown: Shutdown,
+    shutdown: CancellationToken,
 ) {
     let prefix = config.topic_prefix(&node_name);
     let topics = Topics {
@@ -98,16 +107,16 @@ pub(crate) async fn run(
         .saturating_add(PACKET_HEADROOM);
     options.set_max_packet_size(max_packet, max_packet);
     let (client, mut events) = AsyncClient::new(options, OUTGOING_QUEUE);
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = RECONNECT.build();
     loop {
         let event = tokio::select! {
             biased;
-            () = shutdown.fired() => break,
+            () = shutdown.cancelled() => break,
             event = events.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = MIN_BACKOFF;
+                backoff = RECONNECT.build();
                 tracing::info!(broker = %topics.broker, %filter, "connected to the mqtt broker");
                 if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
                     tracing::error!(broker = %topics.broker, error = %e, "cannot queue the ingest subscription");
@@ -128,12 +137,13 @@ pub(crate) async fn run(
             Ok(_) => {}
             Err(e) => {
                 metrics::counter!(telemetry::MQTT_CONNECTION_ERRORS, "broker" => topics.broker.clone()).increment(1);
-                tracing::warn!(broker = %topics.broker, error = %e, retry_in = ?backoff, "mqtt connection failed");
+                // Never exhausted (no max times); the cap stands in should that change.
+                let wait = backoff.next().unwrap_or(MAX_BACKOFF);
+                tracing::warn!(broker = %topics.broker, error = %e, retry_in = ?wait, "mqtt connection failed");
                 tokio::select! {
-                    () = shutdown.fired() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

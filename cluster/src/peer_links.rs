@@ -11,7 +11,8 @@
 //! What ractor_cluster leaves to us (see ARCHITECTURE.md): it never redials, has no
 //! handshake timeout, and its pings have no deadline. So:
 //! - one side dials each pair (the node whose name sorts first), redialing with
-//!   exponential backoff from [`MIN_BACKOFF`] to [`MAX_BACKOFF`];
+//!   exponential backoff from [`MIN_BACKOFF`] to [`MAX_BACKOFF`] ([`REDIAL`]), jittered
+//!   so that the links one lost peer took down are not all redialed at once;
 //! - a session not ready within [`HANDSHAKE_TIMEOUT`] is killed (a peer that accepts
 //!   TCP and then says nothing would otherwise hold the slot forever);
 //! - every [`HEARTBEAT_INTERVAL`] each ready link carries an echo to the peer's
@@ -22,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{
@@ -33,7 +35,15 @@ use crate::link::{self, ClusterKey, LinkError};
 use crate::telemetry;
 
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest redial backoff, before jitter.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The waits before each redial of a link that went down. Jitter adds up to the wait
+/// itself, so a wait lies between the backoff and twice it.
+const REDIAL: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(MIN_BACKOFF)
+    .with_max_delay(MAX_BACKOFF)
+    .with_jitter()
+    .without_max_times();
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub const MISSED_BEATS: u32 = 3;
@@ -164,7 +174,8 @@ struct Peer {
     state: LinkState,
     since: Instant,
     session: Option<(u64, ActorRef<NodeSessionMessage>)>,
-    backoff: Duration,
+    /// Started afresh each time the link becomes ready.
+    backoff: ExponentialBackoff,
     next_dial: Instant,
     last_beat: Instant,
     missed_beats: u32,
@@ -180,7 +191,7 @@ impl Peer {
             state: LinkState::Down,
             since: now,
             session: None,
-            backoff: MIN_BACKOFF,
+            backoff: REDIAL.build(),
             next_dial: now,
             last_beat: now,
             missed_beats: 0,
@@ -202,8 +213,8 @@ impl Peer {
         self.enter(peer, LinkState::Down);
         self.session = None;
         self.missed_beats = 0;
-        self.next_dial = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        // Never exhausted (no max times); the cap stands in should that change.
+        self.next_dial = Instant::now() + self.backoff.next().unwrap_or(MAX_BACKOFF);
         self.last_error = Some(reason);
     }
 }
@@ -369,7 +380,7 @@ impl PeerLinksState {
             }
             SessionEvent::Ready => {
                 peer.session = Some((id, info.actor.clone()));
-                peer.backoff = MIN_BACKOFF;
+                peer.backoff = REDIAL.build();
                 peer.missed_beats = 0;
                 peer.last_error = None;
                 peer.enter(&name, LinkState::Ready);

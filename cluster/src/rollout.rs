@@ -14,7 +14,7 @@
 //!    named in the reply and takes the version from a peer when it returns.
 //! 3. **Commit**: the new spec is stored with the next version number; the deployment
 //!    loop spreads it by gossip, and every node hot-swaps its replicas
-//!    ([`swappable`] changes) between two batches, so no request fails and none is
+//!    (`ExpertSpec::swaps_to` changes) between two batches, so no request fails and none is
 //!    scored by a half-loaded model. A replica re-placed from a lost node starts on the
 //!    new version, so once the mesh settles every replica serves one version.
 //!
@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::deployment::{candidates, DeploymentState};
 use crate::membership::{Member, Membership};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
-use crate::model_store_service::{download_version, upload_version, TransferError};
+use crate::model_store::{download_version, upload_version, TransferError};
 use crate::peer_links::LinkView;
 
 /// Longest one node may take to receive a version in the prepare phase.
@@ -147,7 +147,7 @@ pub async fn run(
         .expert_spec(expert)
         .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?
         .clone();
-    let Some(from) = serving.stored.as_ref().map(|s| s.manifest.clone()) else {
+    let Some(from) = serving.source.stored().map(|s| s.manifest.clone()) else {
         return Err(RolloutError::NotStored {
             expert: expert.to_string(),
             serving: serving.model_name(),
@@ -310,19 +310,6 @@ fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentS
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
     }
-}
-
-/// Whether a running expert can move from `old` to `new` by a hot swap rather than a
-/// restart: only the model differs (version, weights, threshold), and it takes the
-/// same window, so its routers and batching stay as they are.
-pub fn swappable(old: &ExpertSpec, new: &ExpertSpec) -> bool {
-    old != new
-        && old.name == new.name
-        && old.batching == new.batching
-        && old.intra_op_threads == new.intra_op_threads
-        && old.torchscript.is_none()
-        && new.torchscript.is_none()
-        && old.window_len() == new.window_len()
 }
 
 /// The peers a version may come from: every member but `me`, by gRPC address.
@@ -564,14 +551,10 @@ mod tests {
             name: "ae".into(),
             model_version: "ae@1".into(),
             config: fogmesh_models::AutoencoderConfig::w1(2, 16),
-            weights: None,
-            weights_sha256: None,
-            seed: 0,
             threshold: None,
             batching: Default::default(),
             intra_op_threads: 1,
-            torchscript: None,
-            stored: None,
+            source: fogmesh_actors::ModelSource::seeded(0),
         };
         let refused = check_fit(&other, "ae", &serving, "ae@5", &Assets::default()).unwrap_err();
         assert!(refused.to_string().contains("validation gate"), "{refused}");

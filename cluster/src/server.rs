@@ -47,6 +47,7 @@ use fogmesh_proto::telemetry_server::TelemetryServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::capabilities::Capabilities;
 use crate::config::{ConfigError, NodeConfig, ReplayJob};
@@ -54,9 +55,8 @@ use crate::ingest::Ingestor;
 use crate::link;
 use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
-use crate::model_store_service::ModelStoreService;
+use crate::model_store::ModelStoreService;
 use crate::services::{MeshView, NodeServices};
-use crate::shutdown::{self, Shutdown, ShutdownTrigger};
 use crate::{mqtt, telemetry};
 
 /// Scored windows a `WatchAlerts` subscriber may fall behind before it skips some
@@ -117,7 +117,11 @@ pub struct RunningNodeServer {
     learners: Vec<RunningLearner>,
     grpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    trigger: ShutdownTrigger,
+    /// The stop signal of every task the server started (the gRPC server, open
+    /// `PushStream`, `WatchAlerts` and `Download` streams, the mesh, MQTT connections,
+    /// replays and the metrics endpoint). A token rather than a `Notify`: a task that
+    /// starts waiting after cancellation still sees it.
+    shutdown: CancellationToken,
     grpc: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     /// MQTT and replay tasks.
     sources: Vec<JoinHandle<()>>,
@@ -172,7 +176,9 @@ impl NodeServer {
         };
 
         // 5. Join the mesh, then serve.
-        let (trigger, shutdown) = shutdown::channel();
+        // Cancels on an early return below too, so the tasks already started stop.
+        let stop = CancellationToken::new().drop_guard();
+        let shutdown = stop.token().clone();
         let limits = config.limits;
         let mesh = match &config.cluster {
             Some(cluster) => {
@@ -236,12 +242,10 @@ impl NodeServer {
             .add_service(ControlServer::new(services.clone()))
             .add_service(ModelStoreServer::new(model_store))
             .add_service(TelemetryServer::new(services));
-        let mut grpc_shutdown = shutdown.clone();
-        let grpc = tokio::spawn(
-            router.serve_with_incoming_shutdown(nodelay(grpc_listener), async move {
-                grpc_shutdown.fired().await
-            }),
-        );
+        let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
+            nodelay(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        ));
         tracing::info!(node = %config.node.name, %grpc_addr, "serving gRPC");
 
         let metrics_addr = metrics_listener.as_ref().map(|(_, addr)| *addr);
@@ -277,7 +281,8 @@ impl NodeServer {
             learners,
             grpc_addr,
             metrics_addr,
-            trigger,
+            // From here on the server's own drop cancels.
+            shutdown: stop.disarm(),
             grpc: Some(grpc),
             sources,
             metrics_http,
@@ -355,10 +360,10 @@ async fn bind(
 }
 
 /// Feeds one recording into the node; stops early on shutdown.
-async fn run_replay(node: Node, job: ReplayJob, mut shutdown: Shutdown) {
+async fn run_replay(node: Node, job: ReplayJob, shutdown: CancellationToken) {
     let file = job.file.display().to_string();
     tokio::select! {
-        () = shutdown.fired() => tracing::info!(%file, "replay stopped by shutdown"),
+        () = shutdown.cancelled() => tracing::info!(%file, "replay stopped by shutdown"),
         result = replay(&node, &job.recording, &job.plan) => match result {
             Ok(report) => tracing::info!(%file, rows = report.rows, samples = report.samples, "replay finished"),
             Err(e) => {
@@ -411,7 +416,7 @@ impl RunningNodeServer {
 
     /// Stops everything in order (see the module doc) and waits for it.
     pub async fn shutdown(mut self) -> Result<(), ServeError> {
-        self.trigger.fire();
+        self.shutdown.cancel();
         let mut outcome = Ok(());
         if let Some(grpc) = self.grpc.take() {
             if let Some(Ok(Err(source))) = drain("grpc server", grpc).await {
@@ -465,7 +470,7 @@ impl Drop for RunningNodeServer {
     /// Without [`RunningNodeServer::shutdown`] (a panicking test, say), still stop the
     /// tasks and the actors rather than leak them; nothing waits for them.
     fn drop(&mut self) {
-        self.trigger.fire();
+        self.shutdown.cancel();
         for learner in &self.learners {
             learner.stop();
         }

@@ -1,6 +1,6 @@
 //! The gRPC services of one node: `Ingest`, `Inference`, `Control` and `Telemetry`,
 //! all over the same running [`Node`]. (`ClusterLink` is in [`crate::link`],
-//! `ModelStore` in [`crate::model_store_service`].)
+//! `ModelStore` in [`crate::model_store`].)
 //!
 //! - `Ingest.Push`: one batch, one [`IngestAck`]; the rules (limits, unknown sensors,
 //!   partial acceptance and why resending is safe) are in [`crate::ingest`].
@@ -48,6 +48,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use prost::Message;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::capabilities::Capabilities;
@@ -57,7 +58,6 @@ use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
 use crate::peer_links::LinkView;
-use crate::shutdown::Shutdown;
 use crate::status::ServiceError;
 use crate::telemetry;
 
@@ -77,7 +77,7 @@ struct Inner {
     limits: Limits,
     ingest: Ingestor,
     metrics: PrometheusHandle,
-    shutdown: Shutdown,
+    shutdown: CancellationToken,
     mesh: Option<MeshView>,
 }
 
@@ -99,7 +99,7 @@ impl NodeServices {
         role: Role,
         limits: Limits,
         metrics: PrometheusHandle,
-        shutdown: Shutdown,
+        shutdown: CancellationToken,
         mesh: Option<MeshView>,
     ) -> Self {
         let ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_GRPC);
@@ -256,12 +256,12 @@ impl Ingest for NodeServices {
         let mut batches = request.into_inner();
         let (acks, acks_rx) = tokio::sync::mpsc::channel(PUSH_STREAM_ACK_BUFFER);
         let ingest = self.inner.ingest.clone();
-        let mut shutdown = self.inner.shutdown.clone();
+        let shutdown = self.inner.shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
                     biased;
-                    () = shutdown.fired() => break,
+                    () = shutdown.cancelled() => break,
                     next = batches.message() => next,
                 };
                 let ack = match next {
@@ -306,7 +306,7 @@ impl Inference for NodeServices {
             count_inference_rejection("watch_alerts", &e);
             Status::from(e)
         })?;
-        let mut shutdown = self.inner.shutdown.clone();
+        let shutdown = self.inner.shutdown.clone();
         let alerts = BroadcastStream::new(self.inner.node.annunciator.subscribe())
             .filter_map(move |window| {
                 let alert = match window {
@@ -324,19 +324,19 @@ impl Inference for NodeServices {
                 };
                 futures::future::ready(alert)
             })
-            .take_until(async move { shutdown.fired().await });
+            .take_until(shutdown.cancelled_owned());
         Ok(Response::new(Box::pin(alerts)))
     }
 }
 
 impl NodeServices {
-    fn mesh(&self) -> Result<&MeshView, Status> {
-        self.inner.mesh.as_ref().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "node `{}` is not in a mesh: its config has no [cluster] section",
-                self.inner.node.name
-            ))
-        })
+    fn mesh(&self) -> Result<&MeshView, ServiceError> {
+        self.inner
+            .mesh
+            .as_ref()
+            .ok_or_else(|| ServiceError::NotInMesh {
+                node: self.inner.node.name.clone(),
+            })
     }
 }
 
@@ -350,22 +350,6 @@ fn rollout_reply(record: &crate::rollout::RolloutRecord) -> RolloutReply {
         prepared: record.prepared.clone(),
         lost: record.lost.clone(),
         detail: record.detail.clone(),
-    }
-}
-
-/// A refused rollout's status: the caller's mistake, or the mesh not ready for it.
-fn rollout_status(error: crate::rollout::RolloutError) -> Status {
-    use crate::rollout::RolloutError as E;
-    let message = error.to_string();
-    match error {
-        E::UnknownExpert(_) | E::Missing { .. } => Status::not_found(message),
-        E::BadVersion(_) | E::Unfit { .. } | E::Spec(_) => Status::invalid_argument(message),
-        E::NotInMesh(_)
-        | E::NoSpec
-        | E::NotStored { .. }
-        | E::NothingBefore { .. }
-        | E::AlreadyServing { .. } => Status::failed_precondition(message),
-        E::Raced { .. } => Status::aborted(message),
     }
 }
 
@@ -387,8 +371,8 @@ impl Control for NodeServices {
         let members = mesh.membership.members();
         // Stored versions the spec names must be on this node before it can check them.
         if let Some(root) = &mesh.places.models {
-            let ids = MeshSpec::stored_models(&request.spec_toml)
-                .map_err(|e| Status::invalid_argument(format!("mesh.toml: {e}")))?;
+            let ids =
+                MeshSpec::stored_models(&request.spec_toml).map_err(ServiceError::SpecSyntax)?;
             let peers = crate::rollout::peer_addresses(&members, &self.inner.node.name);
             crate::rollout::ensure_local(
                 &ids,
@@ -397,22 +381,22 @@ impl Control for NodeServices {
                 &mesh.key,
             )
             .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .map_err(ServiceError::SpecModelsMissing)?;
         }
         let spec = MeshSpec::parse_with(
             &request.spec_toml,
             std::path::Path::new("mesh.toml"),
             &mesh.places,
         )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(ServiceError::Spec)?;
         let links = mesh.links.borrow().clone();
         let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
-        let assignment = place_new(&spec, &nodes, &Default::default())
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let assignment =
+            place_new(&spec, &nodes, &Default::default()).map_err(ServiceError::Placement)?;
         let mut state = mesh
             .deployment
             .lock()
-            .map_err(|_| Status::internal("deployment state poisoned"))?;
+            .map_err(|_| ServiceError::DeploymentPoisoned)?;
         let known = gossiped_specs(&members)
             .map(|s| s.version)
             .chain(state.spec.as_ref().map(|s| s.version))
@@ -498,7 +482,7 @@ impl Control for NodeServices {
         let state = mesh
             .deployment
             .lock()
-            .map_err(|_| Status::internal("deployment state poisoned"))?;
+            .map_err(|_| ServiceError::DeploymentPoisoned)?;
         Ok(Response::new(MeshStatus {
             node: me.clone(),
             members,
@@ -533,7 +517,7 @@ impl Control for NodeServices {
         let record =
             crate::rollout::run(&context, &request.expert, &request.model, request.rollback)
                 .await
-                .map_err(rollout_status)?;
+                .map_err(ServiceError::Rollout)?;
         Ok(Response::new(rollout_reply(&record)))
     }
 

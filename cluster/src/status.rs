@@ -2,28 +2,38 @@
 //! label of the rejection metrics).
 //!
 //! [`ServiceError`] is everything a request to the node can be refused for: the
-//! limits of `[limits]`, malformed fields the services check themselves, and the
-//! actors' [`IngestError`] and [`ScoreError`]. Its `Display` is the status message and
-//! names the field, the value and the limit; MQTT acknowledgements carry the same text.
+//! limits of `[limits]`, malformed fields the services check themselves, the actors'
+//! [`IngestError`] and [`ScoreError`], the model store's refusals, the mesh calls of
+//! `Control` (`Apply`, `GetMesh`, `Rollout`) and the admission of cluster links. Its
+//! `Display` is the status message and names the field, the value and the limit; MQTT
+//! acknowledgements carry the same text. [`ServiceError::code`] decides every code in
+//! one match, so no service builds a status of its own.
 //!
 //! | error | code |
 //! |---|---|
-//! | over a `[limits]` limit; weights over `MAX_MODEL_BYTES` | `RESOURCE_EXHAUSTED` |
-//! | bad field, malformed payload, unknown sensor, wrong channel count, NaN/Inf, timestamp going back, no route, wrong window shape, gate error; an upload whose bytes, hash or manifest disagree with its header | `INVALID_ARGUMENT` |
-//! | unknown router; unknown model version | `NOT_FOUND` |
+//! | over a `[limits]` limit; weights over `MAX_MODEL_BYTES`; a window too large to send to a remote expert | `RESOURCE_EXHAUSTED` |
+//! | bad field, malformed payload, unknown sensor, wrong channel count, NaN/Inf, timestamp going back, no route, wrong window shape, gate error; an upload whose bytes, hash or manifest disagree with its header; a mesh spec that is not TOML or does not check (`Apply`); a rollout to something that is not a version, to a version unfit for the expert, or whose spec does not check; a cluster link dialer that does not say its name | `INVALID_ARGUMENT` |
+//! | unknown router; unknown model version; a rollout of an expert the spec lacks or of a version no store of the mesh holds | `NOT_FOUND` |
 //! | a stored version sent again with other weights | `ALREADY_EXISTS` |
-//! | no model store on the node; an uploaded version whose parent the store lacks | `FAILED_PRECONDITION` |
-//! | an upload to a mesh node without the mesh's cluster key | `PERMISSION_DENIED` |
-//! | sensor stream, router or expert not answering; expert not calibrated | `UNAVAILABLE` |
+//! | no model store on the node; an uploaded version whose parent the store lacks; a mesh call to a node without `[cluster]`; an applied spec whose stored versions no node could give, or that cannot be placed on the live nodes; a rollout with no spec applied, of an expert not serving a stored model, with nothing to roll back to, or to the version already served | `FAILED_PRECONDITION` |
+//! | the spec changed while a rollout ran | `ABORTED` |
+//! | an upload to a mesh node without the mesh's cluster key; a cluster link from a node with another cluster secret | `PERMISSION_DENIED` |
+//! | sensor stream, router or expert not answering; expert not calibrated; a cluster link to a node that is stopping | `UNAVAILABLE` |
 //! | a stored blob or manifest that no longer reads back as written | `DATA_LOSS` |
-//! | model failure; the model store's disk failing | `INTERNAL` |
+//! | model failure; the model store's disk failing; the deployment state poisoned by a panic | `INTERNAL` |
 
 use fogmesh_actors::{IngestError, ScoreError};
 use fogmesh_models::store::StoreError;
+use ractor::MessagingErr;
 use tonic::{Code, Status};
 
+use crate::config::ConfigError;
+use crate::deployment::ApplyError;
+use crate::link::NODE_HEADER;
+use crate::rollout::RolloutError;
+
 /// Why the node refused a request.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("message of {bytes} bytes, the limit is {limit} bytes (`limits.max_message_bytes`)")]
     MessageTooLarge { bytes: usize, limit: usize },
@@ -82,6 +92,41 @@ pub enum ServiceError {
     ModelStoreDamaged { node: String, reason: String },
     #[error("the model store of node `{node}` failed: {reason}")]
     ModelStoreFailed { node: String, reason: String },
+    /// A mesh call (`Apply`, `GetMesh`, `Rollout`) to a node that runs alone.
+    #[error("node `{node}` is not in a mesh: its config has no [cluster] section")]
+    NotInMesh { node: String },
+    /// An applied mesh spec that is not TOML, found before its stored versions are
+    /// fetched.
+    #[error("mesh.toml: {0}")]
+    SpecSyntax(#[source] toml::de::Error),
+    /// An applied mesh spec naming stored versions that neither this node nor any peer
+    /// could give.
+    #[error(transparent)]
+    SpecModelsMissing(RolloutError),
+    /// An applied mesh spec that does not check.
+    #[error(transparent)]
+    Spec(ConfigError),
+    /// An applied mesh spec that cannot be placed on the nodes usable now.
+    #[error(transparent)]
+    Placement(ApplyError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    /// A thread panicked while holding the deployment state, so what it holds cannot
+    /// be trusted.
+    #[error("deployment state poisoned")]
+    DeploymentPoisoned,
+    #[error("node `{node}` refused `{peer}`: its cluster secret differs from this mesh's ([cluster] secret)")]
+    LinkRefused { node: String, peer: String },
+    #[error("metadata `{}`: a node must say its name", NODE_HEADER)]
+    UnnamedPeer,
+    /// The local cluster node server no longer takes links. Only why is kept: the
+    /// refused link itself ends with the call, and the dialer dials again.
+    #[error("node `{node}` is stopping: {source}")]
+    NodeStopping {
+        node: String,
+        #[source]
+        source: MessagingErr<()>,
+    },
 }
 
 impl ServiceError {
@@ -149,6 +194,28 @@ impl ServiceError {
                 Code::InvalidArgument
             }
             ServiceError::UnknownRouter { .. } => Code::NotFound,
+            ServiceError::NotInMesh { .. }
+            | ServiceError::SpecModelsMissing(_)
+            | ServiceError::Placement(_) => Code::FailedPrecondition,
+            ServiceError::SpecSyntax(_) | ServiceError::Spec(_) => Code::InvalidArgument,
+            ServiceError::Rollout(e) => match e {
+                RolloutError::UnknownExpert(_) | RolloutError::Missing { .. } => Code::NotFound,
+                RolloutError::BadVersion(_)
+                | RolloutError::Unfit { .. }
+                | RolloutError::Spec(_) => Code::InvalidArgument,
+                RolloutError::NotInMesh(_)
+                | RolloutError::NoSpec
+                | RolloutError::NotStored { .. }
+                | RolloutError::NothingBefore { .. }
+                | RolloutError::AlreadyServing { .. } => Code::FailedPrecondition,
+                // Nothing changed and a retry reads the new spec: the caller may run it
+                // again as is.
+                RolloutError::Raced { .. } => Code::Aborted,
+            },
+            ServiceError::DeploymentPoisoned => Code::Internal,
+            ServiceError::LinkRefused { .. } => Code::PermissionDenied,
+            ServiceError::UnnamedPeer => Code::InvalidArgument,
+            ServiceError::NodeStopping { .. } => Code::Unavailable,
             ServiceError::Ingest(e) => match e {
                 IngestError::UnknownSensor { .. }
                 | IngestError::WrongChannelCount { .. }
@@ -192,6 +259,28 @@ impl ServiceError {
             ServiceError::UnknownParent { .. } => "unknown_parent",
             ServiceError::ModelStoreDamaged { .. } => "store_damaged",
             ServiceError::ModelStoreFailed { .. } => "store_failed",
+            ServiceError::NotInMesh { .. } => "not_in_mesh",
+            ServiceError::SpecSyntax(_) => "spec_syntax",
+            ServiceError::SpecModelsMissing(_) => "spec_models_missing",
+            ServiceError::Spec(_) => "invalid_spec",
+            ServiceError::Placement(_) => "unplaceable",
+            ServiceError::Rollout(e) => match e {
+                RolloutError::NotInMesh(_) => "not_in_mesh",
+                RolloutError::NoSpec => "no_spec",
+                RolloutError::UnknownExpert(_) => "unknown_expert",
+                RolloutError::NotStored { .. } => "not_stored",
+                RolloutError::BadVersion(_) => "bad_version",
+                RolloutError::NothingBefore { .. } => "nothing_before",
+                RolloutError::AlreadyServing { .. } => "already_serving",
+                RolloutError::Unfit { .. } => "unfit_version",
+                RolloutError::Missing { .. } => "version_missing",
+                RolloutError::Spec(_) => "invalid_spec",
+                RolloutError::Raced { .. } => "raced",
+            },
+            ServiceError::DeploymentPoisoned => "deployment_poisoned",
+            ServiceError::LinkRefused { .. } => "wrong_cluster_secret",
+            ServiceError::UnnamedPeer => "unnamed_peer",
+            ServiceError::NodeStopping { .. } => "node_stopping",
         }
     }
 }
@@ -284,5 +373,140 @@ mod tests {
             reason: "oom".into(),
         });
         assert_eq!(model.code(), Code::Internal);
+    }
+
+    #[test]
+    fn mesh_calls_map_by_who_is_at_fault_and_keep_their_message() {
+        let alone = ServiceError::NotInMesh {
+            node: "edge-1".into(),
+        };
+        assert_eq!(alone.code(), Code::FailedPrecondition);
+        assert_eq!(
+            alone.to_string(),
+            "node `edge-1` is not in a mesh: its config has no [cluster] section"
+        );
+        let syntax = toml::from_str::<toml::Table>("experts = [").unwrap_err();
+        let message = format!("mesh.toml: {syntax}");
+        let syntax = Status::from(ServiceError::SpecSyntax(syntax));
+        assert_eq!(syntax.code(), Code::InvalidArgument);
+        assert_eq!(syntax.message(), message);
+        let invalid = ServiceError::Spec(ConfigError::Invalid {
+            file: "mesh.toml".into(),
+            field: "experts[0].replicas".into(),
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        });
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        let unplaceable =
+            ServiceError::Placement(ApplyError::Placement("no node has a GPU".into()));
+        assert_eq!(unplaceable.code(), Code::FailedPrecondition);
+        assert_eq!(
+            unplaceable.to_string(),
+            "the spec cannot be placed on the live nodes: no node has a GPU"
+        );
+        let missing = RolloutError::Missing {
+            id: "pump-ae@2".into(),
+            reason: "this node has no peers to ask".into(),
+        };
+        let message = missing.to_string();
+        let missing = ServiceError::SpecModelsMissing(missing);
+        assert_eq!(missing.code(), Code::FailedPrecondition);
+        assert_eq!(missing.to_string(), message);
+        assert_eq!(ServiceError::DeploymentPoisoned.code(), Code::Internal);
+        assert_eq!(
+            Status::from(ServiceError::DeploymentPoisoned).message(),
+            "deployment state poisoned"
+        );
+    }
+
+    #[test]
+    fn rollout_refusals_keep_their_codes() {
+        let cases = [
+            (
+                RolloutError::UnknownExpert("pump-ae".into()),
+                Code::NotFound,
+            ),
+            (
+                RolloutError::Missing {
+                    id: "pump-ae@2".into(),
+                    reason: "gone".into(),
+                },
+                Code::NotFound,
+            ),
+            (RolloutError::BadVersion("@".into()), Code::InvalidArgument),
+            (
+                RolloutError::Unfit {
+                    expert: "pump-ae".into(),
+                    id: "pump-ae@2".into(),
+                    reason: "other window".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (RolloutError::Spec("bad".into()), Code::InvalidArgument),
+            (
+                RolloutError::NotInMesh("edge-1".into()),
+                Code::FailedPrecondition,
+            ),
+            (RolloutError::NoSpec, Code::FailedPrecondition),
+            (
+                RolloutError::NotStored {
+                    expert: "pump-ae".into(),
+                    serving: "v1".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                RolloutError::NothingBefore {
+                    expert: "pump-ae".into(),
+                    current: "pump-ae@1".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                RolloutError::AlreadyServing {
+                    expert: "pump-ae".into(),
+                    id: "pump-ae@1".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (RolloutError::Raced { from: 3, to: 4 }, Code::Aborted),
+        ];
+        for (error, code) in cases {
+            let message = error.to_string();
+            let status = Status::from(ServiceError::from(error));
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+
+    #[test]
+    fn link_admission_refusals_keep_their_codes_and_messages() {
+        let refused = Status::from(ServiceError::LinkRefused {
+            node: "fog-1".into(),
+            peer: "edge-9".into(),
+        });
+        assert_eq!(refused.code(), Code::PermissionDenied);
+        assert_eq!(
+            refused.message(),
+            "node `fog-1` refused `edge-9`: its cluster secret differs from this mesh's ([cluster] secret)"
+        );
+        let unnamed = Status::from(ServiceError::UnnamedPeer);
+        assert_eq!(unnamed.code(), Code::InvalidArgument);
+        assert_eq!(
+            unnamed.message(),
+            "metadata `fogmesh-node`: a node must say its name"
+        );
+        let stopping = ServiceError::NodeStopping {
+            node: "fog-1".into(),
+            source: MessagingErr::ChannelClosed,
+        };
+        assert_eq!(stopping.code(), Code::Unavailable);
+        assert_eq!(
+            stopping.to_string(),
+            format!(
+                "node `fog-1` is stopping: {}",
+                MessagingErr::<()>::ChannelClosed
+            )
+        );
     }
 }

@@ -5,20 +5,36 @@
 //! drift), routers and sensor streams.
 //!
 //! Rendering is a pure function of the answer so it can be tested without a node.
+//! Every table goes through [`plain`], which `fogmesh models ls` uses too, so that all
+//! of fogmesh's tables look alike.
 
 use std::fmt::Write;
 
+use comfy_table::{presets, CellAlignment, Table};
 use fogmesh_proto::{MeshStatus, NodeStatus};
+
+/// `table`'s text as fogmesh prints tables: no borders, rules or colours (it reads the
+/// same in a terminal, a pipe and a log), columns two spaces apart, the columns in
+/// `right_aligned` (numbers) aligned right, no trailing spaces and no final newline.
+/// Cells are never wrapped: a long cell widens its column.
+pub fn plain(table: &mut Table, right_aligned: &[usize]) -> String {
+    table.load_style(presets::NOTHING);
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if right_aligned.contains(&i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.trim_fmt()
+}
 
 /// The mesh as one node sees it: every live node (role, address, cores, GPUs, load,
 /// up since, link from the answering node) and where each expert's replicas run.
 pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<6} {:<22} {:>5} {:>9} {:>6} {:>10}  {:<12} GPUS",
-        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK"
-    );
+    let mut members = Table::new();
+    members.set_header([
+        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS",
+    ]);
     for m in &mesh.members {
         let capabilities = m.capabilities.clone().unwrap_or_default();
         let load = m.load.unwrap_or_default();
@@ -36,23 +52,22 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let _ = writeln!(
-            out,
-            "{:<16} {:<6} {:<22} {:>5} {:>5.1} GiB {:>6.2} {:>10}  {:<12} {}",
-            m.node,
-            m.role,
-            m.address,
-            capabilities.cores,
-            gib(capabilities.memory_bytes),
-            load.cpu,
+        members.add_row([
+            m.node.clone(),
+            m.role.clone(),
+            m.address.clone(),
+            capabilities.cores.to_string(),
+            format!("{:.1} GiB", gib(capabilities.memory_bytes)),
+            format!("{:.2}", load.cpu),
             uptime(now_us - m.up_since_us),
             link,
-            gpus
-        );
+            gpus,
+        ]);
     }
+    let mut out = plain(&mut members, &[3, 4, 5, 6]);
     let _ = writeln!(
         out,
-        "\nspec v{}, placement epoch {} by {}",
+        "\n\nspec v{}, placement epoch {} by {}",
         mesh.spec_version,
         mesh.placement_epoch,
         if mesh.leader.is_empty() {
@@ -61,23 +76,29 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
             &mesh.leader
         }
     );
-    for p in &mesh.placement {
-        // Each host with the version it gossips, so a rollout's progress shows here.
-        let hosts: Vec<String> = p
-            .nodes
-            .iter()
-            .map(|node| {
-                match mesh
-                    .versions
-                    .iter()
-                    .find(|v| &v.node == node && v.expert == p.expert)
-                {
-                    Some(v) => format!("{node} ({})", v.model_version),
-                    None => node.clone(),
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "  {:<20} on {}", p.expert, hosts.join(", "));
+    if !mesh.placement.is_empty() {
+        let mut placement = Table::new();
+        for p in &mesh.placement {
+            // Each host with the version it gossips, so a rollout's progress shows here.
+            let hosts: Vec<String> = p
+                .nodes
+                .iter()
+                .map(|node| {
+                    match mesh
+                        .versions
+                        .iter()
+                        .find(|v| &v.node == node && v.expert == p.expert)
+                    {
+                        Some(v) => format!("{node} ({})", v.model_version),
+                        None => node.clone(),
+                    }
+                })
+                .collect();
+            placement.add_row([p.expert.clone(), format!("on {}", hosts.join(", "))]);
+        }
+        for line in plain(&mut placement, &[]).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
     }
     if let Some(r) = &mesh.last_rollout {
         let _ = writeln!(
@@ -101,7 +122,6 @@ pub fn render(
     now_us: i64,
     earlier: Option<(&NodeStatus, f64)>,
 ) -> String {
-    let mut out = String::new();
     let capabilities = status.capabilities.clone().unwrap_or_default();
     let load = status.load.unwrap_or_default();
     let gpus = if capabilities.gpus.is_empty() {
@@ -117,29 +137,34 @@ pub fn render(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let _ = writeln!(
-        out,
-        "{:<16} {:<6} {:<22} {:>5} {:>9} {:>6} {:>10}  GPUS",
-        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP"
-    );
-    let _ = writeln!(
-        out,
-        "{:<16} {:<6} {:<22} {:>5} {:>5.1} GiB {:>6.2} {:>10}  {}",
-        status.node,
-        status.role,
-        address,
-        capabilities.cores,
-        gib(capabilities.memory_bytes),
-        load.cpu,
+    let mut node = Table::new();
+    node.set_header([
+        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "GPUS",
+    ]);
+    node.add_row([
+        status.node.clone(),
+        status.role.clone(),
+        address.to_string(),
+        capabilities.cores.to_string(),
+        format!("{:.1} GiB", gib(capabilities.memory_bytes)),
+        format!("{:.2}", load.cpu),
         uptime(now_us - status.up_since_us),
-        gpus
-    );
+        gpus,
+    ]);
+    let mut out = plain(&mut node, &[3, 4, 5, 6]);
+    out.push('\n');
     if !status.experts.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10} {:>10}",
-            "EXPERT", "MODEL", "VERSION", "DEVICE", "QUEUE", "WINDOWS", "WINDOWS/S", "MEAN BATCH"
-        );
+        let mut experts = Table::new();
+        experts.set_header([
+            "EXPERT",
+            "MODEL",
+            "VERSION",
+            "DEVICE",
+            "QUEUE",
+            "WINDOWS",
+            "WINDOWS/S",
+            "MEAN BATCH",
+        ]);
         for e in &status.experts {
             let rate = earlier
                 .and_then(|(before, seconds)| {
@@ -149,24 +174,22 @@ pub fn render(
                     })
                 })
                 .map_or_else(|| "-".to_string(), |r| format!("{r:.1}"));
-            let _ = writeln!(
-                out,
-                "{:<20} {:<18} {:<18} {:<8} {:>6} {:>14} {:>10} {:>10.1}",
-                e.name,
-                e.model,
-                e.version,
-                e.device,
-                e.queue,
-                e.windows_scored,
+            experts.add_row([
+                e.name.clone(),
+                e.model.clone(),
+                e.version.clone(),
+                e.device.clone(),
+                e.queue.to_string(),
+                e.windows_scored.to_string(),
                 rate,
-                e.mean_batch_size
-            );
+                format!("{:.1}", e.mean_batch_size),
+            ]);
         }
+        let _ = writeln!(out, "\n{}", plain(&mut experts, &[4, 5, 6, 7]));
     }
     if !status.learners.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:<12} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10} {:>8}",
+        let mut learners = Table::new();
+        learners.set_header([
             "LEARNER",
             "PHASE",
             "SERVING",
@@ -176,23 +199,29 @@ pub fn render(
             "FAILED",
             "DRIFTS",
             "RESERVOIR",
-            "NEW"
-        );
+            "NEW",
+        ]);
         for l in &status.learners {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<12} {:<20} {:>7} {:>9} {:>8} {:>7} {:>7} {:>10} {:>8}",
-                l.expert,
-                l.phase,
-                l.serving_version,
-                l.rounds,
-                l.promotions,
-                l.refusals,
-                l.failures,
-                l.drifts,
-                l.reservoir_windows,
-                l.new_windows
-            );
+            learners.add_row([
+                l.expert.clone(),
+                l.phase.clone(),
+                l.serving_version.clone(),
+                l.rounds.to_string(),
+                l.promotions.to_string(),
+                l.refusals.to_string(),
+                l.failures.to_string(),
+                l.drifts.to_string(),
+                l.reservoir_windows.to_string(),
+                l.new_windows.to_string(),
+            ]);
+        }
+        let text = plain(&mut learners, &[3, 4, 5, 6, 7, 8, 9]);
+        // Each learner's details go under its row: the header is the first line and
+        // every row one line after it (names, phases and versions hold no newline).
+        let mut lines = text.lines();
+        let _ = writeln!(out, "\n{}", lines.next().unwrap_or_default());
+        for (line, l) in lines.zip(&status.learners) {
+            let _ = writeln!(out, "{line}");
             if !l.last_drift.is_empty() {
                 let _ = writeln!(out, "  last drift: {}", l.last_drift);
             }
@@ -208,32 +237,39 @@ pub fn render(
         }
     }
     if !status.routers.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:<14} {:>14} {:>10}",
-            "ROUTER", "POLICY", "ROUTED", "FAILED"
-        );
+        let mut routers = Table::new();
+        routers.set_header(["ROUTER", "POLICY", "ROUTED", "FAILED"]);
         for r in &status.routers {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<14} {:>14} {:>10}",
-                r.name, r.policy, r.routed, r.failed
-            );
+            routers.add_row([
+                r.name.clone(),
+                r.policy.clone(),
+                r.routed.to_string(),
+                r.failed.to_string(),
+            ]);
         }
+        let _ = writeln!(out, "\n{}", plain(&mut routers, &[2, 3]));
     }
     if !status.sensors.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:>8} {:>14} {:>10} {:>10} {:>12}",
-            "SENSOR", "CHANNELS", "ACCEPTED", "REJECTED", "DUPLICATES", "WINDOWS"
-        );
+        let mut sensors = Table::new();
+        sensors.set_header([
+            "SENSOR",
+            "CHANNELS",
+            "ACCEPTED",
+            "REJECTED",
+            "DUPLICATES",
+            "WINDOWS",
+        ]);
         for s in &status.sensors {
-            let _ = writeln!(
-                out,
-                "{:<20} {:>8} {:>14} {:>10} {:>10} {:>12}",
-                s.sensor_id, s.channels, s.accepted, s.rejected, s.duplicates, s.windows
-            );
+            sensors.add_row([
+                s.sensor_id.clone(),
+                s.channels.to_string(),
+                s.accepted.to_string(),
+                s.rejected.to_string(),
+                s.duplicates.to_string(),
+                s.windows.to_string(),
+            ]);
         }
+        let _ = writeln!(out, "\n{}", plain(&mut sensors, &[1, 2, 3, 4, 5]));
     }
     out
 }
@@ -269,6 +305,22 @@ mod tests {
         ExpertPlacement, ExpertStatus, GpuInfo, LearnerGate, LearnerStatus, MemberStatus,
         NodeCapabilities, NodeLoad, ReplicaVersion,
     };
+
+    /// The cells of one table line: columns are at least two spaces apart and no cell
+    /// here holds two spaces in a row.
+    fn cells(line: &str) -> Vec<&str> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect()
+    }
+
+    /// Where `text` ends in `line`, so columns can be compared.
+    fn end_of(line: &str, text: &str) -> usize {
+        line.find(text)
+            .unwrap_or_else(|| panic!("{text:?} not in {line:?}"))
+            + text.len()
+    }
 
     #[test]
     fn renders_the_node_and_its_experts() {
@@ -310,25 +362,76 @@ mod tests {
             Some((&before, 2.0)),
         );
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[1].starts_with("fog-1"), "{text}");
-        for part in [
-            "fog ",
-            "10.0.0.7:7700",
-            "16",
-            "128.0 GiB",
-            "0.25",
-            "3h 1m",
-            "cuda:0 NVIDIA H200 (141 GiB)",
-        ] {
-            assert!(lines[1].contains(part), "node line lacks {part:?}: {text}");
-        }
+        assert_eq!(
+            cells(lines[0]),
+            ["NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "GPUS"],
+            "{text}"
+        );
+        assert_eq!(
+            cells(lines[1]),
+            [
+                "fog-1",
+                "fog",
+                "10.0.0.7:7700",
+                "16",
+                "128.0 GiB",
+                "0.25",
+                "3h 1m",
+                "cuda:0 NVIDIA H200 (141 GiB)",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            end_of(lines[0], "CORES"),
+            end_of(lines[1], "16"),
+            "numbers align right: {text}"
+        );
+        let header = lines
+            .iter()
+            .find(|l| l.starts_with("EXPERT"))
+            .expect("an expert header");
+        assert_eq!(
+            cells(header),
+            [
+                "EXPERT",
+                "MODEL",
+                "VERSION",
+                "DEVICE",
+                "QUEUE",
+                "WINDOWS",
+                "WINDOWS/S",
+                "MEAN BATCH",
+            ],
+            "{text}"
+        );
         let expert = lines
             .iter()
             .find(|l| l.starts_with("reactor-ae"))
             .expect("an expert line");
-        for part in ["conv_autoencoder", "v3", "Cuda(0)", "1234", "500.0", "12.3"] {
-            assert!(expert.contains(part), "expert line lacks {part:?}: {text}");
-        }
+        assert_eq!(
+            cells(expert),
+            [
+                "reactor-ae",
+                "conv_autoencoder",
+                "v3",
+                "Cuda(0)",
+                "2",
+                "1234",
+                "500.0",
+                "12.3",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            end_of(header, "WINDOWS/S"),
+            end_of(expert, "500.0"),
+            "numbers align right: {text}"
+        );
+        assert!(!text.contains('\x1b'), "no ANSI codes: {text:?}");
+        assert!(
+            text.lines().all(|l| l == l.trim_end()),
+            "no trailing spaces: {text:?}"
+        );
         assert!(!text.contains("ROUTER"), "no empty tables: {text}");
         assert!(!text.contains("LEARNER"), "no empty tables: {text}");
     }
@@ -365,13 +468,47 @@ mod tests {
             ..Default::default()
         };
         let text = render(&status, "10.0.0.7:7700", 0, None);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("pump-ae"))
+        let lines: Vec<&str> = text.lines().collect();
+        let row = lines
+            .iter()
+            .position(|l| l.starts_with("pump-ae"))
             .expect("a learner line");
-        for part in ["collecting", "pump-ae@v2", " 3 ", " 1 ", " 512 ", " 130"] {
-            assert!(line.contains(part), "learner line lacks {part:?}: {text}");
-        }
+        assert_eq!(
+            cells(lines[row - 1]),
+            [
+                "LEARNER",
+                "PHASE",
+                "SERVING",
+                "ROUNDS",
+                "PROMOTED",
+                "REFUSED",
+                "FAILED",
+                "DRIFTS",
+                "RESERVOIR",
+                "NEW",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            cells(lines[row]),
+            [
+                "pump-ae",
+                "collecting",
+                "pump-ae@v2",
+                "3",
+                "1",
+                "1",
+                "1",
+                "2",
+                "512",
+                "130"
+            ],
+            "{text}"
+        );
+        assert!(
+            lines[row + 1].starts_with("  last drift: "),
+            "the details follow the learner's row: {text}"
+        );
         for part in [
             "last drift: score (page_hinkley)",
             "last gate:  keep the incumbent: too much forgetting",
@@ -425,7 +562,9 @@ mod tests {
         };
         let text = render_mesh(&mesh, 65_000_000);
         assert!(
-            text.contains("reactor-ae           on fog-1, fog-2 (ae@2)"),
+            text.lines().any(
+                |l| l.starts_with("  ") && cells(l) == ["reactor-ae", "on fog-1, fog-2 (ae@2)"]
+            ),
             "{text}"
         );
         let line = |node: &str| {
@@ -434,10 +573,23 @@ mod tests {
                 .unwrap_or_else(|| panic!("no line for {node}: {text}"))
                 .to_string()
         };
-        assert!(line("fog-1").contains("self"), "{text}");
-        assert!(line("fog-2").contains("ready 0.8ms"), "{text}");
-        assert!(line("fog-3").contains("down"), "{text}");
-        assert!(line("fog-2").contains("fog-2.plant:7700") && line("fog-2").contains("1m 5s"));
+        assert_eq!(
+            cells(&line("NODE")),
+            ["NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS"],
+            "{text}"
+        );
+        for (node, link) in [
+            ("fog-1", "self"),
+            ("fog-2", "ready 0.8ms"),
+            ("fog-3", "down"),
+        ] {
+            let address = format!("{node}.plant:7700");
+            assert_eq!(
+                cells(&line(node)),
+                [node, "fog", &address, "8", "32.0 GiB", "0.50", "1m 5s", link, "-"],
+                "{text}"
+            );
+        }
         assert!(
             text.contains("spec v4, placement epoch 9 by fog-1"),
             "{text}"

@@ -12,7 +12,6 @@
 
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
@@ -20,7 +19,7 @@ use crate::error::ModelError;
 use crate::layout;
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights::sha256_hex;
+use crate::weights::{self, WeightFile};
 
 /// Layer names in forward order; each holds `<name>.weight` and `<name>.bias`.
 const LAYERS: [&str; 4] = ["enc1", "enc2", "dec1", "dec2"];
@@ -317,28 +316,7 @@ impl ConvAutoencoder {
     /// The weights as safetensors bytes (f32, names as in the module docs, no metadata, so
     /// equal weights give equal bytes) and their sha256 as lowercase hex.
     pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        let _no_grad = tch::no_grad_guard();
-        let mut tensors = Vec::with_capacity(TENSOR_NAMES.len());
-        for (name, tensor) in self.named_tensors() {
-            let values = Vec::<f32>::try_from(&tensor.f_flatten(0, -1)?)?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
-            tensors.push((name, shape, bytes));
-        }
-        let serialisation_error = |err: safetensors::SafeTensorError| ModelError::Weights {
-            origin: "serialisation".into(),
-            reason: err.to_string(),
-        };
-        let views = tensors
-            .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes).map(|view| (*name, view))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(serialisation_error)?;
-        let bytes = safetensors::serialize(views, None).map_err(serialisation_error)?;
-        let sha256 = sha256_hex(&bytes);
-        Ok((bytes, sha256))
+        weights::to_safetensors(&self.vs)
     }
 
     /// Loads weights written by `to_safetensors` (or PyTorch's `safetensors.torch`).
@@ -362,6 +340,8 @@ impl ConvAutoencoder {
         )
     }
 
+    /// Reads the tensors in forward order, so a file of another config is refused
+    /// naming its first layer that disagrees, not the first by name.
     fn from_bytes(
         config: AutoencoderConfig,
         bytes: &[u8],
@@ -370,60 +350,12 @@ impl ConvAutoencoder {
         origin: &str,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        let weights_error = |reason: String| ModelError::Weights {
-            origin: origin.to_string(),
-            reason,
-        };
-        if let Some(expected) = expected_sha256 {
-            let actual = sha256_hex(bytes);
-            if !actual.eq_ignore_ascii_case(expected) {
-                return Err(ModelError::HashMismatch {
-                    origin: origin.to_string(),
-                    expected: expected.to_string(),
-                    actual,
-                });
-            }
-        }
-        let file = SafeTensors::deserialize(bytes)
-            .map_err(|err| weights_error(format!("not a safetensors file: {err}")))?;
-        let model = Self::build(config, device, |name, shape| {
-            let view = file.tensor(name).map_err(|_| ModelError::MissingTensor {
-                origin: origin.to_string(),
-                name: name.to_string(),
-            })?;
-            let expected: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            if view.shape() != expected.as_slice() {
-                return Err(ModelError::TensorShape {
-                    origin: origin.to_string(),
-                    name: name.to_string(),
-                    expected: format!("{expected:?}"),
-                    got: format!("{:?}", view.shape()),
-                });
-            }
-            if view.dtype() != Dtype::F32 {
-                return Err(weights_error(format!(
-                    "tensor {name} has dtype {:?}, expected F32",
-                    view.dtype()
-                )));
-            }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-                return Err(weights_error(format!(
-                    "tensor {name} holds a non-finite value at index {index}"
-                )));
-            }
-            Ok(values)
-        })?;
-        if let Some(extra) = file.names().into_iter().find(|n| !TENSOR_NAMES.contains(n)) {
-            return Err(weights_error(format!(
-                "unexpected tensor {extra}: the conv autoencoder has only {}",
-                TENSOR_NAMES.join(", ")
-            )));
-        }
+        let file = WeightFile::parse(bytes, expected_sha256, origin)?;
+        let model = Self::build(config, device, |name, shape| file.values(name, shape))?;
+        file.refuse_others(
+            |name| TENSOR_NAMES.contains(&name),
+            &format!("the conv autoencoder has only {}", TENSOR_NAMES.join(", ")),
+        )?;
         Ok(model)
     }
 
@@ -445,28 +377,20 @@ impl ConvAutoencoder {
         expected_sha256: Option<&str>,
         device: Device,
     ) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
         Self::from_bytes(
             config,
-            &bytes,
+            &weights::read_file(path)?,
             expected_sha256,
             device,
             &path.display().to_string(),
         )
-    }
-
-    fn named_tensors(&self) -> impl Iterator<Item = (&'static str, &Tensor)> {
-        let tensors = self.layers.iter().flat_map(|l| [&l.weight, &l.bias]);
-        TENSOR_NAMES.into_iter().zip(tensors)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::{SafeTensors, TensorView};
 
     fn small() -> AutoencoderConfig {
         AutoencoderConfig {

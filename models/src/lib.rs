@@ -26,12 +26,12 @@
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
 //!   checked against their declared signature and served as experts.
 //! - [`served`]: any stored model version loaded for serving behind an expert.
-//! - [`weights`]: any model's `VarStore` as checked safetensors bytes, and back.
+//! - [`weights`]: every network's weights as safetensors bytes, and back, checked.
 //! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
-//!   on safetensors weights, near memory bandwidth; errors: [`merge::MergeError`].
-//! - [`merging`]: stored versions merged into a new version (checked to be one network,
-//!   read hash-checked, loaded once to prove it serves), for the `Merger` actor and
-//!   `fogmesh merge`; errors: [`merging::MergingError`].
+//!   on safetensors weights, near memory bandwidth, and stored versions merged into a
+//!   new version (checked to be one network, read hash-checked, loaded once to prove it
+//!   serves) for the `Merger` actor and `fogmesh merge`; errors: [`merge::MergeError`],
+//!   and [`merge::MergingError`] for stored versions.
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
@@ -50,7 +50,6 @@ pub mod fusion;
 pub mod gate;
 mod layout;
 pub mod merge;
-pub mod merging;
 pub mod minilm;
 pub mod notes;
 pub mod pca;

@@ -24,12 +24,12 @@
 
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, SafeTensors};
 use serde::Deserialize;
 use tch::{Device, Kind, TchError, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::ModelError;
+use crate::weights::{self, WeightFile};
 
 const HIDDEN: i64 = 384;
 const LAYERS: usize = 6;
@@ -315,54 +315,15 @@ fn check_config(dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Reads named f32 tensors out of one safetensors file onto a device.
-struct WeightFile<'a> {
-    file: SafeTensors<'a>,
-    origin: String,
+/// The checked weights file and the device its tensors go to.
+struct EncoderWeights<'a> {
+    file: WeightFile<'a>,
     device: Device,
 }
 
-impl WeightFile<'_> {
+impl EncoderWeights<'_> {
     fn tensor(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
-        let view = self
-            .file
-            .tensor(name)
-            .map_err(|_| ModelError::MissingTensor {
-                origin: self.origin.clone(),
-                name: name.to_string(),
-            })?;
-        let expected: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        if view.shape() != expected.as_slice() {
-            return Err(ModelError::TensorShape {
-                origin: self.origin.clone(),
-                name: name.to_string(),
-                expected: format!("{expected:?}"),
-                got: format!("{:?}", view.shape()),
-            });
-        }
-        let weights_error = |reason: String| ModelError::Weights {
-            origin: self.origin.clone(),
-            reason,
-        };
-        if view.dtype() != Dtype::F32 {
-            return Err(weights_error(format!(
-                "tensor {name} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(weights_error(format!(
-                "tensor {name} holds a non-finite value at index {index}"
-            )));
-        }
-        Ok(Tensor::f_from_slice(&values)?
-            .f_view(shape)?
-            .f_to_device(self.device)?)
+        self.file.tensor(name, shape, self.device)
     }
 
     fn linear(&self, prefix: &str, out: i64, input: i64) -> Result<Linear, ModelError> {
@@ -417,18 +378,11 @@ impl MiniLm {
         let tokenizer = load_tokenizer(&dir.join("tokenizer.json"), max_seq_length)?;
 
         let weights_path = dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights_path).map_err(|source| ModelError::Io {
-            path: weights_path.clone(),
-            source,
-        })?;
-        let origin = weights_path.display().to_string();
-        let file = SafeTensors::deserialize(&bytes).map_err(|err| ModelError::Weights {
-            origin: origin.clone(),
-            reason: format!("not a safetensors file: {err}"),
-        })?;
-        let weights = WeightFile {
-            file,
-            origin,
+        let bytes = weights::read_file(&weights_path)?;
+        // The file also holds BERT's pooler and its int64 position ids, which sentence
+        // embeddings do not use, so tensors beyond the encoder's are not refused.
+        let weights = EncoderWeights {
+            file: WeightFile::parse(&bytes, None, &weights_path.display().to_string())?,
             device,
         };
         let layers = (0..LAYERS)

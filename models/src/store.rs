@@ -256,20 +256,50 @@ impl ModelStore {
         })
     }
 
-    /// Every stored version, by name, oldest version first.
-    /// One more than the largest whole-number version of `name`, or "1": the version a
-    /// new model gets when nobody names one (`fogmesh train`, `fogmesh merge`).
-    pub fn next_version(&self, name: &str) -> Result<String, StoreError> {
-        let last = self
-            .list()?
-            .iter()
-            .filter(|m| m.name == name)
-            .filter_map(|m| m.version.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0);
-        Ok((last + 1).to_string())
+    /// The version a new model of `name` gets when nobody names one; never one already
+    /// stored, since a stored version never changes.
+    ///
+    /// With `incumbent`, the version of `name` a candidate was fine-tuned from (the
+    /// continual learner's case), it counts on from the incumbent's trailing number and
+    /// keeps its prefix: `v1` → `v2`, `9` → `10`, `stable` → `stable-2`, skipping stored
+    /// ones (`v1` → `v3` when `v2` is stored). Without (`fogmesh train`, `fogmesh merge`),
+    /// it is one more than the largest whole-number version of `name`, or `1`. Only the
+    /// second case lists the store, so only it can fail.
+    pub fn next_version(&self, name: &str, incumbent: Option<&str>) -> Result<String, StoreError> {
+        let (prefix, mut number) = match incumbent {
+            Some(version) => {
+                let digits = version.len()
+                    - version
+                        .chars()
+                        .rev()
+                        .take_while(char::is_ascii_digit)
+                        .count();
+                match version[digits..].parse::<u64>() {
+                    Ok(n) => (version[..digits].to_string(), n + 1),
+                    Err(_) => (format!("{version}-"), 2),
+                }
+            }
+            None => {
+                let last = self
+                    .list()?
+                    .iter()
+                    .filter(|m| m.name == name)
+                    .filter_map(|m| m.version.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0);
+                (String::new(), last + 1)
+            }
+        };
+        loop {
+            let candidate = format!("{prefix}{number}");
+            if self.get(&format!("{name}@{candidate}")).is_err() {
+                return Ok(candidate);
+            }
+            number += 1;
+        }
     }
 
+    /// Every stored version, by name, oldest version first.
     pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
         let dir = self.root.join("manifests");
         let Ok(names) = std::fs::read_dir(&dir) else {
@@ -457,5 +487,28 @@ mod tests {
             );
         }
         assert!(matches!(store.get("nothing"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn the_next_version_counts_on_and_skips_stored_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path());
+        let next = |incumbent| store.next_version("pump-ae", incumbent).unwrap();
+        assert_eq!(next(Some("v1")), "v2");
+        assert_eq!(next(Some("9")), "10");
+        assert_eq!(next(Some("stable")), "stable-2");
+        assert_eq!(next(None), "1");
+        store
+            .import(manifest("pump-ae", "v2"), b"other weights")
+            .unwrap();
+        assert_eq!(next(Some("v1")), "v3");
+        assert_eq!(next(None), "1", "v2 is not a whole number");
+        store.import(manifest("pump-ae", "7"), b"seven").unwrap();
+        store.import(manifest("pump-ae", "3"), b"three").unwrap();
+        store
+            .import(manifest("pump-ea", "12"), b"another model")
+            .unwrap();
+        assert_eq!(next(None), "8");
+        assert_eq!(next(Some("2")), "4");
     }
 }

@@ -30,7 +30,7 @@ use fogmesh_proto::{
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
-pub mod mesh;
+mod tidy;
 
 pub const NODE: &str = "edge-test";
 pub const SENSOR: &str = "pump-1";

@@ -1,0 +1,994 @@
+//! `ContinualLearner`: the actor that keeps one expert's stored model fitted to the plant
+//! as the plant drifts (see the module above for the life of a regime).
+//!
+//! **Owns**, for one expert that serves a stored model version: a replay reservoir of
+//! the regime the serving version knows ([`Reservoir`]: a uniform sample of the windows
+//! seen while watching), the buffer of recent windows (the newest regime), its drift
+//! detectors (Page–Hinkley on the log of the expert's score over its threshold, a
+//! two-sample Kolmogorov–Smirnov test on each window's mean value), its phase and
+//! counters, and the serving version's manifest and weights. **Takes**
+//! [`ContinualLearnerMsg::Scored`] (a window its expert scored, forwarded from the
+//! [`Annunciator`] by a task the learner owns), [`ContinualLearnerMsg::Label`] (the
+//! plant's label for a recent window),
+//! [`ContinualLearnerMsg::Learn`] (run a round now, answered with its report),
+//! [`ContinualLearnerMsg::Tick`] (the `every_s` schedule). **Supervised by** whoever
+//! started it through [`ContinualLearner::start`] (on a node: the node server): it is
+//! not restarted, because its buffers and detectors live only in memory and a fresh
+//! learner would have to watch the regime from scratch anyway; an unexpected stop is
+//! logged, counted in `fogmesh_learner_stopped_total` and shows as phase `stopped`,
+//! and the expert keeps serving the version it had. **On failure**: a fine-tune that
+//! fails, a candidate the [`ValidationGate`] refuses, a store or promotion error, each
+//! leaves the serving version untouched and is counted (`failures`, `refusals`) and
+//! reported (`last_error`, `last_round`, the `Learn` answer). Nothing from outside makes
+//! it panic: labels for windows it no longer holds, windows that are not its expert's,
+//! and commands at the wrong time are answered or counted.
+//!
+//! The mailbox never waits for a round: the round runs as its own task and reports
+//! back with a message, so windows keep arriving (and are counted) while it trains.
+//! The forwarding task never slows the routers: it reads the annunciator's broadcast,
+//! and when it lags (or the learner has more than [`MAX_PENDING_WINDOWS`] windows
+//! queued) it skips windows and counts them in `windows_skipped`.
+//!
+//! [`ValidationGate`]: fogmesh_models::continual::ValidationGate
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fogmesh_models::continual::Reservoir;
+use fogmesh_models::drift::{Drift, KsDrift, PageHinkley};
+use fogmesh_models::store::ModelStore;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use super::observed::ObservedWindows;
+use super::promoter::Promoter;
+use super::round::{
+    run_round, Completed, RoundDone, RoundInput, RoundReport, Serving, Trigger, MIN_OLD_WINDOWS,
+};
+use super::spec::{InvalidLearning, LearningSpec};
+use crate::annunciator::{Annunciator, ScoredWindow};
+use crate::directory::LearnerHandle;
+use crate::expert::{ExpertSpec, ModelSource};
+use crate::node_agent::Node;
+use crate::telemetry;
+
+/// Windows the forwarding task may have queued in the learner's mailbox; beyond it,
+/// windows are skipped (and counted) so a busy learner cannot grow its mailbox without
+/// bound.
+pub const MAX_PENDING_WINDOWS: u64 = 4096;
+
+/// Why a learner did not start, or a round did not end in a promotion or a refusal.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LearnerError {
+    #[error("expert `{expert}`: learning {source}")]
+    Invalid {
+        expert: String,
+        #[source]
+        source: InvalidLearning,
+    },
+    #[error("expert `{expert}` does not serve a stored model (`model = \"name@version\"`); only stored models can learn")]
+    NotStored { expert: String },
+    #[error("expert `{expert}`: a round needs at least {need_new} new windows (`learning.min_new_windows`) and {need_old} old ones; the learner holds {new} new and {old} old")]
+    TooFewWindows {
+        expert: String,
+        new: usize,
+        need_new: usize,
+        old: usize,
+        need_old: usize,
+    },
+    #[error("expert `{expert}`: round {round} is still running ({phase}); ask again when it ends")]
+    Busy {
+        expert: String,
+        round: u64,
+        phase: &'static str,
+    },
+    #[error("expert `{expert}`: fine-tuning {incumbent} failed: {reason}")]
+    FineTune {
+        expert: String,
+        incumbent: String,
+        reason: String,
+    },
+    #[error("expert `{expert}`: storing candidate {candidate} failed: {reason}")]
+    Store {
+        expert: String,
+        candidate: String,
+        reason: String,
+    },
+    #[error(
+        "expert `{expert}`: promoting {candidate} failed; {incumbent} keeps serving: {reason}"
+    )]
+    Promote {
+        expert: String,
+        candidate: String,
+        incumbent: String,
+        reason: String,
+    },
+    #[error("expert `{expert}`: the learner {reason}")]
+    Unavailable { expert: String, reason: String },
+}
+
+/// Where a learner is in the life of a regime (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Watching,
+    Collecting,
+    FineTuning,
+    Validating,
+    Promoting,
+    /// The learner is not running: stopped with the node, or failed (then logged).
+    Stopped,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Watching => "watching",
+            Phase::Collecting => "collecting",
+            Phase::FineTuning => "fine_tuning",
+            Phase::Validating => "validating",
+            Phase::Promoting => "promoting",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(value: u8) -> Phase {
+        [
+            Phase::Watching,
+            Phase::Collecting,
+            Phase::FineTuning,
+            Phase::Validating,
+            Phase::Promoting,
+            Phase::Stopped,
+        ]
+        .get(value as usize)
+        .copied()
+        .unwrap_or(Phase::Stopped)
+    }
+}
+
+/// One detected drift, as the learner records it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DriftEvent {
+    /// `page_hinkley` or `ks`.
+    pub detector: &'static str,
+    /// What drifted: `score` (ln of the expert's score over its threshold) or
+    /// `window_mean`.
+    pub signal: &'static str,
+    /// The window that tipped the detector.
+    pub sensor: String,
+    pub window_sequence: u64,
+    /// The window's end, plant time, µs since the Unix epoch.
+    pub window_end_us: i64,
+    /// When the learner saw it, wall time, µs since the Unix epoch.
+    pub detected_us: i64,
+    /// Windows the learner had seen by then.
+    pub windows_seen: u64,
+    /// The old and new level of the signal, as the detector estimated them.
+    pub before: f64,
+    pub after: f64,
+    /// The test statistic and the limit it crossed.
+    pub statistic: f64,
+    pub limit: f64,
+}
+
+impl DriftEvent {
+    /// One line for `status`: `score (page_hinkley) 0.412 -> 3.018, 10.8 > 10 at pump-1#412`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} ({}) {:.4} -> {:.4}, statistic {:.4} > {:.4} at {}#{}",
+            self.signal,
+            self.detector,
+            self.before,
+            self.after,
+            self.statistic,
+            self.limit,
+            self.sensor,
+            self.window_sequence
+        )
+    }
+}
+
+/// A point-in-time view of a learner for `status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnerSnapshot {
+    pub expert: String,
+    pub phase: Phase,
+    pub serving_version: String,
+    /// The version a round of this learner is promoting right now, if any.
+    pub promoting_version: Option<String>,
+    /// Windows of its expert the learner took in.
+    pub windows_seen: u64,
+    /// Windows it missed because it fell behind (when the annunciator's buffer
+    /// overran, every window missed counts, whichever experts scored it).
+    pub windows_skipped: u64,
+    pub reservoir: u64,
+    pub new_windows: u64,
+    pub drifts: u64,
+    pub rounds: u64,
+    pub promotions: u64,
+    pub refusals: u64,
+    pub failures: u64,
+    pub labels_attached: u64,
+    pub labels_missed: u64,
+    pub last_drift: Option<DriftEvent>,
+    /// The latest round that reached the gate (promoted or refused), with the gate's
+    /// figures.
+    pub last_round: Option<RoundReport>,
+    /// Why the latest failed round failed.
+    pub last_error: Option<String>,
+    /// Seconds from the latest drift to the promotion that answered it.
+    pub last_drift_to_promotion_s: Option<f64>,
+}
+
+/// What a learner records besides its counters.
+#[derive(Debug, Default)]
+struct Details {
+    serving_version: String,
+    promoting_version: Option<String>,
+    last_drift: Option<DriftEvent>,
+    last_round: Option<RoundReport>,
+    last_error: Option<String>,
+    last_drift_to_promotion_s: Option<f64>,
+}
+
+/// A learner's observable state, read by `status` without a message.
+#[derive(Debug)]
+pub struct ContinualLearnerShared {
+    pub expert: Arc<str>,
+    phase: AtomicU8,
+    pub windows_seen: AtomicU64,
+    pub windows_skipped: AtomicU64,
+    pub reservoir: AtomicU64,
+    pub new_windows: AtomicU64,
+    pub drifts: AtomicU64,
+    pub rounds: AtomicU64,
+    pub promotions: AtomicU64,
+    pub refusals: AtomicU64,
+    pub failures: AtomicU64,
+    pub labels_attached: AtomicU64,
+    pub labels_missed: AtomicU64,
+    /// Windows forwarded to the mailbox and not handled yet.
+    pending: AtomicU64,
+    /// Set before an orderly stop, so the stop is not reported as a failure.
+    stopping: AtomicBool,
+    details: Mutex<Details>,
+    /// Bumped whenever the learner's state changes (a window taken, a drift, a phase,
+    /// a round's outcome).
+    changes: watch::Sender<u64>,
+}
+
+impl ContinualLearnerShared {
+    pub fn new(expert: &str, serving_version: &str) -> Arc<Self> {
+        Arc::new(ContinualLearnerShared {
+            expert: expert.into(),
+            phase: AtomicU8::new(Phase::Watching as u8),
+            windows_seen: AtomicU64::new(0),
+            windows_skipped: AtomicU64::new(0),
+            reservoir: AtomicU64::new(0),
+            new_windows: AtomicU64::new(0),
+            drifts: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
+            promotions: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            labels_attached: AtomicU64::new(0),
+            labels_missed: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            details: Mutex::new(Details {
+                serving_version: serving_version.to_string(),
+                ..Details::default()
+            }),
+            changes: watch::channel(0).0,
+        })
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+        self.changed();
+    }
+
+    /// Wakes [`ContinualLearnerShared::subscribe`]rs.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value whenever the learner's state changes: wait on
+    /// it (`wait_for(|_| condition on snapshot())`) instead of polling.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// One forwarded window left the mailbox. Saturating: a window cast by someone
+    /// other than the forwarder was never counted.
+    fn window_handled(&self) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
+    fn details(&self) -> std::sync::MutexGuard<'_, Details> {
+        // A poisoned lock only means a panic elsewhere mid-update of plain data.
+        self.details
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the version a round is promoting (`None` once the promotion ended,
+    /// whichever way).
+    pub(super) fn set_promoting(&self, version: Option<&str>) {
+        self.details().promoting_version = version.map(str::to_string);
+        self.changed();
+    }
+
+    /// Whether `version` is this learner's: the one its expert serves as far as the
+    /// learner knows, or the one it is promoting. A spec naming any other version was
+    /// changed by someone else (a rollout or rollback), and the learner must start
+    /// again from it.
+    pub fn knows_version(&self, version: &str) -> bool {
+        let details = self.details();
+        details.serving_version == version || details.promoting_version.as_deref() == Some(version)
+    }
+
+    pub fn snapshot(&self) -> LearnerSnapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let details = self.details();
+        LearnerSnapshot {
+            expert: self.expert.to_string(),
+            phase: self.phase(),
+            serving_version: details.serving_version.clone(),
+            promoting_version: details.promoting_version.clone(),
+            windows_seen: load(&self.windows_seen),
+            windows_skipped: load(&self.windows_skipped),
+            reservoir: load(&self.reservoir),
+            new_windows: load(&self.new_windows),
+            drifts: load(&self.drifts),
+            rounds: load(&self.rounds),
+            promotions: load(&self.promotions),
+            refusals: load(&self.refusals),
+            failures: load(&self.failures),
+            labels_attached: load(&self.labels_attached),
+            labels_missed: load(&self.labels_missed),
+            last_drift: details.last_drift.clone(),
+            last_round: details.last_round.clone(),
+            last_error: details.last_error.clone(),
+            last_drift_to_promotion_s: details.last_drift_to_promotion_s,
+        }
+    }
+}
+
+pub enum ContinualLearnerMsg {
+    /// A window the learner's expert scored (from the forwarding task).
+    Scored(Arc<ScoredWindow>),
+    /// The plant's label for a recent window; attached if the learner still holds the
+    /// window (recent windows only: the reservoir is a sample and is not searched).
+    Label {
+        sensor: String,
+        window_sequence: u64,
+        label: i64,
+    },
+    /// Runs a round now; answered with its report once it ends.
+    Learn {
+        reply: RpcReplyPort<Result<RoundReport, LearnerError>>,
+    },
+    /// The `every_s` schedule.
+    Tick,
+    /// A round ended (sent by the round's own task).
+    RoundDone(Box<RoundDone>),
+}
+
+// Local only: it carries reply ports and shared buffers that cannot cross a node.
+impl ractor::Message for ContinualLearnerMsg {}
+
+pub struct ContinualLearner;
+
+pub struct ContinualLearnerArgs {
+    /// The expert as it serves now; it must serve a stored model.
+    pub expert: ExpertSpec,
+    pub spec: LearningSpec,
+    /// Where candidates are stored: the store the serving version came from.
+    pub store: ModelStore,
+    pub promoter: Arc<dyn Promoter>,
+    pub annunciator: Annunciator,
+    pub shared: Arc<ContinualLearnerShared>,
+}
+
+pub struct ContinualLearnerState {
+    expert: Arc<str>,
+    spec: LearningSpec,
+    store: ModelStore,
+    promoter: Arc<dyn Promoter>,
+    shared: Arc<ContinualLearnerShared>,
+    serving: Arc<Serving>,
+    observed: ObservedWindows,
+    /// A drift was seen and no round has answered it yet.
+    collecting: bool,
+    /// Windows added to `recent` since the last drift or round started.
+    since_round: usize,
+    score_drift: PageHinkley,
+    shape_drift: KsDrift,
+    /// The latest drift not yet answered by a promotion, and when it was seen.
+    drift: Option<(DriftEvent, tokio::time::Instant)>,
+    /// The number of the round running now, and its task.
+    running: Option<u64>,
+    round_task: Option<JoinHandle<()>>,
+    /// When the drift the running round answers was seen.
+    round_answers: Option<tokio::time::Instant>,
+    /// The plant drifted again while the running round trained.
+    drifted_during_round: bool,
+    rounds_started: u64,
+    forwarder: Option<JoinHandle<()>>,
+    metrics: LearnerMetrics,
+}
+
+struct LearnerMetrics {
+    windows: metrics::Counter,
+    reservoir: metrics::Gauge,
+    new_windows: metrics::Gauge,
+}
+
+impl Actor for ContinualLearner {
+    type Msg = ContinualLearnerMsg;
+    type State = ContinualLearnerState;
+    type Arguments = ContinualLearnerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ContinualLearnerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let expert: Arc<str> = args.expert.name.as_str().into();
+        let invalid = |source| LearnerError::Invalid {
+            expert: expert.to_string(),
+            source,
+        };
+        args.spec.validate().map_err(invalid)?;
+        let ModelSource::Stored(stored) = args.expert.source else {
+            return Err(LearnerError::NotStored {
+                expert: expert.to_string(),
+            }
+            .into());
+        };
+        let (score_drift, shape_drift) = args.spec.detectors().map_err(invalid)?;
+        let reservoir = Reservoir::new(args.spec.reservoir, args.spec.seed).map_err(|e| {
+            invalid(InvalidLearning {
+                field: "reservoir".into(),
+                value: args.spec.reservoir.to_string(),
+                reason: e.to_string(),
+            })
+        })?;
+        args.shared.details().serving_version = stored.manifest.id();
+        args.shared.set_phase(Phase::Watching);
+        let metrics = LearnerMetrics {
+            windows: metrics::counter!(telemetry::LEARNER_WINDOWS, "expert" => expert.to_string()),
+            reservoir: metrics::gauge!(telemetry::LEARNER_RESERVOIR, "expert" => expert.to_string()),
+            new_windows: metrics::gauge!(telemetry::LEARNER_NEW_WINDOWS, "expert" => expert.to_string()),
+        };
+        if let Some(every) = args.spec.every_s {
+            // Ends by itself once the learner has stopped.
+            myself.send_interval(Duration::from_secs_f64(every), || ContinualLearnerMsg::Tick);
+        }
+        let forwarder = tokio::spawn(forward(
+            args.annunciator.subscribe(),
+            expert.clone(),
+            args.shared.clone(),
+            myself,
+        ));
+        Ok(ContinualLearnerState {
+            expert,
+            spec: args.spec,
+            store: args.store,
+            promoter: args.promoter,
+            shared: args.shared,
+            serving: Serving::new(stored.manifest, stored.weights),
+            observed: ObservedWindows::new(reservoir),
+            collecting: false,
+            since_round: 0,
+            score_drift,
+            shape_drift,
+            drift: None,
+            running: None,
+            round_task: None,
+            round_answers: None,
+            drifted_during_round: false,
+            rounds_started: 0,
+            forwarder: Some(forwarder),
+            metrics,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ContinualLearnerMsg::Scored(window) => {
+                state.shared.window_handled();
+                state.take(&window);
+                if state.collecting
+                    && state.running.is_none()
+                    && state.since_round >= state.spec.min_new_windows
+                {
+                    // Too few old windows: logged inside, tried again after as many new
+                    // windows again.
+                    let _ = state.start_round(Trigger::Drift, None, &myself);
+                }
+            }
+            ContinualLearnerMsg::Label {
+                sensor,
+                window_sequence,
+                label,
+            } => state.label(&sensor, window_sequence, label),
+            ContinualLearnerMsg::Learn { reply } => {
+                if let Err(e) = state.start_round(Trigger::Command, Some(reply), &myself) {
+                    tracing::info!(expert = %state.expert, error = %e, "learning round not started");
+                }
+            }
+            ContinualLearnerMsg::Tick => {
+                if state.running.is_none() && state.since_round >= state.spec.min_new_windows {
+                    let _ = state.start_round(Trigger::Schedule, None, &myself);
+                } else {
+                    tracing::debug!(expert = %state.expert, new = state.since_round, "scheduled round skipped: busy or too few new windows");
+                }
+            }
+            ContinualLearnerMsg::RoundDone(done) => state.finish_round(*done),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(forwarder) = state.forwarder.take() {
+            forwarder.abort();
+        }
+        // A round in flight is abandoned at its next step: nothing of it is stored or
+        // promoted once the learner is gone (a swap already asked for completes).
+        if let Some(round) = state.round_task.take() {
+            round.abort();
+        }
+        state.shared.set_phase(Phase::Stopped);
+        Ok(())
+    }
+}
+
+/// Forwards the annunciator's windows on which `expert` gave an opinion to the learner;
+/// skips (and counts) what it cannot keep up with, so the routers never wait for it.
+async fn forward(
+    mut windows: broadcast::Receiver<Arc<ScoredWindow>>,
+    expert: Arc<str>,
+    shared: Arc<ContinualLearnerShared>,
+    learner: ActorRef<ContinualLearnerMsg>,
+) {
+    let skipped = metrics::counter!(telemetry::LEARNER_SKIPPED, "expert" => expert.to_string());
+    loop {
+        match windows.recv().await {
+            Ok(window) => {
+                if !window.experts.iter().any(|o| o.expert == expert) {
+                    continue;
+                }
+                if shared.pending.load(Ordering::Relaxed) >= MAX_PENDING_WINDOWS {
+                    shared.windows_skipped.fetch_add(1, Ordering::Relaxed);
+                    skipped.increment(1);
+                    continue;
+                }
+                shared.pending.fetch_add(1, Ordering::Relaxed);
+                if learner.cast(ContinualLearnerMsg::Scored(window)).is_err() {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                shared.windows_skipped.fetch_add(missed, Ordering::Relaxed);
+                skipped.increment(missed);
+                tracing::debug!(%expert, missed, "learner fell behind the annunciator");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl ContinualLearnerState {
+    /// Takes in one window its expert scored: buffers it and feeds the detectors.
+    fn take(&mut self, window: &ScoredWindow) {
+        let Some(opinion) = window.experts.iter().find(|o| o.expert == self.expert) else {
+            return;
+        };
+        let seen = self.shared.windows_seen.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.windows.increment(1);
+        let capacity = if self.collecting {
+            self.spec.max_new_windows
+        } else {
+            self.spec.min_new_windows
+        };
+        self.observed.hold(window, capacity, self.collecting);
+        self.since_round += 1;
+        // The detectors follow the serving version's scores only: windows still in
+        // flight under the previous version would look like a change.
+        let event = if *opinion.model_version == *self.serving.id {
+            // Floored so a perfect score (a classifier's 0) stays a finite value.
+            let relative = (f64::from(opinion.score) / f64::from(opinion.threshold)).max(1e-9);
+            let score = self
+                .score_drift
+                .update(relative.ln())
+                .map(|d| (d, "page_hinkley", "score"));
+            let mean = if window.values.is_empty() {
+                f64::NAN
+            } else {
+                window.values.iter().map(|v| f64::from(*v)).sum::<f64>()
+                    / window.values.len() as f64
+            };
+            let shape = self
+                .shape_drift
+                .update(mean)
+                .map(|d| (d, "ks", "window_mean"));
+            score.or(shape)
+        } else {
+            None
+        };
+        if let Some((drift, detector, signal)) = event {
+            self.drifted(window, seen, drift, detector, signal);
+        }
+        self.publish_sizes();
+        self.shared.changed();
+    }
+
+    fn drifted(
+        &mut self,
+        window: &ScoredWindow,
+        seen: u64,
+        drift: Drift,
+        detector: &'static str,
+        signal: &'static str,
+    ) {
+        let event = DriftEvent {
+            detector,
+            signal,
+            sensor: window.sensor_id.to_string(),
+            window_sequence: window.window_sequence,
+            window_end_us: window.end_us,
+            detected_us: now_us(),
+            windows_seen: seen,
+            before: drift.before,
+            after: drift.after,
+            statistic: drift.statistic,
+            limit: drift.limit,
+        };
+        tracing::info!(expert = %self.expert, drift = %event.summary(), "drift detected");
+        metrics::counter!(telemetry::LEARNER_DRIFTS, "expert" => self.expert.to_string(), "detector" => detector)
+            .increment(1);
+        self.shared.drifts.fetch_add(1, Ordering::Relaxed);
+        self.shared.details().last_drift = Some(event.clone());
+        self.drift = Some((event, tokio::time::Instant::now()));
+        // Both detectors learn the new regime as their reference, so the other one does
+        // not report the same change again. The settings were validated at start.
+        if let Ok((score, shape)) = self.spec.detectors() {
+            self.score_drift = score;
+            self.shape_drift = shape;
+        }
+        // A round in flight works on its own copy of the windows, so the buffers move
+        // on as they would without it; the round's promotion must then not end the
+        // collecting of this newer regime (see `promoted`).
+        self.drifted_during_round = self.running.is_some();
+        if !self.collecting {
+            // The windows before the drift are the regime the serving version knows.
+            self.observed.recent_into_reservoir();
+        } else {
+            // A second change while collecting: what was collected is neither regime.
+            self.observed.drop_recent();
+        }
+        self.collecting = true;
+        self.since_round = 0;
+        if self.running.is_none() {
+            self.shared.set_phase(Phase::Collecting);
+        } else {
+            self.shared.changed();
+        }
+    }
+
+    fn label(&mut self, sensor: &str, sequence: u64, label: i64) {
+        if self.observed.label(sensor, sequence, label) {
+            self.shared.labels_attached.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared.labels_missed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(expert = %self.expert, %sensor, sequence, "label for a window no longer held");
+        }
+    }
+
+    fn publish_sizes(&self) {
+        let reservoir = self.observed.reservoir_len() as u64;
+        let recent = self.observed.recent_len() as u64;
+        self.shared.reservoir.store(reservoir, Ordering::Relaxed);
+        self.shared.new_windows.store(recent, Ordering::Relaxed);
+        self.metrics.reservoir.set(reservoir as f64);
+        self.metrics.new_windows.set(recent as f64);
+    }
+
+    /// Starts a round on what the learner holds now, or says why not (answering
+    /// `reply` with the same error).
+    fn start_round(
+        &mut self,
+        trigger: Trigger,
+        reply: Option<RpcReplyPort<Result<RoundReport, LearnerError>>>,
+        myself: &ActorRef<ContinualLearnerMsg>,
+    ) -> Result<(), LearnerError> {
+        let refuse = |reply: Option<RpcReplyPort<_>>, error: LearnerError| {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(error.clone()));
+            }
+            Err(error)
+        };
+        if let Some(round) = self.running {
+            let error = LearnerError::Busy {
+                expert: self.expert.to_string(),
+                round,
+                phase: self.shared.phase().as_str(),
+            };
+            return refuse(reply, error);
+        }
+        let (new, old) = (self.observed.recent_len(), self.observed.reservoir_len());
+        if new < self.spec.min_new_windows || old < MIN_OLD_WINDOWS {
+            let error = LearnerError::TooFewWindows {
+                expert: self.expert.to_string(),
+                new,
+                need_new: self.spec.min_new_windows,
+                old,
+                need_old: MIN_OLD_WINDOWS,
+            };
+            if trigger != Trigger::Command {
+                // Try again once as many new windows have come again, not on every one.
+                self.since_round = 0;
+                tracing::warn!(expert = %self.expert, error = %error, "learning round not started");
+            }
+            return refuse(reply, error);
+        }
+        self.rounds_started += 1;
+        let round = self.rounds_started;
+        self.running = Some(round);
+        self.round_answers = self.drift.as_ref().map(|(_, seen)| *seen);
+        self.drifted_during_round = false;
+        self.since_round = 0;
+        let input = RoundInput {
+            round,
+            trigger,
+            expert: self.expert.clone(),
+            serving: self.serving.clone(),
+            new: self.observed.recent_items(),
+            old: self.observed.reservoir_items(),
+            spec: self.spec.clone(),
+            store: self.store.clone(),
+            promoter: self.promoter.clone(),
+            shared: self.shared.clone(),
+            drift: self.drift.as_ref().map(|(event, _)| event.clone()),
+        };
+        tracing::info!(expert = %self.expert, round, trigger = trigger.as_str(), new = input.new.len(), old = input.old.len(), "learning round started");
+        self.shared.set_phase(Phase::FineTuning);
+        let myself = myself.clone();
+        self.round_task = Some(tokio::spawn(async move {
+            let outcome = run_round(input).await;
+            // The learner may have stopped meanwhile; then nobody waits for this.
+            let _ = myself.cast(ContinualLearnerMsg::RoundDone(Box::new(RoundDone {
+                outcome,
+                reply,
+            })));
+        }));
+        Ok(())
+    }
+
+    fn finish_round(&mut self, done: RoundDone) {
+        self.running = None;
+        self.round_task = None;
+        let answers = self.round_answers.take();
+        self.shared.rounds.fetch_add(1, Ordering::Relaxed);
+        let outcome_label = match &done.outcome {
+            Ok(Completed {
+                promoted: Some(_), ..
+            }) => "promoted",
+            Ok(_) => "refused",
+            Err(_) => "failed",
+        };
+        metrics::counter!(telemetry::LEARNER_ROUNDS, "expert" => self.expert.to_string(), "outcome" => outcome_label)
+            .increment(1);
+        let answer = match done.outcome {
+            Ok(completed) => {
+                metrics::histogram!(telemetry::LEARNER_FINE_TUNE_SECONDS, "expert" => self.expert.to_string())
+                    .record(completed.report.fine_tune_s);
+                self.shared.details().last_round = Some(completed.report.clone());
+                match completed.promoted {
+                    Some(serving) => self.promoted(serving, answers),
+                    None => {
+                        self.shared.refusals.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(expert = %self.expert, round = completed.report.round, reason = %completed.report.gate.reason, "candidate refused; the serving version stays");
+                    }
+                }
+                Ok(completed.report)
+            }
+            Err(error) => {
+                self.shared.failures.fetch_add(1, Ordering::Relaxed);
+                self.shared.details().last_error = Some(error.to_string());
+                tracing::warn!(expert = %self.expert, error = %error, "learning round failed; the serving version stays");
+                Err(error)
+            }
+        };
+        self.shared.set_phase(if self.collecting {
+            Phase::Collecting
+        } else {
+            Phase::Watching
+        });
+        self.publish_sizes();
+        if let Some(reply) = done.reply {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// A promoted version serves now: the recent windows are part of what it knows
+    /// (unless the plant drifted again meanwhile: then they are the next regime to
+    /// learn), and the detectors restart on its scores.
+    /// `answers`: when the drift this promotion answers was seen.
+    fn promoted(&mut self, serving: Arc<Serving>, answers: Option<tokio::time::Instant>) {
+        let version = serving.id.clone();
+        self.serving = serving;
+        self.shared.promotions.fetch_add(1, Ordering::Relaxed);
+        let mut details = self.shared.details();
+        details.serving_version = version.clone();
+        if let Some(seen) = answers {
+            let seconds = seen.elapsed().as_secs_f64();
+            details.last_drift_to_promotion_s = Some(seconds);
+            metrics::histogram!(telemetry::LEARNER_DRIFT_TO_PROMOTION, "expert" => self.expert.to_string())
+                .record(seconds);
+        }
+        drop(details);
+        if !self.drifted_during_round {
+            self.drift = None;
+            self.observed.recent_into_reservoir();
+            self.collecting = false;
+            self.since_round = 0;
+        }
+        if let Ok((score, shape)) = self.spec.detectors() {
+            self.score_drift = score;
+            self.shape_drift = shape;
+        }
+        tracing::info!(expert = %self.expert, %version, "promoted version serves");
+    }
+}
+
+/// A learner started on a node: its handle (also in the node's directory) and the task
+/// that reports an unexpected stop.
+pub struct RunningLearner {
+    pub handle: LearnerHandle,
+    join: JoinHandle<()>,
+}
+
+impl RunningLearner {
+    /// Asks the learner to stop, without waiting; the stop is not reported as a
+    /// failure.
+    pub fn stop(&self) {
+        self.handle.shared.stopping.store(true, Ordering::Relaxed);
+        self.handle
+            .actor
+            .stop(Some("node shutting down".to_string()));
+    }
+
+    /// Stops the learner and waits for it. A round in flight is abandoned, not awaited:
+    /// nothing of it is stored or promoted afterwards (a swap already asked for
+    /// completes).
+    pub async fn shutdown(self) {
+        self.stop();
+        let _ = self.join.await;
+    }
+}
+
+impl ContinualLearner {
+    /// Starts a learner for `expert` (which must serve a stored model) on `node`,
+    /// registers it in the node's directory, and watches it: an unexpected stop is
+    /// logged, counted and shown as phase `stopped` (see the module doc).
+    pub async fn start(
+        node: &Node,
+        expert: ExpertSpec,
+        spec: LearningSpec,
+        store: ModelStore,
+        promoter: Arc<dyn Promoter>,
+    ) -> Result<RunningLearner, LearnerError> {
+        let name = expert.name.clone();
+        let serving = expert
+            .source
+            .stored()
+            .map(|s| s.manifest.id())
+            .ok_or_else(|| LearnerError::NotStored {
+                expert: name.clone(),
+            })?;
+        let shared = ContinualLearnerShared::new(&name, &serving);
+        let args = ContinualLearnerArgs {
+            expert,
+            spec,
+            store,
+            promoter,
+            annunciator: node.annunciator.clone(),
+            shared: shared.clone(),
+        };
+        let (actor, join) =
+            Actor::spawn(None, ContinualLearner, args)
+                .await
+                .map_err(|e| match e {
+                    ractor::SpawnErr::StartupFailed(inner) => {
+                        match inner.downcast::<LearnerError>() {
+                            Ok(error) => *error,
+                            Err(inner) => LearnerError::Unavailable {
+                                expert: name.clone(),
+                                reason: format!("did not start: {inner}"),
+                            },
+                        }
+                    }
+                    other => LearnerError::Unavailable {
+                        expert: name.clone(),
+                        reason: format!("did not start: {other}"),
+                    },
+                })?;
+        let handle = LearnerHandle {
+            actor,
+            shared: shared.clone(),
+        };
+        node.directory.learners.insert(name.clone(), handle.clone());
+        let join = tokio::spawn(async move {
+            let _ = join.await;
+            shared.set_phase(Phase::Stopped);
+            if !shared.stopping.load(Ordering::Relaxed) {
+                metrics::counter!(telemetry::LEARNER_STOPPED, "expert" => name.clone())
+                    .increment(1);
+                tracing::error!(expert = %name, "continual learner stopped unexpectedly; the expert keeps serving its version, learning is off until the node restarts");
+            }
+        });
+        Ok(RunningLearner { handle, join })
+    }
+}
+
+impl LearnerHandle {
+    /// Runs a round now and waits for its report (rounds take as long as fine-tuning
+    /// takes, so there is no timeout). Cancel safety: dropping the future leaves the
+    /// round running; its outcome still lands in the learner's counters.
+    pub async fn learn(&self) -> Result<RoundReport, LearnerError> {
+        match self
+            .actor
+            .call(|reply| ContinualLearnerMsg::Learn { reply }, None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(answer)) => answer,
+            Ok(_) => Err(LearnerError::Unavailable {
+                expert: self.shared.expert.to_string(),
+                reason: "stopped before answering".into(),
+            }),
+            Err(e) => Err(LearnerError::Unavailable {
+                expert: self.shared.expert.to_string(),
+                reason: format!("is not running: {e}"),
+            }),
+        }
+    }
+
+    /// Attaches the plant's label to a recent window (see [`ContinualLearnerMsg::Label`]).
+    pub fn label(&self, sensor: &str, window_sequence: u64, label: i64) {
+        let _ = self.actor.cast(ContinualLearnerMsg::Label {
+            sensor: sensor.to_string(),
+            window_sequence,
+            label,
+        });
+    }
+}

@@ -1,0 +1,13 @@
+//! The node agent and everything around it: what a node runs ([`NodeSpec`],
+//! [`RestartPolicy`]), the supervisor that runs it ([`NodeAgent`], which starts, restarts
+//! and reconciles the node's actors), and [`Node`], the handle a process holds on a
+//! running node to push readings, score windows, swap experts, reconcile and read its
+//! state.
+
+mod agent;
+mod node;
+mod spec;
+
+pub use agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeAgentState, ReconcileReport};
+pub use node::{ExpertSnapshot, Node, NodeSnapshot, RouterSnapshot, SensorSnapshot, CALL_TIMEOUT};
+pub use spec::{NodeSpec, RestartPolicy};

@@ -1,0 +1,296 @@
+//! [`Node`]: the handle a process holds on a running node, and the API callers use on
+//! it. It starts the node's agent ([`Node::start`]), pushes readings to sensor streams,
+//! scores windows through routers, asks the agent to swap an expert or reconcile to a
+//! new spec, and reads the node's state for `status` without a message ([`NodeSnapshot`]).
+//! Every call waits at most [`CALL_TIMEOUT`]: a stopped or stuck actor comes back as the
+//! caller's own error, never as a hang.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorRef, RpcReplyPort};
+
+use super::agent::{spawn_failure, NodeAgent, NodeAgentArgs, NodeAgentMsg, ReconcileReport};
+use super::spec::NodeSpec;
+use crate::annunciator::{Annunciator, ScoredWindow};
+use crate::directory::NodeDirectory;
+use crate::error::{IngestError, ScoreError, SpecError};
+use crate::expert::ExpertSpec;
+use crate::router::{Replicas, RetryPolicy, RouterMsg};
+use crate::sample::{Sample, Window};
+use crate::sensor_stream::{PushOutcome, SensorStreamMsg};
+
+/// A point-in-time view of a node for `status` and the `Control` service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSnapshot {
+    pub node: String,
+    pub up_since_us: i64,
+    pub restarts: u64,
+    pub sensors: Vec<SensorSnapshot>,
+    pub routers: Vec<RouterSnapshot>,
+    pub experts: Vec<ExpertSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorSnapshot {
+    pub id: String,
+    pub channels: usize,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub windows: u64,
+    pub acked_through: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSnapshot {
+    pub name: String,
+    pub policy: &'static str,
+    pub routed: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertSnapshot {
+    pub name: String,
+    pub model: String,
+    pub version: String,
+    pub device: String,
+    pub queue: u64,
+    pub windows_scored: u64,
+    pub batches: u64,
+    pub mean_batch_size: f64,
+}
+
+/// A running node: its agent, directory and annunciator. Dropping it does not stop
+/// the node; call [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    pub name: String,
+    pub agent: ActorRef<NodeAgentMsg>,
+    pub directory: Arc<NodeDirectory>,
+    pub annunciator: Annunciator,
+    restarts: Arc<AtomicU64>,
+    up_since_us: i64,
+}
+
+/// How long a caller waits for a sensor stream or router to answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Node {
+    /// Validates the spec and starts the node; returns once every actor is running.
+    pub async fn start(
+        spec: NodeSpec,
+        annunciator: Annunciator,
+    ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
+        spec.validate()?;
+        let directory = Arc::new(NodeDirectory::default());
+        let replicas = Replicas::new(directory.clone(), RetryPolicy::default());
+        let restarts = Arc::new(AtomicU64::new(0));
+        let name = spec.node.clone();
+        let args = NodeAgentArgs {
+            spec,
+            directory: directory.clone(),
+            replicas,
+            annunciator: annunciator.clone(),
+            restarts: restarts.clone(),
+        };
+        let (agent, join) = Actor::spawn(None, NodeAgent, args)
+            .await
+            .map_err(|e| spawn_failure(&name, e))?;
+        let up_since_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        Ok((
+            Node {
+                name,
+                agent,
+                directory,
+                annunciator,
+                restarts,
+                up_since_us,
+            },
+            join,
+        ))
+    }
+
+    /// Hands a batch to its sensor stream and waits for the acknowledgement.
+    pub async fn push(
+        &self,
+        sensor_id: &str,
+        samples: Vec<Sample>,
+    ) -> Result<PushOutcome, IngestError> {
+        let handle =
+            self.directory
+                .sensor(sensor_id)
+                .ok_or_else(|| IngestError::UnknownSensor {
+                    sensor_id: sensor_id.to_string(),
+                })?;
+        ask(
+            &handle.actor,
+            |reply| SensorStreamMsg::Push { samples, reply },
+            ("acknowledgement", "stream"),
+            |reason| IngestError::StreamUnavailable {
+                sensor_id: sensor_id.to_string(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Scores a window through a router and returns the verdict.
+    pub async fn score(&self, router: &str, window: Window) -> Result<ScoredWindow, ScoreError> {
+        let handle = self
+            .directory
+            .router(router)
+            .ok_or_else(|| ScoreError::UnknownRouter {
+                router: router.to_string(),
+            })?;
+        ask(
+            &handle.actor,
+            |reply| RouterMsg::Score { window, reply },
+            ("verdict", "router"),
+            |reason| ScoreError::RouterUnavailable {
+                router: router.to_string(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Hot-swaps a running expert to another version (see [`NodeAgentMsg::Swap`]).
+    pub async fn swap_expert(&self, spec: ExpertSpec) -> Result<Arc<str>, SpecError> {
+        let name = spec.name.clone();
+        ask(
+            &self.agent,
+            |reply| NodeAgentMsg::Swap {
+                spec: Box::new(spec),
+                reply,
+            },
+            ("swap", "node agent"),
+            |reason| SpecError::Model {
+                name: name.clone(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    /// Makes the node run `spec` (see [`NodeAgentMsg::Reconcile`]).
+    pub async fn reconcile(&self, spec: NodeSpec) -> Result<ReconcileReport, SpecError> {
+        let name = self.name.clone();
+        ask(
+            &self.agent,
+            |reply| NodeAgentMsg::Reconcile {
+                spec: Box::new(spec),
+                reply,
+            },
+            ("report", "node agent"),
+            |reason| SpecError::Spawn {
+                name: name.clone(),
+                reason,
+            },
+        )
+        .await
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> NodeSnapshot {
+        let mut sensors: Vec<SensorSnapshot> = self
+            .directory
+            .sensors
+            .iter()
+            .map(|e| {
+                let s = &e.value().shared;
+                SensorSnapshot {
+                    id: s.id.to_string(),
+                    channels: s.channels,
+                    accepted: s.accepted.load(Ordering::Relaxed),
+                    rejected: s.rejected.load(Ordering::Relaxed),
+                    duplicates: s.duplicates.load(Ordering::Relaxed),
+                    windows: s.windows.load(Ordering::Relaxed),
+                    acked_through: s.acked_through(),
+                }
+            })
+            .collect();
+        sensors.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut routers: Vec<RouterSnapshot> = self
+            .directory
+            .routers
+            .iter()
+            .map(|e| {
+                let r = &e.value().shared;
+                RouterSnapshot {
+                    name: r.name.to_string(),
+                    policy: r.policy,
+                    routed: r.routed.load(Ordering::Relaxed),
+                    failed: r.failed.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        routers.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut experts: Vec<ExpertSnapshot> = self
+            .directory
+            .experts
+            .iter()
+            .map(|e| {
+                let x = &e.value().shared;
+                ExpertSnapshot {
+                    name: x.name.to_string(),
+                    model: x.model.to_string(),
+                    version: x.model_version().to_string(),
+                    device: x.device.clone(),
+                    queue: x.queued.load(Ordering::Relaxed),
+                    windows_scored: x.windows_scored.load(Ordering::Relaxed),
+                    batches: x.batches.load(Ordering::Relaxed),
+                    mean_batch_size: x.mean_batch_size(),
+                }
+            })
+            .collect();
+        experts.sort_by(|a, b| a.name.cmp(&b.name));
+        NodeSnapshot {
+            node: self.name.clone(),
+            up_since_us: self.up_since_us,
+            restarts: self.restarts(),
+            sensors,
+            routers,
+            experts,
+        }
+    }
+
+    /// Stops the agent and with it every actor of the node, and waits for them.
+    pub async fn shutdown(&self, join: tokio::task::JoinHandle<()>) {
+        self.agent.stop(Some("node shutting down".into()));
+        let _ = join.await;
+    }
+}
+
+/// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
+/// answering (timeout, callee stopped, message not delivered) into the callee's own
+/// error; `(answer, callee)` name them in the reason, e.g. ("verdict", "router").
+pub(super) async fn ask<M, T, E>(
+    actor: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<Result<T, E>>) -> M,
+    (answer, callee): (&str, &str),
+    unavailable: impl Fn(String) -> E,
+) -> Result<T, E>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    match actor.call(message, Some(CALL_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        Ok(ractor::rpc::CallResult::Timeout) => {
+            Err(unavailable(format!("no {answer} within {CALL_TIMEOUT:?}")))
+        }
+        Ok(ractor::rpc::CallResult::SenderError) => Err(unavailable(format!(
+            "the {callee} stopped before answering"
+        ))),
+        Err(e) => Err(unavailable(e.to_string())),
+    }
+}

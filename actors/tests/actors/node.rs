@@ -1,0 +1,420 @@
+//! A whole node in one process: samples in, scored windows out, bad input refused
+//! without losing what was accepted, a killed expert restarted, the learned gate
+//! combining experts, and specs that cannot run refused with the reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fogmesh_actors::{
+    Annunciator, BatchingSpec, ExpertSpec, IngestError, ModelSource, Node, NodeSpec,
+    NormalisationSpec, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
+    ScoredWindow, SensorStreamSpec, SpecError, Window,
+};
+use fogmesh_models::{AutoencoderConfig, SoftmaxGate};
+
+const CHANNELS: usize = 2;
+const WINDOW: usize = 8;
+const STRIDE: usize = 4;
+
+fn expert(name: &str, seed: i64) -> ExpertSpec {
+    ExpertSpec {
+        name: name.into(),
+        model_version: "v1".into(),
+        config: AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64),
+        threshold: Some(0.5),
+        batching: BatchingSpec {
+            max_batch: 8,
+            max_wait_us: 1_000,
+        },
+        intra_op_threads: 1,
+        source: ModelSource::seeded(seed),
+    }
+}
+
+fn sensor(id: &str, router: &str) -> SensorStreamSpec {
+    SensorStreamSpec {
+        id: id.into(),
+        channels: CHANNELS,
+        window: WINDOW,
+        stride: STRIDE,
+        normalisation: NormalisationSpec::Frozen {
+            mean: vec![0.0; CHANNELS],
+            std: vec![1.0; CHANNELS],
+        },
+        quality: QualityRules::default(),
+        router: router.into(),
+    }
+}
+
+fn static_node() -> NodeSpec {
+    NodeSpec {
+        node: "edge-1".into(),
+        sensors: vec![sensor("pump-1", "by-asset")],
+        routers: vec![RouterSpec {
+            name: "by-asset".into(),
+            policy: RoutingPolicy::Static {
+                routes: HashMap::from([("pump-1".to_string(), vec!["pump-ae".to_string()])]),
+            },
+        }],
+        experts: vec![expert("pump-ae", 1)],
+        remote_experts: Vec::new(),
+        restart: RestartPolicy::default(),
+    }
+}
+
+fn samples(sequences: std::ops::Range<u64>) -> Vec<Sample> {
+    sequences
+        .map(|s| Sample {
+            sequence: s,
+            timestamp_us: s as i64 * 1_000,
+            values: vec![(s as f32 * 0.3).sin(), (s as f32 * 0.2).cos()],
+        })
+        .collect()
+}
+
+async fn next_window(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ScoredWindow>>,
+) -> Arc<ScoredWindow> {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a scored window arrives")
+        .expect("no window missed")
+}
+
+#[tokio::test]
+async fn samples_become_scored_windows_in_order() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    let ack = node.push("pump-1", samples(0..20)).await.unwrap();
+    assert_eq!(
+        (ack.acked_through, ack.accepted, ack.duplicates),
+        (Some(19), 20, 0)
+    );
+    // 20 samples, windows of 8 every 4: starts at 0, 4, 8, 12.
+    let mut sequences = Vec::new();
+    for _ in 0..4 {
+        let w = next_window(&mut scored).await;
+        assert_eq!(&*w.sensor_id, "pump-1");
+        assert_eq!(w.experts.len(), 1);
+        assert_eq!(w.end_us - w.start_us, (WINDOW as i64 - 1) * 1_000);
+        sequences.push((w.window_sequence, w.start_us));
+    }
+    sequences.sort();
+    assert_eq!(sequences, vec![(0, 0), (1, 4_000), (2, 8_000), (3, 12_000)]);
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn duplicates_are_acknowledged_again_and_dropped() {
+    let (node, join) = Node::start(static_node(), Annunciator::new(64))
+        .await
+        .unwrap();
+    node.push("pump-1", samples(0..10)).await.unwrap();
+    let mut batch = samples(5..15);
+    batch.reverse();
+    let ack = node.push("pump-1", batch).await.unwrap();
+    assert_eq!(
+        (ack.acked_through, ack.accepted, ack.duplicates),
+        (Some(14), 5, 5)
+    );
+    let status = node.snapshot();
+    assert_eq!(status.sensors[0].accepted, 15);
+    assert_eq!(status.sensors[0].duplicates, 5);
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn a_bad_batch_is_refused_whole_and_accepted_data_stays() {
+    let (node, join) = Node::start(static_node(), Annunciator::new(64))
+        .await
+        .unwrap();
+    node.push("pump-1", samples(0..6)).await.unwrap();
+
+    let mut nan = samples(6..10);
+    nan[2].values[1] = f32::NAN;
+    match node.push("pump-1", nan).await {
+        Err(IngestError::NotFinite {
+            sequence: 8,
+            channel: 1,
+            ..
+        }) => {}
+        other => panic!("expected NotFinite for sample 8 channel 1, got {other:?}"),
+    }
+    let mut wide = samples(6..10);
+    wide[0].values.push(1.0);
+    match node.push("pump-1", wide).await {
+        Err(IngestError::WrongChannelCount {
+            expected: 2,
+            got: 3,
+            ..
+        }) => {}
+        other => panic!("expected WrongChannelCount, got {other:?}"),
+    }
+    let mut backwards = samples(6..10);
+    backwards[1].timestamp_us = 0;
+    match node.push("pump-1", backwards).await {
+        Err(e @ IngestError::TimestampBackwards { sequence: 7, .. }) => {
+            assert!(
+                e.to_string().contains("timestamp_us"),
+                "the error names the field: {e}"
+            );
+        }
+        other => panic!("expected TimestampBackwards, got {other:?}"),
+    }
+    match node.push("no-such-pump", samples(0..1)).await {
+        Err(IngestError::UnknownSensor { sensor_id }) => assert_eq!(sensor_id, "no-such-pump"),
+        other => panic!("expected UnknownSensor, got {other:?}"),
+    }
+    // Nothing of the refused batches was taken: the same sequences are fresh now.
+    let ack = node.push("pump-1", samples(6..10)).await.unwrap();
+    assert_eq!((ack.acked_through, ack.accepted), (Some(9), 4));
+    let status = &node.snapshot().sensors[0];
+    assert_eq!((status.accepted, status.rejected), (10, 12));
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn a_killed_expert_is_restarted_and_scoring_resumes() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    node.push("pump-1", samples(0..8)).await.unwrap();
+    next_window(&mut scored).await;
+
+    let first = node.directory.expert("pump-ae").unwrap().actor;
+    first.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while node.directory.expert("pump-ae").unwrap().actor.get_id() == first.get_id() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expert was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(node.restarts(), 1);
+    node.push("pump-1", samples(8..12)).await.unwrap();
+    let w = next_window(&mut scored).await;
+    assert_eq!(w.window_sequence, 1);
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn the_learned_gate_combines_its_top_k_experts() {
+    let gate = SoftmaxGate::seeded(CHANNELS, WINDOW, 3, 5);
+    let spec = NodeSpec {
+        node: "edge-1".into(),
+        sensors: vec![sensor("press-1", "gate")],
+        routers: vec![RouterSpec {
+            name: "gate".into(),
+            policy: RoutingPolicy::LearnedGate {
+                experts: vec!["a".into(), "b".into(), "c".into()],
+                top_k: 2,
+                gate: gate.clone(),
+            },
+        }],
+        experts: vec![expert("a", 1), expert("b", 2), expert("c", 3)],
+        remote_experts: Vec::new(),
+        restart: RestartPolicy::default(),
+    };
+    let (node, join) = Node::start(spec, Annunciator::new(64)).await.unwrap();
+    let values: Vec<f32> = (0..CHANNELS * WINDOW)
+        .map(|i| (i as f32 * 0.37).sin())
+        .collect();
+    let window = Window {
+        sensor_id: "press-1".into(),
+        sequence: 0,
+        start_us: 0,
+        end_us: 7_000,
+        channels: CHANNELS,
+        length: WINDOW,
+        values: values.clone().into(),
+        quality: Default::default(),
+    };
+    let verdict = node.score("gate", window).await.unwrap();
+    let expected = gate.top_k(&values, 2).unwrap();
+    let names = ["a", "b", "c"];
+    let got: Vec<(&str, f32)> = verdict
+        .experts
+        .iter()
+        .map(|o| (&*o.expert, o.gate_weight))
+        .collect();
+    let want: Vec<(&str, f32)> = expected.iter().map(|(i, w)| (names[*i], *w)).collect();
+    assert_eq!(got, want);
+    let combined: f32 = verdict
+        .experts
+        .iter()
+        .map(|o| o.gate_weight * o.score / o.threshold)
+        .sum();
+    assert!((verdict.score - combined).abs() < 1e-6);
+    assert_eq!(verdict.anomalous, verdict.score >= 1.0);
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn specs_that_cannot_run_are_refused_with_the_reason() {
+    let mut unknown_router = static_node();
+    unknown_router.sensors[0].router = "nowhere".into();
+    let err = Node::start(unknown_router, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, SpecError::UnknownReference { ref target, .. } if target == "nowhere"),
+        "{err}"
+    );
+
+    let mut wrong_shape = static_node();
+    wrong_shape.sensors[0].window = 16;
+    let err = Node::start(wrong_shape, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("expert `pump-ae` takes 2 channels x 8 samples"),
+        "{err}"
+    );
+
+    let mut zero_stride = static_node();
+    zero_stride.sensors[0].stride = 0;
+    let err = Node::start(zero_stride, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("field `stride` = 0"), "{err}");
+}
+
+#[tokio::test]
+async fn an_expert_that_cannot_load_its_weights_stops_the_start_with_its_own_reason() {
+    let other_shape = AutoencoderConfig {
+        hidden: 12,
+        ..AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64)
+    };
+    let (weights, sha256) = fogmesh_models::ConvAutoencoder::new(other_shape, tch::Device::Cpu, 3)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let mut spec = static_node();
+    spec.experts[0].source = ModelSource::Autoencoder {
+        weights: Some(weights.into()),
+        weights_sha256: Some(sha256),
+        seed: 1,
+    };
+    let err = Node::start(spec, Annunciator::new(1))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pump-ae") && err.contains("enc1.weight"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "no actor-framework wrapping: {err}"
+    );
+}
+
+#[tokio::test]
+async fn reconcile_starts_stops_and_restarts_only_what_changed() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    node.push("pump-1", samples(0..8)).await.unwrap();
+    next_window(&mut scored).await;
+    let expert_before = node.directory.expert("pump-ae").unwrap().actor.get_id();
+
+    // Unchanged: nothing moves.
+    let report = node.reconcile(static_node()).await.unwrap();
+    assert!(report.is_empty(), "{report:?}");
+    assert_eq!(
+        node.directory.expert("pump-ae").unwrap().actor.get_id(),
+        expert_before
+    );
+
+    // A second stream and expert join; the first stream keeps its position.
+    let mut grown = static_node();
+    grown.experts.push(expert("fan-ae", 2));
+    grown.sensors.push(sensor("fan-1", "by-asset"));
+    if let RoutingPolicy::Static { routes } = &mut grown.routers[0].policy {
+        routes.insert("fan-1".into(), vec!["fan-ae".into()]);
+    }
+    let report = node.reconcile(grown.clone()).await.unwrap();
+    assert_eq!(report.started, vec!["fan-ae", "fan-1"]);
+    assert_eq!(report.restarted, vec!["by-asset"]);
+    assert!(report.stopped.is_empty());
+    assert_eq!(
+        node.directory.expert("pump-ae").unwrap().actor.get_id(),
+        expert_before,
+        "an expert whose spec did not change keeps running"
+    );
+    let ack = node.push("pump-1", samples(0..12)).await.unwrap();
+    assert_eq!((ack.accepted, ack.duplicates), (4, 8));
+    node.push("fan-1", samples(0..8)).await.unwrap();
+    let mut sensors = Vec::new();
+    for _ in 0..2 {
+        sensors.push(next_window(&mut scored).await.sensor_id.to_string());
+    }
+    sensors.sort();
+    assert_eq!(sensors, vec!["fan-1", "pump-1"]);
+
+    // Back to one stream: the other's actors stop and leave the directory.
+    let report = node.reconcile(static_node()).await.unwrap();
+    assert_eq!(report.stopped, vec!["fan-ae", "fan-1"]);
+    assert!(node.directory.sensor("fan-1").is_none());
+    assert!(node.directory.expert("fan-ae").is_none());
+    assert_eq!(node.restarts(), 0, "stopping is not failing");
+
+    // A spec that does not validate changes nothing.
+    let mut broken = static_node();
+    broken.sensors[0].router = "nowhere".into();
+    assert!(matches!(
+        node.reconcile(broken).await,
+        Err(SpecError::UnknownReference { .. })
+    ));
+    assert!(node.directory.sensor("pump-1").is_some());
+    node.shutdown(join).await;
+}
+
+#[tokio::test]
+async fn a_swapped_version_serves_through_the_router_and_survives_a_restart() {
+    let annunciator = Annunciator::new(1024);
+    let mut scored = annunciator.subscribe();
+    let (node, join) = Node::start(static_node(), annunciator).await.unwrap();
+    let mut v2 = expert("pump-ae", 2);
+    v2.model_version = "v2".into();
+    let version = node
+        .swap_expert(v2)
+        .await
+        .expect("the new version swaps in");
+    assert_eq!(&*version, "v2");
+    node.push("pump-1", samples(0..8)).await.unwrap();
+    assert_eq!(
+        &*next_window(&mut scored).await.experts[0].model_version,
+        "v2"
+    );
+
+    let mut ghost = expert("no-such-expert", 3);
+    ghost.model_version = "v9".into();
+    let refused = node.swap_expert(ghost).await.unwrap_err();
+    assert!(refused.to_string().contains("no-such-expert"), "{refused}");
+
+    // A restarted expert comes back with the version it served, not the one it started with.
+    let first = node.directory.expert("pump-ae").unwrap().actor;
+    first.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while node.directory.expert("pump-ae").unwrap().actor.get_id() == first.get_id() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expert was not restarted"
+        );
+        tokio::task::yield_now().await;
+    }
+    node.push("pump-1", samples(8..12)).await.unwrap();
+    let w = next_window(&mut scored).await;
+    assert_eq!(w.window_sequence, 1);
+    assert_eq!(&*w.experts[0].model_version, "v2");
+    node.shutdown(join).await;
+}

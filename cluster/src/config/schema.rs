@@ -1,0 +1,296 @@
+//! The serde structs of `node.toml`, exactly as the file is written: one struct per
+//! table, one field per key, with the defaults the format documents.
+//!
+//! Nothing here checks a value or reads a file; [`super::resolve`] does, so the format
+//! can be read off these types alone. Every table denies unknown fields, so a typo is
+//! an error instead of a silently ignored setting.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use fogmesh_actors::{BatchingSpec, LearningSpec, SensorStreamSpec};
+use fogmesh_models::AutoencoderConfig;
+use serde::Deserialize;
+
+/// A whole `node.toml`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub experts: Vec<ExpertConfig>,
+    #[serde(default)]
+    pub routers: Vec<RouterConfig>,
+    #[serde(default)]
+    pub sensors: Vec<SensorStreamSpec>,
+    #[serde(default)]
+    pub mqtt: Vec<MqttConfig>,
+    #[serde(default)]
+    pub replay: Vec<ReplayConfig>,
+    /// Joins a mesh when present; a node without it runs alone.
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
+    /// The file this config came from: errors name it, relative paths resolve against
+    /// its folder. Not part of the TOML.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// `[node]`: the node's identity and addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub name: String,
+    pub role: Role,
+    /// gRPC address; port 0 picks a free port (see `RunningNodeServer::grpc_addr`).
+    pub listen: SocketAddr,
+    /// Prometheus HTTP endpoint (`GET /metrics`); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The node's model store (see `fogmesh models`); experts with `model` load from it.
+    #[serde(default)]
+    pub models: Option<PathBuf>,
+    /// The MiniLM encoder folder (`just setup` exports it to `data/minilm`), for
+    /// stored language and multimodal models.
+    #[serde(default)]
+    pub minilm: Option<PathBuf>,
+}
+
+/// `[cluster]`: how a node joins a mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Shared by every node of one mesh; a node with another is refused.
+    pub secret: String,
+    /// gRPC addresses of nodes already in the mesh; only needed to join.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// The gRPC address other nodes dial; defaults to the bound `node.listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the node keeps the mesh's deployment spec across restarts.
+    pub data: PathBuf,
+}
+
+/// Where in the plant's hierarchy a node sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A gateway beside the machines.
+    Edge,
+    /// An on-site server aggregating edge nodes.
+    Fog,
+    /// A data-centre node, usually with GPUs.
+    Cloud,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Edge => "edge",
+            Role::Fog => "fog",
+            Role::Cloud => "cloud",
+        }
+    }
+}
+
+/// `[limits]`: the most one request may ask of the node, so a single producer cannot
+/// exhaust its memory. Requests over a limit are refused whole with
+/// `RESOURCE_EXHAUSTED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message or MQTT payload, in bytes.
+    pub max_message_bytes: usize,
+    /// Most samples in one batch.
+    pub max_batch_samples: usize,
+    /// Most values (channels) in one sample.
+    pub max_values_per_sample: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 << 20,
+            max_batch_samples: 10_000,
+            max_values_per_sample: 4096,
+        }
+    }
+}
+
+/// `[[experts]]`: one expert: an autoencoder built from the sizes here (they default to
+/// the W1 model), a stored model version (`model`), or a TorchScript file. Batching
+/// defaults to the actors' defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertConfig {
+    pub name: String,
+    /// Shown in every verdict; defaults to the stored model's `name@version`.
+    #[serde(default)]
+    pub model_version: String,
+    /// A model version in the node's store (`[node] models`), as `name@version`: any
+    /// kind the zoo trains. Its manifest gives the network and the window shape, so
+    /// the autoencoder sizes, `weights` and `seed` do not apply; `sha256` pins the
+    /// weights' hash.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Autoencoder and TorchScript experts: channels and samples per window.
+    #[serde(default)]
+    pub channels: i64,
+    #[serde(default)]
+    pub window: i64,
+    #[serde(default = "default_hidden")]
+    pub hidden: i64,
+    #[serde(default = "default_bottleneck")]
+    pub bottleneck: i64,
+    #[serde(default = "default_kernel")]
+    pub kernel: i64,
+    /// safetensors file of trained weights; without it the expert starts from `seed`.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    /// Expected sha256 of `weights` (hex); the expert refuses other bytes.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Alarm limit on the model's score; an expert without one cannot score windows.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Longest wait for a fuller batch, in microseconds. Once loaded, it holds the wait
+    /// however the file gave it (see `max_wait`).
+    #[serde(default = "default_max_wait_us")]
+    pub max_wait_us: u64,
+    /// `max_wait_us` in words, `"2ms"` or `"1500us"` (humantime's units); a file sets
+    /// one or the other.
+    #[serde(default)]
+    pub max_wait: Option<String>,
+    #[serde(default = "default_intra_op_threads")]
+    pub intra_op_threads: usize,
+    #[serde(default)]
+    pub seed: i64,
+    /// Serve this TorchScript file instead of the autoencoder: it must take one input
+    /// `[batch, channels, window]` and return one score per window, `[batch]`; `sha256`
+    /// then pins this file. `hidden`, `bottleneck`, `kernel`, `weights` and `seed` do
+    /// not apply.
+    #[serde(default)]
+    pub torchscript: Option<PathBuf>,
+    /// `[experts.learning]`: a continual learner that fine-tunes this expert's stored
+    /// model when the plant drifts and promotes versions its gate accepts (stored
+    /// models only, `model = "name@version"`). Absent: the version never changes.
+    #[serde(default)]
+    pub learning: Option<LearningSpec>,
+}
+
+fn default_hidden() -> i64 {
+    AutoencoderConfig::w1(1, 1).hidden
+}
+
+fn default_bottleneck() -> i64 {
+    AutoencoderConfig::w1(1, 1).bottleneck
+}
+
+fn default_kernel() -> i64 {
+    AutoencoderConfig::w1(1, 1).kernel
+}
+
+fn default_max_batch() -> usize {
+    BatchingSpec::default().max_batch
+}
+
+fn default_max_wait_us() -> u64 {
+    BatchingSpec::default().max_wait_us
+}
+
+fn default_intra_op_threads() -> usize {
+    1
+}
+
+/// `[[routers]]`: a router and its policy, tagged by `policy`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RouterConfig {
+    /// `routes`: sensor stream id → experts consulted with equal weight.
+    Static {
+        name: String,
+        routes: HashMap<String, Vec<String>>,
+    },
+    /// `gate`: a JSON file holding a trained `SoftmaxGate`; its output `i` is
+    /// `experts[i]`.
+    LearnedGate {
+        name: String,
+        experts: Vec<String>,
+        top_k: usize,
+        gate: PathBuf,
+    },
+}
+
+impl RouterConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            RouterConfig::Static { name, .. } | RouterConfig::LearnedGate { name, .. } => name,
+        }
+    }
+}
+
+/// `[[mqtt]]`: a broker whose `<topic_prefix>/ingest/<sensor id>` topics feed the
+/// node's sensor streams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Defaults to `fogmesh/<node name>`.
+    #[serde(default)]
+    pub topic_prefix: Option<String>,
+    /// Defaults to `fogmesh-<node name>-<index of this broker>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+
+impl MqttConfig {
+    pub fn topic_prefix(&self, node_name: &str) -> String {
+        self.topic_prefix
+            .clone()
+            .unwrap_or_else(|| format!("fogmesh/{node_name}"))
+    }
+
+    pub fn client_id(&self, node_name: &str, index: usize) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("fogmesh-{node_name}-{index}"))
+    }
+}
+
+/// `[[replay]]`: a fogrec recording fed into sensor streams when the node starts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayConfig {
+    pub file: PathBuf,
+    /// Recording time divided by this is replay time; absent: as fast as acknowledged.
+    #[serde(default)]
+    pub speedup: Option<f64>,
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    pub streams: Vec<ReplayStreamConfig>,
+}
+
+fn default_batch_rows() -> usize {
+    64
+}
+
+/// One stream of a replay: the recording's columns, by header name, in the stream's
+/// channel order.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayStreamConfig {
+    pub sensor: String,
+    pub columns: Vec<String>,
+}

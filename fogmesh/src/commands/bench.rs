@@ -1,0 +1,159 @@
+//! `fogmesh bench ...`: the benchmark workloads (`fogmesh_bench`), each printing one JSON
+//! object on stdout. Targets are read off these reports, never asserted by timed tests.
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use fogmesh_bench::{merge, swap, training_speed, w1, w1_remote};
+
+use crate::task::{blocking, print_json};
+
+#[derive(Subcommand)]
+pub enum Workload {
+    /// W1 steady, then W1 while every expert is hot-swapped to a new version every
+    /// `--every` seconds: p99 of both phases, swaps, failed requests.
+    Swap {
+        /// Length of each phase in seconds (the first 2 are warm-up).
+        #[arg(long, default_value_t = 12.0)]
+        seconds: f64,
+        /// Seconds between swap rounds.
+        #[arg(long, default_value_t = 1.0)]
+        every: f64,
+    },
+    /// Training and inference speed of the time-series models and the vision expert
+    /// against PyTorch eager: rounds taken in turns, medians compared.
+    Train {
+        /// Random windows per model.
+        #[arg(long, default_value_t = training_speed::SAMPLES)]
+        samples: usize,
+        /// Training passes per round.
+        #[arg(long, default_value_t = training_speed::EPOCHS)]
+        epochs: usize,
+        /// libtorch intra-op threads, for both fogmesh and PyTorch.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Rounds per side and model, each a fresh model trained and scored.
+        #[arg(long, default_value_t = training_speed::ROUNDS)]
+        rounds: usize,
+    },
+    /// Model merging against a memcpy of the same run: random replicas of ~PARAMS f32
+    /// parameters in ten tensors, merged on every core.
+    Merge {
+        /// Parameters per model.
+        #[arg(long, default_value_t = 25_000_000)]
+        params: usize,
+        /// Models merged, the base not counted (default 4; 2 for slerp).
+        #[arg(long)]
+        models: Option<usize>,
+        /// weighted_average, task_arithmetic, ties, dare or slerp.
+        #[arg(long, default_value = "weighted_average")]
+        method: merge::BenchMethod,
+    },
+    /// W1: routing + batched expert inference under a closed loop.
+    W1 {
+        /// Windows kept in flight.
+        #[arg(long, default_value_t = 256)]
+        inflight: usize,
+        /// Run length in seconds; the first 3 are warm-up.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value_t = Gate::Static)]
+        gate: Gate,
+        /// libtorch intra-op threads per expert.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Experts on a second node process, reached over the cluster link (static
+        /// gate only); also reports the link's round trip against bare loopback TCP.
+        #[arg(long)]
+        remote: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Gate {
+    Static,
+    Learned,
+}
+
+pub async fn run(workload: Workload) -> anyhow::Result<()> {
+    match workload {
+        Workload::Swap { seconds, every } => {
+            anyhow::ensure!(
+                every.is_finite() && every > 0.0 && every < seconds,
+                "--every {every}: must be positive and shorter than --seconds {seconds}"
+            );
+            let defaults = swap::BenchSwapOptions::default();
+            let options = swap::BenchSwapOptions {
+                load: w1::W1Options {
+                    seconds,
+                    ..defaults.load.clone()
+                },
+                swap_every: std::time::Duration::from_secs_f64(every),
+                ..defaults
+            };
+            let report = swap::run(&options)
+                .await
+                .context("running the swap benchmark")?;
+            print_json(&report)
+        }
+        Workload::Train {
+            samples,
+            epochs,
+            threads,
+            rounds,
+        } => {
+            let options = training_speed::BenchTrainOptions {
+                samples,
+                epochs,
+                threads,
+                rounds,
+                ..Default::default()
+            };
+            let report = blocking("benchmarking training", move || {
+                training_speed::run(&options)
+            })
+            .await?;
+            print_json(&report)
+        }
+        Workload::Merge {
+            params,
+            models,
+            method,
+        } => {
+            let options = merge::BenchMergeOptions {
+                params,
+                models,
+                method,
+                ..Default::default()
+            };
+            let outcome =
+                blocking("benchmarking model merging", move || merge::run(&options)).await?;
+            print_json(&outcome.report)
+        }
+        Workload::W1 {
+            inflight,
+            seconds,
+            gate,
+            threads,
+            remote,
+        } => {
+            let options = w1::W1Options {
+                inflight,
+                seconds,
+                intra_op_threads: threads,
+                gate: match gate {
+                    Gate::Static => w1::GateKind::Static,
+                    Gate::Learned => w1::GateKind::Learned,
+                },
+                ..Default::default()
+            };
+            if remote {
+                let report = w1_remote::run(&options)
+                    .await
+                    .context("running W1 with remote experts")?;
+                print_json(&report)
+            } else {
+                print_json(&w1::run(&options).await.context("running W1")?)
+            }
+        }
+    }
+}

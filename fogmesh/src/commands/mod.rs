@@ -1,0 +1,10 @@
+//! One file per subcommand of `fogmesh`: its flags and the library calls it makes.
+
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod merge;
+pub mod mesh;
+pub mod models;
+pub mod node;
+pub mod train;

@@ -1,0 +1,145 @@
+//! `fogmesh models ls|show|import|export|push|pull`: the model store on this machine,
+//! and on a node through its gRPC `ModelStore`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Subcommand;
+use comfy_table::Table;
+use fogmesh_cluster::status_table::plain;
+
+#[derive(Subcommand)]
+pub enum ModelsAction {
+    /// Every stored version.
+    Ls {
+        /// List the store of the node at this gRPC address (HOST:PORT) instead.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// One version's manifest (NAME for the newest, NAME@VERSION for one).
+    Show { id: String },
+    /// Store a manifest (JSON) and its safetensors weights; the hash is checked.
+    Import {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+    },
+    /// Write manifest.json and weights.safetensors of a version into a folder.
+    Export {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Send a version (NAME for the newest) to a node's store, with the ancestors it
+    /// lacks; checked by sha256 on the node.
+    Push {
+        id: String,
+        /// The node's gRPC address (HOST:PORT).
+        #[arg(long)]
+        node: String,
+        /// The mesh's `[cluster] secret`, for a node in a mesh: only its fingerprint
+        /// is sent.
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// Copy a version (NAME for the newest) from a node's store into this one, with
+    /// the ancestors this one lacks; checked by sha256 as it arrives.
+    Pull {
+        id: String,
+        /// The node's gRPC address (HOST:PORT).
+        #[arg(long)]
+        node: String,
+    },
+}
+
+pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
+    let store = fogmesh_models::store::ModelStore::open(store);
+    match action {
+        ModelsAction::Ls { node: Some(node) } => {
+            let versions = fogmesh_cluster::list_versions(&node, None).await?;
+            let mut table = Table::new();
+            table.set_header(["MODEL", "BYTES", "SHA256"]);
+            for v in versions {
+                table.add_row([v.model, v.total_bytes.to_string(), v.sha256]);
+            }
+            println!("{}", plain(&mut table, &[1]));
+        }
+        ModelsAction::Ls { node: None } => {
+            let manifests = store.list()?;
+            let mut table = Table::new();
+            table.set_header([
+                "NAME",
+                "VERSION",
+                "KIND",
+                "ARCHITECTURE",
+                "BYTES",
+                "SHA256",
+                "PARENTS",
+                "METRICS",
+            ]);
+            for m in manifests {
+                let metrics: Vec<String> = m
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .collect();
+                table.add_row([
+                    m.name,
+                    m.version,
+                    serde_json::to_value(m.kind)?
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    m.architecture,
+                    m.weights_bytes.to_string(),
+                    m.weights_sha256[..12.min(m.weights_sha256.len())].to_string(),
+                    if m.parents.is_empty() {
+                        "-".to_string()
+                    } else {
+                        m.parents.join(",")
+                    },
+                    metrics.join(" "),
+                ]);
+            }
+            println!("{}", plain(&mut table, &[4]));
+        }
+        ModelsAction::Show { id } => {
+            let manifest = store.get(&id)?;
+            store
+                .weights(&manifest)
+                .with_context(|| format!("checking the weights of {}", manifest.id()))?;
+            println!("{}", serde_json::to_string_pretty(&manifest)?);
+        }
+        ModelsAction::Import { manifest, weights } => {
+            let stored = store
+                .import_files(&manifest, &weights)
+                .with_context(|| format!("importing {}", manifest.display()))?;
+            println!("stored {} ({})", stored.id(), stored.weights_sha256);
+        }
+        ModelsAction::Export { id, out } => {
+            let manifest = store.export(&id, &out)?;
+            println!("exported {} to {}", manifest.id(), out.display());
+        }
+        ModelsAction::Push { id, node, secret } => {
+            let key = secret.map(|s| fogmesh_cluster::link::ClusterKey::from_secret(&s));
+            let sent = fogmesh_cluster::upload_version(
+                &node,
+                key.as_ref().map(|k| k.as_str()),
+                &id,
+                &store,
+            )
+            .await?;
+            println!("sent {} ({}) to {node}", sent.id(), sent.weights_sha256);
+        }
+        ModelsAction::Pull { id, node } => {
+            let stored = fogmesh_cluster::download_version(&node, None, &id, &store).await?;
+            println!(
+                "stored {} ({}) from {node}",
+                stored.id(),
+                stored.weights_sha256
+            );
+        }
+    }
+    Ok(())
+}
