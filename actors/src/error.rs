@@ -3,7 +3,12 @@
 //! fix the input (the stream, the sequence number, the field, the value and the limit);
 //! `fogmesh-cluster` maps them to gRPC status codes in one place.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use fogmesh_models::ModelError;
+
+use crate::expert::SwapError;
 
 /// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
@@ -129,10 +134,38 @@ pub enum SpecError {
         target_kind: &'static str,
         target: String,
     },
-    #[error("expert `{name}`: {reason}")]
-    Model { name: String, reason: String },
+    #[error("expert `{name}`: {source}")]
+    Model {
+        name: String,
+        #[source]
+        source: ModelFault,
+    },
     #[error("actor `{name}` did not start: {reason}")]
     Spawn { name: String, reason: String },
     #[error("no answer from `{name}` within {timeout:?}")]
     Timeout { name: String, timeout: Duration },
+}
+
+/// What is wrong with an expert's model ([`SpecError::Model`]). Shared causes sit behind
+/// `Arc` because a [`SpecError`] is cloned into reconcile reports.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelFault {
+    /// The model's configuration or manifest does not describe a model fogmesh builds.
+    #[error(transparent)]
+    Invalid(Arc<ModelError>),
+    /// The expert refused to hot-swap to the version; it keeps serving its own.
+    #[error(transparent)]
+    Refused(Arc<SwapError>),
+    /// The expert or its node agent did not answer (a timeout, a stopped actor).
+    #[error("{0}")]
+    Unanswered(String),
+}
+
+/// By message: the causes are not comparable themselves, and two faults that read the
+/// same tell the operator the same thing.
+impl PartialEq for ModelFault {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
 }

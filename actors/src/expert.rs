@@ -43,12 +43,14 @@ use std::path::PathBuf;
 
 use fogmesh_models::served::{Assets, ServedModel};
 use fogmesh_models::store::Manifest;
-use fogmesh_models::torchscript::Dtype;
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ScriptedModel, Signature, TensorSpec};
+use fogmesh_models::torchscript::{Dtype, ScriptError};
+use fogmesh_models::{
+    AutoencoderConfig, ConvAutoencoder, ModelError, ScriptedModel, Signature, TensorSpec,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ScoreError, SpecError};
+use crate::error::{ModelFault, ScoreError, SpecError};
 use crate::telemetry;
 
 /// How an expert groups windows into forward passes.
@@ -231,12 +233,12 @@ impl ExpertSpec {
                 .map(|_| ())
                 .map_err(|e| SpecError::Model {
                     name: self.name.clone(),
-                    reason: e.to_string(),
+                    source: ModelFault::Invalid(Arc::new(e)),
                 });
         }
         self.config.validate().map_err(|e| SpecError::Model {
             name: self.name.clone(),
-            reason: e.to_string(),
+            source: ModelFault::Invalid(Arc::new(e)),
         })
     }
 }
@@ -268,8 +270,74 @@ pub enum ExpertMsg {
     /// serves, or why it was refused.
     Swap {
         spec: Box<ExpertSpec>,
-        reply: RpcReplyPort<Result<Arc<str>, String>>,
+        reply: RpcReplyPort<Result<Arc<str>, SwapError>>,
     },
+}
+
+/// Why an expert's model did not load, at start or for a swap.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A stored version (named by its manifest id) that does not build or whose
+    /// weights do not load.
+    #[error("{id}: {source}")]
+    Stored {
+        id: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    #[error(transparent)]
+    Autoencoder(#[from] ModelError),
+}
+
+/// Why an expert's model thread did not start: the actor's startup error, which the
+/// node agent reports as the reason the expert did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("expert `{expert}`: {source}")]
+pub struct StartError {
+    pub expert: String,
+    #[source]
+    pub source: LoadError,
+}
+
+/// Why an expert refused to serve a version; the old one keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("expert `{expert}`: version {version} refused: {source}")]
+    Invalid {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: SpecError,
+    },
+    #[error("expert `{expert}`: version {version} refused: it takes windows of {takes} values, this expert serves windows of {serves}")]
+    WindowShape {
+        expert: Arc<str>,
+        version: Arc<str>,
+        takes: usize,
+        serves: usize,
+    },
+    #[error("expert `{expert}`: version {version} refused: the loading thread failed: {source}")]
+    LoadingThread {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("expert `{expert}`: version {version} refused: {source}")]
+    Load {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: LoadError,
+    },
+    #[error("expert `{expert}`: version {version} refused: the expert is stopping")]
+    Stopping { expert: Arc<str>, version: Arc<str> },
+    #[error(
+        "expert `{expert}`: version {version} refused: the expert stopped before installing it"
+    )]
+    StoppedBeforeInstall { expert: Arc<str>, version: Arc<str> },
 }
 
 /// Work for the model thread, in arrival order.
@@ -385,7 +453,7 @@ impl Actor for Expert {
                 worker: Some(worker),
                 shared: args.shared,
             }),
-            Ok(Err(reason)) => Err(reason.into()),
+            Ok(Err(error)) => Err(error.into()),
             Err(_) => Err("expert model thread exited before it was ready".into()),
         }
     }
@@ -438,21 +506,21 @@ async fn swap(
     spec: ExpertSpec,
     shared: Arc<ExpertShared>,
     jobs: mpsc::Sender<Job>,
-) -> Result<Arc<str>, String> {
+) -> Result<Arc<str>, SwapError> {
     let version: Arc<str> = spec.model_version.as_str().into();
-    let refused = |reason: String| {
-        format!(
-            "expert `{}`: version {version} refused: {reason}",
-            shared.name
-        )
-    };
-    spec.validate().map_err(|e| refused(e.to_string()))?;
+    let expert = || shared.name.clone();
+    spec.validate().map_err(|source| SwapError::Invalid {
+        expert: expert(),
+        version: version.clone(),
+        source,
+    })?;
     if spec.window_len() != shared.window_len {
-        return Err(refused(format!(
-            "it takes windows of {} values, this expert serves windows of {}",
-            spec.window_len(),
-            shared.window_len
-        )));
+        return Err(SwapError::WindowShape {
+            expert: expert(),
+            version,
+            takes: spec.window_len(),
+            serves: shared.window_len,
+        });
     }
     let threshold = spec.effective_threshold();
     let loaded = tokio::task::spawn_blocking(move || {
@@ -460,8 +528,16 @@ async fn swap(
         ExpertModel::load(&spec, fogmesh_models::default_device())
     })
     .await
-    .map_err(|e| refused(format!("the loading thread failed: {e}")))?
-    .map_err(refused)?;
+    .map_err(|source| SwapError::LoadingThread {
+        expert: expert(),
+        version: version.clone(),
+        source,
+    })?
+    .map_err(|source| SwapError::Load {
+        expert: expert(),
+        version: version.clone(),
+        source,
+    })?;
     let (done, installed) = tokio::sync::oneshot::channel();
     jobs.send(Job::Install(Box::new(Install {
         model: loaded,
@@ -469,10 +545,16 @@ async fn swap(
         threshold,
         done,
     })))
-    .map_err(|_| refused("the expert is stopping".into()))?;
+    .map_err(|_| SwapError::Stopping {
+        expert: expert(),
+        version: version.clone(),
+    })?;
     installed
         .await
-        .map_err(|_| refused("the expert stopped before installing it".into()))?;
+        .map_err(|_| SwapError::StoppedBeforeInstall {
+            expert: expert(),
+            version: version.clone(),
+        })?;
     Ok(version)
 }
 
@@ -480,7 +562,7 @@ fn model_thread(
     spec: ExpertSpec,
     shared: Arc<ExpertShared>,
     queue: mpsc::Receiver<Job>,
-    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    ready: tokio::sync::oneshot::Sender<Result<(), StartError>>,
 ) {
     // libtorch's intra-op thread count is per calling thread: set it here, on the
     // thread that runs every forward pass of this expert.
@@ -488,8 +570,11 @@ fn model_thread(
     let device = fogmesh_models::default_device();
     let mut model = match ExpertModel::load(&spec, device) {
         Ok(model) => model,
-        Err(reason) => {
-            let _ = ready.send(Err(format!("expert `{}`: {reason}", spec.name)));
+        Err(source) => {
+            let _ = ready.send(Err(StartError {
+                expert: spec.name.clone(),
+                source,
+            }));
             return;
         }
     };
@@ -620,12 +705,15 @@ enum ExpertModel {
 }
 
 impl ExpertModel {
-    fn load(spec: &ExpertSpec, device: tch::Device) -> Result<ExpertModel, String> {
+    fn load(spec: &ExpertSpec, device: tch::Device) -> Result<ExpertModel, LoadError> {
         match &spec.source {
             ModelSource::Stored(stored) => {
                 let model =
                     ServedModel::load(&stored.manifest, &stored.weights, &stored.assets, device)
-                        .map_err(|e| format!("{}: {e}", stored.manifest.id()))?;
+                        .map_err(|source| LoadError::Stored {
+                            id: stored.manifest.id(),
+                            source,
+                        })?;
                 let labels = model.labels().iter().map(|l| l.as_str().into()).collect();
                 Ok(ExpertModel::Stored(model, labels))
             }
@@ -640,9 +728,9 @@ impl ExpertModel {
                         dtype: Dtype::F32,
                     },
                 };
-                ScriptedModel::load(path, signature, device)
-                    .map(ExpertModel::Scripted)
-                    .map_err(|e| e.to_string())
+                Ok(ExpertModel::Scripted(ScriptedModel::load(
+                    path, signature, device,
+                )?))
             }
             ModelSource::Autoencoder {
                 weights,
@@ -658,7 +746,7 @@ impl ExpertModel {
                 None => ConvAutoencoder::new(spec.config.clone(), device, *seed),
             }
             .map(ExpertModel::Autoencoder)
-            .map_err(|e| e.to_string()),
+            .map_err(LoadError::from),
         }
     }
 

@@ -32,13 +32,13 @@ pub mod windowing;
 pub use annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
 pub use continual_learner::{
     ContinualLearner, ContinualLearnerMsg, LearnerError, LearnerSnapshot, LearningSpec,
-    LocalPromoter, Promoter, RoundReport, RunningLearner,
+    LocalPromoter, PromoteError, Promoter, RoundReport, RunningLearner,
 };
 pub use directory::NodeDirectory;
-pub use error::{IngestError, ScoreError, SpecError};
+pub use error::{IngestError, ModelFault, ScoreError, SpecError};
 pub use expert::{
-    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
-    StoredModel,
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, LoadError,
+    ModelSource, StartError, StoredModel, SwapError,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use merger::{

@@ -136,7 +136,7 @@ pub enum MergeRefused {
     },
 
     #[error("the merging thread failed: {0}")]
-    Thread(String),
+    Thread(#[source] tokio::task::JoinError),
 }
 
 pub enum MergerMsg {
@@ -297,7 +297,7 @@ async fn run(state: &MergerArgs, request: MergeRequest) -> Result<MergeOutcome, 
         merge_validate_store(&store, &spec, &assets, threads, validation)
     })
     .await
-    .map_err(|e| MergeRefused::Thread(e.to_string()))?
+    .map_err(MergeRefused::Thread)?
 }
 
 /// The blocking part: merge, judge against the incumbent when asked, store.

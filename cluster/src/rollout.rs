@@ -26,10 +26,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fogmesh_actors::ExpertSpec;
+use fogmesh_actors::continual_learner::BoxFuture;
+use fogmesh_actors::{ExpertSpec, PromoteError};
 use fogmesh_models::served::{Assets, ServedModel};
 use fogmesh_models::store::{Manifest, ModelStore, StoreError};
 use serde::{Deserialize, Serialize};
@@ -264,7 +265,7 @@ impl fogmesh_actors::Promoter for MeshPromoter {
         &self,
         expert: &str,
         version: &Manifest,
-    ) -> fogmesh_actors::continual_learner::BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), PromoteError>> {
         let promoter = self.clone();
         let expert = expert.to_string();
         let id = version.id();
@@ -279,8 +280,10 @@ impl fogmesh_actors::Promoter for MeshPromoter {
             };
             match run(&context, &expert, &id, false).await {
                 Ok(record) if record.outcome == RolloutOutcome::Committed => Ok(()),
-                Ok(record) => Err(record.detail),
-                Err(e) => Err(e.to_string()),
+                Ok(record) => Err(PromoteError::RolledBack {
+                    detail: record.detail,
+                }),
+                Err(e) => Err(PromoteError::Rollout(Arc::new(e))),
             }
         })
     }

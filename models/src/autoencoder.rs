@@ -17,6 +17,7 @@ use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::layout;
+use crate::network::{self, Network};
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
 use crate::weights::{self, WeightFile};
@@ -205,20 +206,12 @@ impl ConvAutoencoder {
         Ok(Self { config, vs, layers })
     }
 
-    pub fn config(&self) -> &AutoencoderConfig {
-        &self.config
-    }
-
     pub fn device(&self) -> Device {
         self.vs.device()
     }
 
-    /// The variables, for training loops outside this file (continual fine-tuning).
-    pub(crate) fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-
-    /// Reconstructs a batch: `[B, C, L]` → `[B, C, L]`, on the model's device.
+    /// Reconstructs a batch on the model's device:
+    /// `[batch, channels, window]` → `[batch, channels, window]`.
     ///
     /// # Panics
     /// When `windows` is not a float `[B, C, L]` tensor on the model's device, like
@@ -233,6 +226,8 @@ impl ConvAutoencoder {
         }
     }
 
+    /// [`Self::forward`] with libtorch's errors returned, not raised:
+    /// `[batch, channels, window]` → `[batch, channels, window]`.
     pub(crate) fn try_forward(&self, windows: &Tensor) -> Result<Tensor, TchError> {
         let padding = self.config.kernel / 2;
         let conv = |x: &Tensor, layer: &Conv| {
@@ -313,33 +308,6 @@ impl ConvAutoencoder {
         training::train(&self.vs, samples, options, &loss, progress)
     }
 
-    /// The weights as safetensors bytes (f32, names as in the module docs, no metadata, so
-    /// equal weights give equal bytes) and their sha256 as lowercase hex.
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
-    }
-
-    /// Loads weights written by `to_safetensors` (or PyTorch's `safetensors.torch`).
-    ///
-    /// When `expected_sha256` is given (hex, any case) the bytes must hash to it
-    /// (`HashMismatch`). Every tensor must exist (`MissingTensor`), be f32 with the
-    /// config's shape (`TensorShape`) and finite; tensors the architecture lacks are
-    /// rejected too (`Weights`).
-    pub fn from_safetensors(
-        config: AutoencoderConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        Self::from_bytes(
-            config,
-            bytes,
-            expected_sha256,
-            device,
-            "in-memory safetensors",
-        )
-    }
-
     /// Reads the tensors in forward order, so a file of another config is refused
     /// naming its first layer that disagrees, not the first by name.
     fn from_bytes(
@@ -369,8 +337,8 @@ impl ConvAutoencoder {
         Ok(sha256)
     }
 
-    /// Reads a safetensors file with the checks of [`Self::from_safetensors`]; errors name
-    /// the path.
+    /// Reads a safetensors file with the checks of [`Network::from_safetensors`]; errors
+    /// name the path.
     pub fn load(
         config: AutoencoderConfig,
         path: &Path,
@@ -386,6 +354,41 @@ impl ConvAutoencoder {
         )
     }
 }
+
+impl Network for ConvAutoencoder {
+    type Config = AutoencoderConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "in-memory safetensors";
+
+    fn new(config: AutoencoderConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        // Inherent associated functions take precedence: this is the constructor above.
+        ConvAutoencoder::new(config, device, seed)
+    }
+
+    fn config(&self) -> &AutoencoderConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// The provided method's checks, made in forward order (see `from_bytes`).
+    fn from_safetensors(
+        config: AutoencoderConfig,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        Self::from_bytes(config, bytes, expected_sha256, device, Self::WEIGHTS_ORIGIN)
+    }
+}
+
+network::inherent_network_methods!(ConvAutoencoder, AutoencoderConfig);
 
 #[cfg(test)]
 mod tests {

@@ -14,8 +14,8 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::layout;
+use crate::network::{self, Network};
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights;
 
 /// Sizes of the classifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,21 +84,13 @@ impl FaultClassifier {
         })
     }
 
-    pub fn config(&self) -> ClassifierConfig {
-        self.config
-    }
-
-    /// The variables, for training loops outside this file (continual fine-tuning).
-    pub(crate) fn var_store(&self) -> &nn::VarStore {
-        &self.vs
-    }
-
-    /// The pooled features the head classifies, `[N, hidden]`: what a fusion expert
-    /// takes from this model.
+    /// The pooled features the head classifies, what a fusion expert takes from this
+    /// model: `[batch, channels, window]` → `[batch, hidden]`.
     fn features(&self, windows: &Tensor) -> Result<Tensor, TchError> {
         layout::pooled_sensor_features(windows, &self.conv1, &self.conv2)
     }
 
+    /// One logit per class: `[batch, channels, window]` → `[batch, classes]`.
     pub(crate) fn logits(&self, windows: &Tensor) -> Result<Tensor, TchError> {
         Ok(self.head.forward(&self.features(windows)?))
     }
@@ -187,30 +179,32 @@ impl FaultClassifier {
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Tensor::f_cat(&parts, 0)?)
     }
+}
 
-    /// The weights as safetensors bytes and their sha256 (see [`crate::weights`]).
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
+impl Network for FaultClassifier {
+    type Config = ClassifierConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "fault classifier weights";
+
+    fn new(config: ClassifierConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        // Inherent associated functions take precedence: this is the constructor above.
+        FaultClassifier::new(config, device, seed)
     }
 
-    /// A classifier of `config` with the weights in `bytes`, checked as
-    /// [`weights::load_into`] does.
-    pub fn from_safetensors(
-        config: ClassifierConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        let mut model = Self::new(config, device, 0)?;
-        weights::load_into(
-            &mut model.vs,
-            bytes,
-            expected_sha256,
-            "fault classifier weights",
-        )?;
-        Ok(model)
+    fn config(&self) -> &ClassifierConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
     }
 }
+
+network::inherent_network_methods!(FaultClassifier, ClassifierConfig);
 
 #[cfg(test)]
 mod tests {

@@ -33,6 +33,7 @@ use crate::autoencoder::ConvAutoencoder;
 use crate::calibration::quantile;
 use crate::classifier::FaultClassifier;
 use crate::error::ModelError;
+use crate::network::Network;
 use crate::rng::SplitMix64;
 use crate::served::Architecture;
 use crate::store::Manifest;

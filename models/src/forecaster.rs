@@ -25,9 +25,9 @@ use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::layout;
+use crate::network::{self, Network};
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights;
 
 /// Windows per forward pass when forecasting or scoring, which bounds the activations'
 /// memory on long recordings.
@@ -295,10 +295,6 @@ impl TcnForecaster {
         })
     }
 
-    pub fn config(&self) -> &ForecasterConfig {
-        &self.config
-    }
-
     pub fn device(&self) -> Device {
         self.vs.device()
     }
@@ -308,7 +304,8 @@ impl TcnForecaster {
         self.config.window_len()
     }
 
-    /// `[B, C, context]` → `[B, C, horizon]`.
+    /// The forecast of each context: `[batch, channels, context]` →
+    /// `[batch, channels, horizon]`.
     fn try_forward(&self, contexts: &Tensor) -> Result<Tensor, TchError> {
         // Padding both sides and keeping the first `steps` outputs is the causal
         // convolution: output t sees inputs t − (k−1)·d ..= t. The outputs past the end
@@ -427,34 +424,32 @@ impl TcnForecaster {
         };
         training::train(&self.vs, samples, options, &loss, progress)
     }
+}
 
-    /// The weights as safetensors bytes (f32, PyTorch's names, no metadata, so equal
-    /// weights give equal bytes) and their sha256 as lowercase hex.
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
+impl Network for TcnForecaster {
+    type Config = ForecasterConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "in-memory safetensors";
+
+    fn new(config: ForecasterConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        // Inherent associated functions take precedence: this is the constructor above.
+        TcnForecaster::new(config, device, seed)
     }
 
-    /// Loads weights written by `to_safetensors` (or PyTorch's `safetensors.torch` from
-    /// the same module tree). When `expected_sha256` is given (hex, any case) the bytes
-    /// must hash to it (`HashMismatch`); every tensor the config implies must be there
-    /// (`MissingTensor`) with its shape (`TensorShape`), f32 and finite, and no other
-    /// (`Weights`).
-    pub fn from_safetensors(
-        config: ForecasterConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        let mut model = Self::new(config, device, 0)?;
-        weights::load_into(
-            &mut model.vs,
-            bytes,
-            expected_sha256,
-            "in-memory safetensors",
-        )?;
-        Ok(model)
+    fn config(&self) -> &ForecasterConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
     }
 }
+
+network::inherent_network_methods!(TcnForecaster, ForecasterConfig);
 
 /// The naive baseline's score per scoring window: the mean squared error of repeating
 /// each channel's last context value over the horizon. A forecaster is only worth its

@@ -19,8 +19,8 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::layout;
+use crate::network::{self, Network};
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights;
 
 /// Sizes of the fusion classifier.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -107,11 +107,8 @@ impl FusionClassifier {
         })
     }
 
-    pub fn config(&self) -> FusionConfig {
-        self.config
-    }
-
-    /// `[N, 2 × hidden]`: sensor features, then text features.
+    /// Sensor features, then text features, side by side:
+    /// (`[batch, channels, window]`, `[batch, text]`) → `[batch, 2 × hidden]`.
     fn features(&self, sensors: &Tensor, texts: &Tensor) -> Result<Tensor, TchError> {
         let s = layout::pooled_sensor_features(sensors, &self.conv1, &self.conv2)?;
         let t = self.text.forward(texts).f_relu()?;
@@ -219,22 +216,32 @@ impl FusionClassifier {
         let p = self.predict_proba(sensors, texts)?;
         Ok(Vec::<i64>::try_from(&p.f_argmax(1, false)?)?)
     }
+}
 
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
+impl Network for FusionClassifier {
+    type Config = FusionConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "fusion weights";
+
+    fn new(config: FusionConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        // Inherent associated functions take precedence: this is the constructor above.
+        FusionClassifier::new(config, device, seed)
     }
 
-    pub fn from_safetensors(
-        config: FusionConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        let mut model = Self::new(config, device, 0)?;
-        weights::load_into(&mut model.vs, bytes, expected_sha256, "fusion weights")?;
-        Ok(model)
+    fn config(&self) -> &FusionConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
     }
 }
+
+network::inherent_network_methods!(FusionClassifier, FusionConfig);
 
 #[cfg(test)]
 mod tests {

@@ -26,6 +26,8 @@
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
 //!   checked against their declared signature and served as experts.
 //! - [`served`]: any stored model version loaded for serving behind an expert.
+//! - [`network`]: the template every tch network follows ([`Network`]): config,
+//!   constructor, `VarStore`, and checked safetensors I/O written once.
 //! - [`weights`]: every network's weights as safetensors bytes, and back, checked.
 //! - [`merge`]: model merging (weighted average, task arithmetic, TIES, DARE, SLERP)
 //!   on safetensors weights, near memory bandwidth, and stored versions merged into a
@@ -51,6 +53,7 @@ pub mod gate;
 mod layout;
 pub mod merge;
 pub mod minilm;
+pub mod network;
 pub mod notes;
 pub mod pca;
 pub mod recording;
@@ -68,6 +71,7 @@ pub use calibration::{column_stats, quantile};
 pub use error::ModelError;
 pub use forecaster::{ForecasterConfig, TcnForecaster};
 pub use gate::SoftmaxGate;
+pub use network::Network;
 pub use recording::{Recording, RecordingHeader};
 pub use rng::SplitMix64;
 pub use torchscript::{ScriptError, ScriptedModel, Signature, TensorSpec};

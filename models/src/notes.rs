@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, TchError, Tensor};
 
 use crate::error::ModelError;
+use crate::network::{self, Network};
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights;
 
 /// The Tennessee Eastman classes fogmesh simulates: normal operation, then the faults in
 /// IDV order. A class's index is its label everywhere (notes, classifiers, reports).
@@ -312,10 +312,7 @@ impl NoteClassifier {
         })
     }
 
-    pub fn config(&self) -> NoteClassifierConfig {
-        self.config
-    }
-
+    /// One logit per class: `[batch, input]` → `[batch, classes]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let x = match &self.hidden {
             Some(hidden) => x.f_linear(&hidden.weight, Some(&hidden.bias))?.f_relu()?,
@@ -402,30 +399,33 @@ impl NoteClassifier {
         let probabilities = self.predict_proba(embeddings)?;
         Ok(Vec::<i64>::try_from(&probabilities.f_argmax(1, false)?)?)
     }
+}
 
-    /// The weights as safetensors bytes and their sha256 (see [`crate::weights`]).
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
+impl Network for NoteClassifier {
+    type Config = NoteClassifierConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "note classifier weights";
+
+    /// The inherent constructor with the seed's bits read as `u64`, the type of the
+    /// crate's generator, which the inherent one takes directly.
+    fn new(config: NoteClassifierConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        NoteClassifier::new(config, device, seed as u64)
     }
 
-    /// A classifier of `config` with the weights in `bytes`, checked as
-    /// [`weights::load_into`] does (a file of another config is refused).
-    pub fn from_safetensors(
-        config: NoteClassifierConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        let mut model = Self::new(config, device, 0)?;
-        weights::load_into(
-            &mut model.vs,
-            bytes,
-            expected_sha256,
-            "note classifier weights",
-        )?;
-        Ok(model)
+    fn config(&self) -> &NoteClassifierConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
     }
 }
+
+network::inherent_network_methods!(NoteClassifier, NoteClassifierConfig);
 
 #[cfg(test)]
 mod tests {

@@ -32,7 +32,7 @@ use crate::forecaster::{ForecasterConfig, TcnForecaster};
 use crate::fusion::{FusionClassifier, FusionConfig};
 use crate::minilm::MiniLm;
 use crate::notes::{NoteClassifier, NoteClassifierConfig};
-use crate::store::{Manifest, ModelKind};
+use crate::store::{InputSpec, Manifest, ModelKind};
 use crate::vision::{DefectCnn, VisionConfig};
 
 /// The class names of a classifier and which one is normal operation.
@@ -115,6 +115,32 @@ impl Architecture {
             })?;
         architecture.validate()?;
         Ok(architecture)
+    }
+
+    /// A manifest for version `name@version` of this network: kind, architecture,
+    /// hyper-parameters and input shape come from the network, the rest is empty (the
+    /// store fills the weights' hash and size on import). Everything that stores a
+    /// network starts from here, so the fields that rebuild it always agree.
+    pub fn manifest(&self, name: &str, version: &str) -> Manifest {
+        let (architecture, hyper) = self.manifest_fields();
+        let [channels, length] = self.input_shape();
+        Manifest {
+            name: name.to_string(),
+            version: version.to_string(),
+            kind: self.kind(),
+            architecture,
+            hyper,
+            input: InputSpec {
+                shape: vec![-1, channels, length],
+                description: String::new(),
+            },
+            training: serde_json::Value::Null,
+            metrics: Default::default(),
+            parents: Vec::new(),
+            weights_sha256: String::new(),
+            weights_bytes: 0,
+            created_us: 0,
+        }
     }
 
     /// The manifest's `architecture` and `hyper` fields for this architecture.
@@ -478,26 +504,11 @@ fn classified(probabilities: &Tensor, normal: usize) -> Result<Vec<Inference>, M
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::InputSpec;
 
     fn manifest(architecture: &Architecture, sha: String) -> Manifest {
-        let (name, hyper) = architecture.manifest_fields();
         Manifest {
-            name: "m".into(),
-            version: "1".into(),
-            kind: architecture.kind(),
-            architecture: name,
-            hyper,
-            input: InputSpec {
-                shape: vec![-1, 2, 8],
-                description: String::new(),
-            },
-            training: serde_json::Value::Null,
-            metrics: Default::default(),
-            parents: Vec::new(),
             weights_sha256: sha,
-            weights_bytes: 0,
-            created_us: 0,
+            ..architecture.manifest("m", "1")
         }
     }
 

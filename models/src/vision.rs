@@ -33,9 +33,9 @@ use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::error::ModelError;
 use crate::layout;
+use crate::network::{self, Network};
 use crate::rng::SplitMix64;
 use crate::training::{self, EpochReport, TrainOptions, TrainReport};
-use crate::weights;
 
 /// Convolution blocks; each halves the image, so a side needs at least 2^4 pixels.
 const BLOCKS: usize = 4;
@@ -218,10 +218,6 @@ impl DefectCnn {
         })
     }
 
-    pub fn config(&self) -> VisionConfig {
-        self.config
-    }
-
     pub fn device(&self) -> Device {
         self.vs.device()
     }
@@ -235,7 +231,7 @@ impl DefectCnn {
             .sum()
     }
 
-    /// `[N, 1, H, W]` → the pooled features `[N, 8·base]`.
+    /// The pooled features: `[batch, 1, height, width]` → `[batch, 8·channels_base]`.
     fn features(&self, images: &Tensor, norm: Norm) -> Result<Tensor, TchError> {
         let mean = images.f_mean_dim([2i64, 3].as_slice(), true, Kind::Float)?;
         let centred = images.f_sub(&mean)?;
@@ -279,6 +275,7 @@ impl DefectCnn {
         hidden.f_mean_dim([2i64, 3].as_slice(), false, Kind::Float)
     }
 
+    /// One logit per class: `[batch, 1, height, width]` → `[batch, classes]`.
     fn logits(&self, images: &Tensor, norm: Norm) -> Result<Tensor, TchError> {
         self.features(images, norm)?
             .f_linear(&self.head_weight, Some(&self.head_bias))
@@ -469,27 +466,33 @@ impl DefectCnn {
     pub fn embed(&self, images: &[f32]) -> Result<Tensor, ModelError> {
         self.batched(images, |chunk| self.features(chunk, Norm::Running))
     }
+}
 
-    /// The weights, batch-norm statistics included, as safetensors bytes and their
-    /// sha256 (see [`crate::weights`]).
-    pub fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
-        weights::to_safetensors(&self.vs)
+/// The weights include the batch-norm statistics, which are variables of the store.
+impl Network for DefectCnn {
+    type Config = VisionConfig;
+
+    const WEIGHTS_ORIGIN: &'static str = "defect cnn weights";
+
+    fn new(config: VisionConfig, device: Device, seed: i64) -> Result<Self, ModelError> {
+        // Inherent associated functions take precedence: this is the constructor above.
+        DefectCnn::new(config, device, seed)
     }
 
-    /// A network of `config` with the weights in `bytes`, checked as
-    /// [`weights::load_into`] does: the hash when given, every tensor the config implies
-    /// with its shape (errors name the tensor), f32, finite, and no other.
-    pub fn from_safetensors(
-        config: VisionConfig,
-        bytes: &[u8],
-        expected_sha256: Option<&str>,
-        device: Device,
-    ) -> Result<Self, ModelError> {
-        let mut model = Self::new(config, device, 0)?;
-        weights::load_into(&mut model.vs, bytes, expected_sha256, "defect cnn weights")?;
-        Ok(model)
+    fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
     }
 }
+
+network::inherent_network_methods!(DefectCnn, VisionConfig);
 
 /// One minus column 0 of `[N, classes]` probabilities.
 fn defect_probability(probabilities: &Tensor) -> Result<Vec<f32>, ModelError> {

@@ -630,23 +630,15 @@ pub fn evaluate(options: &ContinualEvalOptions) -> Result<ContinualReport, Conti
     let incumbent_threshold = quantile(&calibration, options.limit_quantile)?;
     let (weights, sha256) = incumbent.to_safetensors()?;
     let architecture = Architecture::ConvAutoencoder(config.clone());
-    let (architecture_name, hyper) = architecture.manifest_fields();
     let manifest = Manifest {
-        name: "tep-autoencoder".into(),
-        version: "incumbent".into(),
-        kind: architecture.kind(),
-        architecture: architecture_name,
-        hyper,
         input: InputSpec {
             shape: vec![-1, columns as i64, window as i64],
             description: format!("{window} rows of the {columns} TEP variables, standardised"),
         },
-        training: serde_json::Value::Null,
         metrics: BTreeMap::from([("threshold".into(), f64::from(incumbent_threshold))]),
-        parents: Vec::new(),
         weights_sha256: sha256,
         weights_bytes: weights.len() as u64,
-        created_us: 0,
+        ..architecture.manifest("tep-autoencoder", "incumbent")
     };
 
     // Step 3: stream the old regime's rows, then the settled ones, and detect.

@@ -420,7 +420,7 @@ fn train_classifier(
     }
     metrics.insert("accuracy".into(), right as f64 / tested.max(1) as f64);
     let names = diagnosis.class_names();
-    let config = diagnosis.model.config();
+    let config = *diagnosis.model.config();
     let (weights, _) = diagnosis.model.to_safetensors()?;
     Ok(Trained {
         architecture: Architecture::FaultClassifier {
@@ -463,7 +463,7 @@ fn train_multimodal(
         ("accuracy_sensors_only".to_string(), report.accuracy_sensors),
         ("accuracy_text_only".to_string(), report.accuracy_text),
     ]);
-    let config = outcome.model.config();
+    let config = *outcome.model.config();
     let (weights, _) = outcome.model.to_safetensors()?;
     Ok(Trained {
         architecture: Architecture::Fusion {
@@ -519,7 +519,7 @@ fn train_language(
     let (weights, _) = classifier.to_safetensors()?;
     Ok(Trained {
         architecture: Architecture::NoteClassifier {
-            config: classifier.config(),
+            config: *classifier.config(),
             tokens: NOTE_TOKENS,
             classes: Classes {
                 names: TEP_CLASSES.iter().map(|c| c.to_string()).collect(),
@@ -570,7 +570,7 @@ fn train_vision(
         ("accuracy_poly".to_string(), report.poly.accuracy),
         ("majority_accuracy".to_string(), report.majority_accuracy),
     ]);
-    let config = trained.model.config();
+    let config = *trained.model.config();
     let (weights, _) = trained.model.to_safetensors()?;
     Ok(Trained {
         architecture: Architecture::DefectCnn {

@@ -37,14 +37,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fogmesh_models::continual::Reservoir;
 use fogmesh_models::drift::{Drift, KsDrift, PageHinkley};
-use fogmesh_models::store::ModelStore;
+use fogmesh_models::store::{ModelStore, StoreError};
+use fogmesh_models::ModelError;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 
 use super::observed::ObservedWindows;
-use super::promoter::Promoter;
+use super::promoter::{PromoteError, Promoter};
 use super::round::{
     run_round, Completed, RoundDone, RoundInput, RoundReport, Serving, Trigger, MIN_OLD_WINDOWS,
 };
@@ -61,7 +62,7 @@ use crate::telemetry;
 pub const MAX_PENDING_WINDOWS: u64 = 4096;
 
 /// Why a learner did not start, or a round did not end in a promotion or a refusal.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LearnerError {
     #[error("expert `{expert}`: learning {source}")]
     Invalid {
@@ -85,29 +86,52 @@ pub enum LearnerError {
         round: u64,
         phase: &'static str,
     },
-    #[error("expert `{expert}`: fine-tuning {incumbent} failed: {reason}")]
+    #[error("expert `{expert}`: fine-tuning {incumbent} failed: {source}")]
     FineTune {
         expert: String,
         incumbent: String,
-        reason: String,
+        #[source]
+        source: FineTuneFailure,
     },
-    #[error("expert `{expert}`: storing candidate {candidate} failed: {reason}")]
+    #[error("expert `{expert}`: storing candidate {candidate} failed: {source}")]
     Store {
         expert: String,
         candidate: String,
-        reason: String,
+        #[source]
+        source: StoreFailure,
     },
     #[error(
-        "expert `{expert}`: promoting {candidate} failed; {incumbent} keeps serving: {reason}"
+        "expert `{expert}`: promoting {candidate} failed; {incumbent} keeps serving: {source}"
     )]
     Promote {
         expert: String,
         candidate: String,
         incumbent: String,
-        reason: String,
+        #[source]
+        source: PromoteError,
     },
     #[error("expert `{expert}`: the learner {reason}")]
     Unavailable { expert: String, reason: String },
+}
+
+/// Why fine-tuning or validating a candidate failed ([`LearnerError::FineTune`]).
+/// Causes sit behind `Arc` because a learner's error is cloned to every caller waiting
+/// on the round.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FineTuneFailure {
+    #[error("the training thread failed: {0}")]
+    Thread(#[source] Arc<JoinError>),
+    #[error(transparent)]
+    Model(Arc<ModelError>),
+}
+
+/// Why storing a candidate failed ([`LearnerError::Store`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreFailure {
+    #[error("the storing thread failed: {0}")]
+    Thread(#[source] Arc<JoinError>),
+    #[error(transparent)]
+    Store(Arc<StoreError>),
 }
 
 /// Where a learner is in the life of a regime (see the module doc).

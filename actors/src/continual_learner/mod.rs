@@ -44,9 +44,9 @@ mod spec;
 
 pub use actor::{
     ContinualLearner, ContinualLearnerArgs, ContinualLearnerMsg, ContinualLearnerShared,
-    ContinualLearnerState, DriftEvent, LearnerError, LearnerSnapshot, Phase, RunningLearner,
-    MAX_PENDING_WINDOWS,
+    ContinualLearnerState, DriftEvent, FineTuneFailure, LearnerError, LearnerSnapshot, Phase,
+    RunningLearner, StoreFailure, MAX_PENDING_WINDOWS,
 };
-pub use promoter::{BoxFuture, LocalPromoter, Promoter};
+pub use promoter::{BoxFuture, LocalPromoter, PromoteError, Promoter};
 pub use round::{RoundDone, RoundReport, Trigger, MIN_OLD_WINDOWS};
 pub use spec::{DriftSpec, InvalidLearning, LearningSpec, MAX_HELD_WINDOWS};

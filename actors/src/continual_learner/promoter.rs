@@ -8,8 +8,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use fogmesh_models::store::{Manifest, ModelStore};
+use fogmesh_models::store::{Manifest, ModelStore, StoreError};
+use tokio::task::JoinError;
 
+use crate::error::SpecError;
 use crate::expert::{ExpertSpec, ModelSource, StoredModel};
 use crate::node_agent::Node;
 
@@ -22,7 +24,36 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Promoter: Send + Sync + 'static {
     /// Makes every replica of `expert` serve `version` (a stored manifest id
     /// "name@version"); answers when done.
-    fn promote(&self, expert: &str, version: &Manifest) -> BoxFuture<'static, Result<(), String>>;
+    fn promote(
+        &self,
+        expert: &str,
+        version: &Manifest,
+    ) -> BoxFuture<'static, Result<(), PromoteError>>;
+}
+
+/// Why a version was not promoted; the version serving before keeps serving. Causes sit
+/// behind `Arc` because the learner's error that carries this one is cloned.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PromoteError {
+    #[error("expert `{expert}` is not served on this node")]
+    NotServed { expert: String },
+    #[error("expert `{expert}` does not serve a stored model")]
+    NotStored { expert: String },
+    #[error("reading the weights failed: {0}")]
+    ReadThread(#[source] Arc<JoinError>),
+    /// The node's store could not give the version's weights (missing, tampered with).
+    #[error(transparent)]
+    Read(Arc<StoreError>),
+    /// The expert (or its node agent) refused the hot swap.
+    #[error(transparent)]
+    Swap(Arc<SpecError>),
+    /// A mesh rollout that ran and rolled back; `detail` says why.
+    #[error("{detail}")]
+    RolledBack { detail: String },
+    /// A mesh rollout refused before anything changed. Its error type belongs to the
+    /// crate that runs rollouts, which this one does not depend on.
+    #[error(transparent)]
+    Rollout(Arc<dyn std::error::Error + Send + Sync>),
 }
 
 /// Promotes on this node only: reads the version's weights from the node's store
@@ -53,7 +84,11 @@ impl LocalPromoter {
 }
 
 impl Promoter for LocalPromoter {
-    fn promote(&self, expert: &str, version: &Manifest) -> BoxFuture<'static, Result<(), String>> {
+    fn promote(
+        &self,
+        expert: &str,
+        version: &Manifest,
+    ) -> BoxFuture<'static, Result<(), PromoteError>> {
         let promoter = self.clone();
         let expert = expert.to_string();
         let manifest = version.clone();
@@ -64,18 +99,22 @@ impl Promoter for LocalPromoter {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .get(&expert)
                 .cloned()
-                .ok_or_else(|| format!("expert `{expert}` is not served on this node"))?;
+                .ok_or_else(|| PromoteError::NotServed {
+                    expert: expert.clone(),
+                })?;
             let assets = serving
                 .source
                 .stored()
                 .map(|s| s.assets.clone())
-                .ok_or_else(|| format!("expert `{expert}` does not serve a stored model"))?;
+                .ok_or_else(|| PromoteError::NotStored {
+                    expert: expert.clone(),
+                })?;
             let store = promoter.store.clone();
             let read = manifest.clone();
             let weights = tokio::task::spawn_blocking(move || store.weights(&read))
                 .await
-                .map_err(|e| format!("reading the weights failed: {e}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| PromoteError::ReadThread(Arc::new(e)))?
+                .map_err(|e| PromoteError::Read(Arc::new(e)))?;
             let spec = ExpertSpec {
                 model_version: manifest.id(),
                 // A calibrated candidate brings its own limit; otherwise keep the one
@@ -96,7 +135,7 @@ impl Promoter for LocalPromoter {
                 .node
                 .swap_expert(spec.clone())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| PromoteError::Swap(Arc::new(e)))?;
             promoter
                 .serving
                 .lock()

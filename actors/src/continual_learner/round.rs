@@ -11,11 +11,13 @@ use std::sync::Arc;
 
 use fogmesh_models::continual::{evaluate, fine_tune, GateReport, ReplayItem};
 use fogmesh_models::store::{Manifest, ModelStore};
-use fogmesh_models::SplitMix64;
+use fogmesh_models::{ModelError, SplitMix64};
 use ractor::RpcReplyPort;
 use serde::Serialize;
 
-use super::actor::{ContinualLearnerShared, DriftEvent, LearnerError, Phase};
+use super::actor::{
+    ContinualLearnerShared, DriftEvent, FineTuneFailure, LearnerError, Phase, StoreFailure,
+};
 use super::promoter::Promoter;
 use super::spec::LearningSpec;
 
@@ -156,16 +158,16 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
         replay.len(),
         old_holdout.len(),
     );
-    let failed = |reason: String| LearnerError::FineTune {
+    let failed = |source| LearnerError::FineTune {
         expert: input.expert.to_string(),
         incumbent: incumbent.clone(),
-        reason,
+        source,
     };
     let serving = input.serving.clone();
     let options = input.spec.fine_tune.clone();
     let gate = input.spec.gate.clone();
     let shared = input.shared.clone();
-    let tuned = tokio::task::spawn_blocking(move || -> Result<Tuned, String> {
+    let tuned = tokio::task::spawn_blocking(move || -> Result<Tuned, ModelError> {
         // libtorch's intra-op thread count is per calling thread: one here, as on the
         // expert threads, so training does not take the cores serving needs.
         tch::set_num_threads(1);
@@ -178,8 +180,7 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
             &replay,
             &options,
             device,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         shared.set_phase(Phase::Validating);
         // Loading checks the weights against the manifest's hash: the candidate's
         // manifest differs from the incumbent's in exactly that.
@@ -189,7 +190,7 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
             ..manifest.clone()
         };
         let loss = |manifest: &Manifest, weights: &[u8], items: &[ReplayItem]| {
-            evaluate(manifest, weights, items, device).map_err(|e| e.to_string())
+            evaluate(manifest, weights, items, device)
         };
         let old_before = loss(manifest, &serving.weights, &old_holdout)?;
         let old_after = loss(&candidate, &tuned.weights, &old_holdout)?;
@@ -206,8 +207,8 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
         })
     })
     .await
-    .map_err(|e| failed(format!("the training thread failed: {e}")))?
-    .map_err(failed)?;
+    .map_err(|e| failed(FineTuneFailure::Thread(Arc::new(e))))?
+    .map_err(|e| failed(FineTuneFailure::Model(Arc::new(e))))?;
 
     let mut report = RoundReport {
         round: input.round,
@@ -279,22 +280,20 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
         let incumbent = &serving.manifest;
         candidate.version = store
             .next_version(&incumbent.name, Some(&incumbent.version))
-            .map_err(|e| (format!("{}@?", candidate.name), e.to_string()))?;
+            .map_err(|e| (format!("{}@?", candidate.name), e))?;
         let id = candidate.id();
-        store
-            .import(candidate, &bytes)
-            .map_err(|e| (id, e.to_string()))
+        store.import(candidate, &bytes).map_err(|e| (id, e))
     })
     .await
     .map_err(|e| LearnerError::Store {
         expert: input.expert.to_string(),
         candidate: format!("{}@?", parent.name),
-        reason: format!("the storing thread failed: {e}"),
+        source: StoreFailure::Thread(Arc::new(e)),
     })?
-    .map_err(|(candidate, reason)| LearnerError::Store {
+    .map_err(|(candidate, e)| LearnerError::Store {
         expert: input.expert.to_string(),
         candidate,
-        reason,
+        source: StoreFailure::Store(Arc::new(e)),
     })?;
     let candidate = stored.id();
     tracing::info!(expert = %input.expert, %candidate, parent = %incumbent, "candidate stored; promoting it");
@@ -304,11 +303,11 @@ pub(super) async fn run_round(input: RoundInput) -> Result<Completed, LearnerErr
     input.shared.set_promoting(Some(&candidate));
     let promotion = input.promoter.promote(&input.expert, &stored).await;
     input.shared.set_promoting(None);
-    promotion.map_err(|reason| LearnerError::Promote {
+    promotion.map_err(|source| LearnerError::Promote {
         expert: input.expert.to_string(),
         candidate: candidate.clone(),
         incumbent: incumbent.clone(),
-        reason,
+        source,
     })?;
     report.promoted = Some(candidate);
     Ok(Completed {

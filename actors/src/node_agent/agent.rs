@@ -27,11 +27,11 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 
-use super::node::ask;
+use super::node::call;
 use super::spec::NodeSpec;
 use crate::annunciator::Annunciator;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
-use crate::error::SpecError;
+use crate::error::{ModelFault, SpecError};
 use crate::expert::{Expert, ExpertArgs, ExpertMsg, ExpertShared, ExpertSpec};
 use crate::expert_endpoint::{ExpertEndpoint, ExpertEndpointArgs};
 use crate::router::{Replicas, Router, RouterArgs, RouterShared, RouterSpec};
@@ -359,17 +359,18 @@ impl NodeAgentState {
                 target_kind: "expert",
                 target: name.clone(),
             })?;
-        let version = ask(
+        let version = call(
             &expert.actor,
             |reply| ExpertMsg::Swap {
                 spec: Box::new(candidate.clone()),
                 reply,
             },
             ("swap", "expert"),
-            |reason| reason,
         )
         .await
-        .map_err(|reason| SpecError::Model { name, reason })?;
+        .map_err(ModelFault::Unanswered)
+        .and_then(|answer| answer.map_err(|refused| ModelFault::Refused(Arc::new(refused))))
+        .map_err(|source| SpecError::Model { name, source })?;
         self.set_expert(candidate);
         Ok(version)
     }

@@ -15,7 +15,7 @@ use super::agent::{spawn_failure, NodeAgent, NodeAgentArgs, NodeAgentMsg, Reconc
 use super::spec::NodeSpec;
 use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::NodeDirectory;
-use crate::error::{IngestError, ScoreError, SpecError};
+use crate::error::{IngestError, ModelFault, ScoreError, SpecError};
 use crate::expert::ExpertSpec;
 use crate::router::{Replicas, RetryPolicy, RouterMsg};
 use crate::sample::{Sample, Window};
@@ -171,7 +171,7 @@ impl Node {
             ("swap", "node agent"),
             |reason| SpecError::Model {
                 name: name.clone(),
-                reason,
+                source: ModelFault::Unanswered(reason),
             },
         )
         .await
@@ -275,7 +275,7 @@ impl Node {
 pub(super) async fn ask<M, T, E>(
     actor: &ActorRef<M>,
     message: impl FnOnce(RpcReplyPort<Result<T, E>>) -> M,
-    (answer, callee): (&str, &str),
+    names: (&str, &str),
     unavailable: impl Fn(String) -> E,
 ) -> Result<T, E>
 where
@@ -283,14 +283,28 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
+    call(actor, message, names)
+        .await
+        .unwrap_or_else(|reason| Err(unavailable(reason)))
+}
+
+/// [`ask`] for a caller whose error differs from the callee's: the callee's answer as
+/// it came, or why there was none.
+pub(super) async fn call<M, T>(
+    actor: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<T>) -> M,
+    (answer, callee): (&str, &str),
+) -> Result<T, String>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
     match actor.call(message, Some(CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(result)) => result,
-        Ok(ractor::rpc::CallResult::Timeout) => {
-            Err(unavailable(format!("no {answer} within {CALL_TIMEOUT:?}")))
+        Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(format!("no {answer} within {CALL_TIMEOUT:?}")),
+        Ok(ractor::rpc::CallResult::SenderError) => {
+            Err(format!("the {callee} stopped before answering"))
         }
-        Ok(ractor::rpc::CallResult::SenderError) => Err(unavailable(format!(
-            "the {callee} stopped before answering"
-        ))),
-        Err(e) => Err(unavailable(e.to_string())),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -16,8 +16,8 @@ use fogmesh_actors::continual_learner::{
 use fogmesh_actors::{
     Annunciator, BatchingSpec, ContinualLearner, ExpertOpinion, ExpertSpec, LearnerError,
     LearnerSnapshot, LearningSpec, LocalPromoter, ModelSource, Node, NodeSpec, NormalisationSpec,
-    Promoter, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample, ScoredWindow,
-    SensorStreamSpec, StoredModel,
+    PromoteError, Promoter, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
+    ScoredWindow, SensorStreamSpec, StoredModel,
 };
 use fogmesh_models::continual::{FineTuneOptions, ValidationGate};
 use fogmesh_models::served::{Architecture, Assets};
@@ -487,7 +487,11 @@ struct RecordingPromoter {
 }
 
 impl Promoter for RecordingPromoter {
-    fn promote(&self, _expert: &str, version: &Manifest) -> BoxFuture<'static, Result<(), String>> {
+    fn promote(
+        &self,
+        _expert: &str,
+        version: &Manifest,
+    ) -> BoxFuture<'static, Result<(), PromoteError>> {
         self.promoted.lock().unwrap().push(version.clone());
         if let Some(learner) = self.learner.lock().unwrap().as_ref() {
             self.known_while_promoting

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use fogmesh_actors::expert::{ExpertArgs, ExpertShared};
 use fogmesh_actors::{
-    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
-    ScoreError,
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, LoadError,
+    ModelSource, ScoreError, SwapError,
 };
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 use ractor::{Actor, ActorRef, RpcReplyPort};
@@ -59,7 +59,7 @@ async fn infer(
         .expect("the reply port stays open")
 }
 
-async fn swap(actor: &ActorRef<ExpertMsg>, spec: ExpertSpec) -> Result<Arc<str>, String> {
+async fn swap(actor: &ActorRef<ExpertMsg>, spec: ExpertSpec) -> Result<Arc<str>, SwapError> {
     let (tx, rx) = oneshot::channel();
     actor
         .cast(ExpertMsg::Swap {
@@ -176,6 +176,11 @@ async fn a_version_that_cannot_serve_is_refused_and_the_old_one_keeps_serving() 
     wider.config = AutoencoderConfig::w1(CHANNELS, LENGTH * 2);
     let refused = swap(&actor, wider).await.unwrap_err();
     assert!(
+        matches!(refused, SwapError::WindowShape { .. }),
+        "{refused}"
+    );
+    let refused = refused.to_string();
+    assert!(
         refused.contains("v2") && refused.contains("96"),
         "{refused}"
     );
@@ -190,6 +195,18 @@ async fn a_version_that_cannot_serve_is_refused_and_the_old_one_keeps_serving() 
         seed: 3,
     };
     let refused = swap(&actor, tampered).await.unwrap_err();
+    // The model's own error comes with the refusal, not only its text.
+    assert!(
+        matches!(
+            refused,
+            SwapError::Load {
+                source: LoadError::Autoencoder(_),
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let refused = refused.to_string();
     assert!(refused.contains("sha256"), "{refused}");
 
     let verdict = infer(&actor, window(1)).await.expect("still serving");

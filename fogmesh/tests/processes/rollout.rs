@@ -19,7 +19,7 @@ use crate::fixtures::{
     ONE_MESH_AT_A_TIME,
 };
 use fogmesh_models::served::Architecture;
-use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
+use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
@@ -45,24 +45,11 @@ fn import_autoencoder(
 ) {
     let (weights, _) = model.to_safetensors().unwrap();
     let architecture = Architecture::ConvAutoencoder(model.config().clone());
-    let (arch, hyper) = architecture.manifest_fields();
-    let [channels, length] = architecture.input_shape();
     let manifest = Manifest {
-        name: "ae".into(),
-        version: version.into(),
-        kind: architecture.kind(),
-        architecture: arch,
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: String::new(),
-        },
-        training: serde_json::Value::Null,
         metrics: [("threshold".to_string(), threshold)].into(),
         parents: parents.iter().map(|p| p.to_string()).collect(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
         created_us: version.parse().unwrap(),
+        ..architecture.manifest("ae", version)
     };
     store
         .import(manifest, &weights)

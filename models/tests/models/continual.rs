@@ -8,7 +8,7 @@ use fogmesh_models::continual::{
     evaluate, fine_tune, FineTuneOptions, ReplayItem, Reservoir, ValidationGate,
 };
 use fogmesh_models::served::{Architecture, Classes};
-use fogmesh_models::store::{InputSpec, Manifest};
+use fogmesh_models::store::Manifest;
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ModelError, SplitMix64, TrainOptions};
 use proptest::prelude::*;
 use tch::Device;
@@ -138,24 +138,10 @@ fn regime(n: usize, offset: f32, seed: u64) -> Vec<ReplayItem> {
 }
 
 fn manifest(architecture: &Architecture, weights: &[u8]) -> Manifest {
-    let (name, hyper) = architecture.manifest_fields();
-    let [channels, length] = architecture.input_shape();
     Manifest {
-        name: "incumbent".into(),
-        version: "1".into(),
-        kind: architecture.kind(),
-        architecture: name,
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: String::new(),
-        },
-        training: serde_json::Value::Null,
-        metrics: Default::default(),
-        parents: Vec::new(),
         weights_sha256: fogmesh_models::weights::sha256_hex(weights),
         weights_bytes: weights.len() as u64,
-        created_us: 0,
+        ..architecture.manifest("incumbent", "1")
     }
 }
 

@@ -13,7 +13,7 @@ use fogmesh_cluster::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
 };
 use fogmesh_models::served::Architecture;
-use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
+use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 use fogmesh_proto::model_store_client::ModelStoreClient;
 use fogmesh_proto::{ListModelsRequest, ModelRef, WeightChunk, WeightHeader};
@@ -47,24 +47,11 @@ fn store_autoencoder(
         weights.len()
     );
     let architecture = Architecture::ConvAutoencoder(config);
-    let (arch, hyper) = architecture.manifest_fields();
-    let [channels, length] = architecture.input_shape();
     let manifest = Manifest {
-        name: "pump-ae".into(),
-        version: version.into(),
-        kind: architecture.kind(),
-        architecture: arch,
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: String::new(),
-        },
         training: serde_json::json!({"seed": seed}),
         metrics: [("threshold".to_string(), 0.5)].into(),
         parents: parents.iter().map(|p| p.to_string()).collect(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
-        created_us: 0,
+        ..architecture.manifest("pump-ae", version)
     };
     let stored = store.import(manifest, &weights).unwrap();
     (stored, weights)

@@ -19,7 +19,7 @@ use fogmesh_models::notes::{NoteClassifier, NoteClassifierConfig};
 use fogmesh_models::served::{
     encoder_sha256, token_window, Architecture, Assets, Classes, ServedModel,
 };
-use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
+use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, DefectCnn, SplitMix64, VisionConfig};
 use fogmesh_proto::ScoreRequest;
 use fogmesh_tests::TestNode;
@@ -65,24 +65,9 @@ const NOTES: [&str; 3] = [
 ];
 
 fn store(store: &ModelStore, name: &str, architecture: Architecture, weights: Vec<u8>) -> Manifest {
-    let (arch, hyper) = architecture.manifest_fields();
-    let [channels, length] = architecture.input_shape();
     let manifest = Manifest {
-        name: name.into(),
-        version: "1".into(),
-        kind: architecture.kind(),
-        architecture: arch,
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: String::new(),
-        },
-        training: serde_json::Value::Null,
         metrics: [("threshold".to_string(), 0.75)].into(),
-        parents: Vec::new(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
-        created_us: 0,
+        ..architecture.manifest(name, "1")
     };
     store
         .import(manifest, &weights)
