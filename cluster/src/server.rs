@@ -520,32 +520,18 @@ mod tests {
     async fn an_expert_with_learning_gets_a_learner_that_stops_with_the_node() {
         use fogmesh_actors::continual_learner::Phase;
         use fogmesh_models::served::Architecture;
-        use fogmesh_models::store::{InputSpec, Manifest, ModelKind, ModelStore};
+        use fogmesh_models::store::{Manifest, ModelStore};
         use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 
         let dir = tempfile::tempdir().unwrap();
         let config = AutoencoderConfig::w1(2, 8);
         let model = ConvAutoencoder::new(config.clone(), tch::Device::Cpu, 1).unwrap();
         let (weights, _) = model.to_safetensors().unwrap();
-        let (architecture, hyper) = Architecture::ConvAutoencoder(config).manifest_fields();
         ModelStore::open(dir.path().join("models"))
             .import(
                 Manifest {
-                    name: "pump-ae".into(),
-                    version: "v1".into(),
-                    kind: ModelKind::TimeSeries,
-                    architecture,
-                    hyper,
-                    input: InputSpec {
-                        shape: vec![-1, 2, 8],
-                        description: String::new(),
-                    },
-                    training: serde_json::Value::Null,
                     metrics: [("threshold".to_string(), 0.5)].into(),
-                    parents: Vec::new(),
-                    weights_sha256: String::new(),
-                    weights_bytes: 0,
-                    created_us: 0,
+                    ..Architecture::ConvAutoencoder(config).manifest("pump-ae", "v1")
                 },
                 &weights,
             )

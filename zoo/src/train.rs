@@ -25,7 +25,7 @@ use std::time::Instant;
 use fogmesh_models::forecaster::{persistence_score, ForecasterConfig, TcnForecaster};
 use fogmesh_models::notes::TEP_CLASSES;
 use fogmesh_models::served::{encoder_sha256, Architecture, Classes};
-use fogmesh_models::store::{InputSpec, Manifest, ModelStore, StoreError};
+use fogmesh_models::store::{ModelStore, StoreError};
 use fogmesh_models::{
     quantile, ConvAutoencoder, EpochReport, ModelError, TrainOptions, TrainReport,
 };
@@ -194,36 +194,21 @@ pub fn run(
         Some(version) => version.clone(),
         None => store.next_version(&name, None).map_err(store_error)?,
     };
-    let (architecture, hyper) = trained.architecture.manifest_fields();
-    let [channels, length] = trained.architecture.input_shape();
-    let manifest = Manifest {
-        name,
-        version,
-        kind: trained.architecture.kind(),
-        architecture: architecture.clone(),
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: trained.input,
-        },
-        training: serde_json::json!({
-            "data": trained.data_summary,
-            "options": request.options,
-            "report": trained.training,
-        }),
-        metrics: trained.metrics.clone(),
-        parents: Vec::new(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
-        created_us: 0,
-    };
+    let mut manifest = trained.architecture.manifest(&name, &version);
+    manifest.input.description = trained.input;
+    manifest.training = serde_json::json!({
+        "data": trained.data_summary,
+        "options": request.options,
+        "report": trained.training,
+    });
+    manifest.metrics = trained.metrics.clone();
     let manifest = store
         .import(manifest, &trained.weights)
         .map_err(store_error)?;
     Ok(TrainingOutcome {
         model: manifest.id(),
         kind: manifest.kind,
-        architecture,
+        architecture: manifest.architecture.clone(),
         dataset: trained.dataset,
         metric: trained.metric,
         score: trained

@@ -21,7 +21,7 @@ use fogmesh_actors::{
 };
 use fogmesh_models::continual::{FineTuneOptions, ValidationGate};
 use fogmesh_models::served::{Architecture, Assets};
-use fogmesh_models::store::{InputSpec, Manifest, ModelKind, ModelStore};
+use fogmesh_models::store::{InputSpec, Manifest, ModelStore};
 use fogmesh_models::{quantile, AutoencoderConfig, ConvAutoencoder, SplitMix64, TrainOptions};
 use tokio::sync::broadcast;
 
@@ -62,23 +62,14 @@ fn store_version_1(store: &ModelStore, epochs: usize) -> (Manifest, Vec<u8>) {
     }
     let threshold = quantile(&model.score(&windows).unwrap(), 0.99).unwrap();
     let (weights, _) = model.to_safetensors().unwrap();
-    let (architecture, hyper) = Architecture::ConvAutoencoder(config).manifest_fields();
     let manifest = Manifest {
-        name: EXPERT.into(),
-        version: "v1".into(),
-        kind: ModelKind::TimeSeries,
-        architecture,
-        hyper,
         input: InputSpec {
             shape: vec![-1, CHANNELS as i64, WINDOW as i64],
             description: "pump sensors, regime A".into(),
         },
         training: serde_json::json!({ "data": "regime A", "windows": rows.len() - WINDOW + 1 }),
         metrics: BTreeMap::from([("threshold".to_string(), f64::from(threshold))]),
-        parents: Vec::new(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
-        created_us: 0,
+        ..Architecture::ConvAutoencoder(config).manifest(EXPERT, "v1")
     };
     let stored = store.import(manifest, &weights).unwrap();
     (stored, weights)

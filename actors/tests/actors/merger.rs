@@ -16,7 +16,7 @@ use fogmesh_actors::{
 use fogmesh_models::continual::{ReplayItem, ValidationGate};
 use fogmesh_models::merge::{MergeMethod, MergingError, Weights};
 use fogmesh_models::served::{Architecture, Assets, ServedModel};
-use fogmesh_models::store::{InputSpec, Manifest, ModelKind, ModelStore};
+use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{
     AutoencoderConfig, ConvAutoencoder, ForecasterConfig, SplitMix64, TcnForecaster, TrainOptions,
 };
@@ -34,25 +34,9 @@ fn store_version(
     architecture: Architecture,
     weights: &[u8],
 ) -> Manifest {
-    let [channels, length] = architecture.input_shape();
-    let (architecture, hyper) = architecture.manifest_fields();
-    let manifest = Manifest {
-        name: name.into(),
-        version: version.into(),
-        kind: ModelKind::TimeSeries,
-        architecture,
-        hyper,
-        input: InputSpec {
-            shape: vec![-1, channels, length],
-            description: "pump sensors".into(),
-        },
-        training: serde_json::json!({ "data": "test" }),
-        metrics: Default::default(),
-        parents: Vec::new(),
-        weights_sha256: String::new(),
-        weights_bytes: 0,
-        created_us: 0,
-    };
+    let mut manifest = architecture.manifest(name, version);
+    manifest.input.description = "pump sensors".into();
+    manifest.training = serde_json::json!({ "data": "test" });
     store.import(manifest, weights).expect("stored")
 }
 
