@@ -504,25 +504,14 @@ pub async fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fogmesh_models::store::{InputSpec, ModelKind};
+    use fogmesh_models::served::Architecture;
+    use fogmesh_models::AutoencoderConfig;
 
     fn manifest(version: &str, parents: &[&str], created_us: i64) -> Manifest {
         Manifest {
-            name: "ae".into(),
-            version: version.into(),
-            kind: ModelKind::TimeSeries,
-            architecture: "conv_autoencoder".into(),
-            hyper: serde_json::Value::Null,
-            input: InputSpec {
-                shape: vec![-1, 2, 16],
-                description: String::new(),
-            },
-            training: serde_json::Value::Null,
-            metrics: Default::default(),
             parents: parents.iter().map(|p| p.to_string()).collect(),
-            weights_sha256: String::new(),
-            weights_bytes: 0,
             created_us,
+            ..Architecture::ConvAutoencoder(AutoencoderConfig::w1(2, 16)).manifest("ae", version)
         }
     }
 

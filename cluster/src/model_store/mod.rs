@@ -90,27 +90,15 @@ fn hex(digest: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fogmesh_models::store::{InputSpec, ModelKind};
+    use fogmesh_models::served::Architecture;
+    use fogmesh_models::AutoencoderConfig;
     use futures::StreamExt;
 
     /// A version with no weights yet, as both sides' tests store it.
     pub(super) fn manifest(name: &str, version: &str, parents: &[&str]) -> Manifest {
         Manifest {
-            name: name.into(),
-            version: version.into(),
-            kind: ModelKind::TimeSeries,
-            architecture: "conv_autoencoder".into(),
-            hyper: serde_json::Value::Null,
-            input: InputSpec {
-                shape: vec![-1, 2, 16],
-                description: String::new(),
-            },
-            training: serde_json::Value::Null,
-            metrics: Default::default(),
             parents: parents.iter().map(|p| p.to_string()).collect(),
-            weights_sha256: String::new(),
-            weights_bytes: 0,
-            created_us: 0,
+            ..Architecture::ConvAutoencoder(AutoencoderConfig::w1(2, 16)).manifest(name, version)
         }
     }
 
