@@ -18,9 +18,6 @@
 //! - [`recording`]: the fogrec file format for plant recordings.
 //! - [`calibration`]: score quantiles for alarm thresholds.
 //! - [`pca`]: PCA T²/Q monitoring, the classic process-monitoring baseline.
-//! - [`skab`]: the SKAB pump benchmark's files, read for evaluations and tests.
-//! - [`elpv`]: the ELPV solar-cell images as `scripts/make_elpv.py` converts them,
-//!   checked, with a stratified train/test split.
 //! - [`vision`]: the vision expert, a small CNN telling defective solar cells from
 //!   functional ones, whose pooled features a fusion expert can take.
 //! - [`torchscript`]: bring your own model: TorchScript files exported from PyTorch,
@@ -37,15 +34,15 @@
 //! - [`store`]: the content-addressed model store (weights by sha256, manifests with
 //!   lineage).
 //!
-//! Everything fallible returns [`ModelError`] (SKAB files: [`skab::SkabError`]; ELPV
-//! folders: [`elpv::ElpvError`]; TorchScript models: [`ScriptError`]).
+//! Everything fallible returns [`ModelError`] (TorchScript models: [`ScriptError`]).
+//! The data sets the zoo learns from (SKAB, ELPV) are read by `fogmesh-zoo`, not here:
+//! nothing that serves needs them.
 
 pub mod autoencoder;
 pub mod calibration;
 pub mod classifier;
 pub mod continual;
 pub mod drift;
-pub mod elpv;
 pub mod error;
 pub mod forecaster;
 pub mod fusion;
@@ -59,7 +56,6 @@ pub mod pca;
 pub mod recording;
 pub mod rng;
 pub mod served;
-pub mod skab;
 pub mod store;
 pub mod torchscript;
 pub mod training;

@@ -21,7 +21,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fogmesh_models::elpv::{CellType, ElpvError, ElpvSet};
+use crate::datasets::elpv::{CellType, ElpvError, ElpvSet};
 use fogmesh_models::{DefectCnn, EpochReport, ModelError, TrainOptions, TrainReport, VisionConfig};
 use serde::Serialize;
 

@@ -8,6 +8,7 @@
 //! trained on and how they are judged, so nothing here runs on a serving node.
 
 pub mod continual_eval;
+pub mod datasets;
 pub mod elpv_eval;
 pub mod evaluation;
 pub mod fusion_eval;

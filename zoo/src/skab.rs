@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use fogmesh_models::skab::{read_benchmark, SkabError, SkabRun, SENSORS};
+use crate::datasets::skab::{read_benchmark, SkabError, SkabRun, SENSORS};
 use fogmesh_models::{
     column_stats, quantile, AutoencoderConfig, ConvAutoencoder, ModelError, TrainOptions,
 };

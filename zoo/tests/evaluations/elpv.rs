@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fogmesh_models::elpv::{Cell, CellType, ElpvSet};
 use fogmesh_models::TrainOptions;
+use fogmesh_zoo::datasets::elpv::{Cell, CellType, ElpvSet};
 use fogmesh_zoo::elpv_eval::{self, ElpvEvalError, ElpvEvalOptions};
 
 fn elpv_dir() -> PathBuf {

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::rng::SplitMix64;
-use crate::weights::sha256_hex;
+use fogmesh_models::weights::sha256_hex;
+use fogmesh_models::SplitMix64;
 
 /// The `format` every manifest carries.
 pub const FORMAT: &str = "fogmesh-elpv";
@@ -312,7 +312,7 @@ impl ElpvSet {
     }
 
     /// The cells at `indices` as `N × height × width` floats in [0, 1] (0 is black),
-    /// what [`crate::vision::DefectCnn`] takes. Panics on an index past the end.
+    /// what [`fogmesh_models::DefectCnn`] takes. Panics on an index past the end.
     pub fn images(&self, indices: &[usize]) -> Vec<f32> {
         indices
             .iter()
