@@ -52,6 +52,8 @@ pub enum SkabError {
         expected: usize,
         got: usize,
     },
+    #[error("{}: not readable as CSV: {source}", path.display())]
+    Csv { path: PathBuf, source: csv::Error },
     #[error("{}: no data rows", path.display())]
     Empty { path: PathBuf },
     #[error("{}: no SKAB runs here (expected folders {})", path.display(), RUN_FOLDERS.join(", "))]
@@ -90,18 +92,27 @@ impl SkabRun {
 
     /// Parses SKAB CSV text as if read from `path`.
     pub fn parse(text: &str, path: &Path, name: String) -> Result<SkabRun, SkabError> {
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty());
-        let header: Vec<&str> = lines
-            .next()
-            .map(|(_, h)| h.split(';').map(str::trim).collect())
-            .unwrap_or_default();
+        let csv_error = |source| SkabError::Csv {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Flexible: a row with the wrong number of fields is refused here, naming its
+        // line and both counts, rather than by the reader with less to say.
+        let mut reader = csv::ReaderBuilder::new()
+            .delimiter(b';')
+            .trim(csv::Trim::All)
+            .flexible(true)
+            .from_reader(text.as_bytes());
+        let header: Vec<String> = reader
+            .headers()
+            .map_err(csv_error)?
+            .iter()
+            .map(str::to_string)
+            .collect();
         let column = |name: &str| {
             header
                 .iter()
-                .position(|h| *h == name)
+                .position(|h| h == name)
                 .ok_or_else(|| SkabError::MissingColumn {
                     path: path.to_path_buf(),
                     column: name.to_string(),
@@ -119,9 +130,9 @@ impl SkabRun {
             anomaly: Vec::new(),
             changepoint: Vec::new(),
         };
-        for (index, line) in lines {
-            let line_number = index + 1;
-            let fields: Vec<&str> = line.split(';').map(str::trim).collect();
+        for record in reader.records() {
+            let fields = record.map_err(csv_error)?;
+            let line_number = fields.position().map_or(0, |p| p.line() as usize);
             if fields.len() != header.len() {
                 return Err(SkabError::Fields {
                     path: path.to_path_buf(),
@@ -133,7 +144,7 @@ impl SkabRun {
             let bad = |at: usize, reason: &'static str| SkabError::Value {
                 path: path.to_path_buf(),
                 line: line_number,
-                column: header[at].to_string(),
+                column: header[at].clone(),
                 value: fields[at].to_string(),
                 reason,
             };
@@ -238,6 +249,10 @@ mod tests {
                 vec![":2", "10 fields", "11"],
             ),
             (format!("{HEADER}\n"), vec!["no data rows"]),
+            (
+                format!("{HEADER}\n\n{row}\n{}\n", row.replace("1.3", "x")),
+                vec!["valve1/3.csv:4", "`Current`"],
+            ),
         ] {
             let error = parse(&text).expect_err("refused");
             for needle in needles {
