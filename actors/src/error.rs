@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fogmesh_models::ModelError;
 
-use crate::expert::SwapError;
+use fogmesh_models::torchscript::ScriptError;
 
 /// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
@@ -168,4 +168,70 @@ impl PartialEq for ModelFault {
         std::mem::discriminant(self) == std::mem::discriminant(other)
             && self.to_string() == other.to_string()
     }
+}
+
+/// Why an expert's model did not load, at start or for a swap.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A stored version (named by its manifest id) that does not build or whose
+    /// weights do not load.
+    #[error("{id}: {source}")]
+    Stored {
+        id: String,
+        #[source]
+        source: ModelError,
+    },
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    #[error(transparent)]
+    Autoencoder(#[from] ModelError),
+}
+
+/// Why an expert's model thread did not start: the actor's startup error, which the
+/// node agent reports as the reason the expert did not start.
+#[derive(Debug, thiserror::Error)]
+#[error("expert `{expert}`: {source}")]
+pub struct StartError {
+    pub expert: String,
+    #[source]
+    pub source: LoadError,
+}
+
+/// Why an expert refused to serve a version; the old one keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("expert `{expert}`: version {version} refused: {source}")]
+    Invalid {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: SpecError,
+    },
+    #[error("expert `{expert}`: version {version} refused: it takes windows of {takes} values, this expert serves windows of {serves}")]
+    WindowShape {
+        expert: Arc<str>,
+        version: Arc<str>,
+        takes: usize,
+        serves: usize,
+    },
+    #[error("expert `{expert}`: version {version} refused: the loading thread failed: {source}")]
+    LoadingThread {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("expert `{expert}`: version {version} refused: {source}")]
+    Load {
+        expert: Arc<str>,
+        version: Arc<str>,
+        #[source]
+        source: LoadError,
+    },
+    #[error("expert `{expert}`: version {version} refused: the expert is stopping")]
+    Stopping { expert: Arc<str>, version: Arc<str> },
+    #[error(
+        "expert `{expert}`: version {version} refused: the expert stopped before installing it"
+    )]
+    StoppedBeforeInstall { expert: Arc<str>, version: Arc<str> },
 }

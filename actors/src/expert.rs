@@ -43,14 +43,12 @@ use std::path::PathBuf;
 
 use fogmesh_models::served::{Assets, ServedModel};
 use fogmesh_models::store::Manifest;
-use fogmesh_models::torchscript::{Dtype, ScriptError};
-use fogmesh_models::{
-    AutoencoderConfig, ConvAutoencoder, ModelError, ScriptedModel, Signature, TensorSpec,
-};
+use fogmesh_models::torchscript::Dtype;
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ScriptedModel, Signature, TensorSpec};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ModelFault, ScoreError, SpecError};
+use crate::error::{LoadError, ModelFault, ScoreError, SpecError, StartError, SwapError};
 use crate::telemetry;
 
 /// How an expert groups windows into forward passes.
@@ -272,72 +270,6 @@ pub enum ExpertMsg {
         spec: Box<ExpertSpec>,
         reply: RpcReplyPort<Result<Arc<str>, SwapError>>,
     },
-}
-
-/// Why an expert's model did not load, at start or for a swap.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// A stored version (named by its manifest id) that does not build or whose
-    /// weights do not load.
-    #[error("{id}: {source}")]
-    Stored {
-        id: String,
-        #[source]
-        source: ModelError,
-    },
-    #[error(transparent)]
-    Script(#[from] ScriptError),
-    #[error(transparent)]
-    Autoencoder(#[from] ModelError),
-}
-
-/// Why an expert's model thread did not start: the actor's startup error, which the
-/// node agent reports as the reason the expert did not start.
-#[derive(Debug, thiserror::Error)]
-#[error("expert `{expert}`: {source}")]
-pub struct StartError {
-    pub expert: String,
-    #[source]
-    pub source: LoadError,
-}
-
-/// Why an expert refused to serve a version; the old one keeps serving.
-#[derive(Debug, thiserror::Error)]
-pub enum SwapError {
-    #[error("expert `{expert}`: version {version} refused: {source}")]
-    Invalid {
-        expert: Arc<str>,
-        version: Arc<str>,
-        #[source]
-        source: SpecError,
-    },
-    #[error("expert `{expert}`: version {version} refused: it takes windows of {takes} values, this expert serves windows of {serves}")]
-    WindowShape {
-        expert: Arc<str>,
-        version: Arc<str>,
-        takes: usize,
-        serves: usize,
-    },
-    #[error("expert `{expert}`: version {version} refused: the loading thread failed: {source}")]
-    LoadingThread {
-        expert: Arc<str>,
-        version: Arc<str>,
-        #[source]
-        source: tokio::task::JoinError,
-    },
-    #[error("expert `{expert}`: version {version} refused: {source}")]
-    Load {
-        expert: Arc<str>,
-        version: Arc<str>,
-        #[source]
-        source: LoadError,
-    },
-    #[error("expert `{expert}`: version {version} refused: the expert is stopping")]
-    Stopping { expert: Arc<str>, version: Arc<str> },
-    #[error(
-        "expert `{expert}`: version {version} refused: the expert stopped before installing it"
-    )]
-    StoppedBeforeInstall { expert: Arc<str>, version: Arc<str> },
 }
 
 /// Work for the model thread, in arrival order.

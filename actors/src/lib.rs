@@ -35,10 +35,10 @@ pub use continual_learner::{
     LocalPromoter, PromoteError, Promoter, RoundReport, RunningLearner,
 };
 pub use directory::NodeDirectory;
-pub use error::{IngestError, ModelFault, ScoreError, SpecError};
+pub use error::{IngestError, LoadError, ModelFault, ScoreError, SpecError, StartError, SwapError};
 pub use expert::{
-    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, LoadError,
-    ModelSource, StartError, StoredModel, SwapError,
+    BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
+    StoredModel,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use merger::{

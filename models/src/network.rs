@@ -2,11 +2,10 @@
 //! and a seed, its weights in one `VarStore`, and its weights as safetensors bytes and
 //! back through the one checked writer and reader in [`crate::weights`].
 //!
-//! Each network used to carry its own copy of the weight I/O; the copies drifted only
-//! in how their errors named in-memory bytes. [`Network`] states the template once, as
-//! burn's `Module` and candle's model structs do, so a new network gets checked loading
-//! by implementing four methods, and generic code (serving, merging, continual
-//! learning) can take any of them. A network whose loading must differ (the
+//! [`Network`] states the template once, as burn's `Module` and candle's model structs
+//! do: a new network gets checked loading by implementing four methods, and generic
+//! code (serving, merging, continual learning) can take any of them. Networks differ
+//! only in how their errors name in-memory bytes ([`Network::WEIGHTS_ORIGIN`]). A network whose loading must differ (the
 //! autoencoder names the first mismatched tensor in forward order) overrides the
 //! provided method instead of copying it.
 //!

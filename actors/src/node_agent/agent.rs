@@ -27,7 +27,7 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 
-use super::node::call;
+use super::call::call;
 use super::spec::NodeSpec;
 use crate::annunciator::Annunciator;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};

@@ -5,9 +5,11 @@
 //! state.
 
 mod agent;
+mod call;
 mod node;
 mod spec;
 
 pub use agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeAgentState, ReconcileReport};
-pub use node::{ExpertSnapshot, Node, NodeSnapshot, RouterSnapshot, SensorSnapshot, CALL_TIMEOUT};
+pub use call::CALL_TIMEOUT;
+pub use node::{ExpertSnapshot, Node, NodeSnapshot, RouterSnapshot, SensorSnapshot};
 pub use spec::{NodeSpec, RestartPolicy};

@@ -7,11 +7,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use ractor::{Actor, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorRef};
 
 use super::agent::{spawn_failure, NodeAgent, NodeAgentArgs, NodeAgentMsg, ReconcileReport};
+use super::call::ask;
 use super::spec::NodeSpec;
 use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::NodeDirectory;
@@ -74,9 +75,6 @@ pub struct Node {
     restarts: Arc<AtomicU64>,
     up_since_us: i64,
 }
-
-/// How long a caller waits for a sensor stream or router to answer.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Validates the spec and starts the node; returns once every actor is running.
@@ -266,45 +264,5 @@ impl Node {
     pub async fn shutdown(&self, join: tokio::task::JoinHandle<()>) {
         self.agent.stop(Some("node shutting down".into()));
         let _ = join.await;
-    }
-}
-
-/// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
-/// answering (timeout, callee stopped, message not delivered) into the callee's own
-/// error; `(answer, callee)` name them in the reason, e.g. ("verdict", "router").
-pub(super) async fn ask<M, T, E>(
-    actor: &ActorRef<M>,
-    message: impl FnOnce(RpcReplyPort<Result<T, E>>) -> M,
-    names: (&str, &str),
-    unavailable: impl Fn(String) -> E,
-) -> Result<T, E>
-where
-    M: ractor::Message,
-    T: Send + 'static,
-    E: Send + 'static,
-{
-    call(actor, message, names)
-        .await
-        .unwrap_or_else(|reason| Err(unavailable(reason)))
-}
-
-/// [`ask`] for a caller whose error differs from the callee's: the callee's answer as
-/// it came, or why there was none.
-pub(super) async fn call<M, T>(
-    actor: &ActorRef<M>,
-    message: impl FnOnce(RpcReplyPort<T>) -> M,
-    (answer, callee): (&str, &str),
-) -> Result<T, String>
-where
-    M: ractor::Message,
-    T: Send + 'static,
-{
-    match actor.call(message, Some(CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
-        Ok(ractor::rpc::CallResult::Timeout) => Err(format!("no {answer} within {CALL_TIMEOUT:?}")),
-        Ok(ractor::rpc::CallResult::SenderError) => {
-            Err(format!("the {callee} stopped before answering"))
-        }
-        Err(e) => Err(e.to_string()),
     }
 }
