@@ -91,11 +91,13 @@ bench: setup
     cargo run --release -p fogmesh -- bench train
     cargo run --release -p fogmesh -- bench swap
 
-# Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency.
+# Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency. It runs
+# in the release profile, like `just test`, so after a test build it reuses what that
+# build compiled instead of compiling every dependency again (.ci/run lints last).
 # Check formatting (rustfmt) and lints (clippy, warnings are errors).
 lint: _python-deps
     cargo fmt --all -- --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --release -- -D warnings
 
 # Format the workspace.
 fmt:
