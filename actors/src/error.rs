@@ -43,6 +43,25 @@ pub enum IngestError {
         timestamp_us: i64,
         previous_us: i64,
     },
+    #[error(
+        "sensor `{sensor_id}` sample {sequence}: field `sequence` jumps {} past the next expected {expected}; the limit is max_sequence_gap = {limit}", sequence - expected
+    )]
+    SequenceJump {
+        sensor_id: String,
+        sequence: u64,
+        expected: u64,
+        limit: u64,
+    },
+    #[error(
+        "sensor `{sensor_id}` sample {sequence}: field `timestamp_us` {timestamp_us} is more than max_clock_skew_ms = {limit_ms} ahead of this node's clock ({now_us})"
+    )]
+    TimestampAhead {
+        sensor_id: String,
+        sequence: u64,
+        timestamp_us: i64,
+        now_us: i64,
+        limit_ms: u64,
+    },
     #[error("sensor `{sensor_id}` is not running: {reason}")]
     StreamUnavailable { sensor_id: String, reason: String },
 }
@@ -91,6 +110,8 @@ impl IngestError {
             IngestError::WrongChannelCount { .. } => "wrong_channel_count",
             IngestError::NotFinite { .. } => "not_finite",
             IngestError::TimestampBackwards { .. } => "timestamp_backwards",
+            IngestError::SequenceJump { .. } => "sequence_jump",
+            IngestError::TimestampAhead { .. } => "timestamp_ahead",
             IngestError::StreamUnavailable { .. } => "stream_unavailable",
         }
     }

@@ -50,5 +50,8 @@ pub use normalisation::{NormalisationSpec, Normaliser, RunningStats};
 pub use quality::{QualityFlag, QualityFlags, QualityRules};
 pub use router::{Replicas, RetryPolicy, Router, RouterMsg, RouterSpec, RoutingPolicy};
 pub use sample::{Sample, Window};
-pub use sensor_stream::{PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec};
+pub use sensor_stream::{
+    PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS,
+    DEFAULT_MAX_SEQUENCE_GAP,
+};
 pub use windowing::Windower;

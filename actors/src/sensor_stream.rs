@@ -14,8 +14,9 @@
 //! 1. Sort the batch by sequence number; drop samples whose sequence was already
 //!    accepted (before or earlier in this batch) as duplicates: a producer that lost an
 //!    acknowledgement may resend, and is acknowledged again.
-//! 2. Check every remaining sample (channel count, finite values, timestamp not before
-//!    the previous one). The first bad sample refuses the whole batch: nothing of it is
+//! 2. Check every remaining sample (channel count, finite values, a sequence number at
+//!    most `max_sequence_gap` past the next expected one, a timestamp not before the
+//!    previous one and at most `max_clock_skew_ms` ahead of this node's clock). The first bad sample refuses the whole batch: nothing of it is
 //!    accepted, so the producer can fix and resend it as a unit.
 //! 3. Accept: flag quality on raw values, normalise, window; each completed window goes
 //!    to the stream's router. Only then is the batch acknowledged.
@@ -51,10 +52,33 @@ pub struct SensorStreamSpec {
     pub quality: QualityRules,
     /// The router that receives this stream's windows.
     pub router: String,
+    /// Largest jump of `sequence` past the next expected one (from 0 for a new
+    /// stream). A bigger jump is refused: one sample numbered 2^63 would otherwise
+    /// make every later real reading a "duplicate".
+    #[serde(default = "default_max_sequence_gap")]
+    pub max_sequence_gap: u64,
+    /// How far a sample's `timestamp_us` may run ahead of this node's clock, in
+    /// milliseconds. A later one is refused: a far-future timestamp accepted once
+    /// would make every later real reading "go back in time".
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
 }
 
 fn default_normalisation() -> NormalisationSpec {
     NormalisationSpec::Online
+}
+
+/// About a quarter of an hour of samples at 1 kHz.
+pub const DEFAULT_MAX_SEQUENCE_GAP: u64 = 1_000_000;
+/// Five minutes: field devices without time synchronisation drift by that much.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 300_000;
+
+fn default_max_sequence_gap() -> u64 {
+    DEFAULT_MAX_SEQUENCE_GAP
+}
+
+fn default_max_clock_skew_ms() -> u64 {
+    DEFAULT_MAX_CLOCK_SKEW_MS
 }
 
 /// Largest window a stream may cut, in values (channels × samples): 16 MiB of f32.
@@ -248,6 +272,13 @@ impl Actor for SensorStream {
     }
 }
 
+/// This node's clock in microseconds since the Unix epoch.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 impl SensorStreamState {
     fn push(&mut self, mut samples: Vec<Sample>) -> Result<PushOutcome, IngestError> {
         let total = samples.len() as u64;
@@ -257,12 +288,12 @@ impl SensorStreamState {
         let mut expected = next;
         for sample in samples {
             if sample.sequence >= expected {
-                expected = sample.sequence + 1;
+                expected = sample.sequence.saturating_add(1);
                 fresh.push(sample);
             }
         }
         let duplicates = total - fresh.len() as u64;
-        if let Err(e) = self.check(&fresh) {
+        if let Err(e) = self.check(&fresh, next, wall_clock_us()) {
             self.shared.rejected.fetch_add(total, Ordering::Relaxed);
             metrics::counter!(telemetry::SAMPLES_REJECTED, "sensor" => self.spec.id.clone(), "reason" => e.reason())
                 .increment(total);
@@ -277,7 +308,7 @@ impl SensorStreamState {
                 .store(last.timestamp_us, Ordering::Release);
             self.shared
                 .next_sequence
-                .store(last.sequence + 1, Ordering::Release);
+                .store(last.sequence.saturating_add(1), Ordering::Release);
         }
         self.shared
             .accepted
@@ -294,10 +325,36 @@ impl SensorStreamState {
         })
     }
 
-    fn check(&self, samples: &[Sample]) -> Result<(), IngestError> {
+    /// Checks the samples not yet accepted (in sequence order), given the next
+    /// expected sequence number and the node's clock.
+    fn check(&self, samples: &[Sample], next: u64, now_us: i64) -> Result<(), IngestError> {
         let mut previous_us = self.shared.last_timestamp_us.load(Ordering::Acquire);
+        let mut expected = next;
+        let skew_us =
+            i64::try_from(self.spec.max_clock_skew_ms.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let latest_us = now_us.saturating_add(skew_us);
         for sample in samples {
             let sensor_id = || self.spec.id.clone();
+            // Deduplication left only samples at or past `expected`.
+            let jump = sample.sequence.saturating_sub(expected);
+            if jump > self.spec.max_sequence_gap {
+                return Err(IngestError::SequenceJump {
+                    sensor_id: sensor_id(),
+                    sequence: sample.sequence,
+                    expected,
+                    limit: self.spec.max_sequence_gap,
+                });
+            }
+            expected = sample.sequence.saturating_add(1);
+            if sample.timestamp_us > latest_us {
+                return Err(IngestError::TimestampAhead {
+                    sensor_id: sensor_id(),
+                    sequence: sample.sequence,
+                    timestamp_us: sample.timestamp_us,
+                    now_us,
+                    limit_ms: self.spec.max_clock_skew_ms,
+                });
+            }
             if sample.values.len() != self.spec.channels {
                 return Err(IngestError::WrongChannelCount {
                     sensor_id: sensor_id(),

@@ -11,6 +11,12 @@
 //! echo to the other node's probe actor (gRPC link, ractor_cluster framing, actors on
 //! both ends) and the same payload over bare loopback TCP, the floor any link sits on.
 //!
+//! With `tls` (`--tls`) both nodes hold certificates of an ephemeral mesh CA made for
+//! the run, as a plant's nodes do, and every byte between them goes over mutual TLS;
+//! without it both are `insecure = true`. The report gives the time to open a
+//! connection (TCP plus, with TLS, the handshake) to the expert node, so the price of
+//! TLS shows in both the workload and the set-up.
+//!
 //! The expert node is the running executable started again, so [`run`] belongs to the
 //! `fogmesh` binary (its `node` subcommand); the child is killed when the run ends,
 //! fails or is interrupted with Ctrl-C.
@@ -22,10 +28,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogmesh_actors::{ModelSource, RoutingPolicy, EXPERT_SCOPE};
+use fogmesh_cluster::dialer::Dialer;
+use fogmesh_cluster::link::LinkError;
 use fogmesh_cluster::peer_links::{probe_of, NodeProbeMsg};
 use fogmesh_cluster::{ConfigError, NodeConfig, NodeServer, ServeError};
 use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::{ApplyRequest, StatusRequest};
+use fogmesh_trust::{IssueRequest, MeshCa, MeshTls, Role, TlsFiles};
 use ractor::rpc::CallResult;
 use serde::Serialize;
 
@@ -52,6 +61,8 @@ const LOG_TAIL_LINES: usize = 20;
 pub struct W1RemoteReport {
     pub workload: &'static str,
     pub remote: bool,
+    /// Mutual TLS between the nodes (`--tls`), or plaintext.
+    pub tls: bool,
     pub gate: GateKind,
     pub windows_per_s: f64,
     pub p50_ms: f64,
@@ -76,6 +87,9 @@ pub struct W1RemoteReport {
     /// Median round trip of the same payload over loopback TCP.
     pub tcp_rtt_us: f64,
     pub rtt_ratio: f64,
+    /// Median time to open a gRPC connection to the expert node and get an answer
+    /// (TCP, the TLS handshake where there is one, HTTP/2 set-up, one status call).
+    pub connect_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +112,15 @@ pub enum W1RemoteError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Serve(#[from] ServeError),
-    #[error("cannot reach the bench node's gRPC at {addr}: {source}")]
+    #[error("cannot reach a node of the run: {source}")]
     Connect {
-        addr: SocketAddr,
         #[source]
-        source: tonic::transport::Error,
+        source: LinkError,
+    },
+    #[error("the run's mesh CA: {source}")]
+    Pki {
+        #[source]
+        source: fogmesh_trust::TrustError,
     },
     #[error("the bench node refused W1's mesh spec: {0}")]
     Apply(String),
@@ -127,19 +145,20 @@ fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> W1RemoteError + Co
 /// Runs W1 with its experts on a second node process and returns the report. Blocks
 /// the calling async task for the set-up, `seconds`, and the two round-trip
 /// measurements.
-pub async fn run(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
+pub async fn run(options: &W1Options, tls: bool) -> Result<W1RemoteReport, W1RemoteError> {
     // Returning drops the half-done run, whose guard kills the expert node; a Ctrl-C
     // that ended the process instead would leave it running.
     tokio::select! {
-        report = measure(options) => report,
+        report = measure(options, tls) => report,
         _ = tokio::signal::ctrl_c() => Err(W1RemoteError::Interrupted),
     }
 }
 
-async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
+async fn measure(options: &W1Options, tls: bool) -> Result<W1RemoteReport, W1RemoteError> {
     options.validate()?;
     let spec_toml = mesh_spec_toml(options)?;
     let folder = tempfile::tempdir().map_err(io_error("creating the temporary folder"))?;
+    let pki = RunPki::new(folder.path(), tls)?;
     let [bench_addr, expert_addr] = free_ports()?;
     let secret = format!(
         "w1-remote-{}-{}",
@@ -149,7 +168,12 @@ async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
             .map_or(0, |d| d.as_nanos())
     );
 
-    let mut expert_node = ExpertNode::start(folder.path(), expert_addr, &secret)?;
+    let mut expert_node = ExpertNode::start(
+        folder.path(),
+        expert_addr,
+        &secret,
+        pki.node(EXPERT_NODE, Role::Cloud)?,
+    )?;
     let bench_file = folder.path().join("bench-node.toml");
     let bench_toml = node_toml(
         BENCH_NODE,
@@ -158,12 +182,14 @@ async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
         &secret,
         &[expert_addr],
         &folder.path().join("bench-data"),
+        pki.node(BENCH_NODE, Role::Edge)?,
     )?;
     let server = NodeServer::start(NodeConfig::parse(&bench_toml, &bench_file)?).await?;
     expert_node
         .wait_until("the link to the expert node", || probe_of(EXPERT_NODE))
         .await?;
-    apply(server.grpc_addr(), spec_toml).await?;
+    let operator = pki.operator()?;
+    apply(&operator, server.grpc_addr(), spec_toml).await?;
     let experts: Vec<String> = w1::node_spec(options, None)
         .experts
         .into_iter()
@@ -189,7 +215,8 @@ async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
     expert_node.check_alive()?;
     let remote_rtt_us = remote_rtt_us().await?;
     let tcp_rtt_us = tcp_rtt_us().await?;
-    let (mean_batch_size, device) = expert_status(expert_addr).await;
+    let (mean_batch_size, device) = expert_status(&operator, expert_addr).await;
+    let connect_ms = connect_ms(&operator, expert_addr).await?;
     let expert_node_max_rss_mib = w1::peak_rss_mib_of(&expert_node.child.id().to_string());
     server.shutdown().await?;
     drop(expert_node);
@@ -197,6 +224,7 @@ async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
     Ok(W1RemoteReport {
         workload: "w1",
         remote: true,
+        tls,
         gate: GateKind::Static,
         windows_per_s: load.windows_per_s(),
         p50_ms: load.quantile_ms(0.50),
@@ -214,7 +242,98 @@ async fn measure(options: &W1Options) -> Result<W1RemoteReport, W1RemoteError> {
         remote_rtt_us,
         tcp_rtt_us,
         rtt_ratio: remote_rtt_us / tcp_rtt_us,
+        connect_ms,
     })
+}
+
+/// The run's identities: an ephemeral mesh CA in the run's folder with `tls`, none
+/// (`insecure = true` nodes, a plaintext operator) without.
+struct RunPki {
+    folder: PathBuf,
+    ca: Option<MeshCa>,
+}
+
+impl RunPki {
+    fn new(folder: &Path, tls: bool) -> Result<RunPki, W1RemoteError> {
+        let ca = tls
+            .then(|| MeshCa::init(&folder.join("ca"), "w1-bench"))
+            .transpose()
+            .map_err(|source| W1RemoteError::Pki { source })?;
+        Ok(RunPki {
+            folder: folder.join("certs"),
+            ca,
+        })
+    }
+
+    fn issue(&self, name: &str, role: Role) -> Result<Option<TlsFiles>, W1RemoteError> {
+        let Some(ca) = &self.ca else {
+            return Ok(None);
+        };
+        let request = IssueRequest {
+            name: name.to_string(),
+            role,
+            sensors: Vec::new(),
+            days: 1,
+        };
+        let issued = ca
+            .issue(&request, &self.folder)
+            .map_err(|source| W1RemoteError::Pki { source })?;
+        Ok(Some(TlsFiles {
+            ca: issued.ca,
+            cert: issued.cert,
+            key: issued.key,
+        }))
+    }
+
+    /// A node's `[tls]` table.
+    fn node(&self, name: &str, role: Role) -> Result<TlsTable, W1RemoteError> {
+        Ok(match self.issue(name, role)? {
+            Some(files) => TlsTable {
+                ca: Some(files.ca),
+                cert: Some(files.cert),
+                key: Some(files.key),
+                insecure: false,
+            },
+            None => TlsTable {
+                ca: None,
+                cert: None,
+                key: None,
+                insecure: true,
+            },
+        })
+    }
+
+    /// How the run calls its nodes' `Control` service.
+    fn operator(&self) -> Result<Dialer, W1RemoteError> {
+        let tls = match self.issue("w1-operator", Role::Operator)? {
+            Some(files) => {
+                Some(MeshTls::load(&files).map_err(|source| W1RemoteError::Pki { source })?)
+            }
+            None => None,
+        };
+        Ok(Dialer::new(tls, None))
+    }
+}
+
+/// Connections to the expert node opened and answered for [`connect_ms`].
+const CONNECT_ROUNDS: usize = 20;
+
+/// Median time to open a fresh connection to the node at `addr` and get its status.
+async fn connect_ms(operator: &Dialer, addr: SocketAddr) -> Result<f64, W1RemoteError> {
+    let mut times = Vec::with_capacity(CONNECT_ROUNDS);
+    for _ in 0..CONNECT_ROUNDS {
+        let started = Instant::now();
+        let connected = operator
+            .channel(&addr.to_string())
+            .await
+            .map_err(|source| W1RemoteError::Connect { source })?;
+        ControlClient::new(connected.channel)
+            .get_status(StatusRequest {})
+            .await
+            .map_err(|status| W1RemoteError::Apply(status.message().to_string()))?;
+        times.push(started.elapsed());
+    }
+    Ok(median_us(times) / 1e3)
 }
 
 /// Two loopback addresses whose ports are free for TCP and UDP alike (a node gossips on
@@ -239,6 +358,18 @@ fn free_ports() -> Result<[SocketAddr; 2], W1RemoteError> {
 struct NodeToml<'a> {
     node: NodeTable<'a>,
     cluster: ClusterTable<'a>,
+    tls: TlsTable,
+}
+
+#[derive(Serialize)]
+struct TlsTable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+    insecure: bool,
 }
 
 #[derive(Serialize)]
@@ -263,6 +394,7 @@ fn node_toml(
     secret: &str,
     seeds: &[SocketAddr],
     data: &Path,
+    tls: TlsTable,
 ) -> Result<String, W1RemoteError> {
     let config = NodeToml {
         node: NodeTable {
@@ -275,6 +407,7 @@ fn node_toml(
             seeds: seeds.iter().map(SocketAddr::to_string).collect(),
             data,
         },
+        tls,
     };
     toml::to_string(&config).map_err(|source| W1RemoteError::Toml {
         what: "node config",
@@ -409,7 +542,12 @@ struct ExpertNode {
 }
 
 impl ExpertNode {
-    fn start(folder: &Path, listen: SocketAddr, secret: &str) -> Result<ExpertNode, W1RemoteError> {
+    fn start(
+        folder: &Path,
+        listen: SocketAddr,
+        secret: &str,
+        tls: TlsTable,
+    ) -> Result<ExpertNode, W1RemoteError> {
         let config = folder.join("expert-node.toml");
         let text = node_toml(
             EXPERT_NODE,
@@ -418,6 +556,7 @@ impl ExpertNode {
             secret,
             &[],
             &folder.join("expert-data"),
+            tls,
         )?;
         std::fs::write(&config, text).map_err(io_error("writing the expert node's config"))?;
         let log = folder.join("expert-node.log");
@@ -486,10 +625,16 @@ impl Drop for ExpertNode {
 
 /// Applies the spec through the bench node, retrying while placement cannot see the
 /// expert node yet (the link is up a moment before the node's view of it is).
-async fn apply(addr: SocketAddr, spec_toml: String) -> Result<(), W1RemoteError> {
-    let mut control = ControlClient::connect(format!("http://{addr}"))
+async fn apply(
+    operator: &Dialer,
+    addr: SocketAddr,
+    spec_toml: String,
+) -> Result<(), W1RemoteError> {
+    let connected = operator
+        .channel(&addr.to_string())
         .await
-        .map_err(|source| W1RemoteError::Connect { addr, source })?;
+        .map_err(|source| W1RemoteError::Connect { source })?;
+    let mut control = ControlClient::new(connected.channel);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let request = ApplyRequest {
@@ -512,10 +657,10 @@ async fn apply(addr: SocketAddr, spec_toml: String) -> Result<(), W1RemoteError>
 /// Mean batch size over the expert node's experts and the device they run on. The run
 /// is measured by now; a node that does not answer costs these two fields, not the
 /// report.
-async fn expert_status(addr: SocketAddr) -> (Option<f64>, String) {
+async fn expert_status(operator: &Dialer, addr: SocketAddr) -> (Option<f64>, String) {
     let local_device = format!("{:?}", fogmesh_models::default_device());
-    let status = match ControlClient::connect(format!("http://{addr}")).await {
-        Ok(mut control) => control
+    let status = match operator.channel(&addr.to_string()).await {
+        Ok(connected) => ControlClient::new(connected.channel)
             .get_status(StatusRequest {})
             .await
             .map(tonic::Response::into_inner)

@@ -48,6 +48,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Role;
+use crate::dialer::Dialer;
 use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY, VERSIONS_KEY};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
 use crate::peer_links::{LinkState, LinkView};
@@ -101,8 +102,8 @@ pub struct Deployment {
     pub state: Arc<Mutex<DeploymentState>>,
     /// Where stored models live on this node.
     pub places: ModelPlaces,
-    /// The mesh's `fogmesh-cluster-key` value, for copying versions from peers.
-    pub key: String,
+    /// How this node copies versions from peers.
+    pub dialer: Dialer,
 }
 
 fn spec_file(data: &std::path::Path) -> PathBuf {
@@ -404,7 +405,7 @@ impl Deployment {
         }
         let store = fogmesh_models::store::ModelStore::open(root);
         let peers = rollout::peer_addresses(members, &self.node_name);
-        rollout::ensure_local(&ids, &store, &peers, &self.key).await?;
+        rollout::ensure_local(&ids, &store, &peers, &self.dialer).await?;
         Ok(())
     }
 
@@ -446,7 +447,7 @@ impl Deployment {
             let promoter = Arc::new(rollout::MeshPromoter {
                 me: self.node_name.clone(),
                 places: self.places.clone(),
-                key: self.key.clone(),
+                dialer: self.dialer.clone(),
                 membership: self.membership.clone(),
                 links: self.links.clone(),
                 state: self.state.clone(),

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 use fogmesh_actors::{Node, PushOutcome, Sample};
 use fogmesh_proto::{IngestAck, SampleBatch, StreamAck};
+use fogmesh_trust::PeerIdentity;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -71,15 +72,38 @@ impl Ingestor {
     ///
     /// Cancel safety: not cancel-safe; dropping it may leave some groups accepted and
     /// unacknowledged, which a resend acknowledges.
-    pub(crate) async fn push_batch(&self, batch: SampleBatch) -> Result<IngestAck, ServiceError> {
-        let result = self.push_batch_inner(batch).await;
+    /// Pushes a batch whose samples `feeder` (the caller's certificate identity, over
+    /// TLS) sent. A batch naming a sensor the feeder's certificate does not allow is
+    /// refused whole, before any sample reaches a stream.
+    pub(crate) async fn push_batch(
+        &self,
+        batch: SampleBatch,
+        feeder: Option<&PeerIdentity>,
+    ) -> Result<IngestAck, ServiceError> {
+        let result = self.push_batch_inner(batch, feeder).await;
         self.count(&result);
         result
     }
 
-    async fn push_batch_inner(&self, batch: SampleBatch) -> Result<IngestAck, ServiceError> {
+    async fn push_batch_inner(
+        &self,
+        batch: SampleBatch,
+        feeder: Option<&PeerIdentity>,
+    ) -> Result<IngestAck, ServiceError> {
         self.check_message_size(batch.encoded_len())?;
         self.check_samples(batch.samples.iter().map(|s| s.values.len()))?;
+        if let Some(feeder) = feeder {
+            if let Some(sample) = batch
+                .samples
+                .iter()
+                .find(|s| !feeder.may_feed(&s.sensor_id))
+            {
+                return Err(ServiceError::SensorNotCertified {
+                    peer: feeder.to_string(),
+                    sensor: sample.sensor_id.clone(),
+                });
+            }
+        }
         let mut order: Vec<(String, Vec<Sample>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for sample in batch.samples {

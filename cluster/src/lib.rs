@@ -16,9 +16,11 @@
 //! Architecture invariant: this crate owns no actor logic; it validates what arrives
 //! from the network, hands it to a [`fogmesh_actors::Node`] and maps the answer back.
 
+pub mod authorization;
 pub mod capabilities;
 pub mod config;
 pub mod deployment;
+pub mod dialer;
 mod ingest;
 pub mod link;
 pub mod membership;
@@ -38,7 +40,7 @@ pub mod telemetry;
 
 pub use config::{
     ClusterSection, ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection,
-    ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig,
+    ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig, TlsSection,
 };
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
 pub use model_store::{

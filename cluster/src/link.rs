@@ -28,6 +28,7 @@ use bytes::Bytes;
 use fogmesh_proto::cluster_link_client::ClusterLinkClient;
 use fogmesh_proto::cluster_link_server::ClusterLink;
 use fogmesh_proto::{AdmitReply, AdmitRequest, LinkFrame};
+use fogmesh_trust::PeerIdentity;
 use futures::StreamExt;
 use ractor::ActorRef;
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream, NodeServerMessage};
@@ -37,9 +38,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 use tokio_util::sync::PollSender;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::dialer::Dialer;
 use crate::status::ServiceError;
 use crate::telemetry;
 
@@ -221,6 +223,18 @@ pub(crate) fn admit<T>(
     if peer.is_empty() {
         return Err(ServiceError::UnnamedPeer);
     }
+    // Over TLS the authorization layer put the caller's certificate identity here:
+    // the name it dials as must be the name it was issued.
+    if let Some(identity) = request.extensions().get::<PeerIdentity>() {
+        if identity.name != peer {
+            tracing::warn!(peer = %peer, certificate = %identity, %addr, call = what, "refused a node whose name differs from its certificate's");
+            metrics::counter!(telemetry::LINKS_REFUSED).increment(1);
+            return Err(ServiceError::NameNotCertified {
+                claimed: peer,
+                certified: identity.name.clone(),
+            });
+        }
+    }
     Ok(peer)
 }
 
@@ -284,45 +298,25 @@ impl ClusterLink for ClusterLinkService {
     }
 }
 
-/// A gRPC channel to `addr` with the cluster's keepalive settings.
-pub(crate) async fn connect(addr: &str) -> Result<Channel, LinkError> {
-    let unreachable = |reason: String| LinkError::Unreachable {
-        addr: addr.to_string(),
-        reason,
-    };
-    Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| unreachable(format!("{e}: {}", source_chain(&e))))
-}
-
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut source = error.source();
-    while let Some(e) = source {
-        out.push(e.to_string());
-        source = e.source();
-    }
-    out.join(": ")
-}
-
 /// Asks a seed to admit this node; returns the seed's name. Called once per seed at
 /// start, so a node with the wrong secret is told so at once, not left gossiping with
 /// nobody.
-pub async fn ask_admission(addr: &str, key: &ClusterKey, node: &str) -> Result<String, LinkError> {
-    let mut client = ClusterLinkClient::new(connect(addr).await?);
+pub async fn ask_admission(
+    addr: &str,
+    dialer: &Dialer,
+    key: &ClusterKey,
+    node: &str,
+) -> Result<String, LinkError> {
+    let connected = dialer.channel(addr).await?;
+    let mut client = ClusterLinkClient::new(connected.channel);
     let mut request = Request::new(AdmitRequest {});
     introduce(&mut request, key, node);
     match client.admit(request).await {
-        Ok(reply) => Ok(reply.into_inner().node),
+        Ok(reply) => {
+            let name = reply.into_inner().node;
+            check_answered(addr, connected.peer.as_ref(), &name)?;
+            Ok(name)
+        }
         Err(status) if status.code() == tonic::Code::PermissionDenied => Err(LinkError::Refused {
             addr: addr.to_string(),
             reason: status.message().to_string(),
@@ -341,10 +335,13 @@ pub async fn dial(
     node_server: &ActorRef<NodeServerMessage>,
     addr: &str,
     peer: &str,
+    dialer: &Dialer,
     key: &ClusterKey,
     node: &str,
 ) -> Result<(), LinkError> {
-    let channel = connect(addr).await?;
+    let connected = dialer.channel(addr).await?;
+    check_answered(addr, connected.peer.as_ref(), peer)?;
+    let channel = connected.channel;
     let mut client = ClusterLinkClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(64);
     let mut request = Request::new(ReceiverStream::new(rx));
@@ -379,6 +376,25 @@ pub async fn dial(
     ractor_cluster::client_connect_external(node_server, Box::new(stream))
         .await
         .map_err(|e| LinkError::Local(format!("{e:?}")))
+}
+
+/// Over TLS, the node that answered at `addr` must hold the certificate of the node
+/// it claims to be (`claimed`), so a member card with another node's address, or a
+/// node answering for another, cannot take over that node's link.
+fn check_answered(
+    addr: &str,
+    answered: Option<&PeerIdentity>,
+    claimed: &str,
+) -> Result<(), LinkError> {
+    match answered {
+        Some(identity) if identity.name != claimed => Err(LinkError::Refused {
+            addr: addr.to_string(),
+            reason: format!(
+                "the node there holds the certificate of {identity}, not of {claimed:?}"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capabilities::Capabilities;
 use crate::config::{ClusterSection, Role};
 use crate::deployment::{Deployment, DeploymentState};
+use crate::dialer::Dialer;
 use crate::link::{self, ClusterKey, ClusterLinkService};
 use crate::membership::{
     LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
@@ -56,12 +57,15 @@ pub struct MeshSettings {
     pub local: NodeSpec,
     /// Where the node keeps stored models.
     pub places: crate::mesh_spec::ModelPlaces,
+    /// How this node dials the others.
+    pub dialer: Dialer,
 }
 
 /// A node's running membership in the mesh.
 pub struct Mesh {
     pub name: String,
     pub key: ClusterKey,
+    pub dialer: Dialer,
     pub node_server: ActorRef<NodeServerMessage>,
     pub links: ActorRef<PeerLinksMsg>,
     pub link_view: watch::Receiver<LinkView>,
@@ -100,6 +104,7 @@ impl Mesh {
             PeerLinksArgs {
                 node: settings.name.clone(),
                 key: key.clone(),
+                dialer: settings.dialer.clone(),
                 node_server: node_server.clone(),
                 view: view_tx,
             },
@@ -137,6 +142,7 @@ impl Mesh {
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(ask_seeds(
             settings.cluster.seeds.clone(),
+            settings.dialer.clone(),
             key.clone(),
             settings.name.clone(),
         )));
@@ -162,13 +168,14 @@ impl Mesh {
                 links: link_view.clone(),
                 state: deployment.clone(),
                 places: settings.places,
-                key: key.as_str().to_string(),
+                dialer: settings.dialer.clone(),
             }
             .run(shutdown),
         ));
         Ok(Mesh {
             name: settings.name,
             key,
+            dialer: settings.dialer,
             node_server,
             links,
             link_view,
@@ -204,13 +211,13 @@ impl Mesh {
 
 /// Asks every seed to admit this node, retrying those not yet reachable, and says
 /// loudly when one refuses (the secret differs: this node will never join).
-async fn ask_seeds(seeds: Vec<String>, key: ClusterKey, me: String) {
+async fn ask_seeds(seeds: Vec<String>, dialer: Dialer, key: ClusterKey, me: String) {
     let mut pending = seeds;
     let mut delay = std::time::Duration::from_millis(200);
     while !pending.is_empty() {
         let mut unreachable = Vec::new();
         for seed in pending {
-            match link::ask_admission(&seed, &key, &me).await {
+            match link::ask_admission(&seed, &dialer, &key, &me).await {
                 Ok(name) => tracing::info!(%seed, node = %name, "admitted by seed"),
                 Err(error @ link::LinkError::Refused { .. }) => {
                     tracing::error!(%seed, %error, "seed refused this node: its [cluster] secret differs from the mesh's; this node will not join");

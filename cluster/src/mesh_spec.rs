@@ -217,6 +217,8 @@ impl MeshSpec {
             mqtt: Vec::new(),
             replay: Vec::new(),
             cluster: None::<ClusterSection>,
+            // Only checked, never served.
+            tls: None,
             file: file.to_path_buf(),
         };
         let spec = whole.to_node_spec()?;

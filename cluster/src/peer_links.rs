@@ -31,6 +31,7 @@ use ractor_cluster::{
 };
 use tokio::sync::watch;
 
+use crate::dialer::Dialer;
 use crate::link::{self, ClusterKey, LinkError};
 use crate::telemetry;
 
@@ -165,6 +166,7 @@ pub struct PeerLinks;
 pub struct PeerLinksArgs {
     pub node: String,
     pub key: ClusterKey,
+    pub dialer: Dialer,
     pub node_server: ActorRef<NodeServerMessage>,
     pub view: watch::Sender<LinkView>,
 }
@@ -222,6 +224,7 @@ impl Peer {
 pub struct PeerLinksState {
     node: String,
     key: ClusterKey,
+    dialer: Dialer,
     node_server: ActorRef<NodeServerMessage>,
     view: watch::Sender<LinkView>,
     peers: BTreeMap<String, Peer>,
@@ -283,6 +286,7 @@ impl Actor for PeerLinks {
         Ok(PeerLinksState {
             node: args.node,
             key: args.key,
+            dialer: args.dialer,
             node_server: args.node_server,
             view: args.view,
             peers: BTreeMap::new(),
@@ -412,6 +416,7 @@ impl PeerLinksState {
                             self.node_server.clone(),
                             addr,
                             name.clone(),
+                            self.dialer.clone(),
                             self.key.clone(),
                             self.node.clone(),
                         );
@@ -468,11 +473,12 @@ fn spawn_dial(
     node_server: ActorRef<NodeServerMessage>,
     addr: String,
     peer: String,
+    dialer: Dialer,
     key: ClusterKey,
     node: String,
 ) {
     tokio::spawn(async move {
-        if let Err(error) = link::dial(&node_server, &addr, &peer, &key, &node).await {
+        if let Err(error) = link::dial(&node_server, &addr, &peer, &dialer, &key, &node).await {
             let _ = links.cast(PeerLinksMsg::DialFailed { peer, error });
         }
     });

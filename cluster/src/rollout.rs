@@ -36,6 +36,7 @@ use fogmesh_models::store::{Manifest, ModelStore, StoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::deployment::{candidates, DeploymentState};
+use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
 use crate::model_store::{download_version, upload_version, TransferError};
@@ -114,8 +115,8 @@ pub enum RolloutError {
 pub struct RolloutContext<'a> {
     pub me: &'a str,
     pub places: &'a ModelPlaces,
-    /// The mesh's `fogmesh-cluster-key` value.
-    pub key: &'a str,
+    /// How this node reaches the others' model stores.
+    pub dialer: &'a Dialer,
     pub membership: &'a Membership,
     pub links: &'a tokio::sync::watch::Receiver<LinkView>,
     pub state: &'a Mutex<DeploymentState>,
@@ -141,7 +142,7 @@ pub async fn run(
     let peers = peer_addresses(&members, ctx.me);
     let spec_error = |e: &dyn std::fmt::Display| RolloutError::Spec(e.to_string());
     let named = MeshSpec::stored_models(&current.text).map_err(|e| spec_error(&e))?;
-    ensure_local(&named, &store, &peers, ctx.key).await?;
+    ensure_local(&named, &store, &peers, ctx.dialer).await?;
     let file = Path::new("mesh.toml");
     let spec = MeshSpec::parse_with(&current.text, file, ctx.places).map_err(|e| spec_error(&e))?;
     let serving = spec
@@ -155,7 +156,7 @@ pub async fn run(
         });
     };
     let to = target_version(&store, expert, &from, requested, rollback)?;
-    ensure_local(std::slice::from_ref(&to), &store, &peers, ctx.key).await?;
+    ensure_local(std::slice::from_ref(&to), &store, &peers, ctx.dialer).await?;
     let manifest = {
         let (store, expert, to) = (store.clone(), expert.to_string(), to.clone());
         let assets = Assets {
@@ -177,7 +178,7 @@ pub async fn run(
         .filter(|c| c.name != ctx.me)
         .filter_map(|c| members.get(&c.name).map(|m| (c.name, m.card.grpc.clone())))
         .collect();
-    let (mut prepared, failed) = prepare(&nodes, &to, &store, ctx.key).await;
+    let (mut prepared, failed) = prepare(&nodes, &to, &store, ctx.dialer).await;
     prepared.insert(0, ctx.me.to_string());
     // A node that could not be reached was lost, not refusing: it copies the
     // version from a peer when it returns.
@@ -254,7 +255,7 @@ pub async fn run(
 pub struct MeshPromoter {
     pub me: String,
     pub places: ModelPlaces,
-    pub key: String,
+    pub dialer: Dialer,
     pub membership: std::sync::Arc<Membership>,
     pub links: tokio::sync::watch::Receiver<LinkView>,
     pub state: std::sync::Arc<Mutex<DeploymentState>>,
@@ -273,7 +274,7 @@ impl fogmesh_actors::Promoter for MeshPromoter {
             let context = RolloutContext {
                 me: &promoter.me,
                 places: &promoter.places,
-                key: &promoter.key,
+                dialer: &promoter.dialer,
                 membership: &promoter.membership,
                 links: &promoter.links,
                 state: &promoter.state,
@@ -330,7 +331,7 @@ pub async fn ensure_local(
     ids: &[String],
     store: &ModelStore,
     peers: &[(String, String)],
-    key: &str,
+    dialer: &Dialer,
 ) -> Result<Vec<String>, RolloutError> {
     let mut copied = Vec::new();
     for id in ids {
@@ -347,7 +348,7 @@ pub async fn ensure_local(
         let mut reasons = Vec::new();
         let mut found = false;
         for (name, addr) in peers {
-            match download_version(addr, Some(key), id, store).await {
+            match download_version(addr, dialer, id, store).await {
                 Ok(manifest) => {
                     tracing::info!(model = %manifest.id(), from = %name, "copied a model version from a peer");
                     copied.push(manifest.id());
@@ -475,11 +476,11 @@ pub async fn prepare(
     nodes: &[(String, String)],
     id: &str,
     store: &ModelStore,
-    key: &str,
+    dialer: &Dialer,
 ) -> (Vec<String>, Vec<(String, TransferError)>) {
     let uploads = nodes.iter().map(|(name, addr)| async move {
         let outcome =
-            tokio::time::timeout(PREPARE_TIMEOUT, upload_version(addr, Some(key), id, store)).await;
+            tokio::time::timeout(PREPARE_TIMEOUT, upload_version(addr, dialer, id, store)).await;
         let outcome = match outcome {
             Ok(result) => result.map(|_| ()),
             Err(_) => Err(TransferError::Connect {

@@ -49,10 +49,12 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::authorization::AuthorizationLayer;
 use crate::capabilities::Capabilities;
 use crate::config::{ConfigError, NodeConfig, ReplayJob};
+use crate::dialer::Dialer;
 use crate::ingest::Ingestor;
-use crate::link;
+use crate::link::{self, ClusterKey};
 use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
 use crate::model_store::ModelStoreService;
@@ -96,6 +98,12 @@ pub enum ServeError {
         addr: SocketAddr,
         #[source]
         source: tonic::transport::Error,
+    },
+    #[error("node `{node}`: the TLS settings do not load: {source}")]
+    Tls {
+        node: String,
+        #[source]
+        source: Box<tonic::transport::Error>,
     },
     #[error("the gRPC server on {addr} stopped on its own: {reason}")]
     GrpcStopped { addr: SocketAddr, reason: String },
@@ -144,6 +152,10 @@ impl NodeServer {
         // 1. Files; 2. the recorder; 3. sockets; 4. actors (see the module doc).
         let spec = config.to_node_spec()?;
         let replays = config.replay_jobs()?;
+        let tls = config.tls()?;
+        if tls.is_none() {
+            tracing::warn!(node = %config.node.name, "INSECURE: [tls] insecure = true: this node serves and dials in plaintext, with no identities and no roles; anyone who reaches its port may change the mesh");
+        }
         let metrics = metrics_endpoint::prometheus_handle()?;
         let (grpc_listener, grpc_addr) = bind("gRPC", config.node.listen).await?;
         let metrics_listener = match config.node.metrics_listen {
@@ -192,6 +204,10 @@ impl NodeServer {
                     up_since_us: node.snapshot().up_since_us,
                     local: config.to_node_spec()?,
                     places: config.model_places(),
+                    dialer: Dialer::new(
+                        tls.clone(),
+                        Some(ClusterKey::from_secret(&cluster.secret)),
+                    ),
                 };
                 Some(Mesh::start(settings, node.clone(), shutdown.clone()).await?)
             }
@@ -202,13 +218,17 @@ impl NodeServer {
             links: m.link_view.clone(),
             deployment: m.deployment.clone(),
             places: config.model_places(),
-            key: m.key.as_str().to_string(),
+            dialer: m.dialer.clone(),
         });
 
         let model_store = ModelStoreService::new(
             config.node.name.clone(),
             config.model_store_root().map(ModelStore::open),
-            mesh.as_ref().map(|m| m.key.clone()),
+            // Over TLS the certificate's role decides who may upload; the mesh key,
+            // which every member learns by gossip, grants nothing there.
+            mesh.as_ref()
+                .filter(|_| tls.is_none())
+                .map(|m| m.key.clone()),
             shutdown.clone(),
         );
         let services = NodeServices::new(
@@ -218,13 +238,25 @@ impl NodeServer {
             metrics.clone(),
             shutdown.clone(),
             mesh_view,
+            tls.is_none(),
         );
         // tonic refuses messages over its limit before a handler sees them, with
         // OUT_OF_RANGE and no field name; its limit is a backstop at twice ours so
         // that the handlers refuse oversized messages first, with RESOURCE_EXHAUSTED
         // naming the limit.
         let decode_backstop = limits.max_message_bytes.saturating_mul(2);
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            builder =
+                builder
+                    .tls_config(tls.server_config())
+                    .map_err(|source| ServeError::Tls {
+                        node: config.node.name.clone(),
+                        source: Box::new(source),
+                    })?;
+        }
+        let router = builder
+            .layer(AuthorizationLayer::new(tls.is_some()))
             .http2_keepalive_interval(Some(link::KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(link::KEEPALIVE_TIMEOUT))
             .initial_stream_window_size(Some(link::STREAM_WINDOW))
@@ -536,7 +568,7 @@ mod tests {
                 &weights,
             )
             .unwrap();
-        let text = "[node]\nname = \"edge-1\"\nrole = \"edge\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nmin_new_windows = 16\n\n[[experts]]\nname = \"plain-ae\"\nmodel = \"pump-ae@v1\"\n";
+        let text = "[node]\nname = \"edge-1\"\nrole = \"edge\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[[experts]]\nname = \"pump-ae\"\nmodel = \"pump-ae@v1\"\n\n[experts.learning]\nmin_new_windows = 16\n\n[[experts]]\nname = \"plain-ae\"\nmodel = \"pump-ae@v1\"\n\n[tls]\ninsecure = true\n";
         let config = NodeConfig::parse(text, &dir.path().join("node.toml")).unwrap();
         let server = NodeServer::start(config).await.expect("the node starts");
         let directory = server.node().directory.clone();

@@ -43,6 +43,7 @@ use fogmesh_proto::{
     RolloutReply, RolloutRequest, RouterStatus, SampleBatch, ScoreReply, ScoreRequest,
     SensorStreamStatus, StatusRequest,
 };
+use fogmesh_trust::PeerIdentity;
 use futures::{Stream, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use prost::Message;
@@ -79,6 +80,8 @@ struct Inner {
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
     mesh: Option<MeshView>,
+    /// Serves plaintext (`[tls] insecure = true`).
+    insecure: bool,
 }
 
 /// What the services read of the node's mesh membership.
@@ -89,8 +92,8 @@ pub(crate) struct MeshView {
     pub deployment: Arc<std::sync::Mutex<DeploymentState>>,
     /// Where this node keeps stored models.
     pub places: crate::mesh_spec::ModelPlaces,
-    /// The mesh's `fogmesh-cluster-key` value, for model transfers between nodes.
-    pub key: String,
+    /// How this node reaches the others for model transfers.
+    pub dialer: crate::dialer::Dialer,
 }
 
 impl NodeServices {
@@ -101,6 +104,7 @@ impl NodeServices {
         metrics: PrometheusHandle,
         shutdown: CancellationToken,
         mesh: Option<MeshView>,
+        insecure: bool,
     ) -> Self {
         let ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_GRPC);
         NodeServices {
@@ -113,6 +117,7 @@ impl NodeServices {
                 metrics,
                 shutdown,
                 mesh,
+                insecure,
             }),
         }
     }
@@ -242,8 +247,12 @@ fn alert(window: &ScoredWindow) -> Alert {
 #[tonic::async_trait]
 impl Ingest for NodeServices {
     async fn push(&self, request: Request<SampleBatch>) -> Result<Response<IngestAck>, Status> {
+        let feeder = request.extensions().get::<PeerIdentity>().cloned();
         Ok(Response::new(
-            self.inner.ingest.push_batch(request.into_inner()).await?,
+            self.inner
+                .ingest
+                .push_batch(request.into_inner(), feeder.as_ref())
+                .await?,
         ))
     }
 
@@ -253,6 +262,7 @@ impl Ingest for NodeServices {
         &self,
         request: Request<Streaming<SampleBatch>>,
     ) -> Result<Response<Self::PushStreamStream>, Status> {
+        let feeder = request.extensions().get::<PeerIdentity>().cloned();
         let mut batches = request.into_inner();
         let (acks, acks_rx) = tokio::sync::mpsc::channel(PUSH_STREAM_ACK_BUFFER);
         let ingest = self.inner.ingest.clone();
@@ -265,7 +275,10 @@ impl Ingest for NodeServices {
                     next = batches.message() => next,
                 };
                 let ack = match next {
-                    Ok(Some(batch)) => ingest.push_batch(batch).await.map_err(Status::from),
+                    Ok(Some(batch)) => ingest
+                        .push_batch(batch, feeder.as_ref())
+                        .await
+                        .map_err(Status::from),
                     // The producer closed its side: every batch it sent is answered.
                     Ok(None) => break,
                     // A transport or decoding error (tonic's own size backstop, a reset
@@ -378,7 +391,7 @@ impl Control for NodeServices {
                 &ids,
                 &fogmesh_models::store::ModelStore::open(root),
                 &peers,
-                &mesh.key,
+                &mesh.dialer,
             )
             .await
             .map_err(ServiceError::SpecModelsMissing)?;
@@ -509,7 +522,7 @@ impl Control for NodeServices {
         let context = crate::rollout::RolloutContext {
             me: &self.inner.node.name,
             places: &mesh.places,
-            key: &mesh.key,
+            dialer: &mesh.dialer,
             membership: &mesh.membership,
             links: &mesh.links,
             state: &mesh.deployment,
@@ -548,6 +561,7 @@ impl Control for NodeServices {
             }),
             node: snapshot.node,
             role: self.inner.role.as_str().to_string(),
+            insecure: self.inner.insecure,
             up_since_us: snapshot.up_since_us,
             sensors: snapshot
                 .sensors

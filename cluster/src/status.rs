@@ -119,6 +119,13 @@ pub enum ServiceError {
     LinkRefused { node: String, peer: String },
     #[error("metadata `{}`: a node must say its name", NODE_HEADER)]
     UnnamedPeer,
+    #[error(
+        "metadata `{}` = {claimed:?}: the caller's certificate names {certified:?}",
+        NODE_HEADER
+    )]
+    NameNotCertified { claimed: String, certified: String },
+    #[error("the certificate of {peer} does not allow feeding sensor `{sensor}`")]
+    SensorNotCertified { peer: String, sensor: String },
     /// The local cluster node server no longer takes links. Only why is kept: the
     /// refused link itself ends with the call, and the dialer dials again.
     #[error("node `{node}` is stopping: {source}")]
@@ -215,12 +222,17 @@ impl ServiceError {
             ServiceError::DeploymentPoisoned => Code::Internal,
             ServiceError::LinkRefused { .. } => Code::PermissionDenied,
             ServiceError::UnnamedPeer => Code::InvalidArgument,
+            ServiceError::NameNotCertified { .. } | ServiceError::SensorNotCertified { .. } => {
+                Code::PermissionDenied
+            }
             ServiceError::NodeStopping { .. } => Code::Unavailable,
             ServiceError::Ingest(e) => match e {
                 IngestError::UnknownSensor { .. }
                 | IngestError::WrongChannelCount { .. }
                 | IngestError::NotFinite { .. }
-                | IngestError::TimestampBackwards { .. } => Code::InvalidArgument,
+                | IngestError::TimestampBackwards { .. }
+                | IngestError::SequenceJump { .. }
+                | IngestError::TimestampAhead { .. } => Code::InvalidArgument,
                 IngestError::StreamUnavailable { .. } => Code::Unavailable,
             },
             ServiceError::Score(e) => match e {
@@ -280,6 +292,8 @@ impl ServiceError {
             ServiceError::DeploymentPoisoned => "deployment_poisoned",
             ServiceError::LinkRefused { .. } => "wrong_cluster_secret",
             ServiceError::UnnamedPeer => "unnamed_peer",
+            ServiceError::NameNotCertified { .. } => "name_not_certified",
+            ServiceError::SensorNotCertified { .. } => "sensor_not_certified",
             ServiceError::NodeStopping { .. } => "node_stopping",
         }
     }

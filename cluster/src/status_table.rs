@@ -153,6 +153,11 @@ pub fn render(
     ]);
     let mut out = plain(&mut node, &[3, 4, 5, 6]);
     out.push('\n');
+    if status.insecure {
+        out.push_str(
+            "INSECURE: plaintext, no identities, no roles ([tls] insecure = true): anyone who reaches this node may change the mesh\n",
+        );
+    }
     if !status.experts.is_empty() {
         let mut experts = Table::new();
         experts.set_header([

@@ -27,6 +27,8 @@ pub const TRANSPORT_MQTT: &str = "mqtt";
 
 /// Cluster links refused for a wrong cluster secret.
 pub const LINKS_REFUSED: &str = "fogmesh_cluster_links_refused_total";
+/// Calls refused because the caller's role may not call the method, by role and method.
+pub const CALLS_DENIED: &str = "fogmesh_calls_denied_total";
 /// Cluster link state changes (labels `peer`, `state`).
 pub const LINK_TRANSITIONS: &str = "fogmesh_cluster_link_transitions_total";
 /// Nodes gossip started to hear.

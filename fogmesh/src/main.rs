@@ -33,8 +33,10 @@ enum Command {
     /// across the mesh through any of its nodes; refused whole if it cannot be placed.
     Apply {
         /// A node of the mesh (its gRPC address).
-        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        #[arg(long, default_value = "127.0.0.1:7700")]
         node: String,
+        #[command(flatten)]
+        identity: commands::identity::IdentityArgs,
         /// Check and place, but store nothing.
         #[arg(long)]
         dry_run: bool,
@@ -47,8 +49,10 @@ enum Command {
     /// refused the version.
     Rollout {
         /// A node of the mesh (its gRPC address).
-        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        #[arg(long, default_value = "127.0.0.1:7700")]
         node: String,
+        #[command(flatten)]
+        identity: commands::identity::IdentityArgs,
         /// The expert, as named in the mesh spec.
         expert: String,
         /// `name@version`, or the version alone for the serving model's name.
@@ -58,8 +62,10 @@ enum Command {
     /// by default the one the serving version came from.
     Rollback {
         /// A node of the mesh (its gRPC address).
-        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        #[arg(long, default_value = "127.0.0.1:7700")]
         node: String,
+        #[command(flatten)]
+        identity: commands::identity::IdentityArgs,
         expert: String,
         version: Option<String>,
     },
@@ -68,8 +74,16 @@ enum Command {
     /// only its own tables.
     Status {
         /// The node's gRPC address.
-        #[arg(long, default_value = "http://127.0.0.1:7700")]
+        #[arg(long, default_value = "127.0.0.1:7700")]
         node: String,
+        #[command(flatten)]
+        identity: commands::identity::IdentityArgs,
+    },
+    /// The mesh's certificate authority: `ca init` once per mesh, `ca issue` per
+    /// node, operator and sensor. Every port of a node speaks mutual TLS with these.
+    Ca {
+        #[command(subcommand)]
+        action: commands::ca::CaAction,
     },
     /// The embedded default: a local node watching a replayed Tennessee Eastman plant.
     Demo(commands::demo::DemoArgs),
@@ -123,25 +137,32 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        use commands::{bench, demo, eval, merge, mesh, models, node, train};
+        use commands::{bench, ca, demo, eval, merge, mesh, models, node, train};
         match cli.command {
             Command::Node { config } => node::run(&config).await,
-            Command::Status { node } => mesh::status(&node).await,
+            Command::Status { node, identity } => mesh::status(&identity.dialer()?, &node).await,
+            Command::Ca { action } => ca::run(action),
             Command::Apply {
                 node,
+                identity,
                 dry_run,
                 spec,
-            } => mesh::apply(&node, &spec, dry_run).await,
+            } => mesh::apply(&identity.dialer()?, &node, &spec, dry_run).await,
             Command::Rollout {
                 node,
+                identity,
                 expert,
                 version,
-            } => mesh::rollout(&node, &expert, &version, false).await,
+            } => mesh::rollout(&identity.dialer()?, &node, &expert, &version, false).await,
             Command::Rollback {
                 node,
+                identity,
                 expert,
                 version,
-            } => mesh::rollout(&node, &expert, version.as_deref().unwrap_or(""), true).await,
+            } => {
+                let version = version.as_deref().unwrap_or("");
+                mesh::rollout(&identity.dialer()?, &node, &expert, version, true).await
+            }
             Command::Demo(args) => demo::run(args).await,
             Command::Models { store, action } => models::run(&store, action).await,
             Command::Train(args) => train::run(args).await,

@@ -29,7 +29,7 @@ use fogmesh_actors::replay::{replay, ReplayPlan, ReplayStream};
 use fogmesh_actors::{
     Annunciator, BatchingSpec, ExpertSpec, ModelSource, Node, NodeSpec, NormalisationSpec,
     QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, RunningStats, ScoredWindow,
-    SensorStreamSpec, Windower,
+    SensorStreamSpec, Windower, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_models::{quantile, AutoencoderConfig, ConvAutoencoder, Recording, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -551,6 +551,8 @@ fn train_unit(
             calibration.header.sample_period_s,
         ),
         router: "plant".into(),
+        max_sequence_gap: DEFAULT_MAX_SEQUENCE_GAP,
+        max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
     };
     let training = UnitTraining {
         unit: unit.name,

@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fogmesh_actors::Annunciator;
+use fogmesh_cluster::dialer::Dialer;
 use fogmesh_cluster::{NodeConfig, NodeServer, RunningNodeServer};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 use fogmesh_proto::control_client::ControlClient;
@@ -30,7 +31,10 @@ use fogmesh_proto::{
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+mod pki;
 mod tidy;
+
+pub use pki::TestPki;
 
 pub const NODE: &str = "edge-test";
 pub const SENSOR: &str = "pump-1";
@@ -195,10 +199,16 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
-/// A node server started from the fixture config, with its folder.
+/// A node server started from the fixture config, with its folder and the test CA
+/// that issued its certificate (and the clients' certificates).
 pub struct TestNode {
     pub dir: TempDir,
     pub server: RunningNodeServer,
+    pub pki: TestPki,
+    /// Dials as an operator: control, inference, telemetry, model store.
+    pub operator: Dialer,
+    /// Dials as a sensor gateway: ingest.
+    pub sensor: Dialer,
 }
 
 impl TestNode {
@@ -209,30 +219,53 @@ impl TestNode {
     }
 
     /// Starts a node from config `text` written to `dir` (which may already hold the
-    /// files the config names), publishing to `annunciator`.
+    /// files the config names), publishing to `annunciator`. A config without `[tls]`
+    /// gets a certificate of a fresh test CA for its node name and role.
     pub async fn start_config(dir: TempDir, text: &str, annunciator: Annunciator) -> TestNode {
         let path = write_config(dir.path(), text);
-        let config = NodeConfig::load(&path).expect("the fixture config loads");
+        let mut config = NodeConfig::load(&path).expect("the fixture config loads");
+        let pki = TestPki::open(&dir.path().join("pki"));
+        if config.tls.is_none() {
+            let role = config.node.role.as_str().parse().expect("a node role");
+            config.tls = Some(pki.node_tls(&config.node.name, role));
+        }
+        let insecure = config.tls.as_ref().is_some_and(|tls| tls.insecure);
         let server = NodeServer::start_with(config, annunciator)
             .await
             .expect("the fixture node starts");
-        TestNode { dir, server }
+        let (operator, sensor) = if insecure {
+            (Dialer::new(None, None), Dialer::new(None, None))
+        } else {
+            (pki.operator(), pki.sensor())
+        };
+        TestNode {
+            dir,
+            server,
+            pki,
+            operator,
+            sensor,
+        }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.server.grpc_addr())
+        self.server.grpc_addr().to_string()
+    }
+
+    /// A channel to this node as the holder of `dialer`.
+    pub async fn channel(&self, dialer: &Dialer) -> Channel {
+        dialer
+            .channel(&self.endpoint())
+            .await
+            .expect("connects")
+            .channel
     }
 
     pub async fn ingest(&self) -> IngestClient<Channel> {
-        IngestClient::connect(self.endpoint())
-            .await
-            .expect("connects")
+        IngestClient::new(self.channel(&self.sensor).await)
     }
 
     pub async fn inference(&self) -> InferenceClient<Channel> {
-        InferenceClient::connect(self.endpoint())
-            .await
-            .expect("connects")
+        InferenceClient::new(self.channel(&self.operator).await)
     }
 
     /// Opens `WatchAlerts` for these sensors (all of them when empty).
@@ -249,15 +282,11 @@ impl TestNode {
     }
 
     pub async fn control(&self) -> ControlClient<Channel> {
-        ControlClient::connect(self.endpoint())
-            .await
-            .expect("connects")
+        ControlClient::new(self.channel(&self.operator).await)
     }
 
     pub async fn telemetry(&self) -> TelemetryClient<Channel> {
-        TelemetryClient::connect(self.endpoint())
-            .await
-            .expect("connects")
+        TelemetryClient::new(self.channel(&self.operator).await)
     }
 
     pub async fn status(&self) -> NodeStatus {

@@ -17,7 +17,8 @@ use fogmesh_actors::{
     Annunciator, BatchingSpec, ContinualLearner, ExpertOpinion, ExpertSpec, LearnerError,
     LearnerSnapshot, LearningSpec, LocalPromoter, ModelSource, Node, NodeSpec, NormalisationSpec,
     PromoteError, Promoter, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
-    ScoredWindow, SensorStreamSpec, StoredModel,
+    ScoredWindow, SensorStreamSpec, StoredModel, DEFAULT_MAX_CLOCK_SKEW_MS,
+    DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_models::continual::{FineTuneOptions, ValidationGate};
 use fogmesh_models::served::{Architecture, Assets};
@@ -107,6 +108,8 @@ fn node_spec(expert: ExpertSpec) -> NodeSpec {
             normalisation: NormalisationSpec::None,
             quality: QualityRules::default(),
             router: "by-asset".into(),
+            max_sequence_gap: DEFAULT_MAX_SEQUENCE_GAP,
+            max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
         }],
         routers: vec![RouterSpec {
             name: "by-asset".into(),

@@ -40,7 +40,7 @@ pub(crate) use resolve::fold_max_wait;
 pub use resolve::{ReplayJob, MAX_MESSAGE_BYTES_LIMIT, MIN_SECRET_LEN};
 pub use schema::{
     ClusterSection, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection, ReplayConfig,
-    ReplayStreamConfig, Role, RouterConfig,
+    ReplayStreamConfig, Role, RouterConfig, TlsSection,
 };
 
 /// A config that cannot be used. Every variant names the config file; `field` is the
@@ -77,6 +77,12 @@ pub enum ConfigError {
         source: Box<humantime::DurationError>,
     },
     /// The actors refused the node this config describes.
+    #[error("{}: [tls]: {source}", file.display())]
+    Tls {
+        file: PathBuf,
+        #[source]
+        source: Box<fogmesh_trust::TrustError>,
+    },
     #[error("{}: field `{field}`: {source}", file.display())]
     Spec {
         file: PathBuf,

@@ -18,6 +18,7 @@ use fogmesh_actors::{
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::weights::sha256_hex;
 use fogmesh_models::{AutoencoderConfig, Recording, SoftmaxGate};
+use fogmesh_trust::{MeshTls, TlsFiles};
 
 use super::{ConfigError, ExpertConfig, NodeConfig, RouterConfig};
 
@@ -280,6 +281,79 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The node's TLS identity, or `None` for a node set `insecure = true`: loads
+    /// `[tls]` and checks that its certificate chains to its CA and names this node
+    /// (`[node] name`) in this node's role (`[node] role`).
+    pub fn tls(&self) -> Result<Option<MeshTls>, ConfigError> {
+        let missing = || {
+            self.invalid(
+                "tls".into(),
+                "<missing>",
+                "give `ca`, `cert` and `key` (`fogmesh ca init` then `fogmesh ca issue NAME --role ROLE`), \
+                 or `insecure = true` for a plaintext node with no identities",
+            )
+        };
+        let tls = self.tls.as_ref().ok_or_else(missing)?;
+        let files = [
+            ("tls.ca", &tls.ca),
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+        ];
+        if tls.insecure {
+            if let Some((field, Some(path))) = files.iter().find(|(_, p)| p.is_some()) {
+                return Err(self.invalid(
+                    (*field).into(),
+                    format!("{:?}", path.display().to_string()),
+                    "`insecure = true` serves plaintext: drop the certificate settings or `insecure`",
+                ));
+            }
+            return Ok(None);
+        }
+        let mut paths = Vec::new();
+        for (field, path) in files {
+            match path {
+                Some(path) => paths.push(self.resolve(path)),
+                None => {
+                    return Err(self.invalid(
+                        field.into(),
+                        "<missing>",
+                        "`[tls]` needs `ca`, `cert` and `key` unless `insecure = true`",
+                    ))
+                }
+            }
+        }
+        let [ca, cert, key] = <[PathBuf; 3]>::try_from(paths).expect("three paths");
+        let cert_path = cert.clone();
+        let loaded =
+            MeshTls::load(&TlsFiles { ca, cert, key }).map_err(|source| ConfigError::Tls {
+                file: self.file.clone(),
+                source: Box::new(source),
+            })?;
+        let identity = loaded.identity();
+        if identity.name != self.node.name {
+            return Err(self.invalid(
+                "tls.cert".into(),
+                format!("{:?}", cert_path.display().to_string()),
+                format!(
+                    "the certificate names {:?}, but `[node] name` is {:?}",
+                    identity.name, self.node.name
+                ),
+            ));
+        }
+        if identity.role.as_str() != self.node.role.as_str() {
+            return Err(self.invalid(
+                "tls.cert".into(),
+                format!("{:?}", cert_path.display().to_string()),
+                format!(
+                    "the certificate's role is {}, but `[node] role` is {}",
+                    identity.role,
+                    self.node.role.as_str()
+                ),
+            ));
+        }
+        Ok(Some(loaded))
     }
 
     /// The node's model store (`[node] models`), when it has one.

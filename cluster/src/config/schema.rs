@@ -33,6 +33,9 @@ pub struct NodeConfig {
     /// Joins a mesh when present; a node without it runs alone.
     #[serde(default)]
     pub cluster: Option<ClusterSection>,
+    /// The node's certificate and the mesh CA; required unless `insecure = true`.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
     /// The file this config came from: errors name it, relative paths resolve against
     /// its folder. Not part of the TOML.
     #[serde(skip)]
@@ -73,6 +76,25 @@ pub struct ClusterSection {
     pub advertise: Option<String>,
     /// Where the node keeps the mesh's deployment spec across restarts.
     pub data: PathBuf,
+}
+
+/// `[tls]`: the node's identity on the network. Either `ca`, `cert` and `key`
+/// (`fogmesh ca issue NAME --role ROLE`), or `insecure = true` for plaintext.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The mesh CA certificate (`ca.pem`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate; its name must be `[node] name`, its role `[node] role`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// This node's private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Serve and dial in plaintext, with no identities and no roles: for a lab only.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Where in the plant's hierarchy a node sits.

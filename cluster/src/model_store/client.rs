@@ -19,7 +19,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
 use super::{chunks, header_for, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
-use crate::link::{self, LinkError, KEY_HEADER};
+use crate::dialer::Dialer;
+use crate::link::{LinkError, KEY_HEADER};
 
 /// Deepest chain of missing ancestors one download follows; a lineage that goes
 /// deeper, or loops, is refused rather than followed forever.
@@ -81,17 +82,20 @@ struct Peer {
 }
 
 impl Peer {
-    async fn connect(addr: &str, key: Option<&str>, model: &str) -> Result<Peer, TransferError> {
-        let key = key
-            .map(str::parse::<AsciiMetadataValue>)
+    async fn connect(addr: &str, dialer: &Dialer, model: &str) -> Result<Peer, TransferError> {
+        let key = dialer
+            .key()
+            .map(|k| k.as_str().parse::<AsciiMetadataValue>())
             .transpose()
             .map_err(|_| TransferError::Invalid {
                 addr: addr.into(),
                 model: model.into(),
                 problem: "the cluster key is not valid gRPC metadata (visible ASCII only)".into(),
             })?;
-        let channel = link::connect(addr)
+        let channel = dialer
+            .channel(addr)
             .await
+            .map(|connected| connected.channel)
             .map_err(|e| TransferError::Connect {
                 addr: addr.into(),
                 model: model.into(),
@@ -293,23 +297,19 @@ async fn import(
 /// Copies `id` ("name@version") from the node at `addr` ("host:port") into `store`, checking the sha256 while the chunks arrive and again on import. Returns the stored manifest.
 ///
 /// A bare name copies the node's newest version. Ancestors (`parents`) the store
-/// lacks are copied first, oldest first. `cluster_key` is the value of the
-/// `fogmesh-cluster-key` metadata ([`ClusterKey::as_str`] of
-/// [`ClusterKey::from_secret`]); downloads need none, but it is sent when given.
+/// lacks are copied first, oldest first. `dialer` says how to reach the node
+/// (mutual TLS or plaintext) and carries the mesh key where it has one.
 ///
 /// Cancel safety: dropping the future stops the transfer; a version is either
 /// imported whole or not at all (an import already started finishes on its blocking
 /// thread).
-///
-/// [`ClusterKey::as_str`]: crate::link::ClusterKey::as_str
-/// [`ClusterKey::from_secret`]: crate::link::ClusterKey::from_secret
 pub async fn download_version(
     addr: &str,
-    cluster_key: Option<&str>,
+    dialer: &Dialer,
     id: &str,
     store: &ModelStore,
 ) -> Result<Manifest, TransferError> {
-    let mut peer = Peer::connect(addr, cluster_key, id).await?;
+    let mut peer = Peer::connect(addr, dialer, id).await?;
     copy_down(&mut peer, store, id.to_string(), 0).await
 }
 
@@ -358,19 +358,15 @@ fn copy_down<'a>(
 /// Sends `id` from `store` to the node at `addr`.
 ///
 /// `id` is "name@version" or a bare name for the newest version. Ancestors the node
-/// lacks (by its `List`) are sent first, oldest first. A node in a mesh takes uploads
-/// only with `cluster_key`, the value of the `fogmesh-cluster-key` metadata
-/// ([`ClusterKey::as_str`] of [`ClusterKey::from_secret`] on the mesh's secret).
+/// lacks (by its `List`) are sent first, oldest first. A TLS node takes uploads from
+/// operators and nodes; a plaintext node in a mesh only with the mesh key in `dialer`.
 /// Returns the manifest as this store holds it, which the node now holds too.
 ///
 /// Cancel safety: dropping the future cancels the upload in flight; the node stores
 /// nothing of a version whose stream did not end whole.
-///
-/// [`ClusterKey::as_str`]: crate::link::ClusterKey::as_str
-/// [`ClusterKey::from_secret`]: crate::link::ClusterKey::from_secret
 pub async fn upload_version(
     addr: &str,
-    cluster_key: Option<&str>,
+    dialer: &Dialer,
     id: &str,
     store: &ModelStore,
 ) -> Result<Manifest, TransferError> {
@@ -381,7 +377,7 @@ pub async fn upload_version(
     };
     let manifest = store.get(id).map_err(local)?;
     let lineage = lineage(store, &manifest).map_err(local)?;
-    let mut peer = Peer::connect(addr, cluster_key, id).await?;
+    let mut peer = Peer::connect(addr, dialer, id).await?;
     let present: HashSet<String> = if lineage.len() > 1 {
         peer.client
             .list(peer.request(ListModelsRequest {}))
@@ -405,12 +401,9 @@ pub async fn upload_version(
 }
 
 /// Every version stored on the node at `addr`.
-pub async fn list_versions(
-    addr: &str,
-    cluster_key: Option<&str>,
-) -> Result<Vec<ModelRef>, TransferError> {
+pub async fn list_versions(addr: &str, dialer: &Dialer) -> Result<Vec<ModelRef>, TransferError> {
     const WHAT: &str = "the model list";
-    let mut peer = Peer::connect(addr, cluster_key, WHAT).await?;
+    let mut peer = Peer::connect(addr, dialer, WHAT).await?;
     let request = peer.request(ListModelsRequest {});
     Ok(peer
         .client

@@ -65,6 +65,10 @@ pub enum Workload {
         /// gate only); also reports the link's round trip against bare loopback TCP.
         #[arg(long)]
         remote: bool,
+        /// With --remote: both nodes speak mutual TLS with certificates of a mesh CA
+        /// made for the run (without it, both are insecure = true).
+        #[arg(long, requires = "remote")]
+        tls: bool,
     },
 }
 
@@ -135,6 +139,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             gate,
             threads,
             remote,
+            tls,
         } => {
             let options = w1::W1Options {
                 inflight,
@@ -147,7 +152,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
                 ..Default::default()
             };
             if remote {
-                let report = w1_remote::run(&options)
+                let report = w1_remote::run(&options, tls)
                     .await
                     .context("running W1 with remote experts")?;
                 print_json(&report)

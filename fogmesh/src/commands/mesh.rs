@@ -5,17 +5,20 @@
 use std::path::Path;
 
 use anyhow::Context;
+use fogmesh_cluster::dialer::Dialer;
 use fogmesh_proto::control_client::ControlClient;
 use tonic::transport::Channel;
 
 /// A `Control` client for the node at `node`, or an error naming the address.
-async fn control(node: &str) -> anyhow::Result<ControlClient<Channel>> {
-    ControlClient::connect(node.to_string())
+async fn control(dialer: &Dialer, node: &str) -> anyhow::Result<ControlClient<Channel>> {
+    let connected = dialer
+        .channel(node)
         .await
-        .with_context(|| format!("connecting to the node at {node}"))
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    Ok(ControlClient::new(connected.channel))
 }
 
-pub async fn apply(node: &str, spec: &Path, dry_run: bool) -> anyhow::Result<()> {
+pub async fn apply(dialer: &Dialer, node: &str, spec: &Path, dry_run: bool) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
     let folder = std::fs::canonicalize(spec)
@@ -24,7 +27,7 @@ pub async fn apply(node: &str, spec: &Path, dry_run: bool) -> anyhow::Result<()>
         .unwrap_or_default();
     let text = fogmesh_cluster::mesh_spec::MeshSpec::absolute_text(&text, &folder)
         .with_context(|| format!("{} is not TOML", spec.display()))?;
-    let mut control = control(node).await?;
+    let mut control = control(dialer, node).await?;
     let reply = control
         .apply(fogmesh_proto::ApplyRequest {
             spec_toml: text,
@@ -46,13 +49,14 @@ pub async fn apply(node: &str, spec: &Path, dry_run: bool) -> anyhow::Result<()>
 }
 
 pub async fn rollout(
+    dialer: &Dialer,
     node: &str,
     expert: &str,
     version: &str,
     rollback: bool,
 ) -> anyhow::Result<()> {
     let what = if rollback { "rollback" } else { "rollout" };
-    let mut control = control(node).await?;
+    let mut control = control(dialer, node).await?;
     let reply = control
         .rollout(fogmesh_proto::RolloutRequest {
             expert: expert.to_string(),
@@ -83,16 +87,12 @@ pub async fn rollout(
 /// How long `fogmesh status` watches the experts' counters to show their throughput.
 const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub async fn status(node: &str) -> anyhow::Result<()> {
-    let mut control = control(node).await?;
+pub async fn status(dialer: &Dialer, node: &str) -> anyhow::Result<()> {
+    let mut control = control(dialer, node).await?;
     let (nodes, mesh) = match control.get_mesh(fogmesh_proto::MeshRequest {}).await {
         Ok(mesh) => {
             let mesh = mesh.into_inner();
-            let nodes = mesh
-                .members
-                .iter()
-                .map(|m| format!("http://{}", m.address))
-                .collect();
+            let nodes = mesh.members.iter().map(|m| m.address.clone()).collect();
             (nodes, Some(mesh))
         }
         Err(status) if status.code() == tonic::Code::FailedPrecondition => {
@@ -103,10 +103,10 @@ pub async fn status(node: &str) -> anyhow::Result<()> {
                 .with_context(|| format!("asking {node} for the mesh"))
         }
     };
-    let earlier = node_statuses(&nodes).await;
+    let earlier = node_statuses(dialer, &nodes).await;
     let started = std::time::Instant::now();
     tokio::time::sleep(RATE_WINDOW).await;
-    let now = node_statuses(&nodes).await;
+    let now = node_statuses(dialer, &nodes).await;
     let seconds = started.elapsed().as_secs_f64();
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -142,12 +142,15 @@ pub async fn status(node: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn node_statuses(nodes: &[String]) -> Vec<anyhow::Result<fogmesh_proto::NodeStatus>> {
-    futures::future::join_all(nodes.iter().map(|node| node_status(node))).await
+async fn node_statuses(
+    dialer: &Dialer,
+    nodes: &[String],
+) -> Vec<anyhow::Result<fogmesh_proto::NodeStatus>> {
+    futures::future::join_all(nodes.iter().map(|node| node_status(dialer, node))).await
 }
 
-async fn node_status(node: &str) -> anyhow::Result<fogmesh_proto::NodeStatus> {
-    let mut control = control(node).await?;
+async fn node_status(dialer: &Dialer, node: &str) -> anyhow::Result<fogmesh_proto::NodeStatus> {
+    let mut control = control(dialer, node).await?;
     Ok(control
         .get_status(fogmesh_proto::StatusRequest {})
         .await

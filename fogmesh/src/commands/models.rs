@@ -8,6 +8,8 @@ use clap::Subcommand;
 use comfy_table::Table;
 use fogmesh_cluster::status_table::plain;
 
+use crate::commands::identity::IdentityArgs;
+
 #[derive(Subcommand)]
 pub enum ModelsAction {
     /// Every stored version.
@@ -15,6 +17,8 @@ pub enum ModelsAction {
         /// List the store of the node at this gRPC address (HOST:PORT) instead.
         #[arg(long)]
         node: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// One version's manifest (NAME for the newest, NAME@VERSION for one).
     Show { id: String },
@@ -35,13 +39,13 @@ pub enum ModelsAction {
     /// lacks; checked by sha256 on the node.
     Push {
         id: String,
-        /// The node's gRPC address (HOST:PORT).
+        /// The node's gRPC address (HOST:PORT). A TLS node takes the version from an
+        /// operator's certificate; a plaintext node in a mesh wants the mesh's secret
+        /// in FOGMESH_CLUSTER_SECRET.
         #[arg(long)]
         node: String,
-        /// The mesh's `[cluster] secret`, for a node in a mesh: only its fingerprint
-        /// is sent.
-        #[arg(long)]
-        secret: Option<String>,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// Copy a version (NAME for the newest) from a node's store into this one, with
     /// the ancestors this one lacks; checked by sha256 as it arrives.
@@ -50,14 +54,19 @@ pub enum ModelsAction {
         /// The node's gRPC address (HOST:PORT).
         #[arg(long)]
         node: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
 }
 
 pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
     let store = fogmesh_models::store::ModelStore::open(store);
     match action {
-        ModelsAction::Ls { node: Some(node) } => {
-            let versions = fogmesh_cluster::list_versions(&node, None).await?;
+        ModelsAction::Ls {
+            node: Some(node),
+            identity,
+        } => {
+            let versions = fogmesh_cluster::list_versions(&node, &identity.dialer()?).await?;
             let mut table = Table::new();
             table.set_header(["MODEL", "BYTES", "SHA256"]);
             for v in versions {
@@ -65,7 +74,7 @@ pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
             }
             println!("{}", plain(&mut table, &[1]));
         }
-        ModelsAction::Ls { node: None } => {
+        ModelsAction::Ls { node: None, .. } => {
             let manifests = store.list()?;
             let mut table = Table::new();
             table.set_header([
@@ -121,19 +130,14 @@ pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
             let manifest = store.export(&id, &out)?;
             println!("exported {} to {}", manifest.id(), out.display());
         }
-        ModelsAction::Push { id, node, secret } => {
-            let key = secret.map(|s| fogmesh_cluster::link::ClusterKey::from_secret(&s));
-            let sent = fogmesh_cluster::upload_version(
-                &node,
-                key.as_ref().map(|k| k.as_str()),
-                &id,
-                &store,
-            )
-            .await?;
+        ModelsAction::Push { id, node, identity } => {
+            let sent =
+                fogmesh_cluster::upload_version(&node, &identity.dialer()?, &id, &store).await?;
             println!("sent {} ({}) to {node}", sent.id(), sent.weights_sha256);
         }
-        ModelsAction::Pull { id, node } => {
-            let stored = fogmesh_cluster::download_version(&node, None, &id, &store).await?;
+        ModelsAction::Pull { id, node, identity } => {
+            let stored =
+                fogmesh_cluster::download_version(&node, &identity.dialer()?, &id, &store).await?;
             println!(
                 "stored {} ({}) from {node}",
                 stored.id(),

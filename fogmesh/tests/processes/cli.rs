@@ -8,10 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::fixtures::fogmesh_binary;
+use fogmesh_cluster::dialer::Dialer;
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{SampleBatch, ScoreRequest};
-use fogmesh_tests::{node_toml, normal_values, samples, write_config, EXPERT, SENSOR};
+use fogmesh_tests::{
+    node_toml, normal_values, samples, write_config, TestPki, EXPERT, NODE, SENSOR,
+};
+use fogmesh_trust::{MeshTls, Role, TlsFiles};
 
 /// The node process, killed if the test ends without stopping it.
 struct NodeProcess(Option<Child>);
@@ -58,15 +62,52 @@ fn grpc_address(child: &mut Child) -> String {
         .expect("the log line carries grpc_addr")
 }
 
+/// Runs `fogmesh ARGS` and fails the test, with its output, unless it succeeds.
+fn fogmesh_ok(args: &[&str]) -> String {
+    let output = Command::new(fogmesh_binary())
+        .args(args)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    assert!(output.status.success(), "fogmesh {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 #[tokio::test]
 async fn fogmesh_node_serves_ingest_and_status_and_stops_cleanly_on_sigint() {
+    // The mesh's certificates, made the way the README says.
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &node_toml(""));
+    let path = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    let (ca, certs) = (path("ca"), path("certs"));
+    fogmesh_ok(&["ca", "init", "--out", &ca]);
+    fogmesh_ok(&[
+        "ca", "issue", NODE, "--role", "edge", "--ca", &ca, "--out", &certs,
+    ]);
+    fogmesh_ok(&[
+        "ca", "issue", "op", "--role", "operator", "--ca", &ca, "--out", &certs,
+    ]);
+    fogmesh_ok(&[
+        "ca", "issue", "line-1", "--role", "sensor", "--sensor", SENSOR, "--ca", &ca, "--out",
+        &certs,
+    ]);
+    let tls = format!(
+        "\n[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{NODE}.pem\"\nkey = \"certs/{NODE}.key\"\n"
+    );
+    let config = write_config(dir.path(), &format!("{}{tls}", node_toml("")));
     let mut node = start_node(&config);
     let addr = grpc_address(node.0.as_mut().expect("started"));
-    let mut ingest = IngestClient::connect(format!("http://{addr}"))
+    let sensor = MeshTls::load(&TlsFiles {
+        ca: dir.path().join("certs/ca.pem"),
+        cert: dir.path().join("certs/line-1.pem"),
+        key: dir.path().join("certs/line-1.key"),
+    })
+    .expect("the sensor certificate loads");
+    let channel = Dialer::new(Some(sensor), None)
+        .channel(&addr)
         .await
-        .expect("connects");
+        .expect("connects")
+        .channel;
+    let mut ingest = IngestClient::new(channel);
     let ack = ingest
         .push(SampleBatch {
             samples: samples(SENSOR, 0..20, normal_values),
@@ -78,8 +119,20 @@ async fn fogmesh_node_serves_ingest_and_status_and_stops_cleanly_on_sigint() {
     assert_eq!(ack.streams[0].acked_through, 19);
 
     let child = node.0.take().expect("still running");
+    let refused = Command::new(fogmesh_binary())
+        .args(["status", "--node", &addr])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("fogmesh status runs");
+    assert!(
+        !refused.status.success(),
+        "a plaintext status call is refused"
+    );
     let tables = Command::new(fogmesh_binary())
-        .args(["status", "--node", &format!("http://{addr}")])
+        .args(["status", "--node", &addr])
+        .env("FOGMESH_CA", dir.path().join("certs/ca.pem"))
+        .env("FOGMESH_CERT", dir.path().join("certs/op.pem"))
+        .env("FOGMESH_KEY", dir.path().join("certs/op.key"))
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .expect("fogmesh status runs");
@@ -135,6 +188,7 @@ fn bench_w1_remote_scores_every_window_on_a_second_node_process_and_cleans_up() 
             "bench",
             "w1",
             "--remote",
+            "--tls",
             "--seconds",
             "4",
             "--inflight",
@@ -148,6 +202,7 @@ fn bench_w1_remote_scores_every_window_on_a_second_node_process_and_cleans_up() 
     let report: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("one JSON object on stdout");
     assert_eq!(report["remote"], true, "{report}");
+    assert_eq!(report["tls"], true, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     for field in [
         "windows_per_s",
@@ -155,6 +210,7 @@ fn bench_w1_remote_scores_every_window_on_a_second_node_process_and_cleans_up() 
         "remote_rtt_us",
         "tcp_rtt_us",
         "rtt_ratio",
+        "connect_ms",
     ] {
         assert!(
             report[field].as_f64().is_some_and(|v| v > 0.0),
@@ -337,10 +393,12 @@ async fn train_stores_a_new_version_each_run_and_a_node_serves_it_by_name() {
     assert!(out.contains("\"model\":\"tep-diagnosis@2\""), "{out}");
 
     // The stored version serves behind a router of a node process, by name alone.
+    let pki = TestPki::open(&dir.path().join("pki"));
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
-        r#"[node]
+        pki.node_tls_toml("dx", Role::Fog)
+            + r#"[node]
 name = "dx"
 role = "fog"
 listen = "127.0.0.1:0"
@@ -359,9 +417,13 @@ routes = { tep = ["diagnosis"] }
     .unwrap();
     let mut node = start_node(&config);
     let addr = grpc_address(node.0.as_mut().expect("started"));
-    let mut inference = InferenceClient::connect(format!("http://{addr}"))
+    let channel = pki
+        .operator()
+        .channel(&addr)
         .await
-        .expect("connects");
+        .expect("connects")
+        .channel;
+    let mut inference = InferenceClient::new(channel);
     let names: Vec<String> = manifest["hyper"]["classes"]["names"]
         .as_array()
         .unwrap()
@@ -442,9 +504,11 @@ fn train_vision_stores_a_defect_cnn_scored_on_held_out_elpv_cells() {
 #[test]
 fn models_push_ls_and_pull_move_a_version_through_a_node() {
     let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::open(&dir.path().join("pki"));
     let config = write_config(
         dir.path(),
-        &fogmesh_tests::node_toml_with("models = \"node-store\"", ""),
+        &(fogmesh_tests::node_toml_with("models = \"node-store\"", "")
+            + &pki.node_tls_toml(NODE, Role::Edge)),
     );
     let mut node = start_node(&config);
     let addr = grpc_address(node.0.as_mut().expect("the node runs"));
@@ -461,6 +525,7 @@ fn models_push_ls_and_pull_move_a_version_through_a_node() {
             .args(["models", "--store"])
             .arg(dir.path().join(store))
             .args(args)
+            .envs(pki.operator_env())
             .env_remove("LD_LIBRARY_PATH")
             .output()
             .expect("the fogmesh binary runs");

@@ -11,13 +11,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fogmesh_cluster::dialer::Dialer;
 use fogmesh_proto::control_client::ControlClient;
+use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::SampleBatch;
 use fogmesh_proto::{MeshRequest, MeshStatus, NodeStatus, StatusRequest};
-use fogmesh_tests::{normal_values, samples, WINDOW};
+use fogmesh_tests::{normal_values, samples, TestPki, WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::Channel;
 
 /// The `fogmesh` binary cargo built for this test binary: cargo builds a package's
 /// binaries before its integration tests and names them here, so `cargo test -p fogmesh`
@@ -37,10 +40,15 @@ pub fn free_port_on(ip: &str) -> u16 {
     }
 }
 
-/// One `fogmesh node` process, killed when dropped.
+/// One `fogmesh node` process, killed when dropped. Every node of a test folder has
+/// a certificate of the folder's test CA (`pki/`), as a node in a plant has.
 pub struct MeshNode {
     pub name: String,
     pub addr: String,
+    pub pki: TestPki,
+    /// Dials as an operator (control, inference) and as a sensor gateway (ingest).
+    pub operator: Dialer,
+    pub sensor: Dialer,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -75,19 +83,26 @@ impl MeshNode {
             .advertise
             .map(|a| format!("advertise = {a:?}\n"))
             .unwrap_or_default();
+        let pki = TestPki::open(&dir.join("pki"));
+        let role = settings.role.parse().expect("a node role");
         let config = format!(
-            "[node]\nname = {:?}\nrole = {:?}\nlisten = {addr:?}\n\n[cluster]\nsecret = {:?}\nseeds = [{seeds}]\n{advertise}data = {:?}\n",
+            "[node]\nname = {:?}\nrole = {:?}\nlisten = {addr:?}\n\n[cluster]\nsecret = {:?}\nseeds = [{seeds}]\n{advertise}data = {:?}\n{}",
             settings.name,
             settings.role,
             settings.secret,
             format!("data-{}", settings.name),
+            pki.node_tls_toml(settings.name, role),
         );
         let config_path = dir.join(format!("{}.toml", settings.name));
         std::fs::write(&config_path, config).expect("the config is written");
         let log = dir.join(format!("{}.log", settings.name));
+        let (operator, sensor) = (pki.operator(), pki.sensor());
         let mut node = MeshNode {
             name: settings.name.to_string(),
             addr,
+            pki,
+            operator,
+            sensor,
             config: config_path,
             log,
             child: None,
@@ -120,6 +135,30 @@ impl MeshNode {
         format!("http://{}", self.addr)
     }
 
+    /// A channel to this node as the holder of `dialer`, if it answers.
+    pub async fn channel(&self, dialer: &Dialer) -> Option<Channel> {
+        Some(dialer.channel(&self.addr).await.ok()?.channel)
+    }
+
+    pub async fn ingest(&self) -> IngestClient<Channel> {
+        IngestClient::new(self.channel(&self.sensor).await.expect("the node answers"))
+    }
+
+    pub async fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(
+            self.channel(&self.operator)
+                .await
+                .expect("the node answers"),
+        )
+    }
+
+    /// `fogmesh` with an operator's certificate in its environment.
+    pub fn cli(&self) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(fogmesh_binary());
+        command.envs(self.pki.operator_env());
+        command
+    }
+
     /// `kill -9`: no goodbye to anyone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -132,22 +171,22 @@ impl MeshNode {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub async fn control(&self) -> ControlClient<tonic::transport::Channel> {
-        let url = self.url();
-        poll("the node to serve gRPC", Duration::from_secs(30), || {
-            let url = url.clone();
-            async move { ControlClient::connect(url).await.ok() }
-        })
+    pub async fn control(&self) -> ControlClient<Channel> {
+        poll(
+            "the node to serve gRPC",
+            Duration::from_secs(30),
+            || async { Some(ControlClient::new(self.channel(&self.operator).await?)) },
+        )
         .await
     }
 
     pub async fn mesh(&self) -> Option<MeshStatus> {
-        let mut control = ControlClient::connect(self.url()).await.ok()?;
+        let mut control = ControlClient::new(self.channel(&self.operator).await?);
         Some(control.get_mesh(MeshRequest {}).await.ok()?.into_inner())
     }
 
     pub async fn status(&self) -> Option<NodeStatus> {
-        let mut control = ControlClient::connect(self.url()).await.ok()?;
+        let mut control = ControlClient::new(self.channel(&self.operator).await?);
         Some(
             control
                 .get_status(StatusRequest {})
@@ -214,12 +253,17 @@ pub static ONE_MESH_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::cons
 /// waits themselves end on events, not on this.
 pub const LONG: Duration = Duration::from_secs(40);
 
-/// Pushes window `window` of `sensor` (normal readings) to the node at `url` and waits
+/// Pushes window `window` of `sensor` (normal readings) to `node` and waits
 /// until `arrived` says it was scored. A `WatchAlerts` subscriber receives verdicts in
 /// the order the node published them, so once this barrier window has arrived, every
 /// verdict published before it has too: counting duplicates needs no sleep.
-pub async fn barrier_window(url: String, sensor: &str, window: u64, arrived: impl Fn() -> bool) {
-    let mut ingest = IngestClient::connect(url).await.expect("ingest");
+pub async fn barrier_window(
+    node: &MeshNode,
+    sensor: &str,
+    window: u64,
+    arrived: impl Fn() -> bool,
+) {
+    let mut ingest = node.ingest().await;
     let first = window * WINDOW as u64;
     let batch = SampleBatch {
         samples: samples(sensor, first..first + WINDOW as u64, normal_values),

@@ -15,9 +15,6 @@ use std::time::{Duration, Instant};
 use crate::fixtures::{
     barrier_window, poll, BlackholeProxy, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
 };
-use fogmesh_proto::control_client::ControlClient;
-use fogmesh_proto::inference_client::InferenceClient;
-use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{AlertFilter, ApplyRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 
@@ -101,9 +98,7 @@ impl WindowFlow {
                 .then_some(())
         })
         .await;
-        let mut inference = InferenceClient::connect(edge.url())
-            .await
-            .expect("inference");
+        let mut inference = edge.inference().await;
         let mut scored = inference
             .watch_alerts(AlertFilter {
                 sensor_ids: vec!["s1".into()],
@@ -122,9 +117,8 @@ impl WindowFlow {
             })
         };
         let producer = {
-            let url = edge.url();
+            let mut ingest = edge.ingest().await;
             tokio::spawn(async move {
-                let mut ingest = IngestClient::connect(url).await.expect("ingest");
                 for w in 0..windows {
                     let first = w * WINDOW as u64;
                     let batch = SampleBatch {
@@ -163,7 +157,7 @@ impl WindowFlow {
         self.until_scored("every window scored", self.windows as usize)
             .await;
         let barrier = self.windows;
-        barrier_window(edge.url(), "s1", barrier, || {
+        barrier_window(&edge, "s1", barrier, || {
             self.seen.lock().unwrap().contains(&barrier)
         })
         .await;
@@ -245,7 +239,8 @@ async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node()
     );
 
     // The operator's view: every node, where the expert runs, its throughput.
-    let status = tokio::process::Command::new(crate::fixtures::fogmesh_binary())
+    let status = edge
+        .cli()
         .args(["status", "--node", &edge.url()])
         .output()
         .await
@@ -395,7 +390,7 @@ async fn a_node_with_the_wrong_secret_is_refused() {
     assert!(names.contains(&c.name.as_str()), "{names:?}");
     let seen_by_b = b.mesh().await.expect("mesh status");
     assert_eq!(seen_by_b.members.len(), 1, "{:?}", seen_by_b.members);
-    let mut control = ControlClient::connect(b.url()).await.expect("control");
+    let mut control = b.control().await;
     assert_eq!(
         control
             .get_status(fogmesh_proto::StatusRequest {})

@@ -15,14 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::fixtures::{
-    barrier_window, fogmesh_binary, full_membership, poll, MeshNode, NodeSettings, LONG,
-    ONE_MESH_AT_A_TIME,
+    barrier_window, full_membership, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
 };
 use fogmesh_models::served::Architecture;
 use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
-use fogmesh_proto::inference_client::InferenceClient;
-use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 use tch::Device;
@@ -170,9 +167,9 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
             .then_some(())
     })
     .await;
-    let mut watch = InferenceClient::connect(edge.url())
+    let mut watch = edge
+        .inference()
         .await
-        .unwrap()
         .watch_alerts(AlertFilter {
             sensor_ids: vec!["s1".into()],
             include_normal: true,
@@ -195,9 +192,8 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
         })
     };
     let producer = {
-        let url = edge.url();
+        let mut ingest = edge.ingest().await;
         tokio::spawn(async move {
-            let mut ingest = IngestClient::connect(url).await.unwrap();
             for w in 0..WINDOWS {
                 let first = w * WINDOW as u64;
                 let batch = SampleBatch {
@@ -244,7 +240,7 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
         (scored() >= WINDOWS as usize).then_some(())
     })
     .await;
-    barrier_window(edge.url(), "s1", WINDOWS, || {
+    barrier_window(&edge, "s1", WINDOWS, || {
         seen.lock().unwrap().iter().any(|(s, _)| *s == WINDOWS)
     })
     .await;
@@ -304,10 +300,12 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
     assert_eq!(edge.mesh().await.unwrap().spec_version, spec_version);
 
     // `fogmesh rollback`: back to the parent of ae@2 on every replica.
-    let output = std::process::Command::new(fogmesh_binary())
+    let output = edge
+        .cli()
         .args(["rollback", "--node", &edge.url(), "ae"])
         .env_remove("LD_LIBRARY_PATH")
         .output()
+        .await
         .expect("the fogmesh binary runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -401,7 +399,7 @@ max_forgetting = 1.0
     all_serve(&edge, "ae@1", None).await;
 
     // The plant in regime A, then B; every batch acknowledged before the next.
-    let mut ingest = IngestClient::connect(edge.url()).await.unwrap();
+    let mut ingest = edge.ingest().await;
     let mut rng = SplitMix64::new(5);
     let mut push = |first: u64, rows: u64, shifted: bool| {
         let batch: Vec<fogmesh_proto::Sample> = (first..first + rows)

@@ -388,3 +388,70 @@ async fn malformed_score_requests_and_alert_filters_are_refused() {
     assert!(refused("watch_alerts", "invalid_field") >= 1.0);
     node.stop().await;
 }
+
+/// Regression (security): one sample numbered 2^63 made every later real reading a
+/// silently dropped "duplicate", and one far-future timestamp made every later real
+/// reading "go back in time". Both are refused now, and the stream goes on.
+#[tokio::test]
+async fn a_sequence_jump_or_a_far_future_timestamp_cannot_poison_a_stream() {
+    let node = TestNode::start("").await;
+    let mut ingest = node.ingest().await;
+    let good = samples(SENSOR, 0..8, normal_values);
+    ingest
+        .push(SampleBatch {
+            samples: good.clone(),
+        })
+        .await
+        .expect("good samples are accepted");
+
+    let mut jump = good[7].clone();
+    jump.sequence = 1 << 63;
+    check_refusal(
+        "a sequence far past the next expected",
+        ingest
+            .push(SampleBatch {
+                samples: vec![jump],
+            })
+            .await,
+        Code::InvalidArgument,
+        &[
+            "`sequence`",
+            "9223372036854775808",
+            "max_sequence_gap = 1000000",
+        ],
+    );
+
+    let mut ahead = samples(SENSOR, 8..9, normal_values).remove(0);
+    ahead.timestamp_us = i64::MAX;
+    check_refusal(
+        "a timestamp far ahead of the node's clock",
+        ingest
+            .push(SampleBatch {
+                samples: vec![ahead],
+            })
+            .await,
+        Code::InvalidArgument,
+        &[
+            "`timestamp_us`",
+            &i64::MAX.to_string(),
+            "max_clock_skew_ms = 300000",
+        ],
+    );
+
+    // The next real readings are accepted and windowed as if nothing had happened.
+    let ack = ingest
+        .push(SampleBatch {
+            samples: samples(SENSOR, 8..(2 * WINDOW as u64), normal_values),
+        })
+        .await
+        .expect("the next good samples are accepted")
+        .into_inner();
+    assert_eq!((ack.accepted, ack.duplicates), (2 * WINDOW as u32 - 8, 0));
+    let status = node.sensor_status(SENSOR).await;
+    assert_eq!(status.last_sequence, 2 * WINDOW as u64 - 1);
+    assert!(status.windows >= 2, "{status:?}");
+    let text = node.metrics_text().await;
+    assert_eq!(rejected(&text, "grpc", "sequence_jump"), 1.0, "{text}");
+    assert_eq!(rejected(&text, "grpc", "timestamp_ahead"), 1.0, "{text}");
+    node.stop().await;
+}

@@ -12,4 +12,5 @@ mod model_store;
 mod mqtt;
 mod replay;
 mod torchscript;
+mod trust;
 mod zoo;

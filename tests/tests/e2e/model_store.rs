@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use fogmesh_actors::Annunciator;
+use fogmesh_cluster::dialer::Dialer;
 use fogmesh_cluster::link::ClusterKey;
 use fogmesh_cluster::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
@@ -18,6 +19,7 @@ use fogmesh_models::{AutoencoderConfig, ConvAutoencoder};
 use fogmesh_proto::model_store_client::ModelStoreClient;
 use fogmesh_proto::{ListModelsRequest, ModelRef, WeightChunk, WeightHeader};
 use fogmesh_tests::{node_toml_with, TestNode};
+use fogmesh_trust::Role;
 use tch::Device;
 use tonic::Code;
 
@@ -83,9 +85,7 @@ fn blob_count(root: &Path) -> usize {
 
 /// Uploads `chunks` as they are, bypassing the client's checks.
 async fn raw_upload(node: &TestNode, chunks: Vec<WeightChunk>) -> tonic::Status {
-    ModelStoreClient::connect(node.endpoint())
-        .await
-        .unwrap()
+    ModelStoreClient::new(node.channel(&node.operator).await)
         .upload(futures::stream::iter(chunks))
         .await
         .expect_err("the node refuses the upload")
@@ -126,11 +126,11 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
     let (v2, weights_v2) = store_autoencoder(&local, "2", 2, &["pump-ae@1"]);
 
     // The child goes up; its parent, which the node lacks, goes first.
-    let sent = upload_version(&addr(&node), None, "pump-ae@2", &local)
+    let sent = upload_version(&addr(&node), &node.operator, "pump-ae@2", &local)
         .await
         .unwrap();
     assert_eq!(sent, v2);
-    let listed = list_versions(&addr(&node), None).await.unwrap();
+    let listed = list_versions(&addr(&node), &node.operator).await.unwrap();
     assert_eq!(
         listed,
         [&v1, &v2]
@@ -142,15 +142,21 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
             .to_vec()
     );
     // The same version again with the same bytes is accepted and changes nothing.
-    upload_version(&addr(&node), None, "pump-ae@2", &local)
+    upload_version(&addr(&node), &node.operator, "pump-ae@2", &local)
         .await
         .unwrap();
-    assert_eq!(list_versions(&addr(&node), None).await.unwrap().len(), 2);
+    assert_eq!(
+        list_versions(&addr(&node), &node.operator)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 
     // A bare name comes down as the newest version, after its parent.
     let third_dir = tempfile::tempdir().unwrap();
     let third = ModelStore::open(third_dir.path());
-    let copied = download_version(&addr(&node), None, "pump-ae", &third)
+    let copied = download_version(&addr(&node), &node.operator, "pump-ae", &third)
         .await
         .unwrap();
     assert_eq!(copied, v2);
@@ -170,7 +176,7 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = ModelStore::open(other_dir.path());
     store_autoencoder(&other, "1", 99, &[]);
-    let error = upload_version(&addr(&node), None, "pump-ae@1", &other)
+    let error = upload_version(&addr(&node), &node.operator, "pump-ae@1", &other)
         .await
         .unwrap_err();
     assert_eq!(refused_code(&error), Code::AlreadyExists, "{error}");
@@ -197,7 +203,10 @@ async fn an_upload_whose_bytes_do_not_hash_to_its_header_stores_nothing() {
             && message.contains(&actual),
         "names the field and both hashes: {message}"
     );
-    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
+    assert!(list_versions(&addr(&node), &node.operator)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(blob_count(node_store(&node).root()), 0);
     node.stop().await;
 }
@@ -249,7 +258,10 @@ async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
     assert_eq!(no_header.code(), Code::InvalidArgument);
     assert!(no_header.message().contains("header"), "{no_header:?}");
 
-    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
+    assert!(list_versions(&addr(&node), &node.operator)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(blob_count(node_store(&node).root()), 0);
     node.stop().await;
 }
@@ -260,7 +272,7 @@ async fn unknown_and_damaged_versions_are_not_served() {
     let target_dir = tempfile::tempdir().unwrap();
     let target = ModelStore::open(target_dir.path());
 
-    let error = download_version(&addr(&node), None, "pump-ae@7", &target)
+    let error = download_version(&addr(&node), &node.operator, "pump-ae@7", &target)
         .await
         .unwrap_err();
     assert_eq!(refused_code(&error), Code::NotFound, "{error}");
@@ -274,7 +286,7 @@ async fn unknown_and_damaged_versions_are_not_served() {
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[0] ^= 0xff;
     std::fs::write(&blob, bytes).unwrap();
-    let error = download_version(&addr(&node), None, "pump-ae@1", &target)
+    let error = download_version(&addr(&node), &node.operator, "pump-ae@1", &target)
         .await
         .unwrap_err();
     assert_eq!(refused_code(&error), Code::DataLoss, "{error}");
@@ -289,7 +301,9 @@ async fn unknown_and_damaged_versions_are_not_served() {
 #[tokio::test]
 async fn a_node_without_a_store_says_how_to_give_it_one() {
     let node = TestNode::start("").await;
-    let error = list_versions(&addr(&node), None).await.unwrap_err();
+    let error = list_versions(&addr(&node), &node.operator)
+        .await
+        .unwrap_err();
     assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
     assert!(
         error
@@ -300,11 +314,11 @@ async fn a_node_without_a_store_says_how_to_give_it_one() {
     let local_dir = tempfile::tempdir().unwrap();
     let local = ModelStore::open(local_dir.path());
     store_autoencoder(&local, "1", 1, &[]);
-    let error = upload_version(&addr(&node), None, "pump-ae@1", &local)
+    let error = upload_version(&addr(&node), &node.operator, "pump-ae@1", &local)
         .await
         .unwrap_err();
     assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
-    let error = download_version(&addr(&node), None, "pump-ae@1", &local)
+    let error = download_version(&addr(&node), &node.operator, "pump-ae@1", &local)
         .await
         .unwrap_err();
     assert_eq!(refused_code(&error), Code::FailedPrecondition, "{error}");
@@ -312,7 +326,7 @@ async fn a_node_without_a_store_says_how_to_give_it_one() {
 }
 
 #[tokio::test]
-async fn a_mesh_node_takes_uploads_only_with_the_mesh_key() {
+async fn a_tls_mesh_node_takes_uploads_by_role_and_the_mesh_key_grants_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[node]\nname = \"store-mesh\"\nrole = \"fog\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n"
@@ -322,27 +336,75 @@ async fn a_mesh_node_takes_uploads_only_with_the_mesh_key() {
     let local = ModelStore::open(local_dir.path());
     store_autoencoder(&local, "1", 1, &[]);
 
-    let wrong = ClusterKey::from_secret("another-mesh-secret");
-    for key in [None, Some(wrong.as_str())] {
-        let error = upload_version(&addr(&node), key, "pump-ae@1", &local)
-            .await
-            .unwrap_err();
-        assert_eq!(refused_code(&error), Code::PermissionDenied, "{error}");
-        assert!(error.to_string().contains("fogmesh-cluster-key"), "{error}");
-    }
-    assert!(list_versions(&addr(&node), None).await.unwrap().is_empty());
-
+    // A sensor's certificate, even with the mesh key, may not upload.
     let key = ClusterKey::from_secret(SECRET);
-    upload_version(&addr(&node), Some(key.as_str()), "pump-ae@1", &local)
+    let sensor = Dialer::new(
+        Some(node.pki.tls("line-3", Role::Sensor, &[])),
+        Some(key.clone()),
+    );
+    let error = upload_version(&addr(&node), &sensor, "pump-ae@1", &local)
         .await
-        .unwrap();
-    let listed = ModelStoreClient::connect(node.endpoint())
+        .unwrap_err();
+    assert_eq!(refused_code(&error), Code::PermissionDenied, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("role sensor may not call /fogmesh.v1.ModelStore/Upload"),
+        "{error}"
+    );
+    assert!(list_versions(&addr(&node), &node.operator)
         .await
         .unwrap()
+        .is_empty());
+
+    // An operator's certificate needs no key.
+    upload_version(&addr(&node), &node.operator, "pump-ae@1", &local)
+        .await
+        .unwrap();
+    let listed = ModelStoreClient::new(node.channel(&node.operator).await)
         .list(ListModelsRequest {})
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.models.len(), 1);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_insecure_mesh_node_takes_uploads_only_with_the_mesh_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[node]\nname = \"store-mesh\"\nrole = \"fog\"\nlisten = \"127.0.0.1:0\"\nmodels = \"models\"\n\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n\n[tls]\ninsecure = true\n"
+    );
+    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    assert!(node.status().await.insecure);
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = ModelStore::open(local_dir.path());
+    store_autoencoder(&local, "1", 1, &[]);
+
+    let wrong = ClusterKey::from_secret("another-mesh-secret");
+    for key in [None, Some(wrong)] {
+        let error = upload_version(&addr(&node), &Dialer::new(None, key), "pump-ae@1", &local)
+            .await
+            .unwrap_err();
+        assert_eq!(refused_code(&error), Code::PermissionDenied, "{error}");
+        assert!(error.to_string().contains("fogmesh-cluster-key"), "{error}");
+    }
+    let key = ClusterKey::from_secret(SECRET);
+    upload_version(
+        &addr(&node),
+        &Dialer::new(None, Some(key)),
+        "pump-ae@1",
+        &local,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        list_versions(&addr(&node), &Dialer::new(None, None))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     node.stop().await;
 }

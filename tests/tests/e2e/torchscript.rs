@@ -105,7 +105,10 @@ async fn a_torchscript_expert_scores_like_pytorch_behind_the_router() {
 async fn a_torchscript_file_that_does_not_fit_its_declaration_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
     export(dir.path());
-    let path = fogmesh_tests::write_config(dir.path(), &config(50));
+    let path = fogmesh_tests::write_config(
+        dir.path(),
+        &format!("{}\n[tls]\ninsecure = true\n", config(50)),
+    );
     let config = NodeConfig::load(&path).expect("the file itself is fine");
     let error = match NodeServer::start_with(config, Annunciator::new(8)).await {
         Ok(_) => panic!("a model taking 60 samples cannot serve windows of 50"),

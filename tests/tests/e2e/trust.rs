@@ -1,0 +1,163 @@
+//! Trust at a node's gRPC port: callers without a certificate of the mesh CA never
+//! reach a handler; callers with one get what their role allows and nothing else.
+
+use fogmesh_actors::Annunciator;
+use fogmesh_cluster::dialer::Dialer;
+use fogmesh_cluster::link::{self, ClusterKey, LinkError};
+use fogmesh_proto::ingest_client::IngestClient;
+use fogmesh_proto::{ApplyRequest, SampleBatch};
+use fogmesh_tests::{
+    metric_value, node_toml, normal_values, samples, TestNode, TestPki, NODE, OTHER_SENSOR, SENSOR,
+};
+use fogmesh_trust::Role;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+fn batch(sensor: &str) -> SampleBatch {
+    SampleBatch {
+        samples: samples(sensor, 0..8, normal_values),
+    }
+}
+
+/// Pushes with `dialer`; `Err` carries why the call did not get through.
+async fn push_with(node: &TestNode, dialer: &Dialer, sensor: &str) -> Result<(), String> {
+    let connected = dialer
+        .channel(&node.endpoint())
+        .await
+        .map_err(|e| e.to_string())?;
+    IngestClient::new(connected.channel)
+        .push(batch(sensor))
+        .await
+        .map(drop)
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+}
+
+#[tokio::test]
+async fn callers_without_a_certificate_of_the_mesh_ca_are_refused_before_any_handler() {
+    let node = TestNode::start("").await;
+
+    // Plaintext.
+    let plaintext = push_with(&node, &Dialer::new(None, None), SENSOR).await;
+    assert!(plaintext.is_err(), "plaintext got through");
+
+    // TLS that trusts the node but presents no certificate of its own.
+    let ca = std::fs::read_to_string(node.pki.ca_path()).unwrap();
+    let no_certificate = async {
+        let channel = Endpoint::from_shared(format!("https://{}", node.endpoint()))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name(NODE),
+            )
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        IngestClient::new(channel)
+            .push(batch(SENSOR))
+            .await
+            .map(drop)
+            .map_err(|status| status.to_string())
+    }
+    .await;
+    assert!(
+        no_certificate.is_err(),
+        "a caller without a certificate got through"
+    );
+
+    // A certificate of another CA, even with the right name and role.
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let rogue = TestPki::open(rogue_dir.path());
+    let other_ca = push_with(&node, &rogue.sensor(), SENSOR).await;
+    assert!(other_ca.is_err(), "another CA's certificate got through");
+
+    // No handler ran: the stream accepted nothing.
+    assert_eq!(node.sensor_status(SENSOR).await.accepted, 0);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_sensor_certificate_may_ingest_only_and_only_the_sensors_it_names() {
+    let node = TestNode::start("").await;
+    let pump_1_only = Dialer::new(Some(node.pki.tls("line-1", Role::Sensor, &[SENSOR])), None);
+    push_with(&node, &pump_1_only, SENSOR)
+        .await
+        .expect("its own sensor is accepted");
+    let refused = push_with(&node, &pump_1_only, OTHER_SENSOR)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.starts_with("PermissionDenied")
+            && refused.contains("line-1 (sensor)")
+            && refused.contains(OTHER_SENSOR),
+        "{refused}"
+    );
+    assert_eq!(node.sensor_status(OTHER_SENSOR).await.accepted, 0);
+
+    // A sensor may not apply a spec; the refusal names the role and the method and is
+    // counted.
+    let connected = node.sensor.channel(&node.endpoint()).await.unwrap();
+    let denied = fogmesh_proto::control_client::ControlClient::new(connected.channel)
+        .apply(ApplyRequest {
+            spec_toml: String::new(),
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(
+        denied.message(),
+        "role sensor may not call /fogmesh.v1.Control/Apply"
+    );
+    let text = node.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "fogmesh_calls_denied_total",
+            &[("role", "sensor"), ("method", "/fogmesh.v1.Control/Apply")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // An operator may not pretend to be a sensor.
+    let operator_ingest = push_with(&node, &node.operator, SENSOR).await.unwrap_err();
+    assert!(
+        operator_ingest.contains("role operator may not call /fogmesh.v1.Ingest/Push"),
+        "{operator_ingest}"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_may_join_the_cluster_link_only_under_the_name_its_certificate_gives() {
+    const SECRET: &str = "trust-test-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n",
+        node_toml("")
+    );
+    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    let key = ClusterKey::from_secret(SECRET);
+    let fog_9 = node.pki.dialer("fog-9", Role::Fog);
+    let impostor = link::ask_admission(&node.endpoint(), &fog_9, &key, "fog-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&impostor, LinkError::Refused { reason, .. } if reason.contains("\"fog-9\"")),
+        "{impostor}"
+    );
+    let admitted = link::ask_admission(&node.endpoint(), &fog_9, &key, "fog-9")
+        .await
+        .expect("its own name is admitted");
+    assert_eq!(admitted, NODE);
+    // Operators and sensors never get the link, whatever name they give.
+    let refused = link::ask_admission(&node.endpoint(), &node.operator, &key, "operator")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("role operator may not call"),
+        "{refused}"
+    );
+    node.stop().await;
+}
