@@ -65,7 +65,9 @@ pub const NODE_HEADER: &str = "fogmesh-node";
 pub const KEY_HEADER: &str = "fogmesh-cluster-key";
 
 /// A public fingerprint of the cluster secret: nodes compare it to refuse a node of
-/// another mesh with a clear reason. Also the gossip cluster id.
+/// another mesh with a clear reason. Also the gossip cluster id. It is broadcast in
+/// every gossip packet, so it grants nothing on a TLS mesh: there certificates and
+/// roles decide, and it only guards against a node configured for another mesh.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterKey(String);
 
@@ -244,7 +246,7 @@ pub(crate) fn carries_key<T>(request: &Request<T>, key: &ClusterKey) -> bool {
     request
         .metadata()
         .get(KEY_HEADER)
-        .is_some_and(|v| v.as_bytes() == key.as_str().as_bytes())
+        .is_some_and(|v| fogmesh_trust::same_bytes(v.as_bytes(), key.as_str().as_bytes()))
 }
 
 /// Adds this node's name and key to a request.

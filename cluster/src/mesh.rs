@@ -81,10 +81,10 @@ impl Mesh {
         node: Node,
         shutdown: CancellationToken,
     ) -> Result<Mesh, MeshError> {
-        let key = ClusterKey::from_secret(&settings.cluster.secret);
+        let key = ClusterKey::from_secret(settings.cluster.secret.expose());
         let server = ractor_cluster::NodeServer::new(
             0,
-            settings.cluster.secret.clone(),
+            settings.cluster.secret.expose().to_string(),
             settings.name.clone(),
             CLUSTER_HOST.to_string(),
             None,

@@ -206,7 +206,7 @@ impl NodeServer {
                     places: config.model_places(),
                     dialer: Dialer::new(
                         tls.clone(),
-                        Some(ClusterKey::from_secret(&cluster.secret)),
+                        Some(ClusterKey::from_secret(cluster.secret.expose())),
                     ),
                 };
                 Some(Mesh::start(settings, node.clone(), shutdown.clone()).await?)

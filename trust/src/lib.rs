@@ -17,9 +17,11 @@ pub mod access;
 mod authority;
 mod error;
 mod identity;
+mod secret;
 mod tls;
 
 pub use authority::{IssueRequest, IssuedFiles, MeshCa};
 pub use error::TrustError;
 pub use identity::{PeerIdentity, Role};
+pub use secret::{same_bytes, Secret};
 pub use tls::{client_identity, MeshTls, TlsFiles, HANDSHAKE_TIMEOUT};

@@ -176,10 +176,10 @@ impl NodeConfig {
             }
         }
         if let Some(cluster) = &self.cluster {
-            if cluster.secret.chars().count() < MIN_SECRET_LEN {
+            if cluster.secret.expose().chars().count() < MIN_SECRET_LEN {
                 return Err(self.invalid(
                     "cluster.secret".into(),
-                    format!("<{} characters>", cluster.secret.chars().count()),
+                    format!("<{} characters>", cluster.secret.expose().chars().count()),
                     format!("must have at least {MIN_SECRET_LEN} characters"),
                 ));
             }
@@ -698,6 +698,42 @@ mod tests {
 
     fn parse(experts: &str) -> Result<NodeConfig, ConfigError> {
         NodeConfig::parse(&format!("{NODE}\n{experts}"), Path::new("node.toml"))
+    }
+
+    #[test]
+    fn the_cluster_secret_never_shows_in_debug_output() {
+        let config =
+            parse("[cluster]\nsecret = \"plant-7-very-secret\"\ndata = \"mesh\"\n").unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("plant-7-very-secret"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure_is_said_and_never_both() {
+        let dir = std::env::temp_dir();
+        let missing = parse("").unwrap().tls().unwrap_err().to_string();
+        assert!(
+            missing.contains("field `tls`") && missing.contains("insecure = true"),
+            "{missing}"
+        );
+        let insecure = parse("[tls]\ninsecure = true\n").unwrap();
+        assert!(insecure.tls().unwrap().is_none());
+        let both = parse(&format!(
+            "[tls]\ninsecure = true\nca = {:?}\n",
+            dir.join("ca.pem")
+        ))
+        .unwrap()
+        .tls()
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("field `tls.ca`"), "{both}");
+        let partial = parse("[tls]\nca = \"ca.pem\"\n")
+            .unwrap()
+            .tls()
+            .unwrap_err()
+            .to_string();
+        assert!(partial.contains("field `tls.cert`"), "{partial}");
     }
 
     #[test]

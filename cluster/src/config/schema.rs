@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use fogmesh_actors::{BatchingSpec, LearningSpec, SensorStreamSpec};
 use fogmesh_models::AutoencoderConfig;
+use fogmesh_trust::Secret;
 use serde::Deserialize;
 
 /// A whole `node.toml`.
@@ -66,8 +67,9 @@ pub struct NodeSection {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
-    /// Shared by every node of one mesh; a node with another is refused.
-    pub secret: String,
+    /// Shared by every node of one mesh; a node with another is refused. Never
+    /// printed (see [`Secret`]).
+    pub secret: Secret,
     /// gRPC addresses of nodes already in the mesh; only needed to join.
     #[serde(default)]
     pub seeds: Vec<String>,

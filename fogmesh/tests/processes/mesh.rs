@@ -506,3 +506,50 @@ async fn losing_the_placement_leader_with_its_expert_loses_no_window() {
         .iter()
         .any(|e| e.name == "ae" && e.windows_scored > 0));
 }
+
+#[tokio::test]
+async fn only_an_operator_may_apply_and_both_attempts_leave_an_audit_line() {
+    let _one = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.1", &[]));
+    full_membership(&edge, 1).await;
+    let before = edge.mesh().await.expect("mesh status").spec_version;
+
+    let sensor = edge.channel(&edge.sensor).await.expect("the node answers");
+    let denied = fogmesh_proto::control_client::ControlClient::new(sensor)
+        .apply(ApplyRequest {
+            spec_toml: spec("edge-1", ""),
+            dry_run: false,
+        })
+        .await
+        .expect_err("a sensor may not apply");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(edge.mesh().await.expect("mesh status").spec_version, before);
+
+    apply(&edge, spec("edge-1", ""))
+        .await
+        .expect("an operator may apply");
+    assert!(edge.mesh().await.expect("mesh status").spec_version > before);
+
+    let log = poll("both audit lines", LONG, || async {
+        let log = edge.log();
+        (log.contains("outcome=permission_denied") && log.contains("outcome=ok")).then_some(log)
+    })
+    .await;
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fogmesh::audit") && l.contains("Control/Apply"))
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("sensor-gateway (sensor)") && l.contains("permission_denied")),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("operator (operator)") && l.contains("outcome=ok")),
+        "{audit:?}"
+    );
+}
