@@ -64,6 +64,14 @@ use crate::{mqtt, telemetry};
 /// Scored windows a `WatchAlerts` subscriber may fall behind before it skips some
 /// (the capacity of the annunciator [`NodeServer::start`] creates).
 pub const ALERT_BUFFER: usize = 1024;
+/// Calls one connection may have in a handler at once; more are refused at once with
+/// `RESOURCE_EXHAUSTED` (load shedding) rather than queued without bound. A stream
+/// holds its slot only until its handler returns the stream.
+pub const MAX_CALLS_PER_CONNECTION: usize = 256;
+/// HTTP/2 streams one connection may open at once (long-lived ones included:
+/// cluster links, alert subscriptions, ingest streams).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Longest a stopping server waits for one of its tasks before aborting it.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -256,6 +264,9 @@ impl NodeServer {
                     })?;
         }
         let router = builder
+            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+            .load_shed(true)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .layer(AuthorizationLayer::new(tls.is_some()))
             .http2_keepalive_interval(Some(link::KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(link::KEEPALIVE_TIMEOUT))
