@@ -71,6 +71,11 @@ demo: setup
 test *ARGS: setup setup-broker
     cargo test --workspace --release "$@"
 
+# They run in `just test` as well; this recipe shows their counts (CI runs it after the tests).
+# Every decoder of outside bytes on 100,000 random and mutated inputs each; prints the counts.
+random-inputs: setup
+    cargo test --release -p fogmesh-tests --test e2e random_input -- --nocapture
+
 # SKAB is not shipped: pass its `data` folder (default: ../shared/data/skab).
 # Evaluate on public benchmarks (one JSON object each).
 eval skab="../shared/data/skab": setup

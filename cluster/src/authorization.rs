@@ -26,6 +26,9 @@ use tower::{Layer, Service};
 
 use crate::telemetry;
 
+/// The audit outcome of a refused call.
+const DENIED: &str = "permission_denied";
+
 /// The tower layer that puts an [`Authorization`] in front of a node's services.
 #[derive(Debug, Clone)]
 pub struct AuthorizationLayer {
@@ -102,7 +105,7 @@ where
                 Err(reason) => {
                     // The handshake already required a certificate of the mesh CA;
                     // one that names no fogmesh identity is refused here.
-                    tracing::warn!(target: "fogmesh::audit", who = %caller(None, &request), %method, outcome = "permission_denied", %reason, "refused");
+                    tracing::warn!(target: "fogmesh::audit", who = %caller(None, &request), %method, outcome = %DENIED, %reason, "refused");
                     let status = Status::permission_denied(format!("{method}: {reason}"));
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
@@ -120,7 +123,7 @@ where
                         "method" => method.clone(),
                     )
                     .increment(1);
-                    tracing::warn!(target: "fogmesh::audit", who = %identity, %method, outcome = "permission_denied", "refused");
+                    tracing::warn!(target: "fogmesh::audit", who = %identity, %method, outcome = %DENIED, "refused");
                     let status = Status::permission_denied(denied.to_string());
                     return Box::pin(async move { Ok(status.into_http()) });
                 }

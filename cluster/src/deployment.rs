@@ -321,10 +321,19 @@ impl Deployment {
                         let unchanged = latest
                             .as_ref()
                             .is_some_and(|p| p.experts == experts && p.leader == self.node_name);
-                        if !unchanged {
+                        // An epoch of u64::MAX has no successor (only a forged or
+                        // corrupt placement gets there): place nothing rather than wrap.
+                        let epoch = latest.as_ref().map_or(Some(1), |p| p.epoch.checked_add(1));
+                        if epoch.is_none() {
+                            self.record_error(format!(
+                                "a placement with epoch {} is in the mesh, the largest there is: no newer placement can be made",
+                                u64::MAX
+                            ));
+                        }
+                        if let (false, Some(epoch)) = (unchanged, epoch) {
                             let placement = PublishedPlacement {
                                 spec_version: stored.version,
-                                epoch: latest.as_ref().map_or(1, |p| p.epoch + 1),
+                                epoch,
                                 leader: self.node_name.clone(),
                                 experts,
                             };

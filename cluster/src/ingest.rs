@@ -50,6 +50,24 @@ struct JsonSample {
     values: Vec<f32>,
 }
 
+/// Reads an MQTT payload ([`JsonBatch`]) into samples, or says why it is not one.
+pub fn parse_json_samples(payload: &[u8]) -> Result<Vec<Sample>, ServiceError> {
+    let batch: JsonBatch =
+        serde_json::from_slice(payload).map_err(|e| ServiceError::MalformedPayload {
+            bytes: payload.len(),
+            reason: e.to_string(),
+        })?;
+    Ok(batch
+        .samples
+        .into_iter()
+        .map(|s| Sample {
+            sequence: s.sequence,
+            timestamp_us: s.timestamp_us,
+            values: s.values,
+        })
+        .collect())
+}
+
 /// The MQTT acknowledgement of an accepted batch.
 #[derive(Debug, Serialize)]
 pub(crate) struct JsonAck {
@@ -159,21 +177,8 @@ impl Ingestor {
         payload: &[u8],
     ) -> Result<JsonAck, ServiceError> {
         self.check_message_size(payload.len())?;
-        let batch: JsonBatch =
-            serde_json::from_slice(payload).map_err(|e| ServiceError::MalformedPayload {
-                bytes: payload.len(),
-                reason: e.to_string(),
-            })?;
-        self.check_samples(batch.samples.iter().map(|s| s.values.len()))?;
-        let samples = batch
-            .samples
-            .into_iter()
-            .map(|s| Sample {
-                sequence: s.sequence,
-                timestamp_us: s.timestamp_us,
-                values: s.values,
-            })
-            .collect();
+        let samples = parse_json_samples(payload)?;
+        self.check_samples(samples.iter().map(|s| s.values.len()))?;
         let PushOutcome {
             acked_through,
             accepted,

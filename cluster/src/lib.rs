@@ -42,6 +42,7 @@ pub use config::{
     ClusterSection, ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection,
     ReplayConfig, ReplayJob, ReplayStreamConfig, Role, RouterConfig, TlsSection,
 };
+pub use ingest::parse_json_samples;
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
 pub use model_store::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES, MAX_MODEL_BYTES,

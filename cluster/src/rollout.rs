@@ -109,6 +109,8 @@ pub enum RolloutError {
     Spec(String),
     #[error("the mesh spec changed from version {from} to {to} while the rollout ran; nothing was changed: run it again")]
     Raced { from: u64, to: u64 },
+    #[error("the mesh knows spec version {known}, the largest there is: no newer spec can be written (a forged or corrupt spec is in the mesh)")]
+    SpecVersionExhausted { known: u64 },
 }
 
 /// What a rollout reads and changes on the node that runs it.
@@ -216,12 +218,14 @@ pub async fn run(
             to: now,
         });
     }
-    let version = crate::deployment::gossiped_specs(&members)
+    let known = crate::deployment::gossiped_specs(&members)
         .map(|s| s.version)
         .chain([now])
         .max()
-        .unwrap_or(0)
-        + 1;
+        .unwrap_or(0);
+    let version = known
+        .checked_add(1)
+        .ok_or(RolloutError::SpecVersionExhausted { known })?;
     state.spec = Some(StoredSpec {
         version,
         applied_at_us: std::time::SystemTime::now()

@@ -415,7 +415,9 @@ impl Control for NodeServices {
             .chain(state.spec.as_ref().map(|s| s.version))
             .max()
             .unwrap_or(0);
-        let version = known + 1;
+        let version = known
+            .checked_add(1)
+            .ok_or(ServiceError::SpecVersionExhausted { known })?;
         if !request.dry_run {
             let applied_at_us = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

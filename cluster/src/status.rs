@@ -119,6 +119,10 @@ pub enum ServiceError {
     LinkRefused { node: String, peer: String },
     #[error("metadata `{}`: a node must say its name", NODE_HEADER)]
     UnnamedPeer,
+    /// A spec version of `u64::MAX` is known: no later version can exist. Only a forged
+    /// or corrupt spec gets there.
+    #[error("the mesh knows spec version {known}, the largest there is: no newer spec can be applied (a forged or corrupt spec is in the mesh)")]
+    SpecVersionExhausted { known: u64 },
     #[error(
         "metadata `{}` = {claimed:?}: the caller's certificate names {certified:?}",
         NODE_HEADER
@@ -214,7 +218,8 @@ impl ServiceError {
                 | RolloutError::NoSpec
                 | RolloutError::NotStored { .. }
                 | RolloutError::NothingBefore { .. }
-                | RolloutError::AlreadyServing { .. } => Code::FailedPrecondition,
+                | RolloutError::AlreadyServing { .. }
+                | RolloutError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
                 // Nothing changed and a retry reads the new spec: the caller may run it
                 // again as is.
                 RolloutError::Raced { .. } => Code::Aborted,
@@ -222,6 +227,7 @@ impl ServiceError {
             ServiceError::DeploymentPoisoned => Code::Internal,
             ServiceError::LinkRefused { .. } => Code::PermissionDenied,
             ServiceError::UnnamedPeer => Code::InvalidArgument,
+            ServiceError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
             ServiceError::NameNotCertified { .. } | ServiceError::SensorNotCertified { .. } => {
                 Code::PermissionDenied
             }
@@ -288,10 +294,12 @@ impl ServiceError {
                 RolloutError::Missing { .. } => "version_missing",
                 RolloutError::Spec(_) => "invalid_spec",
                 RolloutError::Raced { .. } => "raced",
+                RolloutError::SpecVersionExhausted { .. } => "spec_version_exhausted",
             },
             ServiceError::DeploymentPoisoned => "deployment_poisoned",
             ServiceError::LinkRefused { .. } => "wrong_cluster_secret",
             ServiceError::UnnamedPeer => "unnamed_peer",
+            ServiceError::SpecVersionExhausted { .. } => "spec_version_exhausted",
             ServiceError::NameNotCertified { .. } => "name_not_certified",
             ServiceError::SensorNotCertified { .. } => "sensor_not_certified",
             ServiceError::NodeStopping { .. } => "node_stopping",
@@ -484,6 +492,10 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (RolloutError::Raced { from: 3, to: 4 }, Code::Aborted),
+            (
+                RolloutError::SpecVersionExhausted { known: u64::MAX },
+                Code::FailedPrecondition,
+            ),
         ];
         for (error, code) in cases {
             let message = error.to_string();

@@ -157,7 +157,7 @@ impl WindowFlow {
         self.until_scored("every window scored", self.windows as usize)
             .await;
         let barrier = self.windows;
-        barrier_window(&edge, "s1", barrier, || {
+        barrier_window(edge, "s1", barrier, || {
             self.seen.lock().unwrap().contains(&barrier)
         })
         .await;

@@ -10,6 +10,7 @@ mod config;
 mod grpc;
 mod model_store;
 mod mqtt;
+mod random_input;
 mod replay;
 mod torchscript;
 mod trust;
