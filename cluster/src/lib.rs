@@ -21,6 +21,7 @@ pub mod capabilities;
 pub mod config;
 pub mod deployment;
 pub mod dialer;
+mod gossip_seal;
 mod ingest;
 pub mod link;
 pub mod membership;

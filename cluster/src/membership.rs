@@ -10,8 +10,9 @@
 //!
 //! The gossip runs over UDP on the same address and port number as the node's gRPC
 //! listener (UDP and TCP ports are separate), so one `host:port` names a node for
-//! both; seeds are other nodes' gRPC addresses. The gossip cluster id is the
-//! [`ClusterKey`]: a node with another secret gossips with nobody.
+//! both; seeds are other nodes' gRPC addresses. Every datagram is sealed with a key
+//! derived from the mesh's secret (`crate::gossip_seal`), so only members are heard; the
+//! gossip cluster id is the [`ClusterKey`].
 //!
 //! The failure detector alone takes seconds to call a silent node dead; a node whose
 //! process died is noticed much sooner by its cluster link closing, and the mesh view
@@ -21,12 +22,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use fogmesh_trust::Secret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::capabilities::{Capabilities, Load};
+use crate::gossip_seal::SealedUdpTransport;
 use crate::link::ClusterKey;
 
 pub const CARD_KEY: &str = "card";
@@ -136,6 +138,7 @@ impl Membership {
         gossip_addr: SocketAddr,
         seeds: &[String],
         key: &ClusterKey,
+        secret: &Secret,
         card: &MemberCard,
     ) -> Result<Membership, MembershipError> {
         let config = ChitchatConfig {
@@ -158,8 +161,9 @@ impl Membership {
             protocol_version: chitchat::ProtocolVersion::V0,
         };
         let card = serde_json::to_string(card).unwrap_or_default();
+        let transport = SealedUdpTransport::new(secret.expose());
         let handle =
-            chitchat::spawn_chitchat(config, vec![(CARD_KEY.to_string(), card)], &UdpTransport)
+            chitchat::spawn_chitchat(config, vec![(CARD_KEY.to_string(), card)], &transport)
                 .await
                 .map_err(|e| MembershipError::Bind {
                     addr: gossip_addr,

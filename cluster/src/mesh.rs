@@ -133,6 +133,7 @@ impl Mesh {
                 settings.grpc_addr,
                 &settings.cluster.seeds,
                 &key,
+                &settings.cluster.secret,
                 &card,
             )
             .await?,

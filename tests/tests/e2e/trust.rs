@@ -161,3 +161,94 @@ async fn a_node_may_join_the_cluster_link_only_under_the_name_its_certificate_gi
     );
     node.stop().await;
 }
+
+/// Forged gossip: a chitchat peer that knows the mesh's public key (every gossip packet
+/// carries it) but not its secret announces itself with an attacker's address and a
+/// spec at version `u64::MAX`. The node drops every datagram before chitchat reads it:
+/// nothing is adopted or persisted, and a later Apply still wins.
+#[tokio::test]
+async fn forged_gossip_is_neither_heard_nor_adopted() {
+    use chitchat::transport::UdpTransport;
+    use chitchat::{ChitchatConfig, ChitchatId, FailureDetectorConfig};
+    use fogmesh_cluster::capabilities::Capabilities;
+    use fogmesh_cluster::membership::{MemberCard, CARD_KEY, SPEC_KEY};
+    use fogmesh_cluster::mesh_spec::StoredSpec;
+
+    const SECRET: &str = "gossip-test-secret";
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n",
+        node_toml("")
+    );
+    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    let gossip_addr = node.server.grpc_addr();
+
+    let attacker_addr: std::net::SocketAddr = ([127, 0, 0, 1], fogmesh_tests::free_port()).into();
+    let card = MemberCard::new("cloud", "127.0.0.1:1".into(), &Capabilities::probe(), 0);
+    let forged_spec = StoredSpec {
+        version: u64::MAX,
+        applied_at_us: 0,
+        text: "[[experts]]\nname = \"silence\"\n".into(),
+    };
+    let attacker = chitchat::spawn_chitchat(
+        ChitchatConfig {
+            chitchat_id: ChitchatId::new("attacker", 1, attacker_addr),
+            cluster_id: ClusterKey::from_secret(SECRET).as_str().to_string(),
+            gossip_interval: std::time::Duration::from_millis(50),
+            listen_addr: attacker_addr,
+            seed_nodes: vec![gossip_addr.to_string()],
+            failure_detector_config: FailureDetectorConfig::default(),
+            marked_for_deletion_grace_period: std::time::Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        },
+        vec![
+            (CARD_KEY.into(), serde_json::to_string(&card).unwrap()),
+            (
+                SPEC_KEY.into(),
+                serde_json::to_string(&forged_spec).unwrap(),
+            ),
+        ],
+        &UdpTransport,
+    )
+    .await
+    .expect("the attacker gossips");
+
+    // The barrier: the node has dropped the attacker's datagrams.
+    let deadline = std::time::Instant::now() + fogmesh_tests::EVENT_TIMEOUT;
+    loop {
+        let text = node.metrics_text().await;
+        if metric_value(&text, "fogmesh_gossip_refused_total", &[]).unwrap_or_default() >= 3.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no forged datagram arrived: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut control = node.control().await;
+    let mesh = control
+        .get_mesh(fogmesh_proto::MeshRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mesh.members.len(), 1, "{:?}", mesh.members);
+    assert_eq!(mesh.spec_version, 0);
+    assert!(!node.dir.path().join("mesh/mesh-spec.json").exists());
+
+    let applied = control
+        .apply(ApplyRequest {
+            spec_toml: format!(
+                "[[experts]]\nname = \"ae\"\nmodel_version = \"v1\"\nchannels = 2\nwindow = 16\nthreshold = 1.0\n\n[[routers]]\nname = \"r\"\npolicy = \"static\"\nroutes = {{ s9 = [\"ae\"] }}\n\n[[sensors]]\nnode = \"{NODE}\"\nid = \"s9\"\nchannels = 2\nwindow = 16\nstride = 16\nrouter = \"r\"\n"
+            ),
+            dry_run: false,
+        })
+        .await
+        .expect("a legitimate apply still wins")
+        .into_inner();
+    assert_eq!(applied.version, 1);
+    drop(attacker);
+    node.stop().await;
+}
