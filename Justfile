@@ -73,8 +73,9 @@ test *ARGS: setup setup-broker
 
 # They run in `just test` as well; this recipe shows their counts (CI runs it after the tests).
 # Every decoder of outside bytes on 100,000 random and mutated inputs each; prints the counts.
+# `--workspace` keeps the features `just test` built with, so nothing is compiled again.
 random-inputs: setup
-    cargo test --release -p fogmesh-tests --test e2e random_input -- --nocapture
+    cargo test --workspace --release --test e2e random_input -- --nocapture
 
 # SKAB is not shipped: pass its `data` folder (default: ../shared/data/skab).
 # Evaluate on public benchmarks (one JSON object each).
