@@ -275,14 +275,9 @@ impl RunPki {
             sensors: Vec::new(),
             days: 1,
         };
-        let issued = ca
-            .issue(&request, &self.folder)
-            .map_err(|source| W1RemoteError::Pki { source })?;
-        Ok(Some(TlsFiles {
-            ca: issued.ca,
-            cert: issued.cert,
-            key: issued.key,
-        }))
+        ca.issue(&request, &self.folder)
+            .map(Some)
+            .map_err(|source| W1RemoteError::Pki { source })
     }
 
     /// A node's `[tls]` table.

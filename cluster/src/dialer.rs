@@ -41,16 +41,6 @@ impl Dialer {
         self.key.as_ref()
     }
 
-    /// This caller's TLS identity, if it has one.
-    pub fn identity(&self) -> Option<&PeerIdentity> {
-        self.tls.as_ref().map(MeshTls::identity)
-    }
-
-    /// Whether this dialer speaks TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Connects to the node at `addr` ("host:port").
     /// A scheme in front (`http://`, `https://`) is ignored: TLS is this dialer's choice.
     pub async fn channel(&self, addr: &str) -> Result<Connected, LinkError> {

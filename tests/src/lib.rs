@@ -9,13 +9,14 @@
 //! threshold is computed from that same model ([`threshold`]): the geometric mean of
 //! the worst normal window's score and the mildest spiked window's score.
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fogmesh_actors::Annunciator;
 use fogmesh_cluster::dialer::Dialer;
@@ -322,6 +323,26 @@ impl TestNode {
             .await
             .expect("the node stops in time")
             .expect("the node stops cleanly");
+    }
+}
+
+/// Waits until `check` yields a value, asking every 50 ms, and fails the test naming
+/// `what` once `timeout` has passed: a condition with a deadline, never a fixed sleep.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -37,15 +37,12 @@ impl TestPki {
     /// Issues `name` in `role` (sensor ids only for sensors) and returns its files;
     /// asking again for the same name, role and sensors returns the same files.
     pub fn issue(&self, name: &str, role: Role, sensors: &[&str]) -> TlsFiles {
-        let file = name.replace(['/', ':'], "_");
-        let out = self
-            .dir
-            .join(format!("{file}-{role}-{}", sensors.join("+")));
-        let files = TlsFiles {
-            ca: out.join("ca.pem"),
-            cert: out.join(format!("{file}.pem")),
-            key: out.join(format!("{file}.key")),
-        };
+        let out = self.dir.join(format!(
+            "{}-{role}-{}",
+            name.replace(['/', ':'], "_"),
+            sensors.join("+")
+        ));
+        let files = MeshCa::issued_files(&out, name);
         if !files.cert.exists() {
             let request = IssueRequest {
                 name: name.to_string(),
@@ -71,12 +68,10 @@ impl TestPki {
 
     /// The same as TOML, to append to a `node.toml`.
     pub fn node_tls_toml(&self, name: &str, role: Role) -> String {
-        let tls = self.node_tls(name, role);
+        let files = self.issue(name, role, &[]);
         format!(
             "\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-            tls.ca.unwrap_or_default(),
-            tls.cert.unwrap_or_default(),
-            tls.key.unwrap_or_default()
+            files.ca, files.cert, files.key
         )
     }
 

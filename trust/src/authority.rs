@@ -19,7 +19,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::identity::{check_name, SENSOR_URI_PREFIX};
-use crate::{Role, TrustError};
+use crate::{Role, TlsFiles, TrustError};
 
 /// File names inside a CA folder.
 const CA_CERT: &str = "ca.pem";
@@ -56,16 +56,6 @@ pub struct IssueRequest {
     pub sensors: Vec<String>,
     /// Days of validity from now.
     pub days: u32,
-}
-
-/// The files `fogmesh ca issue` wrote.
-#[derive(Debug, Clone)]
-pub struct IssuedFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The CA certificate the holder must trust, copied beside them as `ca.pem`
-    /// unless it was already there.
-    pub ca: PathBuf,
 }
 
 impl MeshCa {
@@ -202,28 +192,36 @@ impl MeshCa {
     }
 
     /// Issues a certificate into `out` as `NAME.pem` and `NAME.key` (0600), with the
-    /// CA certificate beside them as `ca.pem`. Refuses to overwrite either file.
-    pub fn issue(&self, request: &IssueRequest, out: &Path) -> Result<IssuedFiles, TrustError> {
+    /// CA certificate beside them as `ca.pem` (kept if already there), and returns the
+    /// three files the holder loads. Refuses to overwrite the certificate or the key.
+    pub fn issue(&self, request: &IssueRequest, out: &Path) -> Result<TlsFiles, TrustError> {
         let (cert_pem, key_pem) = self.issue_pem(request)?;
         fs::create_dir_all(out).map_err(|source| TrustError::Io {
             path: out.to_path_buf(),
             source,
         })?;
-        let file = request.name.replace(['/', ':'], "_");
-        let cert = out.join(format!("{file}.pem"));
-        let key = out.join(format!("{file}.key"));
-        for path in [&cert, &key] {
+        let files = MeshCa::issued_files(out, &request.name);
+        for path in [&files.cert, &files.key] {
             if path.exists() {
                 return Err(TrustError::Exists { path: path.clone() });
             }
         }
-        write_new(&key, key_pem.as_bytes(), 0o600)?;
-        write_new(&cert, cert_pem.as_bytes(), 0o644)?;
-        let ca = out.join(CA_CERT);
-        if !ca.exists() {
-            write_new(&ca, self.cert_pem.as_bytes(), 0o644)?;
+        write_new(&files.key, key_pem.as_bytes(), 0o600)?;
+        write_new(&files.cert, cert_pem.as_bytes(), 0o644)?;
+        if !files.ca.exists() {
+            write_new(&files.ca, self.cert_pem.as_bytes(), 0o644)?;
         }
-        Ok(IssuedFiles { cert, key, ca })
+        Ok(files)
+    }
+
+    /// Where [`MeshCa::issue`] puts the files of `name` in `out`.
+    pub fn issued_files(out: &Path, name: &str) -> TlsFiles {
+        let file = name.replace(['/', ':'], "_");
+        TlsFiles {
+            ca: out.join(CA_CERT),
+            cert: out.join(format!("{file}.pem")),
+            key: out.join(format!("{file}.key")),
+        }
     }
 }
 

@@ -33,10 +33,17 @@ pub enum TrustError {
     NotMeshCertificate { what: String, reason: String },
     #[error("unknown role {value:?}: expected one of edge, fog, cloud, operator, sensor")]
     UnknownRole { value: String },
-    #[error("{path} was not issued by the mesh CA {ca}: {reason}")]
+    #[error("{path} was not issued by the mesh CA {ca}: {source}")]
     NotIssuedByCa {
         path: PathBuf,
         ca: PathBuf,
-        reason: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("the mesh CA {ca} cannot verify certificates: {source}")]
+    Roots {
+        ca: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
     },
 }

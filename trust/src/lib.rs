@@ -20,8 +20,8 @@ mod identity;
 mod secret;
 mod tls;
 
-pub use authority::{IssueRequest, IssuedFiles, MeshCa};
+pub use authority::{IssueRequest, MeshCa};
 pub use error::TrustError;
 pub use identity::{PeerIdentity, Role};
 pub use secret::{same_bytes, Secret};
-pub use tls::{client_identity, MeshTls, TlsFiles, HANDSHAKE_TIMEOUT};
+pub use tls::{client_identity, MeshTls, TlsFiles};

@@ -12,10 +12,6 @@ use subtle::ConstantTimeEq;
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
     /// The secret itself, for the one place that must use it (a key derivation, the
     /// cluster handshake); never for logs.
     pub fn expose(&self) -> &str {
@@ -49,10 +45,10 @@ mod tests {
 
     #[test]
     fn a_secret_never_prints() {
-        let secret = Secret::new("plant-7-secret");
+        let secret = Secret("plant-7-secret".into());
         assert_eq!(format!("{secret:?}"), "<redacted>");
-        assert_eq!(secret, Secret::new("plant-7-secret"));
-        assert_ne!(secret, Secret::new("plant-8-secret"));
+        assert_eq!(secret, Secret("plant-7-secret".into()));
+        assert_ne!(secret, Secret("plant-8-secret".into()));
         assert!(
             same_bytes(b"abc", b"abc") && !same_bytes(b"abc", b"abd") && !same_bytes(b"abc", b"ab")
         );

@@ -102,27 +102,23 @@ impl MeshTls {
         let identity = PeerIdentity::from_der(&chain[0], &files.cert.display().to_string())?;
         // Every certificate the CA issues is good for client authentication, so the
         // client verifier checks the chain, validity and usage of any of them.
+        let unusable_roots = |source| TrustError::Roots {
+            ca: files.ca.clone(),
+            source,
+        };
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
-            .map_err(|e| TrustError::NotIssuedByCa {
-                path: files.cert.clone(),
-                ca: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(unusable_roots)?;
         verifier
             .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-            .map_err(|e| TrustError::NotIssuedByCa {
+            .map_err(|source| TrustError::NotIssuedByCa {
                 path: files.cert.clone(),
                 ca: files.ca.clone(),
-                reason: e.to_string(),
+                source,
             })?;
         let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
-            .map_err(|e| TrustError::NotIssuedByCa {
-                path: files.cert.clone(),
-                ca: files.ca.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(unusable_roots)?;
         let tls_error = |source| TrustError::Tls {
             what: format!("{} with {}", files.cert.display(), files.key.display()),
             source,
@@ -182,11 +178,6 @@ impl MeshTls {
             .clone()
             .expect("a connected TLS channel has verified its server's certificate");
         Ok((channel, identity))
-    }
-
-    /// A channel that connects over mutual TLS on first use (and reconnects).
-    pub fn connect_lazy(&self, endpoint: &Endpoint) -> Channel {
-        endpoint.connect_with_connector_lazy(self.connector(Arc::new(Mutex::new(None))))
     }
 
     fn connector(

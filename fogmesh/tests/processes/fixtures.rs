@@ -4,12 +4,11 @@
 //! for silent partitions without root; and polling with a deadline instead of sleeps.
 
 use std::fs::File;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fogmesh_cluster::dialer::Dialer;
 use fogmesh_proto::control_client::ControlClient;
@@ -17,6 +16,7 @@ use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::SampleBatch;
 use fogmesh_proto::{MeshRequest, MeshStatus, NodeStatus, StatusRequest};
+pub use fogmesh_tests::poll;
 use fogmesh_tests::{normal_values, samples, TestPki, WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -276,24 +276,6 @@ pub async fn barrier_window(
         arrived().then_some(())
     })
     .await;
-}
-
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A TCP proxy to `target`; [`BlackholeProxy::blackhole`] makes it hold every
