@@ -64,6 +64,13 @@ pub enum IngestError {
     },
     #[error("sensor `{sensor_id}` is not running: {reason}")]
     StreamUnavailable { sensor_id: String, reason: String },
+    #[error("sensor `{sensor_id}`: {samples} samples exceed its rate, max_rate = {limit} samples/s (bursts of one second's worth); {available} may be sent now")]
+    RateExceeded {
+        sensor_id: String,
+        samples: u64,
+        available: u64,
+        limit: f64,
+    },
 }
 
 /// Why a window could not be scored.
@@ -113,6 +120,7 @@ impl IngestError {
             IngestError::SequenceJump { .. } => "sequence_jump",
             IngestError::TimestampAhead { .. } => "timestamp_ahead",
             IngestError::StreamUnavailable { .. } => "stream_unavailable",
+            IngestError::RateExceeded { .. } => "rate_exceeded",
         }
     }
 }

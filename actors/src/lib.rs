@@ -22,6 +22,7 @@ pub mod merger;
 pub mod node_agent;
 pub mod normalisation;
 pub mod quality;
+pub mod rate;
 pub mod replay;
 pub mod router;
 pub mod sample;
@@ -52,6 +53,6 @@ pub use router::{Replicas, RetryPolicy, Router, RouterMsg, RouterSpec, RoutingPo
 pub use sample::{Sample, Window};
 pub use sensor_stream::{
     PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS,
-    DEFAULT_MAX_SEQUENCE_GAP,
+    DEFAULT_MAX_RATE, DEFAULT_MAX_SEQUENCE_GAP,
 };
 pub use windowing::Windower;

@@ -31,6 +31,7 @@ use crate::directory::NodeDirectory;
 use crate::error::{IngestError, SpecError};
 use crate::normalisation::{NormalisationSpec, Normaliser};
 use crate::quality::{QualityRules, QualityTracker};
+use crate::rate::SampleBudget;
 use crate::router::RouterMsg;
 use crate::sample::{Sample, Window};
 use crate::telemetry;
@@ -62,6 +63,12 @@ pub struct SensorStreamSpec {
     /// would make every later real reading "go back in time".
     #[serde(default = "default_max_clock_skew_ms")]
     pub max_clock_skew_ms: u64,
+    /// Most samples per second producers outside the node (gRPC, MQTT) may send this
+    /// stream, with bursts of one second's worth; more is refused until the budget
+    /// refills. Replays of files on the node are not limited. Set it at the rate a
+    /// reconnecting gateway may catch up at, a multiple of the sensor's own.
+    #[serde(default = "default_max_rate")]
+    pub max_rate: f64,
 }
 
 fn default_normalisation() -> NormalisationSpec {
@@ -72,6 +79,13 @@ fn default_normalisation() -> NormalisationSpec {
 pub const DEFAULT_MAX_SEQUENCE_GAP: u64 = 1_000_000;
 /// Five minutes: field devices without time synchronisation drift by that much.
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 300_000;
+
+/// 100,000 samples a second: a 1 kHz sensor catching up a hundred times faster.
+pub const DEFAULT_MAX_RATE: f64 = 100_000.0;
+
+fn default_max_rate() -> f64 {
+    DEFAULT_MAX_RATE
+}
 
 fn default_max_sequence_gap() -> u64 {
     DEFAULT_MAX_SEQUENCE_GAP
@@ -104,6 +118,13 @@ impl SensorStreamSpec {
         }
         if self.stride == 0 {
             return Err(invalid("stride", "0".into(), "must be at least 1".into()));
+        }
+        if !(self.max_rate.is_finite() && self.max_rate >= 1.0) {
+            return Err(invalid(
+                "max_rate",
+                self.max_rate.to_string(),
+                "must be a finite number of samples per second, at least 1".into(),
+            ));
         }
         if self.channels.saturating_mul(self.window) > MAX_WINDOW_VALUES {
             return Err(invalid(
@@ -177,6 +198,9 @@ pub struct SensorStreamShared {
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
     pub windows: AtomicU64,
+    /// What producers outside the node may still send ([`SensorStreamShared::admit`]).
+    budget: std::sync::Mutex<SampleBudget>,
+    max_rate: f64,
 }
 
 impl SensorStreamShared {
@@ -190,7 +214,30 @@ impl SensorStreamShared {
             rejected: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             windows: AtomicU64::new(0),
+            budget: std::sync::Mutex::new(SampleBudget::new(
+                spec.max_rate,
+                tokio::time::Instant::now(),
+            )),
+            max_rate: spec.max_rate,
         })
+    }
+
+    /// Takes `samples` from the stream's rate budget for a producer outside the node,
+    /// or says it is spent. Checked before the samples reach the actor, so a flooding
+    /// producer costs the stream no mailbox slot and no work.
+    pub fn admit(&self, samples: u64) -> Result<(), IngestError> {
+        let mut budget = self
+            .budget
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        budget
+            .take(samples, tokio::time::Instant::now())
+            .map_err(|available| IngestError::RateExceeded {
+                sensor_id: self.id.to_string(),
+                samples,
+                available,
+                limit: self.max_rate,
+            })
     }
 
     pub fn acked_through(&self) -> Option<u64> {

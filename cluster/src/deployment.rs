@@ -406,15 +406,14 @@ impl Deployment {
     ) -> Result<(), rollout::RolloutError> {
         let ids = MeshSpec::stored_models(&spec.text)
             .map_err(|e| rollout::RolloutError::Spec(e.to_string()))?;
-        let Some(root) = &self.places.models else {
+        let Some(store) = &self.places.models else {
             return Ok(());
         };
         if ids.is_empty() {
             return Ok(());
         }
-        let store = fogmesh_models::store::ModelStore::open(root);
         let peers = rollout::peer_addresses(members, &self.node_name);
-        rollout::ensure_local(&ids, &store, &peers, &self.dialer).await?;
+        rollout::ensure_local(&ids, store, &peers, &self.dialer).await?;
         Ok(())
     }
 
@@ -446,7 +445,7 @@ impl Deployment {
                 learner.shutdown().await;
             }
         }
-        let Some(root) = &self.places.models else {
+        let Some(store) = &self.places.models else {
             return;
         };
         for (name, (expert, learning)) in wanted {
@@ -461,7 +460,7 @@ impl Deployment {
                 links: self.links.clone(),
                 state: self.state.clone(),
             });
-            let store = fogmesh_models::store::ModelStore::open(root);
+            let store = store.clone();
             match ContinualLearner::start(&self.node, expert, learning, store, promoter).await {
                 Ok(learner) => {
                     tracing::info!(expert = %name, "continual learner of a mesh expert started");

@@ -147,7 +147,7 @@ impl Ingestor {
         }
         let mut ack = IngestAck::default();
         for (sensor_id, samples) in order {
-            let outcome = self.node.push(&sensor_id, samples).await?;
+            let outcome = self.node.ingest(&sensor_id, samples).await?;
             ack.accepted = ack.accepted.saturating_add(outcome.accepted);
             ack.duplicates = ack.duplicates.saturating_add(outcome.duplicates);
             ack.streams.push(StreamAck {
@@ -183,7 +183,7 @@ impl Ingestor {
             acked_through,
             accepted,
             duplicates,
-        } = self.node.push(sensor_id, samples).await?;
+        } = self.node.ingest(sensor_id, samples).await?;
         Ok(JsonAck {
             acked_through,
             accepted,

@@ -28,6 +28,7 @@ pub mod membership;
 pub mod mesh;
 pub mod mesh_spec;
 pub mod metrics_endpoint;
+pub mod model_seal;
 pub mod model_store;
 mod mqtt;
 pub mod peer_links;

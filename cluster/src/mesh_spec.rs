@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use fogmesh_actors::{
     ExpertSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
 };
+use fogmesh_models::store::ModelStore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -58,9 +59,10 @@ pub struct MeshSensor {
 
 /// Where a node keeps what stored models need: its model store and the MiniLM folder
 /// (absolute paths; see `NodeConfig::model_store_root`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ModelPlaces {
-    pub models: Option<PathBuf>,
+    /// The node's store, sealed with the mesh's signature policy where it has one.
+    pub models: Option<ModelStore>,
     pub minilm: Option<PathBuf>,
 }
 
@@ -207,7 +209,7 @@ impl MeshSpec {
                 role: Role::Cloud,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
-                models: places.models.clone(),
+                models: places.models.as_ref().map(|s| s.root().to_path_buf()),
                 minilm: places.minilm.clone(),
             },
             limits: Limits::default(),
@@ -221,7 +223,7 @@ impl MeshSpec {
             tls: None,
             file: file.to_path_buf(),
         };
-        let spec = whole.to_node_spec()?;
+        let spec = whole.to_node_spec_with(places.models.as_ref())?;
         for (i, expert) in experts.iter().enumerate() {
             if let Some(near) = &expert.placement.near {
                 if !sensors.iter().any(|s| &s.spec.id == near) {

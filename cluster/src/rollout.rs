@@ -111,6 +111,14 @@ pub enum RolloutError {
     Raced { from: u64, to: u64 },
     #[error("the mesh knows spec version {known}, the largest there is: no newer spec can be written (a forged or corrupt spec is in the mesh)")]
     SpecVersionExhausted { known: u64 },
+    /// A rollout to a version signed as made before the one serving: an attacker's
+    /// replay of an old, weaker version looks like this. `fogmesh rollback` may.
+    #[error("{id} was made before {serving}, which expert `{expert}` serves: going back is a rollback (`fogmesh rollback {expert} --to ...`), never a rollout")]
+    Downgrade {
+        expert: String,
+        id: String,
+        serving: String,
+    },
 }
 
 /// What a rollout reads and changes on the node that runs it.
@@ -133,12 +141,11 @@ pub async fn run(
     requested: &str,
     rollback: bool,
 ) -> Result<RolloutRecord, RolloutError> {
-    let root = ctx
+    let store = ctx
         .places
         .models
         .clone()
         .ok_or_else(|| RolloutError::NotInMesh(ctx.me.to_string()))?;
-    let store = ModelStore::open(root);
     let current = lock(ctx.state).spec.clone().ok_or(RolloutError::NoSpec)?;
     let members = ctx.membership.members();
     let peers = peer_addresses(&members, ctx.me);
@@ -168,6 +175,16 @@ pub async fn run(
             .await
             .map_err(|e| spec_error(&e))??
     };
+    if !rollback && manifest.created_us < from.created_us {
+        let error = RolloutError::Downgrade {
+            expert: expert.to_string(),
+            id: to.clone(),
+            serving: from.id(),
+        };
+        metrics::counter!(crate::telemetry::MODELS_REFUSED, "reason" => "downgrade").increment(1);
+        tracing::warn!(target: "fogmesh::audit", who = %ctx.me, model = %to, outcome = "refused", reason = "downgrade", %error, "model version refused");
+        return Err(error);
+    }
     let text = MeshSpec::with_model(&current.text, expert, &to, &manifest.weights_sha256)
         .map_err(|e| spec_error(&e))?
         .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?;

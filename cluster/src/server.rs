@@ -158,7 +158,11 @@ impl NodeServer {
         annunciator: Annunciator,
     ) -> Result<RunningNodeServer, ServeError> {
         // 1. Files; 2. the recorder; 3. sockets; 4. actors (see the module doc).
-        let spec = config.to_node_spec()?;
+        // The spec first, so a config with several mistakes names the one in the
+        // node's own settings before a missing `[tls]`; a store opened without `[tls]`
+        // is unsealed, and such a node stops at `tls()` before serving anything.
+        let places = config.model_places()?;
+        let spec = config.to_node_spec_with(places.models.as_ref())?;
         let replays = config.replay_jobs()?;
         let tls = config.tls()?;
         if tls.is_none() {
@@ -177,6 +181,7 @@ impl NodeServer {
                 Some((expert.clone(), learning.clone()))
             })
             .collect();
+        let spec_for_mesh = spec.clone();
         let (node, node_join) =
             Node::start(spec, annunciator)
                 .await
@@ -184,7 +189,7 @@ impl NodeServer {
                     node: config.node.name.clone(),
                     source: Box::new(source),
                 })?;
-        let learners = match start_learners(&config, &node, learning).await {
+        let learners = match start_learners(places.models.clone(), &node, learning).await {
             Ok(learners) => learners,
             Err(source) => {
                 node.shutdown(node_join).await;
@@ -210,8 +215,8 @@ impl NodeServer {
                     grpc_addr,
                     capabilities: Capabilities::probe(),
                     up_since_us: node.snapshot().up_since_us,
-                    local: config.to_node_spec()?,
-                    places: config.model_places(),
+                    local: spec_for_mesh.clone(),
+                    places: places.clone(),
                     dialer: Dialer::new(
                         tls.clone(),
                         Some(ClusterKey::from_secret(cluster.secret.expose())),
@@ -225,13 +230,13 @@ impl NodeServer {
             membership: m.membership.clone(),
             links: m.link_view.clone(),
             deployment: m.deployment.clone(),
-            places: config.model_places(),
+            places: places.clone(),
             dialer: m.dialer.clone(),
         });
 
         let model_store = ModelStoreService::new(
             config.node.name.clone(),
-            config.model_store_root().map(ModelStore::open),
+            places.models.clone(),
             // Over TLS the certificate's role decides who may upload; the mesh key,
             // which every member learns by gossip, grants nothing there.
             mesh.as_ref()
@@ -336,7 +341,7 @@ impl NodeServer {
 /// Starts a learner for each `(expert, learning)`, promoting on this node; on the
 /// first that does not start, stops those already started.
 async fn start_learners(
-    config: &NodeConfig,
+    store: Option<ModelStore>,
     node: &Node,
     learning: Vec<(fogmesh_actors::ExpertSpec, fogmesh_actors::LearningSpec)>,
 ) -> Result<Vec<RunningLearner>, LearnerError> {
@@ -346,7 +351,7 @@ async fn start_learners(
     }
     // The config refuses learning for experts without a stored model, and stored
     // models without a store; this only guards a config built by hand.
-    let Some(store) = config.model_store() else {
+    let Some(store) = store else {
         return Err(LearnerError::NotStored {
             expert: learning[0].0.name.clone(),
         });

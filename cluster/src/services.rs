@@ -383,18 +383,13 @@ impl Control for NodeServices {
         let request = request.into_inner();
         let members = mesh.membership.members();
         // Stored versions the spec names must be on this node before it can check them.
-        if let Some(root) = &mesh.places.models {
+        if let Some(store) = &mesh.places.models {
             let ids =
                 MeshSpec::stored_models(&request.spec_toml).map_err(ServiceError::SpecSyntax)?;
             let peers = crate::rollout::peer_addresses(&members, &self.inner.node.name);
-            crate::rollout::ensure_local(
-                &ids,
-                &fogmesh_models::store::ModelStore::open(root),
-                &peers,
-                &mesh.dialer,
-            )
-            .await
-            .map_err(ServiceError::SpecModelsMissing)?;
+            crate::rollout::ensure_local(&ids, store, &peers, &mesh.dialer)
+                .await
+                .map_err(ServiceError::SpecModelsMissing)?;
         }
         let spec = MeshSpec::parse_with(
             &request.spec_toml,

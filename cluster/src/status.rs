@@ -92,6 +92,13 @@ pub enum ServiceError {
     ModelStoreDamaged { node: String, reason: String },
     #[error("the model store of node `{node}` failed: {reason}")]
     ModelStoreFailed { node: String, reason: String },
+    /// A version whose signature this node's policy does not trust.
+    #[error("node `{node}` refuses the version: {source}")]
+    ModelNotTrusted {
+        node: String,
+        #[source]
+        source: StoreError,
+    },
     /// A mesh call (`Apply`, `GetMesh`, `Rollout`) to a node that runs alone.
     #[error("node `{node}` is not in a mesh: its config has no [cluster] section")]
     NotInMesh { node: String },
@@ -179,6 +186,12 @@ impl ServiceError {
                     reason: error.to_string(),
                 }
             }
+            error @ (StoreError::Signature { .. } | StoreError::CannotSign { .. }) => {
+                ServiceError::ModelNotTrusted {
+                    node,
+                    source: error,
+                }
+            }
             error @ StoreError::Io { .. } => ServiceError::ModelStoreFailed {
                 node,
                 reason: error.to_string(),
@@ -198,7 +211,9 @@ impl ServiceError {
             ServiceError::NoModelStore { .. } | ServiceError::UnknownParent { .. } => {
                 Code::FailedPrecondition
             }
-            ServiceError::WrongClusterKey { .. } => Code::PermissionDenied,
+            ServiceError::WrongClusterKey { .. } | ServiceError::ModelNotTrusted { .. } => {
+                Code::PermissionDenied
+            }
             ServiceError::ModelStoreDamaged { .. } => Code::DataLoss,
             ServiceError::ModelStoreFailed { .. } => Code::Internal,
             ServiceError::InvalidField { .. } | ServiceError::MalformedPayload { .. } => {
@@ -219,7 +234,8 @@ impl ServiceError {
                 | RolloutError::NotStored { .. }
                 | RolloutError::NothingBefore { .. }
                 | RolloutError::AlreadyServing { .. }
-                | RolloutError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
+                | RolloutError::SpecVersionExhausted { .. }
+                | RolloutError::Downgrade { .. } => Code::FailedPrecondition,
                 // Nothing changed and a retry reads the new spec: the caller may run it
                 // again as is.
                 RolloutError::Raced { .. } => Code::Aborted,
@@ -240,6 +256,7 @@ impl ServiceError {
                 | IngestError::SequenceJump { .. }
                 | IngestError::TimestampAhead { .. } => Code::InvalidArgument,
                 IngestError::StreamUnavailable { .. } => Code::Unavailable,
+                IngestError::RateExceeded { .. } => Code::ResourceExhausted,
             },
             ServiceError::Score(e) => match e {
                 ScoreError::NoRoute { .. }
@@ -277,6 +294,7 @@ impl ServiceError {
             ServiceError::UnknownParent { .. } => "unknown_parent",
             ServiceError::ModelStoreDamaged { .. } => "store_damaged",
             ServiceError::ModelStoreFailed { .. } => "store_failed",
+            ServiceError::ModelNotTrusted { .. } => "model_not_trusted",
             ServiceError::NotInMesh { .. } => "not_in_mesh",
             ServiceError::SpecSyntax(_) => "spec_syntax",
             ServiceError::SpecModelsMissing(_) => "spec_models_missing",
@@ -295,6 +313,7 @@ impl ServiceError {
                 RolloutError::Spec(_) => "invalid_spec",
                 RolloutError::Raced { .. } => "raced",
                 RolloutError::SpecVersionExhausted { .. } => "spec_version_exhausted",
+                RolloutError::Downgrade { .. } => "downgrade",
             },
             ServiceError::DeploymentPoisoned => "deployment_poisoned",
             ServiceError::LinkRefused { .. } => "wrong_cluster_secret",

@@ -29,6 +29,9 @@ pub const TRANSPORT_MQTT: &str = "mqtt";
 pub const LINKS_REFUSED: &str = "fogmesh_cluster_links_refused_total";
 /// Calls refused because the caller's role may not call the method, by role and method.
 pub const CALLS_DENIED: &str = "fogmesh_calls_denied_total";
+/// Model versions a node refused to store, serve or roll out, by reason (unsigned,
+/// tampered, unknown_signer, signer_role, bad_signature, downgrade, ...).
+pub const MODELS_REFUSED: &str = "fogmesh_models_refused_total";
 /// Gossip datagrams dropped for lacking this mesh's seal (forged, or another mesh's).
 pub const GOSSIP_REFUSED: &str = "fogmesh_gossip_refused_total";
 /// Cluster link state changes (labels `peer`, `state`).

@@ -8,6 +8,18 @@
 //!   hyper-parameters, input spec, training data summary, metrics, parent versions
 //!   (lineage) and the weights' hash and size.
 //!
+//! - `manifests/<name>/<version>.sig`: the version's signature, where it has one: an
+//!   envelope over the manifest's canonical JSON ([`ModelStore::statement`]), which
+//!   names the weights' hash, so one signature covers manifest and weights.
+//!
+//! A store opened for a node of a mesh carries the mesh's [`ManifestSeal`]
+//! ([`ModelStore::sealed`]): then a version from elsewhere is stored only under a
+//! signature the seal trusts ([`ModelStore::import_signed`]), a version made here is
+//! signed as it is stored ([`ModelStore::import`]), and every read of weights checks
+//! the signature again, so nothing unsigned or altered on disk is ever served. A store
+//! without a seal (offline tools, an insecure mesh) keeps signatures it is given but
+//! cannot check them.
+//!
 //! Every load verifies the hash ([`ModelStore::weights`]): a blob whose bytes no longer
 //! hash to its name, or a manifest whose hash does not match the blob, is refused with
 //! both hashes and the file. Writes go to a temporary file first and are renamed into
@@ -113,12 +125,56 @@ pub enum StoreError {
     VersionExists { id: String },
     #[error("{id} names parent {parent}, which is not in the store")]
     UnknownParent { id: String, parent: String },
+    #[error("{id}: its signature is not trusted: {source}")]
+    Signature {
+        id: String,
+        #[source]
+        source: SealError,
+    },
+    #[error("{id} cannot be signed on this node: {source}")]
+    CannotSign {
+        id: String,
+        #[source]
+        source: SealError,
+    },
+}
+
+/// Why a seal refused to sign or to trust a signature; the seal's own error.
+pub type SealError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A mesh's signature policy, as a node's store applies it. The cluster implements it
+/// over the mesh's certificates; the store only says when to sign and when to check.
+pub trait ManifestSeal: std::fmt::Debug + Send + Sync {
+    /// Signs `statement` (the canonical manifest of `id`) for a version made on this
+    /// node, or says why this node may not sign.
+    fn sign(&self, id: &str, statement: &[u8]) -> Result<Vec<u8>, SealError>;
+    /// Checks `signature` over `statement` and returns who signed; `None` is a version
+    /// that carries no signature. A refusal is the seal's to count and log.
+    fn verify(
+        &self,
+        id: &str,
+        statement: &[u8],
+        signature: Option<&[u8]>,
+    ) -> Result<String, SealError>;
 }
 
 /// A model store rooted at a folder.
 #[derive(Debug, Clone)]
 pub struct ModelStore {
     root: PathBuf,
+    seal: Option<std::sync::Arc<dyn ManifestSeal>>,
+}
+
+/// The file name of an exported version's signature, beside `manifest.json`.
+pub const SIGNATURE_FILE: &str = "manifest.sig";
+
+/// Where a version being stored comes from.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// Made on this node: a sealed store signs it.
+    Here,
+    /// Made elsewhere, with the signature it came with.
+    Elsewhere(Option<&'a [u8]>),
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
@@ -165,7 +221,28 @@ pub fn parse_id(id: &str) -> (&str, Option<&str>) {
 impl ModelStore {
     /// A store at `root`; the folder is created on the first import.
     pub fn open(root: impl Into<PathBuf>) -> ModelStore {
-        ModelStore { root: root.into() }
+        ModelStore {
+            root: root.into(),
+            seal: None,
+        }
+    }
+
+    /// This store under a mesh's signature policy: see the module doc.
+    pub fn sealed(mut self, seal: std::sync::Arc<dyn ManifestSeal>) -> ModelStore {
+        self.seal = Some(seal);
+        self
+    }
+
+    /// Whether this store checks signatures.
+    pub fn is_sealed(&self) -> bool {
+        self.seal.is_some()
+    }
+
+    /// The bytes a signature of `manifest` covers: its compact JSON, which every node
+    /// derives alike from the same manifest (fields in declaration order, maps sorted,
+    /// floats round-tripped).
+    pub fn statement(manifest: &Manifest) -> Vec<u8> {
+        serde_json::to_vec(manifest).expect("a manifest serialises")
     }
 
     pub fn root(&self) -> &Path {
@@ -185,10 +262,104 @@ impl ModelStore {
             .join(format!("{version}.json"))
     }
 
-    /// Stores `weights` under `manifest`, filling in the weights' hash and size (a hash
-    /// already in the manifest must match). Refuses unknown parents and a version
-    /// stored before with other content; storing the same thing twice is a no-op.
-    pub fn import(&self, mut manifest: Manifest, weights: &[u8]) -> Result<Manifest, StoreError> {
+    fn signature_path(&self, manifest: &Manifest) -> PathBuf {
+        self.root
+            .join("manifests")
+            .join(&manifest.name)
+            .join(format!("{}.sig", manifest.version))
+    }
+
+    /// The signature stored with `manifest`, if it has one.
+    pub fn signature(&self, manifest: &Manifest) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.signature_path(manifest);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    /// On a sealed store: who signed `manifest`, or why its signature is not trusted.
+    /// On a store without a seal: `None`.
+    pub fn check_signature(&self, manifest: &Manifest) -> Result<Option<String>, StoreError> {
+        let Some(seal) = &self.seal else {
+            return Ok(None);
+        };
+        let signature = self.signature(manifest)?;
+        seal.verify(
+            &manifest.id(),
+            &ModelStore::statement(manifest),
+            signature.as_deref(),
+        )
+        .map(Some)
+        .map_err(|source| StoreError::Signature {
+            id: manifest.id(),
+            source,
+        })
+    }
+
+    /// Signs the stored version `id` with `seal` (an operator's `fogmesh models sign`),
+    /// replacing any signature it had. The store's own seal, if any, must trust it.
+    pub fn sign(&self, id: &str, seal: &dyn ManifestSeal) -> Result<Manifest, StoreError> {
+        let manifest = self.get(id)?;
+        self.weights_unchecked(&manifest)?;
+        let signature = seal
+            .sign(&manifest.id(), &ModelStore::statement(&manifest))
+            .map_err(|source| StoreError::CannotSign {
+                id: manifest.id(),
+                source,
+            })?;
+        self.check_signed(&manifest, Some(&signature))?;
+        write_atomically(&self.signature_path(&manifest), &signature)?;
+        Ok(manifest)
+    }
+
+    /// Checks `signature` for `manifest` against the seal, where there is one: what
+    /// [`ModelStore::import_signed`] checks first, for a receiver that wants to refuse
+    /// before it reads the weights.
+    pub fn check_signed(
+        &self,
+        manifest: &Manifest,
+        signature: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        if let Some(seal) = &self.seal {
+            seal.verify(&manifest.id(), &ModelStore::statement(manifest), signature)
+                .map_err(|source| StoreError::Signature {
+                    id: manifest.id(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stores a version made on this node: `weights` under `manifest`, filling in the
+    /// weights' hash and size (a hash already in the manifest must match). Refuses
+    /// unknown parents and a version stored before with other content; storing the
+    /// same thing twice is a no-op. A sealed store signs the version with the node's
+    /// identity, or refuses it where the mesh does not let this node sign.
+    pub fn import(&self, manifest: Manifest, weights: &[u8]) -> Result<Manifest, StoreError> {
+        self.store_version(manifest, weights, Origin::Here)
+    }
+
+    /// Stores a version made elsewhere (an upload, a copy from a peer, an operator's
+    /// files) with the signature it came with. A sealed store checks the signature
+    /// before anything is written; a store without a seal keeps it unchecked. The same
+    /// version stored before without a signature gains this one.
+    pub fn import_signed(
+        &self,
+        manifest: Manifest,
+        weights: &[u8],
+        signature: Option<&[u8]>,
+    ) -> Result<Manifest, StoreError> {
+        self.store_version(manifest, weights, Origin::Elsewhere(signature))
+    }
+
+    fn store_version(
+        &self,
+        mut manifest: Manifest,
+        weights: &[u8],
+        origin: Origin<'_>,
+    ) -> Result<Manifest, StoreError> {
         check_name("name", &manifest.name)?;
         check_name("version", &manifest.version)?;
         let actual = sha256_hex(weights);
@@ -223,19 +394,46 @@ impl ModelStore {
                 created_us: stored.created_us,
                 ..manifest.clone()
             };
-            if stored == same {
-                return Ok(stored);
+            if stored != same {
+                return Err(StoreError::VersionExists { id: manifest.id() });
             }
-            return Err(StoreError::VersionExists { id: manifest.id() });
+            if let Origin::Elsewhere(Some(signature)) = origin {
+                if self.signature(&stored)?.is_none() {
+                    self.check_signed(&stored, Some(signature))?;
+                    write_atomically(&self.signature_path(&stored), signature)?;
+                }
+            }
+            return Ok(stored);
         }
         if manifest.created_us == 0 {
             manifest.created_us = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as i64);
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         }
+        let signature = match origin {
+            Origin::Here => match &self.seal {
+                Some(seal) => Some(
+                    seal.sign(&manifest.id(), &ModelStore::statement(&manifest))
+                        .map_err(|source| StoreError::CannotSign {
+                            id: manifest.id(),
+                            source,
+                        })?,
+                ),
+                None => None,
+            },
+            Origin::Elsewhere(signature) => {
+                self.check_signed(&manifest, signature)?;
+                signature.map(<[u8]>::to_vec)
+            }
+        };
         let blob = self.blob_path(&manifest.weights_sha256);
         if !blob.exists() {
             write_atomically(&blob, weights)?;
+        }
+        // The signature lands before the manifest: a version is stored once its
+        // manifest is, and a crash between the two must not leave it unsigned.
+        if let Some(signature) = &signature {
+            write_atomically(&self.signature_path(&manifest), signature)?;
         }
         let text = serde_json::to_vec_pretty(&manifest).map_err(|source| StoreError::Manifest {
             path: path.clone(),
@@ -343,8 +541,14 @@ impl ModelStore {
         }
     }
 
-    /// The weights of `manifest`, after checking they still hash to what it says.
+    /// The weights of `manifest`, after checking they still hash to what it says and,
+    /// on a sealed store, that the version's signature is trusted.
     pub fn weights(&self, manifest: &Manifest) -> Result<Vec<u8>, StoreError> {
+        self.check_signature(manifest)?;
+        self.weights_unchecked(manifest)
+    }
+
+    fn weights_unchecked(&self, manifest: &Manifest) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(&manifest.weights_sha256);
         let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
             path: path.clone(),
@@ -370,18 +574,33 @@ impl ModelStore {
             path: dir.join("manifest.json"),
             source,
         })?;
+        if let Some(signature) = self.signature(&manifest)? {
+            write_atomically(&dir.join(SIGNATURE_FILE), &signature)?;
+        }
         write_atomically(&dir.join("manifest.json"), &text)?;
         Ok(manifest)
     }
 
-    /// Reads a manifest file and its weights file and imports them.
+    /// Reads a manifest file and its weights file, and the signature beside the
+    /// manifest ([`SIGNATURE_FILE`]) where there is one, and imports them.
     pub fn import_files(&self, manifest: &Path, weights: &Path) -> Result<Manifest, StoreError> {
+        let signature_path = manifest.with_file_name(SIGNATURE_FILE);
         let manifest = self.read_manifest(manifest)?;
         let bytes = std::fs::read(weights).map_err(|source| StoreError::Io {
             path: weights.to_path_buf(),
             source,
         })?;
-        self.import(manifest, &bytes)
+        let signature = match std::fs::read(&signature_path) {
+            Ok(signature) => Some(signature),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: signature_path,
+                    source,
+                })
+            }
+        };
+        self.import_signed(manifest, &bytes, signature.as_deref())
     }
 }
 
@@ -510,5 +729,92 @@ mod tests {
             .unwrap();
         assert_eq!(next(None), "8");
         assert_eq!(next(Some("2")), "4");
+    }
+
+    /// A seal for tests: "signs" with the statement's hash, and may be barred from
+    /// signing.
+    #[derive(Debug)]
+    struct Notary {
+        may_sign: bool,
+    }
+
+    impl ManifestSeal for Notary {
+        fn sign(&self, _id: &str, statement: &[u8]) -> Result<Vec<u8>, SealError> {
+            if !self.may_sign {
+                return Err("this node may not sign".into());
+            }
+            Ok(format!("notary:{}", sha256_hex(statement)).into_bytes())
+        }
+
+        fn verify(
+            &self,
+            _id: &str,
+            statement: &[u8],
+            signature: Option<&[u8]>,
+        ) -> Result<String, SealError> {
+            match signature {
+                None => Err("unsigned".into()),
+                Some(s) if s == format!("notary:{}", sha256_hex(statement)).as_bytes() => {
+                    Ok("notary".into())
+                }
+                Some(_) => Err("bad signature".into()),
+            }
+        }
+    }
+
+    fn sealed(root: &Path, may_sign: bool) -> ModelStore {
+        ModelStore::open(root).sealed(std::sync::Arc::new(Notary { may_sign }))
+    }
+
+    #[test]
+    fn a_sealed_store_signs_what_it_makes_and_serves_only_what_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sealed(&dir.path().join("node"), true);
+        let v1 = store.import(manifest("pump-ae", "v1"), b"weights").unwrap();
+        assert_eq!(
+            store.check_signature(&v1).unwrap().as_deref(),
+            Some("notary")
+        );
+        assert_eq!(store.weights(&v1).unwrap(), b"weights");
+
+        // A manifest edited on disk no longer matches its signature.
+        let path = store.manifest_path("pump-ae", "v1");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("0.79", "1e30")).unwrap();
+        let edited = store.get("pump-ae@v1").unwrap();
+        assert!(matches!(
+            store.weights(&edited),
+            Err(StoreError::Signature { .. })
+        ));
+
+        // From elsewhere: unsigned is refused and nothing is written; signed is kept.
+        let offline = ModelStore::open(dir.path().join("offline"));
+        let v2 = offline.import(manifest("pump-ae", "v2"), b"two").unwrap();
+        assert!(matches!(
+            store.import_signed(v2.clone(), b"two", None),
+            Err(StoreError::Signature { .. })
+        ));
+        assert!(matches!(
+            store.get("pump-ae@v2"),
+            Err(StoreError::NotFound(_))
+        ));
+        offline
+            .sign("pump-ae@v2", &Notary { may_sign: true })
+            .unwrap();
+        let out = dir.path().join("export");
+        offline.export("pump-ae@v2", &out).unwrap();
+        assert!(out.join(SIGNATURE_FILE).is_file());
+        let imported = store
+            .import_files(&out.join("manifest.json"), &out.join("weights.safetensors"))
+            .unwrap();
+        assert_eq!(store.weights(&imported).unwrap(), b"two");
+
+        // A node the mesh does not let sign cannot store what it makes.
+        let verifier = sealed(&dir.path().join("verifier"), false);
+        assert!(matches!(
+            verifier.import(manifest("pump-ae", "v3"), b"three"),
+            Err(StoreError::CannotSign { .. })
+        ));
+        assert!(verifier.list().unwrap().is_empty());
     }
 }

@@ -29,7 +29,8 @@ use fogmesh_actors::replay::{replay, ReplayPlan, ReplayStream};
 use fogmesh_actors::{
     Annunciator, BatchingSpec, ExpertSpec, ModelSource, Node, NodeSpec, NormalisationSpec,
     QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, RunningStats, ScoredWindow,
-    SensorStreamSpec, Windower, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_SEQUENCE_GAP,
+    SensorStreamSpec, Windower, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_RATE,
+    DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_models::{quantile, AutoencoderConfig, ConvAutoencoder, Recording, TrainOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -553,6 +554,7 @@ fn train_unit(
         router: "plant".into(),
         max_sequence_gap: DEFAULT_MAX_SEQUENCE_GAP,
         max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+        max_rate: DEFAULT_MAX_RATE,
     };
     let training = UnitTraining {
         unit: unit.name,

@@ -3,9 +3,12 @@
 //! Clients get certificates by role (an operator changes the mesh, a sensor ingests).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fogmesh_cluster::dialer::Dialer;
+use fogmesh_cluster::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
 use fogmesh_cluster::TlsSection;
+use fogmesh_models::store::ModelStore;
 use fogmesh_trust::{IssueRequest, MeshCa, MeshTls, Role, TlsFiles};
 
 /// A mesh CA in a folder, issuing certificates next to it.
@@ -63,6 +66,7 @@ impl TestPki {
             cert: Some(files.cert),
             key: Some(files.key),
             insecure: false,
+            model_signers: None,
         }
     }
 
@@ -98,6 +102,16 @@ impl TestPki {
             ("FOGMESH_CERT", files.cert),
             ("FOGMESH_KEY", files.key),
         ]
+    }
+
+    /// A model store at `root` as an operator's machine keeps it: what is imported
+    /// into it is signed by the test operator, and signatures are checked as a node
+    /// of this mesh checks them, so its versions serve on the fixture nodes.
+    pub fn signing_store(&self, root: &Path) -> ModelStore {
+        let operator = self.tls("operator", Role::Operator, &[]);
+        let seal = MeshSeal::new(&operator, &DEFAULT_MODEL_SIGNERS)
+            .expect("the test operator signs models");
+        ModelStore::open(root).sealed(Arc::new(seal))
     }
 
     /// A sensor gateway's dialer, allowed to feed any sensor.

@@ -145,10 +145,13 @@ impl MeshCa {
         for sensor in &request.sensors {
             check_name(sensor)?;
         }
-        let key = KeyPair::generate().map_err(|source| TrustError::Generate {
-            what: format!("the key of {}", request.name),
-            source,
-        })?;
+        // Ed25519, so the same identity that speaks TLS can sign model versions
+        // (`crate::signing`) without a second key to distribute.
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|source| TrustError::Generate {
+                what: format!("the key of {}", request.name),
+                source,
+            })?;
         let mut params = CertificateParams::default();
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, request.name.as_str());

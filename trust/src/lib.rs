@@ -10,7 +10,9 @@
 //! from one table, whether its role may call the method.
 //!
 //! What this crate trusts: the CA certificate a node is configured with, and nothing
-//! else. What it does not do yet: revocation lists, and certificate renewal without a
+//! else. Model versions are signed by those identities too
+//! ([`signing`]): a node serves a version only under a signature its policy trusts.
+//! What it does not do yet: revocation lists, and certificate renewal without a
 //! restart.
 
 pub mod access;
@@ -18,6 +20,7 @@ mod authority;
 mod error;
 mod identity;
 mod secret;
+pub mod signing;
 mod tls;
 
 pub use authority::{IssueRequest, MeshCa};

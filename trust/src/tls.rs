@@ -21,6 +21,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -58,6 +59,8 @@ struct Inner {
     key_pem: String,
     identity: PeerIdentity,
     client: Arc<ClientConfig>,
+    /// Checks that a certificate chains to the mesh CA; signatures reuse it.
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl fmt::Debug for MeshTls {
@@ -140,8 +143,19 @@ impl MeshTls {
                 key_pem: key_pem.to_string(),
                 identity,
                 client: Arc::new(client),
+                verifier,
             }),
         })
+    }
+
+    /// This peer's certificate and key, PEM.
+    pub(crate) fn pem(&self) -> (&str, &str) {
+        (&self.inner.cert_pem, &self.inner.key_pem)
+    }
+
+    /// The check that a certificate was issued by the mesh CA (chain, validity, usage).
+    pub(crate) fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.inner.verifier.clone()
     }
 
     /// Who this peer is, as its own certificate says.

@@ -113,11 +113,32 @@ impl Node {
         ))
     }
 
-    /// Hands a batch to its sensor stream and waits for the acknowledgement.
+    /// Hands a batch from a source on the node (a replay) to its sensor stream and
+    /// waits for the acknowledgement; no rate budget applies.
     pub async fn push(
         &self,
         sensor_id: &str,
         samples: Vec<Sample>,
+    ) -> Result<PushOutcome, IngestError> {
+        self.push_checked(sensor_id, samples, false).await
+    }
+
+    /// [`Node::push`] for samples from a producer outside the node (gRPC, MQTT): they
+    /// are charged to the stream's rate budget first (`max_rate`), and refused whole,
+    /// before the stream sees them, once it is spent.
+    pub async fn ingest(
+        &self,
+        sensor_id: &str,
+        samples: Vec<Sample>,
+    ) -> Result<PushOutcome, IngestError> {
+        self.push_checked(sensor_id, samples, true).await
+    }
+
+    async fn push_checked(
+        &self,
+        sensor_id: &str,
+        samples: Vec<Sample>,
+        limited: bool,
     ) -> Result<PushOutcome, IngestError> {
         let handle =
             self.directory
@@ -125,6 +146,9 @@ impl Node {
                 .ok_or_else(|| IngestError::UnknownSensor {
                     sensor_id: sensor_id.to_string(),
                 })?;
+        if limited {
+            handle.shared.admit(samples.len() as u64)?;
+        }
         ask(
             &handle.actor,
             |reply| SensorStreamMsg::Push { samples, reply },

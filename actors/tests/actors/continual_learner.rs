@@ -17,7 +17,7 @@ use fogmesh_actors::{
     Annunciator, BatchingSpec, ContinualLearner, ExpertOpinion, ExpertSpec, LearnerError,
     LearnerSnapshot, LearningSpec, LocalPromoter, ModelSource, Node, NodeSpec, NormalisationSpec,
     PromoteError, Promoter, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
-    ScoredWindow, SensorStreamSpec, StoredModel, DEFAULT_MAX_CLOCK_SKEW_MS,
+    ScoredWindow, SensorStreamSpec, StoredModel, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_RATE,
     DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_models::continual::{FineTuneOptions, ValidationGate};
@@ -110,6 +110,7 @@ fn node_spec(expert: ExpertSpec) -> NodeSpec {
             router: "by-asset".into(),
             max_sequence_gap: DEFAULT_MAX_SEQUENCE_GAP,
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+            max_rate: DEFAULT_MAX_RATE,
         }],
         routers: vec![RouterSpec {
             name: "by-asset".into(),

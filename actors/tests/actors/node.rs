@@ -9,7 +9,7 @@ use std::time::Duration;
 use fogmesh_actors::{
     Annunciator, BatchingSpec, ExpertSpec, IngestError, ModelSource, Node, NodeSpec,
     NormalisationSpec, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
-    ScoredWindow, SensorStreamSpec, SpecError, Window, DEFAULT_MAX_CLOCK_SKEW_MS,
+    ScoredWindow, SensorStreamSpec, SpecError, Window, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_RATE,
     DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_models::{AutoencoderConfig, SoftmaxGate};
@@ -47,6 +47,7 @@ fn sensor(id: &str, router: &str) -> SensorStreamSpec {
         router: router.into(),
         max_sequence_gap: DEFAULT_MAX_SEQUENCE_GAP,
         max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+        max_rate: DEFAULT_MAX_RATE,
     }
 }
 

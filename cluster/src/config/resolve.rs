@@ -20,6 +20,8 @@ use fogmesh_models::weights::sha256_hex;
 use fogmesh_models::{AutoencoderConfig, Recording, SoftmaxGate};
 use fogmesh_trust::{MeshTls, TlsFiles};
 
+use crate::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
+
 use super::{ConfigError, ExpertConfig, NodeConfig, RouterConfig};
 
 /// Shortest accepted cluster secret.
@@ -356,12 +358,68 @@ impl NodeConfig {
         Ok(Some(loaded))
     }
 
-    /// The node's model store (`[node] models`), when it has one.
-    pub fn model_store(&self) -> Option<ModelStore> {
-        self.node
-            .models
-            .as_deref()
-            .map(|p| ModelStore::open(self.resolve(p)))
+    /// The node's model store ([`NodeConfig::model_store_root`]), when it has one. On a
+    /// node with certificates it is sealed with the mesh's signature policy
+    /// ([`crate::model_seal`]); on an insecure node, or a config without `[tls]` (which
+    /// never serves), it takes versions unsigned.
+    pub fn model_store(&self) -> Result<Option<ModelStore>, ConfigError> {
+        let Some(root) = self.model_store_root() else {
+            return Ok(None);
+        };
+        let store = ModelStore::open(root);
+        if self.tls.is_none() {
+            return Ok(Some(store));
+        }
+        match self.tls()? {
+            Some(tls) => Ok(Some(store.sealed(Arc::new(self.model_seal(&tls)?)))),
+            None => Ok(Some(store)),
+        }
+    }
+
+    /// The mesh's signature policy for models, as `[tls] model_signers` sets it.
+    fn model_seal(&self, tls: &MeshTls) -> Result<MeshSeal, ConfigError> {
+        let signers = match self.tls.as_ref().and_then(|t| t.model_signers.as_ref()) {
+            None => DEFAULT_MODEL_SIGNERS.to_vec(),
+            Some(names) => {
+                let mut roles = Vec::new();
+                for (i, name) in names.iter().enumerate() {
+                    let field = format!("tls.model_signers[{i}]");
+                    let role = name.parse::<fogmesh_trust::Role>().map_err(|e| {
+                        self.invalid(field.clone(), format!("{name:?}"), e.to_string())
+                    })?;
+                    if role == fogmesh_trust::Role::Sensor {
+                        return Err(self.invalid(
+                            field,
+                            format!("{name:?}"),
+                            "sensors never sign models: name operator, edge, fog or cloud",
+                        ));
+                    }
+                    roles.push(role);
+                }
+                if roles.is_empty() {
+                    return Err(self.invalid(
+                        "tls.model_signers".into(),
+                        "[]",
+                        "nobody could sign a model, so no stored model would ever serve: name at least `operator`",
+                    ));
+                }
+                roles
+            }
+        };
+        MeshSeal::new(tls, &signers).map_err(|e| {
+            self.invalid(
+                "tls.key".into(),
+                format!(
+                    "{:?}",
+                    self.tls
+                        .as_ref()
+                        .and_then(|t| t.key.as_ref())
+                        .map(|k| k.display().to_string())
+                        .unwrap_or_default()
+                ),
+                format!("this node signs the models it makes, and cannot: {e}"),
+            )
+        })
     }
 
     /// The experts that learn, by name, with their `[experts.learning]`.
@@ -382,11 +440,11 @@ impl NodeConfig {
     }
 
     /// Where this node keeps what stored models need, as absolute paths.
-    pub fn model_places(&self) -> crate::mesh_spec::ModelPlaces {
-        crate::mesh_spec::ModelPlaces {
-            models: self.model_store_root(),
+    pub fn model_places(&self) -> Result<crate::mesh_spec::ModelPlaces, ConfigError> {
+        Ok(crate::mesh_spec::ModelPlaces {
+            models: self.model_store()?,
             minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
-        }
+        })
     }
 
     /// `path` as written in the config, resolved against the config file's folder.
@@ -400,11 +458,17 @@ impl NodeConfig {
     /// The actors' description of this node (step 2 of the [`super`] doc): reads weights
     /// and gate files, then validates the whole spec.
     pub fn to_node_spec(&self) -> Result<NodeSpec, ConfigError> {
+        self.to_node_spec_with(self.model_store()?.as_ref())
+    }
+
+    /// [`NodeConfig::to_node_spec`] reading stored models from `store` (a mesh spec,
+    /// checked on a node, reads the node's store).
+    pub fn to_node_spec_with(&self, store: Option<&ModelStore>) -> Result<NodeSpec, ConfigError> {
         let experts = self
             .experts
             .iter()
             .enumerate()
-            .map(|(i, expert)| self.expert_spec(i, expert))
+            .map(|(i, expert)| self.expert_spec(i, expert, store))
             .collect::<Result<Vec<_>, _>>()?;
         let routers = self
             .routers
@@ -464,9 +528,16 @@ impl NodeConfig {
         i: usize,
         expert: &ExpertConfig,
         id: &str,
+        store: Option<&ModelStore>,
     ) -> Result<StoredModel, ConfigError> {
         let field = format!("experts[{i}].model");
-        let store = ModelStore::open(self.model_store_root().unwrap_or_default());
+        let Some(store) = store else {
+            return Err(self.invalid(
+                field,
+                format!("{id:?}"),
+                "a stored model needs the node's model store: set `models` in [node]",
+            ));
+        };
         let store_error = |e: fogmesh_models::store::StoreError| ConfigError::Invalid {
             file: self.file.clone(),
             field: field.clone(),
@@ -494,11 +565,18 @@ impl NodeConfig {
         })
     }
 
-    fn expert_spec(&self, i: usize, expert: &ExpertConfig) -> Result<ExpertSpec, ConfigError> {
+    fn expert_spec(
+        &self,
+        i: usize,
+        expert: &ExpertConfig,
+        store: Option<&ModelStore>,
+    ) -> Result<ExpertSpec, ConfigError> {
         // `check` has refused a config naming more than one source, so the first one
         // named is the only one.
         let source = match (&expert.model, &expert.torchscript, &expert.weights) {
-            (Some(id), _, _) => ModelSource::Stored(Box::new(self.stored_model(i, expert, id)?)),
+            (Some(id), _, _) => {
+                ModelSource::Stored(Box::new(self.stored_model(i, expert, id, store)?))
+            }
             (None, Some(path), _) => {
                 let (path, _) = self.read_pinned(i, expert, "torchscript", "TorchScript", path)?;
                 ModelSource::TorchScript(path)

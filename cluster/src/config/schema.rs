@@ -97,6 +97,10 @@ pub struct TlsSection {
     /// Serve and dial in plaintext, with no identities and no roles: for a lab only.
     #[serde(default)]
     pub insecure: bool,
+    /// The roles whose signatures make a model version servable here (default:
+    /// operator, edge, fog, cloud; `["operator"]` for a mesh where only people sign).
+    #[serde(default)]
+    pub model_signers: Option<Vec<String>>,
 }
 
 /// Where in the plant's hierarchy a node sits.

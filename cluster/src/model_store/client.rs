@@ -18,7 +18,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
-use super::{chunks, header_for, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
+use super::{chunks, header_for, header_signature, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
 use crate::dialer::Dialer;
 use crate::link::{LinkError, KEY_HEADER};
 
@@ -253,12 +253,15 @@ impl Peer {
         let model = manifest.id();
         let weights = {
             let (store, manifest) = (store.clone(), manifest.clone());
-            tokio::task::spawn_blocking(move || store.weights(&manifest))
-                .await
-                .map_err(|e| self.invalid(&model, format!("the read task failed: {e}")))?
-                .map_err(|e| self.store_error(&model, e))?
+            tokio::task::spawn_blocking(move || {
+                Ok::<_, StoreError>((store.weights(&manifest)?, store.signature(&manifest)?))
+            })
+            .await
+            .map_err(|e| self.invalid(&model, format!("the read task failed: {e}")))?
+            .map_err(|e| self.store_error(&model, e))?
         };
-        let header = header_for(manifest, weights.len() as u64)
+        let (weights, signature) = weights;
+        let header = header_for(manifest, weights.len() as u64, signature)
             .map_err(|e| self.invalid(&model, format!("the manifest does not serialise: {e}")))?;
         let request = self.request(chunks(header, weights));
         let stored = self
@@ -285,13 +288,16 @@ async fn import(
     store: &ModelStore,
     manifest: Manifest,
     weights: Vec<u8>,
+    signature: Option<Vec<u8>>,
 ) -> Result<Manifest, TransferError> {
     let model = manifest.id();
     let store = store.clone();
-    tokio::task::spawn_blocking(move || store.import(manifest, &weights))
-        .await
-        .map_err(|e| peer.invalid(&model, format!("the import task failed: {e}")))?
-        .map_err(|e| peer.store_error(&model, e))
+    tokio::task::spawn_blocking(move || {
+        store.import_signed(manifest, &weights, signature.as_deref())
+    })
+    .await
+    .map_err(|e| peer.invalid(&model, format!("the import task failed: {e}")))?
+    .map_err(|e| peer.store_error(&model, e))
 }
 
 /// Copies `id` ("name@version") from the node at `addr` ("host:port") into `store`, checking the sha256 while the chunks arrive and again on import. Returns the stored manifest.
@@ -350,8 +356,14 @@ fn copy_down<'a>(
             peer.open_download(&manifest.id()).await?
         };
         let model = manifest.id();
+        // Refused before the weights cross the network where the signature is not
+        // trusted here; the import checks it again.
+        let signature = header_signature(&header).map(<[u8]>::to_vec);
+        store
+            .check_signed(&manifest, signature.as_deref())
+            .map_err(|e| peer.store_error(&model, e))?;
         let weights = peer.read_weights(&model, &header, stream).await?;
-        import(peer, store, manifest, weights).await
+        import(peer, store, manifest, weights, signature).await
     })
 }
 

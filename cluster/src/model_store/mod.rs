@@ -56,13 +56,23 @@ pub const MAX_MODEL_BYTES: u64 = 4 << 30;
 /// gigabytes must not reserve them on a small gateway before sending any.
 const PREALLOCATE_BYTES: u64 = 64 << 20;
 
-fn header_for(manifest: &Manifest, total_bytes: u64) -> Result<WeightHeader, serde_json::Error> {
+fn header_for(
+    manifest: &Manifest,
+    total_bytes: u64,
+    signature: Option<Vec<u8>>,
+) -> Result<WeightHeader, serde_json::Error> {
     Ok(WeightHeader {
         model: manifest.id(),
         sha256: manifest.weights_sha256.clone(),
         total_bytes,
         manifest: serde_json::to_vec_pretty(manifest)?,
+        signature: signature.unwrap_or_default(),
     })
+}
+
+/// The signature a header carries; empty is none.
+fn header_signature(header: &WeightHeader) -> Option<&[u8]> {
+    (!header.signature.is_empty()).then_some(header.signature.as_slice())
 }
 
 /// The header alone, then the weights in [`CHUNK_BYTES`] pieces, made as the stream is

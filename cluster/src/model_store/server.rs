@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, header_for, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
+use super::{chunks, header_for, header_signature, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
 use crate::link::{self, ClusterKey};
 use crate::status::ServiceError;
 use crate::telemetry;
@@ -102,6 +102,12 @@ impl ModelStoreService {
             no_header("the first chunk of an upload must carry the header".into())
         })?;
         let manifest = check_header(&header)?;
+        // An untrusted signature is refused before a byte of weights is read; the
+        // import checks it again with the weights.
+        let signature = header_signature(&header).map(<[u8]>::to_vec);
+        self.store()?
+            .check_signed(&manifest, signature.as_deref())
+            .map_err(|e| ServiceError::from_store(&self.node, e))?;
         let model = header.model;
         let declared = header.total_bytes;
         let length_error = |received: u64, reason: String| ServiceError::UploadLength {
@@ -153,7 +159,7 @@ impl ModelStoreService {
             });
         }
         let stored = self
-            .on_store(move |store| store.import(manifest, &weights))
+            .on_store(move |store| store.import_signed(manifest, &weights, signature.as_deref()))
             .await?;
         tracing::info!(node = %self.node, model = %stored.id(), bytes = stored.weights_bytes, "stored an uploaded model version");
         Ok(ModelRef {
@@ -166,14 +172,15 @@ impl ModelStoreService {
     /// The header and the checked weights of `model` (step 2 of the module doc).
     async fn outgoing(&self, model: String) -> Result<(WeightHeader, Vec<u8>), ServiceError> {
         check_requested_id(&model)?;
-        let (manifest, weights) = self
+        let (manifest, weights, signature) = self
             .on_store(move |store| {
                 let manifest = store.get(&model)?;
                 let weights = store.weights(&manifest)?;
-                Ok((manifest, weights))
+                let signature = store.signature(&manifest)?;
+                Ok((manifest, weights, signature))
             })
             .await?;
-        let header = header_for(&manifest, weights.len() as u64).map_err(|e| {
+        let header = header_for(&manifest, weights.len() as u64, signature).map_err(|e| {
             ServiceError::ModelStoreFailed {
                 node: self.node.clone(),
                 reason: format!("the manifest of {} does not serialise: {e}", manifest.id()),
@@ -343,7 +350,7 @@ mod tests {
         let stored = store
             .import(manifest("pump", "1", &[]), b"weights")
             .unwrap();
-        let good = header_for(&stored, 7).unwrap();
+        let good = header_for(&stored, 7, None).unwrap();
         assert_eq!(check_header(&good).unwrap(), stored);
         let cases = [
             (

@@ -3,12 +3,26 @@
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
-use fogmesh_bench::{merge, swap, training_speed, w1, w1_remote};
+use fogmesh_bench::{flood, merge, swap, training_speed, w1, w1_remote};
 
 use crate::task::{blocking, print_json};
 
 #[derive(Subcommand)]
 pub enum Workload {
+    /// One sensor floods a node at 100x its `max_rate` while another keeps its pace,
+    /// over mutual TLS: the quiet sensor's p99 alone and flooded, the flood accepted
+    /// and refused, and resident memory.
+    Flood {
+        /// Length of each phase in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The quiet sensor's samples per second.
+        #[arg(long, default_value_t = 1_000)]
+        quiet_rate: u64,
+        /// The flooding sensor's `max_rate` (it sends 100,000 samples per second).
+        #[arg(long, default_value_t = 1_000)]
+        flood_limit: u64,
+    },
     /// W1 steady, then W1 while every expert is hot-swapped to a new version every
     /// `--every` seconds: p99 of both phases, swaps, failed requests.
     Swap {
@@ -80,6 +94,21 @@ pub enum Gate {
 
 pub async fn run(workload: Workload) -> anyhow::Result<()> {
     match workload {
+        Workload::Flood {
+            seconds,
+            quiet_rate,
+            flood_limit,
+        } => {
+            let options = flood::BenchFloodOptions {
+                seconds,
+                quiet_rate,
+                flood_limit,
+            };
+            let report = flood::run(&options)
+                .await
+                .context("running the flood benchmark")?;
+            print_json(&report)
+        }
         Workload::Swap { seconds, every } => {
             anyhow::ensure!(
                 every.is_finite() && every > 0.0 && every < seconds,

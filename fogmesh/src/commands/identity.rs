@@ -31,7 +31,13 @@ impl IdentityArgs {
         let key = std::env::var("FOGMESH_CLUSTER_SECRET")
             .ok()
             .map(|secret| ClusterKey::from_secret(&secret));
-        let tls = match (&self.ca, &self.cert, &self.key) {
+        Ok(Dialer::new(self.tls()?, key))
+    }
+
+    /// The caller's certificate and key, checked against the mesh CA; `None` when
+    /// none of the three is given.
+    pub fn tls(&self) -> anyhow::Result<Option<MeshTls>> {
+        Ok(match (&self.ca, &self.cert, &self.key) {
             (None, None, None) => None,
             (Some(ca), Some(cert), Some(key)) => {
                 let files = TlsFiles {
@@ -46,7 +52,6 @@ impl IdentityArgs {
             _ => anyhow::bail!(
                 "give all of --ca, --cert and --key (or FOGMESH_CA, FOGMESH_CERT, FOGMESH_KEY), or none for a plaintext node"
             ),
-        };
-        Ok(Dialer::new(tls, key))
+        })
     }
 }

@@ -1,5 +1,5 @@
-//! `fogmesh models ls|show|import|export|push|pull`: the model store on this machine,
-//! and on a node through its gRPC `ModelStore`.
+//! `fogmesh models ls|show|import|export|sign|push|pull`: the model store on this
+//! machine, and on a node through its gRPC `ModelStore`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use comfy_table::Table;
 use fogmesh_cluster::status_table::plain;
+
+use fogmesh_cluster::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
 
 use crate::commands::identity::IdentityArgs;
 
@@ -34,6 +36,15 @@ pub enum ModelsAction {
         id: String,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Sign a version (NAME for the newest) with this caller's certificate, so that
+    /// nodes with certificates store and serve it; the signature travels with the
+    /// version (push, pull, export). Needs an Ed25519 identity of a role the mesh
+    /// lets sign (`fogmesh ca issue NAME --role operator`).
+    Sign {
+        id: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// Send a version (NAME for the newest) to a node's store, with the ancestors it
     /// lacks; checked by sha256 on the node.
@@ -129,6 +140,22 @@ pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
         ModelsAction::Export { id, out } => {
             let manifest = store.export(&id, &out)?;
             println!("exported {} to {}", manifest.id(), out.display());
+        }
+        ModelsAction::Sign { id, identity } => {
+            let tls = identity.tls()?.context(
+                "signing needs this caller's certificate: give --ca, --cert and --key (or FOGMESH_CA, FOGMESH_CERT, FOGMESH_KEY)",
+            )?;
+            let seal = MeshSeal::new(&tls, &DEFAULT_MODEL_SIGNERS)
+                .with_context(|| format!("signing as {}", tls.identity()))?;
+            let signed = store
+                .sign(&id, &seal)
+                .with_context(|| format!("signing {id} as {}", tls.identity()))?;
+            println!(
+                "signed {} ({}) as {}",
+                signed.id(),
+                signed.weights_sha256,
+                tls.identity()
+            );
         }
         ModelsAction::Push { id, node, identity } => {
             let sent =

@@ -392,8 +392,25 @@ async fn train_stores_a_new_version_each_run_and_a_node_serves_it_by_name() {
     assert!(ok);
     assert!(out.contains("\"model\":\"tep-diagnosis@2\""), "{out}");
 
-    // The stored version serves behind a router of a node process, by name alone.
+    // Signed by an operator, the stored version serves behind a router of a node
+    // process, by name alone.
     let pki = TestPki::open(&dir.path().join("pki"));
+    let signed = Command::new(fogmesh_binary())
+        .args(["models", "--store"])
+        .arg(&store)
+        .args(["sign", "tep-diagnosis@2"])
+        .envs(pki.operator_env())
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("the fogmesh binary runs");
+    let said = String::from_utf8_lossy(&signed.stdout);
+    assert!(
+        signed.status.success()
+            && said.contains("signed tep-diagnosis@2")
+            && said.contains("operator"),
+        "{said}{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
@@ -535,6 +552,15 @@ fn models_push_ls_and_pull_move_a_version_through_a_node() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
+    // Unsigned, the version is refused before its weights are sent; signed by the
+    // operator, it is taken.
+    let (ok, out, err) = fogmesh("local", &["push", "pump-ae", "--node", &addr]);
+    assert!(
+        !ok && err.contains("PermissionDenied") && err.contains("no signature"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = fogmesh("local", &["sign", "pump-ae"]);
+    assert!(ok && out.contains("signed pump-ae@v1"), "{out}{err}");
     let (ok, out, err) = fogmesh("local", &["push", "pump-ae", "--node", &addr]);
     assert!(ok && out.contains("sent pump-ae@v1"), "{out}{err}");
     let (ok, out, err) = fogmesh("local", &["ls", "--node", &addr]);

@@ -14,8 +14,9 @@ use fogmesh_cluster::dialer::Dialer;
 use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
+use fogmesh_proto::telemetry_client::TelemetryClient;
 use fogmesh_proto::SampleBatch;
-use fogmesh_proto::{MeshRequest, MeshStatus, NodeStatus, StatusRequest};
+use fogmesh_proto::{MeshRequest, MeshStatus, MetricsRequest, NodeStatus, StatusRequest};
 pub use fogmesh_tests::poll;
 use fogmesh_tests::{normal_values, samples, TestPki, WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,6 +179,20 @@ impl MeshNode {
             || async { Some(ControlClient::new(self.channel(&self.operator).await?)) },
         )
         .await
+    }
+
+    /// The node's metrics in the Prometheus text format.
+    pub async fn metrics_text(&self) -> String {
+        let channel = self
+            .channel(&self.operator)
+            .await
+            .expect("the node answers");
+        TelemetryClient::new(channel)
+            .metrics(MetricsRequest {})
+            .await
+            .expect("metrics answer")
+            .into_inner()
+            .text
     }
 
     pub async fn mesh(&self) -> Option<MeshStatus> {

@@ -21,7 +21,7 @@ use fogmesh_models::served::Architecture;
 use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
-use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
+use fogmesh_tests::{metric_value, normal_values, samples, CHANNELS, WINDOW};
 use tch::Device;
 
 const SECRET: &str = "rollout-test-secret";
@@ -126,11 +126,20 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     // The versions live in edge-1's store only (its `[cluster] data` folder's `models`).
-    let store = ModelStore::open(dir.path().join("data-edge-1/models"));
+    // They are signed by the mesh's operator, except ae@5, stored unsigned.
+    let pki = fogmesh_tests::TestPki::open(&dir.path().join("pki"));
+    let store = pki.signing_store(&dir.path().join("data-edge-1/models"));
     store_version(&store, "1", WINDOW, 1, &[]);
     store_version(&store, "2", WINDOW, 2, &["ae@1"]);
     store_version(&store, "3", WINDOW * 2, 3, &[]);
     store_version(&store, "4", WINDOW, 4, &[]);
+    store_version(
+        &ModelStore::open(dir.path().join("data-edge-1/models")),
+        "5",
+        WINDOW,
+        5,
+        &[],
+    );
     let tampered = store.get("ae@4").unwrap();
     let blob = dir.path().join(format!(
         "data-edge-1/models/blobs/{}.safetensors",
@@ -283,9 +292,15 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
     })
     .await;
 
-    // Versions that do not fit are refused before any replica swaps.
+    // Versions that do not fit, or are not signed, are refused before any replica
+    // swaps; so is a rollout back to an older version (that is a rollback).
     let spec_version = edge.mesh().await.unwrap().spec_version;
-    for (version, problem) in [("3", "windows of 64 values"), ("4", "tampered")] {
+    for (version, code, problem) in [
+        ("3", tonic::Code::InvalidArgument, "windows of 64 values"),
+        ("4", tonic::Code::InvalidArgument, "tampered"),
+        ("5", tonic::Code::InvalidArgument, "no signature"),
+        ("1", tonic::Code::FailedPrecondition, "rollback"),
+    ] {
         let refused = control
             .rollout(RolloutRequest {
                 expert: "ae".into(),
@@ -294,10 +309,32 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
             })
             .await
             .expect_err("a version that does not fit");
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert_eq!(refused.code(), code, "{version}: {refused:?}");
         assert!(refused.message().contains(problem), "{}", refused.message());
     }
     assert_eq!(edge.mesh().await.unwrap().spec_version, spec_version);
+    all_serve(&edge, "ae@2", None).await;
+    let log = edge.log();
+    for reason in ["unsigned", "downgrade"] {
+        assert!(
+            log.lines().any(|l| l.contains("fogmesh::audit")
+                && l.contains("outcome=\"refused\"")
+                && l.contains(&format!("reason=\"{reason}\""))),
+            "an audit line for the {reason} version"
+        );
+    }
+    let metrics = edge.metrics_text().await;
+    for reason in ["unsigned", "downgrade"] {
+        assert!(
+            metric_value(
+                &metrics,
+                "fogmesh_models_refused_total",
+                &[("reason", reason)]
+            )
+            .is_some_and(|n| n >= 1.0),
+            "the {reason} refusal is counted"
+        );
+    }
 
     // `fogmesh rollback`: back to the parent of ae@2 on every replica.
     let output = edge
@@ -344,7 +381,8 @@ async fn a_mesh_expert_learns_a_new_regime_and_every_replica_gets_the_version() 
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     // Version 1 learned regime A; its alarm limit is its q0.99 there.
-    let store = ModelStore::open(dir.path().join("data-edge-1/models"));
+    let pki = fogmesh_tests::TestPki::open(&dir.path().join("pki"));
+    let store = pki.signing_store(&dir.path().join("data-edge-1/models"));
     let config = AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
     let mut rng = SplitMix64::new(11);
     let rows: Vec<Vec<f32>> = (0..600).map(|t| plant_row(t, false, &mut rng)).collect();

@@ -455,3 +455,63 @@ async fn a_sequence_jump_or_a_far_future_timestamp_cannot_poison_a_stream() {
     assert_eq!(rejected(&text, "grpc", "timestamp_ahead"), 1.0, "{text}");
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_flooding_sensor_is_held_to_its_rate_and_the_others_are_not() {
+    let config = node_toml("").replacen(
+        &format!("id = \"{SENSOR}\"\n"),
+        &format!("id = \"{SENSOR}\"\nmax_rate = 40\n"),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start_config(dir, &config, fogmesh_actors::Annunciator::new(16)).await;
+    let mut ingest = node.ingest().await;
+
+    // One second's worth passes at once; the next sample is over the budget.
+    ingest
+        .push(SampleBatch {
+            samples: samples(SENSOR, 0..40, normal_values),
+        })
+        .await
+        .expect("a second's worth is accepted");
+    check_refusal(
+        "a burst past one second's worth",
+        ingest
+            .push(SampleBatch {
+                samples: samples(SENSOR, 40..80, normal_values),
+            })
+            .await,
+        Code::ResourceExhausted,
+        &[SENSOR, "40 samples", "max_rate = 40"],
+    );
+
+    // Another sensor on the same node is not held back.
+    for first in [0u64, 500] {
+        ingest
+            .push(SampleBatch {
+                samples: samples(OTHER_SENSOR, first..first + 500, normal_values),
+            })
+            .await
+            .expect("the other sensor's samples are accepted");
+    }
+    assert_eq!(node.sensor_status(OTHER_SENSOR).await.last_sequence, 999);
+
+    // As the budget refills, the flooded sensor's next samples are accepted.
+    let ack = poll("the budget to refill", EVENT_TIMEOUT, || {
+        let mut ingest = ingest.clone();
+        async move {
+            ingest
+                .push(SampleBatch {
+                    samples: samples(SENSOR, 40..50, normal_values),
+                })
+                .await
+                .ok()
+        }
+    })
+    .await
+    .into_inner();
+    assert_eq!((ack.accepted, ack.duplicates), (10, 0));
+    let text = node.metrics_text().await;
+    assert!(rejected(&text, "grpc", "rate_exceeded") >= 1.0, "{text}");
+    node.stop().await;
+}

@@ -1,15 +1,18 @@
 //! The `ModelStore` service of a node: versions uploaded from one store, listed,
 //! downloaded into another byte for byte (with their lineage), and every refusal:
 //! bytes that do not hash to the header's sha256, streams that end short or run over,
-//! unknown versions, a damaged blob on the serving node, a node without a store, and
-//! a mesh node's upload without the mesh's cluster key. The models span several
+//! unknown versions, a damaged blob on the serving node, a node without a store, a
+//! mesh node's upload without the mesh's cluster key, and versions whose signature
+//! the node does not trust (unsigned, tampered, another CA's, a sensor's). The models span several
 //! chunks (an autoencoder of ~750 KB against [`CHUNK_BYTES`] of 256 KiB).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use fogmesh_actors::Annunciator;
 use fogmesh_cluster::dialer::Dialer;
 use fogmesh_cluster::link::ClusterKey;
+use fogmesh_cluster::model_seal::MeshSeal;
 use fogmesh_cluster::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
 };
@@ -75,8 +78,9 @@ fn addr(node: &TestNode) -> String {
     node.server.grpc_addr().to_string()
 }
 
+/// The node's store, opened beside it as an operator would (signing what it imports).
 fn node_store(node: &TestNode) -> ModelStore {
-    ModelStore::open(node.dir.path().join("models"))
+    node.pki.signing_store(&node.dir.path().join("models"))
 }
 
 fn blob_count(root: &Path) -> usize {
@@ -91,13 +95,15 @@ async fn raw_upload(node: &TestNode, chunks: Vec<WeightChunk>) -> tonic::Status 
         .expect_err("the node refuses the upload")
 }
 
-/// The header of `manifest` and its weights split at `CHUNK_BYTES`.
-fn chunks_of(manifest: &Manifest, weights: &[u8]) -> Vec<WeightChunk> {
+/// The header of `manifest` with its signature in `store`, and its weights split at
+/// `CHUNK_BYTES`.
+fn chunks_of(store: &ModelStore, manifest: &Manifest, weights: &[u8]) -> Vec<WeightChunk> {
     let header = WeightHeader {
         model: manifest.id(),
         sha256: manifest.weights_sha256.clone(),
         total_bytes: manifest.weights_bytes,
         manifest: serde_json::to_vec_pretty(manifest).unwrap(),
+        signature: store.signature(manifest).unwrap().unwrap_or_default(),
     };
     std::iter::once(WeightChunk {
         header: Some(header),
@@ -121,7 +127,7 @@ fn refused_code(error: &TransferError) -> Code {
 async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
     let node = node_with_store("").await;
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     let (v1, weights_v1) = store_autoencoder(&local, "1", 1, &[]);
     let (v2, weights_v2) = store_autoencoder(&local, "2", 2, &["pump-ae@1"]);
 
@@ -155,7 +161,7 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
 
     // A bare name comes down as the newest version, after its parent.
     let third_dir = tempfile::tempdir().unwrap();
-    let third = ModelStore::open(third_dir.path());
+    let third = node.pki.signing_store(third_dir.path());
     let copied = download_version(&addr(&node), &node.operator, "pump-ae", &third)
         .await
         .unwrap();
@@ -174,7 +180,7 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
 
     // Other bytes under a stored version are refused.
     let other_dir = tempfile::tempdir().unwrap();
-    let other = ModelStore::open(other_dir.path());
+    let other = node.pki.signing_store(other_dir.path());
     store_autoencoder(&other, "1", 99, &[]);
     let error = upload_version(&addr(&node), &node.operator, "pump-ae@1", &other)
         .await
@@ -188,13 +194,13 @@ async fn versions_go_up_and_come_down_byte_for_byte_with_their_lineage() {
 async fn an_upload_whose_bytes_do_not_hash_to_its_header_stores_nothing() {
     let node = node_with_store("").await;
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     let (manifest, mut weights) = store_autoencoder(&local, "1", 1, &[]);
     let last = weights.len() - 1;
     weights[last] ^= 0xff;
     let actual = fogmesh_models::weights::sha256_hex(&weights);
 
-    let status = raw_upload(&node, chunks_of(&manifest, &weights)).await;
+    let status = raw_upload(&node, chunks_of(&local, &manifest, &weights)).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let message = status.message();
     assert!(
@@ -215,11 +221,11 @@ async fn an_upload_whose_bytes_do_not_hash_to_its_header_stores_nothing() {
 async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
     let node = node_with_store("").await;
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     let (manifest, weights) = store_autoencoder(&local, "1", 1, &[]);
     let declared = weights.len();
 
-    let mut short = chunks_of(&manifest, &weights);
+    let mut short = chunks_of(&local, &manifest, &weights);
     short.truncate(2);
     let status = raw_upload(&node, short).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -231,7 +237,7 @@ async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
         status.message()
     );
 
-    let mut over = chunks_of(&manifest, &weights);
+    let mut over = chunks_of(&local, &manifest, &weights);
     over.push(WeightChunk {
         header: None,
         data: vec![0; 10],
@@ -270,7 +276,7 @@ async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
 async fn unknown_and_damaged_versions_are_not_served() {
     let node = node_with_store("").await;
     let target_dir = tempfile::tempdir().unwrap();
-    let target = ModelStore::open(target_dir.path());
+    let target = node.pki.signing_store(target_dir.path());
 
     let error = download_version(&addr(&node), &node.operator, "pump-ae@7", &target)
         .await
@@ -312,7 +318,7 @@ async fn a_node_without_a_store_says_how_to_give_it_one() {
         "{error}"
     );
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     store_autoencoder(&local, "1", 1, &[]);
     let error = upload_version(&addr(&node), &node.operator, "pump-ae@1", &local)
         .await
@@ -333,7 +339,7 @@ async fn a_tls_mesh_node_takes_uploads_by_role_and_the_mesh_key_grants_nothing()
     );
     let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     store_autoencoder(&local, "1", 1, &[]);
 
     // A sensor's certificate, even with the mesh key, may not upload.
@@ -379,7 +385,7 @@ async fn an_insecure_mesh_node_takes_uploads_only_with_the_mesh_key() {
     let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
     assert!(node.status().await.insecure);
     let local_dir = tempfile::tempdir().unwrap();
-    let local = ModelStore::open(local_dir.path());
+    let local = node.pki.signing_store(local_dir.path());
     store_autoencoder(&local, "1", 1, &[]);
 
     let wrong = ClusterKey::from_secret("another-mesh-secret");
@@ -405,6 +411,83 @@ async fn an_insecure_mesh_node_takes_uploads_only_with_the_mesh_key() {
             .unwrap()
             .len(),
         1
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn unsigned_tampered_and_wrongly_signed_versions_are_refused_and_counted() {
+    let node = node_with_store("").await;
+    let refused = |text: &str, reason: &str| {
+        fogmesh_tests::metric_value(text, "fogmesh_models_refused_total", &[("reason", reason)])
+            .unwrap_or(0.0)
+    };
+    let before = node.metrics_text().await;
+
+    // Unsigned: stored in a store without a seal.
+    let unsigned_dir = tempfile::tempdir().unwrap();
+    let unsigned = ModelStore::open(unsigned_dir.path());
+    store_autoencoder(&unsigned, "1", 1, &[]);
+    // Signed by an operator of another mesh CA.
+    let foreign_pki = fogmesh_tests::TestPki::open(&unsigned_dir.path().join("foreign"));
+    let foreign_dir = tempfile::tempdir().unwrap();
+    let foreign = foreign_pki.signing_store(foreign_dir.path());
+    store_autoencoder(&foreign, "2", 2, &[]);
+    // Signed by a sensor of this mesh, a role that never signs models.
+    let sensor = node.pki.tls("line-3", Role::Sensor, &[]);
+    let sensor_seal = MeshSeal::new(&sensor, &[Role::Sensor]).unwrap();
+    let by_sensor_dir = tempfile::tempdir().unwrap();
+    let by_sensor = ModelStore::open(by_sensor_dir.path()).sealed(Arc::new(sensor_seal));
+    store_autoencoder(&by_sensor, "3", 3, &[]);
+    for (store, id, reason) in [
+        (&unsigned, "pump-ae@1", "no signature"),
+        (&foreign, "pump-ae@2", "not issued by the mesh CA"),
+        (&by_sensor, "pump-ae@3", "role sensor"),
+    ] {
+        let error = upload_version(&addr(&node), &node.operator, id, store)
+            .await
+            .unwrap_err();
+        assert_eq!(refused_code(&error), Code::PermissionDenied, "{error}");
+        assert!(error.to_string().contains(reason), "{id}: {error}");
+    }
+
+    // Tampered: an operator-signed manifest whose alarm limit was raised afterwards,
+    // the change that silences every alarm, sent with the original signature.
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = node.pki.signing_store(local_dir.path());
+    let (signed, weights) = store_autoencoder(&local, "4", 4, &[]);
+    let mut raised = signed.clone();
+    raised.metrics.insert("threshold".into(), 1e30);
+    let mut chunks = chunks_of(&local, &raised, &weights);
+    let header = chunks[0].header.as_mut().unwrap();
+    header.signature = local.signature(&signed).unwrap().unwrap();
+    let status = raw_upload(&node, chunks).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("other content"), "{status:?}");
+
+    assert!(list_versions(&addr(&node), &node.operator)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(blob_count(node_store(&node).root()), 0, "nothing stored");
+    let after = node.metrics_text().await;
+    for reason in ["unsigned", "unknown_signer", "signer_role", "tampered"] {
+        assert!(
+            refused(&after, reason) >= refused(&before, reason) + 1.0,
+            "{reason} is counted"
+        );
+    }
+
+    // The same version as signed uploads, and serves its weights back.
+    upload_version(&addr(&node), &node.operator, "pump-ae@4", &local)
+        .await
+        .unwrap();
+    let node_side = node_store(&node);
+    assert_eq!(
+        node_side
+            .weights(&node_side.get("pump-ae@4").unwrap())
+            .unwrap(),
+        weights
     );
     node.stop().await;
 }

@@ -22,7 +22,7 @@ use fogmesh_models::served::{
 use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, DefectCnn, SplitMix64, VisionConfig};
 use fogmesh_proto::ScoreRequest;
-use fogmesh_tests::TestNode;
+use fogmesh_tests::{TestNode, TestPki};
 use tch::Device;
 
 /// One stored model and the windows the test scores with it.
@@ -74,8 +74,11 @@ fn store(store: &ModelStore, name: &str, architecture: Architecture, weights: Ve
         .expect("the store takes the model")
 }
 
+/// Stores the models under `root`, signed by the operator of the mesh CA beside it
+/// (`pki/`, where the fixture node finds it).
 fn time_series_models(root: &Path) -> Vec<Stored> {
-    let models = ModelStore::open(root);
+    let pki = TestPki::open(&root.parent().expect("a folder").join("pki"));
+    let models = pki.signing_store(root);
     let mut out = Vec::new();
 
     let config = AutoencoderConfig::w1(3, 16);
@@ -341,7 +344,9 @@ async fn a_tampered_blob_in_the_store_stops_the_start_naming_it() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&blob, bytes).unwrap();
-    let path = fogmesh_tests::write_config(dir.path(), &config(&models));
+    let pki = TestPki::open(&dir.path().join("pki"));
+    let text = config(&models) + &pki.node_tls_toml("zoo", fogmesh_trust::Role::Fog);
+    let path = fogmesh_tests::write_config(dir.path(), &text);
     let error = match NodeConfig::load(&path) {
         Err(e) => e.to_string(),
         Ok(config) => match NodeServer::start_with(config, Annunciator::new(8)).await {
