@@ -96,6 +96,8 @@ bench: setup
     cargo run --release -p fogmesh -- bench w1 --remote
     cargo run --release -p fogmesh -- bench train
     cargo run --release -p fogmesh -- bench swap
+    cargo run --release -p fogmesh -- bench w1 --remote --tls
+    cargo run --release -p fogmesh -- bench flood
 
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency. It runs
 # in the release profile, like `just test`, so after a test build it reuses what that

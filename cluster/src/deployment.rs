@@ -80,6 +80,40 @@ pub struct DeploymentState {
     pub last_error: Option<String>,
     /// The last rollout this node ran (`Control.Rollout`).
     pub rollout: Option<RolloutRecord>,
+    /// Gossiped specs that did not parse here, newest last: never adopted, persisted,
+    /// passed on, or counted when a new spec is numbered, so a member that gossips an
+    /// unreadable spec at version `u64::MAX` cannot freeze the mesh's configuration.
+    /// At most [`MAX_UNUSABLE_SPECS`].
+    pub unusable: Vec<StoredSpec>,
+}
+
+/// The deployment state, also after a panic while it was held: every writer leaves it
+/// whole between statements.
+pub(crate) fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentState> {
+    match state.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Most unusable specs a node remembers; older ones are forgotten first.
+pub const MAX_UNUSABLE_SPECS: usize = 16;
+
+impl DeploymentState {
+    /// The specs `members` gossip that this node has not found unusable.
+    pub fn usable_specs<'a>(
+        &'a self,
+        members: &'a BTreeMap<String, Member>,
+    ) -> impl Iterator<Item = StoredSpec> + 'a {
+        gossiped_specs(members).filter(|s| !self.unusable.contains(s))
+    }
+
+    fn refuse(&mut self, spec: StoredSpec) {
+        if self.unusable.len() >= MAX_UNUSABLE_SPECS {
+            self.unusable.remove(0);
+        }
+        self.unusable.push(spec);
+    }
 }
 
 /// Why a spec was not applied.
@@ -249,20 +283,22 @@ impl Deployment {
             let members = self.membership.members();
             let link_view = links.borrow().clone();
 
-            // 1. Adopt.
-            let newest = gossiped_specs(&members)
-                .chain(self.state.lock().ok().and_then(|s| s.spec.clone()))
-                .fold(own_spec.clone(), |best, s| match best {
-                    Some(b) if !s.newer_than(&b) => Some(b),
-                    _ => Some(s),
-                });
+            // 1. Adopt: the newest spec that parses here, and only once it does, so a
+            // spec this node cannot read is never persisted or passed on.
+            let candidates_now: Vec<StoredSpec> = {
+                let state = lock(&self.state);
+                state
+                    .usable_specs(&members)
+                    .chain(state.spec.clone())
+                    .chain(own_spec.clone())
+                    .filter(|s| !state.unusable.contains(s))
+                    .collect()
+            };
+            let newest = candidates_now.into_iter().fold(None, |best, s| match best {
+                Some(b) if !s.newer_than(&b) => Some(b),
+                _ => Some(s),
+            });
             let Some(newest) = newest else { continue };
-            if own_spec.as_ref() != Some(&newest) {
-                tracing::info!(version = newest.version, "adopting mesh spec");
-                self.persist(&newest);
-                self.publish_spec(&newest).await;
-                own_spec = Some(newest.clone());
-            }
             if parsed.as_ref().map(|(s, _)| s) != Some(&newest) {
                 if let Err(e) = self.fetch_models(&newest, &members).await {
                     self.record_error(format!(
@@ -276,12 +312,19 @@ impl Deployment {
                     Ok(spec) => parsed = Some((newest.clone(), spec)),
                     Err(e) => {
                         self.record_error(format!(
-                            "mesh spec {} unusable here: {e}",
+                            "mesh spec {} unusable here, ignored: {e}",
                             newest.version
                         ));
+                        lock(&self.state).refuse(newest);
                         continue;
                     }
                 }
+            }
+            if own_spec.as_ref() != Some(&newest) {
+                tracing::info!(version = newest.version, "adopting mesh spec");
+                self.persist(&newest);
+                self.publish_spec(&newest).await;
+                own_spec = Some(newest.clone());
             }
             let Some((stored, spec)) = &parsed else {
                 continue;

@@ -35,6 +35,7 @@ use fogmesh_models::served::{Assets, ServedModel};
 use fogmesh_models::store::{Manifest, ModelStore, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::deployment::lock;
 use crate::deployment::{candidates, DeploymentState};
 use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
@@ -235,7 +236,8 @@ pub async fn run(
             to: now,
         });
     }
-    let known = crate::deployment::gossiped_specs(&members)
+    let known = state
+        .usable_specs(&members)
         .map(|s| s.version)
         .chain([now])
         .max()
@@ -327,13 +329,6 @@ fn unreachable(error: &TransferError) -> bool {
         TransferError::HashMismatch { .. }
         | TransferError::Invalid { .. }
         | TransferError::Store { .. } => false,
-    }
-}
-
-fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentState> {
-    match state.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

@@ -54,7 +54,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
-use crate::deployment::{candidates, gossiped_specs, place_new, DeploymentState};
+use crate::deployment::{candidates, place_new, DeploymentState};
 use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
@@ -405,7 +405,8 @@ impl Control for NodeServices {
             .deployment
             .lock()
             .map_err(|_| ServiceError::DeploymentPoisoned)?;
-        let known = gossiped_specs(&members)
+        let known = state
+            .usable_specs(&members)
             .map(|s| s.version)
             .chain(state.spec.as_ref().map(|s| s.version))
             .max()

@@ -13,6 +13,53 @@ use fogmesh_trust::Role;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
+/// A node of a mesh whose cluster secret is `secret`.
+async fn mesh_node(secret: &str) -> TestNode {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[cluster]\nsecret = {secret:?}\ndata = \"mesh\"\n",
+        node_toml("")
+    );
+    TestNode::start_config(dir, &config, Annunciator::new(16)).await
+}
+
+/// Applies [`legitimate_spec`] as an operator and returns the version it got.
+async fn apply_legitimate_spec(
+    control: &fogmesh_proto::control_client::ControlClient<tonic::transport::Channel>,
+) -> u64 {
+    let mut control = control.clone();
+    control
+        .apply(ApplyRequest {
+            spec_toml: legitimate_spec(),
+            dry_run: false,
+        })
+        .await
+        .expect("a legitimate apply still wins")
+        .into_inner()
+        .version
+}
+
+/// An operator's mesh spec: one expert and one sensor on the fixture node.
+fn legitimate_spec() -> String {
+    format!(
+        "[[experts]]\nname = \"ae\"\nmodel_version = \"v1\"\nchannels = 2\nwindow = 16\nthreshold = 1.0\n\n[[routers]]\nname = \"r\"\npolicy = \"static\"\nroutes = {{ s9 = [\"ae\"] }}\n\n[[sensors]]\nnode = \"{NODE}\"\nid = \"s9\"\nchannels = 2\nwindow = 16\nstride = 16\nrouter = \"r\"\n"
+    )
+}
+
+/// The node's view of the mesh, if it answers.
+async fn mesh_view(
+    control: &fogmesh_proto::control_client::ControlClient<tonic::transport::Channel>,
+) -> Option<fogmesh_proto::MeshStatus> {
+    let mut control = control.clone();
+    Some(
+        control
+            .get_mesh(fogmesh_proto::MeshRequest {})
+            .await
+            .ok()?
+            .into_inner(),
+    )
+}
+
 fn batch(sensor: &str) -> SampleBatch {
     SampleBatch {
         samples: samples(sensor, 0..8, normal_values),
@@ -132,12 +179,7 @@ async fn a_sensor_certificate_may_ingest_only_and_only_the_sensors_it_names() {
 #[tokio::test]
 async fn a_node_may_join_the_cluster_link_only_under_the_name_its_certificate_gives() {
     const SECRET: &str = "trust-test-secret";
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n",
-        node_toml("")
-    );
-    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    let node = mesh_node(SECRET).await;
     let key = ClusterKey::from_secret(SECRET);
     let fog_9 = node.pki.dialer("fog-9", Role::Fog);
     let impostor = link::ask_admission(&node.endpoint(), &fog_9, &key, "fog-1")
@@ -175,12 +217,7 @@ async fn forged_gossip_is_neither_heard_nor_adopted() {
     use fogmesh_cluster::mesh_spec::StoredSpec;
 
     const SECRET: &str = "gossip-test-secret";
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}\n[cluster]\nsecret = {SECRET:?}\ndata = \"mesh\"\n",
-        node_toml("")
-    );
-    let node = TestNode::start_config(dir, &config, Annunciator::new(16)).await;
+    let node = mesh_node(SECRET).await;
     let gossip_addr = node.server.grpc_addr();
 
     let attacker_addr: std::net::SocketAddr = ([127, 0, 0, 1], fogmesh_tests::free_port()).into();
@@ -236,17 +273,76 @@ async fn forged_gossip_is_neither_heard_nor_adopted() {
     assert_eq!(mesh.spec_version, 0);
     assert!(!node.dir.path().join("mesh/mesh-spec.json").exists());
 
-    let applied = control
-        .apply(ApplyRequest {
-            spec_toml: format!(
-                "[[experts]]\nname = \"ae\"\nmodel_version = \"v1\"\nchannels = 2\nwindow = 16\nthreshold = 1.0\n\n[[routers]]\nname = \"r\"\npolicy = \"static\"\nroutes = {{ s9 = [\"ae\"] }}\n\n[[sensors]]\nnode = \"{NODE}\"\nid = \"s9\"\nchannels = 2\nwindow = 16\nstride = 16\nrouter = \"r\"\n"
-            ),
-            dry_run: false,
-        })
-        .await
-        .expect("a legitimate apply still wins")
-        .into_inner();
-    assert_eq!(applied.version, 1);
+    assert_eq!(apply_legitimate_spec(&control).await, 1);
     drop(attacker);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_member_gossiping_an_unreadable_spec_cannot_freeze_the_mesh() {
+    use fogmesh_cluster::capabilities::Capabilities;
+    use fogmesh_cluster::membership::{MemberCard, Membership, SPEC_KEY};
+    use fogmesh_cluster::mesh_spec::StoredSpec;
+
+    const SECRET: &str = "member-test-secret";
+    let node = mesh_node(SECRET).await;
+
+    // A member holding the secret (its gossip is sealed) publishes a spec at the
+    // largest version there is, which no node can read.
+    let secret: fogmesh_trust::Secret = serde_json::from_str(&format!("{SECRET:?}")).unwrap();
+    let member_addr: std::net::SocketAddr = ([127, 0, 0, 1], fogmesh_tests::free_port()).into();
+    let card = MemberCard::new("cloud", "127.0.0.1:1".into(), &Capabilities::probe(), 0);
+    let member = Membership::start(
+        "rogue",
+        1,
+        member_addr,
+        &[node.server.grpc_addr().to_string()],
+        &ClusterKey::from_secret(SECRET),
+        &secret,
+        &card,
+    )
+    .await
+    .expect("the member gossips");
+    let unreadable = StoredSpec {
+        version: u64::MAX,
+        applied_at_us: 0,
+        text: "[[experts]]\nname = \"silence\"\n".into(),
+    };
+    member
+        .set(SPEC_KEY, serde_json::to_string(&unreadable).unwrap())
+        .await;
+
+    // The barrier: the node has read the spec and found it unusable.
+    let control = node.control().await;
+    let mesh = fogmesh_tests::poll(
+        "the node to find the gossiped spec unusable",
+        fogmesh_tests::EVENT_TIMEOUT,
+        || async {
+            mesh_view(&control)
+                .await
+                .filter(|mesh| mesh.last_error.contains("unusable here"))
+        },
+    )
+    .await;
+    assert_eq!(mesh.members.len(), 2, "{:?}", mesh.members);
+    assert_eq!(mesh.spec_version, 0, "not adopted");
+    assert!(
+        !node.dir.path().join("mesh/mesh-spec.json").exists(),
+        "not persisted"
+    );
+
+    // An operator's spec is numbered past what the node could read, and wins.
+    assert_eq!(apply_legitimate_spec(&control).await, 1);
+    fogmesh_tests::poll(
+        "the applied spec to be adopted",
+        fogmesh_tests::EVENT_TIMEOUT,
+        || async {
+            mesh_view(&control)
+                .await
+                .filter(|mesh| mesh.spec_version == 1)
+        },
+    )
+    .await;
+    member.shutdown().await;
     node.stop().await;
 }
