@@ -186,8 +186,8 @@ pub enum ModelFault {
     #[error(transparent)]
     Refused(Arc<SwapError>),
     /// The expert or its node agent did not answer (a timeout, a stopped actor).
-    #[error("{0}")]
-    Unanswered(String),
+    #[error(transparent)]
+    Unanswered(crate::node_agent::Unanswered),
 }
 
 /// By message: the causes are not comparable themselves, and two faults that read the

@@ -10,14 +10,33 @@ use ractor::{ActorRef, RpcReplyPort};
 /// How long a caller waits for a sensor stream, router, expert or the agent to answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why an actor of the node gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unanswered {
+    #[error("no {answer} within {after:?}")]
+    Timeout {
+        answer: &'static str,
+        after: Duration,
+    },
+    #[error("the {callee} stopped before answering")]
+    Stopped { callee: &'static str },
+    /// ractor could not deliver the message (the mailbox is closed); its error is
+    /// generic over the message type, so its text is kept.
+    #[error("the {callee} could not be asked: {reason}")]
+    NotDelivered {
+        callee: &'static str,
+        reason: String,
+    },
+}
+
 /// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
 /// answering (timeout, callee stopped, message not delivered) into the callee's own
-/// error; `(answer, callee)` name them in the reason, e.g. ("verdict", "router").
+/// error; `(answer, callee)` name them, e.g. ("verdict", "router").
 pub(super) async fn ask<M, T, E>(
     actor: &ActorRef<M>,
     message: impl FnOnce(RpcReplyPort<Result<T, E>>) -> M,
-    names: (&str, &str),
-    unavailable: impl Fn(String) -> E,
+    names: (&'static str, &'static str),
+    unavailable: impl Fn(Unanswered) -> E,
 ) -> Result<T, E>
 where
     M: ractor::Message,
@@ -26,7 +45,7 @@ where
 {
     call(actor, message, names)
         .await
-        .unwrap_or_else(|reason| Err(unavailable(reason)))
+        .unwrap_or_else(|unanswered| Err(unavailable(unanswered)))
 }
 
 /// [`ask`] for a caller whose error differs from the callee's: the callee's answer as
@@ -34,18 +53,22 @@ where
 pub(super) async fn call<M, T>(
     actor: &ActorRef<M>,
     message: impl FnOnce(RpcReplyPort<T>) -> M,
-    (answer, callee): (&str, &str),
-) -> Result<T, String>
+    (answer, callee): (&'static str, &'static str),
+) -> Result<T, Unanswered>
 where
     M: ractor::Message,
     T: Send + 'static,
 {
     match actor.call(message, Some(CALL_TIMEOUT)).await {
         Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
-        Ok(ractor::rpc::CallResult::Timeout) => Err(format!("no {answer} within {CALL_TIMEOUT:?}")),
-        Ok(ractor::rpc::CallResult::SenderError) => {
-            Err(format!("the {callee} stopped before answering"))
-        }
-        Err(e) => Err(e.to_string()),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(Unanswered::Timeout {
+            answer,
+            after: CALL_TIMEOUT,
+        }),
+        Ok(ractor::rpc::CallResult::SenderError) => Err(Unanswered::Stopped { callee }),
+        Err(e) => Err(Unanswered::NotDelivered {
+            callee,
+            reason: e.to_string(),
+        }),
     }
 }

@@ -153,9 +153,9 @@ impl Node {
             &handle.actor,
             |reply| SensorStreamMsg::Push { samples, reply },
             ("acknowledgement", "stream"),
-            |reason| IngestError::StreamUnavailable {
+            |unanswered| IngestError::StreamUnavailable {
                 sensor_id: sensor_id.to_string(),
-                reason,
+                reason: unanswered.to_string(),
             },
         )
         .await
@@ -173,9 +173,9 @@ impl Node {
             &handle.actor,
             |reply| RouterMsg::Score { window, reply },
             ("verdict", "router"),
-            |reason| ScoreError::RouterUnavailable {
+            |unanswered| ScoreError::RouterUnavailable {
                 router: router.to_string(),
-                reason,
+                reason: unanswered.to_string(),
             },
         )
         .await
@@ -191,9 +191,9 @@ impl Node {
                 reply,
             },
             ("swap", "node agent"),
-            |reason| SpecError::Model {
+            |unanswered| SpecError::Model {
                 name: name.clone(),
-                source: ModelFault::Unanswered(reason),
+                source: ModelFault::Unanswered(unanswered),
             },
         )
         .await
@@ -209,9 +209,9 @@ impl Node {
                 reply,
             },
             ("report", "node agent"),
-            |reason| SpecError::Spawn {
+            |unanswered| SpecError::Spawn {
                 name: name.clone(),
-                reason,
+                reason: unanswered.to_string(),
             },
         )
         .await
