@@ -209,6 +209,7 @@ impl MeshSpec {
                 role: Role::Cloud,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
+                metrics_public: false,
                 models: places.models.as_ref().map(|s| s.root().to_path_buf()),
                 minilm: places.minilm.clone(),
             },

@@ -114,7 +114,7 @@ pub enum RolloutError {
     SpecVersionExhausted { known: u64 },
     /// A rollout to a version signed as made before the one serving: an attacker's
     /// replay of an old, weaker version looks like this. `fogmesh rollback` may.
-    #[error("{id} was made before {serving}, which expert `{expert}` serves: going back is a rollback (`fogmesh rollback {expert} --to ...`), never a rollout")]
+    #[error("{id} was made before {serving}, which expert `{expert}` serves: going back is a rollback (`fogmesh rollback {expert} VERSION`), never a rollout")]
     Downgrade {
         expert: String,
         id: String,

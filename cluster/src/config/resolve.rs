@@ -94,6 +94,15 @@ impl NodeConfig {
         if self.node.name.is_empty() {
             return Err(self.invalid("node.name".into(), "\"\"", "must not be empty"));
         }
+        if let Some(addr) = self.node.metrics_listen {
+            if !addr.ip().is_loopback() && !self.node.metrics_public {
+                return Err(self.invalid(
+                    "node.metrics_listen".into(),
+                    format!("{:?}", addr.to_string()),
+                    "/metrics is plaintext HTTP with no identities: bind it to a loopback address (127.0.0.1), read metrics through the authenticated Telemetry.Metrics, or set `metrics_public = true` to serve them to the network knowingly",
+                ));
+            }
+        }
         let limits = &self.limits;
         if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&limits.max_message_bytes) {
             return Err(self.invalid(

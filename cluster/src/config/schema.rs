@@ -51,9 +51,15 @@ pub struct NodeSection {
     pub role: Role,
     /// gRPC address; port 0 picks a free port (see `RunningNodeServer::grpc_addr`).
     pub listen: SocketAddr,
-    /// Prometheus HTTP endpoint (`GET /metrics`); none when absent.
+    /// Prometheus HTTP endpoint (`GET /metrics`); none when absent. It is plaintext
+    /// with no identities, so only a loopback address is taken unless
+    /// `metrics_public = true`; elsewhere read metrics through `Telemetry.Metrics`.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Let `metrics_listen` bind an address other hosts reach (a Prometheus server
+    /// elsewhere scrapes it; anyone on that network can read every metric).
+    #[serde(default)]
+    pub metrics_public: bool,
     /// The node's model store (see `fogmesh models`); experts with `model` load from it.
     #[serde(default)]
     pub models: Option<PathBuf>,

@@ -63,6 +63,16 @@ fn malformed_configs_name_the_file_the_field_and_the_value() {
         ),
         ("stride 0", replace_first("stride = 8", "stride = 0"), vec!["sensors[0].stride", "= 0"]),
         (
+            "plaintext metrics on the network",
+            replace_first("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nmetrics_listen = \"0.0.0.0:9100\""),
+            vec!["node.metrics_listen", "0.0.0.0:9100", "metrics_public = true"],
+        ),
+        (
+            "a sensor without a usable rate",
+            replace_first("stride = 8", "stride = 8\nmax_rate = 0"),
+            vec!["max_rate", "at least 1"],
+        ),
+        (
             "unknown router",
             replace_first("router = \"by-asset\"", "router = \"no-such-router\""),
             vec!["sensors[0].router", "no-such-router"],
