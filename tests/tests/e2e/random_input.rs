@@ -1,6 +1,6 @@
 //! Random and mutated input for every decoder of bytes from outside: gRPC requests,
-//! MQTT JSON, `node.toml` and `mesh.toml`, manifests, safetensors weights, `fogrec`
-//! recordings and the cross-node verdict codec. Each decoder gets [`CASES`] inputs per
+//! MQTT JSON, `node.toml` and `mesh.toml`, manifests, model signature envelopes,
+//! safetensors weights, `fogrec` recordings and the cross-node verdict codec. Each decoder gets [`CASES`] inputs per
 //! run, half random bytes and half valid examples with bytes replaced, cut and
 //! inserted, built with overflow checks on (the release profile keeps them on for
 //! fogmesh's own crates). Decoded samples go on into a running node's sensor streams,
@@ -250,6 +250,22 @@ fn manifests() {
                 }
             }
         }
+    });
+}
+
+#[test]
+fn model_signatures() {
+    use fogmesh_trust::signing::{ModelSigner, SignatureCheck, MANIFEST_PAYLOAD_TYPE};
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let pki = fogmesh_tests::TestPki::open(dir.path());
+    let operator = pki.tls("operator", fogmesh_trust::Role::Operator, &[]);
+    let check = SignatureCheck::new(&operator, &[fogmesh_trust::Role::Operator]);
+    let subject = b"the canonical manifest".to_vec();
+    let signed = ModelSigner::from_tls(&operator)
+        .expect("the operator signs")
+        .sign(MANIFEST_PAYLOAD_TYPE, &subject);
+    run("model signature envelopes", input(vec![signed]), |bytes| {
+        let _ = check.verify(MANIFEST_PAYLOAD_TYPE, &subject, bytes);
     });
 }
 
