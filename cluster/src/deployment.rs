@@ -285,19 +285,14 @@ impl Deployment {
 
             // 1. Adopt: the newest spec that parses here, and only once it does, so a
             // spec this node cannot read is never persisted or passed on.
-            let candidates_now: Vec<StoredSpec> = {
+            let newest = {
                 let state = lock(&self.state);
-                state
-                    .usable_specs(&members)
+                gossiped_specs(&members)
                     .chain(state.spec.clone())
                     .chain(own_spec.clone())
                     .filter(|s| !state.unusable.contains(s))
-                    .collect()
+                    .reduce(|best, s| if s.newer_than(&best) { s } else { best })
             };
-            let newest = candidates_now.into_iter().fold(None, |best, s| match best {
-                Some(b) if !s.newer_than(&b) => Some(b),
-                _ => Some(s),
-            });
             let Some(newest) = newest else { continue };
             if parsed.as_ref().map(|(s, _)| s) != Some(&newest) {
                 if let Err(e) = self.fetch_models(&newest, &members).await {

@@ -43,6 +43,18 @@ impl ModelSealError {
     }
 }
 
+/// Counts a model version node `who` refused for `reason` and leaves its audit line:
+/// every refusal of a version, by a seal or by a rollout, is recorded alike.
+pub(crate) fn record_refusal(
+    who: &str,
+    model: &str,
+    reason: &'static str,
+    error: &dyn std::fmt::Display,
+) {
+    metrics::counter!(telemetry::MODELS_REFUSED, "reason" => reason).increment(1);
+    tracing::warn!(target: "fogmesh::audit", %who, %model, outcome = "refused", reason, %error, "model version refused");
+}
+
 /// The roles that sign models in a mesh that does not say: operators, and every node
 /// role, so that a learner's candidate or a merge made on a node serves without an
 /// operator at hand. A stricter mesh names `["operator"]`.
@@ -60,7 +72,7 @@ impl fmt::Debug for MeshSeal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MeshSeal")
             .field("node", &self.node)
-            .field("signers", &self.check.signers())
+            .field("signers", &self.check.allowed())
             .field("signs", &self.signer.is_some())
             .finish()
     }
@@ -83,15 +95,6 @@ impl MeshSeal {
             signer,
         })
     }
-
-    fn allowed(&self) -> String {
-        self.check
-            .signers()
-            .iter()
-            .map(|r| r.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 impl ManifestSeal for MeshSeal {
@@ -104,7 +107,7 @@ impl ManifestSeal for MeshSeal {
             None => Err(Box::new(ModelSealError::NotASigner {
                 node: self.node.clone(),
                 role: self.role,
-                allowed: self.allowed(),
+                allowed: self.check.allowed(),
             })),
         }
     }
@@ -125,9 +128,7 @@ impl ManifestSeal for MeshSeal {
         match checked {
             Ok(signer) => Ok(signer.name),
             Err(error) => {
-                metrics::counter!(telemetry::MODELS_REFUSED, "reason" => error.reason())
-                    .increment(1);
-                tracing::warn!(target: "fogmesh::audit", who = %self.node, model = %id, outcome = "refused", reason = error.reason(), %error, "model version refused");
+                record_refusal(&self.node, id, error.reason(), &error);
                 Err(Box::new(error))
             }
         }

@@ -182,8 +182,7 @@ pub async fn run(
             id: to.clone(),
             serving: from.id(),
         };
-        metrics::counter!(crate::telemetry::MODELS_REFUSED, "reason" => "downgrade").increment(1);
-        tracing::warn!(target: "fogmesh::audit", who = %ctx.me, model = %to, outcome = "refused", reason = "downgrade", %error, "model version refused");
+        crate::model_seal::record_refusal(ctx.me, &to, "downgrade", &error);
         return Err(error);
     }
     let text = MeshSpec::with_model(&current.text, expert, &to, &manifest.weights_sha256)

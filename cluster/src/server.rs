@@ -158,13 +158,17 @@ impl NodeServer {
         annunciator: Annunciator,
     ) -> Result<RunningNodeServer, ServeError> {
         // 1. Files; 2. the recorder; 3. sockets; 4. actors (see the module doc).
-        // The spec first, so a config with several mistakes names the one in the
-        // node's own settings before a missing `[tls]`; a store opened without `[tls]`
-        // is unsealed, and such a node stops at `tls()` before serving anything.
-        let places = config.model_places()?;
+        // The identity is read once. A config without `[tls]` is refused only after
+        // its own settings were checked, so one with several mistakes names them in
+        // order; its store is unsealed meanwhile and never serves.
+        let configured = config.configured_tls()?;
+        let places = config.model_places(configured.as_ref())?;
         let spec = config.to_node_spec_with(places.models.as_ref())?;
         let replays = config.replay_jobs()?;
-        let tls = config.tls()?;
+        let tls = match config.tls {
+            Some(_) => configured,
+            None => config.tls()?,
+        };
         if tls.is_none() {
             tracing::warn!(node = %config.node.name, "INSECURE: [tls] insecure = true: this node serves and dials in plaintext, with no identities and no roles; anyone who reaches its port may change the mesh");
         }

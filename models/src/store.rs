@@ -282,20 +282,10 @@ impl ModelStore {
     /// On a sealed store: who signed `manifest`, or why its signature is not trusted.
     /// On a store without a seal: `None`.
     pub fn check_signature(&self, manifest: &Manifest) -> Result<Option<String>, StoreError> {
-        let Some(seal) = &self.seal else {
+        if self.seal.is_none() {
             return Ok(None);
-        };
-        let signature = self.signature(manifest)?;
-        seal.verify(
-            &manifest.id(),
-            &ModelStore::statement(manifest),
-            signature.as_deref(),
-        )
-        .map(Some)
-        .map_err(|source| StoreError::Signature {
-            id: manifest.id(),
-            source,
-        })
+        }
+        self.check_signed(manifest, self.signature(manifest)?.as_deref())
     }
 
     /// Signs the stored version `id` with `seal` (an operator's `fogmesh models sign`),
@@ -314,22 +304,23 @@ impl ModelStore {
         Ok(manifest)
     }
 
-    /// Checks `signature` for `manifest` against the seal, where there is one: what
-    /// [`ModelStore::import_signed`] checks first, for a receiver that wants to refuse
-    /// before it reads the weights.
+    /// Checks `signature` for `manifest` against the seal, where there is one, and
+    /// returns who signed: what [`ModelStore::import_signed`] checks first, for a
+    /// receiver that wants to refuse before it reads the weights.
     pub fn check_signed(
         &self,
         manifest: &Manifest,
         signature: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        if let Some(seal) = &self.seal {
-            seal.verify(&manifest.id(), &ModelStore::statement(manifest), signature)
-                .map_err(|source| StoreError::Signature {
-                    id: manifest.id(),
-                    source,
-                })?;
-        }
-        Ok(())
+    ) -> Result<Option<String>, StoreError> {
+        let Some(seal) = &self.seal else {
+            return Ok(None);
+        };
+        seal.verify(&manifest.id(), &ModelStore::statement(manifest), signature)
+            .map(Some)
+            .map_err(|source| StoreError::Signature {
+                id: manifest.id(),
+                source,
+            })
     }
 
     /// Stores a version made on this node: `weights` under `manifest`, filling in the

@@ -87,12 +87,23 @@ impl PeerIdentity {
     /// Reads the identity from a DER certificate. `what` names the certificate in
     /// errors (a file, or "the peer's certificate").
     pub fn from_der(der: &[u8], what: &str) -> Result<PeerIdentity, TrustError> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| TrustError::NotMeshCertificate {
+                what: what.to_string(),
+                reason: format!("unreadable X.509: {e}"),
+            })?;
+        PeerIdentity::from_certificate(&cert, what)
+    }
+
+    /// [`PeerIdentity::from_der`] of a certificate already parsed.
+    pub(crate) fn from_certificate(
+        cert: &X509Certificate<'_>,
+        what: &str,
+    ) -> Result<PeerIdentity, TrustError> {
         let not_mesh = |reason: String| TrustError::NotMeshCertificate {
             what: what.to_string(),
             reason,
         };
-        let (_, cert) = X509Certificate::from_der(der)
-            .map_err(|e| not_mesh(format!("unreadable X.509: {e}")))?;
         let subject = cert.subject();
         let name = subject
             .iter_common_name()

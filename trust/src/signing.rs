@@ -60,8 +60,12 @@ pub enum SignatureError {
         role: Role,
         allowed: String,
     },
-    #[error("the signature of {signer} does not verify: {reason}")]
-    BadSignature { signer: String, reason: String },
+    #[error("the signature of {signer} does not verify: {source}")]
+    BadSignature {
+        signer: String,
+        #[source]
+        source: ed25519_dalek::SignatureError,
+    },
     #[error("{what} is not an Ed25519 identity ({reason}); issue it again with `fogmesh ca issue` to sign models")]
     NotEd25519 { what: String, reason: String },
 }
@@ -124,14 +128,21 @@ fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     message
 }
 
+/// Parses a certificate once for both its key and its identity.
+fn parse<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, SignatureError> {
+    X509Certificate::from_der(der)
+        .map(|(_, cert)| cert)
+        .map_err(|e| SignatureError::Malformed {
+            reason: format!("{what}: unreadable X.509: {e}"),
+        })
+}
+
 /// The Ed25519 key in a certificate, or why there is none.
-fn certificate_key(der: &[u8], what: &str) -> Result<VerifyingKey, SignatureError> {
+fn certificate_key(cert: &X509Certificate<'_>, what: &str) -> Result<VerifyingKey, SignatureError> {
     let not_ed25519 = |reason: String| SignatureError::NotEd25519 {
         what: what.to_string(),
         reason,
     };
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| not_ed25519(format!("unreadable: {e}")))?;
     let spki = cert.public_key();
     if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
         return Err(not_ed25519(format!(
@@ -179,9 +190,9 @@ impl ModelSigner {
                 .map_err(|e| not_ed25519(format!("its key: {e}")))?,
             _ => return Err(not_ed25519("its key is not PKCS#8".into())),
         };
-        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| not_ed25519(format!("its certificate: {e}")))?;
-        if certificate_key(&cert, &what)? != key.verifying_key() {
+        if certificate_key(&parse(&der, &what)?, &what)? != key.verifying_key() {
             return Err(not_ed25519(
                 "its key does not belong to its certificate".into(),
             ));
@@ -248,9 +259,13 @@ impl SignatureCheck {
         }
     }
 
-    /// The roles whose signatures this check trusts.
-    pub fn signers(&self) -> &[Role] {
-        &self.signers
+    /// The roles whose signatures this check trusts, as a list for messages.
+    pub fn allowed(&self) -> String {
+        self.signers
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Checks that `envelope` signs exactly `subject` as `payload_type`, and returns
@@ -320,7 +335,9 @@ impl SignatureCheck {
                 signer: signer.clone(),
                 source,
             })?;
-        let identity = PeerIdentity::from_der(&cert, "the signer's certificate").map_err(|e| {
+        let what = format!("the certificate of {signer}");
+        let parsed = parse(&cert, &what)?;
+        let identity = PeerIdentity::from_certificate(&parsed, &what).map_err(|e| {
             SignatureError::Malformed {
                 reason: e.to_string(),
             }
@@ -337,34 +354,27 @@ impl SignatureCheck {
             return Err(SignatureError::SignerRole {
                 signer,
                 role: identity.role,
-                allowed: self
-                    .signers
-                    .iter()
-                    .map(|r| r.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                allowed: self.allowed(),
             });
         }
-        let key = certificate_key(&cert, &format!("the certificate of {signer}"))?;
+        let key = certificate_key(&parsed, &what)?;
         let bytes = BASE64
             .decode(&signature.sig)
-            .map_err(|e| SignatureError::BadSignature {
-                signer: signer.clone(),
-                reason: e.to_string(),
+            .map_err(|e| SignatureError::Malformed {
+                reason: format!("the signature of {signer}: {e}"),
             })?;
         let bytes: [u8; 64] =
             bytes
                 .as_slice()
                 .try_into()
-                .map_err(|_| SignatureError::BadSignature {
-                    signer: signer.clone(),
-                    reason: format!("{} bytes, an Ed25519 signature has 64", bytes.len()),
+                .map_err(|_| SignatureError::Malformed {
+                    reason: format!(
+                        "the signature of {signer} has {} bytes, an Ed25519 signature 64",
+                        bytes.len()
+                    ),
                 })?;
         key.verify_strict(message, &Signature::from_bytes(&bytes))
-            .map_err(|e| SignatureError::BadSignature {
-                signer,
-                reason: e.to_string(),
-            })?;
+            .map_err(|source| SignatureError::BadSignature { signer, source })?;
         Ok(identity)
     }
 }

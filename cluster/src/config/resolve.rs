@@ -372,17 +372,28 @@ impl NodeConfig {
     /// ([`crate::model_seal`]); on an insecure node, or a config without `[tls]` (which
     /// never serves), it takes versions unsigned.
     pub fn model_store(&self) -> Result<Option<ModelStore>, ConfigError> {
+        self.model_store_with(self.configured_tls()?.as_ref())
+    }
+
+    /// [`NodeConfig::tls`] where `[tls]` is there, `None` where it is not (the config
+    /// never serves then, but its other settings can still be read and checked).
+    pub fn configured_tls(&self) -> Result<Option<MeshTls>, ConfigError> {
+        match self.tls {
+            Some(_) => self.tls(),
+            None => Ok(None),
+        }
+    }
+
+    /// [`NodeConfig::model_store`] for a node whose identity, if any, is `tls`.
+    fn model_store_with(&self, tls: Option<&MeshTls>) -> Result<Option<ModelStore>, ConfigError> {
         let Some(root) = self.model_store_root() else {
             return Ok(None);
         };
         let store = ModelStore::open(root);
-        if self.tls.is_none() {
-            return Ok(Some(store));
-        }
-        match self.tls()? {
-            Some(tls) => Ok(Some(store.sealed(Arc::new(self.model_seal(&tls)?)))),
-            None => Ok(Some(store)),
-        }
+        Ok(Some(match tls {
+            Some(tls) => store.sealed(Arc::new(self.model_seal(tls)?)),
+            None => store,
+        }))
     }
 
     /// The mesh's signature policy for models, as `[tls] model_signers` sets it.
@@ -448,10 +459,14 @@ impl NodeConfig {
         }
     }
 
-    /// Where this node keeps what stored models need, as absolute paths.
-    pub fn model_places(&self) -> Result<crate::mesh_spec::ModelPlaces, ConfigError> {
+    /// Where this node, whose identity if any is `tls` ([`NodeConfig::configured_tls`]),
+    /// keeps what stored models need, as absolute paths.
+    pub fn model_places(
+        &self,
+        tls: Option<&MeshTls>,
+    ) -> Result<crate::mesh_spec::ModelPlaces, ConfigError> {
         Ok(crate::mesh_spec::ModelPlaces {
-            models: self.model_store()?,
+            models: self.model_store_with(tls)?,
             minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
         })
     }

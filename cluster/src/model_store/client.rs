@@ -251,7 +251,7 @@ impl Peer {
     /// Sends one stored version.
     async fn send(&mut self, store: &ModelStore, manifest: &Manifest) -> Result<(), TransferError> {
         let model = manifest.id();
-        let weights = {
+        let (weights, signature) = {
             let (store, manifest) = (store.clone(), manifest.clone());
             tokio::task::spawn_blocking(move || {
                 Ok::<_, StoreError>((store.weights(&manifest)?, store.signature(&manifest)?))
@@ -260,7 +260,6 @@ impl Peer {
             .map_err(|e| self.invalid(&model, format!("the read task failed: {e}")))?
             .map_err(|e| self.store_error(&model, e))?
         };
-        let (weights, signature) = weights;
         let header = header_for(manifest, weights.len() as u64, signature)
             .map_err(|e| self.invalid(&model, format!("the manifest does not serialise: {e}")))?;
         let request = self.request(chunks(header, weights));
