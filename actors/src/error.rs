@@ -71,6 +71,12 @@ pub enum IngestError {
         available: u64,
         limit: f64,
     },
+    #[error("sensor `{sensor_id}`: router `{router}` holds {in_flight} windows waiting for experts, its limit; send again once it has scored some")]
+    RouterBusy {
+        sensor_id: String,
+        router: String,
+        in_flight: usize,
+    },
 }
 
 /// Why a window could not be scored.
@@ -106,6 +112,14 @@ pub enum ScoreError {
         bytes: usize,
         limit: usize,
     },
+    #[error("router `{router}` holds {in_flight} windows waiting for experts, its limit; send again once it has scored some")]
+    RouterBusy { router: String, in_flight: usize },
+    #[error("expert `{expert}` has {queued} windows queued, its limit of {limit}")]
+    ExpertBusy {
+        expert: String,
+        queued: u64,
+        limit: u64,
+    },
 }
 
 impl IngestError {
@@ -121,6 +135,7 @@ impl IngestError {
             IngestError::TimestampAhead { .. } => "timestamp_ahead",
             IngestError::StreamUnavailable { .. } => "stream_unavailable",
             IngestError::RateExceeded { .. } => "rate_exceeded",
+            IngestError::RouterBusy { .. } => "router_busy",
         }
     }
 }
@@ -139,6 +154,8 @@ impl ScoreError {
             ScoreError::RouterUnavailable { .. } => "router_unavailable",
             ScoreError::Gate { .. } => "gate",
             ScoreError::TooLargeToSend { .. } => "too_large_to_send",
+            ScoreError::RouterBusy { .. } => "router_busy",
+            ScoreError::ExpertBusy { .. } => "expert_busy",
         }
     }
 }

@@ -6,7 +6,9 @@
 //! PyTorch, checked against its declared signature; placed with
 //! `Device::cuda_if_available()`), the batching queue, and the expert's counters.
 //! **Takes** [`ExpertMsg::Infer`]: one window, answered with its score on the request's
-//! reply port; [`ExpertMsg::Swap`]: serve another version from the next batch on.
+//! reply port, or refused at once with [`ScoreError::ExpertBusy`] while
+//! [`MAX_QUEUED_WINDOWS`] wait for the model thread; [`ExpertMsg::Swap`]: serve another
+//! version from the next batch on.
 //! **Supervised by** the [`crate::NodeAgent`], which restarts it from the spec of the
 //! version it serves. **On failure**: if the model thread dies the actor fails with it;
 //! requests queued at that moment get a closed reply port, which their router reports
@@ -254,6 +256,11 @@ pub struct ExpertVerdict {
     pub batch_wait: Duration,
 }
 
+/// Windows an expert holds in its queue before it refuses more
+/// ([`ScoreError::ExpertBusy`]): routers on this node hold at most
+/// [`crate::MAX_WINDOWS_IN_FLIGHT`] each, but an expert also serves routers elsewhere.
+pub const MAX_QUEUED_WINDOWS: u64 = 8192;
+
 /// A window for an expert. `enqueued` is when the expert actor took it in; the
 /// batching deadline counts from it.
 pub struct InferRequest {
@@ -399,6 +406,17 @@ impl Actor for Expert {
         match message {
             ExpertMsg::Infer(request) => {
                 let jobs = state.jobs.as_ref().ok_or("expert is stopping")?;
+                let queued = state.shared.queued.load(Ordering::Relaxed);
+                if queued >= MAX_QUEUED_WINDOWS {
+                    // The router tries another replica or reports the window unscored;
+                    // the expert's memory stays bounded whoever sends.
+                    let _ = request.reply.send(Err(ScoreError::ExpertBusy {
+                        expert: state.shared.name.to_string(),
+                        queued,
+                        limit: MAX_QUEUED_WINDOWS,
+                    }));
+                    return Ok(());
+                }
                 state.shared.queued.fetch_add(1, Ordering::Relaxed);
                 jobs.send(Job::Infer(request))
                     .map_err(|_| "expert model thread is gone; restarting the expert")?;

@@ -49,7 +49,9 @@ pub use merger::{
 pub use node_agent::{Node, NodeAgent, NodeSnapshot, NodeSpec, ReconcileReport, RestartPolicy};
 pub use normalisation::{NormalisationSpec, Normaliser, RunningStats};
 pub use quality::{QualityFlag, QualityFlags, QualityRules};
-pub use router::{Replicas, RetryPolicy, Router, RouterMsg, RouterSpec, RoutingPolicy};
+pub use router::{
+    Replicas, RetryPolicy, Router, RouterMsg, RouterSpec, RoutingPolicy, MAX_WINDOWS_IN_FLIGHT,
+};
 pub use sample::{Sample, Window};
 pub use sensor_stream::{
     PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS,

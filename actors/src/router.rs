@@ -19,7 +19,11 @@
 //! its own calibrated limit, agree it is beyond normal.
 //!
 //! Experts answer on their own time, so each window's replies are gathered by a
-//! short task; the router's mailbox never waits on a forward pass.
+//! short task; the router's mailbox never waits on a forward pass. Those tasks are
+//! bounded: a router holds at most [`MAX_WINDOWS_IN_FLIGHT`] windows between taking
+//! them and delivering their verdicts, and the node refuses producers outside it
+//! (`RESOURCE_EXHAUSTED`) or holds replays while it is full, so experts that fall behind
+//! push back to the sensors instead of growing memory.
 //!
 //! Replicas ([`Replicas`]): an expert may run on this node (found in the
 //! [`NodeDirectory`]) or on others (found through the [`EXPERT_SCOPE`] process group,
@@ -31,7 +35,7 @@
 //! until the policy's deadline. Each window still yields exactly one verdict.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +143,13 @@ impl RouterSpec {
     }
 }
 
+/// Windows one router may hold between taking them and delivering their verdicts.
+/// Beyond it, producers outside the node are refused (`RESOURCE_EXHAUSTED`) and
+/// producers inside it (replays) wait, so a router whose experts fall behind holds a
+/// bounded set of windows and gathering tasks instead of a growing one. W1 keeps 256 in
+/// flight; the limit leaves room for bursts of a whole plant's sensors.
+pub const MAX_WINDOWS_IN_FLIGHT: usize = 4096;
+
 /// The router's observable state.
 #[derive(Debug)]
 pub struct RouterShared {
@@ -146,6 +157,10 @@ pub struct RouterShared {
     pub policy: &'static str,
     pub routed: AtomicU64,
     pub failed: AtomicU64,
+    /// Windows taken and not yet delivered (see [`MAX_WINDOWS_IN_FLIGHT`]).
+    in_flight: AtomicUsize,
+    /// Woken whenever a verdict leaves, for producers waiting for room.
+    room: tokio::sync::Notify,
 }
 
 impl RouterShared {
@@ -155,7 +170,45 @@ impl RouterShared {
             policy: spec.policy.name(),
             routed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Windows taken and not yet delivered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether the router holds [`MAX_WINDOWS_IN_FLIGHT`] windows already.
+    pub fn is_full(&self) -> bool {
+        self.in_flight() >= MAX_WINDOWS_IN_FLIGHT
+    }
+
+    /// Resolves once the router has room for more windows.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            if !self.is_full() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn leave(&self) {
+        // Saturating: a window counted before a restart may be delivered after it.
+        let before = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        // Only a full router has producers waiting.
+        if before.is_ok_and(|n| n >= MAX_WINDOWS_IN_FLIGHT) {
+            self.room.notify_waiters();
+        }
     }
 }
 
@@ -234,6 +287,7 @@ impl Actor for Router {
             }
             RouterMsg::Score { window, reply } => (window, Destination::Caller(reply)),
         };
+        state.shared.enter();
         match state.dispatch(&window) {
             Ok(pending) => {
                 let shared = state.shared.clone();
@@ -601,6 +655,7 @@ fn deliver(
     verdict: Result<ScoredWindow, ScoreError>,
     destination: Destination,
 ) {
+    shared.leave();
     match &verdict {
         Ok(_) => {
             shared.routed.fetch_add(1, Ordering::Relaxed);

@@ -191,6 +191,8 @@ pub struct PushOutcome {
 pub struct SensorStreamShared {
     pub id: Arc<str>,
     pub channels: usize,
+    /// The router that takes this stream's windows.
+    pub router: Arc<str>,
     /// Highest accepted sequence plus one; 0 when nothing was accepted yet.
     next_sequence: AtomicU64,
     last_timestamp_us: AtomicI64,
@@ -208,6 +210,7 @@ impl SensorStreamShared {
         Arc::new(SensorStreamShared {
             id: spec.id.as_str().into(),
             channels: spec.channels,
+            router: spec.router.as_str().into(),
             next_sequence: AtomicU64::new(0),
             last_timestamp_us: AtomicI64::new(i64::MIN),
             accepted: AtomicU64::new(0),

@@ -583,6 +583,7 @@ impl Control for NodeServices {
                     policy: r.policy.to_string(),
                     routed: r.routed,
                     failed: r.failed,
+                    in_flight: r.in_flight as u64,
                 })
                 .collect(),
             experts: snapshot

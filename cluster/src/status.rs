@@ -256,7 +256,9 @@ impl ServiceError {
                 | IngestError::SequenceJump { .. }
                 | IngestError::TimestampAhead { .. } => Code::InvalidArgument,
                 IngestError::StreamUnavailable { .. } => Code::Unavailable,
-                IngestError::RateExceeded { .. } => Code::ResourceExhausted,
+                IngestError::RateExceeded { .. } | IngestError::RouterBusy { .. } => {
+                    Code::ResourceExhausted
+                }
             },
             ServiceError::Score(e) => match e {
                 ScoreError::NoRoute { .. }
@@ -268,7 +270,9 @@ impl ServiceError {
                 | ScoreError::ExpertUnavailable { .. }
                 | ScoreError::Uncalibrated { .. } => Code::Unavailable,
                 ScoreError::UnknownRouter { .. } => Code::NotFound,
-                ScoreError::TooLargeToSend { .. } => Code::ResourceExhausted,
+                ScoreError::TooLargeToSend { .. }
+                | ScoreError::RouterBusy { .. }
+                | ScoreError::ExpertBusy { .. } => Code::ResourceExhausted,
                 ScoreError::Model { .. } => Code::Internal,
             },
         }

@@ -243,16 +243,17 @@ pub fn render(
     }
     if !status.routers.is_empty() {
         let mut routers = Table::new();
-        routers.set_header(["ROUTER", "POLICY", "ROUTED", "FAILED"]);
+        routers.set_header(["ROUTER", "POLICY", "ROUTED", "FAILED", "IN FLIGHT"]);
         for r in &status.routers {
             routers.add_row([
                 r.name.clone(),
                 r.policy.clone(),
                 r.routed.to_string(),
                 r.failed.to_string(),
+                r.in_flight.to_string(),
             ]);
         }
-        let _ = writeln!(out, "\n{}", plain(&mut routers, &[2, 3]));
+        let _ = writeln!(out, "\n{}", plain(&mut routers, &[2, 3, 4]));
     }
     if !status.sensors.is_empty() {
         let mut sensors = Table::new();

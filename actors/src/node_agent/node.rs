@@ -50,6 +50,7 @@ pub struct RouterSnapshot {
     pub policy: &'static str,
     pub routed: u64,
     pub failed: u64,
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +115,8 @@ impl Node {
     }
 
     /// Hands a batch from a source on the node (a replay) to its sensor stream and
-    /// waits for the acknowledgement; no rate budget applies.
+    /// waits for the acknowledgement; no rate budget applies, and while the stream's
+    /// router holds [`MAX_WINDOWS_IN_FLIGHT`](crate::MAX_WINDOWS_IN_FLIGHT) windows the batch waits for room.
     pub async fn push(
         &self,
         sensor_id: &str,
@@ -125,7 +127,9 @@ impl Node {
 
     /// [`Node::push`] for samples from a producer outside the node (gRPC, MQTT): they
     /// are charged to the stream's rate budget first (`max_rate`), and refused whole,
-    /// before the stream sees them, once it is spent.
+    /// before the stream sees them, once it is spent or while the stream's router holds
+    /// [`MAX_WINDOWS_IN_FLIGHT`](crate::MAX_WINDOWS_IN_FLIGHT) windows ([`IngestError::RouterBusy`]): the producer
+    /// keeps what it sent and sends it again.
     pub async fn ingest(
         &self,
         sensor_id: &str,
@@ -149,6 +153,17 @@ impl Node {
         if limited {
             handle.shared.admit(samples.len() as u64)?;
         }
+        if let Some(router) = self.directory.router(&handle.shared.router) {
+            if !limited {
+                router.shared.room().await;
+            } else if router.shared.is_full() {
+                return Err(IngestError::RouterBusy {
+                    sensor_id: sensor_id.to_string(),
+                    router: router.shared.name.to_string(),
+                    in_flight: router.shared.in_flight(),
+                });
+            }
+        }
         ask(
             &handle.actor,
             |reply| SensorStreamMsg::Push { samples, reply },
@@ -161,7 +176,8 @@ impl Node {
         .await
     }
 
-    /// Scores a window through a router and returns the verdict.
+    /// Scores a window through a router and returns the verdict; refused with
+    /// [`ScoreError::RouterBusy`] while the router holds [`MAX_WINDOWS_IN_FLIGHT`](crate::MAX_WINDOWS_IN_FLIGHT).
     pub async fn score(&self, router: &str, window: Window) -> Result<ScoredWindow, ScoreError> {
         let handle = self
             .directory
@@ -169,6 +185,12 @@ impl Node {
             .ok_or_else(|| ScoreError::UnknownRouter {
                 router: router.to_string(),
             })?;
+        if handle.shared.is_full() {
+            return Err(ScoreError::RouterBusy {
+                router: router.to_string(),
+                in_flight: handle.shared.in_flight(),
+            });
+        }
         ask(
             &handle.actor,
             |reply| RouterMsg::Score { window, reply },
@@ -251,6 +273,7 @@ impl Node {
                     policy: r.policy,
                     routed: r.routed.load(Ordering::Relaxed),
                     failed: r.failed.load(Ordering::Relaxed),
+                    in_flight: r.in_flight(),
                 }
             })
             .collect();

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogmesh_actors::expert::{ExpertArgs, ExpertShared};
+use fogmesh_actors::expert::{ExpertArgs, ExpertShared, MAX_QUEUED_WINDOWS};
 use fogmesh_actors::{
     BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
     ScoreError,
@@ -138,4 +138,44 @@ async fn a_window_of_the_wrong_shape_is_refused_without_harming_its_batch() {
     let refused = bad.await.unwrap().unwrap_err();
     assert!(refused.to_string().contains("3 values"), "{refused}");
     actor.stop(None);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_windows_at_once_and_takes_them_again_once_it_drains() {
+    let spec = spec(8, Duration::from_millis(1));
+    let shared = ExpertShared::for_spec(&spec);
+    let (actor, _) = Actor::spawn(
+        None,
+        Expert,
+        ExpertArgs {
+            spec,
+            shared: shared.clone(),
+        },
+    )
+    .await
+    .expect("expert starts");
+    // As many windows as the limit waiting for the model thread.
+    shared
+        .queued
+        .store(MAX_QUEUED_WINDOWS, std::sync::atomic::Ordering::Relaxed);
+    match tokio::time::timeout(Duration::from_secs(30), send(&actor, window(0)))
+        .await
+        .expect("a refusal comes at once")
+        .expect("the expert answers")
+    {
+        Err(e @ ScoreError::ExpertBusy { .. }) => {
+            assert_eq!(
+                e.to_string(),
+                format!("expert `pump-ae` has {MAX_QUEUED_WINDOWS} windows queued, its limit of {MAX_QUEUED_WINDOWS}")
+            );
+            assert_eq!(e.reason(), "expert_busy");
+        }
+        other => panic!("expected ExpertBusy, got {other:?}"),
+    }
+    shared.queued.store(0, std::sync::atomic::Ordering::Relaxed);
+    let verdict = tokio::time::timeout(Duration::from_secs(30), send(&actor, window(0)))
+        .await
+        .expect("scored")
+        .expect("the expert answers");
+    assert!(verdict.is_ok(), "{verdict:?}");
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use fogmesh_actors::{
     Annunciator, BatchingSpec, ExpertSpec, IngestError, ModelSource, Node, NodeSpec,
-    NormalisationSpec, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample,
+    NormalisationSpec, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample, ScoreError,
     ScoredWindow, SensorStreamSpec, SpecError, Window, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_RATE,
-    DEFAULT_MAX_SEQUENCE_GAP,
+    DEFAULT_MAX_SEQUENCE_GAP, MAX_WINDOWS_IN_FLIGHT,
 };
 use fogmesh_models::{AutoencoderConfig, SoftmaxGate};
 
@@ -176,6 +176,86 @@ async fn a_bad_batch_is_refused_whole_and_accepted_data_stays() {
     assert_eq!((ack.acked_through, ack.accepted), (Some(9), 4));
     let status = &node.snapshot().sensors[0];
     assert_eq!((status.accepted, status.rejected), (10, 12));
+    node.shutdown(join).await;
+}
+
+/// Polls `done` every few milliseconds until it holds, failing after `limit`.
+async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_router_at_its_limit_refuses_outside_producers_and_holds_replays_until_room() {
+    // pump-1's expert runs on no node, so each window waits in the router for a
+    // replica until the retry deadline: the router fills as experts that fell behind
+    // would fill it.
+    let mut spec = static_node();
+    spec.remote_experts = std::mem::take(&mut spec.experts);
+    let (node, join) = Node::start(spec, Annunciator::new(64)).await.unwrap();
+    let limit = MAX_WINDOWS_IN_FLIGHT as u64;
+    let filling = WINDOW as u64 + (limit - 1) * STRIDE as u64;
+    let ack = node.ingest("pump-1", samples(0..filling)).await.unwrap();
+    assert_eq!(ack.acked_through, Some(filling - 1));
+    let in_flight = || node.snapshot().routers[0].in_flight;
+    eventually(
+        Duration::from_secs(30),
+        "the router takes every window",
+        || in_flight() == MAX_WINDOWS_IN_FLIGHT,
+    )
+    .await;
+
+    match node.ingest("pump-1", samples(filling..filling + 4)).await {
+        Err(e @ IngestError::RouterBusy { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains(&format!("router `by-asset` holds {limit} windows")),
+                "{e}"
+            );
+            assert_eq!(e.reason(), "router_busy");
+        }
+        other => panic!("expected RouterBusy, got {other:?}"),
+    }
+    let window = Window {
+        sensor_id: "pump-1".into(),
+        sequence: 0,
+        start_us: 0,
+        end_us: 7_000,
+        channels: CHANNELS,
+        length: WINDOW,
+        values: vec![0.0; CHANNELS * WINDOW].into(),
+        quality: Default::default(),
+    };
+    match node.score("by-asset", window).await {
+        Err(ScoreError::RouterBusy { in_flight, .. }) => {
+            assert_eq!(in_flight, MAX_WINDOWS_IN_FLIGHT)
+        }
+        other => panic!("expected RouterBusy, got {other:?}"),
+    }
+    // Refused means not taken: the stream still acknowledges only what it accepted.
+    assert_eq!(node.snapshot().sensors[0].accepted, filling);
+
+    // A replay is not refused: its batch waits until the router has room, which the
+    // windows leaving at their retry deadline make.
+    let replay = node.push("pump-1", samples(filling..filling + 4));
+    tokio::pin!(replay);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut replay)
+            .await
+            .is_err(),
+        "a replay batch waits while the router is full"
+    );
+    let ack = tokio::time::timeout(Duration::from_secs(60), replay)
+        .await
+        .expect("the replay goes on once windows leave")
+        .unwrap();
+    assert_eq!(ack.acked_through, Some(filling + 3));
     node.shutdown(join).await;
 }
 
