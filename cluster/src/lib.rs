@@ -47,7 +47,8 @@ pub use config::{
 pub use ingest::parse_json_samples;
 pub use metrics_endpoint::{prometheus_handle, MetricsError};
 pub use model_store::{
-    download_version, list_versions, upload_version, TransferError, CHUNK_BYTES, MAX_MODEL_BYTES,
+    download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
+    MAX_CONCURRENT_UPLOADS, MAX_MODEL_BYTES,
 };
 pub use server::{run_until, NodeServer, RunningNodeServer, ServeError};
 pub use status::ServiceError;

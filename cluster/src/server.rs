@@ -113,6 +113,11 @@ pub enum ServeError {
         #[source]
         source: Box<tonic::transport::Error>,
     },
+    #[error("node `{node}`: the model store's staging folder cannot be emptied: {source}")]
+    Staging {
+        node: String,
+        source: fogmesh_models::store::StoreError,
+    },
     #[error("the gRPC server on {addr} stopped on its own: {reason}")]
     GrpcStopped { addr: SocketAddr, reason: String },
     #[error("node `{node}` stopped on its own: its supervisor gave up (the log names the failing actor)")]
@@ -163,6 +168,14 @@ impl NodeServer {
         // order; its store is unsealed meanwhile and never serves.
         let configured = config.configured_tls()?;
         let places = config.model_places(configured.as_ref())?;
+        if let Some(store) = &places.models {
+            store
+                .clear_staging()
+                .map_err(|source| ServeError::Staging {
+                    node: config.node.name.clone(),
+                    source,
+                })?;
+        }
         let spec = config.to_node_spec_with(places.models.as_ref())?;
         let replays = config.replay_jobs()?;
         let tls = match config.tls {

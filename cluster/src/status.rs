@@ -80,6 +80,8 @@ pub enum ServiceError {
         declared: u64,
         reason: String,
     },
+    #[error("node `{node}` is receiving {limit} uploads already, its limit; send again once one has finished")]
+    TooManyUploads { node: String, limit: usize },
     #[error("{model} is already stored on node `{node}` with other weights; a stored version never changes (upload it as a new version)")]
     ModelVersionExists { node: String, model: String },
     #[error("{model} names parent {parent}, which is not in the store of node `{node}`: send the parent first")]
@@ -204,7 +206,8 @@ impl ServiceError {
             ServiceError::MessageTooLarge { .. }
             | ServiceError::TooManySamples { .. }
             | ServiceError::TooManyValues { .. }
-            | ServiceError::ModelTooLarge { .. } => Code::ResourceExhausted,
+            | ServiceError::ModelTooLarge { .. }
+            | ServiceError::TooManyUploads { .. } => Code::ResourceExhausted,
             ServiceError::UploadLength { .. } => Code::InvalidArgument,
             ServiceError::UnknownModel { .. } => Code::NotFound,
             ServiceError::ModelVersionExists { .. } => Code::AlreadyExists,
@@ -294,6 +297,7 @@ impl ServiceError {
             ServiceError::UnknownModel { .. } => "unknown_model",
             ServiceError::ModelTooLarge { .. } => "model_too_large",
             ServiceError::UploadLength { .. } => "upload_length",
+            ServiceError::TooManyUploads { .. } => "too_many_uploads",
             ServiceError::ModelVersionExists { .. } => "version_exists",
             ServiceError::UnknownParent { .. } => "unknown_parent",
             ServiceError::ModelStoreDamaged { .. } => "store_damaged",

@@ -30,9 +30,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use std::io::Write;
 
-use crate::weights::sha256_hex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::weights::{digest_hex, sha256_hex};
+
+/// The store's folder for weights still arriving ([`StagedWeights`]).
+const STAGING: &str = "staging";
 
 /// The four kinds of model fogmesh hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +173,93 @@ pub struct ModelStore {
 
 /// The file name of an exported version's signature, beside `manifest.json`.
 pub const SIGNATURE_FILE: &str = "manifest.sig";
+
+/// Weights on their way into the store from elsewhere (an upload), written to a file in
+/// the store's `staging/` folder as they arrive and hashed on the way, so a node never
+/// holds an uploaded model in memory. Dropped before [`ModelStore::import_staged`] (a
+/// refused or broken upload), the file is removed; a crash leaves it in `staging/`,
+/// which [`ModelStore::clear_staging`] empties when the node starts.
+pub struct StagedWeights {
+    file: tempfile::NamedTempFile,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl StagedWeights {
+    /// Appends `data` to the staged file.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .as_file_mut()
+            .write_all(data)
+            .map_err(|source| StoreError::Io {
+                path: self.file.path().to_path_buf(),
+                source,
+            })?;
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The sha256 of the bytes written so far, in lowercase hex.
+    pub fn sha256(&self) -> String {
+        digest_hex(&self.hasher.clone().finalize())
+    }
+}
+
+/// Weights to store: in memory, or staged on disk.
+enum Weights<'a> {
+    Bytes(&'a [u8]),
+    Staged(StagedWeights),
+}
+
+impl Weights<'_> {
+    fn sha256(&self) -> String {
+        match self {
+            Weights::Bytes(bytes) => sha256_hex(bytes),
+            Weights::Staged(staged) => staged.sha256(),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Weights::Bytes(bytes) => bytes.len() as u64,
+            Weights::Staged(staged) => staged.len(),
+        }
+    }
+
+    /// Puts the weights at `blob`, atomically, unless a blob of that hash is there.
+    fn persist(self, blob: &Path) -> Result<(), StoreError> {
+        if blob.exists() {
+            return Ok(());
+        }
+        match self {
+            Weights::Bytes(bytes) => write_atomically(blob, bytes),
+            Weights::Staged(staged) => {
+                let io = |source| StoreError::Io {
+                    path: blob.to_path_buf(),
+                    source,
+                };
+                if let Some(parent) = blob.parent() {
+                    std::fs::create_dir_all(parent).map_err(io)?;
+                }
+                staged
+                    .file
+                    .persist(blob)
+                    .map(drop)
+                    .map_err(|e| io(e.error))
+            }
+        }
+    }
+}
 
 /// Where a version being stored comes from.
 #[derive(Clone, Copy)]
@@ -329,7 +422,7 @@ impl ModelStore {
     /// same thing twice is a no-op. A sealed store signs the version with the node's
     /// identity, or refuses it where the mesh does not let this node sign.
     pub fn import(&self, manifest: Manifest, weights: &[u8]) -> Result<Manifest, StoreError> {
-        self.store_version(manifest, weights, Origin::Here)
+        self.store_version(manifest, Weights::Bytes(weights), Origin::Here)
     }
 
     /// Stores a version made elsewhere (an upload, a copy from a peer, an operator's
@@ -342,18 +435,65 @@ impl ModelStore {
         weights: &[u8],
         signature: Option<&[u8]>,
     ) -> Result<Manifest, StoreError> {
-        self.store_version(manifest, weights, Origin::Elsewhere(signature))
+        self.store_version(manifest, Weights::Bytes(weights), Origin::Elsewhere(signature))
+    }
+
+    /// A file in the store's `staging/` folder for weights about to arrive
+    /// ([`StagedWeights`]).
+    pub fn stage(&self) -> Result<StagedWeights, StoreError> {
+        let folder = self.root.join(STAGING);
+        std::fs::create_dir_all(&folder).map_err(|source| StoreError::Io {
+            path: folder.clone(),
+            source,
+        })?;
+        let file = tempfile::Builder::new()
+            .suffix(".part")
+            .tempfile_in(&folder)
+            .map_err(|source| StoreError::Io {
+                path: folder,
+                source,
+            })?;
+        Ok(StagedWeights {
+            file,
+            hasher: Sha256::new(),
+            bytes: 0,
+        })
+    }
+
+    /// [`ModelStore::import_signed`] for weights staged on disk: the staged file
+    /// becomes the blob by a rename, without being read again.
+    pub fn import_staged(
+        &self,
+        manifest: Manifest,
+        weights: StagedWeights,
+        signature: Option<&[u8]>,
+    ) -> Result<Manifest, StoreError> {
+        self.store_version(manifest, Weights::Staged(weights), Origin::Elsewhere(signature))
+    }
+
+    /// Removes what uploads cut short by a crash left in `staging/`; a node calls it
+    /// at start, before it takes uploads.
+    pub fn clear_staging(&self) -> Result<(), StoreError> {
+        let folder = self.root.join(STAGING);
+        match std::fs::remove_dir_all(&folder) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Io {
+                path: folder,
+                source,
+            }),
+        }
     }
 
     fn store_version(
         &self,
         mut manifest: Manifest,
-        weights: &[u8],
+        weights: Weights<'_>,
         origin: Origin<'_>,
     ) -> Result<Manifest, StoreError> {
         check_name("name", &manifest.name)?;
         check_name("version", &manifest.version)?;
-        let actual = sha256_hex(weights);
+        let actual = weights.sha256();
         if !manifest.weights_sha256.is_empty()
             && !manifest.weights_sha256.eq_ignore_ascii_case(&actual)
         {
@@ -364,7 +504,7 @@ impl ModelStore {
             });
         }
         manifest.weights_sha256 = actual;
-        manifest.weights_bytes = weights.len() as u64;
+        manifest.weights_bytes = weights.len();
         for parent in &manifest.parents {
             let (name, version) = parse_id(parent);
             let known = match version {
@@ -417,10 +557,7 @@ impl ModelStore {
                 signature.map(<[u8]>::to_vec)
             }
         };
-        let blob = self.blob_path(&manifest.weights_sha256);
-        if !blob.exists() {
-            write_atomically(&blob, weights)?;
-        }
+        weights.persist(&self.blob_path(&manifest.weights_sha256))?;
         // The signature lands before the manifest: a version is stored once its
         // manifest is, and a crash between the two must not leave it unsigned.
         if let Some(signature) = &signature {
@@ -617,6 +754,56 @@ mod tests {
             weights_bytes: 0,
             created_us: 0,
         }
+    }
+
+    fn staged_files(store: &ModelStore) -> usize {
+        std::fs::read_dir(store.root().join(STAGING)).map_or(0, |d| d.count())
+    }
+
+    #[test]
+    fn staged_weights_become_the_blob_and_refused_or_dropped_ones_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path());
+        let mut staged = store.stage().unwrap();
+        staged.write(b"first half, ").unwrap();
+        staged.write(b"second half").unwrap();
+        assert_eq!(staged.len(), 23);
+        assert_eq!(staged.sha256(), sha256_hex(b"first half, second half"));
+        assert_eq!(staged_files(&store), 1);
+        let stored = store
+            .import_staged(manifest("pump", "1"), staged, None)
+            .unwrap();
+        assert_eq!(stored.weights_sha256, sha256_hex(b"first half, second half"));
+        assert_eq!(
+            store.weights(&store.get("pump@1").unwrap()).unwrap(),
+            b"first half, second half"
+        );
+        assert_eq!(staged_files(&store), 0);
+
+        // A declared hash that the staged bytes do not have: refused, nothing stored.
+        let mut staged = store.stage().unwrap();
+        staged.write(b"other bytes").unwrap();
+        let declared = Manifest {
+            weights_sha256: sha256_hex(b"what the header said"),
+            ..manifest("pump", "2")
+        };
+        assert!(matches!(
+            store.import_staged(declared, staged, None),
+            Err(StoreError::HashMismatch { .. })
+        ));
+        assert!(store.get("pump@2").is_err());
+        assert_eq!(staged_files(&store), 0);
+
+        // An upload cut short drops its staged file; one cut by a crash is cleared at
+        // the next start.
+        let mut dropped = store.stage().unwrap();
+        dropped.write(b"half an upload").unwrap();
+        drop(dropped);
+        assert_eq!(staged_files(&store), 0);
+        std::fs::write(store.root().join(STAGING).join("left-by-a-crash.part"), b"x").unwrap();
+        store.clear_staging().unwrap();
+        assert_eq!(staged_files(&store), 0);
+        store.clear_staging().unwrap();
     }
 
     #[test]

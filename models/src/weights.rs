@@ -29,10 +29,12 @@ use crate::error::ModelError;
 
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    digest_hex(&Sha256::digest(bytes))
+}
+
+/// A digest in lowercase hex, as manifests and headers carry it.
+pub fn digest_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Named f32 tensors (`name`, shape, little-endian bytes) as safetensors bytes and

@@ -4,21 +4,20 @@
 //!
 //! The client trusts nothing the node sends: the header is checked against the id it
 //! asked for and against its manifest, the bytes are counted and hashed as they
-//! arrive, and the import re-hashes. Ancestors go first so lineage stays whole in the
+//! arrive into a file staged in the receiving store, and the import checks the hash again. Ancestors go first so lineage stays whole in the
 //! receiving store.
 
 use std::collections::HashSet;
 
-use fogmesh_models::store::{parse_id, Manifest, ModelStore, StoreError};
+use fogmesh_models::store::{parse_id, Manifest, ModelStore, StagedWeights, StoreError};
 use fogmesh_proto::model_store_client::ModelStoreClient;
 use fogmesh_proto::{ListModelsRequest, ModelRef, WeightChunk, WeightHeader};
 use futures::future::BoxFuture;
-use sha2::{Digest, Sha256};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
-use super::{chunks, header_for, header_signature, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
+use super::{chunks, header_for, header_signature, MAX_MODEL_BYTES};
 use crate::dialer::Dialer;
 use crate::link::{LinkError, KEY_HEADER};
 
@@ -202,41 +201,53 @@ impl Peer {
         Ok((stream, header, manifest))
     }
 
-    /// Reads the rest of a download, counting and hashing as the chunks arrive.
+    /// Reads the rest of a download into a file staged in `store`, counting and hashing
+    /// as the chunks arrive, so a copy holds one chunk in memory whatever its size.
     async fn read_weights(
         &self,
         model: &str,
         header: &WeightHeader,
         mut stream: Streaming<WeightChunk>,
-    ) -> Result<Vec<u8>, TransferError> {
+        store: &ModelStore,
+    ) -> Result<StagedWeights, TransferError> {
         let declared = header.total_bytes;
-        let mut hasher = Sha256::new();
-        let mut weights = Vec::with_capacity(declared.min(PREALLOCATE_BYTES) as usize);
+        let mut staged = self
+            .on_disk(model, store, |store, ()| store.stage(), ())
+            .await?;
         while let Some(chunk) = stream.message().await.map_err(|s| self.refused(model, s))? {
             if chunk.header.is_some() {
                 return Err(self.invalid(
                     model,
-                    format!("a second header after {} bytes", weights.len()),
+                    format!("a second header after {} bytes", staged.len()),
                 ));
             }
-            if weights.len() as u64 + chunk.data.len() as u64 > declared {
+            if staged.len() + chunk.data.len() as u64 > declared {
                 return Err(self.invalid(
                     model,
                     format!("the node sent more than the {declared} bytes its header declares"),
                 ));
             }
-            hasher.update(&chunk.data);
-            weights.extend_from_slice(&chunk.data);
+            staged = self
+                .on_disk(
+                    model,
+                    store,
+                    |_, (mut staged, data): (StagedWeights, Vec<u8>)| {
+                        staged.write(&data)?;
+                        Ok(staged)
+                    },
+                    (staged, chunk.data),
+                )
+                .await?;
         }
-        if (weights.len() as u64) < declared {
+        if staged.len() < declared {
             return Err(TransferError::ShortStream {
                 addr: self.addr.clone(),
                 model: model.into(),
-                received: weights.len() as u64,
+                received: staged.len(),
                 declared,
             });
         }
-        let actual = hex(&hasher.finalize());
+        let actual = staged.sha256();
         if actual != header.sha256 {
             return Err(TransferError::HashMismatch {
                 addr: self.addr.clone(),
@@ -245,7 +256,23 @@ impl Peer {
                 actual,
             });
         }
-        Ok(weights)
+        Ok(staged)
+    }
+
+    /// Runs `work` on `store` with `input` off the async runtime: file writes and
+    /// imports block.
+    async fn on_disk<I: Send + 'static, T: Send + 'static>(
+        &self,
+        model: &str,
+        store: &ModelStore,
+        work: impl FnOnce(&ModelStore, I) -> Result<T, StoreError> + Send + 'static,
+        input: I,
+    ) -> Result<T, TransferError> {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || work(&store, input))
+            .await
+            .map_err(|e| self.invalid(model, format!("the store task failed: {e}")))?
+            .map_err(|e| self.store_error(model, e))
     }
 
     /// Sends one stored version.
@@ -281,23 +308,6 @@ impl Peer {
     }
 }
 
-/// Imports off the async runtime: the store re-hashes the whole blob.
-async fn import(
-    peer: &Peer,
-    store: &ModelStore,
-    manifest: Manifest,
-    weights: Vec<u8>,
-    signature: Option<Vec<u8>>,
-) -> Result<Manifest, TransferError> {
-    let model = manifest.id();
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || {
-        store.import_signed(manifest, &weights, signature.as_deref())
-    })
-    .await
-    .map_err(|e| peer.invalid(&model, format!("the import task failed: {e}")))?
-    .map_err(|e| peer.store_error(&model, e))
-}
 
 /// Copies `id` ("name@version") from the node at `addr` ("host:port") into `store`, checking the sha256 while the chunks arrive and again on import. Returns the stored manifest.
 ///
@@ -361,8 +371,16 @@ fn copy_down<'a>(
         store
             .check_signed(&manifest, signature.as_deref())
             .map_err(|e| peer.store_error(&model, e))?;
-        let weights = peer.read_weights(&model, &header, stream).await?;
-        import(peer, store, manifest, weights, signature).await
+        let staged = peer.read_weights(&model, &header, stream, store).await?;
+        peer.on_disk(
+            &model,
+            store,
+            |store, (manifest, staged, signature): (Manifest, StagedWeights, Option<Vec<u8>>)| {
+                store.import_staged(manifest, staged, signature.as_deref())
+            },
+            (manifest, staged, signature),
+        )
+        .await
     })
 }
 

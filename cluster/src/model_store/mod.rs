@@ -13,8 +13,10 @@
 //!    A bare name asks for the newest version.
 //! 3. `Upload` checks, in order: the mesh's cluster key (only on a node with
 //!    `[cluster]`, the rule of [`crate::link`]; `PERMISSION_DENIED`), the header
-//!    (`total_bytes` at most [`MAX_MODEL_BYTES`]), then counts and hashes the bytes as
-//!    they arrive. The first chunk that runs past `total_bytes` ends the upload, so a
+//!    (`total_bytes` at most [`MAX_MODEL_BYTES`]; at most [`MAX_CONCURRENT_UPLOADS`]
+//!    at once, `RESOURCE_EXHAUSTED` beyond), then counts and hashes the bytes as they
+//!    arrive, writing them to a file staged in the store ([`StagedWeights`]), so an
+//!    upload holds one chunk in memory whatever the model's size. The first chunk that runs past `total_bytes` ends the upload, so a
 //!    node never reads more than it agreed to; a stream that ends short, or whose bytes
 //!    hash to something else, is refused too. Only then is the version imported, which
 //!    is atomic ([`ModelStore::import`]): a refused upload stores nothing. The same
@@ -35,6 +37,7 @@
 //!
 //! [`ModelStore::weights`]: fogmesh_models::store::ModelStore::weights
 //! [`ModelStore::import`]: fogmesh_models::store::ModelStore::import
+//! [`StagedWeights`]: fogmesh_models::store::StagedWeights
 //! [`ServiceError`]: crate::status::ServiceError
 
 mod client;
@@ -52,9 +55,9 @@ pub(crate) use server::ModelStoreService;
 pub const CHUNK_BYTES: usize = 256 << 10;
 /// Largest weights a node takes in one upload or a client in one download.
 pub const MAX_MODEL_BYTES: u64 = 4 << 30;
-/// Receivers reserve at most this much before the bytes arrive: a header declaring
-/// gigabytes must not reserve them on a small gateway before sending any.
-const PREALLOCATE_BYTES: u64 = 64 << 20;
+/// Uploads a node receives at once; more are refused (`RESOURCE_EXHAUSTED`), so a burst
+/// of uploads cannot take a gateway's disk bandwidth and blocking threads.
+pub const MAX_CONCURRENT_UPLOADS: usize = 4;
 
 fn header_for(
     manifest: &Manifest,
@@ -93,9 +96,6 @@ fn chunks(header: WeightHeader, weights: Vec<u8>) -> impl Stream<Item = WeightCh
     futures::stream::iter(std::iter::once(head).chain(data))
 }
 
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -7,16 +7,17 @@
 //! blocking threads: reads and imports hash whole blobs.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use fogmesh_models::store::{parse_id, Manifest, ModelStore, StoreError};
 use fogmesh_proto::model_store_server::ModelStore as ModelStoreRpc;
 use fogmesh_proto::{ListModelsRequest, ModelList, ModelRef, WeightChunk, WeightHeader};
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, header_for, header_signature, hex, MAX_MODEL_BYTES, PREALLOCATE_BYTES};
+use super::{chunks, header_for, header_signature, MAX_CONCURRENT_UPLOADS, MAX_MODEL_BYTES};
 use crate::link::{self, ClusterKey};
 use crate::status::ServiceError;
 use crate::telemetry;
@@ -29,6 +30,8 @@ pub(crate) struct ModelStoreService {
     /// The mesh's key on a node with `[cluster]`: uploads must carry it.
     key: Option<ClusterKey>,
     shutdown: CancellationToken,
+    /// One permit per upload being received ([`MAX_CONCURRENT_UPLOADS`]).
+    uploads: Arc<Semaphore>,
 }
 
 impl ModelStoreService {
@@ -43,6 +46,7 @@ impl ModelStoreService {
             store,
             key,
             shutdown,
+            uploads: Arc::new(Semaphore::new(MAX_CONCURRENT_UPLOADS)),
         }
     }
 
@@ -116,21 +120,28 @@ impl ModelStoreService {
             declared,
             reason,
         };
-        let mut hasher = Sha256::new();
-        let mut weights = Vec::with_capacity(declared.min(PREALLOCATE_BYTES) as usize);
+        // Bytes go to a staged file as they come: an upload costs the node one chunk of
+        // memory whatever the model's size, and a refused one leaves no file.
+        let mut staged = self.on_store(|store| store.stage()).await?;
         let mut data = first.data;
         loop {
-            let received = weights.len() as u64 + data.len() as u64;
+            let received = staged.len() + data.len() as u64;
             if received > declared {
                 return Err(length_error(received, "the stream ran past it".into()));
             }
-            hasher.update(&data);
-            weights.extend_from_slice(&data);
+            if !data.is_empty() {
+                staged = self
+                    .on_store(move |_| {
+                        staged.write(&data)?;
+                        Ok(staged)
+                    })
+                    .await?;
+            }
             match chunks.message().await {
                 Ok(Some(chunk)) if chunk.header.is_some() => {
                     return Err(ServiceError::InvalidField {
                         field: "header".into(),
-                        value: format!("a second header after {} bytes", weights.len()),
+                        value: format!("a second header after {} bytes", staged.len()),
                         reason: "only the first chunk of an upload carries the header".into(),
                     })
                 }
@@ -138,17 +149,17 @@ impl ModelStoreService {
                 Ok(None) => break,
                 Err(status) => {
                     return Err(length_error(
-                        weights.len() as u64,
+                        staged.len(),
                         format!("the stream broke: {}", status.message()),
                     ))
                 }
             }
         }
-        let received = weights.len() as u64;
+        let received = staged.len();
         if received < declared {
             return Err(length_error(received, "the stream ended early".into()));
         }
-        let actual = hex(&hasher.finalize());
+        let actual = staged.sha256();
         if !actual.eq_ignore_ascii_case(&header.sha256) {
             return Err(ServiceError::InvalidField {
                 field: "header.sha256".into(),
@@ -159,7 +170,7 @@ impl ModelStoreService {
             });
         }
         let stored = self
-            .on_store(move |store| store.import_signed(manifest, &weights, signature.as_deref()))
+            .on_store(move |store| store.import_staged(manifest, staged, signature.as_deref()))
             .await?;
         tracing::info!(node = %self.node, model = %stored.id(), bytes = stored.weights_bytes, "stored an uploaded model version");
         Ok(ModelRef {
@@ -294,6 +305,15 @@ impl ModelStoreRpc for ModelStoreService {
         if let Err(e) = self.store() {
             return Err(self.refuse("upload", e));
         }
+        let Ok(_receiving) = self.uploads.clone().try_acquire_owned() else {
+            return Err(self.refuse(
+                "upload",
+                ServiceError::TooManyUploads {
+                    node: self.node.clone(),
+                    limit: MAX_CONCURRENT_UPLOADS,
+                },
+            ));
+        };
         match self.receive(request.into_inner()).await {
             Ok(stored) => Ok(Response::new(stored)),
             Err(e) => Err(self.refuse("upload", e)),

@@ -15,6 +15,7 @@ use fogmesh_cluster::link::ClusterKey;
 use fogmesh_cluster::model_seal::MeshSeal;
 use fogmesh_cluster::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,
+    MAX_CONCURRENT_UPLOADS,
 };
 use fogmesh_models::served::Architecture;
 use fogmesh_models::store::{Manifest, ModelStore};
@@ -85,6 +86,13 @@ fn node_store(node: &TestNode) -> ModelStore {
 
 fn blob_count(root: &Path) -> usize {
     std::fs::read_dir(root.join("blobs")).map_or(0, |d| d.count())
+}
+
+/// The sizes of the files of uploads still arriving.
+fn staged_sizes(root: &Path) -> Vec<u64> {
+    std::fs::read_dir(root.join("staging")).map_or(Vec::new(), |d| {
+        d.map(|f| f.unwrap().metadata().unwrap().len()).collect()
+    })
 }
 
 /// Uploads `chunks` as they are, bypassing the client's checks.
@@ -214,6 +222,7 @@ async fn an_upload_whose_bytes_do_not_hash_to_its_header_stores_nothing() {
         .unwrap()
         .is_empty());
     assert_eq!(blob_count(node_store(&node).root()), 0);
+    assert!(staged_sizes(node_store(&node).root()).is_empty());
     node.stop().await;
 }
 
@@ -269,6 +278,73 @@ async fn an_upload_that_ends_short_or_runs_over_stores_nothing() {
         .unwrap()
         .is_empty());
     assert_eq!(blob_count(node_store(&node).root()), 0);
+    assert!(staged_sizes(node_store(&node).root()).is_empty());
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_arrive_on_disk_a_chunk_at_a_time_and_beyond_the_limit_at_once_are_refused() {
+    let node = node_with_store("").await;
+    let local_dir = tempfile::tempdir().unwrap();
+    let local = node.pki.signing_store(local_dir.path());
+    let (manifest, weights) = store_autoencoder(&local, "1", 1, &[]);
+    let chunks = chunks_of(&local, &manifest, &weights);
+    let root = node_store(&node).root().to_path_buf();
+
+    // As many uploads as a node takes at once, each stopped after its first chunk.
+    let mut open = Vec::new();
+    for _ in 0..MAX_CONCURRENT_UPLOADS {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(chunks[0].clone()).await.unwrap();
+        tx.send(chunks[1].clone()).await.unwrap();
+        let mut client = ModelStoreClient::new(node.channel(&node.operator).await);
+        let call = tokio::spawn(async move {
+            client
+                .upload(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        open.push((tx, call));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while staged_sizes(&root) != vec![CHUNK_BYTES as u64; MAX_CONCURRENT_UPLOADS] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "each upload's first chunk lands in its staged file: {:?}",
+            staged_sizes(&root)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let status = raw_upload(&node, chunks.clone()).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("receiving {MAX_CONCURRENT_UPLOADS} uploads already")),
+        "{}",
+        status.message()
+    );
+    let metrics = node.metrics_text().await;
+    assert!(
+        metrics.contains("fogmesh_model_store_rejected_total{rpc=\"upload\",reason=\"too_many_uploads\"} 1"),
+        "{metrics}"
+    );
+
+    // One finishes and is stored; the others break off and leave no file behind.
+    for chunk in &chunks[2..] {
+        open[0].0.send(chunk.clone()).await.unwrap();
+    }
+    let (tx, call) = open.remove(0);
+    drop(tx);
+    let stored = call.await.unwrap().expect("the finished upload is stored");
+    assert_eq!(stored.into_inner().model, manifest.id());
+    for (tx, call) in open.drain(..) {
+        drop(tx);
+        let status = call.await.unwrap().expect_err("a broken upload is refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    assert!(staged_sizes(&root).is_empty());
+    assert_eq!(blob_count(&root), 1);
     node.stop().await;
 }
 
