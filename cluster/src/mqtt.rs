@@ -17,6 +17,11 @@
 //! (accepted samples are acknowledged again as duplicates, never windowed twice). The
 //! ack topic, not the broker's PUBACK, is the producer's proof of acceptance.
 //!
+//! Transport: MQTT over TLS (port 8883 by default), the node presenting its own
+//! certificate and checking the broker's against `ca` (or the mesh CA) and the host
+//! name, with `username` and the password from `password_file`; plaintext only with
+//! `insecure = true`, logged as such at start.
+//!
 //! One task per broker polls rumqttc's event loop and handles each message inline:
 //! messages of a topic reach the stream in the broker's order, and the node's answer
 //! gates reading the next message (back-pressure on the broker instead of a queue).
@@ -31,11 +36,12 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS, SubscribeReasonCode,
+    TlsConfiguration, Transport,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::MqttConfig;
+use crate::config::MqttBroker;
 use crate::ingest::Ingestor;
 use crate::telemetry;
 
@@ -81,25 +87,37 @@ struct Topics {
 /// cancelled task does not send its DISCONNECT, so the broker notices through the keep
 /// alive instead. Prefer cancelling `shutdown`.
 pub(crate) async fn run(
-    config: MqttConfig,
+    broker: MqttBroker,
     node_name: String,
     index: usize,
     ingest: Ingestor,
     max_message_bytes: usize,
     shutdown: CancellationToken,
 ) {
+    let config = &broker.config;
     let prefix = config.topic_prefix(&node_name);
     let topics = Topics {
         ingest: format!("{prefix}/ingest/"),
         ack: format!("{prefix}/ack/"),
-        broker: format!("{}:{}", config.host, config.port),
+        broker: format!("{}:{}", config.host, config.port()),
     };
     let filter = format!("{prefix}/ingest/+");
     let mut options = MqttOptions::new(
         config.client_id(&node_name, index),
         config.host.clone(),
-        config.port,
+        config.port(),
     );
+    if let Some(tls) = broker.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    if let Some(username) = &config.username {
+        let password = broker
+            .password
+            .as_ref()
+            .map_or("", |p| p.expose())
+            .to_string();
+        options.set_credentials(username.clone(), password);
+    }
     options.set_keep_alive(KEEP_ALIVE);
     options.set_clean_session(true);
     let max_packet = max_message_bytes

@@ -182,6 +182,7 @@ impl NodeServer {
             Some(_) => configured,
             None => config.tls()?,
         };
+        let brokers = config.mqtt_brokers(tls.as_ref())?;
         if tls.is_none() {
             tracing::warn!(node = %config.node.name, "INSECURE: [tls] insecure = true: this node serves and dials in plaintext, with no identities and no roles; anyone who reaches its port may change the mesh");
         }
@@ -321,9 +322,9 @@ impl NodeServer {
 
         let mut sources = Vec::new();
         let mqtt_ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_MQTT);
-        for (index, broker) in config.mqtt.iter().enumerate() {
+        for (index, broker) in brokers.into_iter().enumerate() {
             sources.push(tokio::spawn(mqtt::run(
-                broker.clone(),
+                broker,
                 config.node.name.clone(),
                 index,
                 mqtt_ingest.clone(),

@@ -251,11 +251,7 @@ impl Weights<'_> {
                 if let Some(parent) = blob.parent() {
                     std::fs::create_dir_all(parent).map_err(io)?;
                 }
-                staged
-                    .file
-                    .persist(blob)
-                    .map(drop)
-                    .map_err(|e| io(e.error))
+                staged.file.persist(blob).map(drop).map_err(|e| io(e.error))
             }
         }
     }
@@ -435,7 +431,11 @@ impl ModelStore {
         weights: &[u8],
         signature: Option<&[u8]>,
     ) -> Result<Manifest, StoreError> {
-        self.store_version(manifest, Weights::Bytes(weights), Origin::Elsewhere(signature))
+        self.store_version(
+            manifest,
+            Weights::Bytes(weights),
+            Origin::Elsewhere(signature),
+        )
     }
 
     /// A file in the store's `staging/` folder for weights about to arrive
@@ -468,7 +468,11 @@ impl ModelStore {
         weights: StagedWeights,
         signature: Option<&[u8]>,
     ) -> Result<Manifest, StoreError> {
-        self.store_version(manifest, Weights::Staged(weights), Origin::Elsewhere(signature))
+        self.store_version(
+            manifest,
+            Weights::Staged(weights),
+            Origin::Elsewhere(signature),
+        )
     }
 
     /// Removes what uploads cut short by a crash left in `staging/`; a node calls it
@@ -773,7 +777,10 @@ mod tests {
         let stored = store
             .import_staged(manifest("pump", "1"), staged, None)
             .unwrap();
-        assert_eq!(stored.weights_sha256, sha256_hex(b"first half, second half"));
+        assert_eq!(
+            stored.weights_sha256,
+            sha256_hex(b"first half, second half")
+        );
         assert_eq!(
             store.weights(&store.get("pump@1").unwrap()).unwrap(),
             b"first half, second half"
@@ -800,7 +807,11 @@ mod tests {
         dropped.write(b"half an upload").unwrap();
         drop(dropped);
         assert_eq!(staged_files(&store), 0);
-        std::fs::write(store.root().join(STAGING).join("left-by-a-crash.part"), b"x").unwrap();
+        std::fs::write(
+            store.root().join(STAGING).join("left-by-a-crash.part"),
+            b"x",
+        )
+        .unwrap();
         store.clear_staging().unwrap();
         assert_eq!(staged_files(&store), 0);
         store.clear_staging().unwrap();

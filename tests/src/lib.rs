@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::Annunciator;
@@ -35,7 +35,7 @@ use tonic::transport::Channel;
 mod pki;
 mod tidy;
 
-pub use pki::TestPki;
+pub use pki::{BrokerCertificate, TestPki};
 
 pub const NODE: &str = "edge-test";
 pub const SENSOR: &str = "pump-1";
@@ -393,14 +393,50 @@ impl Broker {
     /// When mosquitto is not installed: the MQTT tests need a real broker, and skipping
     /// them silently would hide that.
     pub fn start(port: u16) -> Broker {
+        Broker::start_with(port, |_| "allow_anonymous true\n".to_string())
+    }
+
+    /// Starts mosquitto on `port` over mutual TLS: its certificate is `certificate`'s,
+    /// clients need a certificate of the CA at `client_ca` (the mesh CA) and one of
+    /// `users` (name, password).
+    pub fn start_tls(
+        port: u16,
+        certificate: &BrokerCertificate,
+        client_ca: &Path,
+        users: &[(&str, &str)],
+    ) -> Broker {
+        Broker::start_with(port, |dir| {
+            let passwords = dir.join("passwords");
+            std::fs::write(&passwords, "").expect("the password file");
+            for (user, password) in users {
+                let status = Command::new(sibling_tool("mosquitto_passwd"))
+                    .arg("-b")
+                    .arg(&passwords)
+                    .args([user, password])
+                    .status()
+                    .expect("mosquitto_passwd runs (it comes with mosquitto)");
+                assert!(status.success(), "mosquitto_passwd failed: {status}");
+            }
+            format!(
+                "allow_anonymous false\npassword_file {}\ncertfile {}\nkeyfile {}\ncafile {}\nrequire_certificate true\n",
+                passwords.display(),
+                certificate.cert.display(),
+                certificate.key.display(),
+                client_ca.display(),
+            )
+        })
+    }
+
+    fn start_with(port: u16, settings: impl FnOnce(&Path) -> String) -> Broker {
         let binary = mosquitto_binary().unwrap_or_else(|| {
             panic!("mosquitto is not installed (not on PATH, not /usr/sbin/mosquitto): run `just setup-broker`")
         });
         let dir = tempfile::tempdir().expect("a temporary folder");
         let conf = dir.path().join("mosquitto.conf");
+        let settings = settings(dir.path());
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+            format!("listener {port} 127.0.0.1\n{settings}persistence false\nlog_dest stderr\n"),
         )
         .expect("the temporary folder is writable");
         let mut child = Command::new(&binary)
@@ -449,6 +485,16 @@ impl Drop for Broker {
     }
 }
 
+/// A tool installed beside mosquitto (`mosquitto_passwd`).
+fn sibling_tool(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/bin").join(name))
+}
+
 fn mosquitto_binary() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -483,8 +529,36 @@ impl MqttProducer {
     /// Connects to the broker on `port` and subscribes to `ack_topic`; returns once the
     /// broker confirmed the subscription.
     pub async fn connect(port: u16, client_id: &str, ack_topic: &str) -> MqttProducer {
-        use rumqttc::{Event, Packet, QoS};
+        MqttProducer::connect_with(
+            rumqttc::MqttOptions::new(client_id, "127.0.0.1", port),
+            ack_topic,
+        )
+        .await
+    }
+
+    /// [`MqttProducer::connect`] over TLS with `tls`'s certificate, the broker's
+    /// checked against `broker_ca`, as `user`.
+    pub async fn connect_tls(
+        port: u16,
+        client_id: &str,
+        ack_topic: &str,
+        tls: &fogmesh_trust::MeshTls,
+        broker_ca: &Path,
+        (user, password): (&str, &str),
+    ) -> MqttProducer {
         let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+        let client = tls
+            .outside_client(Some(broker_ca))
+            .expect("a TLS client for the broker");
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(client)),
+        ));
+        options.set_credentials(user, password);
+        MqttProducer::connect_with(options, ack_topic).await
+    }
+
+    async fn connect_with(mut options: rumqttc::MqttOptions, ack_topic: &str) -> MqttProducer {
+        use rumqttc::{Event, Packet, QoS};
         // Room for the oversized payloads the tests send on purpose (rumqttc's default
         // is 10 KiB).
         options.set_max_packet_size(4 * MAX_MESSAGE_BYTES, 4 * MAX_MESSAGE_BYTES);

@@ -119,3 +119,46 @@ impl TestPki {
         self.dialer("sensor-gateway", Role::Sensor)
     }
 }
+
+/// A plant's own CA and the certificate it gave its MQTT broker at 127.0.0.1: the
+/// broker is not a member of the mesh, so its certificate does not come from the mesh
+/// CA, and nodes name this CA in `[[mqtt]] ca`.
+pub struct BrokerCertificate {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl BrokerCertificate {
+    /// Makes the plant CA and the broker's certificate and key in `dir`.
+    pub fn issue(dir: &Path) -> BrokerCertificate {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir).expect("the folder for the broker's certificate");
+        let ca_key = KeyPair::generate().expect("a plant CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "plant broker CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("the plant CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("a broker key");
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("broker params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "plant broker");
+        let cert = params
+            .signed_by(&key, &issuer)
+            .expect("the broker's certificate");
+        let files = BrokerCertificate {
+            ca: dir.join("plant-ca.pem"),
+            cert: dir.join("broker.pem"),
+            key: dir.join("broker.key"),
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).expect("the plant CA is written");
+        std::fs::write(&files.cert, cert.pem()).expect("the broker certificate is written");
+        std::fs::write(&files.key, key.serialize_pem()).expect("the broker key is written");
+        files
+    }
+}

@@ -148,6 +148,34 @@ impl MeshTls {
         })
     }
 
+    /// Client settings for a server outside the mesh, an MQTT broker: its certificate
+    /// must chain to the CA in `ca` (the mesh CA where `ca` is `None`) and name the
+    /// host dialled, as any TLS client checks; this peer's certificate is presented
+    /// for mutual TLS.
+    pub fn outside_client(&self, ca: Option<&Path>) -> Result<ClientConfig, TrustError> {
+        let roots = match ca {
+            Some(path) => roots(&read(path)?, path)?,
+            None => roots(&self.inner.ca_pem, Path::new("the mesh CA"))?,
+        };
+        let tls_error = |source| TrustError::Tls {
+            what: "the node's certificate for a broker".into(),
+            source,
+        };
+        let chain = certificates(&self.inner.cert_pem, Path::new("the node's certificate"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.inner.key_pem.as_bytes()).map_err(|_| {
+            TrustError::NoPem {
+                path: "the node's key".into(),
+                what: "private key",
+            }
+        })?;
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(tls_error)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(tls_error)
+    }
+
     /// This peer's certificate and key, PEM.
     pub(crate) fn pem(&self) -> (&str, &str) {
         (&self.inner.cert_pem, &self.inner.key_pem)

@@ -18,11 +18,11 @@ use fogmesh_actors::{
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::weights::sha256_hex;
 use fogmesh_models::{AutoencoderConfig, Recording, SoftmaxGate};
-use fogmesh_trust::{MeshTls, TlsFiles};
+use fogmesh_trust::{MeshTls, Secret, TlsFiles};
 
 use crate::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
 
-use super::{ConfigError, ExpertConfig, NodeConfig, RouterConfig};
+use super::{ConfigError, ExpertConfig, MqttConfig, NodeConfig, RouterConfig};
 
 /// Shortest accepted cluster secret.
 pub const MIN_SECRET_LEN: usize = 12;
@@ -67,6 +67,15 @@ pub(crate) fn fold_max_wait(
 }
 
 /// A replay ready to run: the recording in memory and the plan over it.
+/// One `[[mqtt]]` broker resolved for connecting: its settings, the TLS client (none
+/// with `insecure = true`) and the password.
+#[derive(Clone)]
+pub struct MqttBroker {
+    pub config: MqttConfig,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub password: Option<Secret>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayJob {
     pub file: PathBuf,
@@ -226,11 +235,34 @@ impl NodeConfig {
             if mqtt.host.is_empty() {
                 return Err(self.invalid(format!("mqtt[{i}].host"), "\"\"", "must not be empty"));
             }
-            if mqtt.port == 0 {
+            if mqtt.port == Some(0) {
                 return Err(self.invalid(
                     format!("mqtt[{i}].port"),
                     0,
                     "must be a broker's port, not 0",
+                ));
+            }
+            if mqtt.insecure {
+                if let Some(path) = &mqtt.ca {
+                    return Err(self.invalid(
+                        format!("mqtt[{i}].ca"),
+                        format!("{:?}", path.display().to_string()),
+                        "`insecure = true` speaks plaintext to the broker: drop `ca` or `insecure`",
+                    ));
+                }
+                if mqtt.password_file.is_some() {
+                    return Err(self.invalid(
+                        format!("mqtt[{i}].password_file"),
+                        "<set>",
+                        "a password goes to a broker only over TLS: drop `insecure = true`",
+                    ));
+                }
+            }
+            if mqtt.password_file.is_some() && mqtt.username.is_none() {
+                return Err(self.invalid(
+                    format!("mqtt[{i}].username"),
+                    "<missing>",
+                    "a broker password needs the username it belongs to",
                 ));
             }
             let prefix = mqtt.topic_prefix(&self.node.name);
@@ -394,6 +426,60 @@ impl NodeConfig {
             Some(tls) => store.sealed(Arc::new(self.model_seal(tls)?)),
             None => store,
         }))
+    }
+
+    /// How to reach each `[[mqtt]]` broker, in order: over TLS with this node's
+    /// certificate (`tls`), the broker's checked against `ca` or the mesh CA, unless
+    /// `insecure = true`; with the password read from `password_file`.
+    pub fn mqtt_brokers(&self, tls: Option<&MeshTls>) -> Result<Vec<MqttBroker>, ConfigError> {
+        let mut brokers = Vec::with_capacity(self.mqtt.len());
+        for (i, mqtt) in self.mqtt.iter().enumerate() {
+            let client = if mqtt.insecure {
+                tracing::warn!(node = %self.node.name, broker = %mqtt.host, "INSECURE: [[mqtt]] insecure = true: samples from this broker travel in plaintext, and anyone on the network may publish them");
+                None
+            } else {
+                let tls = tls.ok_or_else(|| {
+                    self.invalid(
+                        format!("mqtt[{i}].insecure"),
+                        false,
+                        "TLS to the broker presents this node's certificate, and `[tls]` gives none: \
+                         give `[tls] ca/cert/key`, or `insecure = true` for a plaintext broker",
+                    )
+                })?;
+                let ca = mqtt.ca.as_ref().map(|path| self.resolve(path));
+                let client = tls.outside_client(ca.as_deref()).map_err(|e| {
+                    self.invalid(
+                        format!("mqtt[{i}].ca"),
+                        ca.as_ref().map_or("<the mesh CA>".into(), |p| {
+                            format!("{:?}", p.display().to_string())
+                        }),
+                        e.to_string(),
+                    )
+                })?;
+                Some(Arc::new(client))
+            };
+            let password = match &mqtt.password_file {
+                Some(path) => {
+                    let path = self.resolve(path);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        self.invalid(
+                            format!("mqtt[{i}].password_file"),
+                            format!("{:?}", path.display().to_string()),
+                            format!("cannot be read: {e}"),
+                        )
+                    })?;
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    Some(Secret::from(first))
+                }
+                None => None,
+            };
+            brokers.push(MqttBroker {
+                config: mqtt.clone(),
+                tls: client,
+                password,
+            });
+        }
+        Ok(brokers)
     }
 
     /// The mesh's signature policy for models, as `[tls] model_signers` sets it.

@@ -275,21 +275,36 @@ impl RouterConfig {
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     pub host: String,
-    #[serde(default = "default_mqtt_port")]
-    pub port: u16,
+    /// Defaults to 8883 (MQTT over TLS), or 1883 with `insecure = true`.
+    #[serde(default)]
+    pub port: Option<u16>,
     /// Defaults to `fogmesh/<node name>`.
     #[serde(default)]
     pub topic_prefix: Option<String>,
     /// Defaults to `fogmesh-<node name>-<index of this broker>`.
     #[serde(default)]
     pub client_id: Option<String>,
-}
-
-fn default_mqtt_port() -> u16 {
-    1883
+    /// Plaintext to this broker, with no TLS and no password: only where said.
+    #[serde(default)]
+    pub insecure: bool,
+    /// PEM file of the CA that issued the broker's certificate; defaults to the mesh CA
+    /// of `[tls]`. The broker's certificate must name `host`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file whose first line is the broker password (kept out of this file, which
+    /// operators share and check in).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 impl MqttConfig {
+    /// The broker's port: `port`, or the MQTT default for the transport.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.insecure { 1883 } else { 8883 })
+    }
+
     pub fn topic_prefix(&self, node_name: &str) -> String {
         self.topic_prefix
             .clone()

@@ -308,7 +308,6 @@ impl Peer {
     }
 }
 
-
 /// Copies `id` ("name@version") from the node at `addr` ("host:port") into `store`, checking the sha256 while the chunks arrive and again on import. Returns the stored manifest.
 ///
 /// A bare name copies the node's newest version. Ancestors (`parents`) the store

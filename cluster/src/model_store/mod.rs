@@ -96,7 +96,6 @@ fn chunks(header: WeightHeader, weights: Vec<u8>) -> impl Stream<Item = WeightCh
     futures::stream::iter(std::iter::once(head).chain(data))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

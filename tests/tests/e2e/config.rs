@@ -15,6 +15,7 @@ fn load_fully(path: &Path) -> Result<(), ConfigError> {
     let config = NodeConfig::load(path)?;
     config.to_node_spec()?;
     config.replay_jobs()?;
+    config.mqtt_brokers(config.configured_tls()?.as_ref())?;
     Ok(())
 }
 
@@ -139,6 +140,21 @@ fn malformed_configs_name_the_file_the_field_and_the_value() {
             append("[[mqtt]]\nhost = \"127.0.0.1\"\ntopic_prefix = \"plant/#\"\n"),
             vec!["mqtt[0].topic_prefix", "plant/#"],
         ),
+        (
+            "mqtt password without a username",
+            append("[[mqtt]]\nhost = \"127.0.0.1\"\npassword_file = \"mqtt-password\"\n"),
+            vec!["mqtt[0].username", "needs the username"],
+        ),
+        (
+            "mqtt password in plaintext",
+            append("[[mqtt]]\nhost = \"127.0.0.1\"\ninsecure = true\nusername = \"edge\"\npassword_file = \"mqtt-password\"\n"),
+            vec!["mqtt[0].password_file", "only over TLS"],
+        ),
+        (
+            "mqtt over TLS from a node without a certificate",
+            append("[tls]\ninsecure = true\n\n[[mqtt]]\nhost = \"127.0.0.1\"\n"),
+            vec!["mqtt[0].insecure", "[tls] ca/cert/key"],
+        ),
     ];
     for (case, text, needles) in cases {
         let path = write_config(dir.path(), &text);
@@ -202,7 +218,9 @@ host = "broker.plant"
     );
     assert_eq!((expert.weights.as_ref(), expert.threshold), (None, None));
     let mqtt = &config.mqtt[0];
-    assert_eq!(mqtt.port, 1883);
+    // TLS unless said otherwise, on MQTT's TLS port.
+    assert!(!mqtt.insecure);
+    assert_eq!(mqtt.port(), 8883);
     assert_eq!(mqtt.topic_prefix("fog-1"), "fogmesh/fog-1");
     assert_eq!(
         config.resolve(Path::new("weights/ae.safetensors")),

@@ -318,15 +318,17 @@ async fn uploads_arrive_on_disk_a_chunk_at_a_time_and_beyond_the_limit_at_once_a
     let status = raw_upload(&node, chunks.clone()).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        status
-            .message()
-            .contains(&format!("receiving {MAX_CONCURRENT_UPLOADS} uploads already")),
+        status.message().contains(&format!(
+            "receiving {MAX_CONCURRENT_UPLOADS} uploads already"
+        )),
         "{}",
         status.message()
     );
     let metrics = node.metrics_text().await;
     assert!(
-        metrics.contains("fogmesh_model_store_rejected_total{rpc=\"upload\",reason=\"too_many_uploads\"} 1"),
+        metrics.contains(
+            "fogmesh_model_store_rejected_total{rpc=\"upload\",reason=\"too_many_uploads\"} 1"
+        ),
         "{metrics}"
     );
 

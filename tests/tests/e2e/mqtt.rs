@@ -1,7 +1,9 @@
 //! MQTT ingest through a real broker (Debian's mosquitto): samples published by a
 //! plant-side producer are acknowledged on the ack topic and raise the alert over
 //! gRPC; malformed, oversized and bad payloads get an error ack without stopping
-//! ingest; the node reconnects when the broker restarts.
+//! ingest; the node reconnects when the broker restarts. Over mutual TLS with
+//! passwords, the node and a producer with certificates get through, and a plaintext
+//! client does not.
 
 use fogmesh_tests::*;
 use serde_json::Value;
@@ -30,7 +32,7 @@ async fn mqtt_ingest_through_a_real_broker() {
     let port = free_port();
     let broker = Broker::start(port);
     let node = TestNode::start(&format!(
-        "[[mqtt]]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"node-under-test\"\n"
+        "[[mqtt]]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"node-under-test\"\ninsecure = true\n"
     ))
     .await;
     let prefix = format!("fogmesh/{NODE}");
@@ -127,4 +129,61 @@ async fn mqtt_ingest_through_a_real_broker() {
     }
     node.stop().await;
     drop(broker);
+}
+
+#[tokio::test]
+async fn mqtt_over_mutual_tls_with_passwords_takes_samples_and_refuses_plaintext() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::open(&dir.path().join("pki"));
+    let certificate = BrokerCertificate::issue(&dir.path().join("broker"));
+    let _broker = Broker::start_tls(
+        port,
+        &certificate,
+        &pki.ca_path(),
+        &[("edge-node", "node-pass"), ("producer", "producer-pass")],
+    );
+    std::fs::write(dir.path().join("mqtt-password"), "node-pass\n").unwrap();
+    let node = TestNode::start_config(
+        dir,
+        &node_toml(&format!(
+            "[[mqtt]]\nhost = \"127.0.0.1\"\nport = {port}\nca = \"broker/plant-ca.pem\"\nusername = \"edge-node\"\npassword_file = \"mqtt-password\"\n"
+        )),
+        fogmesh_actors::Annunciator::new(16),
+    )
+    .await;
+    let prefix = format!("fogmesh/{NODE}");
+    let producer_tls = fogmesh_trust::MeshTls::load(&pki.issue(
+        "plant-producer",
+        fogmesh_trust::Role::Sensor,
+        &[],
+    ))
+    .unwrap();
+    let mut producer = MqttProducer::connect_tls(
+        port,
+        "plant-producer",
+        &format!("{prefix}/ack/{SENSOR}"),
+        &producer_tls,
+        &certificate.ca,
+        ("producer", "producer-pass"),
+    )
+    .await;
+    let ack = producer
+        .publish_until_acked(
+            &format!("{prefix}/ingest/{SENSOR}"),
+            json_batch(&samples(SENSOR, 0..16, normal_values)),
+            acked_through(15),
+        )
+        .await;
+    assert!(ack["accepted"] == 16 || ack["duplicates"] == 16, "{ack}");
+    assert_eq!(node.sensor_status(SENSOR).await.accepted, 16);
+
+    // The TLS listener takes no plaintext client.
+    let (_client, mut events) =
+        rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("intruder", "127.0.0.1", port), 8);
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), events.poll())
+        .await
+        .expect("the broker answers a plaintext client at once");
+    assert!(refused.is_err(), "a plaintext client got {refused:?}");
+    node.stop().await;
 }
