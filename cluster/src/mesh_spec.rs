@@ -18,11 +18,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use fogmesh_actors::{
     ExpertSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
 };
-use fogmesh_models::store::ModelStore;
+use fogmesh_models::store::{ManifestSeal, ModelStore};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
@@ -64,6 +65,9 @@ pub struct ModelPlaces {
     /// The node's store, sealed with the mesh's signature policy where it has one.
     pub models: Option<ModelStore>,
     pub minilm: Option<PathBuf>,
+    /// The mesh's signature policy on a node with certificates: files its config
+    /// names (`torchscript`, `weights`) must carry a signature it trusts.
+    pub seal: Option<Arc<dyn ManifestSeal>>,
 }
 
 /// A parsed and validated `mesh.toml`.
@@ -224,7 +228,7 @@ impl MeshSpec {
             tls: None,
             file: file.to_path_buf(),
         };
-        let spec = whole.to_node_spec_with(places.models.as_ref())?;
+        let spec = whole.to_node_spec_with(places)?;
         for (i, expert) in experts.iter().enumerate() {
             if let Some(near) = &expert.placement.near {
                 if !sensors.iter().any(|s| &s.spec.id == near) {

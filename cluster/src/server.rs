@@ -176,7 +176,7 @@ impl NodeServer {
                     source,
                 })?;
         }
-        let spec = config.to_node_spec_with(places.models.as_ref())?;
+        let spec = config.to_node_spec_with(&places)?;
         let replays = config.replay_jobs()?;
         let tls = match config.tls {
             Some(_) => configured,

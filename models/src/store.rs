@@ -148,6 +148,64 @@ pub enum StoreError {
 /// Why a seal refused to sign or to trust a signature; the seal's own error.
 pub type SealError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where the signature of a file a node's config names (a TorchScript module,
+/// autoencoder weights) lives: beside it, `<file>.sig`.
+pub fn file_signature_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sig");
+    PathBuf::from(name)
+}
+
+/// What a signature over such a file covers: its sha256, in a form no manifest's
+/// canonical JSON takes, so a version's signature never passes for a file's.
+pub fn file_statement(sha256: &str) -> Vec<u8> {
+    format!("{{\"fogmesh_file_sha256\":\"{sha256}\"}}").into_bytes()
+}
+
+/// Checks `bytes`, read from `path`, against the signature beside the file
+/// ([`file_signature_path`]) and returns who signed; a file without one is refused as
+/// unsigned by the seal.
+pub fn check_file(
+    seal: &dyn ManifestSeal,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<String, StoreError> {
+    let id = path.display().to_string();
+    let signature_path = file_signature_path(path);
+    let signature = match std::fs::read(&signature_path) {
+        Ok(signature) => Some(signature),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: signature_path,
+                source,
+            })
+        }
+    };
+    seal.verify(
+        &id,
+        &file_statement(&sha256_hex(bytes)),
+        signature.as_deref(),
+    )
+    .map_err(|source| StoreError::Signature { id, source })
+}
+
+/// Signs the file at `path` with `seal`'s identity, writing its signature beside it
+/// ([`file_signature_path`]); returns the file's sha256.
+pub fn sign_file(seal: &dyn ManifestSeal, path: &Path) -> Result<String, StoreError> {
+    let bytes = std::fs::read(path).map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sha256 = sha256_hex(&bytes);
+    let id = path.display().to_string();
+    let signature = seal
+        .sign(&id, &file_statement(&sha256))
+        .map_err(|source| StoreError::CannotSign { id, source })?;
+    write_atomically(&file_signature_path(path), &signature)?;
+    Ok(sha256)
+}
+
 /// A mesh's signature policy, as a node's store applies it. The cluster implements it
 /// over the mesh's certificates; the store only says when to sign and when to check.
 pub trait ManifestSeal: std::fmt::Debug + Send + Sync {
@@ -949,6 +1007,38 @@ mod tests {
                 Some(_) => Err("bad signature".into()),
             }
         }
+    }
+
+    #[test]
+    fn a_signed_file_verifies_and_an_unsigned_or_changed_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("press.pt");
+        std::fs::write(&file, b"scripted module").unwrap();
+        let notary = Notary { may_sign: true };
+        assert!(matches!(
+            check_file(&notary, &file, b"scripted module"),
+            Err(StoreError::Signature { .. })
+        ));
+        let sha256 = sign_file(&notary, &file).unwrap();
+        assert_eq!(sha256, sha256_hex(b"scripted module"));
+        assert!(dir.path().join("press.pt.sig").is_file());
+        assert_eq!(
+            check_file(&notary, &file, b"scripted module").unwrap(),
+            "notary"
+        );
+        assert!(matches!(
+            check_file(&notary, &file, b"another module"),
+            Err(StoreError::Signature { .. })
+        ));
+        // A version's statement is never a file's.
+        assert_ne!(
+            file_statement(&sha256),
+            ModelStore::statement(&manifest("pump", "1"))
+        );
+        assert!(matches!(
+            sign_file(&Notary { may_sign: false }, &file),
+            Err(StoreError::CannotSign { .. })
+        ));
     }
 
     fn sealed(root: &Path, may_sign: bool) -> ModelStore {

@@ -108,10 +108,13 @@ impl TestPki {
     /// into it is signed by the test operator, and signatures are checked as a node
     /// of this mesh checks them, so its versions serve on the fixture nodes.
     pub fn signing_store(&self, root: &Path) -> ModelStore {
+        ModelStore::open(root).sealed(Arc::new(self.operator_seal()))
+    }
+
+    /// The test operator's seal, which signs models and files.
+    pub fn operator_seal(&self) -> MeshSeal {
         let operator = self.tls("operator", Role::Operator, &[]);
-        let seal = MeshSeal::new(&operator, &DEFAULT_MODEL_SIGNERS)
-            .expect("the test operator signs models");
-        ModelStore::open(root).sealed(Arc::new(seal))
+        MeshSeal::new(&operator, &DEFAULT_MODEL_SIGNERS).expect("the test operator signs models")
     }
 
     /// A sensor gateway's dialer, allowed to feed any sensor.

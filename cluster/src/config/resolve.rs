@@ -15,11 +15,12 @@ use fogmesh_actors::{
     BatchingSpec, ExpertSpec, LearningSpec, ModelSource, NodeSpec, RestartPolicy, RouterSpec,
     RoutingPolicy, SpecError, StoredModel,
 };
-use fogmesh_models::store::ModelStore;
+use fogmesh_models::store::{check_file, ManifestSeal, ModelStore};
 use fogmesh_models::weights::sha256_hex;
 use fogmesh_models::{AutoencoderConfig, Recording, SoftmaxGate};
 use fogmesh_trust::{MeshTls, Secret, TlsFiles};
 
+use crate::mesh_spec::ModelPlaces;
 use crate::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
 
 use super::{ConfigError, ExpertConfig, MqttConfig, NodeConfig, RouterConfig};
@@ -418,14 +419,19 @@ impl NodeConfig {
 
     /// [`NodeConfig::model_store`] for a node whose identity, if any, is `tls`.
     fn model_store_with(&self, tls: Option<&MeshTls>) -> Result<Option<ModelStore>, ConfigError> {
-        let Some(root) = self.model_store_root() else {
-            return Ok(None);
+        let seal = match tls {
+            Some(tls) => Some(self.model_seal(tls)?),
+            None => None,
         };
-        let store = ModelStore::open(root);
-        Ok(Some(match tls {
-            Some(tls) => store.sealed(Arc::new(self.model_seal(tls)?)),
+        Ok(self.model_store_sealed(seal.as_ref()))
+    }
+
+    fn model_store_sealed(&self, seal: Option<&Arc<dyn ManifestSeal>>) -> Option<ModelStore> {
+        let store = ModelStore::open(self.model_store_root()?);
+        Some(match seal {
+            Some(seal) => store.sealed(seal.clone()),
             None => store,
-        }))
+        })
     }
 
     /// How to reach each `[[mqtt]]` broker, in order: over TLS with this node's
@@ -483,7 +489,7 @@ impl NodeConfig {
     }
 
     /// The mesh's signature policy for models, as `[tls] model_signers` sets it.
-    fn model_seal(&self, tls: &MeshTls) -> Result<MeshSeal, ConfigError> {
+    fn model_seal(&self, tls: &MeshTls) -> Result<Arc<dyn ManifestSeal>, ConfigError> {
         let signers = match self.tls.as_ref().and_then(|t| t.model_signers.as_ref()) {
             None => DEFAULT_MODEL_SIGNERS.to_vec(),
             Some(names) => {
@@ -512,7 +518,7 @@ impl NodeConfig {
                 roles
             }
         };
-        MeshSeal::new(tls, &signers).map_err(|e| {
+        let seal = MeshSeal::new(tls, &signers).map_err(|e| {
             self.invalid(
                 "tls.key".into(),
                 format!(
@@ -525,7 +531,8 @@ impl NodeConfig {
                 ),
                 format!("this node signs the models it makes, and cannot: {e}"),
             )
-        })
+        })?;
+        Ok(Arc::new(seal))
     }
 
     /// The experts that learn, by name, with their `[experts.learning]`.
@@ -551,9 +558,14 @@ impl NodeConfig {
         &self,
         tls: Option<&MeshTls>,
     ) -> Result<crate::mesh_spec::ModelPlaces, ConfigError> {
+        let seal = match tls {
+            Some(tls) => Some(self.model_seal(tls)?),
+            None => None,
+        };
         Ok(crate::mesh_spec::ModelPlaces {
-            models: self.model_store_with(tls)?,
+            models: self.model_store_sealed(seal.as_ref()),
             minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
+            seal,
         })
     }
 
@@ -568,17 +580,18 @@ impl NodeConfig {
     /// The actors' description of this node (step 2 of the [`super`] doc): reads weights
     /// and gate files, then validates the whole spec.
     pub fn to_node_spec(&self) -> Result<NodeSpec, ConfigError> {
-        self.to_node_spec_with(self.model_store()?.as_ref())
+        self.to_node_spec_with(&self.model_places(self.configured_tls()?.as_ref())?)
     }
 
-    /// [`NodeConfig::to_node_spec`] reading stored models from `store` (a mesh spec,
-    /// checked on a node, reads the node's store).
-    pub fn to_node_spec_with(&self, store: Option<&ModelStore>) -> Result<NodeSpec, ConfigError> {
+    /// [`NodeConfig::to_node_spec`] reading stored models from `places` and checking
+    /// files against its seal (a mesh spec, checked on a node, reads the node's store
+    /// under the node's seal).
+    pub fn to_node_spec_with(&self, places: &ModelPlaces) -> Result<NodeSpec, ConfigError> {
         let experts = self
             .experts
             .iter()
             .enumerate()
-            .map(|(i, expert)| self.expert_spec(i, expert, store))
+            .map(|(i, expert)| self.expert_spec(i, expert, places))
             .collect::<Result<Vec<_>, _>>()?;
         let routers = self
             .routers
@@ -599,14 +612,15 @@ impl NodeConfig {
     }
 
     /// Reads the file an expert's `key` names and checks it against the expert's
-    /// `sha256`. The expert checks too, but its error cannot name this config file.
+    /// `sha256` and, on a node with certificates, against its signature (`seal`). The
+    /// expert checks the hash too, but its error cannot name this config file.
     fn read_pinned(
         &self,
         i: usize,
         expert: &ExpertConfig,
-        key: &str,
-        what: &'static str,
+        (key, what): (&str, &'static str),
         path: &Path,
+        seal: Option<&dyn ManifestSeal>,
     ) -> Result<(PathBuf, Vec<u8>), ConfigError> {
         let path = self.resolve(path);
         let bytes = std::fs::read(&path).map_err(|source| ConfigError::UnreadableFile {
@@ -627,6 +641,18 @@ impl NodeConfig {
                     actual,
                 });
             }
+        }
+        if let Some(seal) = seal {
+            check_file(seal, &path, &bytes).map_err(|e| {
+                self.invalid(
+                    format!("experts[{i}].{key}"),
+                    format!("{:?}", path.display().to_string()),
+                    format!(
+                        "{e}; a node with certificates loads only signed files: `fogmesh models sign-file {}` writes its signature beside it",
+                        path.display()
+                    ),
+                )
+            })?;
         }
         Ok((path, bytes))
     }
@@ -679,22 +705,28 @@ impl NodeConfig {
         &self,
         i: usize,
         expert: &ExpertConfig,
-        store: Option<&ModelStore>,
+        places: &ModelPlaces,
     ) -> Result<ExpertSpec, ConfigError> {
+        let seal = places.seal.as_deref();
         // `check` has refused a config naming more than one source, so the first one
         // named is the only one.
         let source = match (&expert.model, &expert.torchscript, &expert.weights) {
-            (Some(id), _, _) => {
-                ModelSource::Stored(Box::new(self.stored_model(i, expert, id, store)?))
-            }
+            (Some(id), _, _) => ModelSource::Stored(Box::new(self.stored_model(
+                i,
+                expert,
+                id,
+                places.models.as_ref(),
+            )?)),
             (None, Some(path), _) => {
-                let (path, _) = self.read_pinned(i, expert, "torchscript", "TorchScript", path)?;
+                let (path, _) =
+                    self.read_pinned(i, expert, ("torchscript", "TorchScript"), path, seal)?;
                 ModelSource::TorchScript(path)
             }
             (None, None, weights) => ModelSource::Autoencoder {
                 weights: match weights {
                     Some(path) => {
-                        let (_, bytes) = self.read_pinned(i, expert, "weights", "weights", path)?;
+                        let (_, bytes) =
+                            self.read_pinned(i, expert, ("weights", "weights"), path, seal)?;
                         Some(Arc::<[u8]>::from(bytes))
                     }
                     None => None,

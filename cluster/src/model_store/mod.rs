@@ -16,7 +16,8 @@
 //!    (`total_bytes` at most [`MAX_MODEL_BYTES`]; at most [`MAX_CONCURRENT_UPLOADS`]
 //!    at once, `RESOURCE_EXHAUSTED` beyond), then counts and hashes the bytes as they
 //!    arrive, writing them to a file staged in the store ([`StagedWeights`]), so an
-//!    upload holds one chunk in memory whatever the model's size. The first chunk that runs past `total_bytes` ends the upload, so a
+//!    upload holds one chunk in memory whatever the model's size. A sender that sends
+//!    no chunk for [`UPLOAD_IDLE_TIMEOUT`] is refused as a broken stream. The first chunk that runs past `total_bytes` ends the upload, so a
 //!    node never reads more than it agreed to; a stream that ends short, or whose bytes
 //!    hash to something else, is refused too. Only then is the version imported, which
 //!    is atomic ([`ModelStore::import`]): a refused upload stores nothing. The same
@@ -58,6 +59,8 @@ pub const MAX_MODEL_BYTES: u64 = 4 << 30;
 /// Uploads a node receives at once; more are refused (`RESOURCE_EXHAUSTED`), so a burst
 /// of uploads cannot take a gateway's disk bandwidth and blocking threads.
 pub const MAX_CONCURRENT_UPLOADS: usize = 4;
+/// Longest an upload may wait for its next chunk before it is refused as broken.
+pub const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn header_for(
     manifest: &Manifest,

@@ -17,7 +17,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, header_for, header_signature, MAX_CONCURRENT_UPLOADS, MAX_MODEL_BYTES};
+use super::{
+    chunks, header_for, header_signature, MAX_CONCURRENT_UPLOADS, MAX_MODEL_BYTES,
+    UPLOAD_IDLE_TIMEOUT,
+};
 use crate::link::{self, ClusterKey};
 use crate::status::ServiceError;
 use crate::telemetry;
@@ -88,7 +91,7 @@ impl ModelStoreService {
             value: "none".into(),
             reason,
         };
-        let first = match chunks.message().await {
+        let first = match next_chunk(&mut chunks).await {
             Ok(Some(first)) => first,
             Ok(None) => {
                 return Err(no_header(
@@ -137,7 +140,7 @@ impl ModelStoreService {
                     })
                     .await?;
             }
-            match chunks.message().await {
+            match next_chunk(&mut chunks).await {
                 Ok(Some(chunk)) if chunk.header.is_some() => {
                     return Err(ServiceError::InvalidField {
                         field: "header".into(),
@@ -199,6 +202,20 @@ impl ModelStoreService {
         })?;
         Ok((header, weights))
     }
+}
+
+/// The next chunk of an upload, or a broken stream when none comes within
+/// [`UPLOAD_IDLE_TIMEOUT`]: an upload holds one of the node's few upload places, so a
+/// sender that stalls gives it back instead of holding it for good.
+async fn next_chunk(chunks: &mut Streaming<WeightChunk>) -> Result<Option<WeightChunk>, Status> {
+    tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.message())
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "no chunk arrived for {} s",
+                UPLOAD_IDLE_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 /// Checks an upload's header and returns its manifest.

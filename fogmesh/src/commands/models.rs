@@ -1,5 +1,6 @@
-//! `fogmesh models ls|show|import|export|sign|push|pull`: the model store on this
-//! machine, and on a node through its gRPC `ModelStore`.
+//! `fogmesh models ls|show|import|export|sign|sign-file|push|pull`: the model store on
+//! this machine, and on a node through its gRPC `ModelStore`; `sign-file` signs a file
+//! a node's config names.
 
 use std::path::{Path, PathBuf};
 
@@ -9,8 +10,20 @@ use comfy_table::Table;
 use fogmesh_cluster::status_table::plain;
 
 use fogmesh_cluster::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
+use fogmesh_models::store::{file_signature_path, sign_file};
+use fogmesh_trust::MeshTls;
 
 use crate::commands::identity::IdentityArgs;
+
+/// This caller's identity and the seal it signs with.
+fn signer(identity: &IdentityArgs) -> anyhow::Result<(MeshTls, MeshSeal)> {
+    let tls = identity.tls()?.context(
+        "signing needs this caller's certificate: give --ca, --cert and --key (or FOGMESH_CA, FOGMESH_CERT, FOGMESH_KEY)",
+    )?;
+    let seal = MeshSeal::new(&tls, &DEFAULT_MODEL_SIGNERS)
+        .with_context(|| format!("signing as {}", tls.identity()))?;
+    Ok((tls, seal))
+}
 
 #[derive(Subcommand)]
 pub enum ModelsAction {
@@ -43,6 +56,14 @@ pub enum ModelsAction {
     /// lets sign (`fogmesh ca issue NAME --role operator`).
     Sign {
         id: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Sign a file a node's config names (`torchscript`, `weights`) with this caller's
+    /// certificate, writing FILE.sig beside it: a node with certificates loads only
+    /// files whose signature it trusts.
+    SignFile {
+        file: PathBuf,
         #[command(flatten)]
         identity: IdentityArgs,
     },
@@ -142,11 +163,7 @@ pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
             println!("exported {} to {}", manifest.id(), out.display());
         }
         ModelsAction::Sign { id, identity } => {
-            let tls = identity.tls()?.context(
-                "signing needs this caller's certificate: give --ca, --cert and --key (or FOGMESH_CA, FOGMESH_CERT, FOGMESH_KEY)",
-            )?;
-            let seal = MeshSeal::new(&tls, &DEFAULT_MODEL_SIGNERS)
-                .with_context(|| format!("signing as {}", tls.identity()))?;
+            let (tls, seal) = signer(&identity)?;
             let signed = store
                 .sign(&id, &seal)
                 .with_context(|| format!("signing {id} as {}", tls.identity()))?;
@@ -155,6 +172,17 @@ pub async fn run(store: &Path, action: ModelsAction) -> anyhow::Result<()> {
                 signed.id(),
                 signed.weights_sha256,
                 tls.identity()
+            );
+        }
+        ModelsAction::SignFile { file, identity } => {
+            let (tls, seal) = signer(&identity)?;
+            let sha256 = sign_file(&seal, &file)
+                .with_context(|| format!("signing {} as {}", file.display(), tls.identity()))?;
+            println!(
+                "signed {} ({sha256}) as {}; its signature is {}",
+                file.display(),
+                tls.identity(),
+                file_signature_path(&file).display()
             );
         }
         ModelsAction::Push { id, node, identity } => {

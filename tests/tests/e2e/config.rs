@@ -272,7 +272,11 @@ async fn weights_resolve_against_the_config_folder_and_are_pinned_by_sha256() {
         );
     }
 
-    // The right hash: the expert scores like the model the weights came from.
+    // The right hash, signed as a node with certificates needs it: the expert scores
+    // like the model the weights came from.
+    let seal = TestPki::open(&dir.path().join("pki")).operator_seal();
+    fogmesh_models::store::sign_file(&seal, &dir.path().join("weights/pump-ae.safetensors"))
+        .expect("the operator signs the weights");
     let node = TestNode::start_config(dir, &with_weights(&sha256), Annunciator::new(16)).await;
     let normal_window = window(0, u64::MAX);
     let reply = node

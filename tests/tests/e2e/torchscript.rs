@@ -8,8 +8,10 @@ use std::process::Command;
 
 use fogmesh_actors::Annunciator;
 use fogmesh_cluster::{NodeConfig, NodeServer};
+use fogmesh_models::store::sign_file;
 use fogmesh_proto::ScoreRequest;
-use fogmesh_tests::TestNode;
+use fogmesh_tests::{TestNode, TestPki};
+use fogmesh_trust::Role;
 
 const CHANNELS: usize = 8;
 const WINDOW: usize = 60;
@@ -74,6 +76,9 @@ router = "line"
 async fn a_torchscript_expert_scores_like_pytorch_behind_the_router() {
     let dir = tempfile::tempdir().unwrap();
     let (inputs, outputs) = export(dir.path());
+    // The fixture node has certificates, so it loads only a signed file.
+    let seal = TestPki::open(&dir.path().join("pki")).operator_seal();
+    sign_file(&seal, &dir.path().join("model.pt")).unwrap();
     let node = TestNode::start_config(dir, &config(WINDOW), Annunciator::new(64)).await;
     let status = node.status().await;
     assert_eq!(status.experts[0].model, "torchscript");
@@ -116,4 +121,47 @@ async fn a_torchscript_file_that_does_not_fit_its_declaration_stops_the_start() 
     };
     assert!(error.contains("model.pt"), "names the file: {error}");
     assert!(error.contains("50"), "names the declaration: {error}");
+}
+
+#[tokio::test]
+async fn a_node_with_certificates_refuses_an_unsigned_or_changed_torchscript_file() {
+    let dir = tempfile::tempdir().unwrap();
+    export(dir.path());
+    let pki = TestPki::open(&dir.path().join("pki"));
+    let path = fogmesh_tests::write_config(
+        dir.path(),
+        &format!(
+            "{}\n{}",
+            config(WINDOW),
+            pki.node_tls_toml("byo-test", Role::Edge)
+        ),
+    );
+    let start = || async {
+        let config = NodeConfig::load(&path).expect("the file itself is fine");
+        match NodeServer::start_with(config, Annunciator::new(8)).await {
+            Ok(_) => panic!("a node with certificates started on a file it cannot trust"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let unsigned = start().await;
+    for needle in [
+        "experts[0].torchscript",
+        "model.pt",
+        "no signature",
+        "fogmesh models sign-file",
+    ] {
+        assert!(unsigned.contains(needle), "names `{needle}`: {unsigned}");
+    }
+
+    let model = dir.path().join("model.pt");
+    sign_file(&pki.operator_seal(), &model).unwrap();
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes.push(0);
+    std::fs::write(&model, bytes).unwrap();
+    let changed = start().await;
+    assert!(
+        changed.contains("experts[0].torchscript") && changed.contains("signature"),
+        "{changed}"
+    );
+    assert!(!changed.contains("no signature"), "{changed}");
 }
