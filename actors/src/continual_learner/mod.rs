@@ -5,8 +5,9 @@
 //! The parts: `spec` (the `[experts.learning]` settings and their checks), `observed`
 //! (the recent windows and the replay reservoir the learner keeps), `round` (one
 //! fine-tune, validate and store round, on a blocking thread), `promoter` (how a
-//! validated version comes to serve) and `actor` (the learner itself: its messages,
-//! drift detection and status).
+//! validated version comes to serve), `shared` (the learner's observable state, phases,
+//! round reports and errors, which the actor and a round both use) and `actor` (the
+//! learner itself: its messages and drift detection).
 //!
 //! The life of a regime:
 //! 1. **watching**: every window the expert gave an opinion on goes into the recent
@@ -40,13 +41,17 @@ mod actor;
 mod observed;
 mod promoter;
 mod round;
+mod shared;
 mod spec;
 
 pub use actor::{
-    ContinualLearner, ContinualLearnerArgs, ContinualLearnerMsg, ContinualLearnerShared,
-    ContinualLearnerState, DriftEvent, FineTuneFailure, LearnerError, LearnerSnapshot, Phase,
-    RunningLearner, StoreFailure, MAX_PENDING_WINDOWS,
+    ContinualLearner, ContinualLearnerArgs, ContinualLearnerMsg, ContinualLearnerState,
+    RunningLearner, MAX_PENDING_WINDOWS,
 };
 pub use promoter::{BoxFuture, LocalPromoter, PromoteError, Promoter};
-pub use round::{RoundDone, RoundReport, Trigger, MIN_OLD_WINDOWS};
+pub use round::{RoundDone, MIN_OLD_WINDOWS};
+pub use shared::{
+    ContinualLearnerShared, DriftEvent, FineTuneFailure, LearnerError, LearnerSnapshot, Phase,
+    RoundReport, StoreFailure, Trigger,
+};
 pub use spec::{DriftSpec, InvalidLearning, LearningSpec, MAX_HELD_WINDOWS};

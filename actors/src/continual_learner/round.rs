@@ -13,60 +13,16 @@ use fogmesh_models::continual::{evaluate, fine_tune, GateReport, ReplayItem};
 use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{ModelError, SplitMix64};
 use ractor::RpcReplyPort;
-use serde::Serialize;
 
-use super::actor::{
-    ContinualLearnerShared, DriftEvent, FineTuneFailure, LearnerError, Phase, StoreFailure,
-};
 use super::promoter::Promoter;
+use super::shared::{
+    ContinualLearnerShared, DriftEvent, FineTuneFailure, LearnerError, Phase, RoundReport,
+    StoreFailure, Trigger,
+};
 use super::spec::LearningSpec;
 
 /// The fewest old-regime windows a round needs: one to hold out, one to replay.
 pub const MIN_OLD_WINDOWS: usize = 2;
-
-/// What started a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    /// `min_new_windows` came after a drift.
-    Drift,
-    /// The `every_s` schedule.
-    Schedule,
-    /// [`ContinualLearnerMsg::Learn`](super::ContinualLearnerMsg::Learn).
-    Command,
-}
-
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Drift => "drift",
-            Trigger::Schedule => "schedule",
-            Trigger::Command => "command",
-        }
-    }
-}
-
-/// What one round did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RoundReport {
-    /// Counts the learner's rounds from 1.
-    pub round: u64,
-    pub trigger: Trigger,
-    /// The version that served during the round (`name@version`).
-    pub incumbent: String,
-    /// The stored candidate, when the gate promoted it and it now serves; refused
-    /// candidates are not stored.
-    pub promoted: Option<String>,
-    pub gate: GateReport,
-    /// New windows trained on and held out; old windows replayed and held out.
-    pub new_windows: usize,
-    pub new_holdout: usize,
-    pub replay_windows: usize,
-    pub old_holdout: usize,
-    /// Optimiser steps and seconds of fine-tuning.
-    pub steps: usize,
-    pub fine_tune_s: f64,
-}
 
 /// How a round ended, on its way back to the learner.
 pub struct RoundDone {
