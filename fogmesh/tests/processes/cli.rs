@@ -580,6 +580,19 @@ fn models_push_ls_and_pull_move_a_version_through_a_node() {
         !ok && err.contains("pump-ae@v9") && err.contains("NotFound"),
         "{err}"
     );
+
+    // A file a config names gets its signature beside it, which the mesh trusts.
+    let file = dir.path().join("press.pt");
+    std::fs::write(&file, b"bytes standing in for a TorchScript module").unwrap();
+    let file_arg = file.display().to_string();
+    let (ok, out, err) = fogmesh("local", &["sign-file", &file_arg]);
+    assert!(ok && out.contains("press.pt.sig"), "{out}{err}");
+    let seal = pki.operator_seal();
+    let bytes = std::fs::read(&file).unwrap();
+    assert_eq!(
+        fogmesh_models::store::check_file(&seal, &file, &bytes).unwrap(),
+        "operator"
+    );
 }
 
 #[test]
