@@ -16,8 +16,8 @@ use ractor::{ActorRef, RpcReplyPort};
 use crate::continual_learner::{ContinualLearnerMsg, ContinualLearnerShared};
 use crate::error::ScoreError;
 use crate::expert::{ExpertMsg, ExpertShared, ExpertVerdict, InferRequest};
-use crate::router::{RouterMsg, RouterShared};
-use crate::sensor_stream::{SensorStreamMsg, SensorStreamShared};
+use crate::router::interface::{RouterMsg, RouterShared};
+use crate::sensor_stream::interface::{SensorStreamMsg, SensorStreamShared};
 
 #[derive(Clone)]
 pub struct SensorHandle {
