@@ -171,23 +171,25 @@ pub fn check_file(
     bytes: &[u8],
 ) -> Result<String, StoreError> {
     let id = path.display().to_string();
-    let signature_path = file_signature_path(path);
-    let signature = match std::fs::read(&signature_path) {
-        Ok(signature) => Some(signature),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => {
-            return Err(StoreError::Io {
-                path: signature_path,
-                source,
-            })
-        }
-    };
+    let signature = read_signature(&file_signature_path(path))?;
     seal.verify(
         &id,
         &file_statement(&sha256_hex(bytes)),
         signature.as_deref(),
     )
     .map_err(|source| StoreError::Signature { id, source })
+}
+
+/// The signature file at `path`; `None` where there is none.
+fn read_signature(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Signs the file at `path` with `seal`'s identity, writing its signature beside it
@@ -418,12 +420,7 @@ impl ModelStore {
 
     /// The signature stored with `manifest`, if it has one.
     pub fn signature(&self, manifest: &Manifest) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.signature_path(manifest);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { path, source }),
-        }
+        read_signature(&self.signature_path(manifest))
     }
 
     /// On a sealed store: who signed `manifest`, or why its signature is not trusted.
@@ -780,16 +777,7 @@ impl ModelStore {
             path: weights.to_path_buf(),
             source,
         })?;
-        let signature = match std::fs::read(&signature_path) {
-            Ok(signature) => Some(signature),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: signature_path,
-                    source,
-                })
-            }
-        };
+        let signature = read_signature(&signature_path)?;
         self.import_signed(manifest, &bytes, signature.as_deref())
     }
 }

@@ -83,6 +83,15 @@ pub enum ConfigError {
         #[source]
         source: Box<fogmesh_trust::TrustError>,
     },
+    /// The TLS client for an `[[mqtt]]` broker cannot be built (its CA file, the
+    /// node's certificate).
+    #[error("{}: field `{field}`: {source}", file.display())]
+    BrokerTls {
+        file: PathBuf,
+        field: String,
+        #[source]
+        source: Box<fogmesh_trust::TrustError>,
+    },
     #[error("{}: field `{field}`: {source}", file.display())]
     Spec {
         file: PathBuf,
@@ -98,6 +107,14 @@ pub enum ConfigError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{}: field `{field}` = \"{}\": {source}; a node with certificates loads only signed files: `fogmesh models sign-file {}` writes its signature beside it", file.display(), path.display(), path.display())]
+    UnsignedFile {
+        file: PathBuf,
+        field: String,
+        path: PathBuf,
+        #[source]
+        source: Box<fogmesh_models::store::StoreError>,
     },
     #[error("{}: field `{field}` = \"{expected}\": {} has sha256 {actual}", file.display(), path.display())]
     WeightsHash {

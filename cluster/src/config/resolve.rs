@@ -405,7 +405,7 @@ impl NodeConfig {
     /// ([`crate::model_seal`]); on an insecure node, or a config without `[tls]` (which
     /// never serves), it takes versions unsigned.
     pub fn model_store(&self) -> Result<Option<ModelStore>, ConfigError> {
-        self.model_store_with(self.configured_tls()?.as_ref())
+        Ok(self.model_places(self.configured_tls()?.as_ref())?.models)
     }
 
     /// [`NodeConfig::tls`] where `[tls]` is there, `None` where it is not (the config
@@ -415,23 +415,6 @@ impl NodeConfig {
             Some(_) => self.tls(),
             None => Ok(None),
         }
-    }
-
-    /// [`NodeConfig::model_store`] for a node whose identity, if any, is `tls`.
-    fn model_store_with(&self, tls: Option<&MeshTls>) -> Result<Option<ModelStore>, ConfigError> {
-        let seal = match tls {
-            Some(tls) => Some(self.model_seal(tls)?),
-            None => None,
-        };
-        Ok(self.model_store_sealed(seal.as_ref()))
-    }
-
-    fn model_store_sealed(&self, seal: Option<&Arc<dyn ManifestSeal>>) -> Option<ModelStore> {
-        let store = ModelStore::open(self.model_store_root()?);
-        Some(match seal {
-            Some(seal) => store.sealed(seal.clone()),
-            None => store,
-        })
     }
 
     /// How to reach each `[[mqtt]]` broker, in order: over TLS with this node's
@@ -453,26 +436,26 @@ impl NodeConfig {
                     )
                 })?;
                 let ca = mqtt.ca.as_ref().map(|path| self.resolve(path));
-                let client = tls.outside_client(ca.as_deref()).map_err(|e| {
-                    self.invalid(
-                        format!("mqtt[{i}].ca"),
-                        ca.as_ref().map_or("<the mesh CA>".into(), |p| {
-                            format!("{:?}", p.display().to_string())
-                        }),
-                        e.to_string(),
-                    )
-                })?;
+                let client =
+                    tls.outside_client(ca.as_deref())
+                        .map_err(|source| ConfigError::BrokerTls {
+                            file: self.file.clone(),
+                            field: format!("mqtt[{i}].ca"),
+                            source: Box::new(source),
+                        })?;
                 Some(Arc::new(client))
             };
             let password = match &mqtt.password_file {
                 Some(path) => {
                     let path = self.resolve(path);
-                    let text = std::fs::read_to_string(&path).map_err(|e| {
-                        self.invalid(
-                            format!("mqtt[{i}].password_file"),
-                            format!("{:?}", path.display().to_string()),
-                            format!("cannot be read: {e}"),
-                        )
+                    let text = std::fs::read_to_string(&path).map_err(|source| {
+                        ConfigError::UnreadableFile {
+                            file: self.file.clone(),
+                            field: format!("mqtt[{i}].password_file"),
+                            what: "MQTT password",
+                            path: path.clone(),
+                            source,
+                        }
                     })?;
                     let first = text.lines().next().unwrap_or_default().to_string();
                     Some(Secret::from(first))
@@ -562,8 +545,15 @@ impl NodeConfig {
             Some(tls) => Some(self.model_seal(tls)?),
             None => None,
         };
+        let models = self.model_store_root().map(|root| {
+            let store = ModelStore::open(root);
+            match &seal {
+                Some(seal) => store.sealed(seal.clone()),
+                None => store,
+            }
+        });
         Ok(crate::mesh_spec::ModelPlaces {
-            models: self.model_store_sealed(seal.as_ref()),
+            models,
             minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
             seal,
         })
@@ -643,15 +633,11 @@ impl NodeConfig {
             }
         }
         if let Some(seal) = seal {
-            check_file(seal, &path, &bytes).map_err(|e| {
-                self.invalid(
-                    format!("experts[{i}].{key}"),
-                    format!("{:?}", path.display().to_string()),
-                    format!(
-                        "{e}; a node with certificates loads only signed files: `fogmesh models sign-file {}` writes its signature beside it",
-                        path.display()
-                    ),
-                )
+            check_file(seal, &path, &bytes).map_err(|source| ConfigError::UnsignedFile {
+                file: self.file.clone(),
+                field: format!("experts[{i}].{key}"),
+                path: path.clone(),
+                source: Box::new(source),
             })?;
         }
         Ok((path, bytes))

@@ -211,9 +211,7 @@ impl Peer {
         store: &ModelStore,
     ) -> Result<StagedWeights, TransferError> {
         let declared = header.total_bytes;
-        let mut staged = self
-            .on_disk(model, store, |store, ()| store.stage(), ())
-            .await?;
+        let mut staged = self.on_disk(model, store, |store| store.stage()).await?;
         while let Some(chunk) = stream.message().await.map_err(|s| self.refused(model, s))? {
             if chunk.header.is_some() {
                 return Err(self.invalid(
@@ -228,15 +226,10 @@ impl Peer {
                 ));
             }
             staged = self
-                .on_disk(
-                    model,
-                    store,
-                    |_, (mut staged, data): (StagedWeights, Vec<u8>)| {
-                        staged.write(&data)?;
-                        Ok(staged)
-                    },
-                    (staged, chunk.data),
-                )
+                .on_disk(model, store, move |_| {
+                    staged.write(&chunk.data)?;
+                    Ok(staged)
+                })
                 .await?;
         }
         if staged.len() < declared {
@@ -259,17 +252,16 @@ impl Peer {
         Ok(staged)
     }
 
-    /// Runs `work` on `store` with `input` off the async runtime: file writes and
-    /// imports block.
-    async fn on_disk<I: Send + 'static, T: Send + 'static>(
+    /// Runs `work` on `store` off the async runtime: reads, file writes and imports
+    /// block.
+    async fn on_disk<T: Send + 'static>(
         &self,
         model: &str,
         store: &ModelStore,
-        work: impl FnOnce(&ModelStore, I) -> Result<T, StoreError> + Send + 'static,
-        input: I,
+        work: impl FnOnce(&ModelStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, TransferError> {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || work(&store, input))
+        tokio::task::spawn_blocking(move || work(&store))
             .await
             .map_err(|e| self.invalid(model, format!("the store task failed: {e}")))?
             .map_err(|e| self.store_error(model, e))
@@ -279,13 +271,11 @@ impl Peer {
     async fn send(&mut self, store: &ModelStore, manifest: &Manifest) -> Result<(), TransferError> {
         let model = manifest.id();
         let (weights, signature) = {
-            let (store, manifest) = (store.clone(), manifest.clone());
-            tokio::task::spawn_blocking(move || {
-                Ok::<_, StoreError>((store.weights(&manifest)?, store.signature(&manifest)?))
+            let manifest = manifest.clone();
+            self.on_disk(&model, store, move |store| {
+                Ok((store.weights(&manifest)?, store.signature(&manifest)?))
             })
-            .await
-            .map_err(|e| self.invalid(&model, format!("the read task failed: {e}")))?
-            .map_err(|e| self.store_error(&model, e))?
+            .await?
         };
         let header = header_for(manifest, weights.len() as u64, signature)
             .map_err(|e| self.invalid(&model, format!("the manifest does not serialise: {e}")))?;
@@ -371,14 +361,9 @@ fn copy_down<'a>(
             .check_signed(&manifest, signature.as_deref())
             .map_err(|e| peer.store_error(&model, e))?;
         let staged = peer.read_weights(&model, &header, stream, store).await?;
-        peer.on_disk(
-            &model,
-            store,
-            |store, (manifest, staged, signature): (Manifest, StagedWeights, Option<Vec<u8>>)| {
-                store.import_staged(manifest, staged, signature.as_deref())
-            },
-            (manifest, staged, signature),
-        )
+        peer.on_disk(&model, store, move |store| {
+            store.import_staged(manifest, staged, signature.as_deref())
+        })
         .await
     })
 }

@@ -305,15 +305,14 @@ async fn uploads_arrive_on_disk_a_chunk_at_a_time_and_beyond_the_limit_at_once_a
         });
         open.push((tx, call));
     }
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while staged_sizes(&root) != vec![CHUNK_BYTES as u64; MAX_CONCURRENT_UPLOADS] {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "each upload's first chunk lands in its staged file: {:?}",
-            staged_sizes(&root)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    fogmesh_tests::poll(
+        "each upload's first chunk in its staged file",
+        std::time::Duration::from_secs(30),
+        || async {
+            (staged_sizes(&root) == vec![CHUNK_BYTES as u64; MAX_CONCURRENT_UPLOADS]).then_some(())
+        },
+    )
+    .await;
 
     let status = raw_upload(&node, chunks.clone()).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
