@@ -10,6 +10,8 @@ use fogmesh_models::ModelError;
 
 use fogmesh_models::torchscript::ScriptError;
 
+use crate::node_agent::Unanswered;
+
 /// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -62,8 +64,12 @@ pub enum IngestError {
         now_us: i64,
         limit_ms: u64,
     },
-    #[error("sensor `{sensor_id}` is not running: {reason}")]
-    StreamUnavailable { sensor_id: String, reason: String },
+    #[error("sensor `{sensor_id}` is not running: {source}")]
+    StreamUnavailable {
+        sensor_id: String,
+        #[source]
+        source: Unanswered,
+    },
     #[error("sensor `{sensor_id}`: {samples} samples exceed its rate, max_rate = {limit} samples/s (bursts of one second's worth); {available} may be sent now")]
     RateExceeded {
         sensor_id: String,
@@ -96,13 +102,20 @@ pub enum ScoreError {
     #[error("expert `{expert}` is not calibrated: it has no alarm threshold yet")]
     Uncalibrated { expert: String },
     #[error("expert `{expert}` is unavailable: {reason}")]
-    ExpertUnavailable { expert: String, reason: String },
+    ExpertUnavailable {
+        expert: String,
+        reason: Unavailability,
+    },
     #[error("expert `{expert}` failed to score: {reason}")]
     Model { expert: String, reason: String },
     #[error("field `router`: no router `{router}` runs on this node")]
     UnknownRouter { router: String },
-    #[error("router `{router}` is unavailable: {reason}")]
-    RouterUnavailable { router: String, reason: String },
+    #[error("router `{router}` is unavailable: {source}")]
+    RouterUnavailable {
+        router: String,
+        #[source]
+        source: Unanswered,
+    },
     #[error("router `{router}` gate: {reason}")]
     Gate { router: String, reason: String },
     #[error("window of sensor `{sensor_id}` has {bytes} bytes of values; one message to expert `{expert}` on another node may carry at most {limit}")]
@@ -120,6 +133,31 @@ pub enum ScoreError {
         queued: u64,
         limit: u64,
     },
+}
+
+/// Why no replica of an expert gave a verdict ([`ScoreError::ExpertUnavailable`]):
+/// the one kind of failure a router retries on another replica.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailability {
+    #[error("not running on this node")]
+    NotHere,
+    #[error("the expert stopped before answering")]
+    Stopped,
+    #[error("replica {replica} gave no answer within {after:?}")]
+    Silent { replica: String, after: Duration },
+    #[error("replica {replica} went away")]
+    Gone { replica: String },
+    /// ractor could not send to the replica; its error is generic over the message
+    /// type, so its text is kept.
+    #[error("replica {replica}: {reason}")]
+    NotDelivered { replica: String, reason: String },
+    #[error("no replica on any node within {0:?}")]
+    NoReplica(Duration),
+    #[error("malformed reply of {bytes} bytes")]
+    MalformedReply { bytes: usize },
+    /// The replica's node said so; the reason crossed the link as text.
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl IngestError {
@@ -186,10 +224,29 @@ pub enum SpecError {
         #[source]
         source: ModelFault,
     },
-    #[error("actor `{name}` did not start: {reason}")]
-    Spawn { name: String, reason: String },
+    #[error("actor `{name}` did not start: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: SpawnFault,
+    },
     #[error("no answer from `{name}` within {timeout:?}")]
     Timeout { name: String, timeout: Duration },
+}
+
+/// Why an actor of the node did not start ([`SpecError::Spawn`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpawnFault {
+    /// The node agent gave no answer to the request that would have started it.
+    #[error(transparent)]
+    Unanswered(#[from] Unanswered),
+    /// It was still starting when a newer spec dropped it.
+    #[error("no longer in the node's spec")]
+    Withdrawn,
+    /// ractor's own refusal (a panic while starting, a name already taken). ractor
+    /// hands it over as a boxed error of any type, so only its text can be kept.
+    #[error("{0}")]
+    Ractor(String),
 }
 
 /// What is wrong with an expert's model ([`SpecError::Model`]). Shared causes sit behind
@@ -204,7 +261,7 @@ pub enum ModelFault {
     Refused(Arc<SwapError>),
     /// The expert or its node agent did not answer (a timeout, a stopped actor).
     #[error(transparent)]
-    Unanswered(crate::node_agent::Unanswered),
+    Unanswered(Unanswered),
 }
 
 /// By message: the causes are not comparable themselves, and two faults that read the

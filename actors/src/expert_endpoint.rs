@@ -28,7 +28,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
 use crate::directory::NodeDirectory;
-use crate::error::ScoreError;
+use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
 use crate::telemetry;
 
@@ -130,12 +130,12 @@ fn score_locally(
     expert: &str,
     values: Vec<f32>,
 ) -> impl std::future::Future<Output = Result<ExpertVerdict, ScoreError>> + Send + 'static {
-    let unavailable = |reason: &str| ScoreError::ExpertUnavailable {
+    let unavailable = |reason: Unavailability| ScoreError::ExpertUnavailable {
         expert: expert.to_string(),
-        reason: reason.to_string(),
+        reason,
     };
     let sent = match directory.expert(expert) {
-        None => Err(unavailable("not running on this node")),
+        None => Err(unavailable(Unavailability::NotHere)),
         Some(handle) if handle.shared.window_len != values.len() => Err(ScoreError::Model {
             expert: expert.to_string(),
             reason: format!(
@@ -146,7 +146,7 @@ fn score_locally(
         }),
         Some(handle) => Ok(handle.infer(values.into(), Instant::now())),
     };
-    let stopped = unavailable("the expert stopped before answering");
+    let stopped = unavailable(Unavailability::Stopped);
     async move {
         match sent {
             Ok(rx) => rx.await.unwrap_or(Err(stopped)),
@@ -217,9 +217,11 @@ pub fn encode_verdict(verdict: &Result<ExpertVerdict, ScoreError>) -> Vec<u8> {
         }
         Err(e) => {
             let (tag, reason) = match e {
-                ScoreError::ExpertUnavailable { reason, .. } => (VERDICT_UNAVAILABLE, reason),
-                ScoreError::Model { reason, .. } => (VERDICT_MODEL_ERROR, reason),
-                other => (VERDICT_MODEL_ERROR, &other.to_string()),
+                ScoreError::ExpertUnavailable { reason, .. } => {
+                    (VERDICT_UNAVAILABLE, reason.to_string())
+                }
+                ScoreError::Model { reason, .. } => (VERDICT_MODEL_ERROR, reason.clone()),
+                other => (VERDICT_MODEL_ERROR, other.to_string()),
             };
             let mut out = vec![tag];
             out.extend_from_slice(reason.as_bytes());
@@ -232,7 +234,7 @@ pub fn encode_verdict(verdict: &Result<ExpertVerdict, ScoreError>) -> Vec<u8> {
 pub fn decode_verdict(expert: &str, bytes: &[u8]) -> Result<ExpertVerdict, ScoreError> {
     let malformed = || ScoreError::ExpertUnavailable {
         expert: expert.to_string(),
-        reason: format!("malformed reply of {} bytes", bytes.len()),
+        reason: Unavailability::MalformedReply { bytes: bytes.len() },
     };
     let text = |rest: &[u8]| String::from_utf8_lossy(rest).into_owned();
     match bytes.split_first() {
@@ -260,7 +262,7 @@ pub fn decode_verdict(expert: &str, bytes: &[u8]) -> Result<ExpertVerdict, Score
         }),
         Some((&VERDICT_UNAVAILABLE, rest)) => Err(ScoreError::ExpertUnavailable {
             expert: expert.to_string(),
-            reason: text(rest),
+            reason: Unavailability::Remote(text(rest)),
         }),
         _ => Err(malformed()),
     }
@@ -297,8 +299,20 @@ mod tests {
         fn errors_survive_the_wire(reason in ".{0,64}") {
             let model = Err(ScoreError::Model { expert: "ae".into(), reason: reason.clone() });
             prop_assert_eq!(decode_verdict("ae", &encode_verdict(&model)), model);
-            let gone = Err(ScoreError::ExpertUnavailable { expert: "ae".into(), reason });
+            let gone = Err(ScoreError::ExpertUnavailable {
+                expert: "ae".into(),
+                reason: Unavailability::Remote(reason),
+            });
             prop_assert_eq!(decode_verdict("ae", &encode_verdict(&gone)), gone);
+            let silent = Err(ScoreError::ExpertUnavailable {
+                expert: "ae".into(),
+                reason: Unavailability::Silent { replica: "<0.7>".into(), after: Duration::from_millis(250) },
+            });
+            let relayed = Err(ScoreError::ExpertUnavailable {
+                expert: "ae".into(),
+                reason: Unavailability::Remote("replica <0.7> gave no answer within 250ms".into()),
+            });
+            prop_assert_eq!(decode_verdict("ae", &encode_verdict(&silent)), relayed);
         }
 
         #[test]

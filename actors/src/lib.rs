@@ -36,7 +36,10 @@ pub use continual_learner::{
     LocalPromoter, PromoteError, Promoter, RoundReport, RunningLearner,
 };
 pub use directory::NodeDirectory;
-pub use error::{IngestError, LoadError, ModelFault, ScoreError, SpecError, StartError, SwapError};
+pub use error::{
+    IngestError, LoadError, ModelFault, ScoreError, SpawnFault, SpecError, StartError, SwapError,
+    Unavailability,
+};
 pub use expert::{
     BatchingSpec, Expert, ExpertMsg, ExpertSpec, ExpertVerdict, InferRequest, ModelSource,
     StoredModel,

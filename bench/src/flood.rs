@@ -82,7 +82,7 @@ pub enum BenchFloodError {
     #[error("the benchmark's node: {0}")]
     Node(#[from] fogmesh_cluster::ServeError),
     #[error("connecting to the benchmark's node: {0}")]
-    Connect(#[from] fogmesh_cluster::link::LinkError),
+    Connect(#[from] fogmesh_cluster::dialer::LinkError),
     #[error("{what} must be positive, not {value}")]
     Option { what: &'static str, value: f64 },
 }

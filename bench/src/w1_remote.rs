@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogmesh_actors::{ModelSource, RoutingPolicy, EXPERT_SCOPE};
 use fogmesh_cluster::dialer::Dialer;
-use fogmesh_cluster::link::LinkError;
+use fogmesh_cluster::dialer::LinkError;
 use fogmesh_cluster::peer_links::{probe_of, NodeProbeMsg};
 use fogmesh_cluster::{ConfigError, NodeConfig, NodeServer, ServeError};
 use fogmesh_proto::control_client::ControlClient;

@@ -5,13 +5,35 @@
 //! Every outbound gRPC connection of fogmesh goes through [`Dialer::channel`], so
 //! there is one place that decides how the mesh's traffic is protected.
 
+use std::time::Duration;
+
 use fogmesh_trust::{MeshTls, PeerIdentity};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::link::{
-    ClusterKey, LinkError, CONNECTION_WINDOW, CONNECT_TIMEOUT, KEEPALIVE_INTERVAL,
-    KEEPALIVE_TIMEOUT, STREAM_WINDOW,
-};
+use crate::cluster_key::ClusterKey;
+
+/// HTTP/2 ping interval on cluster links (both directions).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the link is dropped.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 flow-control windows of cluster links (and the node's other gRPC streams):
+/// hundreds of windows in flight on one link exceed the 64 KiB default, and a sender
+/// waiting for a window update adds a round trip to every window behind it.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
+/// Longest a dial may take to get a TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a dial did not produce a link.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("{addr} refused the cluster link: {reason}")]
+    Refused { addr: String, reason: String },
+    #[error("the local cluster node server is gone: {0}")]
+    Local(String),
+}
 
 /// A caller's way onto other nodes' gRPC ports. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -2,10 +2,10 @@
 //! `Inference`, `Control`, `Telemetry`, `ClusterLink`) over the actors of
 //! `fogmesh-actors`, `ModelStore` over the node's model store with the client that
 //! copies versions between nodes ([`model_store`]), MQTT ingest, file replay,
-//! the Prometheus endpoint, and the mesh: cluster links ([`link`], [`peer_links`]),
-//! gossip membership ([`membership`]), mesh specs ([`mesh_spec`]), placement
-//! ([`placement`]) and the deployment loop ([`deployment`]), started together by
-//! [`mesh`].
+//! the Prometheus endpoint, and the mesh: cluster links ([`cluster_key`],
+//! [`dialer`], [`link`], [`link_service`], [`peer_links`]), gossip membership
+//! ([`membership`]), mesh specs ([`mesh_spec`]), placement ([`placement`]) and the
+//! deployment loop ([`deployment`]), started together by [`mesh`].
 //!
 //! The entry points: [`NodeConfig::load`] reads a `node.toml` (format in `README.md`
 //! beside this crate), [`NodeServer::start`] runs it and returns a
@@ -18,12 +18,14 @@
 
 pub mod authorization;
 pub mod capabilities;
+pub mod cluster_key;
 pub mod config;
 pub mod deployment;
 pub mod dialer;
 mod gossip_seal;
 mod ingest;
 pub mod link;
+pub mod link_service;
 pub mod membership;
 pub mod mesh;
 pub mod mesh_spec;

@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::capabilities::{Capabilities, Load};
+use crate::cluster_key::ClusterKey;
 use crate::gossip_seal::SealedUdpTransport;
-use crate::link::ClusterKey;
 
 pub const CARD_KEY: &str = "card";
 pub const LOAD_KEY: &str = "load";

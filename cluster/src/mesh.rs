@@ -20,10 +20,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::capabilities::Capabilities;
+use crate::cluster_key::ClusterKey;
 use crate::config::{ClusterSection, Role};
 use crate::deployment::{Deployment, DeploymentState};
-use crate::dialer::Dialer;
-use crate::link::{self, ClusterKey, ClusterLinkService};
+use crate::dialer::{Dialer, LinkError};
+use crate::link;
+use crate::link_service::ClusterLinkService;
 use crate::membership::{
     LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
 };
@@ -220,7 +222,7 @@ async fn ask_seeds(seeds: Vec<String>, dialer: Dialer, key: ClusterKey, me: Stri
         for seed in pending {
             match link::ask_admission(&seed, &dialer, &key, &me).await {
                 Ok(name) => tracing::info!(%seed, node = %name, "admitted by seed"),
-                Err(error @ link::LinkError::Refused { .. }) => {
+                Err(error @ LinkError::Refused { .. }) => {
                     tracing::error!(%seed, %error, "seed refused this node: its [cluster] secret differs from the mesh's; this node will not join");
                 }
                 Err(error) => {

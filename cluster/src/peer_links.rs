@@ -31,8 +31,9 @@ use ractor_cluster::{
 };
 use tokio::sync::watch;
 
-use crate::dialer::Dialer;
-use crate::link::{self, ClusterKey, LinkError};
+use crate::cluster_key::ClusterKey;
+use crate::dialer::{self, Dialer, LinkError};
+use crate::link;
 use crate::telemetry;
 
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -424,7 +425,7 @@ impl PeerLinksState {
                 }
                 LinkState::Dialing | LinkState::Handshaking
                     if now.duration_since(peer.since)
-                        > HANDSHAKE_TIMEOUT + link::CONNECT_TIMEOUT =>
+                        > HANDSHAKE_TIMEOUT + dialer::CONNECT_TIMEOUT =>
                 {
                     tracing::warn!(peer = %name, state = peer.state.as_str(), "cluster link stalled; dropping it");
                     if let Some((_, session)) = &peer.session {

@@ -19,7 +19,10 @@
 //!    new version, so once the mesh settles every replica serves one version.
 //!
 //! A mesh expert's continual learner promotes through the same three steps
-//! ([`MeshPromoter`]).
+//! ([`MeshPromoter`]), with one difference in step 1 ([`FitCheck::Manifest`]): the
+//! learner built, validated and stored the candidate from these very bytes, so the
+//! check reads its manifest and does not load and hash it a second time; the hot swap
+//! loads it once, checked against the pinned hash.
 //!
 //! Every node also runs [`ensure_local`] before it parses an adopted spec: a version
 //! the spec names that its store lacks is copied from the first peer that has it.
@@ -31,12 +34,12 @@ use std::time::Duration;
 
 use fogmesh_actors::continual_learner::BoxFuture;
 use fogmesh_actors::{ExpertSpec, PromoteError};
-use fogmesh_models::served::{Assets, ServedModel};
+use fogmesh_models::served::{Architecture, Assets, ServedModel};
 use fogmesh_models::store::{Manifest, ModelStore, StoreError};
-use serde::{Deserialize, Serialize};
+use fogmesh_models::ModelError;
 
-use crate::deployment::lock;
-use crate::deployment::{candidates, DeploymentState};
+use crate::config::ConfigError;
+use crate::deployment::view::{candidates, lock, DeploymentState, RolloutOutcome, RolloutRecord};
 use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
@@ -45,41 +48,6 @@ use crate::peer_links::LinkView;
 
 /// Longest one node may take to receive a version in the prepare phase.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How a rollout ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RolloutOutcome {
-    /// The spec names the new version; replicas swap as the mesh adopts it.
-    Committed,
-    /// A node refused the version: the spec is unchanged, no replica swapped.
-    RolledBack,
-}
-
-impl RolloutOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RolloutOutcome::Committed => "committed",
-            RolloutOutcome::RolledBack => "rolled_back",
-        }
-    }
-}
-
-/// The last rollout a node ran, for the reply and `fogmesh status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutRecord {
-    pub expert: String,
-    pub from: String,
-    pub to: String,
-    /// The spec version that names `to` (committed), or the one left in place.
-    pub spec_version: u64,
-    pub outcome: RolloutOutcome,
-    /// Nodes that hold the version.
-    pub prepared: Vec<String>,
-    /// Nodes lost during the prepare phase.
-    pub lost: Vec<String>,
-    pub detail: String,
-}
 
 /// Why a rollout was refused before anything changed.
 #[derive(Debug, thiserror::Error)]
@@ -102,12 +70,20 @@ pub enum RolloutError {
     Unfit {
         expert: String,
         id: String,
-        reason: String,
+        #[source]
+        reason: Box<FitError>,
     },
     #[error("{id} is in no store of this mesh: {reason}")]
     Missing { id: String, reason: String },
-    #[error("{0}")]
-    Spec(String),
+    /// The adopted spec does not check here.
+    #[error(transparent)]
+    Spec(Box<ConfigError>),
+    /// The adopted spec is not TOML (its stored versions cannot even be listed).
+    #[error("mesh.toml: {0}")]
+    SpecSyntax(#[source] Box<toml::de::Error>),
+    /// The thread that checks a version against the expert panicked.
+    #[error("checking the version failed: {0}")]
+    Thread(#[source] tokio::task::JoinError),
     #[error("the mesh spec changed from version {from} to {to} while the rollout ran; nothing was changed: run it again")]
     Raced { from: u64, to: u64 },
     #[error("the mesh knows spec version {known}, the largest there is: no newer spec can be written (a forged or corrupt spec is in the mesh)")]
@@ -120,6 +96,31 @@ pub enum RolloutError {
         id: String,
         serving: String,
     },
+}
+
+/// Why a version cannot replace the one an expert serves ([`RolloutError::Unfit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("it is a merge that never passed the validation gate: merge it through the Merger with held-out windows and the incumbent, so the gate can judge it")]
+    UnvalidatedMerge,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("it takes windows of {takes} values; the expert's routers send {sends}")]
+    Window { takes: usize, sends: usize },
+}
+
+/// How much of a version a rollout reads before it uploads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitCheck {
+    /// Load the network from its stored bytes, hash checked: an operator's version
+    /// that no expert here has run yet.
+    Load,
+    /// Its manifest only: a learner's candidate, which the learner built, validated
+    /// and stored (hashing it) from these bytes moments before, so the hot swap's load
+    /// is the only one left.
+    Manifest,
 }
 
 /// What a rollout reads and changes on the node that runs it.
@@ -141,6 +142,7 @@ pub async fn run(
     expert: &str,
     requested: &str,
     rollback: bool,
+    check: FitCheck,
 ) -> Result<RolloutRecord, RolloutError> {
     let store = ctx
         .places
@@ -150,11 +152,12 @@ pub async fn run(
     let current = lock(ctx.state).spec.clone().ok_or(RolloutError::NoSpec)?;
     let members = ctx.membership.members();
     let peers = peer_addresses(&members, ctx.me);
-    let spec_error = |e: &dyn std::fmt::Display| RolloutError::Spec(e.to_string());
-    let named = MeshSpec::stored_models(&current.text).map_err(|e| spec_error(&e))?;
+    let named = MeshSpec::stored_models(&current.text)
+        .map_err(|e| RolloutError::SpecSyntax(Box::new(e)))?;
     ensure_local(&named, &store, &peers, ctx.dialer).await?;
     let file = Path::new("mesh.toml");
-    let spec = MeshSpec::parse_with(&current.text, file, ctx.places).map_err(|e| spec_error(&e))?;
+    let spec = MeshSpec::parse_with(&current.text, file, ctx.places)
+        .map_err(|e| RolloutError::Spec(Box::new(e)))?;
     let serving = spec
         .expert_spec(expert)
         .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?
@@ -172,9 +175,11 @@ pub async fn run(
         let assets = Assets {
             minilm: ctx.places.minilm.clone(),
         };
-        tokio::task::spawn_blocking(move || check_fit(&store, &expert, &serving, &to, &assets))
-            .await
-            .map_err(|e| spec_error(&e))??
+        tokio::task::spawn_blocking(move || {
+            check_fit(&store, &expert, &serving, &to, &assets, check)
+        })
+        .await
+        .map_err(RolloutError::Thread)??
     };
     if !rollback && manifest.created_us < from.created_us {
         let error = RolloutError::Downgrade {
@@ -186,10 +191,10 @@ pub async fn run(
         return Err(error);
     }
     let text = MeshSpec::with_model(&current.text, expert, &to, &manifest.weights_sha256)
-        .map_err(|e| spec_error(&e))?
+        .map_err(|e| RolloutError::SpecSyntax(Box::new(e)))?
         .ok_or_else(|| RolloutError::UnknownExpert(expert.to_string()))?;
     // The edited spec must read as every node will read it (routes, shapes).
-    MeshSpec::parse_with(&text, file, ctx.places).map_err(|e| spec_error(&e))?;
+    MeshSpec::parse_with(&text, file, ctx.places).map_err(|e| RolloutError::Spec(Box::new(e)))?;
 
     let link_view = ctx.links.borrow().clone();
     let nodes: Vec<(String, String)> = candidates(&members, &link_view, ctx.me, &spec)
@@ -301,7 +306,7 @@ impl fogmesh_actors::Promoter for MeshPromoter {
                 links: &promoter.links,
                 state: &promoter.state,
             };
-            match run(&context, &expert, &id, false).await {
+            match run(&context, &expert, &id, false, FitCheck::Manifest).await {
                 Ok(record) if record.outcome == RolloutOutcome::Committed => Ok(()),
                 Ok(record) => Err(PromoteError::RolledBack {
                     detail: record.detail,
@@ -443,34 +448,44 @@ fn previous_version(store: &ModelStore, current: &Manifest) -> Option<String> {
         .map(|m| m.id())
 }
 
-/// Step 1: the version's bytes, network and window are fit to replace `current`.
+/// Step 1: the version is fit to replace `current`: not an unvalidated merge, a
+/// network that takes the expert's windows and, with [`FitCheck::Load`], bytes that
+/// match their hash and load.
 pub fn check_fit(
     store: &ModelStore,
     expert: &str,
     current: &ExpertSpec,
     id: &str,
     assets: &Assets,
+    check: FitCheck,
 ) -> Result<Manifest, RolloutError> {
-    let unfit = |reason: String| RolloutError::Unfit {
+    let unfit = |reason: FitError| RolloutError::Unfit {
         expert: expert.into(),
         id: id.into(),
-        reason,
+        reason: Box::new(reason),
     };
-    let manifest = store.get(id).map_err(|e| unfit(e.to_string()))?;
+    let manifest = store.get(id).map_err(|e| unfit(e.into()))?;
     if unvalidated_merge(&manifest) {
-        return Err(unfit(
-            "it is a merge that never passed the validation gate: merge it through the Merger with held-out windows and the incumbent, so the gate can judge it".into(),
-        ));
+        return Err(unfit(FitError::UnvalidatedMerge));
     }
-    let weights = store.weights(&manifest).map_err(|e| unfit(e.to_string()))?;
-    let model = ServedModel::load(&manifest, &weights, assets, tch::Device::Cpu)
-        .map_err(|e| unfit(e.to_string()))?;
-    let window = model.architecture().window_len();
-    if window != current.window_len() {
-        return Err(unfit(format!(
-            "it takes windows of {window} values; the expert's routers send {}",
-            current.window_len()
-        )));
+    let architecture = match check {
+        FitCheck::Load => {
+            let weights = store.weights(&manifest).map_err(|e| unfit(e.into()))?;
+            ServedModel::load(&manifest, &weights, assets, tch::Device::Cpu)
+                .map_err(|e| unfit(e.into()))?
+                .architecture()
+                .clone()
+        }
+        FitCheck::Manifest => {
+            Architecture::from_manifest(&manifest).map_err(|e| unfit(e.into()))?
+        }
+    };
+    let takes = architecture.window_len();
+    if takes != current.window_len() {
+        return Err(unfit(FitError::Window {
+            takes,
+            sends: current.window_len(),
+        }));
     }
     Ok(manifest)
 }
@@ -564,8 +579,14 @@ mod tests {
             intra_op_threads: 1,
             source: fogmesh_actors::ModelSource::seeded(0),
         };
-        let refused = check_fit(&other, "ae", &serving, "ae@5", &Assets::default()).unwrap_err();
-        assert!(refused.to_string().contains("validation gate"), "{refused}");
+        for check in [FitCheck::Load, FitCheck::Manifest] {
+            let refused =
+                check_fit(&other, "ae", &serving, "ae@5", &Assets::default(), check).unwrap_err();
+            assert!(
+                matches!(&refused, RolloutError::Unfit { reason, .. } if matches!(**reason, FitError::UnvalidatedMerge)),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

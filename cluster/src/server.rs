@@ -51,10 +51,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::authorization::AuthorizationLayer;
 use crate::capabilities::Capabilities;
+use crate::cluster_key::ClusterKey;
 use crate::config::{ConfigError, NodeConfig, ReplayJob};
-use crate::dialer::Dialer;
+use crate::dialer::{self, Dialer};
 use crate::ingest::Ingestor;
-use crate::link::{self, ClusterKey};
 use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
 use crate::model_store::ModelStoreService;
@@ -291,10 +291,10 @@ impl NodeServer {
             .load_shed(true)
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .layer(AuthorizationLayer::new(tls.is_some()))
-            .http2_keepalive_interval(Some(link::KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(link::KEEPALIVE_TIMEOUT))
-            .initial_stream_window_size(Some(link::STREAM_WINDOW))
-            .initial_connection_window_size(Some(link::CONNECTION_WINDOW))
+            .http2_keepalive_interval(Some(dialer::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(dialer::KEEPALIVE_TIMEOUT))
+            .initial_stream_window_size(Some(dialer::STREAM_WINDOW))
+            .initial_connection_window_size(Some(dialer::CONNECTION_WINDOW))
             .add_optional_service(
                 mesh.as_ref()
                     .map(|m| ClusterLinkServer::new(m.link_service())),

@@ -59,6 +59,7 @@ use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
 use crate::peer_links::LinkView;
+use crate::rollout::FitCheck;
 use crate::status::ServiceError;
 use crate::telemetry;
 
@@ -353,7 +354,7 @@ impl NodeServices {
     }
 }
 
-fn rollout_reply(record: &crate::rollout::RolloutRecord) -> RolloutReply {
+fn rollout_reply(record: &crate::deployment::RolloutRecord) -> RolloutReply {
     RolloutReply {
         expert: record.expert.clone(),
         from: record.from.clone(),
@@ -525,10 +526,15 @@ impl Control for NodeServices {
             links: &mesh.links,
             state: &mesh.deployment,
         };
-        let record =
-            crate::rollout::run(&context, &request.expert, &request.model, request.rollback)
-                .await
-                .map_err(ServiceError::Rollout)?;
+        let record = crate::rollout::run(
+            &context,
+            &request.expert,
+            &request.model,
+            request.rollback,
+            FitCheck::Load,
+        )
+        .await
+        .map_err(ServiceError::Rollout)?;
         Ok(Response::new(rollout_reply(&record)))
     }
 

@@ -27,9 +27,9 @@ use fogmesh_models::store::StoreError;
 use ractor::MessagingErr;
 use tonic::{Code, Status};
 
+use crate::cluster_key::NODE_HEADER;
 use crate::config::ConfigError;
 use crate::deployment::ApplyError;
-use crate::link::NODE_HEADER;
 use crate::rollout::RolloutError;
 
 /// Why the node refused a request.
@@ -231,7 +231,8 @@ impl ServiceError {
                 RolloutError::UnknownExpert(_) | RolloutError::Missing { .. } => Code::NotFound,
                 RolloutError::BadVersion(_)
                 | RolloutError::Unfit { .. }
-                | RolloutError::Spec(_) => Code::InvalidArgument,
+                | RolloutError::Spec(_)
+                | RolloutError::SpecSyntax(_) => Code::InvalidArgument,
                 RolloutError::NotInMesh(_)
                 | RolloutError::NoSpec
                 | RolloutError::NotStored { .. }
@@ -242,6 +243,7 @@ impl ServiceError {
                 // Nothing changed and a retry reads the new spec: the caller may run it
                 // again as is.
                 RolloutError::Raced { .. } => Code::Aborted,
+                RolloutError::Thread(_) => Code::Internal,
             },
             ServiceError::DeploymentPoisoned => Code::Internal,
             ServiceError::LinkRefused { .. } => Code::PermissionDenied,
@@ -318,10 +320,11 @@ impl ServiceError {
                 RolloutError::AlreadyServing { .. } => "already_serving",
                 RolloutError::Unfit { .. } => "unfit_version",
                 RolloutError::Missing { .. } => "version_missing",
-                RolloutError::Spec(_) => "invalid_spec",
+                RolloutError::Spec(_) | RolloutError::SpecSyntax(_) => "invalid_spec",
                 RolloutError::Raced { .. } => "raced",
                 RolloutError::SpecVersionExhausted { .. } => "spec_version_exhausted",
                 RolloutError::Downgrade { .. } => "downgrade",
+                RolloutError::Thread(_) => "thread",
             },
             ServiceError::DeploymentPoisoned => "deployment_poisoned",
             ServiceError::LinkRefused { .. } => "wrong_cluster_secret",
@@ -370,7 +373,7 @@ mod tests {
         assert_eq!(status.message(), error.to_string());
         let unavailable = ServiceError::from(IngestError::StreamUnavailable {
             sensor_id: "pump-1".into(),
-            reason: "stopped".into(),
+            source: fogmesh_actors::node_agent::Unanswered::Stopped { callee: "stream" },
         });
         assert_eq!(unavailable.code(), Code::Unavailable);
     }
@@ -446,12 +449,23 @@ mod tests {
             reason: "must be at least 1".into(),
         });
         assert_eq!(invalid.code(), Code::InvalidArgument);
-        let unplaceable =
-            ServiceError::Placement(ApplyError::Placement("no node has a GPU".into()));
+        let unplaceable = ServiceError::Placement(ApplyError::Placement(
+            crate::placement::PlacementError::InvalidReplicas {
+                expert: "ae1".into(),
+            },
+        ));
         assert_eq!(unplaceable.code(), Code::FailedPrecondition);
         assert_eq!(
             unplaceable.to_string(),
-            "the spec cannot be placed on the live nodes: no node has a GPU"
+            "the spec cannot be placed on the live nodes: expert `ae1` asks for 0 replicas; it needs at least 1 to be served"
+        );
+        let unpinned = ServiceError::Placement(ApplyError::SensorNodesMissing {
+            nodes: vec!["edge-3".into()],
+        });
+        assert_eq!(unpinned.code(), Code::FailedPrecondition);
+        assert_eq!(
+            unpinned.to_string(),
+            "sensors are pinned to node(s) edge-3 which are not in the mesh"
         );
         let missing = RolloutError::Missing {
             id: "pump-ae@2".into(),
@@ -487,11 +501,17 @@ mod tests {
                 RolloutError::Unfit {
                     expert: "pump-ae".into(),
                     id: "pump-ae@2".into(),
-                    reason: "other window".into(),
+                    reason: Box::new(crate::rollout::FitError::Window {
+                        takes: 32,
+                        sends: 16,
+                    }),
                 },
                 Code::InvalidArgument,
             ),
-            (RolloutError::Spec("bad".into()), Code::InvalidArgument),
+            (
+                RolloutError::SpecSyntax(Box::new(toml::from_str::<toml::Table>("=").unwrap_err())),
+                Code::InvalidArgument,
+            ),
             (
                 RolloutError::NotInMesh("edge-1".into()),
                 Code::FailedPrecondition,

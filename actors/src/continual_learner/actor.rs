@@ -51,8 +51,9 @@ use super::shared::{
 use super::spec::{InvalidLearning, LearningSpec};
 use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::LearnerHandle;
+use crate::error::SpawnFault;
 use crate::expert::{ExpertSpec, ModelSource};
-use crate::node_agent::Node;
+use crate::node_agent::{Node, Unanswered};
 use crate::telemetry;
 
 /// Windows the forwarding task may have queued in the learner's mailbox; beyond it,
@@ -625,15 +626,15 @@ impl ContinualLearner {
                     ractor::SpawnErr::StartupFailed(inner) => {
                         match inner.downcast::<LearnerError>() {
                             Ok(error) => *error,
-                            Err(inner) => LearnerError::Unavailable {
+                            Err(inner) => LearnerError::NotStarted {
                                 expert: name.clone(),
-                                reason: format!("did not start: {inner}"),
+                                source: SpawnFault::Ractor(inner.to_string()),
                             },
                         }
                     }
-                    other => LearnerError::Unavailable {
+                    other => LearnerError::NotStarted {
                         expert: name.clone(),
-                        reason: format!("did not start: {other}"),
+                        source: SpawnFault::Ractor(other.to_string()),
                     },
                 })?;
         let handle = LearnerHandle {
@@ -667,11 +668,14 @@ impl LearnerHandle {
             Ok(ractor::rpc::CallResult::Success(answer)) => answer,
             Ok(_) => Err(LearnerError::Unavailable {
                 expert: self.shared.expert.to_string(),
-                reason: "stopped before answering".into(),
+                source: Unanswered::Stopped { callee: "learner" },
             }),
             Err(e) => Err(LearnerError::Unavailable {
                 expert: self.shared.expert.to_string(),
-                reason: format!("is not running: {e}"),
+                source: Unanswered::NotDelivered {
+                    callee: "learner",
+                    reason: e.to_string(),
+                },
             }),
         }
     }

@@ -17,6 +17,8 @@ use tokio::task::JoinError;
 
 use super::promoter::PromoteError;
 use super::spec::InvalidLearning;
+use crate::error::SpawnFault;
+use crate::node_agent::Unanswered;
 
 /// What started a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -111,8 +113,18 @@ pub enum LearnerError {
         #[source]
         source: PromoteError,
     },
-    #[error("expert `{expert}`: the learner {reason}")]
-    Unavailable { expert: String, reason: String },
+    #[error("expert `{expert}`: the learner did not start: {source}")]
+    NotStarted {
+        expert: String,
+        #[source]
+        source: SpawnFault,
+    },
+    #[error("expert `{expert}`: the learner gave no report: {source}")]
+    Unavailable {
+        expert: String,
+        #[source]
+        source: Unanswered,
+    },
 }
 
 /// Why fine-tuning or validating a candidate failed ([`LearnerError::FineTune`]).

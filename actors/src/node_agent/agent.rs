@@ -31,7 +31,7 @@ use super::call::call;
 use super::spec::NodeSpec;
 use crate::annunciator::Annunciator;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
-use crate::error::{ModelFault, SpecError};
+use crate::error::{ModelFault, SpawnFault, SpecError};
 use crate::expert::{Expert, ExpertArgs, ExpertMsg, ExpertShared, ExpertSpec};
 use crate::expert_endpoint::{ExpertEndpoint, ExpertEndpointArgs};
 use crate::router::{Replicas, Router, RouterArgs, RouterShared, RouterSpec};
@@ -479,7 +479,7 @@ impl NodeAgentState {
 fn gone(name: &str) -> SpecError {
     SpecError::Spawn {
         name: name.to_string(),
-        reason: "no longer in the node's spec".into(),
+        source: SpawnFault::Withdrawn,
     }
 }
 
@@ -534,6 +534,6 @@ pub(super) fn spawn_failure(name: &str, error: ractor::SpawnErr) -> SpecError {
     };
     SpecError::Spawn {
         name: name.to_string(),
-        reason,
+        source: SpawnFault::Ractor(reason),
     }
 }

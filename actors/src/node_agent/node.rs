@@ -16,7 +16,7 @@ use super::call::ask;
 use super::spec::NodeSpec;
 use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::NodeDirectory;
-use crate::error::{IngestError, ModelFault, ScoreError, SpecError};
+use crate::error::{IngestError, ModelFault, ScoreError, SpawnFault, SpecError};
 use crate::expert::ExpertSpec;
 use crate::router::{Replicas, RetryPolicy, RouterMsg};
 use crate::sample::{Sample, Window};
@@ -168,9 +168,9 @@ impl Node {
             &handle.actor,
             |reply| SensorStreamMsg::Push { samples, reply },
             ("acknowledgement", "stream"),
-            |unanswered| IngestError::StreamUnavailable {
+            |source| IngestError::StreamUnavailable {
                 sensor_id: sensor_id.to_string(),
-                reason: unanswered.to_string(),
+                source,
             },
         )
         .await
@@ -195,9 +195,9 @@ impl Node {
             &handle.actor,
             |reply| RouterMsg::Score { window, reply },
             ("verdict", "router"),
-            |unanswered| ScoreError::RouterUnavailable {
+            |source| ScoreError::RouterUnavailable {
                 router: router.to_string(),
-                reason: unanswered.to_string(),
+                source,
             },
         )
         .await
@@ -233,7 +233,7 @@ impl Node {
             ("report", "node agent"),
             |unanswered| SpecError::Spawn {
                 name: name.clone(),
-                reason: unanswered.to_string(),
+                source: SpawnFault::Unanswered(unanswered),
             },
         )
         .await

@@ -50,7 +50,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPo
 
 use crate::annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
 use crate::directory::{ExpertHandle, NodeDirectory};
-use crate::error::ScoreError;
+use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
 use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
 use crate::sample::Window;
@@ -346,20 +346,24 @@ impl Replicas {
         if let Some(mut n) = self.outstanding.get_mut(&id) {
             *n = n.saturating_sub(1);
         }
-        let unavailable = |reason: String| ScoreError::ExpertUnavailable {
+        let unavailable = |reason: Unavailability| ScoreError::ExpertUnavailable {
             expert: expert.to_string(),
             reason,
         };
+        let replica = id.to_string();
         match answer {
             Ok(ractor::rpc::CallResult::Success(bytes)) => decode_verdict(expert, &bytes),
-            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(format!(
-                "replica {id} gave no answer within {:?}",
-                self.retry.attempt_timeout
-            ))),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(unavailable(Unavailability::Silent {
+                replica,
+                after: self.retry.attempt_timeout,
+            })),
             Ok(ractor::rpc::CallResult::SenderError) => {
-                Err(unavailable(format!("replica {id} went away")))
+                Err(unavailable(Unavailability::Gone { replica }))
             }
-            Err(e) => Err(unavailable(format!("replica {id}: {e}"))),
+            Err(e) => Err(unavailable(Unavailability::NotDelivered {
+                replica,
+                reason: e.to_string(),
+            })),
         }
     }
 
@@ -389,7 +393,7 @@ impl Replicas {
                     .unwrap_or_else(|_| {
                         Err(ScoreError::ExpertUnavailable {
                             expert: expert.to_string(),
-                            reason: "the expert stopped before answering".into(),
+                            reason: Unavailability::Stopped,
                         })
                     });
                 match local {
@@ -420,7 +424,7 @@ impl Replicas {
             if now >= deadline {
                 return Err(last_error.unwrap_or_else(|| ScoreError::ExpertUnavailable {
                     expert: expert.to_string(),
-                    reason: format!("no replica on any node within {:?}", self.retry.deadline),
+                    reason: Unavailability::NoReplica(self.retry.deadline),
                 }));
             }
             // Never exhausted (no max times); the cap stands in should that change.
@@ -443,7 +447,7 @@ async fn gather(
             FirstAttempt::Local(reply) => Some(reply.await.unwrap_or_else(|_| {
                 Err(ScoreError::ExpertUnavailable {
                     expert: p.expert.to_string(),
-                    reason: "the expert stopped before answering".into(),
+                    reason: Unavailability::Stopped,
                 })
             })),
             FirstAttempt::Elsewhere => None,
@@ -552,7 +556,8 @@ mod tests {
         match error {
             ScoreError::ExpertUnavailable { expert, reason } => {
                 assert_eq!(expert, "nowhere-ae");
-                assert_eq!(reason, "no replica on any node within 15s");
+                assert_eq!(reason, Unavailability::NoReplica(Duration::from_secs(15)));
+                assert_eq!(reason.to_string(), "no replica on any node within 15s");
             }
             other => panic!("expected ExpertUnavailable, got {other:?}"),
         }

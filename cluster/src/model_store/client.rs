@@ -18,8 +18,8 @@ use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
 use super::{chunks, header_for, header_signature, MAX_MODEL_BYTES};
-use crate::dialer::Dialer;
-use crate::link::{LinkError, KEY_HEADER};
+use crate::cluster_key::KEY_HEADER;
+use crate::dialer::{Dialer, LinkError};
 
 /// Deepest chain of missing ancestors one download follows; a lineage that goes
 /// deeper, or loops, is refused rather than followed forever.

@@ -21,7 +21,7 @@ use super::{
     chunks, header_for, header_signature, MAX_CONCURRENT_UPLOADS, MAX_MODEL_BYTES,
     UPLOAD_IDLE_TIMEOUT,
 };
-use crate::link::{self, ClusterKey};
+use crate::cluster_key::{self, ClusterKey};
 use crate::status::ServiceError;
 use crate::telemetry;
 
@@ -309,7 +309,7 @@ impl ModelStoreRpc for ModelStoreService {
         request: Request<Streaming<WeightChunk>>,
     ) -> Result<Response<ModelRef>, Status> {
         if let Some(key) = &self.key {
-            if !link::carries_key(&request, key) {
+            if !cluster_key::carries_key(&request, key) {
                 return Err(self.refuse(
                     "upload",
                     ServiceError::WrongClusterKey {

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use fogmesh_cluster::cluster_key::ClusterKey;
 use fogmesh_cluster::dialer::Dialer;
-use fogmesh_cluster::link::ClusterKey;
 use fogmesh_trust::{MeshTls, TlsFiles};
 
 #[derive(Args, Debug, Clone)]

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fogmesh_actors::Annunciator;
+use fogmesh_cluster::cluster_key::ClusterKey;
 use fogmesh_cluster::dialer::Dialer;
-use fogmesh_cluster::link::ClusterKey;
 use fogmesh_cluster::model_seal::MeshSeal;
 use fogmesh_cluster::{
     download_version, list_versions, upload_version, TransferError, CHUNK_BYTES,

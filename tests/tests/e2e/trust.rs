@@ -2,8 +2,10 @@
 //! reach a handler; callers with one get what their role allows and nothing else.
 
 use fogmesh_actors::Annunciator;
+use fogmesh_cluster::cluster_key::ClusterKey;
 use fogmesh_cluster::dialer::Dialer;
-use fogmesh_cluster::link::{self, ClusterKey, LinkError};
+use fogmesh_cluster::dialer::LinkError;
+use fogmesh_cluster::link;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::{ApplyRequest, SampleBatch};
 use fogmesh_tests::{

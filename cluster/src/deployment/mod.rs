@@ -37,94 +37,35 @@
 //! the placement with the highest epoch wins once gossip settles, and routers retry
 //! windows meanwhile, so a transient double or missing replica costs time, not windows.
 
+mod leader;
+pub(crate) mod view;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fogmesh_actors::{ContinualLearner, ExpertSpec, LearningSpec, Node, NodeSpec, RunningLearner};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Role;
 use crate::dialer::Dialer;
 use crate::membership::{Member, Membership, PLACEMENT_KEY, SERVING_KEY, SPEC_KEY, VERSIONS_KEY};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
-use crate::peer_links::{LinkState, LinkView};
-use crate::placement::{self, Assignment, Candidate};
-use crate::rollout::{self, RolloutRecord};
+use crate::peer_links::LinkView;
+use crate::rollout;
+
+pub use leader::{
+    advance_move, may_lead, place, place_new, start_move, ApplyError, Move, SETTLE_TIME,
+};
+use view::lock;
+pub use view::{
+    candidates, gossiped_placements, gossiped_specs, DeploymentState, PublishedPlacement,
+    RolloutOutcome, RolloutRecord, MAX_UNUSABLE_SPECS,
+};
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).
 pub const ROUND_INTERVAL: Duration = Duration::from_millis(500);
-/// How long a node that sees only part of the mesh waits before it may lead: a
-/// joining node's links come up one by one, and a node leading on that partial view
-/// would move experts off nodes it simply has not linked to yet.
-pub const SETTLE_TIME: Duration = Duration::from_secs(3);
-
-/// A leader's placement, as gossiped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PublishedPlacement {
-    pub spec_version: u64,
-    pub epoch: u64,
-    pub leader: String,
-    pub experts: Assignment,
-}
-
-/// What the deployment loop shares with the services (`Control.Apply`, status).
-#[derive(Debug, Default)]
-pub struct DeploymentState {
-    pub spec: Option<StoredSpec>,
-    pub placement: Option<PublishedPlacement>,
-    pub leader: Option<String>,
-    pub last_error: Option<String>,
-    /// The last rollout this node ran (`Control.Rollout`).
-    pub rollout: Option<RolloutRecord>,
-    /// Gossiped specs that did not parse here, newest last: never adopted, persisted,
-    /// passed on, or counted when a new spec is numbered, so a member that gossips an
-    /// unreadable spec at version `u64::MAX` cannot freeze the mesh's configuration.
-    /// At most [`MAX_UNUSABLE_SPECS`].
-    pub unusable: Vec<StoredSpec>,
-}
-
-/// The deployment state, also after a panic while it was held: every writer leaves it
-/// whole between statements.
-pub(crate) fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentState> {
-    match state.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
-/// Most unusable specs a node remembers; older ones are forgotten first.
-pub const MAX_UNUSABLE_SPECS: usize = 16;
-
-impl DeploymentState {
-    /// The specs `members` gossip that this node has not found unusable.
-    pub fn usable_specs<'a>(
-        &'a self,
-        members: &'a BTreeMap<String, Member>,
-    ) -> impl Iterator<Item = StoredSpec> + 'a {
-        gossiped_specs(members).filter(|s| !self.unusable.contains(s))
-    }
-
-    fn refuse(&mut self, spec: StoredSpec) {
-        if self.unusable.len() >= MAX_UNUSABLE_SPECS {
-            self.unusable.remove(0);
-        }
-        self.unusable.push(spec);
-    }
-}
-
-/// Why a spec was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error("the spec cannot be placed on the live nodes: {0}")]
-    Placement(String),
-}
-
 /// The node's own deployment loop and what it needs.
 pub struct Deployment {
     pub node_name: String,
@@ -148,101 +89,6 @@ fn spec_file(data: &std::path::Path) -> PathBuf {
 pub fn load_stored(data: &std::path::Path) -> Option<StoredSpec> {
     let text = std::fs::read_to_string(spec_file(data)).ok()?;
     serde_json::from_str(&text).ok()
-}
-
-fn role_of(text: &str) -> Role {
-    match text {
-        "edge" => Role::Edge,
-        "cloud" => Role::Cloud,
-        _ => Role::Fog,
-    }
-}
-
-/// The specs the members gossip (unreadable values skipped: a peer of a newer version
-/// may write what this one cannot read).
-pub fn gossiped_specs(members: &BTreeMap<String, Member>) -> impl Iterator<Item = StoredSpec> + '_ {
-    members
-        .values()
-        .filter_map(|m| m.spec.as_deref())
-        .filter_map(|text| serde_json::from_str(text).ok())
-}
-
-/// The placements the members gossip.
-pub fn gossiped_placements(
-    members: &BTreeMap<String, Member>,
-) -> impl Iterator<Item = PublishedPlacement> + '_ {
-    members
-        .values()
-        .filter_map(|m| m.placement.as_deref())
-        .filter_map(|text| serde_json::from_str(text).ok())
-}
-
-/// The usable nodes as placement candidates.
-pub fn candidates(
-    members: &BTreeMap<String, Member>,
-    links: &LinkView,
-    me: &str,
-    spec: &MeshSpec,
-) -> Vec<Candidate> {
-    let sensors = spec.sensors_by_node();
-    members
-        .values()
-        .filter(|m| {
-            m.name == me
-                || links
-                    .get(&m.name)
-                    .is_some_and(|l| l.state == LinkState::Ready)
-        })
-        .map(|m| Candidate {
-            name: m.name.clone(),
-            role: role_of(&m.card.role),
-            gpus: m.card.gpus.len() as u32,
-            cpu_load: load_step(m.load.cpu),
-            sensors: sensors.get(&m.name).cloned().unwrap_or_default(),
-        })
-        .collect()
-}
-
-/// Load in quarter-core steps: placement should follow real differences in load, not
-/// the noise between two samples of the same one-minute average.
-fn load_step(cpu: f64) -> f64 {
-    (cpu * 4.0).round() / 4.0
-}
-
-/// Whether `me` places experts this round: it sorts first among the usable `nodes`,
-/// and either links to all `members` gossip knows or has been up [`SETTLE_TIME`].
-pub fn may_lead(me: &str, nodes: &[Candidate], members: usize, up: Duration) -> bool {
-    let first = nodes.iter().map(|c| c.name.as_str()).min() == Some(me);
-    first && (nodes.len() == members || up >= SETTLE_TIME)
-}
-
-/// Places a spec being applied on `nodes`, refusing it whole when a sensor's node is
-/// missing or an expert cannot get its replicas.
-pub fn place_new(
-    spec: &MeshSpec,
-    nodes: &[Candidate],
-    previous: &Assignment,
-) -> Result<Assignment, ApplyError> {
-    let missing = spec.missing_sensor_nodes(nodes);
-    if !missing.is_empty() {
-        return Err(ApplyError::Placement(format!(
-            "sensors are pinned to node(s) {} which are not in the mesh",
-            missing.join(", ")
-        )));
-    }
-    place(spec, nodes, previous)
-}
-
-/// Places an adopted spec on the nodes usable now. A sensor whose node is gone is not
-/// a reason to stop placing experts: its node gets its share back when it returns, and
-/// the experts of other lost nodes still need new hosts meanwhile.
-pub fn place(
-    spec: &MeshSpec,
-    nodes: &[Candidate],
-    previous: &Assignment,
-) -> Result<Assignment, ApplyError> {
-    placement::place(&spec.demands(), nodes, previous)
-        .map_err(|e| ApplyError::Placement(e.to_string()))
 }
 
 impl Deployment {
@@ -443,7 +289,7 @@ impl Deployment {
         members: &BTreeMap<String, Member>,
     ) -> Result<(), rollout::RolloutError> {
         let ids = MeshSpec::stored_models(&spec.text)
-            .map_err(|e| rollout::RolloutError::Spec(e.to_string()))?;
+            .map_err(|e| rollout::RolloutError::SpecSyntax(Box::new(e)))?;
         let Some(store) = &self.places.models else {
             return Ok(());
         };
@@ -560,101 +406,6 @@ impl Deployment {
     }
 }
 
-/// A replica on its way from a busy node to an idle one: placed on both until the new
-/// host says it serves (make before break), so no window waits for a cold replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Move {
-    pub expert: String,
-    pub from: String,
-    pub to: String,
-}
-
-/// Carries a move one step on: keeps both hosts while the new one is not serving yet,
-/// drops the old one once it is, and gives the move up when either host left or
-/// placement no longer puts the expert on the old host.
-pub fn advance_move(
-    moving: Option<Move>,
-    experts: &mut Assignment,
-    nodes: &[Candidate],
-    members: &BTreeMap<String, Member>,
-) -> Option<Move> {
-    let m = moving?;
-    let hosts = experts.get_mut(&m.expert)?;
-    if !hosts.contains(&m.from) || !nodes.iter().any(|c| c.name == m.to) {
-        return None;
-    }
-    let serving = members
-        .get(&m.to)
-        .is_some_and(|member| member.serving.contains(&m.expert));
-    if serving {
-        hosts.retain(|n| n != &m.from);
-    }
-    if !hosts.contains(&m.to) {
-        hosts.push(m.to.clone());
-        hosts.sort();
-    }
-    if serving {
-        tracing::info!(expert = %m.expert, from = %m.from, to = %m.to, "replica moved");
-        None
-    } else {
-        Some(m)
-    }
-}
-
-/// Rebalancing: when the busiest usable node hosts at least two experts more than the
-/// idlest, starts moving one replica (the first by name that placement would put on a
-/// less busy node) and adds its new host to `experts`. One move at a time.
-pub fn start_move(spec: &MeshSpec, nodes: &[Candidate], experts: &mut Assignment) -> Option<Move> {
-    let mut counts: BTreeMap<&str, usize> = nodes.iter().map(|c| (c.name.as_str(), 0)).collect();
-    for host in experts.values().flatten() {
-        if let Some(n) = counts.get_mut(host.as_str()) {
-            *n += 1;
-        }
-    }
-    let (busiest, most) = counts
-        .iter()
-        .max_by_key(|(name, n)| (**n, std::cmp::Reverse(**name)))
-        .map(|(name, n)| (name.to_string(), *n))?;
-    let fewest = counts.values().min().copied()?;
-    if most < fewest + 2 {
-        return None;
-    }
-    let before = experts.clone();
-    for (expert, hosts) in &before {
-        if !hosts.contains(&busiest) {
-            continue;
-        }
-        let mut trial = experts.clone();
-        if let Some(h) = trial.get_mut(expert) {
-            h.retain(|n| n != &busiest);
-        }
-        let Ok(placed) = placement::place(&spec.demands(), nodes, &trial) else {
-            continue;
-        };
-        let Some(to) = placed
-            .get(expert)
-            .and_then(|h| h.iter().find(|n| !hosts.contains(n)))
-            .cloned()
-        else {
-            continue;
-        };
-        if counts.get(to.as_str()).is_some_and(|n| n + 1 < most) {
-            let m = Move {
-                expert: expert.clone(),
-                from: busiest.clone(),
-                to: to.clone(),
-            };
-            tracing::info!(expert = %m.expert, from = %m.from, to = %m.to, "rebalancing: moving a replica");
-            if let Some(h) = experts.get_mut(expert) {
-                h.push(to);
-                h.sort();
-            }
-            return Some(m);
-        }
-    }
-    None
-}
-
 /// Adds what the node's own config runs to its share of the mesh.
 fn merge(target: &mut NodeSpec, local: &NodeSpec) {
     target.sensors.extend(local.sensors.iter().cloned());
@@ -663,141 +414,4 @@ fn merge(target: &mut NodeSpec, local: &NodeSpec) {
     target
         .remote_experts
         .retain(|e| !local.experts.iter().any(|l| l.name == e.name));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::membership::{LoadCard, MemberCard};
-
-    const TWO_EXPERTS: &str = r#"
-[[experts]]
-name = "ae1"
-model_version = "v1"
-channels = 2
-window = 16
-placement = { roles = ["fog"] }
-
-[[experts]]
-name = "ae2"
-model_version = "v1"
-channels = 2
-window = 16
-placement = { roles = ["fog"] }
-"#;
-
-    fn fog(name: &str) -> Candidate {
-        Candidate {
-            name: name.into(),
-            role: Role::Fog,
-            gpus: 0,
-            cpu_load: 0.0,
-            sensors: Vec::new(),
-        }
-    }
-
-    fn member(name: &str, serving: &[&str]) -> (String, Member) {
-        let card = MemberCard {
-            role: "fog".into(),
-            grpc: format!("{name}:7700"),
-            cores: 2,
-            memory_bytes: 1 << 30,
-            gpus: Vec::new(),
-            up_since_us: 0,
-        };
-        (
-            name.to_string(),
-            Member {
-                name: name.into(),
-                card,
-                load: LoadCard::default(),
-                spec: None,
-                placement: None,
-                serving: serving.iter().map(|s| s.to_string()).collect(),
-                versions: BTreeMap::new(),
-            },
-        )
-    }
-
-    fn assignment(pairs: &[(&str, &[&str])]) -> Assignment {
-        pairs
-            .iter()
-            .map(|(e, nodes)| (e.to_string(), nodes.iter().map(|n| n.to_string()).collect()))
-            .collect()
-    }
-
-    #[test]
-    fn a_joining_node_gets_a_replica_made_before_the_old_one_breaks() {
-        let spec = MeshSpec::parse(TWO_EXPERTS, std::path::Path::new("mesh.toml")).unwrap();
-        let nodes = vec![fog("fog-a"), fog("fog-b")];
-        let mut experts = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
-        let m = start_move(&spec, &nodes, &mut experts).expect("a move to the idle node");
-        assert_eq!(
-            (m.expert.as_str(), m.from.as_str(), m.to.as_str()),
-            ("ae1", "fog-a", "fog-b")
-        );
-        assert_eq!(
-            experts,
-            assignment(&[("ae1", &["fog-a", "fog-b"]), ("ae2", &["fog-a"])])
-        );
-
-        // Not serving yet: both hosts stay.
-        let waiting: BTreeMap<_, _> =
-            [member("fog-a", &["ae1", "ae2"]), member("fog-b", &[])].into();
-        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
-        let still = advance_move(Some(m.clone()), &mut step, &nodes, &waiting);
-        assert_eq!(still, Some(m.clone()));
-        assert_eq!(step["ae1"], vec!["fog-a", "fog-b"]);
-
-        // Serving: the old host lets go.
-        let serving: BTreeMap<_, _> =
-            [member("fog-a", &["ae1", "ae2"]), member("fog-b", &["ae1"])].into();
-        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
-        assert_eq!(
-            advance_move(Some(m.clone()), &mut step, &nodes, &serving),
-            None
-        );
-        assert_eq!(
-            step,
-            assignment(&[("ae1", &["fog-b"]), ("ae2", &["fog-a"])])
-        );
-
-        // The new host left: the move is given up, placement as it was.
-        let mut step = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
-        assert_eq!(
-            advance_move(Some(m), &mut step, &nodes[..1], &serving),
-            None
-        );
-        assert_eq!(step["ae1"], vec!["fog-a"]);
-    }
-
-    /// Regression: a node that had just joined, linked to nobody yet, saw itself as the
-    /// only usable node, led, and placed every expert on itself; the real leader then
-    /// took that placement as the one to keep stable and moves went back and forth.
-    #[test]
-    fn a_node_with_a_partial_view_leads_only_once_settled() {
-        let alone = vec![fog("fog-a")];
-        assert!(!may_lead("fog-a", &alone, 3, Duration::from_millis(100)));
-        assert!(may_lead("fog-a", &alone, 3, SETTLE_TIME));
-        assert!(
-            may_lead("fog-a", &alone, 1, Duration::ZERO),
-            "a mesh of one"
-        );
-        let all = vec![fog("fog-a"), fog("fog-b")];
-        assert!(may_lead("fog-a", &all, 2, Duration::ZERO));
-        assert!(
-            !may_lead("fog-b", &all, 2, SETTLE_TIME),
-            "fog-a sorts first"
-        );
-    }
-
-    #[test]
-    fn a_balanced_mesh_moves_nothing() {
-        let spec = MeshSpec::parse(TWO_EXPERTS, std::path::Path::new("mesh.toml")).unwrap();
-        let nodes = vec![fog("fog-a"), fog("fog-b"), fog("fog-c")];
-        let mut experts = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-b"])]);
-        assert_eq!(start_move(&spec, &nodes, &mut experts), None);
-        let mut one_node = assignment(&[("ae1", &["fog-a"]), ("ae2", &["fog-a"])]);
-        assert_eq!(start_move(&spec, &nodes[..1], &mut one_node), None);
-    }
 }

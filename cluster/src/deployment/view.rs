@@ -1,0 +1,166 @@
+//! What a node's deployment loop sees of the mesh and shares with the services: the
+//! specs and placements members gossip, the nodes usable as placement candidates,
+//! and [`DeploymentState`] (the adopted spec, the placement followed, the leader, the
+//! last error, the last rollout).
+//!
+//! It sits below both the loop ([`super`]) and mesh rollouts ([`crate::rollout`]),
+//! which read and write the same state.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Role;
+use crate::membership::Member;
+use crate::mesh_spec::{MeshSpec, StoredSpec};
+use crate::peer_links::{LinkState, LinkView};
+use crate::placement::{Assignment, Candidate};
+
+/// A leader's placement, as gossiped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPlacement {
+    pub spec_version: u64,
+    pub epoch: u64,
+    pub leader: String,
+    pub experts: Assignment,
+}
+
+/// What the deployment loop shares with the services (`Control.Apply`, status).
+#[derive(Debug, Default)]
+pub struct DeploymentState {
+    pub spec: Option<StoredSpec>,
+    pub placement: Option<PublishedPlacement>,
+    pub leader: Option<String>,
+    pub last_error: Option<String>,
+    /// The last rollout this node ran (`Control.Rollout`).
+    pub rollout: Option<RolloutRecord>,
+    /// Gossiped specs that did not parse here, newest last: never adopted, persisted,
+    /// passed on, or counted when a new spec is numbered, so a member that gossips an
+    /// unreadable spec at version `u64::MAX` cannot freeze the mesh's configuration.
+    /// At most [`MAX_UNUSABLE_SPECS`].
+    pub unusable: Vec<StoredSpec>,
+}
+
+/// The deployment state, also after a panic while it was held: every writer leaves it
+/// whole between statements.
+pub(crate) fn lock(state: &Mutex<DeploymentState>) -> std::sync::MutexGuard<'_, DeploymentState> {
+    match state.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Most unusable specs a node remembers; older ones are forgotten first.
+pub const MAX_UNUSABLE_SPECS: usize = 16;
+
+impl DeploymentState {
+    /// The specs `members` gossip that this node has not found unusable.
+    pub fn usable_specs<'a>(
+        &'a self,
+        members: &'a BTreeMap<String, Member>,
+    ) -> impl Iterator<Item = StoredSpec> + 'a {
+        gossiped_specs(members).filter(|s| !self.unusable.contains(s))
+    }
+
+    pub(crate) fn refuse(&mut self, spec: StoredSpec) {
+        if self.unusable.len() >= MAX_UNUSABLE_SPECS {
+            self.unusable.remove(0);
+        }
+        self.unusable.push(spec);
+    }
+}
+
+fn role_of(text: &str) -> Role {
+    match text {
+        "edge" => Role::Edge,
+        "cloud" => Role::Cloud,
+        _ => Role::Fog,
+    }
+}
+
+/// The specs the members gossip (unreadable values skipped: a peer of a newer version
+/// may write what this one cannot read).
+pub fn gossiped_specs(members: &BTreeMap<String, Member>) -> impl Iterator<Item = StoredSpec> + '_ {
+    members
+        .values()
+        .filter_map(|m| m.spec.as_deref())
+        .filter_map(|text| serde_json::from_str(text).ok())
+}
+
+/// The placements the members gossip.
+pub fn gossiped_placements(
+    members: &BTreeMap<String, Member>,
+) -> impl Iterator<Item = PublishedPlacement> + '_ {
+    members
+        .values()
+        .filter_map(|m| m.placement.as_deref())
+        .filter_map(|text| serde_json::from_str(text).ok())
+}
+
+/// The usable nodes as placement candidates.
+pub fn candidates(
+    members: &BTreeMap<String, Member>,
+    links: &LinkView,
+    me: &str,
+    spec: &MeshSpec,
+) -> Vec<Candidate> {
+    let sensors = spec.sensors_by_node();
+    members
+        .values()
+        .filter(|m| {
+            m.name == me
+                || links
+                    .get(&m.name)
+                    .is_some_and(|l| l.state == LinkState::Ready)
+        })
+        .map(|m| Candidate {
+            name: m.name.clone(),
+            role: role_of(&m.card.role),
+            gpus: m.card.gpus.len() as u32,
+            cpu_load: load_step(m.load.cpu),
+            sensors: sensors.get(&m.name).cloned().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Load in quarter-core steps: placement should follow real differences in load, not
+/// the noise between two samples of the same one-minute average.
+fn load_step(cpu: f64) -> f64 {
+    (cpu * 4.0).round() / 4.0
+}
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutOutcome {
+    /// The spec names the new version; replicas swap as the mesh adopts it.
+    Committed,
+    /// A node refused the version: the spec is unchanged, no replica swapped.
+    RolledBack,
+}
+
+impl RolloutOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutOutcome::Committed => "committed",
+            RolloutOutcome::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// The last rollout a node ran, for the reply and `fogmesh status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub expert: String,
+    pub from: String,
+    pub to: String,
+    /// The spec version that names `to` (committed), or the one left in place.
+    pub spec_version: u64,
+    pub outcome: RolloutOutcome,
+    /// Nodes that hold the version.
+    pub prepared: Vec<String>,
+    /// Nodes lost during the prepare phase.
+    pub lost: Vec<String>,
+    pub detail: String,
+}
