@@ -99,6 +99,11 @@ bench: setup
     cargo run --release -p fogmesh -- bench w1 --remote --tls
     cargo run --release -p fogmesh -- bench flood
 
+# CI runs a short version of each (10 kills).
+# Long chaos runs kept out of CI: 100 `kill -9`s of a node with an edge log under load.
+soak: setup
+    cargo test --workspace --release --test processes -- --ignored soak
+
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency. It runs
 # in the release profile, like `just test`, so after a test build it reuses what that
 # build compiled instead of compiling every dependency again (.ci/run lints last).

@@ -14,7 +14,7 @@ use crate::node_agent::Unanswered;
 
 /// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     #[error("field `sensor_id`: unknown sensor stream `{sensor_id}`")]
     UnknownSensor { sensor_id: String },
@@ -63,6 +63,16 @@ pub enum IngestError {
         timestamp_us: i64,
         now_us: i64,
         limit_ms: u64,
+    },
+    /// The edge log could not store the batch (disk full, I/O error): it is refused,
+    /// and the producer may send it again.
+    #[error(
+        "sensor `{sensor_id}`: the batch could not be stored, nothing of it was accepted: {source}"
+    )]
+    NotStored {
+        sensor_id: String,
+        #[source]
+        source: fogmesh_edge_log::EdgeLogError,
     },
     #[error("sensor `{sensor_id}` is not running: {source}")]
     StreamUnavailable {
@@ -172,6 +182,7 @@ impl IngestError {
             IngestError::SequenceJump { .. } => "sequence_jump",
             IngestError::TimestampAhead { .. } => "timestamp_ahead",
             IngestError::StreamUnavailable { .. } => "stream_unavailable",
+            IngestError::NotStored { .. } => "not_stored",
             IngestError::RateExceeded { .. } => "rate_exceeded",
             IngestError::RouterBusy { .. } => "router_busy",
         }

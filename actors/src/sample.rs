@@ -5,16 +5,9 @@ use std::sync::Arc;
 
 use crate::quality::QualityFlags;
 
-/// One reading of a sensor stream: one value per channel, stamped by the producer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Producer-assigned, strictly increasing per stream; the key for de-duplication
-    /// and acknowledgement.
-    pub sequence: u64,
-    /// Microseconds since the Unix epoch.
-    pub timestamp_us: i64,
-    pub values: Vec<f32>,
-}
+/// One reading of a sensor stream (defined beside the edge log, which stores it as
+/// sent).
+pub use fogmesh_edge_log::Sample;
 
 /// A normalised window of one stream, ready for an expert.
 ///

@@ -4,6 +4,11 @@
 //! Samples arrive row by row (one value per channel); windows leave channel-major, the
 //! layout of the experts' `[batch, channels, length]` tensors, so the transpose happens
 //! once here instead of per forward pass.
+//!
+//! A windower says where it stands ([`Windower::resume_point`]: the sequence of the
+//! first sample of the unfinished window, or how many samples it will skip), so a
+//! stream restarted from its edge log rebuilds it exactly: the same samples fed to a
+//! windower [`Windower::skipping`] as many cut the same next window.
 
 use std::collections::VecDeque;
 
@@ -27,7 +32,8 @@ pub struct Windower {
     stride: usize,
     /// Row-major, `channels` values per buffered sample.
     rows: VecDeque<f32>,
-    stamps: VecDeque<(i64, QualityFlags)>,
+    /// Per buffered sample: its sequence, timestamp and quality.
+    stamps: VecDeque<(u64, i64, QualityFlags)>,
     /// Samples still to drop when `stride` exceeds `size` (hopping windows).
     skip: usize,
 }
@@ -54,8 +60,22 @@ impl Windower {
     }
 
     /// Adds one sample; returns the window it completes, if any.
+    /// A windower that skips the next `skip` samples before it buffers any: one
+    /// restored from a [`Windower::resume_point`] that held no sample.
+    pub fn skipping(mut self, skip: usize) -> Self {
+        self.skip = skip;
+        self
+    }
+
+    /// Where the unfinished window starts: the sequence of its first sample, or `None`
+    /// with the samples left to skip before it starts.
+    pub fn resume_point(&self) -> (Option<u64>, usize) {
+        (self.stamps.front().map(|s| s.0), self.skip)
+    }
+
     pub fn push(
         &mut self,
+        sequence: u64,
         timestamp_us: i64,
         values: &[f32],
         quality: QualityFlags,
@@ -66,7 +86,7 @@ impl Windower {
             return None;
         }
         self.rows.extend(values.iter().copied());
-        self.stamps.push_back((timestamp_us, quality));
+        self.stamps.push_back((sequence, timestamp_us, quality));
         if self.stamps.len() < self.size {
             return None;
         }
@@ -87,10 +107,10 @@ impl Windower {
         let quality = self
             .stamps
             .iter()
-            .fold(QualityFlags::default(), |acc, (_, q)| acc.union(*q));
+            .fold(QualityFlags::default(), |acc, (_, _, q)| acc.union(*q));
         WindowCut {
-            start_us: self.stamps.front().map_or(0, |s| s.0),
-            end_us: self.stamps.back().map_or(0, |s| s.0),
+            start_us: self.stamps.front().map_or(0, |s| s.1),
+            end_us: self.stamps.back().map_or(0, |s| s.1),
             values,
             quality,
         }
@@ -107,7 +127,7 @@ mod tests {
         (0..n)
             .filter_map(|t| {
                 let row: Vec<f32> = (0..channels).map(|c| (t * 100 + c) as f32).collect();
-                windower.push(t as i64, &row, QualityFlags::default())
+                windower.push(t as u64, t as i64, &row, QualityFlags::default())
             })
             .collect()
     }
@@ -131,6 +151,34 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn a_windower_rebuilt_from_its_resume_point_cuts_the_same_windows(
+            size in 1usize..10, stride in 1usize..14, before in 0usize..40, after in 0usize..40,
+        ) {
+            let row = |t: usize| vec![t as f32];
+            let mut whole = Windower::new(1, size, stride);
+            for t in 0..before {
+                whole.push(t as u64, t as i64, &row(t), QualityFlags::default());
+            }
+            let (start, skip) = whole.resume_point();
+            let mut rebuilt = Windower::new(1, size, stride).skipping(skip);
+            if let Some(start) = start {
+                prop_assert_eq!(skip, 0);
+                for t in start as usize..before {
+                    prop_assert_eq!(rebuilt.push(t as u64, t as i64, &row(t), QualityFlags::default()), None);
+                }
+            }
+            for t in before..before + after {
+                let q = QualityFlags::default();
+                prop_assert_eq!(
+                    rebuilt.push(t as u64, t as i64, &row(t), q),
+                    whole.push(t as u64, t as i64, &row(t), q)
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_flag_marks_every_window_holding_its_sample() {
         let mut windower = Windower::new(1, 4, 2);
@@ -140,7 +188,7 @@ mod tests {
             if t == 5 {
                 q.insert(crate::quality::QualityFlag::Gap);
             }
-            if let Some(w) = windower.push(t, &[t as f32], q) {
+            if let Some(w) = windower.push(t as u64, t, &[t as f32], q) {
                 flagged.push((w.start_us, !w.quality.is_empty()));
             }
         }

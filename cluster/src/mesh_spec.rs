@@ -216,6 +216,7 @@ impl MeshSpec {
                 metrics_public: false,
                 models: places.models.as_ref().map(|s| s.root().to_path_buf()),
                 minilm: places.minilm.clone(),
+                edge_log: None,
             },
             limits: Limits::default(),
             experts: experts.iter().map(|e| e.config.clone()).collect(),

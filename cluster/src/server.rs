@@ -7,9 +7,10 @@
 //! 2. Install the Prometheus recorder: the actors bind their counters when they start.
 //! 3. Bind the gRPC and metrics sockets: a port in use is refused before the actors
 //!    start.
-//! 4. Start the node's actors ([`Node::start`] returns once all run), then one
-//!    continual learner per expert with `[experts.learning]` (after the experts it
-//!    watches; a learner that does not start stops the node again).
+//! 4. Open the edge log (`[node] edge_log`), start the node's actors
+//!    ([`Node::start_with_log`] returns once all run, every stream resumed from the
+//!    log), then one continual learner per expert with `[experts.learning]` (after the
+//!    experts it watches; a learner that does not start stops the node again).
 //! 5. Serve gRPC and metrics, start one task per MQTT broker and per replay.
 //!
 //! Stop ([`RunningNodeServer::shutdown`]), in order:
@@ -37,6 +38,7 @@ use fogmesh_actors::replay::replay;
 use fogmesh_actors::{
     Annunciator, ContinualLearner, LearnerError, LocalPromoter, Node, RunningLearner, SpecError,
 };
+use fogmesh_edge_log::EdgeLog;
 use fogmesh_models::store::ModelStore;
 use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
@@ -118,6 +120,12 @@ pub enum ServeError {
         node: String,
         source: fogmesh_models::store::StoreError,
     },
+    #[error("node `{node}`: {source}")]
+    EdgeLog {
+        node: String,
+        #[source]
+        source: fogmesh_edge_log::EdgeLogError,
+    },
     #[error("the gRPC server on {addr} stopped on its own: {reason}")]
     GrpcStopped { addr: SocketAddr, reason: String },
     #[error("node `{node}` stopped on its own: its supervisor gave up (the log names the failing actor)")]
@@ -178,6 +186,20 @@ impl NodeServer {
         }
         let spec = config.to_node_spec_with(&places)?;
         let replays = config.replay_jobs()?;
+        let log = match &config.node.edge_log {
+            Some(folder) => Some(EdgeLog::open(&config.resolve(folder)).map_err(|source| {
+                ServeError::EdgeLog {
+                    node: config.node.name.clone(),
+                    source,
+                }
+            })?),
+            None => {
+                if !spec.sensors.is_empty() {
+                    tracing::warn!(node = %config.node.name, "no [node] edge_log: acknowledged samples are held in memory only, and a crash loses those of unfinished windows");
+                }
+                None
+            }
+        };
         let tls = match config.tls {
             Some(_) => configured,
             None => config.tls()?,
@@ -201,7 +223,7 @@ impl NodeServer {
             .collect();
         let spec_for_mesh = spec.clone();
         let (node, node_join) =
-            Node::start(spec, annunciator)
+            Node::start_with_log(spec, annunciator, log)
                 .await
                 .map_err(|source| ServeError::Node {
                     node: config.node.name.clone(),

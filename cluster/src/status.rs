@@ -260,7 +260,10 @@ impl ServiceError {
                 | IngestError::TimestampBackwards { .. }
                 | IngestError::SequenceJump { .. }
                 | IngestError::TimestampAhead { .. } => Code::InvalidArgument,
-                IngestError::StreamUnavailable { .. } => Code::Unavailable,
+                // The disk may have room again in a moment: the producer resends.
+                IngestError::StreamUnavailable { .. } | IngestError::NotStored { .. } => {
+                    Code::Unavailable
+                }
                 IngestError::RateExceeded { .. } | IngestError::RouterBusy { .. } => {
                     Code::ResourceExhausted
                 }

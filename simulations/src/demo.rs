@@ -581,7 +581,7 @@ fn windows_of(
     for (t, row) in rows.chunks(channels).enumerate() {
         let mut row = row.to_vec();
         normaliser.apply(&mut row);
-        if let Some(cut) = windower.push(t as i64, &row, Default::default()) {
+        if let Some(cut) = windower.push(t as u64, t as i64, &row, Default::default()) {
             flat.extend_from_slice(&cut.values);
         }
     }

@@ -23,12 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use fogmesh_edge_log::EdgeLog;
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 
 use super::call::call;
 use super::spec::NodeSpec;
+
 use crate::annunciator::Annunciator;
 use crate::directory::{ExpertHandle, NodeDirectory, RouterHandle, SensorHandle};
 use crate::error::{ModelFault, SpawnFault, SpecError};
@@ -64,6 +66,8 @@ pub struct NodeAgentArgs {
     pub replicas: Arc<Replicas>,
     pub annunciator: Annunciator,
     pub restarts: Arc<AtomicU64>,
+    /// The node's edge log, handed to every sensor stream; `None` keeps them in memory.
+    pub log: Option<EdgeLog>,
 }
 
 pub struct NodeAgentState {
@@ -78,6 +82,7 @@ pub struct NodeAgentState {
     expert_shared: HashMap<String, Arc<ExpertShared>>,
     router_shared: HashMap<String, Arc<RouterShared>>,
     sensor_shared: HashMap<String, Arc<SensorStreamShared>>,
+    log: Option<EdgeLog>,
     restarts: Arc<AtomicU64>,
 }
 
@@ -151,6 +156,7 @@ impl Actor for NodeAgent {
             expert_shared: HashMap::new(),
             router_shared: HashMap::new(),
             sensor_shared: HashMap::new(),
+            log: args.log,
             restarts: args.restarts,
         };
         state.reconcile(args.spec, &myself.get_cell()).await?;
@@ -459,6 +465,7 @@ impl NodeAgentState {
                     spec,
                     shared: shared.clone(),
                     directory: self.directory.clone(),
+                    log: self.log.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, SensorStream, args, supervisor.clone())
                     .await

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fogmesh_edge_log::EdgeLog;
 use ractor::{Actor, ActorRef};
 
 use super::agent::{spawn_failure, NodeAgent, NodeAgentArgs, NodeAgentMsg, ReconcileReport};
 use super::call::ask;
 use super::spec::NodeSpec;
+
 use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::NodeDirectory;
 use crate::error::{IngestError, ModelFault, ScoreError, SpawnFault, SpecError};
@@ -78,10 +80,21 @@ pub struct Node {
 }
 
 impl Node {
-    /// Validates the spec and starts the node; returns once every actor is running.
+    /// Validates the spec and starts the node, its streams in memory only; returns once
+    /// every actor is running.
     pub async fn start(
         spec: NodeSpec,
         annunciator: Annunciator,
+    ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
+        Node::start_with_log(spec, annunciator, None).await
+    }
+
+    /// [`Node::start`] with an edge log: every stream resumes from it and acknowledges
+    /// a batch only once the log has committed it.
+    pub async fn start_with_log(
+        spec: NodeSpec,
+        annunciator: Annunciator,
+        log: Option<EdgeLog>,
     ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
         spec.validate()?;
         let directory = Arc::new(NodeDirectory::default());
@@ -94,6 +107,7 @@ impl Node {
             replicas,
             annunciator: annunciator.clone(),
             restarts: restarts.clone(),
+            log,
         };
         let (agent, join) = Actor::spawn(None, NodeAgent, args)
             .await

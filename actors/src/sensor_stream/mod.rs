@@ -5,10 +5,12 @@
 //! timestamp), its quality tracker, normaliser and windower. **Takes**
 //! [`SensorStreamMsg::Push`]: a batch of samples from any source (file replay, gRPC
 //! `Ingest`, MQTT), answered with the acknowledgement or the reason the batch was
-//! refused. **Supervised by** the [`crate::NodeAgent`]. **On failure**: the acknowledged
-//! position lives in [`SensorStreamShared`], which the supervisor keeps, so a restarted
-//! stream still refuses duplicates and out-of-order timestamps; the partial window in
-//! memory is lost (store-and-forward to disk is not built yet).
+//! refused. **Supervised by** the [`crate::NodeAgent`]. **On failure**: with an edge
+//! log, a restarted stream (or a restarted node, after `kill -9` or a power cut) takes
+//! its position and the samples of its unfinished window back from the log, so it
+//! refuses a resend of an acknowledged sample as a duplicate and cuts the same next
+//! window; without one, the position lives in [`SensorStreamShared`], which the
+//! supervisor keeps, and the partial window is lost with the process.
 //!
 //! Accepting a batch, in order:
 //! 1. Sort the batch by sequence number; drop samples whose sequence was already
@@ -18,8 +20,13 @@
 //!    most `max_sequence_gap` past the next expected one, a timestamp not before the
 //!    previous one and at most `max_clock_skew_ms` ahead of this node's clock). The first bad sample refuses the whole batch: nothing of it is
 //!    accepted, so the producer can fix and resend it as a unit.
-//! 3. Accept: flag quality on raw values, normalise, window; each completed window goes
-//!    to the stream's router. Only then is the batch acknowledged.
+//! 3. Accept: flag quality on raw values, normalise, window.
+//! 4. With an edge log: append the raw samples and the position after them, and wait
+//!    for the commit. A commit that fails (disk full, I/O error) refuses the batch
+//!    ([`IngestError::NotStored`]) and puts quality tracker, normaliser and windower
+//!    back as they were, so a refused batch changes nothing here either.
+//! 5. Hand each completed window to the stream's router; only then is the batch
+//!    acknowledged.
 
 pub(crate) mod interface;
 
@@ -31,6 +38,7 @@ pub use interface::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use fogmesh_edge_log::{Batch, EdgeLog, StreamPosition};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::directory::NodeDirectory;
@@ -48,6 +56,8 @@ pub struct SensorStreamArgs {
     pub spec: SensorStreamSpec,
     pub shared: Arc<SensorStreamShared>,
     pub directory: Arc<NodeDirectory>,
+    /// Where accepted batches are made durable; `None` keeps them in memory only.
+    pub log: Option<EdgeLog>,
 }
 
 pub struct SensorStreamState {
@@ -58,6 +68,7 @@ pub struct SensorStreamState {
     normaliser: Normaliser,
     windower: Windower,
     next_window: u64,
+    log: Option<EdgeLog>,
     accepted_counter: metrics::Counter,
     duplicate_counter: metrics::Counter,
     window_counter: metrics::Counter,
@@ -75,18 +86,21 @@ impl Actor for SensorStream {
     ) -> Result<Self::State, ActorProcessingErr> {
         let spec = args.spec;
         let sensor = spec.id.clone();
-        Ok(SensorStreamState {
+        let mut state = SensorStreamState {
             quality: QualityTracker::new(spec.quality.clone(), spec.channels),
             normaliser: Normaliser::new(&spec.normalisation, spec.channels),
             windower: Windower::new(spec.channels, spec.window, spec.stride),
             next_window: args.shared.windows.load(Ordering::Relaxed),
+            log: args.log,
             accepted_counter: metrics::counter!(telemetry::SAMPLES_ACCEPTED, "sensor" => sensor.clone()),
             duplicate_counter: metrics::counter!(telemetry::SAMPLES_DUPLICATE, "sensor" => sensor.clone()),
             window_counter: metrics::counter!(telemetry::WINDOWS_CUT, "sensor" => sensor),
             spec,
             shared: args.shared,
             directory: args.directory,
-        })
+        };
+        state.resume()?;
+        Ok(state)
     }
 
     async fn handle(
@@ -97,7 +111,7 @@ impl Actor for SensorStream {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SensorStreamMsg::Push { samples, reply } => {
-                let outcome = state.push(samples);
+                let outcome = state.push(samples).await;
                 // A producer that hung up still had its batch accepted or refused.
                 let _ = reply.send(outcome);
             }
@@ -114,7 +128,47 @@ fn wall_clock_us() -> i64 {
 }
 
 impl SensorStreamState {
-    fn push(&mut self, mut samples: Vec<Sample>) -> Result<PushOutcome, IngestError> {
+    /// Takes the stream's position and unfinished window back from the edge log: what
+    /// the last committed batch left, whatever happened to the process since.
+    fn resume(&mut self) -> Result<(), IngestError> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let Some(stored) = log
+            .stream(&self.spec.id)
+            .map_err(|source| IngestError::NotStored {
+                sensor_id: self.spec.id.clone(),
+                source,
+            })?
+        else {
+            return Ok(());
+        };
+        let position = stored.position;
+        self.shared
+            .next_sequence
+            .store(position.next_sequence, Ordering::Release);
+        self.shared
+            .last_timestamp_us
+            .store(position.last_timestamp_us, Ordering::Release);
+        self.shared
+            .windows
+            .store(position.windows, Ordering::Relaxed);
+        self.next_window = position.windows;
+        self.windower = Windower::new(self.spec.channels, self.spec.window, self.spec.stride)
+            .skipping(usize::try_from(position.skip).unwrap_or(usize::MAX));
+        let unfinished = stored.unfinished.len();
+        for mut sample in stored.unfinished {
+            // Fewer samples than a window: the window they start is still to be cut.
+            if self.window(&mut sample).is_some() {
+                tracing::warn!(sensor = %self.spec.id, "the edge log held a whole window as unfinished; it was cut before the restart");
+                self.next_window -= 1;
+            }
+        }
+        tracing::info!(sensor = %self.spec.id, next_sequence = position.next_sequence, windows = position.windows, unfinished, "stream resumed from the edge log");
+        Ok(())
+    }
+
+    async fn push(&mut self, mut samples: Vec<Sample>) -> Result<PushOutcome, IngestError> {
         let total = samples.len() as u64;
         samples.sort_by_key(|s| s.sequence);
         let next = self.shared.next_sequence.load(Ordering::Acquire);
@@ -128,35 +182,82 @@ impl SensorStreamState {
         }
         let duplicates = total - fresh.len() as u64;
         if let Err(e) = self.check(&fresh, next, wall_clock_us()) {
-            self.shared.rejected.fetch_add(total, Ordering::Relaxed);
-            metrics::counter!(telemetry::SAMPLES_REJECTED, "sensor" => self.spec.id.clone(), "reason" => e.reason())
-                .increment(total);
+            self.refused(total, &e);
             return Err(e);
         }
+        let stored = match &self.log {
+            Some(log) => Batch::encode(&fresh).map(|batch| (log.clone(), batch)),
+            None => None,
+        };
+        let before = stored.as_ref().map(|_| {
+            (
+                self.quality.clone(),
+                self.normaliser.clone(),
+                self.windower.clone(),
+                self.next_window,
+            )
+        });
+        let mut windows = Vec::new();
         for sample in &mut fresh {
-            self.accept(sample);
+            windows.extend(self.window(sample));
         }
-        if let Some(last) = fresh.last() {
-            self.shared
-                .last_timestamp_us
-                .store(last.timestamp_us, Ordering::Release);
-            self.shared
-                .next_sequence
-                .store(last.sequence.saturating_add(1), Ordering::Release);
+        let Some(last) = fresh.last() else {
+            return Ok(self.acknowledge(0, duplicates));
+        };
+        if let (Some((log, batch)), Some((quality, normaliser, windower, next_window))) =
+            (stored, before)
+        {
+            let (window_start, skip) = self.windower.resume_point();
+            let position = StreamPosition {
+                next_sequence: last.sequence.saturating_add(1),
+                last_timestamp_us: last.timestamp_us,
+                windows: self.next_window,
+                window_start,
+                skip: skip as u64,
+            };
+            if let Err(source) = log.append(&self.shared.id, batch, position).await {
+                self.quality = quality;
+                self.normaliser = normaliser;
+                self.windower = windower;
+                self.next_window = next_window;
+                let e = IngestError::NotStored {
+                    sensor_id: self.spec.id.clone(),
+                    source,
+                };
+                self.refused(total, &e);
+                return Err(e);
+            }
         }
         self.shared
-            .accepted
-            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+            .last_timestamp_us
+            .store(last.timestamp_us, Ordering::Release);
+        self.shared
+            .next_sequence
+            .store(last.sequence.saturating_add(1), Ordering::Release);
+        for window in windows {
+            self.route(window);
+        }
+        Ok(self.acknowledge(fresh.len() as u64, duplicates))
+    }
+
+    fn refused(&self, total: u64, e: &IngestError) {
+        self.shared.rejected.fetch_add(total, Ordering::Relaxed);
+        metrics::counter!(telemetry::SAMPLES_REJECTED, "sensor" => self.spec.id.clone(), "reason" => e.reason())
+            .increment(total);
+    }
+
+    fn acknowledge(&self, accepted: u64, duplicates: u64) -> PushOutcome {
+        self.shared.accepted.fetch_add(accepted, Ordering::Relaxed);
         self.shared
             .duplicates
             .fetch_add(duplicates, Ordering::Relaxed);
-        self.accepted_counter.increment(fresh.len() as u64);
+        self.accepted_counter.increment(accepted);
         self.duplicate_counter.increment(duplicates);
-        Ok(PushOutcome {
+        PushOutcome {
             acked_through: self.shared.acked_through(),
-            accepted: fresh.len() as u32,
+            accepted: accepted as u32,
             duplicates: duplicates as u32,
-        })
+        }
     }
 
     /// Checks the samples not yet accepted (in sequence order), given the next
@@ -223,15 +324,13 @@ impl SensorStreamState {
         Ok(())
     }
 
-    fn accept(&mut self, sample: &mut Sample) {
+    /// Flags, normalises and windows one sample; the window it completes, if any.
+    fn window(&mut self, sample: &mut Sample) -> Option<Window> {
         let flags = self.quality.observe(sample.timestamp_us, &sample.values);
         self.normaliser.apply(&mut sample.values);
-        let Some(cut) = self
-            .windower
-            .push(sample.timestamp_us, &sample.values, flags)
-        else {
-            return;
-        };
+        let cut =
+            self.windower
+                .push(sample.sequence, sample.timestamp_us, &sample.values, flags)?;
         let window = Window {
             sensor_id: self.shared.id.clone(),
             sequence: self.next_window,
@@ -243,6 +342,10 @@ impl SensorStreamState {
             quality: cut.quality,
         };
         self.next_window += 1;
+        Some(window)
+    }
+
+    fn route(&self, window: Window) {
         self.shared.windows.fetch_add(1, Ordering::Relaxed);
         self.window_counter.increment(1);
         match self.directory.router(&self.spec.router) {

@@ -15,7 +15,7 @@ use fogmesh_actors::{
 use fogmesh_models::{AutoencoderConfig, SoftmaxGate};
 
 const CHANNELS: usize = 2;
-const WINDOW: usize = 8;
+pub const WINDOW: usize = 8;
 const STRIDE: usize = 4;
 
 fn expert(name: &str, seed: i64) -> ExpertSpec {
@@ -51,7 +51,7 @@ fn sensor(id: &str, router: &str) -> SensorStreamSpec {
     }
 }
 
-fn static_node() -> NodeSpec {
+pub fn static_node() -> NodeSpec {
     NodeSpec {
         node: "edge-1".into(),
         sensors: vec![sensor("pump-1", "by-asset")],
@@ -67,7 +67,7 @@ fn static_node() -> NodeSpec {
     }
 }
 
-fn samples(sequences: std::ops::Range<u64>) -> Vec<Sample> {
+pub fn samples(sequences: std::ops::Range<u64>) -> Vec<Sample> {
     sequences
         .map(|s| Sample {
             sequence: s,

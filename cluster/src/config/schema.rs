@@ -67,6 +67,12 @@ pub struct NodeSection {
     /// stored language and multimodal models.
     #[serde(default)]
     pub minilm: Option<PathBuf>,
+    /// The folder of the node's durable edge log: a batch is acknowledged only once it
+    /// is on disk, and a node restarted after a crash resumes every stream where its
+    /// last acknowledgement left it. Without it an acknowledgement means "accepted into
+    /// memory".
+    #[serde(default)]
+    pub edge_log: Option<PathBuf>,
 }
 
 /// `[cluster]`: how a node joins a mesh.
