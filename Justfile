@@ -88,7 +88,7 @@ eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval multimodal
 
 # Each run prints one JSON object.
-# Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process), training speed against PyTorch, hot swaps under load.
+# Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process), training speed against PyTorch, hot swaps under load, a flood, durable ingest.
 bench: setup
     cargo run --release -p fogmesh -- bench w1
     cargo run --release -p fogmesh -- bench w1 --gate learned
@@ -98,6 +98,7 @@ bench: setup
     cargo run --release -p fogmesh -- bench swap
     cargo run --release -p fogmesh -- bench w1 --remote --tls
     cargo run --release -p fogmesh -- bench flood
+    cargo run --release -p fogmesh -- bench ingest
 
 # CI runs a short version of each (10 kills).
 # Long chaos runs kept out of CI: 100 `kill -9`s of a node with an edge log under load.

@@ -25,6 +25,8 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::latency_histogram;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchFloodOptions {
@@ -151,7 +153,7 @@ async fn quiet_phase(
     next: &mut u64,
 ) -> (Histogram<u64>, u64) {
     let per_batch = (rate / 100).max(1);
-    let mut latencies = Histogram::<u64>::new(3).expect("a histogram");
+    let mut latencies = latency_histogram();
     let mut failed = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -18,6 +18,8 @@ use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SoftmaxGate, SplitMix64
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::latency_histogram;
+
 /// Which policy the router runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -234,8 +236,7 @@ pub(crate) async fn closed_loop(
         // fixed pattern would move in convoys from expert to expert.
         let mut rng = SplitMix64::new(options.seed ^ (lane as u64).wrapping_mul(0x9E37_79B9));
         loops.push(tokio::spawn(async move {
-            let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
+            let mut latencies = latency_histogram();
             let (mut done, mut errors) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
                 let window = windows[(rng.next_u64() % windows.len() as u64) as usize].clone();
@@ -259,8 +260,7 @@ pub(crate) async fn closed_loop(
     tokio::time::sleep(Duration::from_secs_f64(options.seconds)).await;
     drop(stop_lanes);
     let measured_seconds = started.elapsed().as_secs_f64() - options.warmup_seconds;
-    let mut latencies =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let mut latencies = latency_histogram();
     let (mut done, mut errors) = (0u64, 0u64);
     for lane in loops {
         let (h, d, e) = lane.await.expect("a load lane does not panic");

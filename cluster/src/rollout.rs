@@ -357,7 +357,8 @@ pub async fn ensure_local(
     for id in ids {
         match store.get(id) {
             Ok(_) => continue,
-            Err(StoreError::NotFound(_)) => {}
+            // Missing, or its manifest damaged on this disk: a peer's copy repairs it.
+            Err(StoreError::NotFound(_) | StoreError::Manifest { .. }) => {}
             Err(e) => {
                 return Err(RolloutError::Missing {
                     id: id.clone(),

@@ -22,10 +22,13 @@
 //!
 //! Every load verifies the hash ([`ModelStore::weights`]): a blob whose bytes no longer
 //! hash to its name, or a manifest whose hash does not match the blob, is refused with
-//! both hashes and the file. Writes go to a temporary file first and are renamed into
-//! place, so a crash leaves either the old state or the new, never half a file. A
-//! version, once stored, is never overwritten with different content: versions are
-//! what experts, rollbacks and lineage refer to.
+//! both hashes and the file. Writes go to a temporary file, which is synced to disk,
+//! renamed into place, and its folder synced, so a crash or power cut leaves either the
+//! old state or the new, never half a file. A manifest damaged anyway (a disk fault,
+//! a copy cut short) is skipped by [`ModelStore::list`] with a warning naming it,
+//! so it never hides the versions beside it. A version, once stored, is never
+//! overwritten with different content: versions are what experts, rollbacks and
+//! lineage refer to.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -311,7 +314,9 @@ impl Weights<'_> {
                 if let Some(parent) = blob.parent() {
                     std::fs::create_dir_all(parent).map_err(io)?;
                 }
-                staged.file.persist(blob).map(drop).map_err(|e| io(e.error))
+                staged.file.as_file().sync_all().map_err(io)?;
+                staged.file.persist(blob).map_err(|e| io(e.error))?;
+                sync_folder(blob)
             }
         }
     }
@@ -326,7 +331,7 @@ enum Origin<'a> {
     Elsewhere(Option<&'a [u8]>),
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let io = |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -336,8 +341,26 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    sync_folder(path)
+}
+
+/// Makes a rename into `path`'s folder durable: without it a power cut may forget
+/// the new name although the file's bytes reached the disk.
+fn sync_folder(path: &Path) -> Result<(), StoreError> {
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    std::fs::File::open(parent)
+        .and_then(|folder| folder.sync_all())
+        .map_err(|source| StoreError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })
 }
 
 /// Names and versions become file names: keep them to a safe alphabet.
@@ -578,7 +601,13 @@ impl ModelStore {
             }
         }
         let path = self.manifest_path(&manifest.name, &manifest.version);
-        if path.exists() {
+        // A manifest that no longer reads is stored again: that is how a damaged one is
+        // repaired, from a peer's copy or a new import of the same version.
+        let readable = match self.read_manifest(&path) {
+            Err(StoreError::Manifest { .. }) => false,
+            _ => path.exists(),
+        };
+        if readable {
             let stored = self.read_manifest(&path)?;
             let same = Manifest {
                 created_us: stored.created_us,
@@ -684,7 +713,8 @@ impl ModelStore {
         }
     }
 
-    /// Every stored version, by name, oldest version first.
+    /// Every stored version, by name, oldest version first; a manifest that does not
+    /// read is skipped with a warning.
     pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
         let dir = self.root.join("manifests");
         let Ok(names) = std::fs::read_dir(&dir) else {
@@ -699,7 +729,14 @@ impl ModelStore {
             for version in versions.filter_map(Result::ok) {
                 let path = version.path();
                 if path.extension().is_some_and(|e| e == "json") {
-                    manifests.push(self.read_manifest(&path)?);
+                    // One damaged manifest must not hide every other version; `get`
+                    // of it still names the damage.
+                    match self.read_manifest(&path) {
+                        Ok(manifest) => manifests.push(manifest),
+                        Err(error) => {
+                            tracing::warn!(%error, "damaged manifest skipped");
+                        }
+                    }
                 }
             }
         }
@@ -861,6 +898,34 @@ mod tests {
         store.clear_staging().unwrap();
         assert_eq!(staged_files(&store), 0);
         store.clear_staging().unwrap();
+    }
+
+    #[test]
+    fn a_manifest_cut_in_half_hides_nothing_else_and_a_new_import_repairs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path());
+        for (name, weights) in [("pump-ae", b"pump weights"), ("fan-ae", b"fan weights!")] {
+            store.import(manifest(name, "v1"), weights).unwrap();
+        }
+        let torn = store.manifest_path("pump-ae", "v1");
+        let text = std::fs::read(&torn).unwrap();
+        std::fs::write(&torn, &text[..text.len() / 2]).unwrap();
+
+        let listed: Vec<String> = store.list().unwrap().iter().map(Manifest::id).collect();
+        assert_eq!(listed, vec!["fan-ae@v1"]);
+        let fan = store.get("fan-ae@v1").unwrap();
+        assert_eq!(store.weights(&fan).unwrap(), b"fan weights!");
+        let error = store.get("pump-ae@v1").unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Manifest { path, .. } if path == &torn),
+            "{error}"
+        );
+        // The copy a peer sends (here: the same version imported again) replaces it.
+        store
+            .import(manifest("pump-ae", "v1"), b"pump weights")
+            .unwrap();
+        assert_eq!(store.list().unwrap().len(), 2);
+        assert!(!torn.with_extension("tmp").exists());
     }
 
     #[test]

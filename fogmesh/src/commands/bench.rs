@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
-use fogmesh_bench::{flood, merge, swap, training_speed, w1, w1_remote};
+use fogmesh_bench::{flood, ingest, merge, swap, training_speed, w1, w1_remote};
 
 use crate::task::{blocking, print_json};
 
@@ -22,6 +22,22 @@ pub enum Workload {
         /// The flooding sensor's `max_rate` (it sends 100,000 samples per second).
         #[arg(long, default_value_t = 1_000)]
         flood_limit: u64,
+    },
+    /// Samples acknowledged per second with the edge log on disk (every ack after its
+    /// fsync) and in memory, from SENSORS producers: ack p50/p99 and fsyncs per second.
+    Ingest {
+        /// Length of each phase in seconds (after a one-second warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 64)]
+        sensors: usize,
+        /// Samples per pushed batch.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Folder for the durable phase's log (default: a temporary folder); put it on
+        /// the disk a node would use.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
     },
     /// W1 steady, then W1 while every expert is hot-swapped to a new version every
     /// `--every` seconds: p99 of both phases, swaps, failed requests.
@@ -107,6 +123,23 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             let report = flood::run(&options)
                 .await
                 .context("running the flood benchmark")?;
+            print_json(&report)
+        }
+        Workload::Ingest {
+            seconds,
+            sensors,
+            batch,
+            dir,
+        } => {
+            let options = ingest::BenchIngestOptions {
+                seconds,
+                sensors,
+                batch,
+                dir,
+            };
+            let report = ingest::run(&options)
+                .await
+                .context("running the ingest benchmark")?;
             print_json(&report)
         }
         Workload::Swap { seconds, every } => {
