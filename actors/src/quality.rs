@@ -45,6 +45,17 @@ impl QualityFlag {
 }
 
 impl QualityFlags {
+    /// The flags as bits, as the edge log stores them.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// Flags from [`QualityFlags::bits`]; bits no flag has are dropped.
+    pub fn from_bits(bits: u32) -> QualityFlags {
+        let known = QualityFlag::ALL.iter().fold(0u8, |all, f| all | f.bit());
+        QualityFlags((bits & u32::from(known)) as u8)
+    }
+
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }

@@ -24,6 +24,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tower::{Layer, Service};
 
+use crate::status::ServiceError;
 use crate::telemetry;
 
 /// The audit outcome of a refused call.
@@ -96,17 +97,24 @@ where
                 .extensions()
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(TlsConnectInfo::peer_certs)
-                .ok_or_else(|| "the connection carries no client certificate".to_string())
+                .ok_or_else(|| ServiceError::NoCertificate {
+                    method: method.clone(),
+                })
                 .and_then(|certs| {
-                    fogmesh_trust::client_identity(&certs).map_err(|e| e.to_string())
+                    fogmesh_trust::client_identity(&certs).map_err(|source| {
+                        ServiceError::NoIdentity {
+                            method: method.clone(),
+                            source: Box::new(source),
+                        }
+                    })
                 });
             match certified {
                 Ok(identity) => Some(identity),
-                Err(reason) => {
+                Err(refusal) => {
                     // The handshake already required a certificate of the mesh CA;
                     // one that names no fogmesh identity is refused here.
-                    tracing::warn!(target: "fogmesh::audit", who = %caller(None, &request), %method, outcome = %DENIED, %reason, "refused");
-                    let status = Status::permission_denied(format!("{method}: {reason}"));
+                    tracing::warn!(target: "fogmesh::audit", who = %caller(None, &request), %method, outcome = %DENIED, reason = %refusal, "refused");
+                    let status = Status::from(refusal);
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             }
@@ -124,7 +132,7 @@ where
                     )
                     .increment(1);
                     tracing::warn!(target: "fogmesh::audit", who = %identity, %method, outcome = %DENIED, "refused");
-                    let status = Status::permission_denied(denied.to_string());
+                    let status = Status::from(ServiceError::NotAllowed(denied));
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             },

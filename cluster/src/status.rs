@@ -137,6 +137,19 @@ pub enum ServiceError {
         NODE_HEADER
     )]
     NameNotCertified { claimed: String, certified: String },
+    /// A TLS connection without a client certificate (the handshake asks for one).
+    #[error("{method}: the connection carries no client certificate")]
+    NoCertificate { method: String },
+    /// A certificate of the mesh CA that names no fogmesh identity.
+    #[error("{method}: {source}")]
+    NoIdentity {
+        method: String,
+        #[source]
+        source: Box<fogmesh_trust::TrustError>,
+    },
+    /// A role the access table does not admit for the method.
+    #[error(transparent)]
+    NotAllowed(fogmesh_trust::access::Denied),
     #[error("the certificate of {peer} does not allow feeding sensor `{sensor}`")]
     SensorNotCertified { peer: String, sensor: String },
     /// The local cluster node server no longer takes links. Only why is kept: the
@@ -249,9 +262,11 @@ impl ServiceError {
             ServiceError::LinkRefused { .. } => Code::PermissionDenied,
             ServiceError::UnnamedPeer => Code::InvalidArgument,
             ServiceError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
-            ServiceError::NameNotCertified { .. } | ServiceError::SensorNotCertified { .. } => {
-                Code::PermissionDenied
-            }
+            ServiceError::NameNotCertified { .. }
+            | ServiceError::SensorNotCertified { .. }
+            | ServiceError::NoCertificate { .. }
+            | ServiceError::NoIdentity { .. }
+            | ServiceError::NotAllowed(_) => Code::PermissionDenied,
             ServiceError::NodeStopping { .. } => Code::Unavailable,
             ServiceError::Ingest(e) => match e {
                 IngestError::UnknownSensor { .. }
@@ -334,6 +349,9 @@ impl ServiceError {
             ServiceError::UnnamedPeer => "unnamed_peer",
             ServiceError::SpecVersionExhausted { .. } => "spec_version_exhausted",
             ServiceError::NameNotCertified { .. } => "name_not_certified",
+            ServiceError::NoCertificate { .. } => "no_certificate",
+            ServiceError::NoIdentity { .. } => "no_identity",
+            ServiceError::NotAllowed(_) => "role_not_allowed",
             ServiceError::SensorNotCertified { .. } => "sensor_not_certified",
             ServiceError::NodeStopping { .. } => "node_stopping",
         }

@@ -10,6 +10,10 @@
 //! position back and the samples of its unfinished window, so it refuses a resend of
 //! an acknowledged sample as a duplicate and windows every acknowledged sample once.
 //!
+//! The windows a batch completes are kept too, in the log's outbox, until their router
+//! has an outcome for them ([`EdgeLog::scored`]): a window cut before a crash and not
+//! yet scored is handed on again after the restart.
+//!
 //! Samples a stream has windowed are trimmed in the same commits: the log holds what a
 //! restart needs, not a history.
 
@@ -19,4 +23,4 @@ mod record;
 
 pub use error::EdgeLogError;
 pub use log::{Batch, EdgeLog, EdgeLogStats, StreamLog, MAX_GROUP};
-pub use record::{Sample, StreamPosition};
+pub use record::{ParkedWindow, Sample, StreamPosition};

@@ -1,9 +1,12 @@
 //! [`EdgeLog`]: the redb file, its writer thread and the group commit.
 //!
-//! Two tables: `samples`, keyed by (sensor, first sequence of the batch), holding
+//! Three tables: `samples`, keyed by (sensor, first sequence of the batch), holding
 //! batches as a stream accepted them; `streams`, keyed by sensor, holding its
-//! [`StreamPosition`]. A batch and its stream's position go in the same transaction, so
-//! after a crash the position never runs ahead of, or behind, the samples on disk.
+//! [`StreamPosition`]; `outbox`, keyed by (sensor, window sequence), holding the
+//! windows the batch completed until their router has an outcome for them
+//! ([`EdgeLog::scored`]). A batch, its windows and its stream's position go in the same
+//! transaction, so after a crash the position never runs ahead of, or behind, the
+//! samples on disk, and no window the position counts as cut is missing.
 //!
 //! The writer thread owns every write. It takes the first append waiting, then every
 //! other append already queued (at most [`MAX_GROUP`]), writes them in one transaction
@@ -11,24 +14,28 @@
 //! then it answers each append. While it waits for the disk, new appends queue up and
 //! go in the next group, so the fsyncs per second stay bounded by the disk, not by the
 //! number of producers. A failed commit answers every append of its group with the
-//! error and changes nothing: each stream refuses that batch.
+//! error and changes nothing: each stream refuses that batch. Outcomes of windows
+//! ([`EdgeLog::scored`]) ride in the next group; a group of outcomes alone commits
+//! without an fsync (redb's `Durability::None`, made durable by the next commit that
+//! has one), since losing one to a crash only means the window is scored again.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
 use crate::error::EdgeLogError;
 use crate::record::{
-    decode_batch, decode_position, encode_batch, encode_position, last_sequence, Sample,
-    StreamPosition,
+    decode_batch, decode_position, decode_window, encode_batch, encode_position, encode_window,
+    last_sequence, ParkedWindow, Sample, StreamPosition,
 };
 
 const SAMPLES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("samples");
 const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 
 /// Most appends one transaction takes: a bound on the group's memory and on how long
 /// the first append of a group waits for the rest to be written.
@@ -43,6 +50,8 @@ pub struct EdgeLogStats {
     pub samples: AtomicU64,
     /// Batches trimmed because their stream had windowed every sample of them.
     pub trimmed: AtomicU64,
+    /// Windows in the outbox now: cut, and without an outcome yet.
+    pub parked: AtomicU64,
 }
 
 /// A stream's accepted samples, encoded as the log stores them. Made before the
@@ -72,6 +81,8 @@ pub struct StreamLog {
     /// The samples of the unfinished window, in sequence order: from
     /// [`StreamPosition::keep_from`] to the last accepted one.
     pub unfinished: Vec<Sample>,
+    /// Windows cut before the restart that have no outcome yet, oldest first.
+    pub parked: Vec<ParkedWindow>,
 }
 
 /// The node's edge log. Cheap to clone; when the last clone is dropped the writer
@@ -84,7 +95,7 @@ pub struct EdgeLog {
 
 struct Inner {
     db: Arc<Database>,
-    writer: Option<mpsc::Sender<Append>>,
+    writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<EdgeLogStats>,
     /// Where the file is; `None` for a log in memory.
@@ -109,11 +120,22 @@ impl std::fmt::Debug for EdgeLog {
     }
 }
 
+enum Job {
+    Append(Append),
+    /// A window's router has an outcome for it: out of the outbox.
+    Scored {
+        sensor: Arc<str>,
+        sequence: u64,
+    },
+}
+
 struct Append {
     sensor: Arc<str>,
     first: u64,
     last: u64,
     batch: Vec<u8>,
+    /// The windows the batch completed: (window sequence, encoded window).
+    windows: Vec<(u64, Vec<u8>)>,
     position: StreamPosition,
     done: oneshot::Sender<Result<(), EdgeLogError>>,
 }
@@ -153,6 +175,7 @@ impl EdgeLog {
         let db = Arc::new(db);
         let batches = stored_batches(&db)?;
         let stats = Arc::new(EdgeLogStats::default());
+        stats.parked.store(parked_count(&db)?, Ordering::Relaxed);
         let (writer, appends) = mpsc::channel();
         let (thread_db, thread_stats) = (db.clone(), stats.clone());
         let thread = std::thread::Builder::new()
@@ -182,28 +205,45 @@ impl EdgeLog {
         &self.inner.stats
     }
 
-    /// Stores `batch` (a stream's accepted samples, raw, in sequence order) and the
-    /// stream's `position` after it; answers once both are committed. Cancel safety:
-    /// dropping the future does not withdraw the append, it only stops waiting.
+    /// Stores `batch` (a stream's accepted samples, raw, in sequence order), the
+    /// `windows` it completed and the stream's `position` after it; answers once all
+    /// are committed. Cancel safety: dropping the future does not withdraw the append,
+    /// it only stops waiting.
     pub async fn append(
         &self,
         sensor: &Arc<str>,
         batch: Batch,
+        windows: &[ParkedWindow],
         position: StreamPosition,
     ) -> Result<(), EdgeLogError> {
         let (done, answer) = oneshot::channel();
         let writer = self.inner.writer.as_ref().ok_or(EdgeLogError::WriterGone)?;
         writer
-            .send(Append {
+            .send(Job::Append(Append {
                 sensor: sensor.clone(),
                 first: batch.first,
                 last: batch.last,
                 batch: batch.bytes,
+                windows: windows
+                    .iter()
+                    .map(|w| (w.sequence, encode_window(w)))
+                    .collect(),
                 position,
                 done,
-            })
+            }))
             .map_err(|_| EdgeLogError::WriterGone)?;
         answer.await.map_err(|_| EdgeLogError::WriterGone)?
+    }
+
+    /// Window `sequence` of `sensor` has an outcome (a verdict, or a failure that
+    /// retrying would repeat): it leaves the outbox with the next commit. Never waits.
+    pub fn scored(&self, sensor: &Arc<str>, sequence: u64) {
+        if let Some(writer) = &self.inner.writer {
+            let _ = writer.send(Job::Scored {
+                sensor: sensor.clone(),
+                sequence,
+            });
+        }
     }
 
     /// What the log holds for `sensor`: its position and its unfinished window, or
@@ -238,9 +278,26 @@ impl EdgeLog {
             })?;
             unfinished.extend(batch.into_iter().filter(|s| s.sequence >= keep_from));
         }
+        let outbox = read.open_table(OUTBOX).map_err(EdgeLogError::read)?;
+        let mut parked = Vec::new();
+        for row in outbox
+            .range((sensor, 0)..=(sensor, u64::MAX))
+            .map_err(EdgeLogError::read)?
+        {
+            let (key, value) = row.map_err(EdgeLogError::read)?;
+            let sequence = key.value().1;
+            parked.push(decode_window(sequence, value.value()).ok_or_else(|| {
+                EdgeLogError::Damaged {
+                    sensor: sensor.to_string(),
+                    sequence,
+                    reason: "a parked window whose length does not match its shape",
+                }
+            })?);
+        }
         Ok(Some(StreamLog {
             position,
             unfinished,
+            parked,
         }))
     }
 }
@@ -266,33 +323,54 @@ fn stored_batches(db: &Database) -> Result<Batches, EdgeLogError> {
     Ok(batches)
 }
 
+/// Windows in the outbox when the log opens.
+fn parked_count(db: &Database) -> Result<u64, EdgeLogError> {
+    let read = db.begin_read().map_err(EdgeLogError::read)?;
+    match read.open_table(OUTBOX) {
+        Ok(table) => table.len().map_err(EdgeLogError::read),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(EdgeLogError::read(e)),
+    }
+}
+
 fn write_groups(
     db: &Database,
-    appends: &mpsc::Receiver<Append>,
+    jobs: &mpsc::Receiver<Job>,
     mut batches: Batches,
     stats: &EdgeLogStats,
 ) {
     let commits = metrics::counter!("fogmesh_edge_log_commits_total");
     let group_size = metrics::histogram!("fogmesh_edge_log_group_appends");
-    while let Ok(first) = appends.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match appends.try_recv() {
-                Ok(append) => group.push(append),
-                Err(_) => break,
+    let parked = metrics::gauge!("fogmesh_edge_log_parked_windows");
+    while let Ok(first) = jobs.recv() {
+        let mut group = Vec::new();
+        let mut scored = Vec::new();
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Append(append) => group.push(append),
+                Job::Scored { sensor, sequence } => scored.push((sensor, sequence)),
+            }
+            if group.len() + scored.len() < MAX_GROUP {
+                next = jobs.try_recv().ok();
             }
         }
-        let result = commit(db, &group, &mut batches, stats);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, appends = group.len(), "edge log commit failed; the batches are refused");
-        } else {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .appends
-                .fetch_add(group.len() as u64, Ordering::Relaxed);
-            commits.increment(1);
-            group_size.record(group.len() as f64);
+        let result = commit(db, &group, &scored, &mut batches, stats);
+        match &result {
+            Err(e) => {
+                tracing::error!(error = %e, appends = group.len(), "edge log commit failed; the batches are refused");
+            }
+            Ok(()) if !group.is_empty() => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .appends
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                commits.increment(1);
+                group_size.record(group.len() as f64);
+            }
+            Ok(()) => {}
         }
+        parked.set(stats.parked.load(Ordering::Relaxed) as f64);
         for append in group {
             let _ = append.done.send(result.clone());
         }
@@ -303,15 +381,32 @@ fn write_groups(
 fn commit(
     db: &Database,
     group: &[Append],
+    scored: &[(Arc<str>, u64)],
     batches: &mut Batches,
     stats: &EdgeLogStats,
 ) -> Result<(), EdgeLogError> {
-    let write = db.begin_write().map_err(EdgeLogError::commit)?;
+    let mut write = db.begin_write().map_err(EdgeLogError::commit)?;
+    if group.is_empty() {
+        write
+            .set_durability(redb::Durability::None)
+            .map_err(EdgeLogError::commit)?;
+    }
     let mut trimmed: Vec<(Arc<str>, usize)> = Vec::new();
     let mut samples_written = 0u64;
+    let (mut parked_added, mut parked_removed) = (0u64, 0u64);
     {
         let mut samples = write.open_table(SAMPLES).map_err(EdgeLogError::commit)?;
         let mut streams = write.open_table(STREAMS).map_err(EdgeLogError::commit)?;
+        let mut outbox = write.open_table(OUTBOX).map_err(EdgeLogError::commit)?;
+        for (sensor, sequence) in scored {
+            if outbox
+                .remove((&**sensor, *sequence))
+                .map_err(EdgeLogError::commit)?
+                .is_some()
+            {
+                parked_removed += 1;
+            }
+        }
         for append in group {
             let sensor: &str = &append.sensor;
             samples
@@ -320,6 +415,12 @@ fn commit(
             streams
                 .insert(sensor, encode_position(&append.position).as_slice())
                 .map_err(EdgeLogError::commit)?;
+            for (sequence, window) in &append.windows {
+                outbox
+                    .insert((sensor, *sequence), window.as_slice())
+                    .map_err(EdgeLogError::commit)?;
+            }
+            parked_added += append.windows.len() as u64;
             samples_written += batch_count(&append.batch);
             // Batches wholly before the unfinished window are windowed: drop them.
             // Several appends of one stream in a group trim against the latest.
@@ -361,6 +462,8 @@ fn commit(
             .push_back((append.first, append.last));
     }
     stats.samples.fetch_add(samples_written, Ordering::Relaxed);
+    stats.parked.fetch_add(parked_added, Ordering::Relaxed);
+    stats.parked.fetch_sub(parked_removed, Ordering::Relaxed);
     Ok(())
 }
 
@@ -406,14 +509,14 @@ mod tests {
         {
             let log = EdgeLog::open(dir.path()).unwrap();
             assert_eq!(log.stream("pump-1").unwrap(), None);
-            log.append(&pump, encoded(0, 8), position(8, Some(0)))
+            log.append(&pump, encoded(0, 8), &[], position(8, Some(0)))
                 .await
                 .unwrap();
-            log.append(&pump, encoded(8, 8), position(16, Some(12)))
+            log.append(&pump, encoded(8, 8), &[], position(16, Some(12)))
                 .await
                 .unwrap();
             // The first batch ends before the window that starts at 12: trimmed now.
-            log.append(&pump, encoded(16, 4), position(20, Some(14)))
+            log.append(&pump, encoded(16, 4), &[], position(20, Some(14)))
                 .await
                 .unwrap();
             assert_eq!(log.stats().trimmed.load(Ordering::Relaxed), 1);
@@ -431,19 +534,62 @@ mod tests {
         assert_eq!(log.stream("pump-2").unwrap(), None);
     }
 
+    fn window(sequence: u64) -> ParkedWindow {
+        ParkedWindow {
+            sequence,
+            start_us: sequence as i64 * 4_000,
+            end_us: sequence as i64 * 4_000 + 7_000,
+            channels: 2,
+            length: 8,
+            quality: 0,
+            values: (0..16).map(|v| v as f32 + sequence as f32).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cut_windows_stay_parked_until_scored_and_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let pump: Arc<str> = "pump-1".into();
+        {
+            let log = EdgeLog::open(dir.path()).unwrap();
+            log.append(
+                &pump,
+                encoded(0, 12),
+                &[window(0), window(1)],
+                position(12, Some(8)),
+            )
+            .await
+            .unwrap();
+            assert_eq!(log.stats().parked.load(Ordering::Relaxed), 2);
+            log.scored(&pump, 0);
+            // The log takes jobs in order: once this append is answered, so is the outcome.
+            log.append(&pump, encoded(12, 2), &[], position(14, Some(8)))
+                .await
+                .unwrap();
+            let stream = log.stream("pump-1").unwrap().unwrap();
+            assert_eq!(stream.parked, vec![window(1)]);
+            assert_eq!(log.stats().parked.load(Ordering::Relaxed), 1);
+        }
+        let log = EdgeLog::open(dir.path()).unwrap();
+        assert_eq!(log.stats().parked.load(Ordering::Relaxed), 1);
+        let stream = log.stream("pump-1").unwrap().unwrap();
+        assert_eq!(stream.parked, vec![window(1)]);
+        assert_eq!(stream.unfinished.len(), 6);
+    }
+
     #[tokio::test]
     async fn a_stream_with_no_unfinished_window_keeps_no_sample() {
         let log = EdgeLog::in_memory().unwrap();
         let fan: Arc<str> = "fan".into();
-        log.append(&fan, encoded(0, 10), position(10, Some(5)))
+        log.append(&fan, encoded(0, 10), &[], position(10, Some(5)))
             .await
             .unwrap();
-        log.append(&fan, encoded(10, 10), position(20, None))
+        log.append(&fan, encoded(10, 10), &[], position(20, None))
             .await
             .unwrap();
         let stream = log.stream("fan").unwrap().unwrap();
         assert!(stream.unfinished.is_empty());
-        log.append(&fan, encoded(20, 1), position(21, Some(20)))
+        log.append(&fan, encoded(20, 1), &[], position(21, Some(20)))
             .await
             .unwrap();
         assert_eq!(log.stats().trimmed.load(Ordering::Relaxed), 2);
@@ -458,7 +604,7 @@ mod tests {
         // queued while the writer commits the first.
         let appends = sensors
             .iter()
-            .map(|s| log.append(s, encoded(0, 4), position(4, Some(0))));
+            .map(|s| log.append(s, encoded(0, 4), &[], position(4, Some(0))));
         for result in futures::future::join_all(appends).await {
             result.unwrap();
         }

@@ -38,6 +38,63 @@ impl StreamPosition {
     }
 }
 
+/// A window a stream cut and handed on, kept until its router has an outcome for it
+/// (scored, or failed for good), so a crash in between does not lose it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedWindow {
+    /// The stream's window sequence number.
+    pub sequence: u64,
+    pub start_us: i64,
+    pub end_us: i64,
+    pub channels: u32,
+    pub length: u32,
+    /// The window's quality flags, as bits.
+    pub quality: u32,
+    /// Normalised, channel-major.
+    pub values: Vec<f32>,
+}
+
+const WINDOW_HEADER: usize = 28;
+
+/// `start i64, end i64, channels u32, length u32, quality u32`, then the values.
+pub(crate) fn encode_window(w: &ParkedWindow) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WINDOW_HEADER + 4 * w.values.len());
+    out.extend_from_slice(&w.start_us.to_le_bytes());
+    out.extend_from_slice(&w.end_us.to_le_bytes());
+    out.extend_from_slice(&w.channels.to_le_bytes());
+    out.extend_from_slice(&w.length.to_le_bytes());
+    out.extend_from_slice(&w.quality.to_le_bytes());
+    for v in &w.values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Reads [`encode_window`]'s bytes; `None` unless they hold exactly
+/// `channels × length` values.
+pub(crate) fn decode_window(sequence: u64, bytes: &[u8]) -> Option<ParkedWindow> {
+    let head = bytes.get(..WINDOW_HEADER)?;
+    let i64_at = |i: usize| i64::from_le_bytes(head[i..i + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or([0; 4]));
+    let (channels, length) = (u32_at(16), u32_at(20));
+    let count = (channels as usize).checked_mul(length as usize)?;
+    if bytes.len() - WINDOW_HEADER != count.checked_mul(4)? {
+        return None;
+    }
+    Some(ParkedWindow {
+        sequence,
+        start_us: i64_at(0),
+        end_us: i64_at(8),
+        channels,
+        length,
+        quality: u32_at(24),
+        values: bytes[WINDOW_HEADER..]
+            .chunks_exact(4)
+            .map(|v| f32::from_le_bytes(v.try_into().unwrap_or([0; 4])))
+            .collect(),
+    })
+}
+
 const POSITION_BYTES: usize = 41;
 const BATCH_HEADER: usize = 8;
 const SAMPLE_HEADER: usize = 16;
@@ -153,6 +210,23 @@ mod tests {
             let bytes = encode_batch(&batch);
             prop_assert_eq!(last_sequence(&bytes), batch.last().map(|s| s.sequence));
             prop_assert_eq!(decode_batch(&bytes), Some(batch));
+        }
+
+        #[test]
+        fn windows_survive_the_round_trip(
+            sequence in any::<u64>(),
+            start_us in any::<i64>(),
+            end_us in any::<i64>(),
+            quality in any::<u32>(),
+            (channels, length, values) in (1u32..4, 1u32..9).prop_flat_map(|(c, l)| {
+                (Just(c), Just(l), proptest::collection::vec(-1e6f32..1e6, (c * l) as usize))
+            }),
+            cut in 1usize..8,
+        ) {
+            let window = ParkedWindow { sequence, start_us, end_us, channels, length, quality, values };
+            let bytes = encode_window(&window);
+            prop_assert_eq!(decode_window(sequence, &bytes[..bytes.len() - cut.min(bytes.len())]), None);
+            prop_assert_eq!(decode_window(sequence, &bytes), Some(window));
         }
 
         #[test]

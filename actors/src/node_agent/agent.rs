@@ -448,6 +448,7 @@ impl NodeAgentState {
                     shared: shared.clone(),
                     replicas: self.replicas.clone(),
                     annunciator: self.annunciator.clone(),
+                    log: self.log.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, Router, args, supervisor.clone())
                     .await

@@ -5,8 +5,11 @@
 //! [`RouterMsg::Score`] (a window from a caller who wants the verdict back).
 //! **Supervised by** the [`crate::NodeAgent`]. **On failure**: a window it cannot
 //! score is counted in `fogmesh_router_failures_total` with the reason and logged;
-//! the router itself keeps going. It holds no per-window state, so a restart loses
-//! only the windows in flight to experts at that moment.
+//! the router itself keeps going. It holds no per-window state: a restart loses the
+//! windows in flight to experts at that moment, except that with an edge log a
+//! stream's window stays in the log's outbox until the router has its outcome
+//! (scored or failed), so a window lost to a node's crash is handed on again when the
+//! node restarts.
 //!
 //! Policies:
 //! - **static**: a fixed table from sensor stream to experts (by asset or modality);
@@ -45,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use dashmap::DashMap;
+use fogmesh_edge_log::EdgeLog;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -63,6 +67,8 @@ pub struct RouterArgs {
     pub shared: Arc<RouterShared>,
     pub replicas: Arc<Replicas>,
     pub annunciator: Annunciator,
+    /// The node's edge log, told each routed window's outcome so it leaves the outbox.
+    pub log: Option<EdgeLog>,
 }
 
 pub struct RouterState {
@@ -72,6 +78,7 @@ pub struct RouterState {
     shared: Arc<RouterShared>,
     replicas: Arc<Replicas>,
     annunciator: Annunciator,
+    log: Option<EdgeLog>,
 }
 
 /// Where a verdict goes.
@@ -103,6 +110,7 @@ impl Actor for Router {
             shared: args.shared,
             replicas: args.replicas,
             annunciator: args.annunciator,
+            log: args.log,
         })
     }
 
@@ -112,11 +120,14 @@ impl Actor for Router {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (window, destination) = match message {
-            RouterMsg::Route(window) => {
-                (window, Destination::Annunciator(state.annunciator.clone()))
-            }
-            RouterMsg::Score { window, reply } => (window, Destination::Caller(reply)),
+        // A stream's window is in the edge log's outbox until it has an outcome here.
+        let (window, destination, outbox) = match message {
+            RouterMsg::Route(window) => (
+                window,
+                Destination::Annunciator(state.annunciator.clone()),
+                state.log.clone(),
+            ),
+            RouterMsg::Score { window, reply } => (window, Destination::Caller(reply), None),
         };
         state.shared.enter();
         match state.dispatch(&window) {
@@ -126,9 +137,17 @@ impl Actor for Router {
                 tokio::spawn(async move {
                     let verdict = gather(&shared, &replicas, &window, pending).await;
                     deliver(&shared, verdict, destination);
+                    if let Some(log) = outbox {
+                        log.scored(&window.sensor_id, window.sequence);
+                    }
                 });
             }
-            Err(e) => deliver(&state.shared, Err(e), destination),
+            Err(e) => {
+                deliver(&state.shared, Err(e), destination);
+                if let Some(log) = outbox {
+                    log.scored(&window.sensor_id, window.sequence);
+                }
+            }
         }
         Ok(())
     }

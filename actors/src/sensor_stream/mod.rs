@@ -9,8 +9,10 @@
 //! log, a restarted stream (or a restarted node, after `kill -9` or a power cut) takes
 //! its position and the samples of its unfinished window back from the log, so it
 //! refuses a resend of an acknowledged sample as a duplicate and cuts the same next
-//! window; without one, the position lives in [`SensorStreamShared`], which the
-//! supervisor keeps, and the partial window is lost with the process.
+//! window; the first start in a process also hands on again the windows the log still
+//! holds without an outcome (cut before a crash, never scored). Without a log, the
+//! position lives in [`SensorStreamShared`], which the supervisor keeps, and the
+//! partial window is lost with the process.
 //!
 //! Accepting a batch, in order:
 //! 1. Sort the batch by sequence number; drop samples whose sequence was already
@@ -21,8 +23,9 @@
 //!    previous one and at most `max_clock_skew_ms` ahead of this node's clock). The first bad sample refuses the whole batch: nothing of it is
 //!    accepted, so the producer can fix and resend it as a unit.
 //! 3. Accept: flag quality on raw values, normalise, window.
-//! 4. With an edge log: append the raw samples and the position after them, and wait
-//!    for the commit. A commit that fails (disk full, I/O error) refuses the batch
+//! 4. With an edge log: append the raw samples, the windows they completed (to the
+//!    log's outbox, until their router has an outcome) and the position after them,
+//!    and wait for the commit. A commit that fails (disk full, I/O error) refuses the batch
 //!    ([`IngestError::NotStored`]) and puts quality tracker, normaliser and windower
 //!    back as they were, so a refused batch changes nothing here either.
 //! 5. Hand each completed window to the stream's router; only then is the batch
@@ -38,13 +41,13 @@ pub use interface::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fogmesh_edge_log::{Batch, EdgeLog, StreamPosition};
+use fogmesh_edge_log::{Batch, EdgeLog, ParkedWindow, StreamPosition};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::directory::NodeDirectory;
 use crate::error::IngestError;
 use crate::normalisation::Normaliser;
-use crate::quality::QualityTracker;
+use crate::quality::{QualityFlags, QualityTracker};
 use crate::router::interface::RouterMsg;
 use crate::sample::{Sample, Window};
 use crate::telemetry;
@@ -164,7 +167,25 @@ impl SensorStreamState {
                 self.next_window -= 1;
             }
         }
-        tracing::info!(sensor = %self.spec.id, next_sequence = position.next_sequence, windows = position.windows, unfinished, "stream resumed from the edge log");
+        // Cut before the process restarted and without an outcome since: handed on
+        // again, oldest first (an outcome lost with the process means scored twice, never
+        // not at all). After a restart of the actor alone they are still in flight.
+        let first_start = !self.shared.resumed.swap(true, Ordering::AcqRel);
+        let parked = if first_start { stored.parked.len() } else { 0 };
+        for window in stored.parked.into_iter().take(parked) {
+            let window = Window {
+                sensor_id: self.shared.id.clone(),
+                sequence: window.sequence,
+                start_us: window.start_us,
+                end_us: window.end_us,
+                channels: window.channels as usize,
+                length: window.length as usize,
+                values: window.values.into(),
+                quality: QualityFlags::from_bits(window.quality),
+            };
+            self.send(window);
+        }
+        tracing::info!(sensor = %self.spec.id, next_sequence = position.next_sequence, windows = position.windows, unfinished, parked, "stream resumed from the edge log");
         Ok(())
     }
 
@@ -215,7 +236,8 @@ impl SensorStreamState {
                 window_start,
                 skip: skip as u64,
             };
-            if let Err(source) = log.append(&self.shared.id, batch, position).await {
+            let parked: Vec<ParkedWindow> = windows.iter().map(park).collect();
+            if let Err(source) = log.append(&self.shared.id, batch, &parked, position).await {
                 self.quality = quality;
                 self.normaliser = normaliser;
                 self.windower = windower;
@@ -345,9 +367,14 @@ impl SensorStreamState {
         Some(window)
     }
 
+    /// Counts a window just cut and hands it to the stream's router.
     fn route(&self, window: Window) {
         self.shared.windows.fetch_add(1, Ordering::Relaxed);
         self.window_counter.increment(1);
+        self.send(window);
+    }
+
+    fn send(&self, window: Window) {
         match self.directory.router(&self.spec.router) {
             Some(router) => {
                 if let Err(e) = router.actor.cast(RouterMsg::Route(window)) {
@@ -358,5 +385,18 @@ impl SensorStreamState {
                 tracing::warn!(sensor = %self.spec.id, router = %self.spec.router, "router not running; window dropped");
             }
         }
+    }
+}
+
+/// A window as the edge log's outbox keeps it.
+fn park(window: &Window) -> ParkedWindow {
+    ParkedWindow {
+        sequence: window.sequence,
+        start_us: window.start_us,
+        end_us: window.end_us,
+        channels: window.channels as u32,
+        length: window.length as u32,
+        quality: u32::from(window.quality.bits()),
+        values: window.values.to_vec(),
     }
 }

@@ -1,15 +1,16 @@
 //! A node on an edge log, stopped and started again on the same folder: the second
-//! life refuses resends of what the first acknowledged, and finishes the window the
-//! first left unfinished with the samples the log kept, so every acknowledged sample
-//! is windowed once.
+//! life refuses resends of what the first acknowledged, finishes the window the first
+//! left unfinished with the samples the log kept, so every acknowledged sample is
+//! windowed once, and scores the windows the first cut but never scored.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fogmesh_actors::{Annunciator, Node, ScoredWindow};
+use fogmesh_actors::{Annunciator, Node, NodeSpec, ScoredWindow};
 use fogmesh_edge_log::EdgeLog;
 
-use crate::node::{samples, static_node, WINDOW};
+use crate::node::{eventually, samples, static_node, WINDOW};
 
 async fn scored_windows(
     rx: &mut tokio::sync::broadcast::Receiver<Arc<ScoredWindow>>,
@@ -94,4 +95,66 @@ async fn a_node_restarted_on_its_edge_log_refuses_resends_and_finishes_the_unfin
     let status = &node.snapshot().sensors[0];
     assert_eq!((status.windows, status.duplicates), (6, 8));
     node.shutdown(join).await;
+}
+
+/// The node whose router's expert runs nowhere: its windows wait for a replica.
+fn node_without_its_expert() -> NodeSpec {
+    let mut spec = static_node();
+    spec.remote_experts = std::mem::take(&mut spec.experts);
+    spec
+}
+
+#[test]
+fn windows_cut_before_a_crash_are_scored_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // First life: 20 samples cut windows 0 to 3, which wait for a replica of their
+    // expert when the process dies: its runtime goes with every task, no goodbye.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let log = EdgeLog::open(dir.path()).unwrap();
+        let (node, _join) = Node::start_with_log(
+            node_without_its_expert(),
+            Annunciator::new(64),
+            Some(log.clone()),
+        )
+        .await
+        .unwrap();
+        node.push("pump-1", samples(0..20)).await.unwrap();
+        assert_eq!(log.stats().parked.load(Ordering::Relaxed), 4);
+    });
+    first.shutdown_background();
+
+    // Second life, with the expert: the parked windows are scored, once each.
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let mut opened = None;
+        eventually(
+            Duration::from_secs(30),
+            "the dead process to let the log go",
+            || {
+                opened = EdgeLog::open(dir.path()).ok();
+                opened.is_some()
+            },
+        )
+        .await;
+        let log = opened.expect("opened");
+        let annunciator = Annunciator::new(64);
+        let mut scored = annunciator.subscribe();
+        let (node, join) = Node::start_with_log(static_node(), annunciator, Some(log.clone()))
+            .await
+            .unwrap();
+        let windows: Vec<(u64, i64)> = scored_windows(&mut scored, 4)
+            .await
+            .iter()
+            .map(|w| (w.window_sequence, w.start_us))
+            .collect();
+        assert_eq!(windows, vec![(0, 0), (1, 4_000), (2, 8_000), (3, 12_000)]);
+        eventually(Duration::from_secs(30), "the outbox to empty", || {
+            log.stats().parked.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        assert_eq!(node.snapshot().sensors[0].windows, 4);
+        node.shutdown(join).await;
+    });
 }

@@ -180,7 +180,7 @@ async fn a_bad_batch_is_refused_whole_and_accepted_data_stays() {
 }
 
 /// Polls `done` every few milliseconds until it holds, failing after `limit`.
-async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+pub async fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !done() {
         assert!(
