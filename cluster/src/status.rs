@@ -137,6 +137,9 @@ pub enum ServiceError {
         NODE_HEADER
     )]
     NameNotCertified { claimed: String, certified: String },
+    /// An upload whose sender went quiet: it gives its upload place back.
+    #[error("no chunk arrived for {seconds} s")]
+    UploadStalled { seconds: u64 },
     /// A TLS connection without a client certificate (the handshake asks for one).
     #[error("{method}: the connection carries no client certificate")]
     NoCertificate { method: String },
@@ -262,6 +265,7 @@ impl ServiceError {
             ServiceError::LinkRefused { .. } => Code::PermissionDenied,
             ServiceError::UnnamedPeer => Code::InvalidArgument,
             ServiceError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
+            ServiceError::UploadStalled { .. } => Code::DeadlineExceeded,
             ServiceError::NameNotCertified { .. }
             | ServiceError::SensorNotCertified { .. }
             | ServiceError::NoCertificate { .. }
@@ -350,6 +354,7 @@ impl ServiceError {
             ServiceError::SpecVersionExhausted { .. } => "spec_version_exhausted",
             ServiceError::NameNotCertified { .. } => "name_not_certified",
             ServiceError::NoCertificate { .. } => "no_certificate",
+            ServiceError::UploadStalled { .. } => "upload_stalled",
             ServiceError::NoIdentity { .. } => "no_identity",
             ServiceError::NotAllowed(_) => "role_not_allowed",
             ServiceError::SensorNotCertified { .. } => "sensor_not_certified",

@@ -211,10 +211,9 @@ async fn next_chunk(chunks: &mut Streaming<WeightChunk>) -> Result<Option<Weight
     tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.message())
         .await
         .unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "no chunk arrived for {} s",
-                UPLOAD_IDLE_TIMEOUT.as_secs()
-            )))
+            Err(Status::from(ServiceError::UploadStalled {
+                seconds: UPLOAD_IDLE_TIMEOUT.as_secs(),
+            }))
         })
 }
 
