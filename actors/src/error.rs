@@ -10,7 +10,7 @@ use fogmesh_models::ModelError;
 
 use fogmesh_models::torchscript::ScriptError;
 
-use crate::node_agent::Unanswered;
+use crate::node_agent::{Unanswered, Undelivered};
 
 /// A batch of samples refused by a [`crate::SensorStream`]. A refused batch is refused
 /// whole: none of its samples is accepted, and everything acknowledged before it stays.
@@ -157,10 +157,13 @@ pub enum Unavailability {
     Silent { replica: String, after: Duration },
     #[error("replica {replica} went away")]
     Gone { replica: String },
-    /// ractor could not send to the replica; its error is generic over the message
-    /// type, so its text is kept.
-    #[error("replica {replica}: {reason}")]
-    NotDelivered { replica: String, reason: String },
+    /// ractor could not send to the replica.
+    #[error("replica {replica}: {source}")]
+    NotDelivered {
+        replica: String,
+        #[source]
+        source: Undelivered,
+    },
     #[error("no replica on any node within {0:?}")]
     NoReplica(Duration),
     #[error("malformed reply of {bytes} bytes")]

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::Code;
 
-use crate::latency_histogram;
+use crate::{latency_histogram, not_positive};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -228,14 +228,12 @@ fn issue(
 
 /// Runs both phases and reports.
 pub async fn run(options: &BenchFloodOptions) -> Result<BenchFloodReport, BenchFloodError> {
-    for (what, value) in [
+    if let Some((what, value)) = not_positive(&[
         ("--seconds", options.seconds),
         ("--quiet-rate", options.quiet_rate as f64),
         ("--flood-limit", options.flood_limit as f64),
-    ] {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(BenchFloodError::Option { what, value });
-        }
+    ]) {
+        return Err(BenchFloodError::Option { what, value });
     }
     let dir = tempfile::tempdir()?;
     let ca = MeshCa::init(&dir.path().join("ca"), "flood-bench")?;

@@ -28,7 +28,7 @@ use fogmesh_models::AutoencoderConfig;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::latency_histogram;
+use crate::{latency_histogram, not_positive};
 
 /// Samples per window (and per stride): one window per this many samples of a stream.
 const WINDOW: usize = 256;
@@ -250,14 +250,12 @@ fn ms(latency: &Histogram<u64>, quantile: f64) -> f64 {
 
 /// Runs the durable phase, then the in-memory one, and reports both.
 pub async fn run(options: &BenchIngestOptions) -> Result<BenchIngestReport, BenchIngestError> {
-    for (what, value) in [
+    if let Some((what, value)) = not_positive(&[
         ("--seconds", options.seconds),
         ("--sensors", options.sensors as f64),
         ("--batch", options.batch as f64),
-    ] {
-        if !(value.is_finite() && value > 0.0) {
-            return Err(BenchIngestError::Option { what, value });
-        }
+    ]) {
+        return Err(BenchIngestError::Option { what, value });
     }
     let temporary = tempfile::tempdir()?;
     let dir: &Path = options.dir.as_deref().unwrap_or(temporary.path());

@@ -18,6 +18,14 @@ pub mod training_speed;
 pub mod w1;
 pub mod w1_remote;
 
+/// The first of a workload's numeric options that is not a positive finite number.
+pub(crate) fn not_positive(options: &[(&'static str, f64)]) -> Option<(&'static str, f64)> {
+    options
+        .iter()
+        .copied()
+        .find(|(_, value)| !(value.is_finite() && *value > 0.0))
+}
+
 /// A latency histogram in microseconds, 1 µs to one minute at three significant
 /// digits. Fixed bounds on purpose: hdrhistogram's auto-resizing `new` starts with a
 /// range of about two milliseconds, and `saturating_record` clamps to that range

@@ -391,7 +391,7 @@ fn commit(
             .set_durability(redb::Durability::None)
             .map_err(EdgeLogError::commit)?;
     }
-    let mut trimmed: Vec<(Arc<str>, usize)> = Vec::new();
+    let mut trimmed: HashMap<Arc<str>, usize> = HashMap::new();
     let mut samples_written = 0u64;
     let (mut parked_added, mut parked_removed) = (0u64, 0u64);
     {
@@ -425,10 +425,7 @@ fn commit(
             // Batches wholly before the unfinished window are windowed: drop them.
             // Several appends of one stream in a group trim against the latest.
             let keep_from = append.position.keep_from();
-            let already = trimmed
-                .iter()
-                .find(|(s, _)| s == &append.sensor)
-                .map_or(0, |(_, n)| *n);
+            let already = trimmed.get(&append.sensor).copied().unwrap_or(0);
             let stored = batches.get(&append.sensor);
             let stale: Vec<u64> = stored
                 .into_iter()
@@ -442,10 +439,7 @@ fn commit(
                     .remove((sensor, *first))
                     .map_err(EdgeLogError::commit)?;
             }
-            match trimmed.iter_mut().find(|(s, _)| s == &append.sensor) {
-                Some((_, n)) => *n += stale.len(),
-                None => trimmed.push((append.sensor.clone(), stale.len())),
-            }
+            *trimmed.entry(append.sensor.clone()).or_default() += stale.len();
         }
     }
     write.commit().map_err(EdgeLogError::commit)?;

@@ -53,7 +53,7 @@ use crate::annunciator::{Annunciator, ScoredWindow};
 use crate::directory::LearnerHandle;
 use crate::error::SpawnFault;
 use crate::expert::{ExpertSpec, ModelSource};
-use crate::node_agent::{Node, Unanswered};
+use crate::node_agent::{Node, Unanswered, Undelivered};
 use crate::telemetry;
 
 /// Windows the forwarding task may have queued in the learner's mailbox; beyond it,
@@ -674,7 +674,7 @@ impl LearnerHandle {
                 expert: self.shared.expert.to_string(),
                 source: Unanswered::NotDelivered {
                     callee: "learner",
-                    reason: e.to_string(),
+                    source: Undelivered::from(&e),
                 },
             }),
         }

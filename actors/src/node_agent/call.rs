@@ -20,13 +20,35 @@ pub enum Unanswered {
     },
     #[error("the {callee} stopped before answering")]
     Stopped { callee: &'static str },
-    /// ractor could not deliver the message (the mailbox is closed); its error is
-    /// generic over the message type, so its text is kept.
-    #[error("the {callee} could not be asked: {reason}")]
+    /// ractor could not deliver the message.
+    #[error("the {callee} could not be asked: {source}")]
     NotDelivered {
         callee: &'static str,
-        reason: String,
+        #[source]
+        source: Undelivered,
     },
+}
+
+/// Why ractor could not deliver a message: its `MessagingErr` without the message it
+/// holds, so that it can be cloned and compared like the errors that carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Undelivered {
+    #[error("the actor's mailbox is closed: the actor is likely stopped")]
+    MailboxClosed,
+    #[error("the channel is closed")]
+    ChannelClosed,
+    #[error("the actor is not of the type the message is for")]
+    WrongActorType,
+}
+
+impl<T> From<&ractor::MessagingErr<T>> for Undelivered {
+    fn from(error: &ractor::MessagingErr<T>) -> Self {
+        match error {
+            ractor::MessagingErr::SendErr(_) => Undelivered::MailboxClosed,
+            ractor::MessagingErr::ChannelClosed => Undelivered::ChannelClosed,
+            ractor::MessagingErr::InvalidActorType => Undelivered::WrongActorType,
+        }
+    }
 }
 
 /// Asks an actor and waits at most [`CALL_TIMEOUT`], folding ractor's ways of not
@@ -68,7 +90,7 @@ where
         Ok(ractor::rpc::CallResult::SenderError) => Err(Unanswered::Stopped { callee }),
         Err(e) => Err(Unanswered::NotDelivered {
             callee,
-            reason: e.to_string(),
+            source: Undelivered::from(&e),
         }),
     }
 }

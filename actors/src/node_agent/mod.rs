@@ -10,6 +10,6 @@ mod node;
 mod spec;
 
 pub use agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeAgentState, ReconcileReport};
-pub use call::{Unanswered, CALL_TIMEOUT};
+pub use call::{Unanswered, Undelivered, CALL_TIMEOUT};
 pub use node::{ExpertSnapshot, Node, NodeSnapshot, RouterSnapshot, SensorSnapshot};
 pub use spec::{NodeSpec, RestartPolicy};

@@ -57,6 +57,7 @@ use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
 use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
+use crate::node_agent::Undelivered;
 use crate::sample::Window;
 use crate::telemetry;
 
@@ -381,7 +382,7 @@ impl Replicas {
             }
             Err(e) => Err(unavailable(Unavailability::NotDelivered {
                 replica,
-                reason: e.to_string(),
+                source: Undelivered::from(&e),
             })),
         }
     }

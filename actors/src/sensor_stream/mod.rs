@@ -206,18 +206,19 @@ impl SensorStreamState {
             self.refused(total, &e);
             return Err(e);
         }
-        let stored = match &self.log {
-            Some(log) => Batch::encode(&fresh).map(|batch| (log.clone(), batch)),
+        // With a log, what the batch changes is kept to put back if the commit fails.
+        let durable = match &self.log {
+            Some(log) => Batch::encode(&fresh).map(|batch| {
+                let before = (
+                    self.quality.clone(),
+                    self.normaliser.clone(),
+                    self.windower.clone(),
+                    self.next_window,
+                );
+                (log.clone(), batch, before)
+            }),
             None => None,
         };
-        let before = stored.as_ref().map(|_| {
-            (
-                self.quality.clone(),
-                self.normaliser.clone(),
-                self.windower.clone(),
-                self.next_window,
-            )
-        });
         let mut windows = Vec::new();
         for sample in &mut fresh {
             windows.extend(self.window(sample));
@@ -225,9 +226,7 @@ impl SensorStreamState {
         let Some(last) = fresh.last() else {
             return Ok(self.acknowledge(0, duplicates));
         };
-        if let (Some((log, batch)), Some((quality, normaliser, windower, next_window))) =
-            (stored, before)
-        {
+        if let Some((log, batch, (quality, normaliser, windower, next_window))) = durable {
             let (window_start, skip) = self.windower.resume_point();
             let position = StreamPosition {
                 next_sequence: last.sequence.saturating_add(1),

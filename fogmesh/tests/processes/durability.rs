@@ -6,9 +6,8 @@
 //!
 //! CI runs [`KILLS_IN_CI`] kills; `just soak` runs the 100 of the issue.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use fogmesh_proto::control_client::ControlClient;
@@ -19,7 +18,7 @@ use fogmesh_tests::{
 };
 use fogmesh_trust::Role;
 
-use crate::fixtures::{fogmesh_binary, free_port_on, poll};
+use crate::fixtures::{free_port_on, poll, spawn_node};
 
 const KILLS_IN_CI: u64 = 10;
 
@@ -55,21 +54,7 @@ struct DurableNode {
 
 impl DurableNode {
     fn start(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("the log file opens");
-        self.child = Some(
-            Command::new(fogmesh_binary())
-                .args(["node", "--config"])
-                .arg(&self.config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("the fogmesh binary starts"),
-        );
+        self.child = Some(spawn_node(&self.config, &self.log, "info"));
     }
 
     /// `kill -9`: no goodbye, no flush, no chance to finish a commit.

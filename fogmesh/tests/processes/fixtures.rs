@@ -41,6 +41,23 @@ pub fn free_port_on(ip: &str) -> u16 {
     }
 }
 
+/// `fogmesh node --config CONFIG`, its log appended to `log`.
+pub fn spawn_node(config: &Path, log: &Path, rust_log: &str) -> Child {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("the log file opens");
+    Command::new(fogmesh_binary())
+        .args(["node", "--config"])
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the fogmesh binary starts")
+}
+
 /// One `fogmesh node` process, killed when dropped. Every node of a test folder has
 /// a certificate of the folder's test CA (`pki/`), as a node in a plant has.
 pub struct MeshNode {
@@ -116,20 +133,7 @@ impl MeshNode {
     /// folder); its log goes on in the same file.
     pub fn restart(&mut self) {
         self.kill();
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("the log file opens");
-        let child = Command::new(fogmesh_binary())
-            .args(["node", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info,chitchat=error")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("the fogmesh binary starts");
-        self.child = Some(child);
+        self.child = Some(spawn_node(&self.config, &self.log, "info,chitchat=error"));
     }
 
     pub fn url(&self) -> String {
