@@ -93,6 +93,16 @@ pub enum IngestError {
         router: String,
         in_flight: usize,
     },
+    /// The stream's outbox holds as many windows waiting for an expert as its capacity
+    /// allows, and its policy is to refuse: the producer keeps the samples and sends
+    /// them again once experts have drained the outbox.
+    #[error("sensor `{sensor_id}`: its outbox holds {windows} windows ({bytes} bytes) waiting for an expert; the batch would take it past outbox.max_bytes_per_sensor = {limit}; send again once they are scored")]
+    OutboxFull {
+        sensor_id: String,
+        windows: u64,
+        bytes: u64,
+        limit: u64,
+    },
 }
 
 /// Why a window could not be scored.
@@ -188,6 +198,7 @@ impl IngestError {
             IngestError::NotStored { .. } => "not_stored",
             IngestError::RateExceeded { .. } => "rate_exceeded",
             IngestError::RouterBusy { .. } => "router_busy",
+            IngestError::OutboxFull { .. } => "outbox_full",
         }
     }
 }
@@ -209,6 +220,19 @@ impl ScoreError {
             ScoreError::RouterBusy { .. } => "router_busy",
             ScoreError::ExpertBusy { .. } => "expert_busy",
         }
+    }
+
+    /// Whether the same window may be scored later: the experts or the router were out
+    /// of reach or full, not wrong about the window.
+    pub fn worth_retrying(&self) -> bool {
+        matches!(
+            self,
+            ScoreError::ExpertUnavailable { .. }
+                | ScoreError::UnknownRouter { .. }
+                | ScoreError::RouterUnavailable { .. }
+                | ScoreError::RouterBusy { .. }
+                | ScoreError::ExpertBusy { .. }
+        )
     }
 }
 

@@ -30,7 +30,9 @@ pub mod sensor_stream;
 pub mod telemetry;
 pub mod windowing;
 
-pub use annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
+pub use annunciator::{
+    Annunciator, ExpertOpinion, JournaledOpinion, JournaledVerdict, ScoredWindow,
+};
 pub use continual_learner::{
     ContinualLearner, ContinualLearnerMsg, LearnerError, LearnerSnapshot, LearningSpec,
     LocalPromoter, PromoteError, Promoter, RoundReport, RunningLearner,
@@ -57,7 +59,7 @@ pub use router::{
 };
 pub use sample::{Sample, Window};
 pub use sensor_stream::{
-    PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS,
-    DEFAULT_MAX_RATE, DEFAULT_MAX_SEQUENCE_GAP,
+    EdgeStorage, OutboxLimits, PushOutcome, SensorStream, SensorStreamMsg, SensorStreamSpec,
+    WhenFull, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_RATE, DEFAULT_MAX_SEQUENCE_GAP, PIPELINE,
 };
 pub use windowing::Windower;

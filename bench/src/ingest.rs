@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::{
-    Annunciator, BatchingSpec, ExpertSpec, ModelSource, Node, NodeSpec, NormalisationSpec,
-    QualityRules, RestartPolicy, RouterSpec, RoutingPolicy, Sample, SensorStreamSpec,
-    DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_SEQUENCE_GAP,
+    Annunciator, BatchingSpec, EdgeStorage, ExpertSpec, ModelSource, Node, NodeSpec,
+    NormalisationSpec, OutboxLimits, QualityRules, RestartPolicy, RouterSpec, RoutingPolicy,
+    Sample, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS, DEFAULT_MAX_SEQUENCE_GAP,
 };
 use fogmesh_edge_log::{EdgeLog, EdgeLogError};
 use fogmesh_models::AutoencoderConfig;
@@ -198,7 +198,10 @@ async fn phase(log: EdgeLog, options: &BenchIngestOptions) -> Result<Phase, Benc
     let (node, join) = Node::start_with_log(
         node_spec(options.sensors),
         Annunciator::new(1024),
-        Some(log.clone()),
+        Some(EdgeStorage {
+            log: log.clone(),
+            limits: OutboxLimits::default(),
+        }),
     )
     .await?;
     let measuring = Arc::new(AtomicBool::new(false));

@@ -16,6 +16,7 @@
 //! Architecture invariant: this crate owns no actor logic; it validates what arrives
 //! from the network, hands it to a [`fogmesh_actors::Node`] and maps the answer back.
 
+pub mod alert_journal;
 pub mod authorization;
 pub mod capabilities;
 pub mod cluster_key;
@@ -33,6 +34,7 @@ pub mod metrics_endpoint;
 pub mod model_seal;
 pub mod model_store;
 mod mqtt;
+mod mqtt_alerts;
 pub mod peer_links;
 pub mod placement;
 pub mod rollout;

@@ -217,6 +217,8 @@ impl MeshSpec {
                 models: places.models.as_ref().map(|s| s.root().to_path_buf()),
                 minilm: places.minilm.clone(),
                 edge_log: None,
+                outbox: Default::default(),
+                alerts: Default::default(),
             },
             limits: Limits::default(),
             experts: experts.iter().map(|e| e.config.clone()).collect(),

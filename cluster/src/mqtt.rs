@@ -81,7 +81,8 @@ struct Topics {
     broker: String,
 }
 
-/// Runs ingest from one broker until `shutdown` is cancelled.
+/// Runs ingest from one broker until `shutdown` is cancelled. (Alerts go out on a
+/// connection of their own: [`crate::mqtt_alerts`].)
 ///
 /// Cancel safety: cancel-safe in that every message is answered or left unread; a
 /// cancelled task does not send its DISCONNECT, so the broker notices through the keep
@@ -102,28 +103,10 @@ pub(crate) async fn run(
         broker: format!("{}:{}", config.host, config.port()),
     };
     let filter = format!("{prefix}/ingest/+");
-    let mut options = MqttOptions::new(
-        config.client_id(&node_name, index),
-        config.host.clone(),
-        config.port(),
-    );
-    if let Some(tls) = broker.tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    }
-    if let Some(username) = &config.username {
-        let password = broker
-            .password
-            .as_ref()
-            .map_or("", |p| p.expose())
-            .to_string();
-        options.set_credentials(username.clone(), password);
-    }
-    options.set_keep_alive(KEEP_ALIVE);
-    options.set_clean_session(true);
     let max_packet = max_message_bytes
         .saturating_mul(2)
         .saturating_add(PACKET_HEADROOM);
-    options.set_max_packet_size(max_packet, max_packet);
+    let options = connect_options(&broker, config.client_id(&node_name, index), max_packet);
     let (client, mut events) = AsyncClient::new(options, OUTGOING_QUEUE);
     let mut backoff = RECONNECT.build();
     loop {
@@ -177,6 +160,34 @@ pub(crate) async fn run(
         };
         let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, sent).await;
     }
+}
+
+/// A clean session to `broker` as `client_id`: its TLS and credentials, the keep
+/// alive, packets up to `max_packet` bytes both ways.
+pub(crate) fn connect_options(
+    broker: &MqttBroker,
+    client_id: String,
+    max_packet: usize,
+) -> MqttOptions {
+    let config = &broker.config;
+    let mut options = MqttOptions::new(client_id, config.host.clone(), config.port());
+    if let Some(tls) = &broker.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.clone(),
+        )));
+    }
+    if let Some(username) = &config.username {
+        let password = broker
+            .password
+            .as_ref()
+            .map_or("", |p| p.expose())
+            .to_string();
+        options.set_credentials(username.clone(), password);
+    }
+    options.set_keep_alive(KEEP_ALIVE);
+    options.set_clean_session(true);
+    options.set_max_packet_size(max_packet, max_packet);
+    options
 }
 
 /// Pushes one message and publishes its ack or error.

@@ -36,9 +36,10 @@ use std::time::Duration;
 
 use fogmesh_actors::replay::replay;
 use fogmesh_actors::{
-    Annunciator, ContinualLearner, LearnerError, LocalPromoter, Node, RunningLearner, SpecError,
+    Annunciator, ContinualLearner, EdgeStorage, LearnerError, LocalPromoter, Node, RunningLearner,
+    SpecError,
 };
-use fogmesh_edge_log::EdgeLog;
+use fogmesh_edge_log::{EdgeLog, EdgeLogOptions};
 use fogmesh_models::store::ModelStore;
 use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
@@ -61,7 +62,7 @@ use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
 use crate::model_store::ModelStoreService;
 use crate::services::{MeshView, NodeServices};
-use crate::{mqtt, telemetry};
+use crate::{mqtt, mqtt_alerts, telemetry};
 
 /// Scored windows a `WatchAlerts` subscriber may fall behind before it skips some
 /// (the capacity of the annunciator [`NodeServer::start`] creates).
@@ -186,20 +187,32 @@ impl NodeServer {
         }
         let spec = config.to_node_spec_with(&places)?;
         let replays = config.replay_jobs()?;
-        let log = match &config.node.edge_log {
-            Some(folder) => Some(EdgeLog::open(&config.resolve(folder)).map_err(|source| {
-                ServeError::EdgeLog {
-                    node: config.node.name.clone(),
-                    source,
-                }
-            })?),
+        let log_options = EdgeLogOptions {
+            journal_retention: config.node.alerts.retention,
+        };
+        let log_error = |source| ServeError::EdgeLog {
+            node: config.node.name.clone(),
+            source,
+        };
+        let storage = match &config.node.edge_log {
+            Some(folder) => Some(EdgeStorage {
+                log: EdgeLog::open_with(&config.resolve(folder), log_options).map_err(log_error)?,
+                limits: config.outbox_limits(),
+            }),
             None => {
                 if !spec.sensors.is_empty() {
-                    tracing::warn!(node = %config.node.name, "no [node] edge_log: acknowledged samples are held in memory only, and a crash loses those of unfinished windows");
+                    tracing::warn!(node = %config.node.name, "no [node] edge_log: acknowledged samples are held in memory only, and a crash loses those of unfinished windows and the alerts kept for subscribers");
                 }
                 None
             }
         };
+        // Alerts are journaled in the edge log, or in memory without one: subscribers
+        // resume from a cursor either way, across a restart only with the log.
+        let journal = match &storage {
+            Some(storage) => storage.log.clone(),
+            None => EdgeLog::in_memory_with(log_options).map_err(log_error)?,
+        };
+        let annunciator = annunciator.with_journal(journal, config.node.alerts.journal_verdicts);
         let tls = match config.tls {
             Some(_) => configured,
             None => config.tls()?,
@@ -222,13 +235,12 @@ impl NodeServer {
             })
             .collect();
         let spec_for_mesh = spec.clone();
-        let (node, node_join) =
-            Node::start_with_log(spec, annunciator, log)
-                .await
-                .map_err(|source| ServeError::Node {
-                    node: config.node.name.clone(),
-                    source: Box::new(source),
-                })?;
+        let (node, node_join) = Node::start_with_log(spec, annunciator, storage)
+            .await
+            .map_err(|source| ServeError::Node {
+                node: config.node.name.clone(),
+                source: Box::new(source),
+            })?;
         let learners = match start_learners(places.models.clone(), &node, learning).await {
             Ok(learners) => learners,
             Err(source) => {
@@ -345,6 +357,15 @@ impl NodeServer {
         let mut sources = Vec::new();
         let mqtt_ingest = Ingestor::new(node.clone(), limits, telemetry::TRANSPORT_MQTT);
         for (index, broker) in brokers.into_iter().enumerate() {
+            if let (true, Some((log, _))) = (broker.config.alerts, node.annunciator.journal()) {
+                sources.push(tokio::spawn(mqtt_alerts::run(
+                    broker.clone(),
+                    config.node.name.clone(),
+                    index,
+                    log.clone(),
+                    shutdown.clone(),
+                )));
+            }
             sources.push(tokio::spawn(mqtt::run(
                 broker,
                 config.node.name.clone(),

@@ -9,11 +9,15 @@
 //!   is pushed whole or not at all: server shutdown only ends the stream between
 //!   batches.
 //! - `Inference.Score`: checks the window's shape and values, then asks the router.
-//! - `Inference.WatchAlerts`: the annunciator's anomalous windows (every scored window
-//!   with `include_normal`), filtered by sensor.
-//!   A subscriber that falls behind skips what it missed (logged and counted in
-//!   `fogmesh_alert_watch_skipped_total`); the annunciator never waits for it, so a slow
-//!   client cannot slow the routers down.
+//! - `Inference.WatchAlerts`: the node's alerts (every scored window with
+//!   `include_normal`), filtered by sensor, read from the alert journal from the
+//!   subscriber's cursor on (see [`crate::alert_journal`]): a subscriber that was away
+//!   or slow reads on where it left, and one that fell behind the journal's retention
+//!   gets a gap marker. With `include_normal` on a node that journals alerts only, the
+//!   annunciator's live windows instead, without cursors: a subscriber that falls
+//!   behind then skips what it missed (logged and counted in
+//!   `fogmesh_alert_watch_skipped_total`). Either way the annunciator never waits for a
+//!   subscriber, so a slow client cannot slow the routers down.
 //! - `Control.GetStatus`: the node's snapshot, read without messaging any actor, with
 //!   its capabilities (probed at start), current load and continual learners.
 //! - `Control.Apply`: a mesh spec, parsed, checked and placed on the usable nodes before
@@ -31,7 +35,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use fogmesh_actors::{ExpertOpinion, Node, ScoredWindow, Window};
+use fogmesh_actors::{ExpertOpinion, Node, Window};
 use fogmesh_proto::control_server::Control;
 use fogmesh_proto::inference_server::Inference;
 use fogmesh_proto::ingest_server::Ingest;
@@ -52,6 +56,7 @@ use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::alert_journal::{self, live_alert, JournalFilter};
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
 use crate::deployment::{candidates, place_new, DeploymentState};
@@ -223,28 +228,6 @@ fn expert_score(opinion: &ExpertOpinion) -> ExpertScore {
     }
 }
 
-fn alert(window: &ScoredWindow) -> Alert {
-    use fogmesh_actors::QualityFlag as Flag;
-    use fogmesh_proto::QualityFlag as WireFlag;
-    Alert {
-        sensor_id: window.sensor_id.to_string(),
-        window_sequence: window.window_sequence,
-        window_start_us: window.start_us,
-        window_end_us: window.end_us,
-        score: window.score,
-        experts: window.experts.iter().map(expert_score).collect(),
-        quality: window
-            .quality
-            .iter()
-            .map(|flag| match flag {
-                Flag::OutOfRange => WireFlag::OutOfRange,
-                Flag::Stuck => WireFlag::Stuck,
-                Flag::Gap => WireFlag::Gap,
-            } as i32)
-            .collect(),
-    }
-}
-
 #[tonic::async_trait]
 impl Ingest for NodeServices {
     async fn push(&self, request: Request<SampleBatch>) -> Result<Response<IngestAck>, Status> {
@@ -316,17 +299,30 @@ impl Inference for NodeServices {
     ) -> Result<Response<Self::WatchAlertsStream>, Status> {
         let filter = request.into_inner();
         let include_normal = filter.include_normal;
+        let from_cursor = filter.from_cursor;
         let sensors = self.alert_filter(filter).map_err(|e| {
             count_inference_rejection("watch_alerts", &e);
             Status::from(e)
         })?;
         let shutdown = self.inner.shutdown.clone();
+        if let Some((log, verdicts)) = self.inner.node.annunciator.journal() {
+            if verdicts || !include_normal {
+                let filter = JournalFilter {
+                    sensors,
+                    include_normal,
+                };
+                let alerts = alert_journal::tail(log.clone(), from_cursor, filter)
+                    .map(|item| item.map_err(Status::from))
+                    .take_until(shutdown.cancelled_owned());
+                return Ok(Response::new(Box::pin(alerts)));
+            }
+        }
         let alerts = BroadcastStream::new(self.inner.node.annunciator.subscribe())
             .filter_map(move |window| {
                 let alert = match window {
                     Ok(window) => ((include_normal || window.anomalous)
                         && (sensors.is_empty() || sensors.contains(&*window.sensor_id)))
-                    .then(|| Ok(alert(&window))),
+                    .then(|| Ok(live_alert(&window))),
                     Err(BroadcastStreamRecvError::Lagged(skipped)) => {
                         tracing::warn!(
                             skipped,
@@ -579,6 +575,8 @@ impl Control for NodeServices {
                     windows: s.windows,
                     // 0 before the first sample; `accepted` tells the two apart.
                     last_sequence: s.acked_through.unwrap_or_default(),
+                    parked: s.parked,
+                    dropped: s.dropped,
                 })
                 .collect(),
             routers: snapshot

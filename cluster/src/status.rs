@@ -140,6 +140,9 @@ pub enum ServiceError {
     /// An upload whose sender went quiet: it gives its upload place back.
     #[error("no chunk arrived for {seconds} s")]
     UploadStalled { seconds: u64 },
+    /// The node's alert journal could not be read (the edge log's file failed).
+    #[error("the alert journal cannot be read: {0}")]
+    Journal(#[source] fogmesh_edge_log::EdgeLogError),
     /// A TLS connection without a client certificate (the handshake asks for one).
     #[error("{method}: the connection carries no client certificate")]
     NoCertificate { method: String },
@@ -266,6 +269,7 @@ impl ServiceError {
             ServiceError::UnnamedPeer => Code::InvalidArgument,
             ServiceError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
             ServiceError::UploadStalled { .. } => Code::DeadlineExceeded,
+            ServiceError::Journal(_) => Code::Unavailable,
             ServiceError::NameNotCertified { .. }
             | ServiceError::SensorNotCertified { .. }
             | ServiceError::NoCertificate { .. }
@@ -283,9 +287,9 @@ impl ServiceError {
                 IngestError::StreamUnavailable { .. } | IngestError::NotStored { .. } => {
                     Code::Unavailable
                 }
-                IngestError::RateExceeded { .. } | IngestError::RouterBusy { .. } => {
-                    Code::ResourceExhausted
-                }
+                IngestError::RateExceeded { .. }
+                | IngestError::RouterBusy { .. }
+                | IngestError::OutboxFull { .. } => Code::ResourceExhausted,
             },
             ServiceError::Score(e) => match e {
                 ScoreError::NoRoute { .. }
@@ -355,6 +359,7 @@ impl ServiceError {
             ServiceError::NameNotCertified { .. } => "name_not_certified",
             ServiceError::NoCertificate { .. } => "no_certificate",
             ServiceError::UploadStalled { .. } => "upload_stalled",
+            ServiceError::Journal(_) => "journal_unreadable",
             ServiceError::NoIdentity { .. } => "no_identity",
             ServiceError::NotAllowed(_) => "role_not_allowed",
             ServiceError::SensorNotCertified { .. } => "sensor_not_certified",

@@ -264,6 +264,8 @@ pub fn render(
             "REJECTED",
             "DUPLICATES",
             "WINDOWS",
+            "PARKED",
+            "DROPPED",
         ]);
         for s in &status.sensors {
             sensors.add_row([
@@ -273,9 +275,11 @@ pub fn render(
                 s.rejected.to_string(),
                 s.duplicates.to_string(),
                 s.windows.to_string(),
+                s.parked.to_string(),
+                s.dropped.to_string(),
             ]);
         }
-        let _ = writeln!(out, "\n{}", plain(&mut sensors, &[1, 2, 3, 4, 5]));
+        let _ = writeln!(out, "\n{}", plain(&mut sensors, &[1, 2, 3, 4, 5, 6, 7]));
     }
     out
 }

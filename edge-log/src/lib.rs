@@ -10,9 +10,16 @@
 //! position back and the samples of its unfinished window, so it refuses a resend of
 //! an acknowledged sample as a duplicate and windows every acknowledged sample once.
 //!
-//! The windows a batch completes are kept too, in the log's outbox, until their router
-//! has an outcome for them ([`EdgeLog::scored`]): a window cut before a crash and not
-//! yet scored is handed on again after the restart.
+//! The windows a batch completes are kept too, in the log's outbox, until they have an
+//! outcome ([`EdgeLog::scored`]): a window that cannot be scored now (no expert
+//! reachable) or was cut before a crash waits there and is scored later, oldest first.
+//! Each sensor's outbox is measured ([`EdgeLog::outbox`]) so its stream can refuse new
+//! samples when it is full, or have the oldest windows dropped (`make_room`), each drop
+//! counted.
+//!
+//! The journal keeps the node's alerts under increasing cursors, so a subscriber that
+//! was away reads on from where it left ([`EdgeLog::journal_page`]) and learns exactly
+//! what was trimmed before it came back.
 //!
 //! Samples a stream has windowed are trimmed in the same commits: the log holds what a
 //! restart needs, not a history.
@@ -20,7 +27,11 @@
 mod error;
 mod log;
 mod record;
+mod writer;
 
 pub use error::EdgeLogError;
-pub use log::{Batch, EdgeLog, EdgeLogStats, StreamLog, MAX_GROUP};
+pub use log::{
+    Appended, Batch, EdgeLog, EdgeLogOptions, EdgeLogStats, JournalMark, JournalPage, OutboxUsage,
+    StreamLog, DEFAULT_JOURNAL_RETENTION, MAX_GROUP,
+};
 pub use record::{ParkedWindow, Sample, StreamPosition};

@@ -1,50 +1,66 @@
-//! [`EdgeLog`]: the redb file, its writer thread and the group commit.
+//! [`EdgeLog`]: the redb file and what a node asks of it. Every write goes through
+//! the writer thread ([`crate::writer`]); reads open their own read transactions.
 //!
-//! Three tables: `samples`, keyed by (sensor, first sequence of the batch), holding
+//! Five tables: `samples`, keyed by (sensor, first sequence of the batch), holding
 //! batches as a stream accepted them; `streams`, keyed by sensor, holding its
 //! [`StreamPosition`]; `outbox`, keyed by (sensor, window sequence), holding the
-//! windows the batch completed until their router has an outcome for them
-//! ([`EdgeLog::scored`]). A batch, its windows and its stream's position go in the same
-//! transaction, so after a crash the position never runs ahead of, or behind, the
-//! samples on disk, and no window the position counts as cut is missing.
-//!
-//! The writer thread owns every write. It takes the first append waiting, then every
-//! other append already queued (at most [`MAX_GROUP`]), writes them in one transaction
-//! and commits it with redb's default durability (fsync before the commit returns);
-//! then it answers each append. While it waits for the disk, new appends queue up and
-//! go in the next group, so the fsyncs per second stay bounded by the disk, not by the
-//! number of producers. A failed commit answers every append of its group with the
-//! error and changes nothing: each stream refuses that batch. Outcomes of windows
-//! ([`EdgeLog::scored`]) ride in the next group; a group of outcomes alone commits
-//! without an fsync (redb's `Durability::None`, made durable by the next commit that
-//! has one), since losing one to a crash only means the window is scored again.
+//! windows cut and without an outcome yet ([`EdgeLog::scored`]); `journal`, keyed by
+//! cursor, holding the node's alerts (and, on request, every verdict) for subscribers
+//! to read from any cursor still retained; `cursors`, keyed by consumer name, holding
+//! how far a durable consumer (an MQTT publisher) has read the journal. A batch, its
+//! windows and its stream's position go in the same transaction, so after a crash the
+//! position never runs ahead of, or behind, the samples on disk, and no window the
+//! position counts as cut is missing.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc, Mutex};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use tokio::sync::oneshot;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use tokio::sync::{oneshot, watch};
 
 use crate::error::EdgeLogError;
 use crate::record::{
-    decode_batch, decode_position, decode_window, encode_batch, encode_position, encode_window,
-    last_sequence, ParkedWindow, Sample, StreamPosition,
+    decode_batch, decode_position, decode_window, encode_batch, encode_window, ParkedWindow,
+    Sample, StreamPosition,
 };
+use crate::writer::{Append, Job, Writer};
 
-const SAMPLES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("samples");
-const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
-const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
+pub(crate) const SAMPLES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("samples");
+pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+pub(crate) const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
+pub(crate) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
+pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 
-/// Most appends one transaction takes: a bound on the group's memory and on how long
+/// Most jobs one transaction takes: a bound on the group's memory and on how long
 /// the first append of a group waits for the rest to be written.
 pub const MAX_GROUP: usize = 1024;
+
+/// How the log is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeLogOptions {
+    /// Journal entries kept; older ones are trimmed as new ones arrive, and a
+    /// subscriber asking for a trimmed cursor is told what it missed.
+    pub journal_retention: u64,
+}
+
+/// Alerts a node keeps for subscribers that were away: at a few hundred bytes each,
+/// tens of megabytes.
+pub const DEFAULT_JOURNAL_RETENTION: u64 = 100_000;
+
+impl Default for EdgeLogOptions {
+    fn default() -> Self {
+        EdgeLogOptions {
+            journal_retention: DEFAULT_JOURNAL_RETENTION,
+        }
+    }
+}
 
 /// What the edge log has done since it opened.
 #[derive(Debug, Default)]
 pub struct EdgeLogStats {
-    /// Transactions committed: one fsync each on a file-backed log.
+    /// Transactions committed with an fsync (on a file-backed log).
     pub commits: AtomicU64,
     pub appends: AtomicU64,
     pub samples: AtomicU64,
@@ -52,15 +68,59 @@ pub struct EdgeLogStats {
     pub trimmed: AtomicU64,
     /// Windows in the outbox now: cut, and without an outcome yet.
     pub parked: AtomicU64,
+    /// Journal entries written.
+    pub journaled: AtomicU64,
+}
+
+/// One sensor's outbox: what it holds now and what it lost since the log opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxUsage {
+    /// Windows parked: cut and without an outcome yet.
+    pub windows: u64,
+    /// Their bytes as stored ([`ParkedWindow::stored_bytes`]).
+    pub bytes: u64,
+    /// Windows dropped without a verdict since the log opened: made room for newer
+    /// ones ([`EdgeLog::append`] with `make_room`) or too old ([`EdgeLog::expired`]).
+    pub dropped: u64,
+    /// Every window of this sensor below this sequence that is not scored was
+    /// dropped: drops take the oldest first, so one number says which.
+    pub dropped_before: u64,
+}
+
+pub(crate) type Outboxes = HashMap<Arc<str>, OutboxUsage>;
+
+/// The journal's extent: entries `oldest..next` are retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalMark {
+    /// The oldest cursor retained (equal to `next` when the journal is empty).
+    pub oldest: u64,
+    /// The cursor the next entry will get. Cursors start at 1.
+    pub next: u64,
+}
+
+/// Journal entries read from a cursor on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalPage {
+    /// (cursor, entry), in cursor order.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// The journal's extent when read.
+    pub mark: JournalMark,
+}
+
+/// What a batch's append did besides storing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Appended {
+    /// Parked windows of the stream dropped, oldest first, to make room.
+    pub dropped: u64,
 }
 
 /// A stream's accepted samples, encoded as the log stores them. Made before the
 /// stream normalises the samples in place, so the log keeps the values as sent.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    first: u64,
-    last: u64,
-    bytes: Vec<u8>,
+    pub(crate) first: u64,
+    pub(crate) last: u64,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl Batch {
@@ -81,8 +141,6 @@ pub struct StreamLog {
     /// The samples of the unfinished window, in sequence order: from
     /// [`StreamPosition::keep_from`] to the last accepted one.
     pub unfinished: Vec<Sample>,
-    /// Windows cut before the restart that have no outcome yet, oldest first.
-    pub parked: Vec<ParkedWindow>,
 }
 
 /// The node's edge log. Cheap to clone; when the last clone is dropped the writer
@@ -98,6 +156,8 @@ struct Inner {
     writer: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<EdgeLogStats>,
+    outboxes: Arc<Mutex<Outboxes>>,
+    journal: watch::Receiver<JournalMark>,
     /// Where the file is; `None` for a log in memory.
     path: Option<PathBuf>,
 }
@@ -120,33 +180,23 @@ impl std::fmt::Debug for EdgeLog {
     }
 }
 
-enum Job {
-    Append(Append),
-    /// A window's router has an outcome for it: out of the outbox.
-    Scored {
-        sensor: Arc<str>,
-        sequence: u64,
-    },
+/// A table that may not exist yet (a log that never wrote one): `None` then.
+pub(crate) fn optional<T>(table: Result<T, redb::TableError>) -> Result<Option<T>, EdgeLogError> {
+    match table {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(EdgeLogError::read(e)),
+    }
 }
-
-struct Append {
-    sensor: Arc<str>,
-    first: u64,
-    last: u64,
-    batch: Vec<u8>,
-    /// The windows the batch completed: (window sequence, encoded window).
-    windows: Vec<(u64, Vec<u8>)>,
-    position: StreamPosition,
-    done: oneshot::Sender<Result<(), EdgeLogError>>,
-}
-
-/// The batches of one stream on disk, oldest first: (first sequence, last sequence).
-type Batches = HashMap<Arc<str>, VecDeque<(u64, u64)>>;
 
 impl EdgeLog {
     /// Opens (or creates) the log in `folder` (file `edge-log.redb`). A file that redb
     /// cannot open (damaged, another process holds it) is an error naming it.
     pub fn open(folder: &Path) -> Result<EdgeLog, EdgeLogError> {
+        EdgeLog::open_with(folder, EdgeLogOptions::default())
+    }
+
+    pub fn open_with(folder: &Path, options: EdgeLogOptions) -> Result<EdgeLog, EdgeLogError> {
         std::fs::create_dir_all(folder).map_err(|e| EdgeLogError::Folder {
             path: folder.to_path_buf(),
             source: Arc::new(e),
@@ -156,31 +206,43 @@ impl EdgeLog {
             path: path.clone(),
             source: Arc::new(e),
         })?;
-        EdgeLog::start(db, Some(path))
+        EdgeLog::start(db, Some(path), options)
     }
 
     /// A log that keeps everything in memory: the same code path without the disk, for
     /// nodes without a data folder and for measuring what durability costs.
     pub fn in_memory() -> Result<EdgeLog, EdgeLogError> {
+        EdgeLog::in_memory_with(EdgeLogOptions::default())
+    }
+
+    pub fn in_memory_with(options: EdgeLogOptions) -> Result<EdgeLog, EdgeLogError> {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| EdgeLogError::Open {
                 path: PathBuf::from("(memory)"),
                 source: Arc::new(e),
             })?;
-        EdgeLog::start(db, None)
+        EdgeLog::start(db, None, options)
     }
 
-    fn start(db: Database, path: Option<PathBuf>) -> Result<EdgeLog, EdgeLogError> {
+    fn start(
+        db: Database,
+        path: Option<PathBuf>,
+        options: EdgeLogOptions,
+    ) -> Result<EdgeLog, EdgeLogError> {
         let db = Arc::new(db);
-        let batches = stored_batches(&db)?;
         let stats = Arc::new(EdgeLogStats::default());
-        stats.parked.store(parked_count(&db)?, Ordering::Relaxed);
-        let (writer, appends) = mpsc::channel();
-        let (thread_db, thread_stats) = (db.clone(), stats.clone());
+        let outboxes = Arc::new(Mutex::new(Outboxes::new()));
+        let (writer, journal) = Writer::recover(
+            db.clone(),
+            stats.clone(),
+            outboxes.clone(),
+            options.journal_retention.max(1),
+        )?;
+        let (sender, jobs) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("fogmesh-edge-log".into())
-            .spawn(move || write_groups(&thread_db, &appends, batches, &thread_stats))
+            .spawn(move || writer.run(&jobs))
             .map_err(|e| EdgeLogError::Folder {
                 path: path.clone().unwrap_or_default(),
                 source: Arc::new(e),
@@ -188,9 +250,11 @@ impl EdgeLog {
         Ok(EdgeLog {
             inner: Arc::new(Inner {
                 db,
-                writer: Some(writer),
+                writer: Some(sender),
                 thread: Some(thread),
                 stats,
+                outboxes,
+                journal,
                 path,
             }),
         })
@@ -205,55 +269,110 @@ impl EdgeLog {
         &self.inner.stats
     }
 
+    fn send(&self, job: Job) -> Result<(), EdgeLogError> {
+        let writer = self.inner.writer.as_ref().ok_or(EdgeLogError::WriterGone)?;
+        writer.send(job).map_err(|_| EdgeLogError::WriterGone)
+    }
+
     /// Stores `batch` (a stream's accepted samples, raw, in sequence order), the
-    /// `windows` it completed and the stream's `position` after it; answers once all
-    /// are committed. Cancel safety: dropping the future does not withdraw the append,
-    /// it only stops waiting.
+    /// `windows` it completed (parked in the outbox) and the stream's `position` after
+    /// it; answers once all are committed. With `make_room`, the stream's oldest
+    /// parked windows are dropped in the same commit until its outbox holds at most
+    /// that many bytes. Cancel safety: dropping the future does not withdraw the
+    /// append, it only stops waiting.
     pub async fn append(
         &self,
         sensor: &Arc<str>,
         batch: Batch,
         windows: &[ParkedWindow],
         position: StreamPosition,
-    ) -> Result<(), EdgeLogError> {
+        make_room: Option<u64>,
+    ) -> Result<Appended, EdgeLogError> {
         let (done, answer) = oneshot::channel();
-        let writer = self.inner.writer.as_ref().ok_or(EdgeLogError::WriterGone)?;
-        writer
-            .send(Job::Append(Append {
-                sensor: sensor.clone(),
-                first: batch.first,
-                last: batch.last,
-                batch: batch.bytes,
-                windows: windows
-                    .iter()
-                    .map(|w| (w.sequence, encode_window(w)))
-                    .collect(),
-                position,
-                done,
-            }))
-            .map_err(|_| EdgeLogError::WriterGone)?;
+        self.send(Job::Append(Append {
+            sensor: sensor.clone(),
+            first: batch.first,
+            last: batch.last,
+            batch: batch.bytes,
+            windows: windows
+                .iter()
+                .map(|w| (w.sequence, encode_window(w)))
+                .collect(),
+            position,
+            make_room,
+            done,
+        }))?;
         answer.await.map_err(|_| EdgeLogError::WriterGone)?
     }
 
     /// Window `sequence` of `sensor` has an outcome (a verdict, or a failure that
     /// retrying would repeat): it leaves the outbox with the next commit. Never waits.
     pub fn scored(&self, sensor: &Arc<str>, sequence: u64) {
-        if let Some(writer) = &self.inner.writer {
-            let _ = writer.send(Job::Scored {
-                sensor: sensor.clone(),
-                sequence,
-            });
+        let _ = self.send(Job::Outcome {
+            sensor: sensor.clone(),
+            sequence,
+            dropped: false,
+        });
+    }
+
+    /// Window `sequence` of `sensor` waited longer than its outbox keeps windows: it
+    /// leaves the outbox unscored and counts as dropped. Never waits.
+    pub fn expired(&self, sensor: &Arc<str>, sequence: u64) {
+        let _ = self.send(Job::Outcome {
+            sensor: sensor.clone(),
+            sequence,
+            dropped: true,
+        });
+    }
+
+    /// What `sensor`'s outbox holds, as of the last commit.
+    pub fn outbox(&self, sensor: &str) -> OutboxUsage {
+        self.inner
+            .outboxes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(sensor)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Up to `limit` of `sensor`'s parked windows from window sequence `from` on,
+    /// oldest first.
+    pub fn parked(
+        &self,
+        sensor: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<ParkedWindow>, EdgeLogError> {
+        let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
+        let Some(outbox) = optional(read.open_table(OUTBOX))? else {
+            return Ok(Vec::new());
+        };
+        let mut parked = Vec::new();
+        for row in outbox
+            .range((sensor, from)..=(sensor, u64::MAX))
+            .map_err(EdgeLogError::read)?
+            .take(limit)
+        {
+            let (key, value) = row.map_err(EdgeLogError::read)?;
+            let sequence = key.value().1;
+            parked.push(decode_window(sequence, value.value()).ok_or_else(|| {
+                EdgeLogError::Damaged {
+                    sensor: sensor.to_string(),
+                    sequence,
+                    reason: "a parked window whose length does not match its shape",
+                }
+            })?);
         }
+        Ok(parked)
     }
 
     /// What the log holds for `sensor`: its position and its unfinished window, or
     /// `None` for a stream the log has never seen.
     pub fn stream(&self, sensor: &str) -> Result<Option<StreamLog>, EdgeLogError> {
         let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
-        let streams = match read.open_table(STREAMS) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(EdgeLogError::read(e)),
+        let Some(streams) = optional(read.open_table(STREAMS))? else {
+            return Ok(None);
         };
         let Some(bytes) = streams.get(sensor).map_err(EdgeLogError::read)? else {
             return Ok(None);
@@ -278,199 +397,71 @@ impl EdgeLog {
             })?;
             unfinished.extend(batch.into_iter().filter(|s| s.sequence >= keep_from));
         }
-        let outbox = read.open_table(OUTBOX).map_err(EdgeLogError::read)?;
-        let mut parked = Vec::new();
-        for row in outbox
-            .range((sensor, 0)..=(sensor, u64::MAX))
-            .map_err(EdgeLogError::read)?
-        {
-            let (key, value) = row.map_err(EdgeLogError::read)?;
-            let sequence = key.value().1;
-            parked.push(decode_window(sequence, value.value()).ok_or_else(|| {
-                EdgeLogError::Damaged {
-                    sensor: sensor.to_string(),
-                    sequence,
-                    reason: "a parked window whose length does not match its shape",
-                }
-            })?);
-        }
         Ok(Some(StreamLog {
             position,
             unfinished,
-            parked,
         }))
     }
-}
 
-/// Every batch on disk, per stream: the writer's starting point for trimming.
-fn stored_batches(db: &Database) -> Result<Batches, EdgeLogError> {
-    let mut batches = Batches::new();
-    let read = db.begin_read().map_err(EdgeLogError::read)?;
-    let samples = match read.open_table(SAMPLES) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(batches),
-        Err(e) => return Err(EdgeLogError::read(e)),
-    };
-    for row in samples.iter().map_err(EdgeLogError::read)? {
-        let (key, value) = row.map_err(EdgeLogError::read)?;
-        let (sensor, first) = key.value();
-        let last = last_sequence(value.value()).unwrap_or(first);
-        batches
-            .entry(Arc::from(sensor))
-            .or_default()
-            .push_back((first, last));
+    /// Adds an entry to the journal; it gets the next cursor and is committed with an
+    /// fsync in the next group. Never waits.
+    pub fn journal(&self, entry: Vec<u8>) {
+        let _ = self.send(Job::Journal(entry));
     }
-    Ok(batches)
-}
 
-/// Windows in the outbox when the log opens.
-fn parked_count(db: &Database) -> Result<u64, EdgeLogError> {
-    let read = db.begin_read().map_err(EdgeLogError::read)?;
-    match read.open_table(OUTBOX) {
-        Ok(table) => table.len().map_err(EdgeLogError::read),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-        Err(e) => Err(EdgeLogError::read(e)),
+    /// The journal's extent now; the receiver changes with every commit that adds
+    /// entries, for readers waiting at the end.
+    pub fn journal_marks(&self) -> watch::Receiver<JournalMark> {
+        self.inner.journal.clone()
     }
-}
 
-fn write_groups(
-    db: &Database,
-    jobs: &mpsc::Receiver<Job>,
-    mut batches: Batches,
-    stats: &EdgeLogStats,
-) {
-    let commits = metrics::counter!("fogmesh_edge_log_commits_total");
-    let group_size = metrics::histogram!("fogmesh_edge_log_group_appends");
-    let parked = metrics::gauge!("fogmesh_edge_log_parked_windows");
-    while let Ok(first) = jobs.recv() {
-        let mut group = Vec::new();
-        let mut scored = Vec::new();
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            match job {
-                Job::Append(append) => group.push(append),
-                Job::Scored { sensor, sequence } => scored.push((sensor, sequence)),
-            }
-            if group.len() + scored.len() < MAX_GROUP {
-                next = jobs.try_recv().ok();
-            }
-        }
-        let result = commit(db, &group, &scored, &mut batches, stats);
-        match &result {
-            Err(e) => {
-                tracing::error!(error = %e, appends = group.len(), "edge log commit failed; the batches are refused");
-            }
-            Ok(()) if !group.is_empty() => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .appends
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
-                commits.increment(1);
-                group_size.record(group.len() as f64);
-            }
-            Ok(()) => {}
-        }
-        parked.set(stats.parked.load(Ordering::Relaxed) as f64);
-        for append in group {
-            let _ = append.done.send(result.clone());
-        }
-    }
-}
-
-/// One transaction for the whole group; `batches` changes only once it committed.
-fn commit(
-    db: &Database,
-    group: &[Append],
-    scored: &[(Arc<str>, u64)],
-    batches: &mut Batches,
-    stats: &EdgeLogStats,
-) -> Result<(), EdgeLogError> {
-    let mut write = db.begin_write().map_err(EdgeLogError::commit)?;
-    if group.is_empty() {
-        write
-            .set_durability(redb::Durability::None)
-            .map_err(EdgeLogError::commit)?;
-    }
-    let mut trimmed: HashMap<Arc<str>, usize> = HashMap::new();
-    let mut samples_written = 0u64;
-    let (mut parked_added, mut parked_removed) = (0u64, 0u64);
-    {
-        let mut samples = write.open_table(SAMPLES).map_err(EdgeLogError::commit)?;
-        let mut streams = write.open_table(STREAMS).map_err(EdgeLogError::commit)?;
-        let mut outbox = write.open_table(OUTBOX).map_err(EdgeLogError::commit)?;
-        for (sensor, sequence) in scored {
-            if outbox
-                .remove((&**sensor, *sequence))
-                .map_err(EdgeLogError::commit)?
-                .is_some()
+    /// Up to `limit` journal entries from cursor `from` on (from the oldest retained
+    /// when `from` was trimmed: compare with the page's mark).
+    pub fn journal_page(&self, from: u64, limit: usize) -> Result<JournalPage, EdgeLogError> {
+        let mark = *self.inner.journal.borrow();
+        let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
+        let mut entries = Vec::new();
+        if let Some(journal) = optional(read.open_table(JOURNAL))? {
+            for row in journal
+                .range(from.max(mark.oldest)..mark.next)
+                .map_err(EdgeLogError::read)?
+                .take(limit)
             {
-                parked_removed += 1;
+                let (key, value) = row.map_err(EdgeLogError::read)?;
+                entries.push((key.value(), value.value().to_vec()));
             }
         }
-        for append in group {
-            let sensor: &str = &append.sensor;
-            samples
-                .insert((sensor, append.first), append.batch.as_slice())
-                .map_err(EdgeLogError::commit)?;
-            streams
-                .insert(sensor, encode_position(&append.position).as_slice())
-                .map_err(EdgeLogError::commit)?;
-            for (sequence, window) in &append.windows {
-                outbox
-                    .insert((sensor, *sequence), window.as_slice())
-                    .map_err(EdgeLogError::commit)?;
-            }
-            parked_added += append.windows.len() as u64;
-            samples_written += batch_count(&append.batch);
-            // Batches wholly before the unfinished window are windowed: drop them.
-            // Several appends of one stream in a group trim against the latest.
-            let keep_from = append.position.keep_from();
-            let already = trimmed.get(&append.sensor).copied().unwrap_or(0);
-            let stored = batches.get(&append.sensor);
-            let stale: Vec<u64> = stored
-                .into_iter()
-                .flatten()
-                .skip(already)
-                .take_while(|(_, last)| *last < keep_from)
-                .map(|(first, _)| *first)
-                .collect();
-            for first in &stale {
-                samples
-                    .remove((sensor, *first))
-                    .map_err(EdgeLogError::commit)?;
-            }
-            *trimmed.entry(append.sensor.clone()).or_default() += stale.len();
-        }
+        Ok(JournalPage { entries, mark })
     }
-    write.commit().map_err(EdgeLogError::commit)?;
-    for (sensor, n) in trimmed {
-        if let Some(queue) = batches.get_mut(&sensor) {
-            queue.drain(..n.min(queue.len()));
-        }
-        stats.trimmed.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    for append in group {
-        batches
-            .entry(append.sensor.clone())
-            .or_default()
-            .push_back((append.first, append.last));
-    }
-    stats.samples.fetch_add(samples_written, Ordering::Relaxed);
-    stats.parked.fetch_add(parked_added, Ordering::Relaxed);
-    stats.parked.fetch_sub(parked_removed, Ordering::Relaxed);
-    Ok(())
-}
 
-fn batch_count(batch: &[u8]) -> u64 {
-    batch
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| u64::from(u32::from_le_bytes(b)))
+    /// Remembers that consumer `name` has handled the journal up to (not including)
+    /// `cursor`. Committed with the next group; a crash may lose the last few, so a
+    /// consumer sees some entries again, never misses one. Never waits.
+    pub fn save_cursor(&self, name: &str, cursor: u64) {
+        let _ = self.send(Job::Cursor {
+            name: name.to_string(),
+            cursor,
+        });
+    }
+
+    /// Where consumer `name` left the journal, if it ever saved a cursor.
+    pub fn cursor(&self, name: &str) -> Result<Option<u64>, EdgeLogError> {
+        let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
+        let Some(cursors) = optional(read.open_table(CURSORS))? else {
+            return Ok(None);
+        };
+        Ok(cursors
+            .get(name)
+            .map_err(EdgeLogError::read)?
+            .map(|v| v.value()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::encode_position;
+    use std::sync::atomic::Ordering;
 
     fn batch(from: u64, count: u64) -> Vec<Sample> {
         (from..from + count)
@@ -503,14 +494,14 @@ mod tests {
         {
             let log = EdgeLog::open(dir.path()).unwrap();
             assert_eq!(log.stream("pump-1").unwrap(), None);
-            log.append(&pump, encoded(0, 8), &[], position(8, Some(0)))
+            log.append(&pump, encoded(0, 8), &[], position(8, Some(0)), None)
                 .await
                 .unwrap();
-            log.append(&pump, encoded(8, 8), &[], position(16, Some(12)))
+            log.append(&pump, encoded(8, 8), &[], position(16, Some(12)), None)
                 .await
                 .unwrap();
             // The first batch ends before the window that starts at 12: trimmed now.
-            log.append(&pump, encoded(16, 4), &[], position(20, Some(14)))
+            log.append(&pump, encoded(16, 4), &[], position(20, Some(14)), None)
                 .await
                 .unwrap();
             assert_eq!(log.stats().trimmed.load(Ordering::Relaxed), 1);
@@ -536,6 +527,7 @@ mod tests {
             channels: 2,
             length: 8,
             quality: 0,
+            cut_at_us: 1_000_000 + sequence as i64,
             values: (0..16).map(|v| v as f32 + sequence as f32).collect(),
         }
     }
@@ -551,23 +543,25 @@ mod tests {
                 encoded(0, 12),
                 &[window(0), window(1)],
                 position(12, Some(8)),
+                None,
             )
             .await
             .unwrap();
             assert_eq!(log.stats().parked.load(Ordering::Relaxed), 2);
             log.scored(&pump, 0);
             // The log takes jobs in order: once this append is answered, so is the outcome.
-            log.append(&pump, encoded(12, 2), &[], position(14, Some(8)))
+            log.append(&pump, encoded(12, 2), &[], position(14, Some(8)), None)
                 .await
                 .unwrap();
-            let stream = log.stream("pump-1").unwrap().unwrap();
-            assert_eq!(stream.parked, vec![window(1)]);
+            assert_eq!(log.parked("pump-1", 0, 10).unwrap(), vec![window(1)]);
             assert_eq!(log.stats().parked.load(Ordering::Relaxed), 1);
         }
         let log = EdgeLog::open(dir.path()).unwrap();
         assert_eq!(log.stats().parked.load(Ordering::Relaxed), 1);
+        assert_eq!(log.parked("pump-1", 0, 10).unwrap(), vec![window(1)]);
+        assert_eq!(log.outbox("pump-1").windows, 1);
+        assert_eq!(log.outbox("pump-1").bytes, window(1).stored_bytes());
         let stream = log.stream("pump-1").unwrap().unwrap();
-        assert_eq!(stream.parked, vec![window(1)]);
         assert_eq!(stream.unfinished.len(), 6);
     }
 
@@ -575,15 +569,15 @@ mod tests {
     async fn a_stream_with_no_unfinished_window_keeps_no_sample() {
         let log = EdgeLog::in_memory().unwrap();
         let fan: Arc<str> = "fan".into();
-        log.append(&fan, encoded(0, 10), &[], position(10, Some(5)))
+        log.append(&fan, encoded(0, 10), &[], position(10, Some(5)), None)
             .await
             .unwrap();
-        log.append(&fan, encoded(10, 10), &[], position(20, None))
+        log.append(&fan, encoded(10, 10), &[], position(20, None), None)
             .await
             .unwrap();
         let stream = log.stream("fan").unwrap().unwrap();
         assert!(stream.unfinished.is_empty());
-        log.append(&fan, encoded(20, 1), &[], position(21, Some(20)))
+        log.append(&fan, encoded(20, 1), &[], position(21, Some(20)), None)
             .await
             .unwrap();
         assert_eq!(log.stats().trimmed.load(Ordering::Relaxed), 2);
@@ -598,7 +592,7 @@ mod tests {
         // queued while the writer commits the first.
         let appends = sensors
             .iter()
-            .map(|s| log.append(s, encoded(0, 4), &[], position(4, Some(0))));
+            .map(|s| log.append(s, encoded(0, 4), &[], position(4, Some(0)), None));
         for result in futures::future::join_all(appends).await {
             result.unwrap();
         }
@@ -634,5 +628,100 @@ mod tests {
             matches!(&error, EdgeLogError::Damaged { sensor, sequence: 7, .. } if sensor == "valve"),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_drops_its_oldest_windows_and_counts_each() {
+        let log = EdgeLog::in_memory().unwrap();
+        let pump: Arc<str> = "pump-1".into();
+        let each = window(0).stored_bytes();
+        // Room for three windows; five arrive in two batches.
+        let room = Some(3 * each);
+        let first = log
+            .append(
+                &pump,
+                encoded(0, 4),
+                &[window(0), window(1)],
+                position(4, Some(0)),
+                room,
+            )
+            .await
+            .unwrap();
+        assert_eq!(first.dropped, 0);
+        let second = log
+            .append(
+                &pump,
+                encoded(4, 4),
+                &[window(2), window(3), window(4)],
+                position(8, Some(0)),
+                room,
+            )
+            .await
+            .unwrap();
+        assert_eq!(second.dropped, 2);
+        let kept: Vec<u64> = log
+            .parked("pump-1", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|w| w.sequence)
+            .collect();
+        assert_eq!(kept, vec![2, 3, 4]);
+        let usage = log.outbox("pump-1");
+        assert_eq!(
+            (
+                usage.windows,
+                usage.bytes,
+                usage.dropped,
+                usage.dropped_before
+            ),
+            (3, 3 * each, 2, 2)
+        );
+        // Too old to keep: dropped too, and counted with the others.
+        log.expired(&pump, 2);
+        log.scored(&pump, 3);
+        log.append(&pump, encoded(8, 1), &[], position(9, Some(0)), room)
+            .await
+            .unwrap();
+        let usage = log.outbox("pump-1");
+        assert_eq!(
+            (usage.windows, usage.dropped, usage.dropped_before),
+            (1, 3, 3)
+        );
+        assert_eq!(log.stats().parked.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_journal_reads_on_from_a_cursor_and_says_what_retention_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EdgeLogOptions {
+            journal_retention: 4,
+        };
+        {
+            let log = EdgeLog::open_with(dir.path(), options).unwrap();
+            let mut marks = log.journal_marks();
+            assert_eq!(*marks.borrow(), JournalMark { oldest: 1, next: 1 });
+            for i in 0..6u8 {
+                log.journal(vec![i; 3]);
+            }
+            while marks.borrow_and_update().next < 7 {
+                marks.changed().await.unwrap();
+            }
+            let page = log.journal_page(1, 100).unwrap();
+            assert_eq!(page.mark, JournalMark { oldest: 3, next: 7 });
+            let cursors: Vec<u64> = page.entries.iter().map(|(c, _)| *c).collect();
+            assert_eq!(cursors, vec![3, 4, 5, 6]);
+            assert_eq!(page.entries[0].1, vec![2u8; 3]);
+            let page = log.journal_page(5, 1).unwrap();
+            assert_eq!(page.entries, vec![(5, vec![4u8; 3])]);
+            log.save_cursor("mqtt:plant", 5);
+        }
+        let log = EdgeLog::open_with(dir.path(), options).unwrap();
+        assert_eq!(
+            *log.journal_marks().borrow(),
+            JournalMark { oldest: 3, next: 7 }
+        );
+        assert_eq!(log.cursor("mqtt:plant").unwrap(), Some(5));
+        assert_eq!(log.cursor("mqtt:other").unwrap(), None);
+        assert!(log.journal_page(7, 10).unwrap().entries.is_empty());
     }
 }

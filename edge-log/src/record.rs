@@ -50,13 +50,24 @@ pub struct ParkedWindow {
     pub length: u32,
     /// The window's quality flags, as bits.
     pub quality: u32,
+    /// When the stream cut it, on this node's clock (microseconds since the Unix
+    /// epoch): how late a verdict from the outbox is, and how old a parked window.
+    pub cut_at_us: i64,
     /// Normalised, channel-major.
     pub values: Vec<f32>,
 }
 
-const WINDOW_HEADER: usize = 28;
+impl ParkedWindow {
+    /// Bytes the window takes in the outbox: what a sensor's outbox capacity counts.
+    pub fn stored_bytes(&self) -> u64 {
+        (WINDOW_HEADER + 4 * self.values.len()) as u64
+    }
+}
 
-/// `start i64, end i64, channels u32, length u32, quality u32`, then the values.
+const WINDOW_HEADER: usize = 36;
+
+/// `start i64, end i64, channels u32, length u32, quality u32, cut at i64`, then the
+/// values.
 pub(crate) fn encode_window(w: &ParkedWindow) -> Vec<u8> {
     let mut out = Vec::with_capacity(WINDOW_HEADER + 4 * w.values.len());
     out.extend_from_slice(&w.start_us.to_le_bytes());
@@ -64,6 +75,7 @@ pub(crate) fn encode_window(w: &ParkedWindow) -> Vec<u8> {
     out.extend_from_slice(&w.channels.to_le_bytes());
     out.extend_from_slice(&w.length.to_le_bytes());
     out.extend_from_slice(&w.quality.to_le_bytes());
+    out.extend_from_slice(&w.cut_at_us.to_le_bytes());
     for v in &w.values {
         out.extend_from_slice(&v.to_le_bytes());
     }
@@ -88,6 +100,7 @@ pub(crate) fn decode_window(sequence: u64, bytes: &[u8]) -> Option<ParkedWindow>
         channels,
         length,
         quality: u32_at(24),
+        cut_at_us: i64_at(28),
         values: bytes[WINDOW_HEADER..]
             .chunks_exact(4)
             .map(|v| f32::from_le_bytes(v.try_into().unwrap_or([0; 4])))
@@ -218,12 +231,13 @@ mod tests {
             start_us in any::<i64>(),
             end_us in any::<i64>(),
             quality in any::<u32>(),
+            cut_at_us in any::<i64>(),
             (channels, length, values) in (1u32..4, 1u32..9).prop_flat_map(|(c, l)| {
                 (Just(c), Just(l), proptest::collection::vec(-1e6f32..1e6, (c * l) as usize))
             }),
             cut in 1usize..8,
         ) {
-            let window = ParkedWindow { sequence, start_us, end_us, channels, length, quality, values };
+            let window = ParkedWindow { sequence, start_us, end_us, channels, length, quality, cut_at_us, values };
             let bytes = encode_window(&window);
             prop_assert_eq!(decode_window(sequence, &bytes[..bytes.len() - cut.min(bytes.len())]), None);
             prop_assert_eq!(decode_window(sequence, &bytes), Some(window));

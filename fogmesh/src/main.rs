@@ -79,6 +79,9 @@ enum Command {
         #[command(flatten)]
         identity: commands::identity::IdentityArgs,
     },
+    /// A node's alerts, one line each with its journal cursor; `--follow` keeps
+    /// watching and resumes after the last cursor shown when the connection drops.
+    Alerts(commands::alerts::AlertsArgs),
     /// The mesh's certificate authority: `ca init` once per mesh, `ca issue` per
     /// node, operator and sensor. Every port of a node speaks mutual TLS with these.
     Ca {
@@ -137,10 +140,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        use commands::{bench, ca, demo, eval, merge, mesh, models, node, train};
+        use commands::{alerts, bench, ca, demo, eval, merge, mesh, models, node, train};
         match cli.command {
             Command::Node { config } => node::run(&config).await,
             Command::Status { node, identity } => mesh::status(&identity.dialer()?, &node).await,
+            Command::Alerts(args) => alerts::run(args).await,
             Command::Ca { action } => ca::run(action),
             Command::Apply {
                 node,

@@ -826,6 +826,7 @@ mod tests {
             anomalous,
             experts: Vec::new(),
             values: Arc::from([]),
+            late: None,
         })
     }
 

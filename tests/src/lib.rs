@@ -269,13 +269,23 @@ impl TestNode {
         InferenceClient::new(self.channel(&self.operator).await)
     }
 
-    /// Opens `WatchAlerts` for these sensors (all of them when empty).
+    /// Opens `WatchAlerts` for these sensors (all of them when empty), from now on.
     pub async fn watch_alerts(&self, sensor_ids: &[&str]) -> tonic::Streaming<Alert> {
+        self.watch_alerts_from(sensor_ids, None).await
+    }
+
+    /// Opens `WatchAlerts` from the journal's cursor `from` (from now on when `None`).
+    pub async fn watch_alerts_from(
+        &self,
+        sensor_ids: &[&str],
+        from: Option<u64>,
+    ) -> tonic::Streaming<Alert> {
         self.inference()
             .await
             .watch_alerts(AlertFilter {
                 sensor_ids: sensor_ids.iter().map(|s| s.to_string()).collect(),
                 include_normal: false,
+                from_cursor: from,
             })
             .await
             .expect("watching starts")

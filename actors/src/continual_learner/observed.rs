@@ -127,6 +127,7 @@ mod tests {
             anomalous: false,
             experts: Vec::new(),
             values: vec![sequence as f32].into(),
+            late: None,
         }
     }
 

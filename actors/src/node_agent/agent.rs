@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fogmesh_edge_log::EdgeLog;
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
@@ -37,7 +36,9 @@ use crate::error::{ModelFault, SpawnFault, SpecError};
 use crate::expert::{Expert, ExpertArgs, ExpertMsg, ExpertShared, ExpertSpec};
 use crate::expert_endpoint::{ExpertEndpoint, ExpertEndpointArgs};
 use crate::router::{Replicas, Router, RouterArgs, RouterShared, RouterSpec};
-use crate::sensor_stream::{SensorStream, SensorStreamArgs, SensorStreamShared, SensorStreamSpec};
+use crate::sensor_stream::{
+    EdgeStorage, SensorStream, SensorStreamArgs, SensorStreamShared, SensorStreamSpec,
+};
 use crate::telemetry;
 
 /// A running child, by what it is and the name it has in the spec.
@@ -66,8 +67,9 @@ pub struct NodeAgentArgs {
     pub replicas: Arc<Replicas>,
     pub annunciator: Annunciator,
     pub restarts: Arc<AtomicU64>,
-    /// The node's edge log, handed to every sensor stream; `None` keeps them in memory.
-    pub log: Option<EdgeLog>,
+    /// The node's edge log and outbox limits, handed to every sensor stream; `None`
+    /// keeps them in memory.
+    pub storage: Option<EdgeStorage>,
 }
 
 pub struct NodeAgentState {
@@ -82,7 +84,7 @@ pub struct NodeAgentState {
     expert_shared: HashMap<String, Arc<ExpertShared>>,
     router_shared: HashMap<String, Arc<RouterShared>>,
     sensor_shared: HashMap<String, Arc<SensorStreamShared>>,
-    log: Option<EdgeLog>,
+    storage: Option<EdgeStorage>,
     restarts: Arc<AtomicU64>,
 }
 
@@ -156,7 +158,7 @@ impl Actor for NodeAgent {
             expert_shared: HashMap::new(),
             router_shared: HashMap::new(),
             sensor_shared: HashMap::new(),
-            log: args.log,
+            storage: args.storage,
             restarts: args.restarts,
         };
         state.reconcile(args.spec, &myself.get_cell()).await?;
@@ -447,8 +449,6 @@ impl NodeAgentState {
                     spec,
                     shared: shared.clone(),
                     replicas: self.replicas.clone(),
-                    annunciator: self.annunciator.clone(),
-                    log: self.log.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, Router, args, supervisor.clone())
                     .await
@@ -466,7 +466,8 @@ impl NodeAgentState {
                     spec,
                     shared: shared.clone(),
                     directory: self.directory.clone(),
-                    log: self.log.clone(),
+                    annunciator: self.annunciator.clone(),
+                    storage: self.storage.clone(),
                 };
                 let (actor, _) = Actor::spawn_linked(None, SensorStream, args, supervisor.clone())
                     .await

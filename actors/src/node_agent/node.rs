@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fogmesh_edge_log::EdgeLog;
 use ractor::{Actor, ActorRef};
 
 use super::agent::{spawn_failure, NodeAgent, NodeAgentArgs, NodeAgentMsg, ReconcileReport};
@@ -22,7 +21,7 @@ use crate::error::{IngestError, ModelFault, ScoreError, SpawnFault, SpecError};
 use crate::expert::ExpertSpec;
 use crate::router::{Replicas, RetryPolicy, RouterMsg};
 use crate::sample::{Sample, Window};
-use crate::sensor_stream::{PushOutcome, SensorStreamMsg};
+use crate::sensor_stream::{EdgeStorage, PushOutcome, SensorStreamMsg};
 
 /// A point-in-time view of a node for `status` and the `Control` service.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +43,11 @@ pub struct SensorSnapshot {
     pub duplicates: u64,
     pub windows: u64,
     pub acked_through: Option<u64>,
+    /// Windows in the edge log's outbox: cut and not scored yet (0 without a log).
+    pub parked: u64,
+    /// Windows dropped unscored since the log opened: the outbox full under
+    /// `drop_oldest`, or older than its `max_age`.
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +81,8 @@ pub struct Node {
     pub annunciator: Annunciator,
     restarts: Arc<AtomicU64>,
     up_since_us: i64,
+    /// The edge log its streams keep their samples and outboxes in, if any.
+    pub storage: Option<EdgeStorage>,
 }
 
 impl Node {
@@ -89,12 +95,13 @@ impl Node {
         Node::start_with_log(spec, annunciator, None).await
     }
 
-    /// [`Node::start`] with an edge log: every stream resumes from it and acknowledges
-    /// a batch only once the log has committed it.
+    /// [`Node::start`] with an edge log: every stream resumes from it, acknowledges a
+    /// batch only once the log has committed it, and keeps the windows no expert can
+    /// score yet in the log's outbox, within `storage.limits`.
     pub async fn start_with_log(
         spec: NodeSpec,
         annunciator: Annunciator,
-        log: Option<EdgeLog>,
+        storage: Option<EdgeStorage>,
     ) -> Result<(Node, tokio::task::JoinHandle<()>), SpecError> {
         spec.validate()?;
         let directory = Arc::new(NodeDirectory::default());
@@ -107,7 +114,7 @@ impl Node {
             replicas,
             annunciator: annunciator.clone(),
             restarts: restarts.clone(),
-            log,
+            storage: storage.clone(),
         };
         let (agent, join) = Actor::spawn(None, NodeAgent, args)
             .await
@@ -123,6 +130,7 @@ impl Node {
                 annunciator,
                 restarts,
                 up_since_us,
+                storage,
             },
             join,
         ))
@@ -167,7 +175,12 @@ impl Node {
         if limited {
             handle.shared.admit(samples.len() as u64)?;
         }
-        if let Some(router) = self.directory.router(&handle.shared.router) {
+        // With a log a full router holds no producer up: the windows wait in the outbox.
+        let router = match &self.storage {
+            Some(_) => None,
+            None => self.directory.router(&handle.shared.router),
+        };
+        if let Some(router) = router {
             if !limited {
                 router.shared.room().await;
             } else if router.shared.is_full() {
@@ -264,6 +277,11 @@ impl Node {
             .iter()
             .map(|e| {
                 let s = &e.value().shared;
+                let outbox = self
+                    .storage
+                    .as_ref()
+                    .map(|storage| storage.log.outbox(&s.id))
+                    .unwrap_or_default();
                 SensorSnapshot {
                     id: s.id.to_string(),
                     channels: s.channels,
@@ -272,6 +290,8 @@ impl Node {
                     duplicates: s.duplicates.load(Ordering::Relaxed),
                     windows: s.windows.load(Ordering::Relaxed),
                     acked_through: s.acked_through(),
+                    parked: outbox.windows,
+                    dropped: outbox.dropped,
                 }
             })
             .collect();

@@ -175,9 +175,7 @@ impl RouterShared {
 }
 
 pub enum RouterMsg {
-    /// A window from a sensor stream; its verdict goes to the annunciator.
-    Route(Window),
-    /// A window whose verdict goes back to the caller (and not to the annunciator).
+    /// A window whose verdict goes back to the caller.
     Score {
         window: Window,
         reply: RpcReplyPort<Result<ScoredWindow, ScoreError>>,

@@ -1,15 +1,13 @@
 //! `Router`: mixture-of-experts gating as message dispatch.
 //!
-//! **Owns** its routing policy and counters. **Takes** [`RouterMsg::Route`] (a window
-//! cut by a sensor stream; the verdict goes to the [`Annunciator`]) and
-//! [`RouterMsg::Score`] (a window from a caller who wants the verdict back).
-//! **Supervised by** the [`crate::NodeAgent`]. **On failure**: a window it cannot
-//! score is counted in `fogmesh_router_failures_total` with the reason and logged;
-//! the router itself keeps going. It holds no per-window state: a restart loses the
-//! windows in flight to experts at that moment, except that with an edge log a
-//! stream's window stays in the log's outbox until the router has its outcome
-//! (scored or failed), so a window lost to a node's crash is handed on again when the
-//! node restarts.
+//! **Owns** its routing policy and counters. **Takes** [`RouterMsg::Score`]: a window
+//! from a sensor stream's forwarder or another caller, answered with the verdict or
+//! why there is none. **Supervised by** the [`crate::NodeAgent`]. **On failure**: a
+//! window it cannot score is counted in `fogmesh_router_failures_total` with the reason
+//! and answered with the error; the router itself keeps going. It holds no per-window
+//! state: a restart drops the windows in flight to experts at that moment, and their
+//! callers hear that it stopped (a stream's forwarder keeps such windows in the edge
+//! log's outbox and sends them again).
 //!
 //! Policies:
 //! - **static**: a fixed table from sensor stream to experts (by asset or modality);
@@ -48,11 +46,10 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use dashmap::DashMap;
-use fogmesh_edge_log::EdgeLog;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::annunciator::{Annunciator, ExpertOpinion, ScoredWindow};
+use crate::annunciator::{ExpertOpinion, ScoredWindow};
 use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
@@ -67,9 +64,6 @@ pub struct RouterArgs {
     pub spec: RouterSpec,
     pub shared: Arc<RouterShared>,
     pub replicas: Arc<Replicas>,
-    pub annunciator: Annunciator,
-    /// The node's edge log, told each routed window's outcome so it leaves the outbox.
-    pub log: Option<EdgeLog>,
 }
 
 pub struct RouterState {
@@ -78,14 +72,6 @@ pub struct RouterState {
     names: HashMap<String, Arc<str>>,
     shared: Arc<RouterShared>,
     replicas: Arc<Replicas>,
-    annunciator: Annunciator,
-    log: Option<EdgeLog>,
-}
-
-/// Where a verdict goes.
-enum Destination {
-    Annunciator(Annunciator),
-    Caller(RpcReplyPort<Result<ScoredWindow, ScoreError>>),
 }
 
 impl Actor for Router {
@@ -110,8 +96,6 @@ impl Actor for Router {
             names,
             shared: args.shared,
             replicas: args.replicas,
-            annunciator: args.annunciator,
-            log: args.log,
         })
     }
 
@@ -121,15 +105,7 @@ impl Actor for Router {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // A stream's window is in the edge log's outbox until it has an outcome here.
-        let (window, destination, outbox) = match message {
-            RouterMsg::Route(window) => (
-                window,
-                Destination::Annunciator(state.annunciator.clone()),
-                state.log.clone(),
-            ),
-            RouterMsg::Score { window, reply } => (window, Destination::Caller(reply), None),
-        };
+        let RouterMsg::Score { window, reply } = message;
         state.shared.enter();
         match state.dispatch(&window) {
             Ok(pending) => {
@@ -137,18 +113,10 @@ impl Actor for Router {
                 let replicas = state.replicas.clone();
                 tokio::spawn(async move {
                     let verdict = gather(&shared, &replicas, &window, pending).await;
-                    deliver(&shared, verdict, destination);
-                    if let Some(log) = outbox {
-                        log.scored(&window.sensor_id, window.sequence);
-                    }
+                    deliver(&shared, verdict, reply);
                 });
             }
-            Err(e) => {
-                deliver(&state.shared, Err(e), destination);
-                if let Some(log) = outbox {
-                    log.scored(&window.sensor_id, window.sequence);
-                }
-            }
+            Err(e) => deliver(&state.shared, Err(e), reply),
         }
         Ok(())
     }
@@ -502,13 +470,14 @@ async fn gather(
         anomalous: score >= 1.0,
         experts,
         values: window.values.clone(),
+        late: None,
     })
 }
 
 fn deliver(
     shared: &RouterShared,
     verdict: Result<ScoredWindow, ScoreError>,
-    destination: Destination,
+    reply: RpcReplyPort<Result<ScoredWindow, ScoreError>>,
 ) {
     shared.leave();
     match &verdict {
@@ -523,16 +492,8 @@ fn deliver(
                 .increment(1);
         }
     }
-    match (destination, verdict) {
-        (Destination::Caller(reply), verdict) => {
-            // The caller may have given up (timeout, disconnect); nothing to do then.
-            let _ = reply.send(verdict);
-        }
-        (Destination::Annunciator(annunciator), Ok(scored)) => annunciator.publish(scored),
-        (Destination::Annunciator(_), Err(e)) => {
-            tracing::warn!(router = %shared.name, error = %e, "window not scored");
-        }
-    }
+    // The caller may have given up (timeout, disconnect); nothing to do then.
+    let _ = reply.send(verdict);
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! [`crate::directory::NodeDirectory`], which holds streams' handles, depends on this
 //! and not on the actor, which itself looks its router up in the directory.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ractor::RpcReplyPort;
@@ -181,7 +181,6 @@ pub struct SensorStreamShared {
     pub duplicates: AtomicU64,
     pub windows: AtomicU64,
     /// Set once the stream first took its state back from the edge log in this process.
-    pub(super) resumed: AtomicBool,
     /// What producers outside the node may still send ([`SensorStreamShared::admit`]).
     budget: std::sync::Mutex<SampleBudget>,
     max_rate: f64,
@@ -199,7 +198,6 @@ impl SensorStreamShared {
             rejected: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             windows: AtomicU64::new(0),
-            resumed: AtomicBool::new(false),
             budget: std::sync::Mutex::new(SampleBudget::new(
                 spec.max_rate,
                 tokio::time::Instant::now(),

@@ -2,17 +2,19 @@
 //! vibration channels).
 //!
 //! **Owns** the stream's acknowledged position (highest accepted sequence number and
-//! timestamp), its quality tracker, normaliser and windower. **Takes**
-//! [`SensorStreamMsg::Push`]: a batch of samples from any source (file replay, gRPC
-//! `Ingest`, MQTT), answered with the acknowledgement or the reason the batch was
-//! refused. **Supervised by** the [`crate::NodeAgent`]. **On failure**: with an edge
-//! log, a restarted stream (or a restarted node, after `kill -9` or a power cut) takes
-//! its position and the samples of its unfinished window back from the log, so it
-//! refuses a resend of an acknowledged sample as a duplicate and cuts the same next
-//! window; the first start in a process also hands on again the windows the log still
-//! holds without an outcome (cut before a crash, never scored). Without a log, the
-//! position lives in [`SensorStreamShared`], which the supervisor keeps, and the
-//! partial window is lost with the process.
+//! timestamp), its quality tracker, normaliser and windower, and its forwarder (the
+//! task that takes its windows to the router and their verdicts to the annunciator,
+//! holding them in the edge log's outbox while no expert can score them: see
+//! [`forwarder`]). **Takes** [`SensorStreamMsg::Push`]: a batch of samples from any
+//! source (file replay, gRPC `Ingest`, MQTT), answered with the acknowledgement or the
+//! reason the batch was refused. **Supervised by** the [`crate::NodeAgent`]. **On
+//! failure**: with an edge log, a restarted stream (or a restarted node, after `kill
+//! -9` or a power cut) takes its position and the samples of its unfinished window
+//! back from the log, so it refuses a resend of an acknowledged sample as a duplicate
+//! and cuts the same next window, and its new forwarder scores the windows the outbox
+//! still holds (cut before the crash, never scored) before any new one. Without a
+//! log, the position lives in [`SensorStreamShared`], which the supervisor keeps, and
+//! the partial window is lost with the process.
 //!
 //! Accepting a batch, in order:
 //! 1. Sort the batch by sequence number; drop samples whose sequence was already
@@ -23,16 +25,21 @@
 //!    previous one and at most `max_clock_skew_ms` ahead of this node's clock). The first bad sample refuses the whole batch: nothing of it is
 //!    accepted, so the producer can fix and resend it as a unit.
 //! 3. Accept: flag quality on raw values, normalise, window.
-//! 4. With an edge log: append the raw samples, the windows they completed (to the
-//!    log's outbox, until their router has an outcome) and the position after them,
-//!    and wait for the commit. A commit that fails (disk full, I/O error) refuses the batch
-//!    ([`IngestError::NotStored`]) and puts quality tracker, normaliser and windower
-//!    back as they were, so a refused batch changes nothing here either.
-//! 5. Hand each completed window to the stream's router; only then is the batch
+//! 4. With an edge log: if the windows the batch completed would take the stream's
+//!    outbox past its capacity, refuse the batch ([`IngestError::OutboxFull`]) under
+//!    `when_full = "refuse"`, or have the log drop the oldest parked windows under
+//!    `"drop_oldest"`. Append the raw samples, the windows (to the log's outbox, until
+//!    they have an outcome) and the position after them, and wait for the commit. A
+//!    commit that fails (disk full, I/O error) refuses the batch
+//!    ([`IngestError::NotStored`]). A refused batch puts quality tracker, normaliser
+//!    and windower back as they were, so it changes nothing here either.
+//! 5. Hand each completed window to the stream's forwarder; only then is the batch
 //!    acknowledged.
 
+pub(crate) mod forwarder;
 pub(crate) mod interface;
 
+pub use forwarder::{EdgeStorage, OutboxLimits, WhenFull, PIPELINE};
 pub use interface::{
     PushOutcome, SensorStreamMsg, SensorStreamShared, SensorStreamSpec, DEFAULT_MAX_CLOCK_SKEW_MS,
     DEFAULT_MAX_RATE, DEFAULT_MAX_SEQUENCE_GAP, MAX_WINDOW_VALUES,
@@ -41,17 +48,20 @@ pub use interface::{
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fogmesh_edge_log::{Batch, EdgeLog, ParkedWindow, StreamPosition};
+use fogmesh_edge_log::{Batch, ParkedWindow, StreamPosition};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
 
+use crate::annunciator::Annunciator;
 use crate::directory::NodeDirectory;
 use crate::error::IngestError;
 use crate::normalisation::Normaliser;
-use crate::quality::{QualityFlags, QualityTracker};
-use crate::router::interface::RouterMsg;
+use crate::quality::QualityTracker;
 use crate::sample::{Sample, Window};
 use crate::telemetry;
 use crate::windowing::Windower;
+
+use forwarder::{wall_clock_us, Forwarder};
 
 pub struct SensorStream;
 
@@ -59,19 +69,22 @@ pub struct SensorStreamArgs {
     pub spec: SensorStreamSpec,
     pub shared: Arc<SensorStreamShared>,
     pub directory: Arc<NodeDirectory>,
+    pub annunciator: Annunciator,
     /// Where accepted batches are made durable; `None` keeps them in memory only.
-    pub log: Option<EdgeLog>,
+    pub storage: Option<EdgeStorage>,
 }
 
 pub struct SensorStreamState {
     spec: SensorStreamSpec,
     shared: Arc<SensorStreamShared>,
-    directory: Arc<NodeDirectory>,
     quality: QualityTracker,
     normaliser: Normaliser,
     windower: Windower,
     next_window: u64,
-    log: Option<EdgeLog>,
+    storage: Option<EdgeStorage>,
+    /// To the forwarder; dropping it (with the state) ends the forwarder.
+    forward: mpsc::UnboundedSender<Window>,
+    forwarder: tokio::task::JoinHandle<()>,
     accepted_counter: metrics::Counter,
     duplicate_counter: metrics::Counter,
     window_counter: metrics::Counter,
@@ -89,21 +102,44 @@ impl Actor for SensorStream {
     ) -> Result<Self::State, ActorProcessingErr> {
         let spec = args.spec;
         let sensor = spec.id.clone();
+        let (forward, windows) = mpsc::unbounded_channel();
         let mut state = SensorStreamState {
             quality: QualityTracker::new(spec.quality.clone(), spec.channels),
             normaliser: Normaliser::new(&spec.normalisation, spec.channels),
             windower: Windower::new(spec.channels, spec.window, spec.stride),
             next_window: args.shared.windows.load(Ordering::Relaxed),
-            log: args.log,
+            storage: args.storage.clone(),
+            forward,
+            forwarder: tokio::spawn(async {}),
             accepted_counter: metrics::counter!(telemetry::SAMPLES_ACCEPTED, "sensor" => sensor.clone()),
             duplicate_counter: metrics::counter!(telemetry::SAMPLES_DUPLICATE, "sensor" => sensor.clone()),
             window_counter: metrics::counter!(telemetry::WINDOWS_CUT, "sensor" => sensor),
             spec,
             shared: args.shared,
-            directory: args.directory,
         };
         state.resume()?;
+        let forwarder = Forwarder::new(
+            state.shared.clone(),
+            args.directory,
+            args.annunciator,
+            args.storage,
+        );
+        state.forwarder = tokio::spawn(forwarder.run(windows, state.next_window));
         Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // With a log the outbox keeps what it had in flight; the next life sends it.
+        // Waited for, so the log is let go by the time the stream has stopped.
+        if state.storage.is_some() {
+            state.forwarder.abort();
+            let _ = (&mut state.forwarder).await;
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -123,18 +159,11 @@ impl Actor for SensorStream {
     }
 }
 
-/// This node's clock in microseconds since the Unix epoch.
-fn wall_clock_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
 impl SensorStreamState {
     /// Takes the stream's position and unfinished window back from the edge log: what
     /// the last committed batch left, whatever happened to the process since.
     fn resume(&mut self) -> Result<(), IngestError> {
-        let Some(log) = &self.log else {
+        let Some(log) = self.storage.as_ref().map(|s| s.log.clone()) else {
             return Ok(());
         };
         let Some(stored) = log
@@ -167,24 +196,7 @@ impl SensorStreamState {
                 self.next_window -= 1;
             }
         }
-        // Cut before the process restarted and without an outcome since: handed on
-        // again, oldest first (an outcome lost with the process means scored twice, never
-        // not at all). After a restart of the actor alone they are still in flight.
-        let first_start = !self.shared.resumed.swap(true, Ordering::AcqRel);
-        let parked = if first_start { stored.parked.len() } else { 0 };
-        for window in stored.parked.into_iter().take(parked) {
-            let window = Window {
-                sensor_id: self.shared.id.clone(),
-                sequence: window.sequence,
-                start_us: window.start_us,
-                end_us: window.end_us,
-                channels: window.channels as usize,
-                length: window.length as usize,
-                values: window.values.into(),
-                quality: QualityFlags::from_bits(window.quality),
-            };
-            self.send(window);
-        }
+        let parked = log.outbox(&self.spec.id).windows;
         tracing::info!(sensor = %self.spec.id, next_sequence = position.next_sequence, windows = position.windows, unfinished, parked, "stream resumed from the edge log");
         Ok(())
     }
@@ -206,16 +218,16 @@ impl SensorStreamState {
             self.refused(total, &e);
             return Err(e);
         }
-        // With a log, what the batch changes is kept to put back if the commit fails.
-        let durable = match &self.log {
-            Some(log) => Batch::encode(&fresh).map(|batch| {
-                let before = (
-                    self.quality.clone(),
-                    self.normaliser.clone(),
-                    self.windower.clone(),
-                    self.next_window,
-                );
-                (log.clone(), batch, before)
+        // With a log, what the batch changes is kept to put back if it is refused.
+        let durable = match &self.storage {
+            Some(storage) => Batch::encode(&fresh).map(|batch| {
+                let before = Before {
+                    quality: self.quality.clone(),
+                    normaliser: self.normaliser.clone(),
+                    windower: self.windower.clone(),
+                    next_window: self.next_window,
+                };
+                (storage.clone(), batch, before)
             }),
             None => None,
         };
@@ -226,7 +238,7 @@ impl SensorStreamState {
         let Some(last) = fresh.last() else {
             return Ok(self.acknowledge(0, duplicates));
         };
-        if let Some((log, batch, (quality, normaliser, windower, next_window))) = durable {
+        if let Some((storage, batch, before)) = durable {
             let (window_start, skip) = self.windower.resume_point();
             let position = StreamPosition {
                 next_sequence: last.sequence.saturating_add(1),
@@ -235,18 +247,46 @@ impl SensorStreamState {
                 window_start,
                 skip: skip as u64,
             };
-            let parked: Vec<ParkedWindow> = windows.iter().map(park).collect();
-            if let Err(source) = log.append(&self.shared.id, batch, &parked, position).await {
-                self.quality = quality;
-                self.normaliser = normaliser;
-                self.windower = windower;
-                self.next_window = next_window;
-                let e = IngestError::NotStored {
-                    sensor_id: self.spec.id.clone(),
-                    source,
-                };
-                self.refused(total, &e);
-                return Err(e);
+            let cut_at_us = wall_clock_us();
+            let parked: Vec<ParkedWindow> = windows.iter().map(|w| park(w, cut_at_us)).collect();
+            let limits = storage.limits;
+            let make_room = match limits.when_full {
+                WhenFull::Refuse => {
+                    let usage = storage.log.outbox(&self.spec.id);
+                    let incoming: u64 = parked.iter().map(ParkedWindow::stored_bytes).sum();
+                    // An empty outbox takes any batch, so a capacity below one batch's
+                    // windows slows the producer down instead of stopping it for good.
+                    if usage.windows > 0
+                        && usage.bytes.saturating_add(incoming) > limits.max_bytes_per_sensor
+                    {
+                        let e = IngestError::OutboxFull {
+                            sensor_id: self.spec.id.clone(),
+                            windows: usage.windows,
+                            bytes: usage.bytes,
+                            limit: limits.max_bytes_per_sensor,
+                        };
+                        return Err(self.put_back(before, total, e));
+                    }
+                    None
+                }
+                WhenFull::DropOldest => Some(limits.max_bytes_per_sensor),
+            };
+            match storage
+                .log
+                .append(&self.shared.id, batch, &parked, position, make_room)
+                .await
+            {
+                Ok(appended) if appended.dropped > 0 => {
+                    tracing::warn!(sensor = %self.spec.id, dropped = appended.dropped, limit = limits.max_bytes_per_sensor, "outbox full: oldest windows dropped unscored to make room");
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    let e = IngestError::NotStored {
+                        sensor_id: self.spec.id.clone(),
+                        source,
+                    };
+                    return Err(self.put_back(before, total, e));
+                }
             }
         }
         self.shared
@@ -259,6 +299,16 @@ impl SensorStreamState {
             self.route(window);
         }
         Ok(self.acknowledge(fresh.len() as u64, duplicates))
+    }
+
+    /// A batch refused after it was windowed: the stream as it was before it.
+    fn put_back(&mut self, before: Before, total: u64, e: IngestError) -> IngestError {
+        self.quality = before.quality;
+        self.normaliser = before.normaliser;
+        self.windower = before.windower;
+        self.next_window = before.next_window;
+        self.refused(total, &e);
+        e
     }
 
     fn refused(&self, total: u64, e: &IngestError) {
@@ -366,29 +416,25 @@ impl SensorStreamState {
         Some(window)
     }
 
-    /// Counts a window just cut and hands it to the stream's router.
+    /// Counts a window just cut and hands it to the stream's forwarder.
     fn route(&self, window: Window) {
         self.shared.windows.fetch_add(1, Ordering::Relaxed);
         self.window_counter.increment(1);
-        self.send(window);
-    }
-
-    fn send(&self, window: Window) {
-        match self.directory.router(&self.spec.router) {
-            Some(router) => {
-                if let Err(e) = router.actor.cast(RouterMsg::Route(window)) {
-                    tracing::warn!(sensor = %self.spec.id, router = %self.spec.router, error = %e, "router unreachable; window dropped");
-                }
-            }
-            None => {
-                tracing::warn!(sensor = %self.spec.id, router = %self.spec.router, "router not running; window dropped");
-            }
-        }
+        // The forwarder ends only with this state, which holds its channel.
+        let _ = self.forward.send(window);
     }
 }
 
+/// What a batch changes in a stream, kept to put back if the batch is refused.
+struct Before {
+    quality: QualityTracker,
+    normaliser: Normaliser,
+    windower: Windower,
+    next_window: u64,
+}
+
 /// A window as the edge log's outbox keeps it.
-fn park(window: &Window) -> ParkedWindow {
+fn park(window: &Window, cut_at_us: i64) -> ParkedWindow {
     ParkedWindow {
         sequence: window.sequence,
         start_us: window.start_us,
@@ -396,6 +442,7 @@ fn park(window: &Window) -> ParkedWindow {
         channels: window.channels as u32,
         length: window.length as u32,
         quality: u32::from(window.quality.bits()),
+        cut_at_us,
         values: window.values.to_vec(),
     }
 }

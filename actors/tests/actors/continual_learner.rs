@@ -521,6 +521,7 @@ fn scored_window(sequence: u64, version: &str, rng: &mut SplitMix64) -> ScoredWi
             class: None,
         }],
         values: windows_of(&rows).into(),
+        late: None,
     }
 }
 

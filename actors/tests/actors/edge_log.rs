@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fogmesh_actors::{Annunciator, Node, NodeSpec, ScoredWindow};
+use fogmesh_actors::{Annunciator, EdgeStorage, Node, NodeSpec, OutboxLimits, ScoredWindow};
 use fogmesh_edge_log::EdgeLog;
 
 use crate::node::{eventually, samples, static_node, WINDOW};
@@ -46,7 +46,7 @@ async fn a_node_restarted_on_its_edge_log_refuses_resends_and_finishes_the_unfin
     let annunciator = Annunciator::new(1024);
     let mut scored = annunciator.subscribe();
     let log = EdgeLog::open(dir.path()).unwrap();
-    let (node, join) = Node::start_with_log(static_node(), annunciator, Some(log))
+    let (node, join) = Node::start_with_log(static_node(), annunciator, Some(storage(log)))
         .await
         .unwrap();
     let ack = node.push("pump-1", samples(0..22)).await.unwrap();
@@ -61,12 +61,13 @@ async fn a_node_restarted_on_its_edge_log_refuses_resends_and_finishes_the_unfin
         .collect();
     assert_eq!(first, vec![(0, 0), (1, 4_000), (2, 8_000), (3, 12_000)]);
     node.shutdown(join).await;
+    drop(node);
 
     // Second life on the same folder.
     let annunciator = Annunciator::new(1024);
     let mut scored = annunciator.subscribe();
     let log = EdgeLog::open(dir.path()).expect("the first life let the log go");
-    let (node, join) = Node::start_with_log(static_node(), annunciator, Some(log))
+    let (node, join) = Node::start_with_log(static_node(), annunciator, Some(storage(log)))
         .await
         .unwrap();
     let resumed = &node.snapshot().sensors[0];
@@ -97,8 +98,16 @@ async fn a_node_restarted_on_its_edge_log_refuses_resends_and_finishes_the_unfin
     node.shutdown(join).await;
 }
 
+/// The log with the default outbox limits.
+pub fn storage(log: EdgeLog) -> EdgeStorage {
+    EdgeStorage {
+        log,
+        limits: OutboxLimits::default(),
+    }
+}
+
 /// The node whose router's expert runs nowhere: its windows wait for a replica.
-fn node_without_its_expert() -> NodeSpec {
+pub fn node_without_its_expert() -> NodeSpec {
     let mut spec = static_node();
     spec.remote_experts = std::mem::take(&mut spec.experts);
     spec
@@ -116,7 +125,7 @@ fn windows_cut_before_a_crash_are_scored_after_the_restart() {
         let (node, _join) = Node::start_with_log(
             node_without_its_expert(),
             Annunciator::new(64),
-            Some(log.clone()),
+            Some(storage(log.clone())),
         )
         .await
         .unwrap();
@@ -141,9 +150,10 @@ fn windows_cut_before_a_crash_are_scored_after_the_restart() {
         let log = opened.expect("opened");
         let annunciator = Annunciator::new(64);
         let mut scored = annunciator.subscribe();
-        let (node, join) = Node::start_with_log(static_node(), annunciator, Some(log.clone()))
-            .await
-            .unwrap();
+        let (node, join) =
+            Node::start_with_log(static_node(), annunciator, Some(storage(log.clone())))
+                .await
+                .unwrap();
         let windows: Vec<(u64, i64)> = scored_windows(&mut scored, 4)
             .await
             .iter()

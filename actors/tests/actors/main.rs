@@ -11,3 +11,4 @@ mod hot_swap;
 mod merger;
 mod node;
 mod plant;
+mod store_and_forward;

@@ -32,6 +32,10 @@ pub const MIN_SECRET_LEN: usize = 12;
 /// transports keep a decoding backstop of twice the limit, which must fit as well.
 pub const MAX_MESSAGE_BYTES_LIMIT: usize = 1 << 30;
 
+/// Smallest accepted `node.outbox.max_bytes_per_sensor`: below it an outbox holds
+/// too few windows to ride out anything.
+pub const MIN_OUTBOX_BYTES: u64 = 4096;
+
 /// Folds expert `i`'s `max_wait` (humantime, `"2ms"`) into its `max_wait_us`, the field
 /// the rest of fogmesh reads. `us_written` says whether the file set `max_wait_us` as
 /// well, which is refused: the two would disagree sooner or later.
@@ -112,6 +116,20 @@ impl NodeConfig {
                     "/metrics is plaintext HTTP with no identities: bind it to a loopback address (127.0.0.1), read metrics through the authenticated Telemetry.Metrics, or set `metrics_public = true` to serve them to the network knowingly",
                 ));
             }
+        }
+        let outbox = &self.node.outbox;
+        if outbox.max_bytes_per_sensor < MIN_OUTBOX_BYTES {
+            return Err(self.invalid(
+                "node.outbox.max_bytes_per_sensor".into(),
+                outbox.max_bytes_per_sensor,
+                format!("must be at least {MIN_OUTBOX_BYTES} (a few windows)"),
+            ));
+        }
+        if outbox.max_age_s == 0 {
+            return Err(self.invalid("node.outbox.max_age_s".into(), 0, "must be at least 1"));
+        }
+        if self.node.alerts.retention == 0 {
+            return Err(self.invalid("node.alerts.retention".into(), 0, "must be at least 1"));
         }
         let limits = &self.limits;
         if !(1..=MAX_MESSAGE_BYTES_LIMIT).contains(&limits.max_message_bytes) {
@@ -557,6 +575,16 @@ impl NodeConfig {
             minilm: self.node.minilm.as_deref().map(|p| self.resolve(p)),
             seal,
         })
+    }
+
+    /// `[node.outbox]` as the sensor streams take it.
+    pub fn outbox_limits(&self) -> fogmesh_actors::OutboxLimits {
+        let outbox = &self.node.outbox;
+        fogmesh_actors::OutboxLimits {
+            max_bytes_per_sensor: outbox.max_bytes_per_sensor,
+            max_age: std::time::Duration::from_secs(outbox.max_age_s),
+            when_full: outbox.when_full,
+        }
     }
 
     /// `path` as written in the config, resolved against the config file's folder.

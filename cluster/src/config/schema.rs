@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use fogmesh_actors::{BatchingSpec, LearningSpec, SensorStreamSpec};
+use fogmesh_actors::{BatchingSpec, LearningSpec, SensorStreamSpec, WhenFull};
 use fogmesh_models::AutoencoderConfig;
 use fogmesh_trust::Secret;
 use serde::Deserialize;
@@ -73,6 +73,74 @@ pub struct NodeSection {
     /// memory".
     #[serde(default)]
     pub edge_log: Option<PathBuf>,
+    /// `[node.outbox]`: how much each sensor's outbox (in the edge log) may hold while
+    /// its experts are out of reach, and what happens when it is full.
+    #[serde(default)]
+    pub outbox: OutboxSection,
+    /// `[node.alerts]`: what the node keeps for `WatchAlerts` subscribers and MQTT.
+    #[serde(default)]
+    pub alerts: AlertsSection,
+}
+
+/// `[node.outbox]`. See README, "What an acknowledgement means".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSection {
+    /// Bytes of parked windows one sensor may hold (64 MiB by default).
+    #[serde(default = "default_outbox_bytes")]
+    pub max_bytes_per_sensor: u64,
+    /// Windows parked longer are dropped unscored, counted (a day by default).
+    #[serde(default = "default_outbox_age_s")]
+    pub max_age_s: u64,
+    /// `"refuse"` (back-pressure: new samples refused with RESOURCE_EXHAUSTED until
+    /// the outbox drains) or `"drop_oldest"` (accepted; the oldest windows dropped).
+    #[serde(default)]
+    pub when_full: WhenFull,
+}
+
+fn default_outbox_bytes() -> u64 {
+    fogmesh_actors::OutboxLimits::default().max_bytes_per_sensor
+}
+
+fn default_outbox_age_s() -> u64 {
+    fogmesh_actors::OutboxLimits::default().max_age.as_secs()
+}
+
+impl Default for OutboxSection {
+    fn default() -> Self {
+        OutboxSection {
+            max_bytes_per_sensor: default_outbox_bytes(),
+            max_age_s: default_outbox_age_s(),
+            when_full: WhenFull::default(),
+        }
+    }
+}
+
+/// `[node.alerts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsSection {
+    /// Journal entries kept for subscribers that were away (in the edge log, or in
+    /// memory without one).
+    #[serde(default = "default_alert_retention")]
+    pub retention: u64,
+    /// Journal every verdict, not only alerts, so `WatchAlerts` with `include_normal`
+    /// resumes from a cursor too.
+    #[serde(default)]
+    pub journal_verdicts: bool,
+}
+
+fn default_alert_retention() -> u64 {
+    fogmesh_edge_log::DEFAULT_JOURNAL_RETENTION
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        AlertsSection {
+            retention: default_alert_retention(),
+            journal_verdicts: false,
+        }
+    }
 }
 
 /// `[cluster]`: how a node joins a mesh.
@@ -303,6 +371,14 @@ pub struct MqttConfig {
     /// operators share and check in).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Publish the node's alerts to `<topic_prefix>/alerts/<sensor id>` (QoS 1,
+    /// retained: the last alert per sensor), from the alert journal's durable cursor.
+    #[serde(default = "publish_alerts_by_default")]
+    pub alerts: bool,
+}
+
+fn publish_alerts_by_default() -> bool {
+    true
 }
 
 impl MqttConfig {

@@ -1,5 +1,6 @@
 //! One file per subcommand of `fogmesh`: its flags and the library calls it makes.
 
+pub mod alerts;
 pub mod bench;
 pub mod ca;
 pub mod demo;

@@ -103,6 +103,7 @@ impl WindowFlow {
             .watch_alerts(AlertFilter {
                 sensor_ids: vec!["s1".into()],
                 include_normal: true,
+                from_cursor: None,
             })
             .await
             .expect("watching scored windows")

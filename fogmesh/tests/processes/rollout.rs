@@ -182,6 +182,7 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
         .watch_alerts(AlertFilter {
             sensor_ids: vec!["s1".into()],
             include_normal: true,
+            from_cursor: None,
         })
         .await
         .unwrap()

@@ -365,6 +365,7 @@ async fn malformed_score_requests_and_alert_filters_are_refused() {
         .watch_alerts(AlertFilter {
             sensor_ids: vec![SENSOR.into(), "no-such-sensor".into()],
             include_normal: false,
+            from_cursor: None,
         })
         .await;
     check_refusal(

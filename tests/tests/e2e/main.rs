@@ -5,6 +5,7 @@
 //! One test binary (this folder), so libtorch is loaded once; tests run in parallel,
 //! each on its own node and port.
 
+mod alerts;
 mod bad_input;
 mod config;
 mod grpc;

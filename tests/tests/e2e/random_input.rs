@@ -178,6 +178,7 @@ fn grpc_requests() {
         AlertFilter {
             sensor_ids: vec![SENSOR.into()],
             include_normal: true,
+            from_cursor: None,
         }
         .encode_to_vec(),
     ];
