@@ -1,13 +1,15 @@
 //! [`EdgeLog`]: the redb file and what a node asks of it. Every write goes through
 //! the writer thread ([`crate::writer`]); reads open their own read transactions.
 //!
-//! Five tables: `samples`, keyed by (sensor, first sequence of the batch), holding
+//! Six tables: `samples`, keyed by (sensor, first sequence of the batch), holding
 //! batches as a stream accepted them; `streams`, keyed by sensor, holding its
 //! [`StreamPosition`]; `outbox`, keyed by (sensor, window sequence), holding the
 //! windows cut and without an outcome yet ([`EdgeLog::scored`]); `journal`, keyed by
 //! cursor, holding the node's alerts (and, on request, every verdict) for subscribers
 //! to read from any cursor still retained; `cursors`, keyed by consumer name, holding
-//! how far a durable consumer (an MQTT publisher) has read the journal. A batch, its
+//! how far a durable consumer (an MQTT publisher) has read the journal; `learners`,
+//! keyed by expert, holding each continual learner's last snapshot of the windows it
+//! learns from (opaque to the log). A batch, its
 //! windows and its stream's position go in the same transaction, so after a crash the
 //! position never runs ahead of, or behind, the samples on disk, and no window the
 //! position counts as cut is missing.
@@ -32,6 +34,7 @@ pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("s
 pub(crate) const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox");
 pub(crate) const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+pub(crate) const LEARNERS: TableDefinition<&str, &[u8]> = TableDefinition::new("learners");
 
 /// Most jobs one transaction takes: a bound on the group's memory and on how long
 /// the first append of a group waits for the rest to be written.
@@ -444,6 +447,27 @@ impl EdgeLog {
         });
     }
 
+    /// Replaces learner `name`'s snapshot (committed with the next group, without an
+    /// fsync of its own). Never waits.
+    pub fn save_learner(&self, name: &str, snapshot: Vec<u8>) {
+        let _ = self.send(Job::Learner {
+            name: name.to_string(),
+            snapshot,
+        });
+    }
+
+    /// Learner `name`'s last snapshot, if it saved one.
+    pub fn learner(&self, name: &str) -> Result<Option<Vec<u8>>, EdgeLogError> {
+        let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
+        let Some(learners) = optional(read.open_table(LEARNERS))? else {
+            return Ok(None);
+        };
+        Ok(learners
+            .get(name)
+            .map_err(EdgeLogError::read)?
+            .map(|v| v.value().to_vec()))
+    }
+
     /// Where consumer `name` left the journal, if it ever saved a cursor.
     pub fn cursor(&self, name: &str) -> Result<Option<u64>, EdgeLogError> {
         let read = self.inner.db.begin_read().map_err(EdgeLogError::read)?;
@@ -714,6 +738,7 @@ mod tests {
             let page = log.journal_page(5, 1).unwrap();
             assert_eq!(page.entries, vec![(5, vec![4u8; 3])]);
             log.save_cursor("mqtt:plant", 5);
+            log.save_learner("pump-ae", vec![1, 2, 3]);
         }
         let log = EdgeLog::open_with(dir.path(), options).unwrap();
         assert_eq!(
@@ -722,6 +747,8 @@ mod tests {
         );
         assert_eq!(log.cursor("mqtt:plant").unwrap(), Some(5));
         assert_eq!(log.cursor("mqtt:other").unwrap(), None);
+        assert_eq!(log.learner("pump-ae").unwrap(), Some(vec![1, 2, 3]));
+        assert_eq!(log.learner("fan-ae").unwrap(), None);
         assert!(log.journal_page(7, 10).unwrap().entries.is_empty());
     }
 }

@@ -6,10 +6,11 @@
 //! waits for the disk, new jobs queue up and go in the next group, so the fsyncs per
 //! second stay bounded by the disk, not by the number of producers. A failed commit
 //! answers every append of its group with the error and changes nothing: each stream
-//! refuses that batch. Outcomes of windows and consumers' cursors ride in the next
-//! group; a group of those alone commits without an fsync (redb's `Durability::None`,
+//! refuses that batch. Outcomes of windows, consumers' cursors and learners'
+//! snapshots ride in the next group; a group of those alone commits without an fsync (redb's `Durability::None`,
 //! made durable by the next commit that has one), since losing one to a crash only
-//! means a window scored again or a journal entry delivered again.
+//! means a window scored again, a journal entry delivered again or a learner
+//! restarting from its previous snapshot.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use tokio::sync::{oneshot, watch};
 use crate::error::EdgeLogError;
 use crate::log::{
     optional, Appended, EdgeLogStats, JournalMark, OutboxUsage, Outboxes, CURSORS, JOURNAL,
-    MAX_GROUP, OUTBOX, SAMPLES, STREAMS,
+    LEARNERS, MAX_GROUP, OUTBOX, SAMPLES, STREAMS,
 };
 use crate::record::{encode_position, last_sequence, StreamPosition};
 
@@ -37,6 +38,11 @@ pub(crate) enum Job {
     Cursor {
         name: String,
         cursor: u64,
+    },
+    /// A continual learner's windows, replacing its last snapshot.
+    Learner {
+        name: String,
+        snapshot: Vec<u8>,
     },
 }
 
@@ -63,11 +69,16 @@ struct Group {
     outcomes: Vec<(Arc<str>, u64, bool)>,
     journal: Vec<Vec<u8>>,
     cursors: Vec<(String, u64)>,
+    learners: Vec<(String, Vec<u8>)>,
 }
 
 impl Group {
     fn len(&self) -> usize {
-        self.appends.len() + self.outcomes.len() + self.journal.len() + self.cursors.len()
+        self.appends.len()
+            + self.outcomes.len()
+            + self.journal.len()
+            + self.cursors.len()
+            + self.learners.len()
     }
 
     fn add(&mut self, job: Job) {
@@ -80,6 +91,7 @@ impl Group {
             } => self.outcomes.push((sensor, sequence, dropped)),
             Job::Journal(entry) => self.journal.push(entry),
             Job::Cursor { name, cursor } => self.cursors.push((name, cursor)),
+            Job::Learner { name, snapshot } => self.learners.push((name, snapshot)),
         }
     }
 
@@ -321,6 +333,14 @@ impl Writer {
                         table.remove(journal.oldest).map_err(EdgeLogError::commit)?;
                         journal.oldest += 1;
                     }
+                }
+            }
+            if !group.learners.is_empty() {
+                let mut table = write.open_table(LEARNERS).map_err(EdgeLogError::commit)?;
+                for (name, snapshot) in &group.learners {
+                    table
+                        .insert(name.as_str(), snapshot.as_slice())
+                        .map_err(EdgeLogError::commit)?;
                 }
             }
             if !group.cursors.is_empty() {

@@ -124,6 +124,15 @@ impl Reservoir {
         &self.items
     }
 
+    /// Takes back what a snapshot of [`Reservoir::items`] and [`Reservoir::seen`] held
+    /// (a learner restarted): later offers go on sampling as if it had never stopped.
+    /// Items past the capacity are dropped.
+    pub fn restore(&mut self, seen: u64, mut items: Vec<ReplayItem>) {
+        items.truncate(self.capacity);
+        self.seen = seen.max(items.len() as u64);
+        self.items = items;
+    }
+
     /// Empties the reservoir and restarts the count, so the next stream is sampled
     /// uniformly on its own (the generator continues; it is not reseeded).
     pub fn clear(&mut self) {

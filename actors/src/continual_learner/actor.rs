@@ -13,10 +13,14 @@
 //! [`ContinualLearnerMsg::Learn`] (run a round now, answered with its report),
 //! [`ContinualLearnerMsg::Tick`] (the `every_s` schedule). **Supervised by** whoever
 //! started it through [`ContinualLearner::start`] (on a node: the node server): it is
-//! not restarted, because its buffers and detectors live only in memory and a fresh
-//! learner would have to watch the regime from scratch anyway; an unexpected stop is
-//! logged, counted in `fogmesh_learner_stopped_total` and shows as phase `stopped`,
-//! and the expert keeps serving the version it had. **On failure**: a fine-tune that
+//! not restarted in the same process; an unexpected stop is logged, counted in
+//! `fogmesh_learner_stopped_total` and shows as phase `stopped`, and the expert keeps
+//! serving the version it had. On a node with an edge log the learner snapshots its
+//! reservoir, recent windows and collecting state there (every
+//! [`SNAPSHOT_EVERY`] windows, at each drift and promotion, and when it stops), and a
+//! learner started after a restart takes them back, so a restart of the node does not
+//! cost it the regime it had learned or the new one it was collecting; its drift
+//! detectors start afresh. **On failure**: a fine-tune that
 //! fails, a candidate the [`ValidationGate`] refuses, a store or promotion error, each
 //! leaves the serving version untouched and is counted (`failures`, `refusals`) and
 //! reported (`last_error`, `last_round`, the `Learn` answer). Nothing from outside makes
@@ -35,6 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use fogmesh_edge_log::EdgeLog;
 use fogmesh_models::continual::Reservoir;
 use fogmesh_models::drift::{Drift, KsDrift, PageHinkley};
 use fogmesh_models::store::ModelStore;
@@ -86,6 +91,9 @@ impl ractor::Message for ContinualLearnerMsg {}
 
 pub struct ContinualLearner;
 
+/// Windows a learner takes between two snapshots in the edge log.
+pub const SNAPSHOT_EVERY: usize = 256;
+
 pub struct ContinualLearnerArgs {
     /// The expert as it serves now; it must serve a stored model.
     pub expert: ExpertSpec,
@@ -95,6 +103,8 @@ pub struct ContinualLearnerArgs {
     pub promoter: Arc<dyn Promoter>,
     pub annunciator: Annunciator,
     pub shared: Arc<ContinualLearnerShared>,
+    /// Where its windows survive a restart; `None` keeps them in memory only.
+    pub log: Option<EdgeLog>,
 }
 
 pub struct ContinualLearnerState {
@@ -123,6 +133,9 @@ pub struct ContinualLearnerState {
     rounds_started: u64,
     forwarder: Option<JoinHandle<()>>,
     metrics: LearnerMetrics,
+    log: Option<EdgeLog>,
+    /// Windows taken since the last snapshot.
+    unsaved: usize,
 }
 
 struct LearnerMetrics {
@@ -178,16 +191,24 @@ impl Actor for ContinualLearner {
             args.shared.clone(),
             myself,
         ));
-        Ok(ContinualLearnerState {
+        let mut observed = ObservedWindows::new(reservoir);
+        let (collecting, since_round) = match &args.log {
+            Some(log) => resume(log, &expert, &mut observed),
+            None => (false, 0),
+        };
+        if collecting {
+            args.shared.set_phase(Phase::Collecting);
+        }
+        let state = ContinualLearnerState {
             expert,
             spec: args.spec,
             store: args.store,
             promoter: args.promoter,
             shared: args.shared,
             serving: Serving::new(stored.manifest, stored.weights),
-            observed: ObservedWindows::new(reservoir),
-            collecting: false,
-            since_round: 0,
+            observed,
+            collecting,
+            since_round,
             score_drift,
             shape_drift,
             drift: None,
@@ -198,7 +219,11 @@ impl Actor for ContinualLearner {
             rounds_started: 0,
             forwarder: Some(forwarder),
             metrics,
-        })
+            log: args.log,
+            unsaved: 0,
+        };
+        state.publish_sizes();
+        Ok(state)
     }
 
     async fn handle(
@@ -255,6 +280,7 @@ impl Actor for ContinualLearner {
         if let Some(round) = state.round_task.take() {
             round.abort();
         }
+        state.save();
         state.shared.set_phase(Phase::Stopped);
         Ok(())
     }
@@ -316,6 +342,10 @@ impl ContinualLearnerState {
         };
         self.observed.hold(window, capacity, self.collecting);
         self.since_round += 1;
+        self.unsaved += 1;
+        if self.unsaved >= SNAPSHOT_EVERY {
+            self.save();
+        }
         // The detectors follow the serving version's scores only: windows still in
         // flight under the previous version would look like a change.
         let event = if *opinion.model_version == *self.serving.id {
@@ -392,11 +422,23 @@ impl ContinualLearnerState {
         }
         self.collecting = true;
         self.since_round = 0;
+        self.save();
         if self.running.is_none() {
             self.shared.set_phase(Phase::Collecting);
         } else {
             self.shared.changed();
         }
+    }
+
+    /// Snapshots the windows held into the edge log, if the node has one.
+    fn save(&mut self) {
+        if let Some(log) = &self.log {
+            log.save_learner(
+                &self.expert,
+                self.observed.snapshot(self.collecting, self.since_round),
+            );
+        }
+        self.unsaved = 0;
     }
 
     fn label(&mut self, sensor: &str, sequence: u64, label: i64) {
@@ -561,7 +603,30 @@ impl ContinualLearnerState {
             self.score_drift = score;
             self.shape_drift = shape;
         }
+        self.save();
         tracing::info!(expert = %self.expert, %version, "promoted version serves");
+    }
+}
+
+/// The windows a learner of `expert` left in `log`: `(collecting, since_round)`, and
+/// `observed` filled; a fresh start when there is none or it does not read back.
+fn resume(log: &EdgeLog, expert: &str, observed: &mut ObservedWindows) -> (bool, usize) {
+    match log.learner(expert) {
+        Ok(Some(bytes)) => match observed.restore(&bytes) {
+            Some((collecting, since_round)) => {
+                tracing::info!(%expert, reservoir = observed.reservoir_len(), recent = observed.recent_len(), collecting, "learner resumed its windows from the edge log");
+                (collecting, since_round)
+            }
+            None => {
+                tracing::warn!(%expert, bytes = bytes.len(), "the learner's snapshot in the edge log does not read back; starting with no windows");
+                (false, 0)
+            }
+        },
+        Ok(None) => (false, 0),
+        Err(e) => {
+            tracing::warn!(%expert, error = %e, "cannot read the learner's snapshot; starting with no windows");
+            (false, 0)
+        }
     }
 }
 
@@ -618,6 +683,7 @@ impl ContinualLearner {
             promoter,
             annunciator: node.annunciator.clone(),
             shared: shared.clone(),
+            log: node.storage.as_ref().map(|s| s.log.clone()),
         };
         let (actor, join) =
             Actor::spawn(None, ContinualLearner, args)

@@ -4,6 +4,10 @@
 //! join the reservoir while the learner watches; while it collects a new regime the
 //! reservoir is frozen, so the old regime a round replays never takes in the new one
 //! the round must learn.
+//!
+//! Both survive a restart through a snapshot ([`ObservedWindows::snapshot`]) the
+//! learner keeps in the node's edge log: little-endian, versioned, read back whole or
+//! not at all.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -108,6 +112,112 @@ impl ObservedWindows {
     pub(super) fn reservoir_items(&self) -> Vec<ReplayItem> {
         self.reservoir.items().to_vec()
     }
+
+    /// The windows held, whether the learner is collecting a new regime and how many
+    /// windows it took since its last drift or round, as bytes.
+    pub(super) fn snapshot(&self, collecting: bool, since_round: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.push(u8::from(collecting));
+        out.extend_from_slice(&(since_round as u64).to_le_bytes());
+        out.extend_from_slice(&self.reservoir.seen().to_le_bytes());
+        out.extend_from_slice(&(self.reservoir.len() as u32).to_le_bytes());
+        for item in self.reservoir.items() {
+            put_window(&mut out, item.label, &item.window);
+        }
+        out.extend_from_slice(&(self.recent.len() as u32).to_le_bytes());
+        for held in &self.recent {
+            out.extend_from_slice(&(held.sensor.len() as u32).to_le_bytes());
+            out.extend_from_slice(held.sensor.as_bytes());
+            out.extend_from_slice(&held.sequence.to_le_bytes());
+            put_window(&mut out, held.label, &held.values);
+        }
+        out
+    }
+
+    /// Takes back a [`ObservedWindows::snapshot`]: `(collecting, since_round)`, or
+    /// `None` (and nothing changed) for bytes that are not a whole snapshot.
+    pub(super) fn restore(&mut self, bytes: &[u8]) -> Option<(bool, usize)> {
+        let mut r = Reader(bytes);
+        if r.take(SNAPSHOT_MAGIC.len())? != SNAPSHOT_MAGIC {
+            return None;
+        }
+        let collecting = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let since_round = usize::try_from(r.u64()?).ok()?;
+        let seen = r.u64()?;
+        let mut reservoir = Vec::new();
+        for _ in 0..r.u32()? {
+            let (label, window) = r.window()?;
+            reservoir.push(ReplayItem { window, label });
+        }
+        let mut recent = VecDeque::new();
+        for _ in 0..r.u32()? {
+            let length = r.u32()? as usize;
+            let sensor = std::str::from_utf8(r.take(length)?).ok()?;
+            let sequence = r.u64()?;
+            let (label, values) = r.window()?;
+            recent.push_back(Held {
+                sensor: sensor.into(),
+                sequence,
+                values: values.into(),
+                label,
+            });
+        }
+        if !r.0.is_empty() {
+            return None;
+        }
+        self.reservoir.restore(seen, reservoir);
+        self.recent = recent;
+        Some((collecting, since_round))
+    }
+}
+
+/// Opens every snapshot, version 1.
+const SNAPSHOT_MAGIC: &[u8] = b"fogmesh-learner-1";
+
+/// `label i64` (`i64::MIN` for none), `count u32`, the values.
+fn put_window(out: &mut Vec<u8>, label: Option<i64>, values: &[f32]) {
+    out.extend_from_slice(&label.unwrap_or(i64::MIN).to_le_bytes());
+    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn window(&mut self) -> Option<(Option<i64>, Vec<f32>)> {
+        let label = i64::from_le_bytes(self.take(8)?.try_into().ok()?);
+        let count = self.u32()? as usize;
+        let values = self
+            .take(count.checked_mul(4)?)?
+            .chunks_exact(4)
+            .map(|v| f32::from_le_bytes(v.try_into().unwrap_or([0; 4])))
+            .collect();
+        Some(((label != i64::MIN).then_some(label), values))
+    }
 }
 
 #[cfg(test)]
@@ -132,9 +242,17 @@ mod tests {
     }
 
     fn windows(sequences: std::ops::Range<u64>, collecting: bool) -> ObservedWindows {
+        windows_of(sequences, 3, collecting)
+    }
+
+    fn windows_of(
+        sequences: std::ops::Range<u64>,
+        capacity: usize,
+        collecting: bool,
+    ) -> ObservedWindows {
         let mut observed = ObservedWindows::new(Reservoir::new(16, 0).unwrap());
         for sequence in sequences {
-            observed.hold(&window(sequence), 3, collecting);
+            observed.hold(&window(sequence), capacity, collecting);
         }
         observed
     }
@@ -155,6 +273,33 @@ mod tests {
             (collecting.recent_len(), collecting.reservoir_len()),
             (0, 3)
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn snapshots_survive_the_round_trip_and_cut_ones_are_refused(
+            windows in 0u64..40,
+            capacity in 1usize..8,
+            collecting: bool,
+            since_round in 0usize..1000,
+            labelled in proptest::collection::vec(0u64..40, 0..5),
+            cut in 1usize..64,
+        ) {
+            let mut observed = windows_of(0..windows, capacity, collecting);
+            for sequence in labelled {
+                observed.label("pump-1", sequence, sequence as i64 - 3);
+            }
+            let bytes = observed.snapshot(collecting, since_round);
+            let mut back = ObservedWindows::new(Reservoir::new(16, 9).unwrap());
+            proptest::prop_assert_eq!(back.restore(&bytes), Some((collecting, since_round)));
+            proptest::prop_assert_eq!(back.recent_items(), observed.recent_items());
+            proptest::prop_assert_eq!(back.reservoir_items(), observed.reservoir_items());
+            proptest::prop_assert_eq!(back.reservoir.seen(), observed.reservoir.seen());
+            let mut refused = ObservedWindows::new(Reservoir::new(16, 9).unwrap());
+            let cut = cut.min(bytes.len());
+            proptest::prop_assert_eq!(refused.restore(&bytes[..bytes.len() - cut]), None);
+            proptest::prop_assert_eq!(refused.recent_len() + refused.reservoir_len(), 0);
+        }
     }
 
     #[test]

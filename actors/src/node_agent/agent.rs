@@ -130,6 +130,9 @@ pub enum NodeAgentMsg {
 
 impl ractor::Message for NodeAgentMsg {}
 
+/// Longest a stopping node waits for its actors (an expert finishing its batch).
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Actor for NodeAgent {
     type Msg = NodeAgentMsg;
     type State = NodeAgentState;
@@ -163,6 +166,20 @@ impl Actor for NodeAgent {
         };
         state.reconcile(args.spec, &myself.get_cell()).await?;
         Ok(state)
+    }
+
+    /// Stopping the agent stops the node: every actor it supervises is stopped and
+    /// waited for (at most [`STOP_WAIT`]), so what they hold (the edge log among it) is
+    /// let go by the time [`crate::Node::shutdown`] returns.
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        myself
+            .stop_children_and_wait(Some("node shutting down".into()), Some(STOP_WAIT))
+            .await;
+        Ok(())
     }
 
     async fn handle(

@@ -553,6 +553,7 @@ async fn scheduled_rounds_run_every_every_s_on_new_windows_only() {
             promoter: promoter.clone(),
             annunciator: annunciator.clone(),
             shared: shared.clone(),
+            log: None,
         },
     )
     .await
@@ -605,4 +606,73 @@ async fn scheduled_rounds_run_every_every_s_on_new_windows_only() {
     actor.stop(None);
     join.await.unwrap();
     assert_eq!(shared.phase(), Phase::Stopped);
+}
+
+/// A node on an edge log with a learner of the stored version 1: its node, the
+/// learner, and the learner's expert.
+async fn start_durable(
+    dir: &std::path::Path,
+    store: &ModelStore,
+    expert: &ExpertSpec,
+) -> (
+    Node,
+    tokio::task::JoinHandle<()>,
+    fogmesh_actors::RunningLearner,
+) {
+    let storage = fogmesh_actors::EdgeStorage {
+        log: fogmesh_edge_log::EdgeLog::open(&dir.join("edge-log")).expect("the log opens"),
+        limits: fogmesh_actors::OutboxLimits::default(),
+    };
+    let (node, join) = Node::start_with_log(
+        node_spec(expert.clone()),
+        Annunciator::new(1 << 16),
+        Some(storage),
+    )
+    .await
+    .expect("the node starts");
+    let promoter = Arc::new(LocalPromoter::new(
+        node.clone(),
+        store.clone(),
+        [expert.clone()],
+    ));
+    let learner = ContinualLearner::start(
+        &node,
+        expert.clone(),
+        learning(ValidationGate::default()),
+        store.clone(),
+        promoter,
+    )
+    .await
+    .expect("the learner starts");
+    (node, join, learner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_gives_its_learner_back_its_reservoir_and_the_new_regime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path().join("models"));
+    let (v1, weights) = store_version_1(&store, 20);
+    let expert = expert_spec(&v1, &weights);
+
+    let (node, join, learner) = start_durable(dir.path(), &store, &expert).await;
+    let shared = learner.handle.shared.clone();
+    let mut plant = Plant::new(&node);
+    drift_to_b(&mut plant, &shared).await;
+    let cut = plant.windows_cut();
+    let before = until(&shared, "every window taken in", |s| s.windows_seen == cut).await;
+    assert_eq!(before.phase, Phase::Collecting, "{before:?}");
+    assert!(before.reservoir > 0 && before.new_windows > 0, "{before:?}");
+    learner.shutdown().await;
+    node.shutdown(join).await;
+    drop((node, plant));
+
+    let (node, join, learner) = start_durable(dir.path(), &store, &expert).await;
+    let after = learner.handle.shared.snapshot();
+    assert_eq!(
+        (after.phase, after.reservoir, after.new_windows),
+        (Phase::Collecting, before.reservoir, before.new_windows),
+        "the learner took back what it held"
+    );
+    learner.shutdown().await;
+    node.shutdown(join).await;
 }

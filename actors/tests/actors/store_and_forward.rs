@@ -112,6 +112,11 @@ async fn a_minute_without_experts_loses_nothing_and_the_backlog_drains_in_order(
     .await;
     let drained_at = verdicts.0.lock().unwrap()[backlog as usize - 1].2;
     let drain_rate = backlog as f64 / (drained_at - back).as_secs_f64();
+    eprintln!(
+        "store-and-forward: backlog {backlog} windows after {OUTAGE:?} without experts; ingest {ingest_rate:.0} windows/s; drained at {drain_rate:.0} windows/s ({:.1}x) in {:?}",
+        drain_rate / ingest_rate,
+        drained_at - back
+    );
     assert!(
         drain_rate >= 2.0 * ingest_rate,
         "the backlog of {backlog} windows drained at {drain_rate:.0} windows/s, ingest cuts {ingest_rate:.0}/s"
