@@ -202,3 +202,85 @@ async fn kill_and_resend(kills: u64) {
         "every restart resumed the stream from its log"
     );
 }
+
+/// Connects a sensor producer to the node, waiting for it to serve.
+async fn ingest_client(
+    node: &DurableNode,
+    sensor: &fogmesh_cluster::dialer::Dialer,
+) -> IngestClient<tonic::transport::Channel> {
+    poll(
+        "the node to serve gRPC",
+        Duration::from_secs(60),
+        || async {
+            Some(IngestClient::new(
+                sensor.channel(&node.addr).await.ok()?.channel,
+            ))
+        },
+    )
+    .await
+}
+
+/// `fogmesh alerts --follow` across a `kill -9` and restart of its node: it reconnects
+/// and resumes after the last cursor it printed, so it prints every alert once, in
+/// order, those of both lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fogmesh_alerts_follow_resumes_after_its_node_restarts() {
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::open(&dir.path().join("pki"));
+    let sensor = pki.sensor();
+    let mut node = durable_node(dir.path(), &pki);
+    node.start();
+    // 48 spiked samples: windows of 16 every 8 from 0 to 32, five alerts.
+    let spikes = |range: std::ops::Range<u64>| SampleBatch {
+        samples: samples(SENSOR, range, fogmesh_tests::spiked_values),
+    };
+    ingest_client(&node, &sensor)
+        .await
+        .push(spikes(0..48))
+        .await
+        .expect("the spikes are accepted");
+
+    let mut follow = tokio::process::Command::new(crate::fixtures::fogmesh_binary())
+        .args(["alerts", "--node", &node.addr, "--follow", "--from", "1"])
+        .envs(pki.operator_env())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("fogmesh alerts starts");
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().expect("piped")).lines();
+    let mut cursors = Vec::new();
+    let mut read_until = async |last: u64, cursors: &mut Vec<u64>| {
+        while cursors.last().is_none_or(|c| *c < last) {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .expect("an alert line in time")
+                .expect("stdout reads")
+                .expect("fogmesh alerts keeps running");
+            let cursor = line
+                .strip_prefix('#')
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("a line with its cursor: {line}"));
+            assert!(line.contains(SENSOR), "{line}");
+            cursors.push(cursor);
+        }
+    };
+    read_until(5, &mut cursors).await;
+
+    node.kill();
+    node.start();
+    // Six more windows (5 to 10) in the second life.
+    ingest_client(&node, &sensor)
+        .await
+        .push(spikes(48..96))
+        .await
+        .expect("the spikes are accepted after the restart");
+    read_until(11, &mut cursors).await;
+    assert_eq!(
+        cursors,
+        (1..=11).collect::<Vec<_>>(),
+        "every alert once, in order"
+    );
+}
