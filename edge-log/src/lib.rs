@@ -27,11 +27,10 @@
 mod error;
 mod log;
 mod record;
+mod schema;
 mod writer;
 
 pub use error::EdgeLogError;
-pub use log::{
-    Appended, Batch, EdgeLog, EdgeLogOptions, EdgeLogStats, JournalMark, JournalPage, OutboxUsage,
-    StreamLog, DEFAULT_JOURNAL_RETENTION, MAX_GROUP,
-};
+pub use log::{Batch, EdgeLog, EdgeLogOptions, JournalPage, StreamLog, DEFAULT_JOURNAL_RETENTION};
 pub use record::{ParkedWindow, Sample, StreamPosition};
+pub use schema::{Appended, EdgeLogStats, JournalMark, OutboxUsage, MAX_GROUP};

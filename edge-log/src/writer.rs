@@ -20,11 +20,11 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::{oneshot, watch};
 
 use crate::error::EdgeLogError;
-use crate::log::{
+use crate::record::{encode_position, last_sequence, StreamPosition};
+use crate::schema::{
     optional, Appended, EdgeLogStats, JournalMark, OutboxUsage, Outboxes, CURSORS, JOURNAL,
     LEARNERS, MAX_GROUP, OUTBOX, SAMPLES, STREAMS,
 };
-use crate::record::{encode_position, last_sequence, StreamPosition};
 
 pub(crate) enum Job {
     Append(Append),
