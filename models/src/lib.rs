@@ -44,6 +44,7 @@ pub mod classifier;
 pub mod continual;
 pub mod drift;
 pub mod error;
+pub mod federated;
 pub mod forecaster;
 pub mod fusion;
 pub mod gate;
