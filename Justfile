@@ -99,6 +99,8 @@ bench: setup
     cargo run --release -p fogmesh -- bench w1 --remote --tls
     cargo run --release -p fogmesh -- bench flood
     cargo run --release -p fogmesh -- bench ingest
+    cargo run --release -p fogmesh -- bench federated
+    cargo run --release -p fogmesh -- bench federated --clients 100 --local-work none
 
 # CI runs a short version of each (10 kills).
 # Long chaos runs kept out of CI: 100 `kill -9`s of a node with an edge log under load.

@@ -4,13 +4,16 @@
 //!
 //! The path of a reading: a source pushes a batch of [`Sample`]s to a
 //! [`SensorStream`], which validates, flags, normalises and windows it; each
-//! [`Window`] goes to the stream's [`Router`], which picks experts (static table or
+//! [`Window`] goes, through the stream's forwarder (store-and-forward with an edge log),
+//! to the stream's [`Router`], which picks experts (static table or
 //! learned gate), sends the window to each [`Expert`] and combines their verdicts into
 //! a [`ScoredWindow`] for the [`Annunciator`]. The [`NodeAgent`] starts and supervises
 //! all of them. A [`ContinualLearner`] per learning expert watches its scored windows
 //! for drift and fine-tunes, validates and promotes new versions. A [`Merger`] merges
-//! stored versions into a new one, through the same validation gate when asked. See
-//! ARCHITECTURE.md for the invariants.
+//! stored versions into a new one, through the same validation gate when asked. A
+//! [`SiteTrainer`] is one site of a federated round: it trains on windows that never
+//! leave it and sends back only its encoded update. See ARCHITECTURE.md for the
+//! invariants.
 
 pub mod annunciator;
 pub mod continual_learner;
@@ -18,6 +21,7 @@ pub mod directory;
 pub mod error;
 pub mod expert;
 pub mod expert_endpoint;
+pub mod federated;
 pub mod merger;
 pub mod node_agent;
 pub mod normalisation;
@@ -47,6 +51,9 @@ pub use expert::{
     StoredModel,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
+pub use federated::{
+    LocalWork, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
+};
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,
     Validation,

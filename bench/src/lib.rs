@@ -4,12 +4,14 @@
 //! (`swap`), training and inference speed against the same networks in PyTorch eager
 //! (`training_speed`), merge bandwidth against memcpy (`merge`), one sensor
 //! flooding a node while another keeps its pace (`flood`), and durable ingest through
-//! the edge log against the same log in memory (`ingest`).
+//! the edge log against the same log in memory (`ingest`), and W2, federated rounds of
+//! site actors (`federated`).
 //!
 //! Nothing here is a mock: every workload starts real [`fogmesh_actors::Node`]s (or real
 //! `fogmesh node` processes) and measures them from outside, the way a load generator
 //! would. Targets are checked by reading these reports, never by timed tests.
 
+pub mod federated;
 pub mod flood;
 pub mod ingest;
 pub mod merge;

@@ -449,8 +449,17 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 /// Peak resident set of process `pid` (a number, or `self`), where the OS reports it.
 pub(crate) fn peak_rss_mib_of(pid: &str) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set of this process now (VmRSS), where the OS reports it.
+pub fn rss_mib() -> Option<f64> {
+    status_mib("self", "VmRSS:")
+}
+
+fn status_mib(pid: &str, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }

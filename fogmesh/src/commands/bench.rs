@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
-use fogmesh_bench::{flood, ingest, merge, swap, training_speed, w1, w1_remote};
+use fogmesh_bench::{federated, flood, ingest, merge, swap, training_speed, w1, w1_remote};
 
 use crate::task::{blocking, print_json};
 
@@ -22,6 +22,27 @@ pub enum Workload {
         /// The flooding sensor's `max_rate` (it sends 100,000 samples per second).
         #[arg(long, default_value_t = 1_000)]
         flood_limit: u64,
+    },
+    /// W2: federated rounds of CLIENTS site actors training the W1 autoencoder on
+    /// their own non-IID windows (or echoing, `--local-work none`), merged by FedAvg:
+    /// round time, the slowest site's work, the framework's overhead, bytes per round,
+    /// the final loss and resident memory.
+    Federated {
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Rounds; the first 2 are not counted.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        #[arg(long, value_enum, default_value_t = LocalWorkKind::Epoch)]
+        local_work: LocalWorkKind,
+        /// Multiplies the autoencoder's hidden channels (8 gives about 0.35 M parameters).
+        #[arg(long, default_value_t = 1)]
+        width: i64,
+        /// How sites encode updates: none, int8, topk:<fraction> or topk:<fraction>+int8.
+        #[arg(long, default_value = "none")]
+        compression: fogmesh_models::federated::Compression,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
     },
     /// Samples acknowledged per second with the edge log on disk (every ack after its
     /// fsync) and in memory, from SENSORS producers: ack p50/p99 and fsyncs per second.
@@ -103,6 +124,14 @@ pub enum Workload {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+pub enum LocalWorkKind {
+    /// One epoch of Adam over the site's windows.
+    Epoch,
+    /// Echo: the site sends its weights back unchanged.
+    None,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 pub enum Gate {
     Static,
     Learned,
@@ -123,6 +152,27 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             let report = flood::run(&options)
                 .await
                 .context("running the flood benchmark")?;
+            print_json(&report)
+        }
+        Workload::Federated {
+            clients,
+            rounds,
+            local_work,
+            width,
+            compression,
+            seed,
+        } => {
+            let options = federated::BenchFederatedOptions {
+                clients,
+                rounds,
+                local_epoch: matches!(local_work, LocalWorkKind::Epoch),
+                width,
+                compression,
+                seed,
+            };
+            let report = federated::run(&options)
+                .await
+                .context("running W2, the federated round")?;
             print_json(&report)
         }
         Workload::Ingest {

@@ -161,6 +161,12 @@ impl Weights {
         &self.values
     }
 
+    /// Every value, to change in place (a federated round adding its merged update):
+    /// the layout, names and shapes stay as they are.
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+
     /// `(name, shape, values)` of every tensor, in name order.
     pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize], &[f32])> {
         self.tensors.iter().map(|t| {
