@@ -85,7 +85,7 @@ pub(crate) async fn run(
         format!("{}-alerts", config.client_id(&node_name, index)),
         MAX_PACKET,
     );
-    let (client, mut events) = AsyncClient::new(options, IN_FLIGHT * 2);
+    let (mut client, mut events) = AsyncClient::new(options.clone(), IN_FLIGHT * 2);
     let mut marks = log.journal_marks();
     let mut backoff = RECONNECT.build();
     let mut connected = false;
@@ -138,10 +138,13 @@ pub(crate) async fn run(
                     metrics::counter!(telemetry::MQTT_CONNECTION_ERRORS, "broker" => where_to.clone()).increment(1);
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(broker = %where_to, error = %e, retry_in = ?wait, "mqtt alert connection failed; alerts wait in the journal");
-                    // What was not acknowledged goes again, from the cursor.
+                    // What was not acknowledged goes again, from the cursor, on a fresh
+                    // client: rumqttc would otherwise resend its own unacknowledged
+                    // publications too, and their PUBACKs could not be told from ours.
                     connected = false;
                     in_flight.clear();
                     next = acked_to;
+                    (client, events) = AsyncClient::new(options.clone(), IN_FLIGHT * 2);
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(wait) => {}

@@ -223,8 +223,10 @@ impl Forwarder {
                     if window.sequence < next || !matches!(source, Source::Channel) {
                         continue;
                     }
+                    // Only a log can hand on what the channel skipped or what does not
+                    // fit now; without one, every window goes straight on.
                     let durable = self.storage.is_some();
-                    if window.sequence > next || (durable && in_flight.len() >= PIPELINE) {
+                    if durable && (window.sequence > next || in_flight.len() >= PIPELINE) {
                         source = Source::Outbox { after: Instant::now(), probing: false };
                         continue;
                     }
