@@ -221,11 +221,6 @@ impl Writer {
                 .set_durability(redb::Durability::None)
                 .map_err(EdgeLogError::commit)?;
         }
-        let shared = self
-            .outboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let mut changed: Outboxes = HashMap::new();
         let mut trimmed: HashMap<Arc<str>, usize> = HashMap::new();
         let mut dropped_per_append = Vec::with_capacity(group.appends.len());
@@ -238,7 +233,7 @@ impl Writer {
             let mut streams = write.open_table(STREAMS).map_err(EdgeLogError::commit)?;
             let mut outbox = write.open_table(OUTBOX).map_err(EdgeLogError::commit)?;
             for (sensor, sequence, dropped) in &group.outcomes {
-                let mut u = current(&changed, &shared, sensor);
+                let mut u = current(&changed, &self.outboxes, sensor);
                 if let Some(value) = outbox
                     .remove((&**sensor, *sequence))
                     .map_err(EdgeLogError::commit)?
@@ -255,7 +250,7 @@ impl Writer {
             }
             for append in &group.appends {
                 let sensor: &str = &append.sensor;
-                let mut u = current(&changed, &shared, &append.sensor);
+                let mut u = current(&changed, &self.outboxes, &append.sensor);
                 samples
                     .insert((sensor, append.first), append.batch.as_slice())
                     .map_err(EdgeLogError::commit)?;
@@ -371,10 +366,11 @@ impl Writer {
             .fetch_add(samples_written, Ordering::Relaxed);
         {
             let mut outboxes = self.outboxes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut parked = self.stats.parked.load(Ordering::Relaxed);
             for (sensor, u) in changed {
-                outboxes.insert(sensor, u);
+                let before = outboxes.insert(sensor, u).map_or(0, |b| b.windows);
+                parked = (parked + u.windows).saturating_sub(before);
             }
-            let parked: u64 = outboxes.values().map(|u| u.windows).sum();
             self.stats.parked.store(parked, Ordering::Relaxed);
         }
         for (reason, drops) in [("full", dropped_full), ("expired", expired)] {
@@ -393,11 +389,17 @@ impl Writer {
     }
 }
 
-/// A sensor's outbox as this group has left it so far.
-fn current(changed: &Outboxes, shared: &Outboxes, sensor: &Arc<str>) -> OutboxUsage {
-    changed
+/// A sensor's outbox as this group has left it so far; the shared figures are read
+/// (one short lock) only for a sensor the group has not touched yet, so readers never
+/// wait for a copy of every sensor's.
+fn current(changed: &Outboxes, shared: &Mutex<Outboxes>, sensor: &Arc<str>) -> OutboxUsage {
+    if let Some(u) = changed.get(sensor) {
+        return *u;
+    }
+    shared
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
         .get(sensor)
-        .or_else(|| shared.get(sensor))
         .copied()
         .unwrap_or_default()
 }
