@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fogmesh_actors::node_agent::{Unanswered, Undelivered};
 use fogmesh_actors::{LocalWork, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg};
 use fogmesh_models::federated::{aggregate, decode, Aggregation, Compression, SiteUpdate};
 use fogmesh_models::merge::Weights;
@@ -93,10 +94,18 @@ pub enum BenchFederatedError {
     Federated(#[from] fogmesh_models::federated::FederatedError),
     #[error(transparent)]
     Training(#[from] fogmesh_actors::TrainingError),
-    #[error("a site did not answer: {0}")]
-    Site(String),
-    #[error("the site actors could not start: {0}")]
-    Spawn(String),
+    #[error("site {site} gave no answer: {source}")]
+    Site {
+        site: usize,
+        #[source]
+        source: fogmesh_actors::node_agent::Unanswered,
+    },
+    #[error("site {site} could not start: {source}")]
+    Spawn {
+        site: usize,
+        #[source]
+        source: ractor::SpawnErr,
+    },
 }
 
 /// Site `i`'s windows: standard normal plus `0.1 · i` on every value.
@@ -154,7 +163,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args)
             .await
-            .map_err(|e| BenchFederatedError::Spawn(e.to_string()))?;
+            .map_err(|source| BenchFederatedError::Spawn { site: i, source })?;
         sites.push(actor);
     }
 
@@ -180,11 +189,26 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
             )
         });
         let mut reports: Vec<SiteReport> = Vec::with_capacity(sites.len());
-        for answer in futures::future::join_all(asks).await {
+        for (site, answer) in futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let unanswered = |source| BenchFederatedError::Site { site, source };
             match answer {
                 Ok(ractor::rpc::CallResult::Success(report)) => reports.push(report?),
-                Ok(_) => return Err(BenchFederatedError::Site("no answer".into())),
-                Err(e) => return Err(BenchFederatedError::Site(e.to_string())),
+                // No timeout is set: a site that does not answer has stopped.
+                Ok(_) => {
+                    return Err(unanswered(Unanswered::Stopped {
+                        callee: "site trainer",
+                    }))
+                }
+                Err(e) => {
+                    return Err(unanswered(Unanswered::NotDelivered {
+                        callee: "site trainer",
+                        source: Undelivered::from(&e),
+                    }))
+                }
             }
         }
         let decoded: Vec<Vec<f32>> = reports

@@ -103,8 +103,12 @@ pub enum TrainingError {
         #[source]
         source: ModelError,
     },
-    #[error("site `{site}`: its training thread stopped: {reason}")]
-    Thread { site: String, reason: String },
+    #[error("site `{site}`: its training thread stopped: {source}")]
+    Thread {
+        site: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 pub enum SiteTrainerMsg {
@@ -175,9 +179,9 @@ impl Actor for SiteTrainer {
                 state.compressor = Some(compressor);
                 outcome
             }
-            Err(e) => Err(TrainingError::Thread {
+            Err(source) => Err(TrainingError::Thread {
                 site: state.site.to_string(),
-                reason: e.to_string(),
+                source,
             }),
         };
         // The coordinator may have given up on this round (a straggler).

@@ -84,7 +84,8 @@ pub struct SensorStreamState {
     storage: Option<EdgeStorage>,
     /// To the forwarder; dropping it (with the state) ends the forwarder.
     forward: mpsc::UnboundedSender<Window>,
-    forwarder: tokio::task::JoinHandle<()>,
+    /// Started once the stream has resumed, from where it resumed.
+    forwarder: Option<tokio::task::JoinHandle<()>>,
     accepted_counter: metrics::Counter,
     duplicate_counter: metrics::Counter,
     window_counter: metrics::Counter,
@@ -110,7 +111,7 @@ impl Actor for SensorStream {
             next_window: args.shared.windows.load(Ordering::Relaxed),
             storage: args.storage.clone(),
             forward,
-            forwarder: tokio::spawn(async {}),
+            forwarder: None,
             accepted_counter: metrics::counter!(telemetry::SAMPLES_ACCEPTED, "sensor" => sensor.clone()),
             duplicate_counter: metrics::counter!(telemetry::SAMPLES_DUPLICATE, "sensor" => sensor.clone()),
             window_counter: metrics::counter!(telemetry::WINDOWS_CUT, "sensor" => sensor),
@@ -124,7 +125,7 @@ impl Actor for SensorStream {
             args.annunciator,
             args.storage,
         );
-        state.forwarder = tokio::spawn(forwarder.run(windows, state.next_window));
+        state.forwarder = Some(tokio::spawn(forwarder.run(windows, state.next_window)));
         Ok(state)
     }
 
@@ -135,9 +136,9 @@ impl Actor for SensorStream {
     ) -> Result<(), ActorProcessingErr> {
         // With a log the outbox keeps what it had in flight; the next life sends it.
         // Waited for, so the log is let go by the time the stream has stopped.
-        if state.storage.is_some() {
-            state.forwarder.abort();
-            let _ = (&mut state.forwarder).await;
+        if let (Some(_), Some(forwarder)) = (&state.storage, state.forwarder.take()) {
+            forwarder.abort();
+            let _ = forwarder.await;
         }
         Ok(())
     }
