@@ -233,14 +233,7 @@ async fn start(spec: LearningSpec) -> Started {
     let (node, join) = Node::start(node_spec(expert.clone()), annunciator)
         .await
         .expect("the node starts");
-    let promoter = Arc::new(LocalPromoter::new(
-        node.clone(),
-        store.clone(),
-        [expert.clone()],
-    ));
-    let learner = ContinualLearner::start(&node, expert, spec, store.clone(), promoter)
-        .await
-        .expect("the learner starts");
+    let learner = start_learner(&node, &expert, spec, &store).await;
     Started {
         node,
         join,
@@ -608,6 +601,23 @@ async fn scheduled_rounds_run_every_every_s_on_new_windows_only() {
     assert_eq!(shared.phase(), Phase::Stopped);
 }
 
+/// A learner of `expert` on `node`, promoting through the node itself.
+async fn start_learner(
+    node: &Node,
+    expert: &ExpertSpec,
+    spec: LearningSpec,
+    store: &ModelStore,
+) -> fogmesh_actors::RunningLearner {
+    let promoter = Arc::new(LocalPromoter::new(
+        node.clone(),
+        store.clone(),
+        [expert.clone()],
+    ));
+    ContinualLearner::start(node, expert.clone(), spec, store.clone(), promoter)
+        .await
+        .expect("the learner starts")
+}
+
 /// A node on an edge log with a learner of the stored version 1: its node, the
 /// learner, and the learner's expert.
 async fn start_durable(
@@ -619,31 +629,15 @@ async fn start_durable(
     tokio::task::JoinHandle<()>,
     fogmesh_actors::RunningLearner,
 ) {
-    let storage = fogmesh_actors::EdgeStorage {
-        log: fogmesh_edge_log::EdgeLog::open(&dir.join("edge-log")).expect("the log opens"),
-        limits: fogmesh_actors::OutboxLimits::default(),
-    };
+    let log = fogmesh_edge_log::EdgeLog::open(&dir.join("edge-log")).expect("the log opens");
     let (node, join) = Node::start_with_log(
         node_spec(expert.clone()),
         Annunciator::new(1 << 16),
-        Some(storage),
+        Some(crate::edge_log::storage(log)),
     )
     .await
     .expect("the node starts");
-    let promoter = Arc::new(LocalPromoter::new(
-        node.clone(),
-        store.clone(),
-        [expert.clone()],
-    ));
-    let learner = ContinualLearner::start(
-        &node,
-        expert.clone(),
-        learning(ValidationGate::default()),
-        store.clone(),
-        promoter,
-    )
-    .await
-    .expect("the learner starts");
+    let learner = start_learner(&node, expert, learning(ValidationGate::default()), store).await;
     (node, join, learner)
 }
 

@@ -58,23 +58,46 @@ impl Verdicts {
     }
 }
 
-fn with_limits(log: EdgeLog, limits: OutboxLimits) -> Option<EdgeStorage> {
-    Some(EdgeStorage { log, limits })
+/// A node on a fresh edge log whose stream's expert runs nowhere yet, and what it
+/// publishes. The folder lives as long as the returned guard.
+struct Outage {
+    node: Node,
+    join: tokio::task::JoinHandle<()>,
+    log: EdgeLog,
+    verdicts: Verdicts,
+    _dir: tempfile::TempDir,
+}
+
+async fn without_experts(limits: OutboxLimits, subscriber_room: usize) -> Outage {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EdgeLog::open(dir.path()).unwrap();
+    let annunciator = Annunciator::new(subscriber_room);
+    let verdicts = Verdicts::collect(&annunciator);
+    let storage = EdgeStorage {
+        log: log.clone(),
+        limits,
+    };
+    let (node, join) = Node::start_with_log(node_without_its_expert(), annunciator, Some(storage))
+        .await
+        .unwrap();
+    Outage {
+        node,
+        join,
+        log,
+        verdicts,
+        _dir: dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_without_experts_loses_nothing_and_the_backlog_drains_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = EdgeLog::open(dir.path()).unwrap();
-    let annunciator = Annunciator::new(1 << 18);
-    let verdicts = Verdicts::collect(&annunciator);
-    let (node, join) = Node::start_with_log(
-        node_without_its_expert(),
-        annunciator,
-        with_limits(log.clone(), OutboxLimits::default()),
-    )
-    .await
-    .unwrap();
+    let Outage {
+        node,
+        join,
+        log,
+        verdicts,
+        _dir,
+    } = without_experts(OutboxLimits::default(), 1 << 18).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicU64::new(0));
@@ -158,22 +181,18 @@ const WINDOW_BYTES: u64 = 100;
 
 #[tokio::test]
 async fn a_full_outbox_refuses_the_next_batch_and_takes_it_once_drained() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = EdgeLog::open(dir.path()).unwrap();
-    let annunciator = Annunciator::new(1024);
-    let verdicts = Verdicts::collect(&annunciator);
     let limits = OutboxLimits {
         max_bytes_per_sensor: 10 * WINDOW_BYTES,
         when_full: WhenFull::Refuse,
         ..OutboxLimits::default()
     };
-    let (node, join) = Node::start_with_log(
-        node_without_its_expert(),
-        annunciator,
-        with_limits(log.clone(), limits),
-    )
-    .await
-    .unwrap();
+    let Outage {
+        node,
+        join,
+        log,
+        verdicts,
+        _dir,
+    } = without_experts(limits, 1024).await;
     // 8 samples cut window 0, then each 4 cut one more: 10 windows fill the outbox.
     node.ingest("pump-1", samples(0..8)).await.unwrap();
     for first in (8..44).step_by(4) {
@@ -227,22 +246,18 @@ async fn a_full_outbox_refuses_the_next_batch_and_takes_it_once_drained() {
 
 #[tokio::test]
 async fn a_full_outbox_drops_its_oldest_windows_and_counts_exactly_those() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = EdgeLog::open(dir.path()).unwrap();
-    let annunciator = Annunciator::new(1024);
-    let verdicts = Verdicts::collect(&annunciator);
     let limits = OutboxLimits {
         max_bytes_per_sensor: 10 * WINDOW_BYTES,
         when_full: WhenFull::DropOldest,
         ..OutboxLimits::default()
     };
-    let (node, join) = Node::start_with_log(
-        node_without_its_expert(),
-        annunciator,
-        with_limits(log.clone(), limits),
-    )
-    .await
-    .unwrap();
+    let Outage {
+        node,
+        join,
+        log,
+        verdicts,
+        _dir,
+    } = without_experts(limits, 1024).await;
     // 30 windows, one batch each after the first: nothing refused.
     node.ingest("pump-1", samples(0..8)).await.unwrap();
     for first in (8..124).step_by(4) {
@@ -261,8 +276,8 @@ async fn a_full_outbox_drops_its_oldest_windows_and_counts_exactly_those() {
         log.outbox("pump-1").windows == 0 && verdicts.len() >= 10
     })
     .await;
-    // Windows dropped while already on their way to the router are not published.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Verdicts are published in window order, so a window dropped while already on
+    // its way to the router would stand before window 20 here.
     let scored = verdicts.sequences();
     assert_eq!(
         scored,
@@ -280,21 +295,17 @@ async fn a_full_outbox_drops_its_oldest_windows_and_counts_exactly_those() {
 
 #[tokio::test]
 async fn windows_older_than_the_outbox_keeps_are_dropped_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = EdgeLog::open(dir.path()).unwrap();
-    let annunciator = Annunciator::new(1024);
-    let verdicts = Verdicts::collect(&annunciator);
     let limits = OutboxLimits {
         max_age: Duration::from_secs(1),
         ..OutboxLimits::default()
     };
-    let (node, join) = Node::start_with_log(
-        node_without_its_expert(),
-        annunciator,
-        with_limits(log.clone(), limits),
-    )
-    .await
-    .unwrap();
+    let Outage {
+        node,
+        join,
+        log,
+        verdicts,
+        _dir,
+    } = without_experts(limits, 1024).await;
     node.ingest("pump-1", samples(0..20)).await.unwrap();
     // The router gives up on them after its retry deadline; the backlog then finds
     // them too old.
