@@ -52,7 +52,9 @@ pub use expert::{
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use federated::{
-    LocalWork, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
+    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedRound,
+    FederationError, FederationPlan, FederationSite, FederationStatus, Publication, RoundWork,
+    Site, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
 };
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,

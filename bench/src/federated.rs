@@ -2,9 +2,9 @@
 //! `--clients` sites, each a [`SiteTrainer`] actor holding 512 windows of its own (8
 //! channels × 64 samples, standard normal plus 0.1 · site on every channel: non-IID),
 //! train the W1 autoencoder (hidden channels × `--width`) for one epoch from the global
-//! weights, or echo them (`--local-work none`); the coordinator here decodes their
-//! updates, merges them by FedAvg weighted by windows and sends the new global weights
-//! to every site, for `--rounds` rounds (the first 2 not counted).
+//! weights, or echo them (`--local-work none`); a [`FederatedCoordinator`] decodes
+//! their updates, merges them by FedAvg weighted by windows and sends the new global
+//! weights to every site, for `--rounds` rounds (the first 2 not counted).
 //!
 //! What crosses between coordinator and sites is what would cross the mesh: the global
 //! weights as safetensors bytes, each site's update as encoded bytes; the windows never
@@ -12,13 +12,17 @@
 //! local work, the rest (what the framework adds) and the bytes both ways; at the end
 //! the merged model's mean loss over every site's windows and the resident set.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::node_agent::{Unanswered, Undelivered};
-use fogmesh_actors::{LocalWork, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg};
-use fogmesh_models::federated::{aggregate, decode, Aggregation, Compression, SiteUpdate};
+use fogmesh_actors::{
+    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederationPlan,
+    FederationSite, RoundWork, Site, SiteTrainer, SiteTrainerArgs,
+};
+use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::{Aggregation, Compression, LocalWork};
 use fogmesh_models::merge::Weights;
+use fogmesh_models::served::Architecture;
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
@@ -91,15 +95,11 @@ pub enum BenchFederatedError {
     #[error(transparent)]
     Weights(#[from] fogmesh_models::merge::MergeError),
     #[error(transparent)]
-    Federated(#[from] fogmesh_models::federated::FederatedError),
-    #[error(transparent)]
-    Training(#[from] fogmesh_actors::TrainingError),
-    #[error("site {site} gave no answer: {source}")]
-    Site {
-        site: usize,
-        #[source]
-        source: fogmesh_actors::node_agent::Unanswered,
-    },
+    Round(#[from] fogmesh_actors::FederationError),
+    #[error("the coordinator could not start: {0}")]
+    CoordinatorSpawn(#[source] ractor::SpawnErr),
+    #[error("the coordinator gave no answer: {0}")]
+    Coordinator(#[source] Unanswered),
     #[error("site {site} could not start: {source}")]
     Spawn {
         site: usize,
@@ -143,117 +143,96 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         bottleneck: 16 * options.width,
         ..AutoencoderConfig::w1(CHANNELS, WINDOW)
     };
+    let architecture = Architecture::ConvAutoencoder(config.clone());
     let initial = ConvAutoencoder::new(config.clone(), tch::Device::Cpu, options.seed as i64)?;
     let (bytes, _) = initial.to_safetensors()?;
-    let mut global = Weights::from_safetensors(&bytes, "the initial model")?;
-    let mut global_bytes = Arc::new(bytes);
-    let work = LocalWork {
-        echo: !options.local_epoch,
-        compression: options.compression,
-        seed: options.seed as i64,
-        ..LocalWork::default()
-    };
-    let mut sites: Vec<ActorRef<SiteTrainerMsg>> = Vec::with_capacity(options.clients);
+    let params = Weights::from_safetensors(&bytes, "the initial model")?.parameters();
+    let mut sites = Vec::with_capacity(options.clients);
     for i in 0..options.clients {
         let args = SiteTrainerArgs {
             site: format!("site-{i}"),
-            config: config.clone(),
-            windows: site_windows(i, options.seed),
-            work: work.clone(),
+            architecture: architecture.clone(),
+            windows: site_windows(i, options.seed)
+                .chunks(config.window_len())
+                .map(|w| ReplayItem {
+                    window: w.to_vec(),
+                    label: None,
+                })
+                .collect(),
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args)
             .await
             .map_err(|source| BenchFederatedError::Spawn { site: i, source })?;
-        sites.push(actor);
+        sites.push(FederationSite {
+            name: format!("site-{i}"),
+            site: Site::Trainer(actor),
+        });
     }
+    let trainers: Vec<Site> = sites.iter().map(|s| s.site.clone()).collect();
+    let plan = FederationPlan {
+        work: RoundWork {
+            local: LocalWork {
+                seed: options.seed as i64,
+                ..LocalWork::default()
+            },
+            compression: options.compression,
+            echo: !options.local_epoch,
+        },
+        aggregation: Aggregation::FedAvg,
+        privacy: None,
+        min_sites: options.clients,
+        // Every site answers in every round of the benchmark.
+        deadline: Duration::from_secs(3600),
+        seed: options.seed,
+    };
+    let args = FederatedCoordinatorArgs {
+        federation: "w2".into(),
+        base: architecture.manifest("w2", "1"),
+        weights: bytes,
+        sites,
+        plan,
+        publication: None,
+    };
+    let (coordinator, _) = Actor::spawn(None, FederatedCoordinator, args)
+        .await
+        .map_err(BenchFederatedError::CoordinatorSpawn)?;
 
     let (mut round_s, mut compute_s, mut overhead_s) = (Vec::new(), Vec::new(), Vec::new());
     let mut bytes_per_round = 0;
     let mut rss_after_warm_up = None;
-    let measured_from = Instant::now();
-    let mut measured_start = measured_from;
+    let mut measured_start = Instant::now();
     for round in 0..options.rounds {
         if round == WARM_UP_ROUNDS {
             measured_start = Instant::now();
         }
         let started = Instant::now();
-        let asks = sites.iter().map(|site| {
-            let global = global_bytes.clone();
-            site.call(
-                |reply| SiteTrainerMsg::Train {
-                    round: round as u64,
-                    global,
-                    reply,
-                },
-                None,
-            )
-        });
-        let mut reports: Vec<SiteReport> = Vec::with_capacity(sites.len());
-        for (site, answer) in futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .enumerate()
-        {
-            let unanswered = |source| BenchFederatedError::Site { site, source };
-            match answer {
-                Ok(ractor::rpc::CallResult::Success(report)) => reports.push(report?),
-                // No timeout is set: a site that does not answer has stopped.
-                Ok(_) => {
-                    return Err(unanswered(Unanswered::Stopped {
-                        callee: "site trainer",
-                    }))
-                }
-                Err(e) => {
-                    return Err(unanswered(Unanswered::NotDelivered {
-                        callee: "site trainer",
-                        source: Undelivered::from(&e),
-                    }))
-                }
-            }
-        }
-        let decoded: Vec<Vec<f32>> = reports
-            .iter()
-            .map(|r| decode(&r.update))
-            .collect::<Result<_, _>>()?;
-        let updates: Vec<SiteUpdate<'_>> = decoded
-            .iter()
-            .zip(&reports)
-            .map(|(delta, r)| SiteUpdate {
-                delta,
-                samples: r.samples,
-            })
-            .collect();
-        let merged = aggregate(&Aggregation::FedAvg, &updates)?;
-        for (g, d) in global.values_mut().iter_mut().zip(&merged) {
-            *g += d;
-        }
-        let (bytes, _) = global.to_safetensors()?;
-        let up: usize = reports.iter().map(|r| r.update.bytes.len()).sum();
-        let down = global_bytes.len() * sites.len();
-        global_bytes = Arc::new(bytes);
+        let report = call(&coordinator, |reply| FederatedCoordinatorMsg::Round {
+            reply,
+        })
+        .await??;
         let elapsed = started.elapsed().as_secs_f64();
-        let slowest = reports
-            .iter()
-            .map(|r| r.compute)
-            .max()
-            .unwrap_or(Duration::ZERO)
-            .as_secs_f64();
         if round >= WARM_UP_ROUNDS {
             round_s.push(elapsed);
-            compute_s.push(slowest);
-            overhead_s.push((elapsed - slowest).max(0.0));
-            bytes_per_round = up + down;
+            compute_s.push(report.compute_s);
+            overhead_s.push((elapsed - report.compute_s).max(0.0));
+            bytes_per_round = (report.bytes_up + report.bytes_down) as usize;
             if round == WARM_UP_ROUNDS {
                 rss_after_warm_up = rss_mib();
             }
         }
     }
     let measured = measured_start.elapsed().as_secs_f64();
-    for site in &sites {
-        site.stop(None);
+    let global = call(&coordinator, |reply| FederatedCoordinatorMsg::Global {
+        reply,
+    })
+    .await?;
+    coordinator.stop(None);
+    for site in trainers {
+        if let Site::Trainer(actor) = site {
+            actor.stop(None);
+        }
     }
-    let final_model =
-        ConvAutoencoder::from_safetensors(config, &global_bytes, None, tch::Device::Cpu)?;
+    let final_model = ConvAutoencoder::from_safetensors(config, &global, None, tch::Device::Cpu)?;
     let mut loss_sum = 0.0;
     for i in 0..options.clients {
         let scores = final_model.score(&site_windows(i, options.seed))?;
@@ -267,7 +246,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         workload: "w2",
         clients: options.clients,
         rounds: options.rounds,
-        params: global.parameters(),
+        params,
         local_work: if options.local_epoch { "epoch" } else { "none" },
         compression: options.compression.to_string(),
         round_s_p50: quantile(&round_s, 0.5),
@@ -280,8 +259,25 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         max_rss_mib: peak_rss_mib(),
         rss_after_warm_up_mib: rss_after_warm_up,
         rss_end_mib: rss_mib(),
-        weights_sha256: fogmesh_models::weights::sha256_hex(&global_bytes),
+        weights_sha256: fogmesh_models::weights::sha256_hex(&global),
     })
+}
+
+/// Asks the coordinator; it runs as long as the benchmark does, so no timeout.
+async fn call<T: Send + 'static>(
+    coordinator: &ActorRef<FederatedCoordinatorMsg>,
+    message: impl FnOnce(ractor::RpcReplyPort<T>) -> FederatedCoordinatorMsg,
+) -> Result<T, BenchFederatedError> {
+    match coordinator.call(message, None).await {
+        Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
+        Ok(_) => Err(BenchFederatedError::Coordinator(Unanswered::Stopped {
+            callee: "federated coordinator",
+        })),
+        Err(e) => Err(BenchFederatedError::Coordinator(Unanswered::NotDelivered {
+            callee: "federated coordinator",
+            source: Undelivered::from(&e),
+        })),
+    }
 }
 
 #[cfg(test)]

@@ -281,8 +281,9 @@ pub struct FineTuned {
     pub steps: usize,
 }
 
-/// The networks continual learning can adapt, rebuilt from a stored version.
-enum Shadow {
+/// The networks continual learning and federated rounds adapt, rebuilt from a stored
+/// version or from the weights a round hands a site.
+pub(crate) enum Shadow {
     Autoencoder(ConvAutoencoder),
     // Boxed: a classifier's handles are larger than the autoencoder's.
     Classifier(Box<FaultClassifier>),
@@ -291,32 +292,57 @@ enum Shadow {
 impl Shadow {
     /// The manifest's network with `weights` loaded and checked against its hash.
     fn load(manifest: &Manifest, weights: &[u8], device: Device) -> Result<Shadow, ModelError> {
-        let sha = Some(manifest.weights_sha256.as_str());
-        match Architecture::from_manifest(manifest)? {
+        let architecture = Architecture::from_manifest(manifest)?;
+        Shadow::build(
+            &architecture,
+            weights,
+            Some(manifest.weights_sha256.as_str()),
+            device,
+        )
+        .map_err(|error| match error {
+            ModelError::InvalidOption { field, reason, .. } if field == "architecture" => {
+                ModelError::InvalidOption {
+                    field,
+                    value: format!("{} ({})", manifest.architecture, manifest.id()),
+                    reason,
+                }
+            }
+            other => other,
+        })
+    }
+
+    /// `architecture`'s network with `weights` loaded (checked against `sha256` when
+    /// given).
+    pub(crate) fn build(
+        architecture: &Architecture,
+        weights: &[u8],
+        sha256: Option<&str>,
+        device: Device,
+    ) -> Result<Shadow, ModelError> {
+        match architecture {
             Architecture::ConvAutoencoder(config) => Ok(Shadow::Autoencoder(
-                ConvAutoencoder::from_safetensors(config, weights, sha, device)?,
+                ConvAutoencoder::from_safetensors(config.clone(), weights, sha256, device)?,
             )),
             Architecture::FaultClassifier { config, .. } => Ok(Shadow::Classifier(Box::new(
-                FaultClassifier::from_safetensors(config, weights, sha, device)?,
+                FaultClassifier::from_safetensors(*config, weights, sha256, device)?,
             ))),
-            _ => Err(ModelError::InvalidOption {
+            other => Err(ModelError::InvalidOption {
                 field: "architecture",
-                value: format!("{} ({})", manifest.architecture, manifest.id()),
-                reason: "continual learning adapts conv_autoencoder and fault_classifier only"
-                    .into(),
+                value: other.manifest_fields().0,
+                reason: "only conv_autoencoder and fault_classifier are trained on a node".into(),
             }),
         }
     }
 
     /// `[channels, length]` of one window.
-    fn shape(&self) -> [i64; 2] {
+    pub(crate) fn shape(&self) -> [i64; 2] {
         match self {
             Shadow::Autoencoder(model) => [model.config().channels, model.config().window],
             Shadow::Classifier(model) => [model.config().channels, model.config().window],
         }
     }
 
-    fn var_store(&self) -> &nn::VarStore {
+    pub(crate) fn var_store(&self) -> &nn::VarStore {
         match self {
             Shadow::Autoencoder(model) => model.var_store(),
             Shadow::Classifier(model) => model.var_store(),
@@ -324,7 +350,7 @@ impl Shadow {
     }
 
     /// The classes of a classifier; `None` for the self-supervised autoencoder.
-    fn classes(&self) -> Option<i64> {
+    pub(crate) fn classes(&self) -> Option<i64> {
         match self {
             Shadow::Autoencoder(_) => None,
             Shadow::Classifier(model) => Some(model.config().classes),
@@ -333,13 +359,17 @@ impl Shadow {
 
     /// Whether an item can contribute to the loss: every window for the autoencoder,
     /// labelled ones for the classifier.
-    fn usable(&self, item: &ReplayItem) -> bool {
+    pub(crate) fn usable(&self, item: &ReplayItem) -> bool {
         self.classes().is_none() || item.label.is_some()
     }
 
     /// Mean loss of a `[B, C, L]` batch: reconstruction MSE, or cross-entropy against
     /// `targets`.
-    fn loss(&self, windows: &Tensor, targets: Option<&Tensor>) -> Result<Tensor, TchError> {
+    pub(crate) fn loss(
+        &self,
+        windows: &Tensor,
+        targets: Option<&Tensor>,
+    ) -> Result<Tensor, TchError> {
         match (self, targets) {
             (Shadow::Autoencoder(model), _) => model
                 .try_forward(windows)?
@@ -353,7 +383,7 @@ impl Shadow {
         }
     }
 
-    fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
+    pub(crate) fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
         match self {
             Shadow::Autoencoder(model) => model.to_safetensors(),
             Shadow::Classifier(model) => model.to_safetensors(),
@@ -361,7 +391,7 @@ impl Shadow {
     }
 
     /// Checks every item's length and values; `what` names the set in errors.
-    fn check(&self, what: &'static str, items: &[ReplayItem]) -> Result<(), ModelError> {
+    pub(crate) fn check(&self, what: &'static str, items: &[ReplayItem]) -> Result<(), ModelError> {
         let [channels, length] = self.shape();
         let expected = (channels * length) as usize;
         for (index, item) in items.iter().enumerate() {
@@ -385,7 +415,7 @@ impl Shadow {
     }
 
     /// The items' windows as one `[n, C, L]` tensor and, for classifiers, their classes.
-    fn batch(
+    pub(crate) fn batch(
         &self,
         items: &[&ReplayItem],
         device: Device,
@@ -416,7 +446,11 @@ impl Shadow {
 
     /// Window-weighted mean loss over `items`, without gradients, in chunks that bound
     /// memory.
-    fn mean_loss(&self, items: &[&ReplayItem], device: Device) -> Result<f64, ModelError> {
+    pub(crate) fn mean_loss(
+        &self,
+        items: &[&ReplayItem],
+        device: Device,
+    ) -> Result<f64, ModelError> {
         let _no_grad = tch::no_grad_guard();
         let mut sum = 0.0;
         for chunk in items.chunks(256) {
@@ -477,6 +511,23 @@ impl Ewc {
             })
             .collect::<Result<_, TchError>>()?;
         Ok(Ewc { lambda, terms })
+    }
+
+    /// FedProx's proximal term `mu/2 · ‖θ − θ*‖²` (Li et al. 2020): EWC with a Fisher
+    /// information of 1 everywhere, anchored at the variables' current values (the
+    /// round's global weights).
+    pub(crate) fn proximal(variables: Vec<Tensor>, mu: f64) -> Result<Ewc, ModelError> {
+        let _no_grad = tch::no_grad_guard();
+        let terms = variables
+            .into_iter()
+            .map(|live| {
+                let mut anchor = live.f_zeros_like()?;
+                anchor.f_copy_(&live)?;
+                let ones = live.f_ones_like()?;
+                Ok((live, anchor, ones))
+            })
+            .collect::<Result<_, TchError>>()?;
+        Ok(Ewc { lambda: mu, terms })
     }
 
     /// The penalty at the variables' current values: 0 at the anchor, quadratic around it.

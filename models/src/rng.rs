@@ -9,6 +9,7 @@
 
 /// SplitMix64 (Steele, Lea and Flood 2014): one 64-bit state, full period, good enough
 /// statistics for initialisation and shuffling.
+#[derive(Debug, Clone)]
 pub struct SplitMix64 {
     state: u64,
 }
@@ -27,7 +28,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in [0, 1), from the top 53 bits so every value is an exact f64.
-    pub(crate) fn next_f64(&mut self) -> f64 {
+    pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 

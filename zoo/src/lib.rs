@@ -11,6 +11,7 @@ pub mod continual_eval;
 pub mod datasets;
 pub mod elpv_eval;
 pub mod evaluation;
+pub mod federated_eval;
 pub mod fusion_eval;
 pub mod notes_eval;
 pub mod skab;

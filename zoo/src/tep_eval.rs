@@ -387,6 +387,22 @@ impl Diagnosis {
         sd: &[f32],
         progress: &mut dyn FnMut(&fogmesh_models::EpochReport),
     ) -> Result<Diagnosis, TepEvalError> {
+        let mut diagnosis = Diagnosis::untrained(options, columns, recordings)?;
+        let (inputs, labels) = diagnosis.training_windows(train, columns, recordings, mu, sd);
+        diagnosis.training =
+            diagnosis
+                .model
+                .fit(&inputs, &labels, &options.classifier_train, progress)?;
+        Ok(diagnosis)
+    }
+
+    /// A classifier with one class for normal operation and one per fault run, before
+    /// any training: what a federation starts every site from.
+    pub fn untrained(
+        options: &TepEvalOptions,
+        columns: usize,
+        recordings: &[(String, Recording)],
+    ) -> Result<Diagnosis, TepEvalError> {
         let window = options.classifier_window;
         let mut classes: Vec<Option<u32>> = vec![None];
         classes.extend(
@@ -394,7 +410,7 @@ impl Diagnosis {
                 .iter()
                 .filter_map(|(_, r)| r.header.fault.map(Some)),
         );
-        let mut diagnosis = Diagnosis {
+        Ok(Diagnosis {
             model: FaultClassifier::new(
                 ClassifierConfig {
                     channels: columns as i64,
@@ -409,13 +425,7 @@ impl Diagnosis {
             training: fogmesh_models::TrainReport::default(),
             window,
             split: options.classifier_split,
-        };
-        let (inputs, labels) = diagnosis.training_windows(train, columns, recordings, mu, sd);
-        diagnosis.training =
-            diagnosis
-                .model
-                .fit(&inputs, &labels, &options.classifier_train, progress)?;
-        Ok(diagnosis)
+        })
     }
 
     /// The labelled training windows: every window of the normal training runs

@@ -1,114 +1,83 @@
 //! `SiteTrainer`: one site of a federated round.
 //!
-//! **Owns** the site's training windows (they never leave it), the local-work settings
-//! and the [`Compressor`] whose residual carries what earlier rounds' encodings left
-//! out (error feedback). **Takes** [`SiteTrainerMsg::Train`]: the round's global
-//! weights (safetensors bytes), answered with a [`SiteReport`]: the encoded
-//! difference between the weights after its local work and the global ones, the
-//! number of windows it trained on, its training loss and how long the work took.
-//! Only that report leaves the site. **Supervised by** whoever coordinates the rounds
-//! (the W2 benchmark today). **On failure**: global weights that do not load into the
-//! site's network, or a training error, are answered as [`TrainingError`]; the actor
-//! keeps its windows and takes the next round.
+//! **Owns** the site's training windows (they never leave it) and the
+//! [`Compressor`] whose residual carries what earlier rounds' encodings left out
+//! (error feedback). **Takes** [`SiteTrainerMsg::Train`]: the round's global weights
+//! (safetensors bytes) and the round's work, answered with a [`SiteReport`]: the
+//! encoded difference between the weights after its local work and the global ones,
+//! the number of windows it trained on, its training objective and how long the work
+//! took. Only that report leaves the site. **Supervised by** whoever spawned it (the
+//! test or benchmark that builds the federation; its coordinator only calls it).
+//! **On failure**: global weights that do not load into the site's network, or a
+//! training error, are answered as [`TrainingError`]; the actor keeps its windows and
+//! takes the next round.
 //!
-//! Local work runs on a blocking thread with one libtorch intra-op thread, so a site
-//! never holds up the async runtime and many sites share the cores fairly. With
-//! [`LocalWork::echo`] a site sends back a zero update without training: a round then
-//! measures only dispatch, encoding and aggregation.
+//! Local work ([`train_locally`]) runs on a blocking thread with one libtorch
+//! intra-op thread, so a site never holds up the async runtime and many sites share
+//! the cores fairly. With [`RoundWork::echo`] a site sends back a zero update without
+//! training: a round then measures only dispatch, encoding and aggregation.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogmesh_models::federated::{Compression, Compressor, EncodedUpdate};
-use fogmesh_models::merge::{MergeError, Weights};
-use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, ModelError, TrainOptions};
+use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::{
+    train_locally, Compression, Compressor, EncodedUpdate, LocalTrainingError, LocalWork,
+};
+use fogmesh_models::merge::Weights;
+use fogmesh_models::served::Architecture;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-/// What a site does with the global weights each round.
+use super::error::TrainingError;
+
+/// What a coordinator asks of every site in a round.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LocalWork {
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
+pub struct RoundWork {
+    pub local: LocalWork,
+    pub compression: Compression,
     /// Send a zero update without training (W2's `--local-work none`).
     pub echo: bool,
-    pub compression: Compression,
-    /// Fixes the batch order of every round.
-    pub seed: i64,
 }
 
-impl Default for LocalWork {
+impl Default for RoundWork {
     /// W2's local work: one epoch, batches of 32, Adam at 1e-3, no compression.
     fn default() -> Self {
-        LocalWork {
-            epochs: 1,
-            batch_size: 32,
-            learning_rate: 1e-3,
-            echo: false,
+        RoundWork {
+            local: LocalWork::default(),
             compression: Compression::None,
-            seed: 7,
+            echo: false,
         }
     }
 }
 
 pub struct SiteTrainerArgs {
     pub site: String,
-    pub config: AutoencoderConfig,
-    /// The site's windows, `[windows, channels, length]` flattened (the layout
-    /// [`ConvAutoencoder::fit`] takes).
-    pub windows: Vec<f32>,
-    pub work: LocalWork,
+    /// The federation's network.
+    pub architecture: Architecture,
+    /// The windows the site has seen; a classifier trains on the labelled ones.
+    pub windows: Vec<ReplayItem>,
 }
 
 pub struct SiteTrainerState {
     site: Arc<str>,
-    config: AutoencoderConfig,
-    windows: Arc<Vec<f32>>,
-    work: LocalWork,
+    architecture: Arc<Architecture>,
+    windows: Arc<Vec<ReplayItem>>,
     compressor: Option<Compressor>,
 }
 
-/// What a site sends back for a round.
+/// What a site (or a fog aggregator, for its zone) sends back for a round.
 #[derive(Debug, Clone)]
 pub struct SiteReport {
     pub site: Arc<str>,
     pub round: u64,
     pub update: EncodedUpdate,
-    /// Windows the site trained on: FedAvg's weight.
+    /// Windows trained on: FedAvg's weight.
     pub samples: u64,
-    /// The mean training loss of the site's last epoch (`None` for an echo).
+    /// The training objective after the local work (`None` for an echo).
     pub loss: Option<f64>,
-    /// The local work alone, without waiting for the thread.
+    /// The local work alone (for an aggregator, its slowest site's), without waiting
+    /// for the thread.
     pub compute: Duration,
-}
-
-/// Why a site could not do its part of a round.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainingError {
-    #[error("site `{site}`: the global weights do not load into its network: {source}")]
-    Weights {
-        site: String,
-        #[source]
-        source: ModelError,
-    },
-    #[error("site `{site}`: its weights cannot be read back: {source}")]
-    Export {
-        site: String,
-        #[source]
-        source: Box<MergeError>,
-    },
-    #[error("site `{site}`: local training failed: {source}")]
-    Training {
-        site: String,
-        #[source]
-        source: ModelError,
-    },
-    #[error("site `{site}`: its training thread stopped: {source}")]
-    Thread {
-        site: String,
-        #[source]
-        source: tokio::task::JoinError,
-    },
 }
 
 pub enum SiteTrainerMsg {
@@ -116,6 +85,7 @@ pub enum SiteTrainerMsg {
         round: u64,
         /// The global weights, safetensors.
         global: Arc<Vec<u8>>,
+        work: Arc<RoundWork>,
         reply: RpcReplyPort<Result<SiteReport, TrainingError>>,
     },
 }
@@ -137,10 +107,9 @@ impl Actor for SiteTrainer {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(SiteTrainerState {
             site: args.site.as_str().into(),
-            config: args.config,
+            architecture: Arc::new(args.architecture),
             windows: Arc::new(args.windows),
-            compressor: Some(Compressor::new(args.work.compression)),
-            work: args.work,
+            compressor: None,
         })
     }
 
@@ -153,23 +122,31 @@ impl Actor for SiteTrainer {
         let SiteTrainerMsg::Train {
             round,
             global,
+            work,
             reply,
         } = message;
         let site = state.site.clone();
-        let (config, windows, work) = (
-            state.config.clone(),
-            state.windows.clone(),
-            state.work.clone(),
-        );
+        let (architecture, windows) = (state.architecture.clone(), state.windows.clone());
+        // A federation that changes its encoding starts the residual afresh.
         let mut compressor = state
             .compressor
             .take()
+            .filter(|c| c.compression() == work.compression)
             .unwrap_or_else(|| Compressor::new(work.compression));
+        let echo = work.echo;
         let work_once = move |compressor: &mut Compressor| {
-            local_work(&site, config, &windows, &work, &global, compressor, round)
+            local_work(
+                &site,
+                &architecture,
+                &windows,
+                &work,
+                &global,
+                compressor,
+                round,
+            )
         };
         // An echo trains nothing: no thread for it.
-        let done = if state.work.echo {
+        let done = if echo {
             Ok((work_once(&mut compressor), compressor))
         } else {
             tokio::task::spawn_blocking(move || (work_once(&mut compressor), compressor)).await
@@ -193,62 +170,33 @@ impl Actor for SiteTrainer {
 /// One round's work on the site's thread.
 fn local_work(
     site: &Arc<str>,
-    config: AutoencoderConfig,
-    windows: &[f32],
-    work: &LocalWork,
+    architecture: &Architecture,
+    windows: &[ReplayItem],
+    work: &RoundWork,
     global: &[u8],
     compressor: &mut Compressor,
     round: u64,
 ) -> Result<SiteReport, TrainingError> {
     let started = Instant::now();
-    let export_error = |source| TrainingError::Export {
+    let failed = |source: LocalTrainingError| TrainingError::Local {
         site: site.to_string(),
-        source: Box::new(source),
+        source,
     };
-    let samples = (windows.len() / config.window_len().max(1)) as u64;
-    let before = Weights::from_safetensors(global, site).map_err(export_error)?;
-    let (delta, loss) = if work.echo {
-        (vec![0f32; before.parameters()], None)
+    let (delta, samples, loss) = if work.echo {
+        let global = Weights::from_safetensors(global, site).map_err(|e| failed(e.into()))?;
+        (vec![0f32; global.parameters()], windows.len() as u64, None)
     } else {
         tch::set_num_threads(1);
-        let weights_error = |source| TrainingError::Weights {
-            site: site.to_string(),
-            source,
-        };
-        let mut model = ConvAutoencoder::from_safetensors(
-            config,
+        let update = train_locally(
+            architecture,
             global,
-            None,
+            windows,
+            &work.local,
+            round,
             tch::Device::cuda_if_available(),
         )
-        .map_err(weights_error)?;
-        let options = TrainOptions {
-            epochs: work.epochs,
-            batch_size: work.batch_size,
-            learning_rate: work.learning_rate,
-            validation_fraction: 0.0,
-            patience: work.epochs.max(1),
-            seed: work.seed.wrapping_add(round as i64),
-            max_seconds: None,
-        };
-        let mut last_loss = None;
-        model
-            .fit(windows, &options, &mut |epoch| {
-                last_loss = Some(epoch.train_loss)
-            })
-            .map_err(|source| TrainingError::Training {
-                site: site.to_string(),
-                source,
-            })?;
-        let (bytes, _) = model.to_safetensors().map_err(weights_error)?;
-        let after = Weights::from_safetensors(&bytes, site).map_err(export_error)?;
-        let delta = after
-            .values()
-            .iter()
-            .zip(before.values())
-            .map(|(a, b)| a - b)
-            .collect();
-        (delta, last_loss)
+        .map_err(failed)?;
+        (update.delta, update.samples, Some(update.loss))
     };
     Ok(SiteReport {
         site: site.clone(),

@@ -75,17 +75,31 @@ where
 pub(super) async fn call<M, T>(
     actor: &ActorRef<M>,
     message: impl FnOnce(RpcReplyPort<T>) -> M,
-    (answer, callee): (&'static str, &'static str),
+    names: (&'static str, &'static str),
 ) -> Result<T, Unanswered>
 where
     M: ractor::Message,
     T: Send + 'static,
 {
-    match actor.call(message, Some(CALL_TIMEOUT)).await {
+    call_within(actor, message, names, CALL_TIMEOUT).await
+}
+
+/// [`call`] waiting at most `timeout` (a federated round's deadline).
+pub(crate) async fn call_within<M, T>(
+    actor: &ActorRef<M>,
+    message: impl FnOnce(RpcReplyPort<T>) -> M,
+    (answer, callee): (&'static str, &'static str),
+    timeout: Duration,
+) -> Result<T, Unanswered>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(message, Some(timeout)).await {
         Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
         Ok(ractor::rpc::CallResult::Timeout) => Err(Unanswered::Timeout {
             answer,
-            after: CALL_TIMEOUT,
+            after: timeout,
         }),
         Ok(ractor::rpc::CallResult::SenderError) => Err(Unanswered::Stopped { callee }),
         Err(e) => Err(Unanswered::NotDelivered {

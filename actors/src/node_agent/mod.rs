@@ -10,6 +10,7 @@ mod node;
 mod spec;
 
 pub use agent::{NodeAgent, NodeAgentArgs, NodeAgentMsg, NodeAgentState, ReconcileReport};
+pub(crate) use call::call_within;
 pub use call::{Unanswered, Undelivered, CALL_TIMEOUT};
 pub use node::{ExpertSnapshot, Node, NodeSnapshot, RouterSnapshot, SensorSnapshot};
 pub use spec::{NodeSpec, RestartPolicy};

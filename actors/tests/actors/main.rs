@@ -1,12 +1,13 @@
 //! The actors observed from outside, in one test binary (each links libtorch once):
 //! an expert's batching and hot swap, a whole node in one process (also restarted on
-//! its edge log), the continual
-//! learner on a running node and the merger on a real model store. `plant` is the
-//! synthetic plant the learner and merger tests share.
+//! its edge log), the continual learner on a running node, the merger on a real model
+//! store and federated rounds. `plant` is the synthetic plant the learner, merger and
+//! federation tests share.
 
 mod batching;
 mod continual_learner;
 mod edge_log;
+mod federated;
 mod hot_swap;
 mod merger;
 mod node;

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use fogmesh_models::federated::Compression;
+use fogmesh_zoo::federated_eval::{self, Policy};
 use fogmesh_zoo::{continual_eval, elpv_eval, fusion_eval, notes_eval, skab, tep_eval};
 
 use crate::task::{blocking, print_json};
@@ -26,6 +28,32 @@ pub enum Dataset {
         /// The recordings `just setup` generates.
         #[arg(long, default_value = "data/tep")]
         data: PathBuf,
+    },
+    /// Federated training of the TEP fault classifier: six sites whose windows never
+    /// meet (split by fault and by Dirichlet proportions), each alone, all data in one
+    /// place, FedAvg, FedProx, compressed and private updates, and a poisoned site.
+    Federated {
+        /// The recordings `just setup` generates.
+        #[arg(long, default_value = "data/tep")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        sites: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Every N-th labelled training window is used.
+        #[arg(long, default_value_t = 3)]
+        stride: usize,
+        /// Dirichlet concentrations to split by (besides the split by fault).
+        #[arg(long, value_delimiter = ',', default_value = "0.5,0.1")]
+        alpha: Vec<f64>,
+        /// The encoding of `fedavg_compressed`'s updates.
+        #[arg(long, default_value = "topk:0.05+int8")]
+        compression: Compression,
+        /// Which policies to run (comma-separated); all by default.
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<Policy>,
+        #[arg(long, default_value_t = 17)]
+        seed: u64,
     },
     /// Continual learning on a real TEP regime change: never update, naive fine-tuning
     /// and replay + EWC through the validation gate, scored on held-out rows of both
@@ -123,6 +151,56 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
                         pct(run.fogmesh.fdr),
                         pct(run.fogmesh.far),
                         pct(run.diagnosed)
+                    );
+                })
+            })
+            .await?;
+            print_json(&report)
+        }
+        Dataset::Federated {
+            data,
+            sites,
+            rounds,
+            stride,
+            alpha,
+            compression,
+            policies,
+            seed,
+        } => {
+            let defaults = federated_eval::FederatedEvalOptions::default();
+            let options = federated_eval::FederatedEvalOptions {
+                tep: tep_eval::TepEvalOptions {
+                    data,
+                    ..defaults.tep.clone()
+                },
+                sites,
+                rounds,
+                stride,
+                alphas: alpha,
+                compression,
+                policies: if policies.is_empty() {
+                    defaults.policies.clone()
+                } else {
+                    policies
+                },
+                seed,
+                ..defaults
+            };
+            let report = blocking("evaluating federated training on TEP", move || {
+                federated_eval::evaluate(&options, &mut |split, policy| {
+                    eprintln!(
+                        "{:<9} {:>5} {:<22} accuracy {:>5.1}  rounds to converge {:>3}  bytes up {:>11}{}",
+                        split.split,
+                        split.alpha.map_or("-".into(), |a| a.to_string()),
+                        policy.policy,
+                        100.0 * policy.accuracy,
+                        policy
+                            .rounds_to_converge
+                            .map_or("-".into(), |r| r.to_string()),
+                        policy.bytes,
+                        policy
+                            .epsilon
+                            .map_or(String::new(), |e| format!("  epsilon {e:.1}")),
                     );
                 })
             })

@@ -2,9 +2,11 @@
 //!
 //! - `none`: every value as f32.
 //! - `int8`: one f32 scale (the largest magnitude / 127), then one i8 per value.
-//! - `topk:<fraction>`: the `ceil(fraction · n)` values of largest magnitude, as (u32
-//!   index, f32 value) pairs, indices ascending; the rest read back as 0.
-//! - `topk:<fraction>+int8`: those values as one scale and i8s after their indices.
+//! - `topk:<fraction>`: the `ceil(fraction · n)` values of largest magnitude: their
+//!   count (u32), their indices ascending, each as the gap from the one before in LEB128
+//!   (one byte for gaps below 128, which a fraction above 1 % nearly always gives), then
+//!   their values as f32; the rest read back as 0.
+//! - `topk:<fraction>+int8`: the count, one scale, the same gaps, then one i8 per value.
 //!
 //! Error feedback (Seide et al. 2014, Karimireddy et al. 2019): a site's [`Compressor`]
 //! compresses its delta plus what earlier rounds left out, and keeps what this round
@@ -118,6 +120,10 @@ impl Compressor {
         }
     }
 
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
     /// What earlier rounds left out and the next will add.
     pub fn residual(&self) -> &[f32] {
         &self.residual
@@ -180,6 +186,21 @@ fn quantise(values: impl Iterator<Item = f32> + Clone) -> (f32, Vec<i8>) {
     (scale, codes)
 }
 
+/// Ascending `indices` as LEB128 gaps: each index minus one past the one before (the
+/// first: minus 0).
+fn write_gaps(bytes: &mut Vec<u8>, indices: &[usize]) {
+    let mut next = 0usize;
+    for &i in indices {
+        let mut gap = (i - next) as u32;
+        while gap >= 0x80 {
+            bytes.push((gap as u8 & 0x7f) | 0x80);
+            gap >>= 7;
+        }
+        bytes.push(gap as u8);
+        next = i + 1;
+    }
+}
+
 /// The bytes for `values`, and the values they read back as.
 fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
     let mut bytes = Vec::new();
@@ -202,8 +223,8 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
         Compression::TopK { fraction } => {
             let kept = top_k(values, fraction);
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
+            write_gaps(&mut bytes, &kept);
             for i in kept {
-                bytes.extend_from_slice(&(i as u32).to_le_bytes());
                 bytes.extend_from_slice(&values[i].to_le_bytes());
                 sent[i] = values[i];
             }
@@ -213,9 +234,7 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
             let (scale, codes) = quantise(kept.iter().map(|i| values[*i]));
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&scale.to_le_bytes());
-            for i in &kept {
-                bytes.extend_from_slice(&(*i as u32).to_le_bytes());
-            }
+            write_gaps(&mut bytes, &kept);
             for (i, code) in kept.iter().zip(&codes) {
                 bytes.push(*code as u8);
                 sent[*i] = f32::from(*code) * scale;
@@ -267,15 +286,37 @@ impl<'a> Reader<'a> {
         Ok(scale)
     }
 
-    /// `count` indices, each below `expected`, strictly ascending.
-    fn indices(&mut self, count: usize) -> Result<Vec<usize>, FederatedError> {
-        let mut indices = Vec::with_capacity(count.min(self.expected));
-        for _ in 0..count {
-            let i = self.u32()? as usize;
-            if i >= self.expected || indices.last().is_some_and(|last| *last >= i) {
-                return Err(self.malformed("an index out of range or out of order"));
+    /// One LEB128 number of at most 32 bits.
+    fn gap(&mut self) -> Result<u32, FederatedError> {
+        let mut value = 0u32;
+        for shift in (0..35).step_by(7) {
+            let byte = self.take(1)?[0];
+            let bits = u32::from(byte & 0x7f);
+            if shift == 28 && bits > 0x0f {
+                return Err(self.malformed("an index gap does not fit 32 bits"));
             }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(self.malformed("an index gap does not fit 32 bits"))
+    }
+
+    /// `count` indices written as gaps, each below `expected`.
+    fn indices(&mut self, count: usize) -> Result<Vec<usize>, FederatedError> {
+        if count > self.expected {
+            return Err(self.malformed("it keeps more values than the update has"));
+        }
+        let mut indices = Vec::with_capacity(count);
+        let mut next = 0usize;
+        for _ in 0..count {
+            let i = next
+                .checked_add(self.gap()? as usize)
+                .filter(|i| *i < self.expected)
+                .ok_or_else(|| self.malformed("an index out of range"))?;
             indices.push(i);
+            next = i + 1;
         }
         Ok(indices)
     }
@@ -303,13 +344,7 @@ pub fn decode(encoded: &EncodedUpdate) -> Result<Vec<f32>, FederatedError> {
         }
         Compression::TopK { .. } => {
             let count = r.u32()? as usize;
-            let mut last = None;
-            for _ in 0..count {
-                let i = r.u32()? as usize;
-                if i >= encoded.len || last.is_some_and(|l| l >= i) {
-                    return Err(r.malformed("an index out of range or out of order"));
-                }
-                last = Some(i);
+            for i in r.indices(count)? {
                 values[i] = r.f32()?;
             }
         }
@@ -406,7 +441,8 @@ mod tests {
                 prop_assert!(delta[i].abs() <= smallest_kept);
                 prop_assert_eq!(decoded[i], 0.0);
             }
-            prop_assert_eq!(encoded.bytes.len(), 4 + 8 * k);
+            // Gaps below 128 take one byte each.
+            prop_assert_eq!(encoded.bytes.len(), 4 + 5 * k);
         }
 
         #[test]
@@ -423,6 +459,44 @@ mod tests {
                 let _ = decode(&EncodedUpdate { compression, len: 7, bytes: noise.clone() });
             }
         }
+    }
+
+    #[test]
+    fn gaps_of_any_size_read_back_and_oversized_ones_are_refused() {
+        let mut delta = vec![0f32; 3_000_000];
+        for (i, at) in [0usize, 1, 129, 20_000, 2_999_999].iter().enumerate() {
+            delta[*at] = 1.0 + i as f32;
+        }
+        for compression in [
+            Compression::TopK {
+                fraction: 1e-6 * 5.0 / 3.0,
+            },
+            Compression::TopKInt8 {
+                fraction: 1e-6 * 5.0 / 3.0,
+            },
+        ] {
+            let encoded = Compressor::new(compression).compress(&delta);
+            let decoded = decode(&encoded).unwrap();
+            for at in [0usize, 1, 129, 20_000, 2_999_999] {
+                assert!(
+                    (decoded[at] - delta[at]).abs() < 0.03,
+                    "{compression} at {at}"
+                );
+            }
+            assert_eq!(decoded.iter().filter(|v| **v != 0.0).count(), 5);
+        }
+        // One value kept, its gap written in six bytes: more than 32 bits.
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        bytes.extend_from_slice(&1f32.to_le_bytes());
+        let refused = decode(&EncodedUpdate {
+            compression: Compression::TopK { fraction: 0.5 },
+            len: 8,
+            bytes,
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(refused.contains("32 bits"), "{refused}");
     }
 
     #[test]

@@ -1,0 +1,432 @@
+//! The `FederatedCoordinator` over real `SiteTrainer`s on a real model store: a round
+//! stores a version with its lineage and promotes it; a site that does not answer in
+//! time is left out of the round, and a round with too few answers applies nothing; a
+//! stopped site counts as failed; two levels (fog aggregators under a cloud
+//! coordinator) give the flat federation's weights; a buffered (FedBuff) run applies
+//! exactly the versions asked and stores one version.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fogmesh_actors::continual_learner::{BoxFuture, PromoteError, Promoter};
+use fogmesh_actors::{
+    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedRound,
+    FederationError, FederationPlan, FederationSite, FederationStatus, Publication, RoundWork,
+    Site, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+};
+use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::{Aggregation, LocalWork};
+use fogmesh_models::merge::Weights;
+use fogmesh_models::served::Architecture;
+use fogmesh_models::store::{Manifest, ModelStore};
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::plant::{row, CHANNELS};
+
+const WINDOW: usize = 16;
+
+fn config() -> AutoencoderConfig {
+    AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64)
+}
+
+fn architecture() -> Architecture {
+    Architecture::ConvAutoencoder(config())
+}
+
+/// The autoencoder as initialised from a seed: every federation's starting point.
+fn base_weights() -> Vec<u8> {
+    ConvAutoencoder::new(config(), tch::Device::Cpu, 3)
+        .unwrap()
+        .to_safetensors()
+        .unwrap()
+        .0
+}
+
+/// `pump-ae@1` in `store`.
+fn base(store: &ModelStore) -> (Manifest, Vec<u8>) {
+    let weights = base_weights();
+    let manifest = store
+        .import(architecture().manifest("pump-ae", "1"), &weights)
+        .unwrap();
+    (manifest, weights)
+}
+
+/// `n` channel-major windows of the synthetic plant, shifted (regime B) at odd sites.
+fn windows(site: u64, n: usize) -> Vec<ReplayItem> {
+    let mut rng = SplitMix64::new(site);
+    (0..n as u64)
+        .map(|w| {
+            let rows: Vec<Vec<f32>> = (0..WINDOW as u64)
+                .map(|t| row(w * 4 + t, site % 2 == 1, &mut rng))
+                .collect();
+            let window = (0..CHANNELS)
+                .flat_map(|c| rows.iter().map(move |r| r[c]))
+                .collect();
+            ReplayItem {
+                window,
+                label: None,
+            }
+        })
+        .collect()
+}
+
+async fn trainer(site: u64, n: usize) -> FederationSite {
+    let (actor, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: format!("site-{site}"),
+            architecture: architecture(),
+            windows: windows(site, n),
+        },
+    )
+    .await
+    .unwrap();
+    FederationSite {
+        name: format!("site-{site}"),
+        site: Site::Trainer(actor),
+    }
+}
+
+/// A site that takes the round and never answers (its reply port kept alive).
+struct SilentSite;
+
+impl Actor for SilentSite {
+    type Msg = SiteTrainerMsg;
+    type State =
+        Vec<RpcReplyPort<Result<fogmesh_actors::SiteReport, fogmesh_actors::TrainingError>>>;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _: (),
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(Vec::new())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        held: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SiteTrainerMsg::Train { reply, .. } = message;
+        held.push(reply);
+        Ok(())
+    }
+}
+
+fn plan(min_sites: usize, deadline: Duration) -> FederationPlan {
+    FederationPlan {
+        work: RoundWork {
+            local: LocalWork {
+                epochs: 2,
+                batch_size: 16,
+                learning_rate: 1e-2,
+                ..LocalWork::default()
+            },
+            ..RoundWork::default()
+        },
+        aggregation: Aggregation::FedAvg,
+        privacy: None,
+        min_sites,
+        deadline,
+        seed: 1,
+    }
+}
+
+#[derive(Default)]
+struct RecordingPromoter {
+    promoted: Mutex<Vec<Manifest>>,
+}
+
+impl Promoter for RecordingPromoter {
+    fn promote(
+        &self,
+        _expert: &str,
+        version: &Manifest,
+    ) -> BoxFuture<'static, Result<(), PromoteError>> {
+        self.promoted.lock().unwrap().push(version.clone());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn coordinator(
+    name: &str,
+    (base, weights): (Manifest, Vec<u8>),
+    sites: Vec<FederationSite>,
+    plan: FederationPlan,
+    publication: Option<Publication>,
+) -> ActorRef<FederatedCoordinatorMsg> {
+    let (actor, _) = Actor::spawn(
+        None,
+        FederatedCoordinator,
+        FederatedCoordinatorArgs {
+            federation: name.into(),
+            base,
+            weights,
+            sites,
+            plan,
+            publication,
+        },
+    )
+    .await
+    .unwrap();
+    actor
+}
+
+async fn ask<T: Send + 'static>(
+    actor: &ActorRef<FederatedCoordinatorMsg>,
+    message: impl FnOnce(RpcReplyPort<T>) -> FederatedCoordinatorMsg,
+) -> T {
+    match actor.call(message, Some(Duration::from_secs(120))).await {
+        Ok(CallResult::Success(answer)) => answer,
+        other => panic!("the coordinator gave no answer: {:?}", other.is_ok()),
+    }
+}
+
+async fn round(
+    actor: &ActorRef<FederatedCoordinatorMsg>,
+) -> Result<FederatedRound, FederationError> {
+    ask(actor, |reply| FederatedCoordinatorMsg::Round { reply }).await
+}
+
+async fn status(actor: &ActorRef<FederatedCoordinatorMsg>) -> FederationStatus {
+    ask(actor, |reply| FederatedCoordinatorMsg::Status { reply }).await
+}
+
+async fn global(actor: &ActorRef<FederatedCoordinatorMsg>) -> Weights {
+    let bytes = ask(actor, |reply| FederatedCoordinatorMsg::Global { reply }).await;
+    Weights::from_safetensors(&bytes, "the global weights").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_stores_a_version_with_its_lineage_and_promotes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = base(&store);
+    let promoter = Arc::new(RecordingPromoter::default());
+    let sites = vec![trainer(0, 40).await, trainer(1, 24).await];
+    let actor = coordinator(
+        "pump-ae",
+        stored,
+        sites,
+        plan(2, Duration::from_secs(60)),
+        Some(Publication {
+            store: store.clone(),
+            promoter: Some(promoter.clone()),
+        }),
+    )
+    .await;
+
+    let report = round(&actor).await.unwrap();
+    assert_eq!(report.sites, ["site-0", "site-1"]);
+    assert_eq!(report.samples, 64);
+    assert_eq!(report.version.as_deref(), Some("pump-ae@2"));
+    assert!(report.promoted && report.bytes_up > 0 && report.loss.is_some());
+    let manifest = store.get("pump-ae@2").unwrap();
+    assert_eq!(manifest.parents, ["pump-ae@1"]);
+    let lineage = &manifest.training["federated"];
+    assert_eq!(lineage["round"], 1);
+    assert_eq!(lineage["sites"], serde_json::json!(["site-0", "site-1"]));
+    assert_eq!(lineage["samples"], 64);
+    assert_eq!(lineage["aggregation"]["rule"], "fed_avg");
+    // The stored weights are the coordinator's global weights, and they moved.
+    let weights = store.weights(&manifest).unwrap();
+    let now = global(&actor).await;
+    assert_eq!(Weights::from_safetensors(&weights, "stored").unwrap(), now);
+    assert_eq!(promoter.promoted.lock().unwrap()[0].id(), "pump-ae@2");
+
+    // The next round descends from the version just stored.
+    let second = round(&actor).await.unwrap();
+    assert_eq!(second.version.as_deref(), Some("pump-ae@3"));
+    assert_eq!(store.get("pump-ae@3").unwrap().parents, ["pump-ae@2"]);
+    let state = status(&actor).await;
+    assert_eq!((state.rounds, state.version.as_str()), (2, "pump-ae@3"));
+    actor.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stragglers_and_stopped_sites_are_left_out_and_too_few_answers_apply_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = base(&store);
+    let (silent, _) = Actor::spawn(None, SilentSite, ()).await.unwrap();
+    let stopped = trainer(2, 16).await;
+    if let Site::Trainer(actor) = &stopped.site {
+        actor.stop(None);
+    }
+    let sites = vec![
+        trainer(0, 16).await,
+        trainer(1, 16).await,
+        FederationSite {
+            name: "silent".into(),
+            site: Site::Trainer(silent),
+        },
+        stopped,
+    ];
+    let deadline = Duration::from_secs(3);
+    let lenient = coordinator(
+        "pump-ae",
+        stored.clone(),
+        sites.clone(),
+        plan(2, deadline),
+        None,
+    )
+    .await;
+    let report = round(&lenient).await.unwrap();
+    assert_eq!(report.sites, ["site-0", "site-1"]);
+    assert_eq!(report.stragglers, ["silent"]);
+    assert_eq!(report.failed, ["site-2"]);
+    assert!(report.seconds < 2.0 * deadline.as_secs_f64(), "{report:?}");
+
+    let strict = coordinator("pump-ae", stored, sites, plan(3, deadline), None).await;
+    let before = global(&strict).await;
+    let error = round(&strict).await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            FederationError::TooFewSites {
+                answered: 2,
+                needed: 3,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("silent") && message.contains("site-2"),
+        "{message}"
+    );
+    assert_eq!(global(&strict).await, before);
+    assert!(status(&strict).await.last.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_levels_give_the_flat_federations_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = base(&store);
+    let deadline = Duration::from_secs(60);
+    let flat = coordinator(
+        "pump-ae",
+        stored.clone(),
+        vec![
+            trainer(0, 24).await,
+            trainer(1, 16).await,
+            trainer(2, 32).await,
+            trainer(3, 8).await,
+        ],
+        plan(4, deadline),
+        None,
+    )
+    .await;
+    let fog_a = coordinator(
+        "fog-a",
+        stored.clone(),
+        vec![trainer(0, 24).await, trainer(1, 16).await],
+        plan(2, deadline),
+        None,
+    )
+    .await;
+    let fog_b = coordinator(
+        "fog-b",
+        stored.clone(),
+        vec![trainer(2, 32).await, trainer(3, 8).await],
+        plan(2, deadline),
+        None,
+    )
+    .await;
+    let cloud = coordinator(
+        "pump-ae",
+        stored,
+        vec![
+            FederationSite {
+                name: "fog-a".into(),
+                site: Site::Aggregator(fog_a.clone()),
+            },
+            FederationSite {
+                name: "fog-b".into(),
+                site: Site::Aggregator(fog_b.clone()),
+            },
+        ],
+        plan(2, deadline),
+        None,
+    )
+    .await;
+    for _ in 0..2 {
+        let levels = round(&cloud).await.unwrap();
+        assert_eq!(levels.sites, ["fog-a", "fog-b"]);
+        assert_eq!(levels.samples, 80);
+        round(&flat).await.unwrap();
+    }
+    // Each fog aggregator ran its zone's rounds.
+    let zone = status(&fog_a).await;
+    assert_eq!(zone.rounds, 2);
+    assert_eq!(zone.last.unwrap().sites, ["site-0", "site-1"]);
+    let (levels, flat) = (global(&cloud).await, global(&flat).await);
+    let largest = levels
+        .values()
+        .iter()
+        .zip(flat.values())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // A weighted mean of weighted means is the weighted mean; only rounding differs.
+    assert!(largest < 1e-5, "two levels differ from flat by {largest}");
+    let initial = Weights::from_safetensors(&base_weights(), "initial").unwrap();
+    assert_ne!(levels, initial);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_run_applies_the_versions_asked_and_stores_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = base(&store);
+    // Sites of very different sizes: the small ones answer several times while the
+    // large one trains, so updates arrive stale.
+    let sites = vec![
+        trainer(0, 8).await,
+        trainer(1, 8).await,
+        trainer(2, 160).await,
+    ];
+    let actor = coordinator(
+        "pump-ae",
+        stored,
+        sites,
+        plan(1, Duration::from_secs(60)),
+        Some(Publication {
+            store: store.clone(),
+            promoter: None,
+        }),
+    )
+    .await;
+    let report = ask(&actor, |reply| FederatedCoordinatorMsg::Buffered {
+        versions: 4,
+        buffer: 2,
+        reply,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.mode, "buffered");
+    assert_eq!(report.applied, 4);
+    assert!(report.max_staleness >= 1, "{report:?}");
+    assert_eq!(report.version.as_deref(), Some("pump-ae@2"));
+    let lineage = store.get("pump-ae@2").unwrap().training;
+    assert_eq!(lineage["federated"]["applied"], 4);
+    // Answers still in flight from the finished run are not applied: a synchronous
+    // round afterwards starts from the stored version and adds exactly one version.
+    let next = round(&actor).await.unwrap();
+    assert_eq!(next.version.as_deref(), Some("pump-ae@3"));
+    let error = ask(&actor, |reply| FederatedCoordinatorMsg::Buffered {
+        versions: 0,
+        buffer: 2,
+        reply,
+    })
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("versions = 0"), "{error}");
+}
