@@ -86,6 +86,7 @@ eval skab="../shared/data/skab": setup
     cargo run --release -p fogmesh -- eval elpv
     cargo run --release -p fogmesh -- eval notes
     cargo run --release -p fogmesh -- eval multimodal
+    cargo run --release -p fogmesh -- eval federated --data data/tep
 
 # Each run prints one JSON object.
 # Benchmarks: w1 (baseline, learned gate, 32 in flight, experts on a second process), training speed against PyTorch, hot swaps under load, a flood, durable ingest.

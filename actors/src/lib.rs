@@ -52,9 +52,10 @@ pub use expert::{
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use federated::{
-    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedRound,
-    FederationError, FederationPlan, FederationSite, FederationStatus, Publication, RoundWork,
-    Site, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
+    EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
+    FederatedEvaluation, FederatedRound, FederationError, FederationPlan, FederationSite,
+    FederationStatus, Publication, RoundWork, Site, SiteEvaluation, SiteJudgement, SiteReport,
+    SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
 };
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,

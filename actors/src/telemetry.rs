@@ -50,3 +50,16 @@ pub const LEARNER_FINE_TUNE_SECONDS: &str = "fogmesh_learner_fine_tune_seconds";
 pub const LEARNER_DRIFT_TO_PROMOTION: &str = "fogmesh_learner_drift_to_promotion_seconds";
 /// Learners that stopped on their own (label `expert`).
 pub const LEARNER_STOPPED: &str = "fogmesh_learner_stopped_total";
+/// Federated rounds that ended (labels `federation`, `outcome` = `stored` | `applied` |
+/// `refused` | `failed`: stored as a version, applied without storing (a fog
+/// aggregator's, or a coordinator that stores nothing), applied but judged worse by
+/// the sites, nothing applied).
+pub const FEDERATED_ROUNDS: &str = "fogmesh_federated_rounds_total";
+/// Seconds per federated round (label `federation`).
+pub const FEDERATED_ROUND_SECONDS: &str = "fogmesh_federated_round_seconds";
+/// Bytes of a federation's rounds (labels `federation`, `direction` = `up` | `down`).
+pub const FEDERATED_BYTES: &str = "fogmesh_federated_bytes_total";
+/// Sites a round left out (labels `federation`, `reason` = `late` | `failed`).
+pub const FEDERATED_SITES_LEFT_OUT: &str = "fogmesh_federated_sites_left_out_total";
+/// ε spent by a private federation so far (label `federation`).
+pub const FEDERATED_EPSILON: &str = "fogmesh_federated_epsilon";

@@ -159,6 +159,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
                     label: None,
                 })
                 .collect(),
+            held_out: Vec::new(),
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args)
             .await
@@ -184,6 +185,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         // Every site answers in every round of the benchmark.
         deadline: Duration::from_secs(3600),
         seed: options.seed,
+        gate: None,
     };
     let args = FederatedCoordinatorArgs {
         federation: "w2".into(),

@@ -383,6 +383,36 @@ impl Shadow {
         }
     }
 
+    /// What the network says about a `[B, C, L]` batch, the thing distillation
+    /// matches: class probabilities `[B, classes]`, or reconstructions `[B, C, L]`.
+    pub(crate) fn outputs(&self, windows: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Shadow::Autoencoder(model) => model.try_forward(windows),
+            Shadow::Classifier(model) => model.logits(windows)?.f_softmax(1, Kind::Float),
+        }
+    }
+
+    /// How far the network's outputs on a batch are from `targets` (outputs of the same
+    /// shape): soft cross-entropy `−Σ p log q` for a classifier, MSE for an autoencoder.
+    pub(crate) fn distillation_loss(
+        &self,
+        windows: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Tensor, TchError> {
+        match self {
+            Shadow::Autoencoder(model) => model
+                .try_forward(windows)?
+                .f_mse_loss(targets, Reduction::Mean),
+            Shadow::Classifier(model) => model
+                .logits(windows)?
+                .f_log_softmax(1, Kind::Float)?
+                .f_mul(targets)?
+                .f_sum_dim_intlist(1, false, Kind::Float)?
+                .f_mean(Kind::Float)?
+                .f_neg(),
+        }
+    }
+
     pub(crate) fn to_safetensors(&self) -> Result<(Vec<u8>, String), ModelError> {
         match self {
             Shadow::Autoencoder(model) => model.to_safetensors(),
@@ -420,14 +450,7 @@ impl Shadow {
         items: &[&ReplayItem],
         device: Device,
     ) -> Result<(Tensor, Option<Tensor>), ModelError> {
-        let [channels, length] = self.shape();
-        let flat: Vec<f32> = items
-            .iter()
-            .flat_map(|i| i.window.iter().copied())
-            .collect();
-        let windows = Tensor::f_from_slice(&flat)?
-            .f_view([items.len() as i64, channels, length])?
-            .f_to_device(device)?;
+        let windows = self.windows(items, device)?;
         let targets = match self.classes() {
             None => None,
             Some(classes) => {
@@ -442,6 +465,22 @@ impl Shadow {
             }
         };
         Ok((windows, targets))
+    }
+
+    /// The items' windows as one `[n, C, L]` tensor, labels ignored.
+    pub(crate) fn windows(
+        &self,
+        items: &[&ReplayItem],
+        device: Device,
+    ) -> Result<Tensor, ModelError> {
+        let [channels, length] = self.shape();
+        let flat: Vec<f32> = items
+            .iter()
+            .flat_map(|i| i.window.iter().copied())
+            .collect();
+        Ok(Tensor::f_from_slice(&flat)?
+            .f_view([items.len() as i64, channels, length])?
+            .f_to_device(device)?)
     }
 
     /// Window-weighted mean loss over `items`, without gradients, in chunks that bound

@@ -9,16 +9,22 @@
 //! - **Splits**: `by_fault` (every site sees a share of normal operation and its own two
 //!   faults, no fault at two sites) and Dirichlet (each class shared out over the sites
 //!   in proportions drawn from Dir(α): α = 0.5 is skewed, 0.1 nearly one site per class).
-//! - **Policies**: `local_only` (each site trains alone for as many epochs as a
-//!   federation has rounds; scored as the mean over sites on the pooled test set),
-//!   `centralised` (the upper bound), `fedavg`, `fedprox`, `fedavg` with compressed
+//! - **Policies**: `local_only` (each site trains alone for up to as many epochs as a
+//!   federation has rounds, with early stopping on a tenth of its windows; scored as
+//!   the mean over sites on the pooled test set), `centralised` (all windows, trained
+//!   the same way: the upper bound), `fedavg`, `fedprox`, `fedavg` with compressed
 //!   updates and with differential privacy, and one poisoned site (its update sign
-//!   flipped and scaled ×10) under FedAvg, the trimmed mean and the median.
+//!   flipped and scaled ×10) under FedAvg, the trimmed mean and the median; and
+//!   `distillation`: sites with classifiers of different widths (32, 64, 96 hidden
+//!   channels) exchanging only their outputs on a shared set of unlabelled windows
+//!   (every 20th training window, kept out of every site's data), scored like
+//!   `local_only`.
 //! - Every round runs the mesh's own arithmetic: [`train_locally`] at each site, the
 //!   site's [`Compressor`], the coordinator's [`RoundAggregator`].
 //!
 //! `bytes` counts what sites send up (updates; for `centralised`, the training windows
-//! themselves as f32); `bytes_down` what the coordinator sends down (the global weights
+//! themselves as f32; for `distillation`, outputs on the shared windows);
+//! `bytes_down` what the coordinator sends down (the global weights, or the consensus,
 //! to every site each round).
 
 use std::str::FromStr;
@@ -26,13 +32,14 @@ use std::time::Instant;
 
 use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
 use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::distill::{consensus, distill_locally, outputs_on};
 use fogmesh_models::federated::{
     train_locally, Aggregation, Compression, Compressor, Contribution, FederatedError,
     LocalTrainingError, LocalWork, Privacy, RoundAggregator,
 };
 use fogmesh_models::merge::{MergeError, Weights};
 use fogmesh_models::served::{Architecture, Classes};
-use fogmesh_models::{ModelError, SplitMix64};
+use fogmesh_models::{ModelError, SplitMix64, TrainOptions};
 use serde::Serialize;
 
 use crate::tep_eval::{Diagnosis, TepEvalError, TepEvalOptions, TepRuns};
@@ -49,6 +56,8 @@ pub struct FederatedEvalOptions {
     pub stride: usize,
     pub work: LocalWork,
     pub fedprox_mu: f64,
+    /// The coordinator's server momentum (0: plain FedAvg steps).
+    pub server_momentum: f64,
     /// The Dirichlet splits' concentrations; `by_fault` is always run.
     pub alphas: Vec<f64>,
     pub compression: Compression,
@@ -75,6 +84,7 @@ impl Default for FederatedEvalOptions {
                 max_seconds: None,
             },
             fedprox_mu: 0.01,
+            server_momentum: 0.0,
             alphas: vec![0.5, 0.1],
             compression: Compression::TopKInt8 { fraction: 0.05 },
             privacy: Privacy {
@@ -102,10 +112,11 @@ pub enum Policy {
     FedavgPoisoned,
     TrimmedMeanPoisoned,
     MedianPoisoned,
+    Distillation,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 9] = [
+    pub const ALL: [Policy; 10] = [
         Policy::LocalOnly,
         Policy::Centralised,
         Policy::Fedavg,
@@ -115,6 +126,7 @@ impl Policy {
         Policy::FedavgPoisoned,
         Policy::TrimmedMeanPoisoned,
         Policy::MedianPoisoned,
+        Policy::Distillation,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -128,6 +140,7 @@ impl Policy {
             Policy::FedavgPoisoned => "fedavg_poisoned",
             Policy::TrimmedMeanPoisoned => "trimmed_mean_poisoned",
             Policy::MedianPoisoned => "median_poisoned",
+            Policy::Distillation => "distillation",
         }
     }
 }
@@ -216,6 +229,9 @@ struct Bench {
     initial: Vec<u8>,
     per_window: usize,
     train: Vec<ReplayItem>,
+    /// Unlabelled windows every site may see (distillation's shared set), kept out of
+    /// `train`.
+    shared: Vec<ReplayItem>,
     test_inputs: Vec<f32>,
     test_labels: Vec<i64>,
     classes: usize,
@@ -233,15 +249,25 @@ impl Bench {
             &runs.std,
         );
         let per_window = runs.columns * options.tep.classifier_window;
-        let train = inputs
+        let (mut train, mut shared) = (Vec::new(), Vec::new());
+        for (i, (window, label)) in inputs
             .chunks(per_window)
             .zip(&labels)
             .step_by(options.stride)
-            .map(|(window, label)| ReplayItem {
-                window: window.to_vec(),
-                label: Some(*label),
-            })
-            .collect();
+            .enumerate()
+        {
+            if i % SHARED_EVERY == SHARED_EVERY - 1 {
+                shared.push(ReplayItem {
+                    window: window.to_vec(),
+                    label: None,
+                });
+            } else {
+                train.push(ReplayItem {
+                    window: window.to_vec(),
+                    label: Some(*label),
+                });
+            }
+        }
         let (mut test_inputs, mut test_labels) = (Vec::new(), Vec::new());
         for (_, run) in &runs.tests {
             if let Some((w, class)) =
@@ -265,6 +291,7 @@ impl Bench {
             initial,
             per_window,
             train,
+            shared,
             test_inputs,
             test_labels,
             classes,
@@ -272,16 +299,29 @@ impl Bench {
     }
 
     fn model(&self, weights: &[u8]) -> Result<FaultClassifier, ModelError> {
-        FaultClassifier::from_safetensors(
-            self.config,
-            weights,
-            None,
-            fogmesh_models::default_device(),
-        )
+        self.model_of(self.config, weights)
+    }
+
+    fn model_of(
+        &self,
+        config: ClassifierConfig,
+        weights: &[u8],
+    ) -> Result<FaultClassifier, ModelError> {
+        FaultClassifier::from_safetensors(config, weights, None, fogmesh_models::default_device())
     }
 
     /// Predicted classes of every `step`-th test window.
     fn predict(&self, weights: &[u8], step: usize) -> Result<Vec<i64>, ModelError> {
+        self.predict_with(self.config, weights, step)
+    }
+
+    /// The same, by a classifier of another width.
+    fn predict_with(
+        &self,
+        config: ClassifierConfig,
+        weights: &[u8],
+        step: usize,
+    ) -> Result<Vec<i64>, ModelError> {
         let inputs: Vec<f32> = self
             .test_inputs
             .chunks(self.per_window)
@@ -289,7 +329,7 @@ impl Bench {
             .flatten()
             .copied()
             .collect();
-        self.model(weights)?.predict(&inputs)
+        self.model_of(config, weights)?.predict(&inputs)
     }
 
     fn accuracy(&self, predicted: &[i64], step: usize, among: Option<&[bool]>) -> Option<f64> {
@@ -302,6 +342,83 @@ impl Bench {
         }
         (total > 0).then(|| right as f64 / total as f64)
     }
+}
+
+/// Every `SHARED_EVERY`-th training window goes, unlabelled, to the shared set.
+const SHARED_EVERY: usize = 20;
+
+/// The widths of the sites' classifiers under distillation, by site (cycled): small
+/// edge models beside larger ones.
+const DISTILLED_WIDTHS: [i64; 3] = [32, 64, 96];
+
+/// Federated distillation over classifiers of different widths: rounds of outputs on
+/// the shared windows, a consensus, and local training that matches it. The mean
+/// pooled accuracy over the sites, per-site accuracy, bytes up and down.
+fn distillation(
+    bench: &Bench,
+    options: &FederatedEvalOptions,
+    sites: &[Vec<ReplayItem>],
+    trained: &[Vec<bool>],
+) -> Result<(f64, Vec<Option<f64>>, u64, u64), FederatedEvalError> {
+    let device = fogmesh_models::default_device();
+    let mut members = Vec::new();
+    for (site, items) in sites.iter().enumerate() {
+        if items.is_empty() {
+            continue;
+        }
+        let config = ClassifierConfig {
+            hidden: DISTILLED_WIDTHS[site % DISTILLED_WIDTHS.len()],
+            ..bench.config
+        };
+        let Architecture::FaultClassifier { classes, .. } = &bench.architecture else {
+            return Err(FederatedEvalError::Option {
+                field: "architecture",
+                value: bench.architecture.manifest_fields().0,
+                reason: "distillation here compares fault classifiers",
+            });
+        };
+        let architecture = Architecture::FaultClassifier {
+            config,
+            classes: classes.clone(),
+        };
+        let model = FaultClassifier::new(config, device, options.tep.classifier_train.seed)?;
+        members.push((site, config, architecture, model.to_safetensors()?.0));
+    }
+    let (mut up, mut down) = (0u64, 0u64);
+    for round in 0..options.rounds {
+        let mut outputs = Vec::with_capacity(members.len());
+        for (site, _, architecture, weights) in &members {
+            let out = outputs_on(architecture, weights, &bench.shared, device)?;
+            up += (out.len() * 4) as u64;
+            outputs.push((out, sites[*site].len() as u64));
+        }
+        let views: Vec<(&[f32], u64)> = outputs.iter().map(|(o, w)| (o.as_slice(), *w)).collect();
+        let agreed = consensus(&views)?;
+        for (site, _, architecture, weights) in &mut members {
+            down += (agreed.len() * 4) as u64;
+            *weights = distill_locally(
+                architecture,
+                weights,
+                &sites[*site],
+                &bench.shared,
+                &agreed,
+                1.0,
+                &options.work,
+                round as u64,
+                device,
+            )?
+            .weights;
+        }
+    }
+    let mut per_site = vec![None; sites.len()];
+    let mut pooled = Vec::new();
+    for (site, config, _, weights) in &members {
+        let predicted = bench.predict_with(*config, weights, 1)?;
+        pooled.push(bench.accuracy(&predicted, 1, None).unwrap_or(0.0));
+        per_site[*site] = bench.accuracy(&predicted, 1, Some(&trained[*site]));
+    }
+    let mean = pooled.iter().sum::<f64>() / pooled.len().max(1) as f64;
+    Ok((mean, per_site, up, down))
 }
 
 /// Gamma(shape, 1) by Marsaglia and Tsang (2000); shapes below 1 through
@@ -397,6 +514,7 @@ struct Federation<'a> {
     compression: Compression,
     poisoned: bool,
     work: LocalWork,
+    momentum: f64,
     sites: &'a [Vec<ReplayItem>],
 }
 
@@ -412,7 +530,8 @@ fn federate(
         .iter()
         .map(|_| Compressor::new(federation.compression))
         .collect();
-    let mut aggregator = RoundAggregator::new(federation.aggregation, federation.privacy, seed)?;
+    let mut aggregator = RoundAggregator::new(federation.aggregation, federation.privacy, seed)?
+        .with_momentum(federation.momentum)?;
     let (mut up, mut down) = (0u64, 0u64);
     let mut tracked = Vec::with_capacity(rounds);
     let mut bytes = bench.initial.clone();
@@ -451,27 +570,32 @@ fn federate(
     Ok((bytes, tracked, up, down, aggregator.epsilon()))
 }
 
-/// Trains alone on `items` for `epochs`; the weights after.
+/// Trains alone on `items` as the zoo trains the classifier: up to `epochs` epochs,
+/// a tenth of the windows held out, stopped after 5 epochs without improvement, the
+/// best epoch's weights kept. The weights after.
 fn alone(
     bench: &Bench,
     items: &[ReplayItem],
     work: &LocalWork,
     epochs: usize,
 ) -> Result<Vec<u8>, FederatedEvalError> {
-    let update = train_locally(
-        &bench.architecture,
-        &bench.initial,
-        items,
-        &LocalWork {
-            epochs: epochs * work.epochs,
-            ..work.clone()
-        },
-        0,
-        fogmesh_models::default_device(),
-    )?;
-    let mut weights = Weights::from_safetensors(&bench.initial, "the initial classifier")?;
-    add(&mut weights, &update.delta);
-    Ok(weights.to_safetensors()?.0)
+    let mut model = bench.model(&bench.initial)?;
+    let windows: Vec<f32> = items
+        .iter()
+        .flat_map(|i| i.window.iter().copied())
+        .collect();
+    let labels: Vec<i64> = items.iter().map(|i| i.label.unwrap_or(0)).collect();
+    let options = TrainOptions {
+        epochs: epochs * work.epochs,
+        batch_size: work.batch_size,
+        learning_rate: work.learning_rate,
+        validation_fraction: 0.1,
+        patience: 5,
+        seed: work.seed,
+        max_seconds: None,
+    };
+    model.fit(&windows, &labels, &options, &mut |_| {})?;
+    Ok(model.to_safetensors()?.0)
 }
 
 fn run_policy(
@@ -518,6 +642,13 @@ fn run_policy(
             }
             result.accuracy = pooled.iter().sum::<f64>() / pooled.len().max(1) as f64;
         }
+        Policy::Distillation => {
+            let (accuracy, per_site, up, down) = distillation(bench, options, sites, trained)?;
+            result.accuracy = accuracy;
+            result.per_site = per_site;
+            result.bytes = up;
+            result.bytes_down = down;
+        }
         Policy::Centralised => {
             let all: Vec<ReplayItem> = sites.iter().flatten().cloned().collect();
             let weights = alone(bench, &all, &options.work, rounds)?;
@@ -554,6 +685,7 @@ fn run_policy(
                     proximal_mu: aggregation.proximal_mu(),
                     ..options.work.clone()
                 },
+                momentum: options.server_momentum,
                 sites,
             };
             let (weights, tracked, up, down, epsilon) =
@@ -718,6 +850,89 @@ mod tests {
         assert!(
             refused.contains("fedsgd") && refused.contains("local_only"),
             "{refused}"
+        );
+    }
+}
+
+/// A short `fogmesh eval federated` on the recordings `just setup` generates.
+#[cfg(test)]
+mod scenario_tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn policy<'a>(split: &'a SplitResult, name: &str) -> &'a PolicyResult {
+        split
+            .policies
+            .iter()
+            .find(|p| p.policy == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    }
+
+    #[test]
+    fn federation_beats_sites_alone_and_robust_rules_hold_against_a_poisoned_site() {
+        let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/tep");
+        assert!(
+            data.join("manifest.json").exists(),
+            "{} has no TEP recordings: run `just setup` first",
+            data.display()
+        );
+        let defaults = FederatedEvalOptions::default();
+        let options = FederatedEvalOptions {
+            tep: TepEvalOptions {
+                data,
+                ..defaults.tep.clone()
+            },
+            rounds: 8,
+            stride: 4,
+            alphas: vec![0.1],
+            policies: vec![
+                Policy::LocalOnly,
+                Policy::Fedavg,
+                Policy::FedavgPoisoned,
+                Policy::MedianPoisoned,
+            ],
+            ..defaults
+        };
+        let mut seen = 0;
+        let report = evaluate(&options, &mut |_, _| seen += 1).unwrap();
+        assert_eq!(seen, 8);
+        assert_eq!(report.classes, 13);
+        let splits: Vec<(&str, Option<f64>)> =
+            report.splits.iter().map(|s| (s.split, s.alpha)).collect();
+        assert_eq!(splits, [("by_fault", None), ("dirichlet", Some(0.1))]);
+        for split in &report.splits {
+            assert_eq!(
+                split.site_windows.iter().sum::<usize>(),
+                report.train_windows
+            );
+            let alone = policy(split, "local_only");
+            let fedavg = policy(split, "fedavg");
+            assert_eq!((alone.bytes, alone.per_site.len()), (0, 6));
+            assert!(fedavg.bytes > 0 && fedavg.bytes_down > 0);
+            // A site sending its update flipped and ×10 wrecks FedAvg; the median holds.
+            let (broken, held) = (
+                policy(split, "fedavg_poisoned"),
+                policy(split, "median_poisoned"),
+            );
+            assert!(
+                broken.accuracy + 0.2 < fedavg.accuracy && held.accuracy > broken.accuracy + 0.2,
+                "{}: fedavg {} poisoned {} median {}",
+                split.split,
+                fedavg.accuracy,
+                broken.accuracy,
+                held.accuracy
+            );
+        }
+        // With each class concentrated at one or two sites, sites alone know little of
+        // the plant; together they know it.
+        let skewed = &report.splits[1];
+        let (alone, fedavg) = (policy(skewed, "local_only"), policy(skewed, "fedavg"));
+        assert!(
+            fedavg.accuracy > alone.accuracy + 0.1,
+            "fedavg {} local-only {}",
+            fedavg.accuracy,
+            alone.accuracy
         );
     }
 }

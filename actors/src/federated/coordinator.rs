@@ -7,8 +7,11 @@
 //!   global weights and the round's work; the answers that arrive within the deadline
 //!   are combined (stragglers and failed sites are left out of that round, not waited
 //!   for), and with fewer than `min_sites` answers nothing is applied. At the top of a
-//!   federation the result is stored as a version with its lineage and handed to the
-//!   [`Promoter`], as a continual learner's candidate is.
+//!   federation every site then judges the new weights against the serving version's
+//!   on windows it held out of training (federated evaluation); when the pooled loss
+//!   passes the [`EvaluationGate`] the weights are stored as a version with their
+//!   lineage and handed to the [`Promoter`], as a continual learner's candidate is.
+//!   Either way the global weights go on to the next round.
 //! - [`FederatedCoordinatorMsg::Buffered`]: an asynchronous run (FedBuff): every site
 //!   trains from the newest weights it was given and is given the newest again as
 //!   soon as it answers; every `buffer` answers are combined, each discounted by its
@@ -17,6 +20,8 @@
 //!   coordinator one level up (a fog aggregator for its zone): the global weights and
 //!   work come from the parent, the combined update goes back to it as one site's
 //!   report weighted by all of its sites' windows, and nothing is stored here.
+//! - [`FederatedCoordinatorMsg::Evaluate`]: a coordinator one level up asks for the
+//!   zone's held-out losses (federated evaluation), pooled over its sites.
 //! - [`FederatedCoordinatorMsg::Status`] and [`FederatedCoordinatorMsg::Global`] (the
 //!   global weights now).
 //!
@@ -41,9 +46,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 
 use super::error::{FederationError, TrainingError};
-use super::site_trainer::{RoundWork, SiteReport, SiteTrainerMsg};
+use super::site_trainer::{RoundWork, SiteEvaluation, SiteReport, SiteTrainerMsg};
 use crate::continual_learner::Promoter;
 use crate::node_agent::{call_within, Unanswered};
+use crate::telemetry;
 
 /// Where a round's work goes: a site that trains, or a coordinator one level down that
 /// runs the round over its own sites.
@@ -71,6 +77,40 @@ pub struct FederationPlan {
     pub deadline: Duration,
     /// The privacy noise's seed.
     pub seed: u64,
+    /// Judge each round's weights on the sites' held-out windows before storing them;
+    /// `None` stores every round.
+    pub gate: Option<EvaluationGate>,
+}
+
+/// When a round's weights become a version: their held-out loss, pooled over the
+/// sites by windows, is at most `(1 + max_regression)` × the loss of the version they
+/// descend from on the same windows (a negative `max_regression` demands a gain).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationGate {
+    pub max_regression: f64,
+}
+
+/// One site's judgement in a round's federated evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteJudgement {
+    pub site: String,
+    pub candidate: f64,
+    pub incumbent: f64,
+    pub windows: u64,
+}
+
+/// A round's federated evaluation and the gate's decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct FederatedEvaluation {
+    pub sites: Vec<SiteJudgement>,
+    /// Pooled over the sites, weighted by their held-out windows.
+    pub candidate: f64,
+    pub incumbent: f64,
+    pub windows: u64,
+    pub passed: bool,
+    /// Why, with the numbers and the limit.
+    pub reason: String,
 }
 
 /// Where the top of a federation puts its results.
@@ -116,7 +156,9 @@ pub struct FederatedRound {
     /// stale update combined.
     pub applied: usize,
     pub max_staleness: u64,
-    /// The stored version (the top of a federation only).
+    /// The sites' judgement of the round's weights against the serving version's.
+    pub evaluation: Option<FederatedEvaluation>,
+    /// The stored version (the top of a federation only, when the gate passed).
     pub version: Option<String>,
     /// Whether the promoter made it serve.
     pub promoted: bool,
@@ -159,6 +201,12 @@ pub enum FederatedCoordinatorMsg {
     Status {
         reply: RpcReplyPort<FederationStatus>,
     },
+    /// A coordinator one level up asks for the zone's held-out losses of `weights`,
+    /// pooled over its sites by windows.
+    Evaluate {
+        weights: Vec<Arc<Vec<u8>>>,
+        reply: RpcReplyPort<Result<SiteEvaluation, TrainingError>>,
+    },
     /// The global weights as they are now (safetensors).
     Global { reply: RpcReplyPort<Arc<Vec<u8>>> },
     /// A buffered run's site answered (sent by the coordinator's own tasks).
@@ -188,6 +236,8 @@ pub struct FederatedCoordinatorState {
     global: Weights,
     /// `global` as safetensors, shared with every site of a round.
     global_bytes: Arc<Vec<u8>>,
+    /// The weights of `manifest`: what a round's weights are judged against.
+    published: Arc<Vec<u8>>,
     /// Updates applied to the global weights since the start.
     applied: u64,
     sites: Vec<FederationSite>,
@@ -234,6 +284,7 @@ impl FederatedCoordinatorState {
             epsilon: None,
             applied: 0,
             max_staleness: 0,
+            evaluation: None,
             version: None,
             promoted: false,
             compute_s: 0.0,
@@ -258,6 +309,15 @@ impl FederatedCoordinatorState {
         let Some(publication) = &self.publication else {
             return Ok(());
         };
+        if let Some(gate) = self.plan.gate {
+            let evaluation = self.evaluate(gate).await;
+            let passed = evaluation.passed;
+            tracing::info!(federation = %self.federation, round = report.round, passed, reason = %evaluation.reason, "federated evaluation");
+            report.evaluation = Some(evaluation);
+            if !passed {
+                return Ok(());
+            }
+        }
         let federation = self.federation.clone();
         let parent = self.manifest.clone();
         let mut candidate = parent.clone();
@@ -287,6 +347,7 @@ impl FederatedCoordinatorState {
                 "privacy": self.plan.privacy,
                 "epsilon": report.epsilon,
                 "applied": report.applied,
+                "evaluation": &report.evaluation,
             }
         });
         let store = publication.store.clone();
@@ -306,6 +367,7 @@ impl FederatedCoordinatorState {
         })?;
         report.version = Some(stored.id());
         self.manifest = stored.clone();
+        self.published = self.global_bytes.clone();
         if let Some(promoter) = &publication.promoter {
             promoter
                 .promote(&federation, &stored)
@@ -318,6 +380,68 @@ impl FederatedCoordinatorState {
             report.promoted = true;
         }
         Ok(())
+    }
+
+    /// Every site judges the global weights against the published ones on its held-out
+    /// windows; the gate decides on the pooled losses.
+    async fn evaluate(&self, gate: EvaluationGate) -> FederatedEvaluation {
+        let weights = vec![self.global_bytes.clone(), self.published.clone()];
+        let asks = self
+            .sites
+            .iter()
+            .map(|site| ask_evaluation(site, weights.clone(), self.plan.deadline));
+        let answers = futures::future::join_all(asks).await;
+        let mut sites = Vec::new();
+        let (mut candidate, mut incumbent, mut windows) = (0.0, 0.0, 0u64);
+        for (site, answer) in self.sites.iter().zip(answers) {
+            let Some(SiteEvaluation { losses, windows: n }) = answer else {
+                continue;
+            };
+            if let [c, i] = losses[..] {
+                candidate += c * n as f64;
+                incumbent += i * n as f64;
+                windows += n;
+                sites.push(SiteJudgement {
+                    site: site.name.clone(),
+                    candidate: c,
+                    incumbent: i,
+                    windows: n,
+                });
+            }
+        }
+        let mut evaluation = FederatedEvaluation {
+            sites,
+            candidate: f64::NAN,
+            incumbent: f64::NAN,
+            windows,
+            passed: false,
+            reason: String::new(),
+        };
+        if windows == 0 {
+            evaluation.reason =
+                "not stored: no site judged the round's weights on held-out windows".into();
+            return evaluation;
+        }
+        evaluation.candidate = candidate / windows as f64;
+        evaluation.incumbent = incumbent / windows as f64;
+        let limit = (1.0 + gate.max_regression) * evaluation.incumbent;
+        evaluation.passed = evaluation.candidate.is_finite() && evaluation.candidate <= limit;
+        evaluation.reason = format!(
+            "{}: held-out loss {:.6} {} (1 + {}) x {:.6} = {:.6} over {} windows of {} sites",
+            if evaluation.passed {
+                "stored"
+            } else {
+                "not stored"
+            },
+            evaluation.candidate,
+            if evaluation.passed { "<=" } else { ">" },
+            gate.max_regression,
+            evaluation.incumbent,
+            limit,
+            windows,
+            evaluation.sites.len(),
+        );
+        evaluation
     }
 
     /// Sends the round to every site and waits for the answers, until the deadline.
@@ -398,6 +522,78 @@ impl FederatedCoordinatorState {
     }
 }
 
+/// Counts a round's outcome, time, bytes and left-out sites.
+fn record(federation: &str, outcome: &Result<FederatedRound, FederationError>) {
+    let federation = federation.to_string();
+    let (label, report) = match outcome {
+        Ok(report) if report.version.is_some() => ("stored", Some(report)),
+        Ok(report) if report.evaluation.as_ref().is_some_and(|e| !e.passed) => {
+            ("refused", Some(report))
+        }
+        Ok(report) => ("applied", Some(report)),
+        Err(_) => ("failed", None),
+    };
+    metrics::counter!(telemetry::FEDERATED_ROUNDS, "federation" => federation.clone(), "outcome" => label)
+        .increment(1);
+    let Some(report) = report else {
+        return;
+    };
+    metrics::histogram!(telemetry::FEDERATED_ROUND_SECONDS, "federation" => federation.clone())
+        .record(report.seconds);
+    for (direction, bytes) in [("up", report.bytes_up), ("down", report.bytes_down)] {
+        metrics::counter!(telemetry::FEDERATED_BYTES, "federation" => federation.clone(), "direction" => direction)
+            .increment(bytes);
+    }
+    for (reason, sites) in [("late", &report.stragglers), ("failed", &report.failed)] {
+        metrics::counter!(telemetry::FEDERATED_SITES_LEFT_OUT, "federation" => federation.clone(), "reason" => reason)
+            .increment(sites.len() as u64);
+    }
+    if let Some(epsilon) = report.epsilon {
+        metrics::gauge!(telemetry::FEDERATED_EPSILON, "federation" => federation).set(epsilon);
+    }
+}
+
+/// Asks one site (or a zone, pooled) for its held-out losses of `weights`; `None`
+/// when it has no answer within `deadline`.
+async fn ask_evaluation(
+    site: &FederationSite,
+    weights: Vec<Arc<Vec<u8>>>,
+    deadline: Duration,
+) -> Option<SiteEvaluation> {
+    let answer = match &site.site {
+        Site::Trainer(actor) => {
+            call_within(
+                actor,
+                |reply| SiteTrainerMsg::Evaluate { weights, reply },
+                ("site evaluation", "site trainer"),
+                deadline,
+            )
+            .await
+        }
+        Site::Aggregator(actor) => {
+            call_within(
+                actor,
+                |reply| FederatedCoordinatorMsg::Evaluate { weights, reply },
+                ("zone evaluation", "fog aggregator"),
+                deadline,
+            )
+            .await
+        }
+    };
+    match answer {
+        Ok(Ok(evaluation)) if evaluation.windows > 0 => Some(evaluation),
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(site = %site.name, %error, "a site could not evaluate the round's weights");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(site = %site.name, %error, "a site gave no evaluation");
+            None
+        }
+    }
+}
+
 /// Asks one site for its part of `round`, waiting at most `deadline`.
 async fn ask(
     site: &FederationSite,
@@ -464,10 +660,21 @@ impl Actor for FederatedCoordinator {
         let aggregator =
             RoundAggregator::new(args.plan.aggregation, args.plan.privacy, args.plan.seed)?;
         args.plan.work.local.validate()?;
+        if let Some(gate) = args.plan.gate {
+            if !(gate.max_regression.is_finite() && gate.max_regression > -1.0) {
+                return Err(FederationError::Invalid {
+                    field: "max_regression",
+                    value: gate.max_regression.to_string(),
+                    reason: "must be a finite number above -1",
+                }
+                .into());
+            }
+        }
         Ok(FederatedCoordinatorState {
             federation: args.federation,
             manifest: args.base,
             global,
+            published: Arc::new(args.weights.clone()),
             global_bytes: Arc::new(args.weights),
             applied: 0,
             sites: args.sites,
@@ -505,6 +712,7 @@ impl Actor for FederatedCoordinator {
                     },
                     Err(error) => Err(error),
                 };
+                record(&state.federation, &outcome);
                 let _ = reply.send(outcome);
             }
             FederatedCoordinatorMsg::Aggregate {
@@ -541,6 +749,33 @@ impl Actor for FederatedCoordinator {
                     last: state.last.clone(),
                 });
             }
+            FederatedCoordinatorMsg::Evaluate { weights, reply } => {
+                let asks = state
+                    .sites
+                    .iter()
+                    .map(|site| ask_evaluation(site, weights.clone(), state.plan.deadline));
+                let answers = futures::future::join_all(asks).await;
+                let mut pooled = SiteEvaluation {
+                    losses: vec![0.0; weights.len()],
+                    windows: 0,
+                };
+                for answer in answers.into_iter().flatten() {
+                    if answer.losses.len() != weights.len() {
+                        continue;
+                    }
+                    for (sum, loss) in pooled.losses.iter_mut().zip(&answer.losses) {
+                        *sum += loss * answer.windows as f64;
+                    }
+                    pooled.windows += answer.windows;
+                }
+                if pooled.windows == 0 {
+                    pooled.losses.clear();
+                } else {
+                    let n = pooled.windows as f64;
+                    pooled.losses.iter_mut().for_each(|l| *l /= n);
+                }
+                let _ = reply.send(Ok(pooled));
+            }
             FederatedCoordinatorMsg::Global { reply } => {
                 let _ = reply.send(state.global_bytes.clone());
             }
@@ -567,7 +802,9 @@ impl FederatedCoordinator {
             .map_err(|e| failed(state.error_weights()(e)))?;
         state.global_bytes = global;
         let before = state.global.values().to_vec();
-        let report = state.synchronous(work).await.map_err(failed)?;
+        let outcome = state.synchronous(work).await;
+        record(&state.federation, &outcome);
+        let report = outcome.map_err(failed)?;
         let delta: Vec<f32> = state
             .global
             .values()
@@ -736,6 +973,7 @@ impl FederatedCoordinator {
                     }
                     Err(error) => Err(error),
                 };
+                record(&state.federation, &result);
                 let _ = buffered.reply.send(result);
             }
         }

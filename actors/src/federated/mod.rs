@@ -8,8 +8,11 @@ mod error;
 mod site_trainer;
 
 pub use coordinator::{
-    Answer, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
-    FederatedRound, FederationPlan, FederationSite, FederationStatus, Publication, Site,
+    Answer, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
+    FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound, FederationPlan, FederationSite,
+    FederationStatus, Publication, Site, SiteJudgement,
 };
 pub use error::{FederationError, TrainingError};
-pub use site_trainer::{RoundWork, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg};
+pub use site_trainer::{
+    RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+};

@@ -6,7 +6,8 @@
 //! (safetensors bytes) and the round's work, answered with a [`SiteReport`]: the
 //! encoded difference between the weights after its local work and the global ones,
 //! the number of windows it trained on, its training objective and how long the work
-//! took. Only that report leaves the site. **Supervised by** whoever spawned it (the
+//! took; and [`SiteTrainerMsg::Evaluate`]: candidate weights judged on the windows it
+//! holds out of training ([`SiteEvaluation`]). Only those answers leave the site. **Supervised by** whoever spawned it (the
 //! test or benchmark that builds the federation; its coordinator only calls it).
 //! **On failure**: global weights that do not load into the site's network, or a
 //! training error, are answered as [`TrainingError`]; the actor keeps its windows and
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use fogmesh_models::continual::ReplayItem;
 use fogmesh_models::federated::{
-    train_locally, Compression, Compressor, EncodedUpdate, LocalTrainingError, LocalWork,
+    held_out_loss, train_locally, Compression, Compressor, EncodedUpdate, LocalTrainingError,
+    LocalWork,
 };
 use fogmesh_models::merge::Weights;
 use fogmesh_models::served::Architecture;
@@ -56,12 +58,16 @@ pub struct SiteTrainerArgs {
     pub architecture: Architecture,
     /// The windows the site has seen; a classifier trains on the labelled ones.
     pub windows: Vec<ReplayItem>,
+    /// Windows kept out of training, on which the site judges candidate versions
+    /// (federated evaluation); may be empty.
+    pub held_out: Vec<ReplayItem>,
 }
 
 pub struct SiteTrainerState {
     site: Arc<str>,
     architecture: Arc<Architecture>,
     windows: Arc<Vec<ReplayItem>>,
+    held_out: Arc<Vec<ReplayItem>>,
     compressor: Option<Compressor>,
 }
 
@@ -80,6 +86,15 @@ pub struct SiteReport {
     pub compute: Duration,
 }
 
+/// A site's judgement of weights on its held-out windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteEvaluation {
+    /// The mean loss of each weights asked about, in the order asked.
+    pub losses: Vec<f64>,
+    /// Held-out windows measured on (0: the site has none, and no losses).
+    pub windows: u64,
+}
+
 pub enum SiteTrainerMsg {
     Train {
         round: u64,
@@ -87,6 +102,12 @@ pub enum SiteTrainerMsg {
         global: Arc<Vec<u8>>,
         work: Arc<RoundWork>,
         reply: RpcReplyPort<Result<SiteReport, TrainingError>>,
+    },
+    /// Federated evaluation: the loss of each of `weights` (safetensors) on the
+    /// site's held-out windows.
+    Evaluate {
+        weights: Vec<Arc<Vec<u8>>>,
+        reply: RpcReplyPort<Result<SiteEvaluation, TrainingError>>,
     },
 }
 
@@ -109,6 +130,7 @@ impl Actor for SiteTrainer {
             site: args.site.as_str().into(),
             architecture: Arc::new(args.architecture),
             windows: Arc::new(args.windows),
+            held_out: Arc::new(args.held_out),
             compressor: None,
         })
     }
@@ -119,12 +141,33 @@ impl Actor for SiteTrainer {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SiteTrainerMsg::Train {
-            round,
-            global,
-            work,
-            reply,
-        } = message;
+        let (round, global, work, reply) = match message {
+            SiteTrainerMsg::Train {
+                round,
+                global,
+                work,
+                reply,
+            } => (round, global, work, reply),
+            SiteTrainerMsg::Evaluate { weights, reply } => {
+                let (site, architecture, held_out) = (
+                    state.site.clone(),
+                    state.architecture.clone(),
+                    state.held_out.clone(),
+                );
+                let judged = tokio::task::spawn_blocking(move || {
+                    evaluate(&site, &architecture, &held_out, &weights)
+                })
+                .await
+                .unwrap_or_else(|source| {
+                    Err(TrainingError::Thread {
+                        site: state.site.to_string(),
+                        source,
+                    })
+                });
+                let _ = reply.send(judged);
+                return Ok(());
+            }
+        };
         let site = state.site.clone();
         let (architecture, windows) = (state.architecture.clone(), state.windows.clone());
         // A federation that changes its encoding starts the residual afresh.
@@ -165,6 +208,41 @@ impl Actor for SiteTrainer {
         let _ = reply.send(outcome);
         Ok(())
     }
+}
+
+/// The held-out loss of each of `weights`, on the site's thread.
+fn evaluate(
+    site: &Arc<str>,
+    architecture: &Architecture,
+    held_out: &[ReplayItem],
+    weights: &[Arc<Vec<u8>>],
+) -> Result<SiteEvaluation, TrainingError> {
+    if held_out.is_empty() {
+        return Ok(SiteEvaluation {
+            losses: Vec::new(),
+            windows: 0,
+        });
+    }
+    tch::set_num_threads(1);
+    let mut evaluation = SiteEvaluation {
+        losses: Vec::with_capacity(weights.len()),
+        windows: 0,
+    };
+    for bytes in weights {
+        let (loss, windows) = held_out_loss(
+            architecture,
+            bytes,
+            held_out,
+            tch::Device::cuda_if_available(),
+        )
+        .map_err(|source| TrainingError::Local {
+            site: site.to_string(),
+            source,
+        })?;
+        evaluation.losses.push(loss);
+        evaluation.windows = windows;
+    }
+    Ok(evaluation)
 }
 
 /// One round's work on the site's thread.

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use fogmesh_actors::continual_learner::{BoxFuture, PromoteError, Promoter};
 use fogmesh_actors::{
-    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedRound,
-    FederationError, FederationPlan, FederationSite, FederationStatus, Publication, RoundWork,
-    Site, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+    EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
+    FederatedRound, FederationError, FederationPlan, FederationSite, FederationStatus, Publication,
+    RoundWork, Site, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
 };
 use fogmesh_models::continual::ReplayItem;
 use fogmesh_models::federated::{Aggregation, LocalWork};
@@ -80,6 +80,8 @@ async fn trainer(site: u64, n: usize) -> FederationSite {
             site: format!("site-{site}"),
             architecture: architecture(),
             windows: windows(site, n),
+            // Another stretch of the same regime (the seed's parity picks it).
+            held_out: windows(site + 1000, 8),
         },
     )
     .await
@@ -113,9 +115,18 @@ impl Actor for SilentSite {
         message: Self::Msg,
         held: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SiteTrainerMsg::Train { reply, .. } = message;
-        held.push(reply);
+        // Evaluations are not asked of it: the coordinators here have no gate.
+        if let SiteTrainerMsg::Train { reply, .. } = message {
+            held.push(reply);
+        }
         Ok(())
+    }
+}
+
+fn gated(max_regression: f64) -> FederationPlan {
+    FederationPlan {
+        gate: Some(EvaluationGate { max_regression }),
+        ..plan(2, Duration::from_secs(60))
     }
 }
 
@@ -135,6 +146,7 @@ fn plan(min_sites: usize, deadline: Duration) -> FederationPlan {
         min_sites,
         deadline,
         seed: 1,
+        gate: None,
     }
 }
 
@@ -247,6 +259,56 @@ async fn a_round_stores_a_version_with_its_lineage_and_promotes_it() {
     let state = status(&actor).await;
     assert_eq!((state.rounds, state.version.as_str()), (2, "pump-ae@3"));
     actor.stop(None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_site_judges_a_rounds_weights_and_the_gate_decides_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = base(&store);
+    let sites = vec![trainer(0, 40).await, trainer(1, 24).await];
+    let publication = || Publication {
+        store: store.clone(),
+        promoter: None,
+    };
+    let demanding = coordinator(
+        "pump-ae",
+        stored.clone(),
+        sites.clone(),
+        gated(-0.99),
+        Some(publication()),
+    )
+    .await;
+    let refused = round(&demanding).await.unwrap();
+    let evaluation = refused.evaluation.unwrap();
+    assert!(
+        !evaluation.passed && refused.version.is_none(),
+        "{evaluation:?}"
+    );
+    assert_eq!(evaluation.windows, 16);
+    assert_eq!(evaluation.sites.len(), 2);
+    assert!(
+        evaluation.candidate < evaluation.incumbent,
+        "{evaluation:?}"
+    );
+    assert!(
+        evaluation.reason.starts_with("not stored"),
+        "{}",
+        evaluation.reason
+    );
+    assert!(store.get("pump-ae@2").is_err());
+    demanding.stop(None);
+
+    let fair = coordinator("pump-ae", stored, sites, gated(0.0), Some(publication())).await;
+    let accepted = round(&fair).await.unwrap();
+    let evaluation = accepted.evaluation.unwrap();
+    assert!(evaluation.passed, "{evaluation:?}");
+    assert_eq!(accepted.version.as_deref(), Some("pump-ae@2"));
+    let lineage = store.get("pump-ae@2").unwrap().training;
+    assert_eq!(
+        lineage["federated"]["evaluation"]["sites"][0]["site"],
+        "site-0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,4 +491,85 @@ async fn a_buffered_run_applies_the_versions_asked_and_stores_one() {
     .await
     .unwrap_err();
     assert!(error.to_string().contains("versions = 0"), "{error}");
+}
+
+/// Everything a site sends out in a round and an evaluation (its encoded update, its
+/// counts, losses and times) is searched for the bytes of every value of its windows:
+/// none is there. Window values are made distinctive (no weight or loss will equal
+/// them by chance): each is a plant reading plus a unique offset of 1e-4 · i.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_site_sends_holds_a_value_of_its_windows() {
+    let mut own = windows(0, 24);
+    let mut counter = 0f32;
+    for item in &mut own {
+        for v in &mut item.window {
+            counter += 1.0;
+            *v += 1e-4 * counter;
+        }
+    }
+    let held_out = windows(1000, 4);
+    let values: Vec<[u8; 4]> = own
+        .iter()
+        .chain(&held_out)
+        .flat_map(|i| i.window.iter().map(|v| v.to_le_bytes()))
+        .collect();
+    let (site, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: "site-0".into(),
+            architecture: architecture(),
+            windows: own,
+            held_out,
+        },
+    )
+    .await
+    .unwrap();
+    let global = Arc::new(base_weights());
+    let report = match site
+        .call(
+            |reply| SiteTrainerMsg::Train {
+                round: 1,
+                global: global.clone(),
+                work: Arc::new(plan(1, Duration::from_secs(60)).work),
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(report) => report.unwrap(),
+        _ => panic!("the site gave no report"),
+    };
+    let judged = match site
+        .call(
+            |reply| SiteTrainerMsg::Evaluate {
+                weights: vec![global.clone()],
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(evaluation) => evaluation.unwrap(),
+        _ => panic!("the site gave no evaluation"),
+    };
+    let mut sent = report.update.bytes.clone();
+    for number in [report.loss.unwrap_or_default(), judged.losses[0]] {
+        sent.extend_from_slice(&(number as f32).to_le_bytes());
+        sent.extend_from_slice(&number.to_le_bytes());
+    }
+    sent.extend_from_slice(&report.samples.to_le_bytes());
+    assert!(sent.len() > 1000, "the update is {} bytes", sent.len());
+    let leaked = values
+        .iter()
+        .filter(|value| sent.windows(4).any(|w| w == value.as_slice()))
+        .count();
+    assert_eq!(
+        leaked, 0,
+        "{leaked} window values found in what the site sent"
+    );
+    site.stop(None);
 }

@@ -49,6 +49,12 @@ pub enum Dataset {
         /// The encoding of `fedavg_compressed`'s updates.
         #[arg(long, default_value = "topk:0.05+int8")]
         compression: Compression,
+        /// The coordinator's server momentum (FedAvgM); 0 for plain FedAvg steps.
+        #[arg(long, default_value_t = 0.0)]
+        server_momentum: f64,
+        /// Local epochs per round.
+        #[arg(long, default_value_t = 1)]
+        local_epochs: usize,
         /// Which policies to run (comma-separated); all by default.
         #[arg(long, value_delimiter = ',')]
         policies: Vec<Policy>,
@@ -164,6 +170,8 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
             stride,
             alpha,
             compression,
+            server_momentum,
+            local_epochs,
             policies,
             seed,
         } => {
@@ -178,6 +186,11 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
                 stride,
                 alphas: alpha,
                 compression,
+                server_momentum,
+                work: fogmesh_models::federated::LocalWork {
+                    epochs: local_epochs,
+                    ..defaults.work.clone()
+                },
                 policies: if policies.is_empty() {
                     defaults.policies.clone()
                 } else {

@@ -1,12 +1,15 @@
 //! Shrinking a site's update before it crosses the mesh, with error feedback.
 //!
 //! - `none`: every value as f32.
-//! - `int8`: one f32 scale (the largest magnitude / 127), then one i8 per value.
+//! - `int8`: the values in blocks of 256, each block one f32 scale (its largest
+//!   magnitude / 127) then one i8 per value: a block's scale follows its own layer's
+//!   magnitudes instead of the largest in the whole model.
 //! - `topk:<fraction>`: the `ceil(fraction · n)` values of largest magnitude: their
 //!   count (u32), their indices ascending, each as the gap from the one before in LEB128
 //!   (one byte for gaps below 128, which a fraction above 1 % nearly always gives), then
 //!   their values as f32; the rest read back as 0.
-//! - `topk:<fraction>+int8`: the count, one scale, the same gaps, then one i8 per value.
+//! - `topk:<fraction>+int8`: the count, the same gaps, then the kept values as `int8`
+//!   blocks.
 //!
 //! Error feedback (Seide et al. 2014, Karimireddy et al. 2019): a site's [`Compressor`]
 //! compresses its delta plus what earlier rounds left out, and keeps what this round
@@ -170,20 +173,28 @@ fn top_k(values: &[f32], fraction: f64) -> Vec<usize> {
     order
 }
 
-/// One scale for `values` and their i8 codes: `value ≈ code · scale`.
-fn quantise(values: impl Iterator<Item = f32> + Clone) -> (f32, Vec<i8>) {
-    let largest = values.clone().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = largest / 127.0;
-    let codes = values
-        .map(|v| {
-            if scale > 0.0 {
+/// Values per int8 block: one f32 scale for each.
+const BLOCK: usize = 256;
+
+/// Writes `values` as int8 blocks (scale, then codes: `value ≈ code · scale`); the
+/// values they read back as.
+fn quantise(values: &[f32], bytes: &mut Vec<u8>) -> Vec<f32> {
+    let mut sent = Vec::with_capacity(values.len());
+    for block in values.chunks(BLOCK) {
+        let largest = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = largest / 127.0;
+        bytes.extend_from_slice(&scale.to_le_bytes());
+        for v in block {
+            let code = if scale > 0.0 {
                 (v / scale).round().clamp(-127.0, 127.0) as i8
             } else {
                 0
-            }
-        })
-        .collect();
-    (scale, codes)
+            };
+            bytes.push(code as u8);
+            sent.push(f32::from(code) * scale);
+        }
+    }
+    sent
 }
 
 /// Ascending `indices` as LEB128 gaps: each index minus one past the one before (the
@@ -212,14 +223,7 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
             }
             sent.copy_from_slice(values);
         }
-        Compression::Int8 => {
-            let (scale, codes) = quantise(values.iter().copied());
-            bytes.extend_from_slice(&scale.to_le_bytes());
-            for (s, code) in sent.iter_mut().zip(&codes) {
-                bytes.push(*code as u8);
-                *s = f32::from(*code) * scale;
-            }
-        }
+        Compression::Int8 => sent = quantise(values, &mut bytes),
         Compression::TopK { fraction } => {
             let kept = top_k(values, fraction);
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
@@ -231,13 +235,11 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
         }
         Compression::TopKInt8 { fraction } => {
             let kept = top_k(values, fraction);
-            let (scale, codes) = quantise(kept.iter().map(|i| values[*i]));
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&scale.to_le_bytes());
             write_gaps(&mut bytes, &kept);
-            for (i, code) in kept.iter().zip(&codes) {
-                bytes.push(*code as u8);
-                sent[*i] = f32::from(*code) * scale;
+            let chosen: Vec<f32> = kept.iter().map(|i| values[*i]).collect();
+            for (i, v) in kept.iter().zip(quantise(&chosen, &mut bytes)) {
+                sent[*i] = v;
             }
         }
     }
@@ -284,6 +286,20 @@ impl<'a> Reader<'a> {
             return Err(self.malformed("its scale is not a finite number at least 0"));
         }
         Ok(scale)
+    }
+
+    /// `count` values written as int8 blocks.
+    fn blocks(&mut self, count: usize) -> Result<Vec<f32>, FederatedError> {
+        if count > self.expected {
+            return Err(self.malformed("it holds more values than the update has"));
+        }
+        let mut values = Vec::with_capacity(count);
+        while values.len() < count {
+            let scale = self.scale()?;
+            let n = (count - values.len()).min(BLOCK);
+            values.extend(self.take(n)?.iter().map(|c| f32::from(*c as i8) * scale));
+        }
+        Ok(values)
     }
 
     /// One LEB128 number of at most 32 bits.
@@ -336,12 +352,7 @@ pub fn decode(encoded: &EncodedUpdate) -> Result<Vec<f32>, FederatedError> {
                 *v = r.f32()?;
             }
         }
-        Compression::Int8 => {
-            let scale = r.scale()?;
-            for (v, code) in values.iter_mut().zip(r.take(encoded.len)?) {
-                *v = f32::from(*code as i8) * scale;
-            }
-        }
+        Compression::Int8 => values = r.blocks(encoded.len)?,
         Compression::TopK { .. } => {
             let count = r.u32()? as usize;
             for i in r.indices(count)? {
@@ -350,10 +361,9 @@ pub fn decode(encoded: &EncodedUpdate) -> Result<Vec<f32>, FederatedError> {
         }
         Compression::TopKInt8 { .. } => {
             let count = r.u32()? as usize;
-            let scale = r.scale()?;
             let indices = r.indices(count)?;
-            for (i, code) in indices.iter().zip(r.take(count)?) {
-                values[*i] = f32::from(*code as i8) * scale;
+            for (i, v) in indices.into_iter().zip(r.blocks(count)?) {
+                values[i] = v;
             }
         }
     }
@@ -458,6 +468,27 @@ mod tests {
                 prop_assert!(decode(&encoded).is_err());
                 let _ = decode(&EncodedUpdate { compression, len: 7, bytes: noise.clone() });
             }
+        }
+    }
+
+    #[test]
+    fn each_int8_block_keeps_its_own_scale() {
+        // A layer of large updates beside a layer of tiny ones.
+        let delta: Vec<f32> = (0..512)
+            .map(|i| {
+                if i < 256 {
+                    1000.0
+                } else {
+                    1e-3 * (1.0 + (i % 7) as f32)
+                }
+            })
+            .collect();
+        let encoded = Compressor::new(Compression::Int8).compress(&delta);
+        assert_eq!(encoded.bytes.len(), 2 * (4 + 256));
+        let decoded = decode(&encoded).unwrap();
+        let step = 7e-3 / 127.0;
+        for (d, v) in decoded[256..].iter().zip(&delta[256..]) {
+            assert!((d - v).abs() <= step / 2.0 + 1e-9, "{d} against {v}");
         }
     }
 

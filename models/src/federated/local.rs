@@ -163,6 +163,28 @@ pub fn train_locally(
     })
 }
 
+/// The mean loss of `architecture`'s network with `weights` on a site's held-out
+/// `items` (federated evaluation), and how many windows it was measured on.
+pub fn held_out_loss(
+    architecture: &Architecture,
+    weights: &[u8],
+    items: &[ReplayItem],
+    device: Device,
+) -> Result<(f64, u64), LocalTrainingError> {
+    let shadow = Shadow::build(architecture, weights, None, device)?;
+    shadow.check("held-out windows", items)?;
+    let usable: Vec<&ReplayItem> = items.iter().filter(|i| shadow.usable(i)).collect();
+    if usable.is_empty() {
+        return Err(ModelError::Shape {
+            what: "held-out windows",
+            expected: "at least one usable window".into(),
+            got: format!("{} windows, none usable", items.len()),
+        }
+        .into());
+    }
+    Ok((shadow.mean_loss(&usable, device)?, usable.len() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +264,17 @@ mod tests {
         // The same round and seed give the same update.
         let again = train_locally(&architecture, &global, &data, &work, 0, Device::Cpu).unwrap();
         assert_eq!(again.delta, free.delta);
+        // And the trained weights do better on windows of the same kind.
+        let mut trained = Weights::from_safetensors(&global, "global").unwrap();
+        for (w, d) in trained.values_mut().iter_mut().zip(&free.delta) {
+            *w += d;
+        }
+        let (trained, _) = trained.to_safetensors().unwrap();
+        let held = items(32, 9);
+        let (before, n) = held_out_loss(&architecture, &global, &held, Device::Cpu).unwrap();
+        let (after, _) = held_out_loss(&architecture, &trained, &held, Device::Cpu).unwrap();
+        assert_eq!(n, 32);
+        assert!(after < 0.5 * before, "held-out loss {before} -> {after}");
     }
 
     #[test]

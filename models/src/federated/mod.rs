@@ -2,20 +2,22 @@
 //! coordinator combines what sites learned ([`aggregate`]), how a site shrinks its
 //! update before it crosses the mesh and keeps what it left out for the next round
 //! ([`compress`]), how much privacy the clipped, noised updates spend
-//! ([`privacy`]), what a site does with the global weights ([`local`]) and what a
-//! coordinator does with the sites' updates ([`round`]). Updates are flat `f32` vectors in the order of a model's
+//! ([`privacy`]), what a site does with the global weights ([`local`]), what a
+//! coordinator does with the sites' updates ([`round`]) and how sites whose networks
+//! differ learn from each other's outputs instead ([`distill`]). Updates are flat `f32` vectors in the order of a model's
 //! [`crate::merge::Weights`] (tensors sorted by name, back to back): the difference
 //! between a site's weights after its local work and the weights it started from.
 
 pub mod aggregate;
 pub mod compress;
+pub mod distill;
 pub mod local;
 pub mod privacy;
 pub mod round;
 
 pub use aggregate::{aggregate, Aggregation, SiteUpdate};
 pub use compress::{decode, Compression, Compressor, EncodedUpdate};
-pub use local::{train_locally, LocalTrainingError, LocalUpdate, LocalWork};
+pub use local::{held_out_loss, train_locally, LocalTrainingError, LocalUpdate, LocalWork};
 pub use privacy::{add_noise, clip, GaussianAccountant};
 pub use round::{Combined, Contribution, Privacy, RoundAggregator};
 

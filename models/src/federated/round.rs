@@ -8,6 +8,10 @@
 //!   weight by sample count would let one site's share of the average, and so the noise
 //!   needed to hide it, grow with its data. Only the averaging rules take noise: the
 //!   sensitivity of a median or of Krum's pick is not the mean's.
+//! - **Server momentum** (FedAvgM, Hsu et al. 2019): with `momentum` β > 0 the
+//!   coordinator applies `v ← β·v + Δ` instead of `Δ`, which carries progress across
+//!   rounds when the sites' data differ and each round's average points a little
+//!   differently.
 //! - **Staleness** (FedBuff, Nguyen et al. 2022): an update computed from weights
 //!   `τ` versions old is scaled by `1/√(1 + τ)` before it is combined; a synchronous
 //!   round's updates all have `τ = 0`.
@@ -61,6 +65,8 @@ pub struct RoundAggregator {
     aggregation: Aggregation,
     privacy: Option<(Privacy, GaussianAccountant)>,
     rng: SplitMix64,
+    momentum: f64,
+    velocity: Vec<f32>,
 }
 
 impl RoundAggregator {
@@ -98,7 +104,22 @@ impl RoundAggregator {
             aggregation,
             privacy,
             rng: SplitMix64::new(seed),
+            momentum: 0.0,
+            velocity: Vec::new(),
         })
+    }
+
+    /// Server momentum β in [0, 1); 0 applies each round's combined update as it is.
+    pub fn with_momentum(mut self, momentum: f64) -> Result<Self, FederatedError> {
+        if !(0.0..1.0).contains(&momentum) {
+            return Err(FederatedError::Invalid {
+                field: "server_momentum",
+                value: momentum.to_string(),
+                reason: "must be at least 0 and below 1",
+            });
+        }
+        self.momentum = momentum;
+        Ok(self)
     }
 
     pub fn aggregation(&self) -> &Aggregation {
@@ -142,6 +163,16 @@ impl RoundAggregator {
             let std = privacy.noise_multiplier * privacy.clip_norm / contributions.len() as f64;
             add_noise(&mut delta, std, &mut self.rng);
             accountant.record_round();
+        }
+        if self.momentum > 0.0 {
+            if self.velocity.len() != delta.len() {
+                self.velocity = vec![0.0; delta.len()];
+            }
+            let beta = self.momentum as f32;
+            for (v, d) in self.velocity.iter_mut().zip(delta.iter_mut()) {
+                *v = beta * *v + *d;
+                *d = *v;
+            }
         }
         Ok(Combined {
             delta,
@@ -227,6 +258,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(refused.contains("clip_norm = 0"), "{refused}");
+    }
+
+    #[test]
+    fn momentum_carries_earlier_rounds_forward() {
+        let mut aggregator = RoundAggregator::new(Aggregation::FedAvg, None, 1)
+            .unwrap()
+            .with_momentum(0.5)
+            .unwrap();
+        let first = aggregator.combine(&[contribution(&[1.0], 1, 0)]).unwrap();
+        let second = aggregator.combine(&[contribution(&[1.0], 1, 0)]).unwrap();
+        assert_eq!((first.delta[0], second.delta[0]), (1.0, 1.5));
+        let refused = RoundAggregator::new(Aggregation::FedAvg, None, 1)
+            .unwrap()
+            .with_momentum(1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("server_momentum = 1"), "{refused}");
     }
 
     #[test]
