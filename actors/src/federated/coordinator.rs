@@ -265,7 +265,7 @@ impl FederatedCoordinatorState {
     fn error_weights(&self) -> impl Fn(MergeError) -> FederationError + '_ {
         |source| FederationError::Weights {
             federation: self.federation.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -363,7 +363,7 @@ impl FederatedCoordinatorState {
         })?
         .map_err(|source| FederationError::Store {
             federation: federation.clone(),
-            source,
+            source: Box::new(source),
         })?;
         report.version = Some(stored.id());
         self.manifest = stored.clone();

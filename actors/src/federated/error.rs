@@ -13,7 +13,7 @@ pub enum TrainingError {
     Local {
         site: String,
         #[source]
-        source: LocalTrainingError,
+        source: Box<LocalTrainingError>,
     },
     #[error("fog aggregator `{site}`: {source}")]
     Aggregator {
@@ -55,13 +55,13 @@ pub enum FederationError {
     Weights {
         federation: String,
         #[source]
-        source: MergeError,
+        source: Box<MergeError>,
     },
     #[error("federation `{federation}`: storing the round's version failed: {source}")]
     Store {
         federation: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("federation `{federation}`: the store's thread stopped: {source}")]
     Thread {

@@ -237,7 +237,7 @@ fn evaluate(
         )
         .map_err(|source| TrainingError::Local {
             site: site.to_string(),
-            source,
+            source: Box::new(source),
         })?;
         evaluation.losses.push(loss);
         evaluation.windows = windows;
@@ -258,7 +258,7 @@ fn local_work(
     let started = Instant::now();
     let failed = |source: LocalTrainingError| TrainingError::Local {
         site: site.to_string(),
-        source,
+        source: Box::new(source),
     };
     let (delta, samples, loss) = if work.echo {
         let global = Weights::from_safetensors(global, site).map_err(|e| failed(e.into()))?;
