@@ -1,18 +1,23 @@
 //! Federated training on the mesh: sites that train on windows that never leave them
 //! ([`SiteTrainer`]) and send back only what their weights moved by, and the
 //! [`FederatedCoordinator`] that combines their updates round after round, alone or in
-//! levels (a coordinator can be a site of another).
+//! levels (a coordinator can be a site of another). `interface.rs` holds what others
+//! see of a coordinator, `rounds.rs` its rounds, `coordinator.rs` its mailbox; both
+//! use the interface and `error.rs`, and the actor uses the rounds.
 
 mod coordinator;
 mod error;
+mod interface;
+mod rounds;
 mod site_trainer;
 
-pub use coordinator::{
-    Answer, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
-    FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound, FederationPlan, FederationSite,
-    FederationStatus, Publication, Site, SiteJudgement,
-};
+pub use coordinator::FederatedCoordinator;
 pub use error::{FederationError, TrainingError};
+pub use interface::{
+    Answer, EvaluationGate, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedEvaluation,
+    FederatedRound, FederationPlan, FederationSite, FederationStatus, Publication, Site,
+    SiteJudgement,
+};
 pub use site_trainer::{
     RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
 };

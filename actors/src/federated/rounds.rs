@@ -1,0 +1,439 @@
+//! A coordinator's rounds, apart from its mailbox: the state it keeps between rounds,
+//! asking sites with a deadline, combining and applying their updates, the federated
+//! evaluation and its gate, storing a version with its lineage, and the round metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fogmesh_models::federated::{Contribution, RoundAggregator};
+use fogmesh_models::merge::{MergeError, Weights};
+use fogmesh_models::store::Manifest;
+use ractor::RpcReplyPort;
+
+use super::error::FederationError;
+use super::interface::{
+    Answer, EvaluationGate, FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound,
+    FederationPlan, FederationSite, Publication, Site, SiteJudgement,
+};
+use super::site_trainer::{RoundWork, SiteEvaluation, SiteTrainerMsg};
+use crate::node_agent::{call_within, Unanswered};
+use crate::telemetry;
+
+pub struct FederatedCoordinatorState {
+    pub(super) federation: String,
+    pub(super) manifest: Manifest,
+    pub(super) global: Weights,
+    /// `global` as safetensors, shared with every site of a round.
+    pub(super) global_bytes: Arc<Vec<u8>>,
+    /// The weights of `manifest`: what a round's weights are judged against.
+    pub(super) published: Arc<Vec<u8>>,
+    /// Updates applied to the global weights since the start.
+    pub(super) applied: u64,
+    pub(super) sites: Vec<FederationSite>,
+    pub(super) plan: FederationPlan,
+    pub(super) aggregator: RoundAggregator,
+    pub(super) publication: Option<Publication>,
+    pub(super) rounds: u64,
+    pub(super) last: Option<FederatedRound>,
+    pub(super) buffered: Option<BufferedRun>,
+}
+
+/// An asynchronous run in progress.
+pub(super) struct BufferedRun {
+    pub(super) run: u64,
+    pub(super) versions_left: usize,
+    pub(super) buffer: usize,
+    pub(super) pending: Vec<Contribution>,
+    pub(super) report: FederatedRound,
+    pub(super) active: usize,
+    pub(super) started: Instant,
+    pub(super) reply: RpcReplyPort<Result<FederatedRound, FederationError>>,
+}
+
+impl FederatedCoordinatorState {
+    pub(super) fn error_weights(&self) -> impl Fn(MergeError) -> FederationError + '_ {
+        |source| FederationError::Weights {
+            federation: self.federation.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    pub(super) fn new_report(&self, mode: &'static str) -> FederatedRound {
+        FederatedRound {
+            federation: self.federation.clone(),
+            round: self.rounds,
+            mode,
+            sites: Vec::new(),
+            stragglers: Vec::new(),
+            failed: Vec::new(),
+            samples: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+            loss: None,
+            epsilon: None,
+            applied: 0,
+            max_staleness: 0,
+            evaluation: None,
+            version: None,
+            promoted: false,
+            compute_s: 0.0,
+            seconds: 0.0,
+        }
+    }
+
+    /// Adds `delta` to the global weights and re-encodes them.
+    pub(super) fn apply(&mut self, delta: &[f32]) -> Result<(), FederationError> {
+        for (w, d) in self.global.values_mut().iter_mut().zip(delta) {
+            *w += d;
+        }
+        let (bytes, _) = self.global.to_safetensors().map_err(self.error_weights())?;
+        self.global_bytes = Arc::new(bytes);
+        self.applied += 1;
+        Ok(())
+    }
+
+    /// Stores the global weights as the next version of the federation's expert, with
+    /// the round's lineage, and promotes it.
+    pub(super) async fn publish(
+        &mut self,
+        report: &mut FederatedRound,
+    ) -> Result<(), FederationError> {
+        let Some(publication) = &self.publication else {
+            return Ok(());
+        };
+        if let Some(gate) = self.plan.gate {
+            let evaluation = self.evaluate(gate).await;
+            let passed = evaluation.passed;
+            tracing::info!(federation = %self.federation, round = report.round, passed, reason = %evaluation.reason, "federated evaluation");
+            report.evaluation = Some(evaluation);
+            if !passed {
+                return Ok(());
+            }
+        }
+        let federation = self.federation.clone();
+        let parent = self.manifest.clone();
+        let mut candidate = parent.clone();
+        candidate.parents = vec![parent.id()];
+        candidate.weights_sha256 = fogmesh_models::weights::sha256_hex(&self.global_bytes);
+        candidate.weights_bytes = self.global_bytes.len() as u64;
+        candidate.created_us = 0;
+        candidate.metrics = report
+            .loss
+            .map(|loss| [("federated_train_loss".to_string(), loss)].into())
+            .unwrap_or_default();
+        candidate.training = serde_json::json!({
+            "federated": {
+                "round": report.round,
+                "mode": report.mode,
+                "sites": &report.sites,
+                "stragglers": &report.stragglers,
+                "samples": report.samples,
+                "aggregation": self.plan.aggregation,
+                "compression": self.plan.work.compression,
+                "local_work": {
+                    "epochs": self.plan.work.local.epochs,
+                    "batch_size": self.plan.work.local.batch_size,
+                    "learning_rate": self.plan.work.local.learning_rate,
+                    "mu": self.plan.work.local.proximal_mu,
+                },
+                "privacy": self.plan.privacy,
+                "epsilon": report.epsilon,
+                "applied": report.applied,
+                "evaluation": &report.evaluation,
+            }
+        });
+        let store = publication.store.clone();
+        let bytes = self.global_bytes.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            candidate.version = store.next_version(&parent.name, Some(&parent.version))?;
+            store.import(candidate, &bytes)
+        })
+        .await
+        .map_err(|source| FederationError::Thread {
+            federation: federation.clone(),
+            source,
+        })?
+        .map_err(|source| FederationError::Store {
+            federation: federation.clone(),
+            source: Box::new(source),
+        })?;
+        report.version = Some(stored.id());
+        self.manifest = stored.clone();
+        self.published = self.global_bytes.clone();
+        if let Some(promoter) = &publication.promoter {
+            promoter
+                .promote(&federation, &stored)
+                .await
+                .map_err(|source| FederationError::Promote {
+                    federation: federation.clone(),
+                    version: stored.id(),
+                    source,
+                })?;
+            report.promoted = true;
+        }
+        Ok(())
+    }
+
+    /// Every site judges the global weights against the published ones on its held-out
+    /// windows; the gate decides on the pooled losses.
+    pub(super) async fn evaluate(&self, gate: EvaluationGate) -> FederatedEvaluation {
+        let weights = vec![self.global_bytes.clone(), self.published.clone()];
+        let asks = self
+            .sites
+            .iter()
+            .map(|site| ask_evaluation(site, weights.clone(), self.plan.deadline));
+        let answers = futures::future::join_all(asks).await;
+        let mut sites = Vec::new();
+        let (mut candidate, mut incumbent, mut windows) = (0.0, 0.0, 0u64);
+        for (site, answer) in self.sites.iter().zip(answers) {
+            let Some(SiteEvaluation { losses, windows: n }) = answer else {
+                continue;
+            };
+            if let [c, i] = losses[..] {
+                candidate += c * n as f64;
+                incumbent += i * n as f64;
+                windows += n;
+                sites.push(SiteJudgement {
+                    site: site.name.clone(),
+                    candidate: c,
+                    incumbent: i,
+                    windows: n,
+                });
+            }
+        }
+        let mut evaluation = FederatedEvaluation {
+            sites,
+            candidate: f64::NAN,
+            incumbent: f64::NAN,
+            windows,
+            passed: false,
+            reason: String::new(),
+        };
+        if windows == 0 {
+            evaluation.reason =
+                "not stored: no site judged the round's weights on held-out windows".into();
+            return evaluation;
+        }
+        evaluation.candidate = candidate / windows as f64;
+        evaluation.incumbent = incumbent / windows as f64;
+        let limit = (1.0 + gate.max_regression) * evaluation.incumbent;
+        evaluation.passed = evaluation.candidate.is_finite() && evaluation.candidate <= limit;
+        evaluation.reason = format!(
+            "{}: held-out loss {:.6} {} (1 + {}) x {:.6} = {:.6} over {} windows of {} sites",
+            if evaluation.passed {
+                "stored"
+            } else {
+                "not stored"
+            },
+            evaluation.candidate,
+            if evaluation.passed { "<=" } else { ">" },
+            gate.max_regression,
+            evaluation.incumbent,
+            limit,
+            windows,
+            evaluation.sites.len(),
+        );
+        evaluation
+    }
+
+    /// Sends the round to every site and waits for the answers, until the deadline.
+    pub(super) async fn gather(&self, round: u64, work: &Arc<RoundWork>) -> Vec<Answer> {
+        let asks = self.sites.iter().map(|site| {
+            ask(
+                site,
+                round,
+                self.global_bytes.clone(),
+                work.clone(),
+                self.plan.deadline,
+            )
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// One synchronous round over the sites with `work`: the combined update, applied.
+    pub(super) async fn synchronous(
+        &mut self,
+        work: Arc<RoundWork>,
+    ) -> Result<FederatedRound, FederationError> {
+        let started = Instant::now();
+        self.rounds += 1;
+        let round = self.rounds;
+        let answers = self.gather(round, &work).await;
+        let mut report = self.new_report("synchronous");
+        report.bytes_down = (self.global_bytes.len() * self.sites.len()) as u64;
+        let mut contributions = Vec::new();
+        let (mut loss_sum, mut loss_samples) = (0.0, 0u64);
+        let mut slowest = Duration::ZERO;
+        for (site, answer) in self.sites.iter().zip(answers) {
+            match answer {
+                Answer::Report(r) => {
+                    report.sites.push(site.name.clone());
+                    report.samples += r.samples;
+                    report.bytes_up += r.update.bytes.len() as u64;
+                    if let Some(loss) = r.loss {
+                        loss_sum += loss * r.samples as f64;
+                        loss_samples += r.samples;
+                    }
+                    slowest = slowest.max(r.compute);
+                    contributions.push(Contribution {
+                        update: r.update,
+                        samples: r.samples,
+                        staleness: 0,
+                    });
+                }
+                Answer::Late => report.stragglers.push(site.name.clone()),
+                Answer::Failed => report.failed.push(site.name.clone()),
+            }
+        }
+        if contributions.len() < self.plan.min_sites.max(1) {
+            return Err(FederationError::TooFewSites {
+                federation: self.federation.clone(),
+                round,
+                asked: self.sites.len(),
+                answered: contributions.len(),
+                needed: self.plan.min_sites.max(1),
+                stragglers: report.stragglers,
+                failed: report.failed,
+            });
+        }
+        let combined =
+            self.aggregator
+                .combine(&contributions)
+                .map_err(|source| FederationError::Combine {
+                    federation: self.federation.clone(),
+                    round,
+                    source,
+                })?;
+        self.apply(&combined.delta)?;
+        report.loss = (loss_samples > 0).then(|| loss_sum / loss_samples as f64);
+        report.epsilon = self.aggregator.epsilon();
+        report.applied = 1;
+        report.compute_s = slowest.as_secs_f64();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
+
+/// Counts a round's outcome, time, bytes and left-out sites.
+pub(super) fn record(federation: &str, outcome: &Result<FederatedRound, FederationError>) {
+    let federation = federation.to_string();
+    let (label, report) = match outcome {
+        Ok(report) if report.version.is_some() => ("stored", Some(report)),
+        Ok(report) if report.evaluation.as_ref().is_some_and(|e| !e.passed) => {
+            ("refused", Some(report))
+        }
+        Ok(report) => ("applied", Some(report)),
+        Err(_) => ("failed", None),
+    };
+    metrics::counter!(telemetry::FEDERATED_ROUNDS, "federation" => federation.clone(), "outcome" => label)
+        .increment(1);
+    let Some(report) = report else {
+        return;
+    };
+    metrics::histogram!(telemetry::FEDERATED_ROUND_SECONDS, "federation" => federation.clone())
+        .record(report.seconds);
+    for (direction, bytes) in [("up", report.bytes_up), ("down", report.bytes_down)] {
+        metrics::counter!(telemetry::FEDERATED_BYTES, "federation" => federation.clone(), "direction" => direction)
+            .increment(bytes);
+    }
+    for (reason, sites) in [("late", &report.stragglers), ("failed", &report.failed)] {
+        metrics::counter!(telemetry::FEDERATED_SITES_LEFT_OUT, "federation" => federation.clone(), "reason" => reason)
+            .increment(sites.len() as u64);
+    }
+    if let Some(epsilon) = report.epsilon {
+        metrics::gauge!(telemetry::FEDERATED_EPSILON, "federation" => federation).set(epsilon);
+    }
+}
+
+/// Asks one site (or a zone, pooled) for its held-out losses of `weights`; `None`
+/// when it has no answer within `deadline`.
+pub(super) async fn ask_evaluation(
+    site: &FederationSite,
+    weights: Vec<Arc<Vec<u8>>>,
+    deadline: Duration,
+) -> Option<SiteEvaluation> {
+    let answer = match &site.site {
+        Site::Trainer(actor) => {
+            call_within(
+                actor,
+                |reply| SiteTrainerMsg::Evaluate { weights, reply },
+                ("site evaluation", "site trainer"),
+                deadline,
+            )
+            .await
+        }
+        Site::Aggregator(actor) => {
+            call_within(
+                actor,
+                |reply| FederatedCoordinatorMsg::Evaluate { weights, reply },
+                ("zone evaluation", "fog aggregator"),
+                deadline,
+            )
+            .await
+        }
+    };
+    match answer {
+        Ok(Ok(evaluation)) if evaluation.windows > 0 => Some(evaluation),
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(site = %site.name, %error, "a site could not evaluate the round's weights");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(site = %site.name, %error, "a site gave no evaluation");
+            None
+        }
+    }
+}
+
+/// Asks one site for its part of `round`, waiting at most `deadline`.
+pub(super) async fn ask(
+    site: &FederationSite,
+    round: u64,
+    global: Arc<Vec<u8>>,
+    work: Arc<RoundWork>,
+    deadline: Duration,
+) -> Answer {
+    let answer = match &site.site {
+        Site::Trainer(actor) => {
+            call_within(
+                actor,
+                |reply| SiteTrainerMsg::Train {
+                    round,
+                    global,
+                    work,
+                    reply,
+                },
+                ("site report", "site trainer"),
+                deadline,
+            )
+            .await
+        }
+        Site::Aggregator(actor) => {
+            call_within(
+                actor,
+                |reply| FederatedCoordinatorMsg::Aggregate {
+                    round,
+                    global,
+                    work,
+                    reply,
+                },
+                ("zone report", "fog aggregator"),
+                deadline,
+            )
+            .await
+        }
+    };
+    match answer {
+        Ok(Ok(report)) => Answer::Report(report),
+        Ok(Err(error)) => {
+            tracing::warn!(site = %site.name, round, %error, "a site's local work failed");
+            Answer::Failed
+        }
+        Err(Unanswered::Timeout { .. }) => Answer::Late,
+        Err(error) => {
+            tracing::warn!(site = %site.name, round, %error, "a site gave no answer");
+            Answer::Failed
+        }
+    }
+}
