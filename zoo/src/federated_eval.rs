@@ -146,17 +146,21 @@ impl Policy {
     }
 }
 
+/// A policy name `fogmesh eval federated` does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy `{name}`: one of {}", Policy::ALL.map(|p| p.name()).join(", "))]
+pub struct UnknownPolicy {
+    pub name: String,
+}
+
 impl FromStr for Policy {
-    type Err = String;
+    type Err = UnknownPolicy;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Policy::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Policy::ALL.iter().map(Policy::name).collect();
-                format!("unknown policy `{s}`: one of {}", names.join(", "))
-            })
+            .ok_or_else(|| UnknownPolicy { name: s.into() })
     }
 }
 
@@ -881,7 +885,7 @@ mod tests {
     #[test]
     fn policies_read_by_name() {
         assert_eq!("fedprox".parse::<Policy>(), Ok(Policy::Fedprox));
-        let refused = "fedsgd".parse::<Policy>().unwrap_err();
+        let refused = "fedsgd".parse::<Policy>().unwrap_err().to_string();
         assert!(
             refused.contains("fedsgd") && refused.contains("local_only"),
             "{refused}"

@@ -45,8 +45,8 @@ use super::error::{FederationError, TrainingError};
 use super::interface::{
     Answer, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedRound, FederationStatus,
 };
-use super::rounds::{ask, ask_evaluation, record, BufferedRun, FederatedCoordinatorState};
-use super::site_trainer::{RoundWork, SiteEvaluation, SiteReport};
+use super::rounds::{ask, pool, record, BufferedRun, FederatedCoordinatorState};
+use super::site_trainer::{RoundWork, SiteReport};
 
 pub struct FederatedCoordinator;
 
@@ -107,7 +107,7 @@ impl Actor for FederatedCoordinator {
                 }
                 let work = Arc::new(state.plan.work.clone());
                 let outcome = match state.synchronous(work).await {
-                    Ok(mut report) => match state.publish(&mut report).await {
+                    Ok((mut report, _)) => match state.publish(&mut report).await {
                         Ok(()) => {
                             state.last = Some(report.clone());
                             Ok(report)
@@ -116,7 +116,7 @@ impl Actor for FederatedCoordinator {
                     },
                     Err(error) => Err(error),
                 };
-                record(&state.federation, &outcome);
+                record(&state.federation, outcome.as_ref().ok());
                 let _ = reply.send(outcome);
             }
             FederatedCoordinatorMsg::Aggregate {
@@ -154,30 +154,8 @@ impl Actor for FederatedCoordinator {
                 });
             }
             FederatedCoordinatorMsg::Evaluate { weights, reply } => {
-                let asks = state
-                    .sites
-                    .iter()
-                    .map(|site| ask_evaluation(site, weights.clone(), state.plan.deadline));
-                let answers = futures::future::join_all(asks).await;
-                let mut pooled = SiteEvaluation {
-                    losses: vec![0.0; weights.len()],
-                    windows: 0,
-                };
-                for answer in answers.into_iter().flatten() {
-                    if answer.losses.len() != weights.len() {
-                        continue;
-                    }
-                    for (sum, loss) in pooled.losses.iter_mut().zip(&answer.losses) {
-                        *sum += loss * answer.windows as f64;
-                    }
-                    pooled.windows += answer.windows;
-                }
-                if pooled.windows == 0 {
-                    pooled.losses.clear();
-                } else {
-                    let n = pooled.windows as f64;
-                    pooled.losses.iter_mut().for_each(|l| *l /= n);
-                }
+                let answers = state.evaluations(&weights).await;
+                let pooled = pool(answers.iter().map(|(_, a)| a), weights.len());
                 let _ = reply.send(Ok(pooled));
             }
             FederatedCoordinatorMsg::Global { reply } => {
@@ -205,17 +183,12 @@ impl FederatedCoordinator {
         state.global = Weights::from_safetensors(&global, &site)
             .map_err(|e| failed(state.error_weights()(e)))?;
         state.global_bytes = global;
-        let before = state.global.values().to_vec();
         let outcome = state.synchronous(work).await;
-        record(&state.federation, &outcome);
-        let report = outcome.map_err(failed)?;
-        let delta: Vec<f32> = state
-            .global
-            .values()
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a - b)
-            .collect();
+        record(
+            &state.federation,
+            outcome.as_ref().ok().map(|(report, _)| report),
+        );
+        let (report, delta) = outcome.map_err(failed)?;
         state.last = Some(report.clone());
         Ok(SiteReport {
             site,
@@ -377,7 +350,7 @@ impl FederatedCoordinator {
                     }
                     Err(error) => Err(error),
                 };
-                record(&state.federation, &result);
+                record(&state.federation, result.as_ref().ok());
                 let _ = buffered.reply.send(result);
             }
         }

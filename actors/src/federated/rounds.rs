@@ -174,33 +174,44 @@ impl FederatedCoordinatorState {
         Ok(())
     }
 
-    /// Every site judges the global weights against the published ones on its held-out
-    /// windows; the gate decides on the pooled losses.
-    pub(super) async fn evaluate(&self, gate: EvaluationGate) -> FederatedEvaluation {
-        let weights = vec![self.global_bytes.clone(), self.published.clone()];
+    /// Every site's held-out losses of `weights`, by site; `None` for a site with no
+    /// answer (or no held-out windows) within the deadline.
+    pub(super) async fn evaluations(
+        &self,
+        weights: &[Arc<Vec<u8>>],
+    ) -> Vec<(&FederationSite, SiteEvaluation)> {
         let asks = self
             .sites
             .iter()
-            .map(|site| ask_evaluation(site, weights.clone(), self.plan.deadline));
+            .map(|site| ask_evaluation(site, weights.to_vec(), self.plan.deadline));
         let answers = futures::future::join_all(asks).await;
-        let mut sites = Vec::new();
-        let (mut candidate, mut incumbent, mut windows) = (0.0, 0.0, 0u64);
-        for (site, answer) in self.sites.iter().zip(answers) {
-            let Some(SiteEvaluation { losses, windows: n }) = answer else {
-                continue;
-            };
-            if let [c, i] = losses[..] {
-                candidate += c * n as f64;
-                incumbent += i * n as f64;
-                windows += n;
-                sites.push(SiteJudgement {
-                    site: site.name.clone(),
-                    candidate: c,
-                    incumbent: i,
-                    windows: n,
-                });
-            }
-        }
+        self.sites
+            .iter()
+            .zip(answers)
+            .filter_map(|(site, answer)| {
+                answer
+                    .filter(|a| a.losses.len() == weights.len())
+                    .map(|a| (site, a))
+            })
+            .collect()
+    }
+
+    /// Every site judges the global weights against the published ones on its held-out
+    /// windows; the gate decides on the pooled losses.
+    pub(super) async fn evaluate(&self, gate: EvaluationGate) -> FederatedEvaluation {
+        let weights = [self.global_bytes.clone(), self.published.clone()];
+        let answers = self.evaluations(&weights).await;
+        let pooled = pool(answers.iter().map(|(_, a)| a), weights.len());
+        let sites = answers
+            .iter()
+            .map(|(site, a)| SiteJudgement {
+                site: site.name.clone(),
+                candidate: a.losses[0],
+                incumbent: a.losses[1],
+                windows: a.windows,
+            })
+            .collect();
+        let windows = pooled.windows;
         let mut evaluation = FederatedEvaluation {
             sites,
             candidate: f64::NAN,
@@ -214,8 +225,8 @@ impl FederatedCoordinatorState {
                 "not stored: no site judged the round's weights on held-out windows".into();
             return evaluation;
         }
-        evaluation.candidate = candidate / windows as f64;
-        evaluation.incumbent = incumbent / windows as f64;
+        evaluation.candidate = pooled.losses[0];
+        evaluation.incumbent = pooled.losses[1];
         let limit = (1.0 + gate.max_regression) * evaluation.incumbent;
         evaluation.passed = evaluation.candidate.is_finite() && evaluation.candidate <= limit;
         evaluation.reason = format!(
@@ -254,7 +265,7 @@ impl FederatedCoordinatorState {
     pub(super) async fn synchronous(
         &mut self,
         work: Arc<RoundWork>,
-    ) -> Result<FederatedRound, FederationError> {
+    ) -> Result<(FederatedRound, Vec<f32>), FederationError> {
         let started = Instant::now();
         self.rounds += 1;
         let round = self.rounds;
@@ -310,20 +321,46 @@ impl FederatedCoordinatorState {
         report.applied = 1;
         report.compute_s = slowest.as_secs_f64();
         report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
+        Ok((report, combined.delta))
     }
 }
 
-/// Counts a round's outcome, time, bytes and left-out sites.
-pub(super) fn record(federation: &str, outcome: &Result<FederatedRound, FederationError>) {
+/// Site evaluations of `weights` weights pooled: each loss the mean over all their
+/// held-out windows; no losses when no site had windows.
+pub(super) fn pool<'a>(
+    answers: impl Iterator<Item = &'a SiteEvaluation>,
+    weights: usize,
+) -> SiteEvaluation {
+    let mut pooled = SiteEvaluation {
+        losses: vec![0.0; weights],
+        windows: 0,
+    };
+    for answer in answers {
+        for (sum, loss) in pooled.losses.iter_mut().zip(&answer.losses) {
+            *sum += loss * answer.windows as f64;
+        }
+        pooled.windows += answer.windows;
+    }
+    if pooled.windows == 0 {
+        pooled.losses.clear();
+    } else {
+        let n = pooled.windows as f64;
+        pooled.losses.iter_mut().for_each(|l| *l /= n);
+    }
+    pooled
+}
+
+/// Counts a round's outcome, time, bytes and left-out sites; `None` for a round that
+/// applied nothing.
+pub(super) fn record(federation: &str, round: Option<&FederatedRound>) {
     let federation = federation.to_string();
-    let (label, report) = match outcome {
-        Ok(report) if report.version.is_some() => ("stored", Some(report)),
-        Ok(report) if report.evaluation.as_ref().is_some_and(|e| !e.passed) => {
+    let (label, report) = match round {
+        Some(report) if report.version.is_some() => ("stored", Some(report)),
+        Some(report) if report.evaluation.as_ref().is_some_and(|e| !e.passed) => {
             ("refused", Some(report))
         }
-        Ok(report) => ("applied", Some(report)),
-        Err(_) => ("failed", None),
+        Some(report) => ("applied", Some(report)),
+        None => ("failed", None),
     };
     metrics::counter!(telemetry::FEDERATED_ROUNDS, "federation" => federation.clone(), "outcome" => label)
         .increment(1);

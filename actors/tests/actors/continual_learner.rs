@@ -465,11 +465,11 @@ async fn a_round_asked_for_too_early_says_what_it_lacks() {
 }
 
 /// Records what it was asked to promote and, like the mesh's deployment loop adopting
-/// the spec a rollout just committed, whether the learner counted the version as its
-/// own while the promotion ran.
+/// the spec a rollout just committed, whether the learner (when one is set) counted
+/// the version as its own while the promotion ran. The federation tests use it too.
 #[derive(Default)]
-struct RecordingPromoter {
-    promoted: Mutex<Vec<Manifest>>,
+pub(crate) struct RecordingPromoter {
+    pub(crate) promoted: Mutex<Vec<Manifest>>,
     learner: Mutex<Option<Arc<ContinualLearnerShared>>>,
     known_while_promoting: Mutex<Vec<bool>>,
 }

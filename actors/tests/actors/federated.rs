@@ -5,10 +5,9 @@
 //! coordinator) give the flat federation's weights; a buffered (FedBuff) run applies
 //! exactly the versions asked and stores one version.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fogmesh_actors::continual_learner::{BoxFuture, PromoteError, Promoter};
 use fogmesh_actors::{
     EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
     FederatedRound, FederationError, FederationPlan, FederationSite, FederationStatus, Publication,
@@ -23,6 +22,7 @@ use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::continual_learner::RecordingPromoter;
 use crate::plant::{row, CHANNELS};
 
 const WINDOW: usize = 16;
@@ -147,22 +147,6 @@ fn plan(min_sites: usize, deadline: Duration) -> FederationPlan {
         deadline,
         seed: 1,
         gate: None,
-    }
-}
-
-#[derive(Default)]
-struct RecordingPromoter {
-    promoted: Mutex<Vec<Manifest>>,
-}
-
-impl Promoter for RecordingPromoter {
-    fn promote(
-        &self,
-        _expert: &str,
-        version: &Manifest,
-    ) -> BoxFuture<'static, Result<(), PromoteError>> {
-        self.promoted.lock().unwrap().push(version.clone());
-        Box::pin(async { Ok(()) })
     }
 }
 
