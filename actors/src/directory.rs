@@ -5,7 +5,8 @@
 //! when the [`crate::NodeAgent`] restarts an actor it only replaces one entry and every
 //! sender reaches the new one from the next message on. The gRPC services look up
 //! sensor streams and routers here too. Continual learners are listed here as well, so
-//! `status` reads their state without a message.
+//! `status` reads their state without a message. Federation sites and coordinators are
+//! listed by the expert they train, so the node's federation service finds them.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use ractor::{ActorRef, RpcReplyPort};
 use crate::continual_learner::{ContinualLearnerMsg, ContinualLearnerShared};
 use crate::error::ScoreError;
 use crate::expert::{ExpertMsg, ExpertShared, ExpertVerdict, InferRequest};
+use crate::federated::{FederatedCoordinatorMsg, SiteTrainerMsg};
 use crate::router::interface::{RouterMsg, RouterShared};
 use crate::sensor_stream::interface::{SensorStreamMsg, SensorStreamShared};
 
@@ -71,6 +73,8 @@ pub struct NodeDirectory {
     pub routers: DashMap<String, RouterHandle>,
     pub experts: DashMap<String, ExpertHandle>,
     pub learners: DashMap<String, LearnerHandle>,
+    pub sites: DashMap<String, ActorRef<SiteTrainerMsg>>,
+    pub coordinators: DashMap<String, ActorRef<FederatedCoordinatorMsg>>,
 }
 
 impl NodeDirectory {

@@ -54,8 +54,9 @@ pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use federated::{
     EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
     FederatedEvaluation, FederatedRound, FederationError, FederationPlan, FederationSite,
-    FederationStatus, Publication, RoundWork, Site, SiteEvaluation, SiteJudgement, SiteReport,
-    SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, TrainingError,
+    FederationSpec, FederationStatus, InvalidFederation, Publication, RoundWork, Site,
+    SiteEvaluation, SiteJudgement, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+    TrainingError, WindowFeed,
 };
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,

@@ -160,6 +160,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
                 })
                 .collect(),
             held_out: Vec::new(),
+            feed: None,
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args)
             .await

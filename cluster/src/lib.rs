@@ -4,8 +4,9 @@
 //! copies versions between nodes ([`model_store`]), MQTT ingest, file replay,
 //! the Prometheus endpoint, and the mesh: cluster links ([`cluster_key`],
 //! [`dialer`], [`link`], [`link_service`], [`peer_links`]), gossip membership
-//! ([`membership`]), mesh specs ([`mesh_spec`]), placement ([`placement`]) and the
-//! deployment loop ([`deployment`]), started together by [`mesh`].
+//! ([`membership`]), mesh specs ([`mesh_spec`]), placement ([`placement`]), the
+//! deployment loop ([`deployment`]) and federated rounds between nodes
+//! ([`federation`]), started together by [`mesh`].
 //!
 //! The entry points: [`NodeConfig::load`] reads a `node.toml` (format in `README.md`
 //! beside this crate), [`NodeServer::start`] runs it and returns a
@@ -23,6 +24,7 @@ pub mod cluster_key;
 pub mod config;
 pub mod deployment;
 pub mod dialer;
+pub mod federation;
 mod gossip_seal;
 mod ingest;
 pub mod link;

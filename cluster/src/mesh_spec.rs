@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fogmesh_actors::{
-    ExpertSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy, SensorStreamSpec,
+    ExpertSpec, FederationSpec, LearningSpec, NodeSpec, RestartPolicy, RouterSpec, RoutingPolicy,
+    SensorStreamSpec,
 };
 use fogmesh_models::store::{ManifestSeal, ModelStore};
 use serde::{Deserialize, Serialize};
@@ -185,6 +186,22 @@ impl MeshSpec {
                     )
                 })?;
             }
+            if let Some(federation) = &config.federation {
+                if config.model.is_none() {
+                    return Err(invalid(
+                        format!("experts[{i}].federation"),
+                        "(a table)".into(),
+                        format!("expert `{}` does not serve a stored model: only experts with `model = \"name@version\"` federate", config.name),
+                    ));
+                }
+                federation.validate().map_err(|e| {
+                    invalid(
+                        format!("experts[{i}].federation.{}", e.field),
+                        e.value,
+                        format!("expert `{}`: {}", config.name, e.reason),
+                    )
+                })?;
+            }
             experts.push(MeshExpert {
                 config,
                 replicas,
@@ -221,7 +238,14 @@ impl MeshSpec {
                 alerts: Default::default(),
             },
             limits: Limits::default(),
-            experts: experts.iter().map(|e| e.config.clone()).collect(),
+            // Checked above; the node checks refuse it, since a lone node cannot federate.
+            experts: experts
+                .iter()
+                .map(|e| ExpertConfig {
+                    federation: None,
+                    ..e.config.clone()
+                })
+                .collect(),
             routers: raw.routers.clone(),
             sensors: sensors.iter().map(|s| s.spec.clone()).collect(),
             mqtt: Vec::new(),
@@ -338,26 +362,42 @@ impl MeshSpec {
             .filter_map(|e| {
                 let learning = e.config.learning.as_ref()?;
                 let spec = self.expert_spec(&e.config.name)?;
-                let node = self
-                    .sensors
-                    .iter()
-                    .filter(|s| {
-                        self.router_specs
-                            .iter()
-                            .find(|r| r.name == s.spec.router)
-                            .is_some_and(|r| match &r.policy {
-                                RoutingPolicy::Static { routes } => routes
-                                    .get(&s.spec.id)
-                                    .is_some_and(|experts| experts.contains(&spec.name)),
-                                RoutingPolicy::LearnedGate { experts, .. } => {
-                                    experts.contains(&spec.name)
-                                }
-                            })
-                    })
-                    .map(|s| s.node.clone())
-                    .min()?;
+                let node = self.sensor_nodes(&spec.name).into_iter().next()?;
                 Some((spec, learning, node))
             })
+            .collect()
+    }
+
+    /// The experts trained by federated rounds, with their settings.
+    pub fn federations(&self) -> Vec<(&ExpertSpec, &FederationSpec)> {
+        self.experts
+            .iter()
+            .filter_map(|e| {
+                let federation = e.config.federation.as_ref()?;
+                Some((self.expert_spec(&e.config.name)?, federation))
+            })
+            .collect()
+    }
+
+    /// The nodes, by name, whose sensors are routed to `expert`: where its windows are
+    /// scored.
+    pub fn sensor_nodes(&self, expert: &str) -> BTreeSet<String> {
+        self.sensors
+            .iter()
+            .filter(|s| {
+                self.router_specs
+                    .iter()
+                    .find(|r| r.name == s.spec.router)
+                    .is_some_and(|r| match &r.policy {
+                        RoutingPolicy::Static { routes } => routes
+                            .get(&s.spec.id)
+                            .is_some_and(|experts| experts.iter().any(|e| e == expert)),
+                        RoutingPolicy::LearnedGate { experts, .. } => {
+                            experts.iter().any(|e| e == expert)
+                        }
+                    })
+            })
+            .map(|s| s.node.clone())
             .collect()
     }
 

@@ -43,6 +43,7 @@ use fogmesh_edge_log::{EdgeLog, EdgeLogOptions};
 use fogmesh_models::store::ModelStore;
 use fogmesh_proto::cluster_link_server::ClusterLinkServer;
 use fogmesh_proto::control_server::ControlServer;
+use fogmesh_proto::federation_server::FederationServer;
 use fogmesh_proto::inference_server::InferenceServer;
 use fogmesh_proto::ingest_server::IngestServer;
 use fogmesh_proto::model_store_server::ModelStoreServer;
@@ -57,6 +58,7 @@ use crate::capabilities::Capabilities;
 use crate::cluster_key::ClusterKey;
 use crate::config::{ConfigError, NodeConfig, ReplayJob};
 use crate::dialer::{self, Dialer};
+use crate::federation::FederationService;
 use crate::ingest::Ingestor;
 use crate::mesh::{Mesh, MeshError, MeshSettings};
 use crate::metrics_endpoint::{self, MetricsError};
@@ -296,6 +298,15 @@ impl NodeServer {
                 .map(|m| m.key.clone()),
             shutdown.clone(),
         );
+        let federation = FederationService::new(
+            config.node.name.clone(),
+            node.clone(),
+            // As for uploads: over TLS the certificate's role decides.
+            mesh.as_ref()
+                .filter(|_| tls.is_none())
+                .map(|m| m.key.clone()),
+            mesh_view.clone(),
+        );
         let services = NodeServices::new(
             node.clone(),
             config.node.role,
@@ -341,6 +352,7 @@ impl NodeServer {
             )
             .add_service(ControlServer::new(services.clone()))
             .add_service(ModelStoreServer::new(model_store))
+            .add_service(FederationServer::new(federation))
             .add_service(TelemetryServer::new(services));
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(
             nodelay(grpc_listener),

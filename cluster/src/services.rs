@@ -605,8 +605,61 @@ impl Control for NodeServices {
                 })
                 .collect(),
             learners: learner_statuses(&self.inner.node),
+            federations: federation_statuses(&self.inner.node).await,
         }))
     }
+}
+
+/// How long status waits for a coordinator: one in a round answers after it, so
+/// status shows it as busy instead.
+const COORDINATOR_STATUS_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Every federation this node coordinates, by expert.
+async fn federation_statuses(node: &Node) -> Vec<fogmesh_proto::FederationStatus> {
+    let coordinators: Vec<_> = node
+        .directory
+        .coordinators
+        .iter()
+        .map(|e| (e.key().clone(), e.value().clone()))
+        .collect();
+    let mut statuses = Vec::new();
+    for (expert, coordinator) in coordinators {
+        let asked = coordinator
+            .call(
+                |reply| fogmesh_actors::FederatedCoordinatorMsg::Status { reply },
+                Some(COORDINATOR_STATUS_WAIT),
+            )
+            .await;
+        let status = match asked {
+            Ok(ractor::rpc::CallResult::Success(s)) => {
+                let last = s.last.as_ref();
+                fogmesh_proto::FederationStatus {
+                    expert,
+                    rounds: s.rounds,
+                    version: s.version,
+                    sites: s.site_names,
+                    last_sites: last.map(|r| r.sites.clone()).unwrap_or_default(),
+                    last_left_out: last
+                        .map(|r| r.stragglers.iter().chain(&r.failed).cloned().collect())
+                        .unwrap_or_default(),
+                    last_bytes_up: last.map_or(0, |r| r.bytes_up),
+                    last_bytes_down: last.map_or(0, |r| r.bytes_down),
+                    last_loss: last.and_then(|r| r.loss),
+                    epsilon: s.epsilon,
+                    last_version: last.and_then(|r| r.version.clone()).unwrap_or_default(),
+                    last_error: s.last_error.unwrap_or_default(),
+                }
+            }
+            _ => fogmesh_proto::FederationStatus {
+                expert,
+                last_error: "a round is running".into(),
+                ..Default::default()
+            },
+        };
+        statuses.push(status);
+    }
+    statuses.sort_by(|a, b| a.expert.cmp(&b.expert));
+    statuses
 }
 
 /// Every continual learner of the node, by expert, read from their shared state.

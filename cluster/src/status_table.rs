@@ -2,7 +2,8 @@
 //! reads: the node (role, address, cores, GPUs, load, up since), then its experts
 //! (model, version, device, queue, windows scored, mean batch), their continual
 //! learners (phase, serving version, rounds, promotions and refusals, the last gate and
-//! drift), routers and sensor streams.
+//! drift), the federations it coordinates (rounds, sites, bytes, loss), routers and
+//! sensor streams.
 //!
 //! Rendering is a pure function of the answer so it can be tested without a node.
 //! Every table goes through [`plain`], which `fogmesh models ls` uses too, so that all
@@ -238,6 +239,54 @@ pub fn render(
             }
             if !l.last_error.is_empty() {
                 let _ = writeln!(out, "  last error: {}", l.last_error);
+            }
+        }
+    }
+    if !status.federations.is_empty() {
+        let mut federations = Table::new();
+        federations.set_header([
+            "FEDERATION",
+            "VERSION",
+            "ROUNDS",
+            "SITES",
+            "LAST ROUND SITES",
+            "BYTES UP",
+            "BYTES DOWN",
+            "LOSS",
+        ]);
+        for f in &status.federations {
+            federations.add_row([
+                f.expert.clone(),
+                f.version.clone(),
+                f.rounds.to_string(),
+                f.sites.join(","),
+                f.last_sites.join(","),
+                f.last_bytes_up.to_string(),
+                f.last_bytes_down.to_string(),
+                f.last_loss
+                    .map_or_else(|| "-".into(), |l| format!("{l:.4}")),
+            ]);
+        }
+        let text = plain(&mut federations, &[2, 5, 6, 7]);
+        let mut lines = text.lines();
+        let _ = writeln!(out, "\n{}", lines.next().unwrap_or_default());
+        for (line, f) in lines.zip(&status.federations) {
+            let _ = writeln!(out, "{line}");
+            if !f.last_left_out.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  left out of the last round: {}",
+                    f.last_left_out.join(", ")
+                );
+            }
+            if !f.last_version.is_empty() {
+                let _ = writeln!(out, "  last round stored: {}", f.last_version);
+            }
+            if let Some(epsilon) = f.epsilon {
+                let _ = writeln!(out, "  privacy spent: ε = {epsilon:.2}");
+            }
+            if !f.last_error.is_empty() {
+                let _ = writeln!(out, "  last error: {}", f.last_error);
             }
         }
     }

@@ -69,6 +69,19 @@ enum Command {
         expert: String,
         version: Option<String>,
     },
+    /// Run a federated round of an expert now (its `[experts.federation]`): the sites
+    /// train on their own windows, the coordinator combines, and a version that passes
+    /// is stored and rolled out. Prints the round as JSON; exits non-zero when the
+    /// round applied nothing.
+    Federate {
+        /// A node of the mesh (its gRPC address); it passes the round to the
+        /// coordinator's node.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        node: String,
+        #[command(flatten)]
+        identity: commands::identity::IdentityArgs,
+        expert: String,
+    },
     /// The mesh's nodes (role, address, cores, GPUs, load, link) and placement, then
     /// each node's experts, routers and sensor streams; a node outside a mesh shows
     /// only its own tables.
@@ -167,6 +180,11 @@ fn main() -> anyhow::Result<()> {
                 let version = version.as_deref().unwrap_or("");
                 mesh::rollout(&identity.dialer()?, &node, &expert, version, true).await
             }
+            Command::Federate {
+                node,
+                identity,
+                expert,
+            } => mesh::federate(&identity.dialer()?, &node, &expert).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Models { store, action } => models::run(&store, action).await,
             Command::Train(args) => train::run(args).await,

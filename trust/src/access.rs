@@ -4,7 +4,8 @@
 //! (status, the mesh view, alerts, metrics) is open to every certificate of the mesh;
 //! changing the mesh (apply, rollout, rollback) is the operator's; model uploads are
 //! the operator's and the nodes' (a rollout copies the version to every replica's
-//! node); the cluster link is the nodes'; ingest is for sensors and for nodes that
+//! node); a federated round's traffic is the nodes', running one on command the
+//! operators' and the nodes'; the cluster link is the nodes'; ingest is for sensors and for nodes that
 //! relay them. A sensor certificate that names sensor ids
 //! is further limited to those by the ingest service, which sees the samples.
 
@@ -118,6 +119,24 @@ pub const RULES: &[Rule] = &[
         "/fogmesh.v1.ModelStore/List",
         Allowed::NodesAndOperators,
         Effect::Reads,
+    ),
+    // A coordinator sends its sites the global weights and takes back their updates.
+    rule(
+        "/fogmesh.v1.Federation/Train",
+        Allowed::Nodes,
+        Effect::Reads,
+    ),
+    rule(
+        "/fogmesh.v1.Federation/Evaluate",
+        Allowed::Nodes,
+        Effect::Reads,
+    ),
+    // A round stores a version and rolls it out; a node passes it on to the
+    // coordinator's node.
+    rule(
+        "/fogmesh.v1.Federation/Federate",
+        Allowed::NodesAndOperators,
+        Effect::Changes,
     ),
     rule(
         "/fogmesh.v1.Telemetry/Metrics",

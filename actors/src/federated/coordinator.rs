@@ -74,6 +74,14 @@ impl Actor for FederatedCoordinator {
                 .into());
             }
         }
+        // A coordinator started again (re-placed, or its node restarted) numbers on
+        // from the round that made its base version.
+        let rounds = args
+            .base
+            .training
+            .pointer("/federated/round")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         Ok(FederatedCoordinatorState {
             federation: args.federation,
             manifest: args.base,
@@ -85,8 +93,9 @@ impl Actor for FederatedCoordinator {
             plan: args.plan,
             aggregator,
             publication: args.publication,
-            rounds: 0,
+            rounds,
             last: None,
+            last_error: None,
             buffered: None,
         })
     }
@@ -117,6 +126,7 @@ impl Actor for FederatedCoordinator {
                     Err(error) => Err(error),
                 };
                 record(&state.federation, outcome.as_ref().ok());
+                state.last_error = outcome.as_ref().err().map(ToString::to_string);
                 let _ = reply.send(outcome);
             }
             FederatedCoordinatorMsg::Aggregate {
@@ -151,6 +161,8 @@ impl Actor for FederatedCoordinator {
                     weights_sha256: fogmesh_models::weights::sha256_hex(&state.global_bytes),
                     epsilon: state.aggregator.epsilon(),
                     last: state.last.clone(),
+                    last_error: state.last_error.clone(),
+                    site_names: state.sites.iter().map(|s| s.name.clone()).collect(),
                 });
             }
             FederatedCoordinatorMsg::Evaluate { weights, reply } => {

@@ -21,6 +21,13 @@ pub enum TrainingError {
         #[source]
         source: Box<FederationError>,
     },
+    /// A site on another node that could not be reached, refused, or failed there.
+    #[error("site `{site}` on another node: {source}")]
+    Remote {
+        site: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("site `{site}`: its training thread stopped: {source}")]
     Thread {
         site: String,

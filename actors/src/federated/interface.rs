@@ -141,6 +141,9 @@ pub struct FederationStatus {
     pub weights_sha256: String,
     pub epsilon: Option<f64>,
     pub last: Option<FederatedRound>,
+    /// Why the last round applied nothing (shown by `fogmesh status`).
+    pub last_error: Option<String>,
+    pub site_names: Vec<String>,
 }
 
 pub enum FederatedCoordinatorMsg {

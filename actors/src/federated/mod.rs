@@ -1,7 +1,8 @@
 //! Federated training on the mesh: sites that train on windows that never leave them
 //! ([`SiteTrainer`]) and send back only what their weights moved by, and the
 //! [`FederatedCoordinator`] that combines their updates round after round, alone or in
-//! levels (a coordinator can be a site of another). `interface.rs` holds what others
+//! levels (a coordinator can be a site of another). `spec.rs` is a mesh expert's
+//! `[experts.federation]`. `interface.rs` holds what others
 //! see of a coordinator, `rounds.rs` its rounds, `coordinator.rs` its mailbox; both
 //! use the interface and `error.rs`, and the actor uses the rounds.
 
@@ -10,6 +11,7 @@ mod error;
 mod interface;
 mod rounds;
 mod site_trainer;
+mod spec;
 
 pub use coordinator::FederatedCoordinator;
 pub use error::{FederationError, TrainingError};
@@ -19,5 +21,6 @@ pub use interface::{
     SiteJudgement,
 };
 pub use site_trainer::{
-    RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+    RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
 };
+pub use spec::{FederationSpec, InvalidFederation, MAX_SITE_WINDOWS};

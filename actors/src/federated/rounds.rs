@@ -35,6 +35,8 @@ pub struct FederatedCoordinatorState {
     pub(super) publication: Option<Publication>,
     pub(super) rounds: u64,
     pub(super) last: Option<FederatedRound>,
+    /// Why the last round applied nothing, for status (cleared by a round that did).
+    pub(super) last_error: Option<String>,
     pub(super) buffered: Option<BufferedRun>,
 }
 

@@ -13,6 +13,12 @@
 //! training error, are answered as [`TrainingError`]; the actor keeps its windows and
 //! takes the next round.
 //!
+//! A site on a mesh node takes its windows from a [`WindowFeed`]: the windows the
+//! node's routers had the federation's expert score, from the node's annunciator
+//! ([`SiteTrainerMsg::Observed`]). It keeps a uniform sample of them (a reservoir)
+//! and holds every n-th out for evaluation, so what it trains on follows the plant
+//! without growing.
+//!
 //! Local work ([`train_locally`]) runs on a blocking thread with one libtorch
 //! intra-op thread, so a site never holds up the async runtime and many sites share
 //! the cores fairly. With [`RoundWork::echo`] a site sends back a zero update without
@@ -21,7 +27,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::continual::{ReplayItem, Reservoir};
 use fogmesh_models::federated::{
     held_out_loss, train_locally, Compression, Compressor, EncodedUpdate, LocalTrainingError,
     LocalWork,
@@ -29,8 +35,11 @@ use fogmesh_models::federated::{
 use fogmesh_models::merge::Weights;
 use fogmesh_models::served::Architecture;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
 
 use super::error::TrainingError;
+use crate::annunciator::ScoredWindow;
 
 /// What a coordinator asks of every site in a round.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +70,31 @@ pub struct SiteTrainerArgs {
     /// Windows kept out of training, on which the site judges candidate versions
     /// (federated evaluation); may be empty.
     pub held_out: Vec<ReplayItem>,
+    /// Windows that keep coming (a site on a mesh node); they join `windows` and
+    /// `held_out` as they arrive.
+    pub feed: Option<WindowFeed>,
+}
+
+/// The windows of a site on a mesh node: those its node's routers had `expert` score.
+pub struct WindowFeed {
+    pub windows: broadcast::Receiver<Arc<ScoredWindow>>,
+    pub expert: Arc<str>,
+    /// Windows kept to train on, a uniform sample of all that came.
+    pub capacity: usize,
+    /// Every how many windows one is held out instead (0: none).
+    pub holdout_every: usize,
+    pub seed: u64,
+}
+
+/// A fed site's samples of what came, turned into `windows` and `held_out` when a
+/// round needs them.
+struct FedSample {
+    train: Reservoir,
+    held_out: Reservoir,
+    holdout_every: usize,
+    seen: u64,
+    changed: bool,
+    forwarder: JoinHandle<()>,
 }
 
 pub struct SiteTrainerState {
@@ -69,6 +103,33 @@ pub struct SiteTrainerState {
     windows: Arc<Vec<ReplayItem>>,
     held_out: Arc<Vec<ReplayItem>>,
     compressor: Option<Compressor>,
+    fed: Option<FedSample>,
+}
+
+impl SiteTrainerState {
+    /// Takes in what came since the last round.
+    fn refresh(&mut self) {
+        if let Some(fed) = self.fed.as_mut().filter(|f| f.changed) {
+            self.windows = Arc::new(fed.train.items().to_vec());
+            self.held_out = Arc::new(fed.held_out.items().to_vec());
+            fed.changed = false;
+        }
+    }
+
+    fn observe(&mut self, window: &ScoredWindow) {
+        let Some(fed) = self.fed.as_mut() else { return };
+        fed.seen += 1;
+        let item = ReplayItem {
+            window: window.values.to_vec(),
+            label: None,
+        };
+        if fed.holdout_every > 0 && fed.seen % fed.holdout_every as u64 == 0 {
+            fed.held_out.offer(item);
+        } else {
+            fed.train.offer(item);
+        }
+        fed.changed = true;
+    }
 }
 
 /// What a site (or a fog aggregator, for its zone) sends back for a round.
@@ -109,6 +170,8 @@ pub enum SiteTrainerMsg {
         weights: Vec<Arc<Vec<u8>>>,
         reply: RpcReplyPort<Result<SiteEvaluation, TrainingError>>,
     },
+    /// A window the site's expert scored on this node (from the feed's task).
+    Observed(Arc<ScoredWindow>),
 }
 
 // Local for now: global weights reach a site on another node through the model store.
@@ -123,16 +186,42 @@ impl Actor for SiteTrainer {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: SiteTrainerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let fed = match args.feed {
+            None => None,
+            Some(feed) => Some(FedSample {
+                train: Reservoir::new(feed.capacity, feed.seed)?,
+                held_out: Reservoir::new(
+                    (feed.capacity / feed.holdout_every.max(1)).max(1),
+                    feed.seed.wrapping_add(1),
+                )?,
+                holdout_every: feed.holdout_every,
+                seen: 0,
+                changed: false,
+                forwarder: tokio::spawn(forward(feed.windows, feed.expert, myself)),
+            }),
+        };
         Ok(SiteTrainerState {
             site: args.site.as_str().into(),
             architecture: Arc::new(args.architecture),
             windows: Arc::new(args.windows),
             held_out: Arc::new(args.held_out),
             compressor: None,
+            fed,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(fed) = &state.fed {
+            fed.forwarder.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -141,7 +230,13 @@ impl Actor for SiteTrainer {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if let SiteTrainerMsg::Observed(window) = &message {
+            state.observe(window);
+            return Ok(());
+        }
+        state.refresh();
         let (round, global, work, reply) = match message {
+            SiteTrainerMsg::Observed(_) => return Ok(()),
             SiteTrainerMsg::Train {
                 round,
                 global,
@@ -207,6 +302,28 @@ impl Actor for SiteTrainer {
         // The coordinator may have given up on this round (a straggler).
         let _ = reply.send(outcome);
         Ok(())
+    }
+}
+
+/// Passes the windows `expert` scored to the site; windows the site fell behind on are
+/// skipped (it keeps a sample, so a gap costs nothing but those windows).
+async fn forward(
+    mut windows: broadcast::Receiver<Arc<ScoredWindow>>,
+    expert: Arc<str>,
+    site: ActorRef<SiteTrainerMsg>,
+) {
+    loop {
+        match windows.recv().await {
+            Ok(window) => {
+                if window.experts.iter().any(|o| o.expert == expert)
+                    && site.cast(SiteTrainerMsg::Observed(window)).is_err()
+                {
+                    return;
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

@@ -82,6 +82,7 @@ async fn trainer(site: u64, n: usize) -> FederationSite {
             windows: windows(site, n),
             // Another stretch of the same regime (the seed's parity picks it).
             held_out: windows(site + 1000, 8),
+            feed: None,
         },
     )
     .await
@@ -505,6 +506,7 @@ async fn nothing_a_site_sends_holds_a_value_of_its_windows() {
             architecture: architecture(),
             windows: own,
             held_out,
+            feed: None,
         },
     )
     .await

@@ -194,6 +194,16 @@ impl NodeConfig {
                     "pins the hash of `weights`, which is not set",
                 ));
             }
+            if expert.federation.is_some() {
+                return Err(self.invalid(
+                    format!("experts[{i}].federation"),
+                    "(a table)",
+                    format!(
+                        "expert `{}`: federated training runs across a mesh; put it in the mesh spec (`fogmesh apply mesh.toml`)",
+                        expert.name
+                    ),
+                ));
+            }
             if let Some(learning) = &expert.learning {
                 if expert.model.is_none() {
                     return Err(self.invalid(

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use fogmesh_actors::{BatchingSpec, LearningSpec, SensorStreamSpec, WhenFull};
+use fogmesh_actors::{BatchingSpec, FederationSpec, LearningSpec, SensorStreamSpec, WhenFull};
 use fogmesh_models::AutoencoderConfig;
 use fogmesh_trust::Secret;
 use serde::Deserialize;
@@ -290,6 +290,10 @@ pub struct ExpertConfig {
     /// models only, `model = "name@version"`). Absent: the version never changes.
     #[serde(default)]
     pub learning: Option<LearningSpec>,
+    /// `[experts.federation]` (mesh specs only): the expert's stored model is trained
+    /// by federated rounds across the mesh's nodes, each on its own windows.
+    #[serde(default)]
+    pub federation: Option<FederationSpec>,
 }
 
 fn default_hidden() -> i64 {

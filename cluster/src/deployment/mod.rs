@@ -25,6 +25,11 @@
 //! (by name) whose sensors are routed to it; the learner promotes a validated version
 //! by a mesh rollout (`crate::rollout::MeshPromoter`), so every replica gets it.
 //!
+//! A mesh expert with a `federation` table is trained by federated rounds: every site
+//! node runs a site fed by its own windows, and the usable node the federation's
+//! coordinator is placed on runs the coordinator (`federations`), which also promotes
+//! by a mesh rollout.
+//!
 //! Before a node parses an adopted spec it copies the stored model versions the spec
 //! names and its store lacks from a peer (`crate::rollout::ensure_local`), then hands
 //! its share to the node agent in one reconcile. The agent hot-swaps an expert whose
@@ -37,6 +42,7 @@
 //! the placement with the highest epoch wins once gossip settles, and routers retry
 //! windows meanwhile, so a transient double or missing replica costs time, not windows.
 
+mod federations;
 mod leader;
 pub(crate) mod view;
 
@@ -103,6 +109,8 @@ impl Deployment {
         let mut moving: Option<Move> = None;
         // Learners of mesh experts that run here, by expert.
         let mut learners: BTreeMap<String, RunningLearner> = BTreeMap::new();
+        // Federation sites and coordinators that run here.
+        let mut federations = federations::Federations::default();
         if let Some(spec) = &own_spec {
             tracing::info!(
                 version = spec.version,
@@ -120,6 +128,7 @@ impl Deployment {
                     for (_, learner) in std::mem::take(&mut learners) {
                         learner.shutdown().await;
                     }
+                    federations.stop(&self);
                     return;
                 }
                 Ok(()) = changes.changed() => {}
@@ -278,6 +287,10 @@ impl Deployment {
                     }
                     Err(e) => self.record_error(format!("this node's share did not start: {e}")),
                 }
+            }
+            if applied.is_some() {
+                self.run_federations(spec, &nodes, &members, &mut federations)
+                    .await;
             }
         }
     }

@@ -40,6 +40,8 @@ pub struct DeploymentState {
     /// unreadable spec at version `u64::MAX` cannot freeze the mesh's configuration.
     /// At most [`MAX_UNUSABLE_SPECS`].
     pub unusable: Vec<StoredSpec>,
+    /// Expert → the node that coordinates its federation, as this node placed it.
+    pub federations: std::collections::BTreeMap<String, String>,
 }
 
 /// The deployment state, also after a panic while it was held: every writer leaves it

@@ -84,6 +84,23 @@ pub async fn rollout(
     Ok(())
 }
 
+pub async fn federate(dialer: &Dialer, node: &str, expert: &str) -> anyhow::Result<()> {
+    let connected = dialer
+        .channel(node)
+        .await
+        .with_context(|| format!("connecting to the node at {node}"))?;
+    let reply = fogmesh_proto::federation_client::FederationClient::new(connected.channel)
+        .federate(fogmesh_proto::FederateRequest {
+            expert: expert.to_string(),
+        })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .with_context(|| format!("the federated round of expert {expert} applied nothing"))?
+        .into_inner();
+    println!("{}", reply.round_json);
+    Ok(())
+}
+
 /// How long `fogmesh status` watches the experts' counters to show their throughput.
 const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 

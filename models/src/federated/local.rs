@@ -16,13 +16,16 @@ use crate::merge::{MergeError, Weights};
 use crate::served::Architecture;
 use crate::training::{self, TrainOptions};
 
-/// What a site does with the global weights each round.
-#[derive(Debug, Clone, PartialEq)]
+/// What a site does with the global weights each round (`[experts.federation.local]`
+/// in a mesh spec, where the proximal weight comes from `aggregation` instead).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LocalWork {
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
     /// FedProx's proximal weight; 0 for plain FedAvg local work.
+    #[serde(skip)]
     pub proximal_mu: f64,
     /// The batch order of round `r` comes from `seed + r`.
     pub seed: i64,

@@ -1,0 +1,253 @@
+//! `[experts.federation]`: how a mesh expert trains across sites ([`FederationSpec`]):
+//! which nodes are sites, where the coordinator runs, when rounds run, each site's
+//! local work and windows, and how updates are encoded, protected and combined. The
+//! checks name the field by its path inside `federation` ([`InvalidFederation`]).
+
+use std::time::Duration;
+
+use fogmesh_models::federated::{Aggregation, Compression, LocalWork, Privacy, RoundAggregator};
+use serde::{Deserialize, Serialize};
+
+use super::interface::{EvaluationGate, FederationPlan};
+use super::site_trainer::RoundWork;
+
+/// `[experts.federation]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationSpec {
+    /// Nodes of these roles are sites; with `nodes` empty too, the sites are the nodes
+    /// whose sensors are routed to the expert (they hold its windows).
+    pub roles: Vec<String>,
+    /// These nodes are sites (besides any of `roles`).
+    pub nodes: Vec<String>,
+    /// The coordinator runs on the first live node of this role by name, or on the
+    /// first live node by name when none has it.
+    pub coordinator_role: String,
+    /// Seconds between rounds; none: rounds run on `fogmesh federate EXPERT` only.
+    pub every_s: Option<f64>,
+    /// The fewest site answers a round applies.
+    pub min_sites: usize,
+    /// Seconds a round waits for its sites; later answers are dropped (stragglers).
+    pub deadline_s: f64,
+    pub aggregation: Aggregation,
+    /// How sites encode their updates: `none`, `int8`, `topk:<fraction>` or
+    /// `topk:<fraction>+int8`, with error feedback.
+    pub compression: Compression,
+    pub privacy: Option<Privacy>,
+    /// Judge each round's weights on the sites' held-out windows before storing them.
+    pub gate: Option<EvaluationGate>,
+    pub local: LocalWork,
+    /// Windows each site keeps to train on (a uniform sample of what its sensors sent).
+    pub windows: usize,
+    /// Share of a site's windows kept out of training, to judge candidates on.
+    pub holdout: f64,
+    /// Seeds the sites' samples and the privacy noise.
+    pub seed: u64,
+}
+
+impl Default for FederationSpec {
+    fn default() -> Self {
+        FederationSpec {
+            roles: Vec::new(),
+            nodes: Vec::new(),
+            coordinator_role: "cloud".into(),
+            every_s: None,
+            min_sites: 1,
+            deadline_s: 60.0,
+            aggregation: Aggregation::FedAvg,
+            compression: Compression::None,
+            privacy: None,
+            gate: None,
+            local: LocalWork::default(),
+            windows: 512,
+            holdout: 0.2,
+            seed: 0,
+        }
+    }
+}
+
+/// A federation setting out of its range: the field (its path inside `federation`),
+/// the value and the limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{field}` = {value}: {reason}")]
+pub struct InvalidFederation {
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Most windows a site holds for one federation.
+pub const MAX_SITE_WINDOWS: usize = 1 << 16;
+
+impl FederationSpec {
+    /// Checks every field, naming the first that is out of range.
+    pub fn validate(&self) -> Result<(), InvalidFederation> {
+        let invalid = |field: &str, value: String, reason: String| InvalidFederation {
+            field: field.to_string(),
+            value,
+            reason,
+        };
+        if self.min_sites == 0 {
+            return Err(invalid(
+                "min_sites",
+                "0".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if !(self.deadline_s.is_finite() && self.deadline_s >= 0.1) {
+            return Err(invalid(
+                "deadline_s",
+                self.deadline_s.to_string(),
+                "must be at least 0.1 seconds".into(),
+            ));
+        }
+        if let Some(every) = self.every_s {
+            if !(every.is_finite() && every >= 1.0) {
+                return Err(invalid(
+                    "every_s",
+                    every.to_string(),
+                    "must be at least 1 second".into(),
+                ));
+            }
+        }
+        if !(2..=MAX_SITE_WINDOWS).contains(&self.windows) {
+            return Err(invalid(
+                "windows",
+                self.windows.to_string(),
+                format!("must be between 2 and {MAX_SITE_WINDOWS}"),
+            ));
+        }
+        if !(self.holdout >= 0.0 && self.holdout < 1.0) {
+            return Err(invalid(
+                "holdout",
+                self.holdout.to_string(),
+                "must lie in [0, 1)".into(),
+            ));
+        }
+        if self.gate.is_some() && self.holdout == 0.0 {
+            return Err(invalid(
+                "holdout",
+                "0".into(),
+                "a gate judges on held-out windows: give a share above 0".into(),
+            ));
+        }
+        if let Some(gate) = self.gate {
+            if !(gate.max_regression.is_finite() && gate.max_regression > -1.0) {
+                return Err(invalid(
+                    "gate.max_regression",
+                    gate.max_regression.to_string(),
+                    "must be a finite number above -1".into(),
+                ));
+            }
+        }
+        self.plan().work.local.validate().map_err(|e| match e {
+            fogmesh_models::ModelError::InvalidOption {
+                field,
+                value,
+                reason,
+            } => invalid(&format!("local.{field}"), value, reason),
+            other => invalid("local", "(a table)".into(), other.to_string()),
+        })?;
+        RoundAggregator::new(self.aggregation, self.privacy, self.seed).map_err(|e| match e {
+            fogmesh_models::federated::FederatedError::Invalid {
+                field,
+                value,
+                reason,
+            } if matches!(field, "clip_norm" | "noise_multiplier" | "delta") => {
+                invalid(&format!("privacy.{field}"), value, reason.to_string())
+            }
+            fogmesh_models::federated::FederatedError::Invalid {
+                field,
+                value,
+                reason,
+            } => invalid(field, value, reason.to_string()),
+            other => invalid(
+                "aggregation",
+                self.aggregation.name().into(),
+                other.to_string(),
+            ),
+        })?;
+        Ok(())
+    }
+
+    /// Every round's plan; FedProx's `mu` becomes the sites' proximal weight.
+    pub fn plan(&self) -> FederationPlan {
+        FederationPlan {
+            work: RoundWork {
+                local: LocalWork {
+                    proximal_mu: self.aggregation.proximal_mu(),
+                    ..self.local.clone()
+                },
+                compression: self.compression,
+                echo: false,
+            },
+            aggregation: self.aggregation,
+            privacy: self.privacy,
+            min_sites: self.min_sites,
+            deadline: Duration::from_secs_f64(self.deadline_s),
+            seed: self.seed,
+            gate: self.gate,
+        }
+    }
+
+    /// Every how many windows one is held out (0: none).
+    pub fn holdout_every(&self) -> usize {
+        if self.holdout <= 0.0 {
+            0
+        } else {
+            (1.0 / self.holdout).round().max(2.0) as usize
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> FederationSpec {
+        toml::from_str(text).expect("parses")
+    }
+
+    #[test]
+    fn a_table_takes_its_defaults_and_mu_from_fedprox() {
+        let spec = parse(
+            "aggregation = { rule = \"fedprox\", mu = 0.05 }\ncompression = \"topk:0.1+int8\"\n[local]\nepochs = 3\n",
+        );
+        spec.validate().unwrap();
+        let plan = spec.plan();
+        assert_eq!(plan.work.local.epochs, 3);
+        assert_eq!(plan.work.local.proximal_mu, 0.05);
+        assert_eq!(
+            plan.work.compression,
+            Compression::TopKInt8 { fraction: 0.1 }
+        );
+        assert_eq!(plan.min_sites, 1);
+        assert_eq!(spec.holdout_every(), 5);
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_by_field_value_and_limit() {
+        for (text, words) in [
+            ("min_sites = 0", ["min_sites", "0", "at least 1"]),
+            ("deadline_s = 0.01", ["deadline_s", "0.01", "0.1 seconds"]),
+            ("every_s = 0.5", ["every_s", "0.5", "at least 1 second"]),
+            ("windows = 1", ["windows", "1", "between 2"]),
+            ("holdout = 1.0", ["holdout", "1", "[0, 1)"]),
+            ("[local]\nepochs = 0", ["local.epochs", "0", "at least one"]),
+            (
+                "privacy = { clip_norm = 0.0, noise_multiplier = 1.0 }",
+                ["privacy.clip_norm", "0", "above 0"],
+            ),
+            (
+                "aggregation = { rule = \"median\" }\nprivacy = { clip_norm = 1.0, noise_multiplier = 1.0 }",
+                ["aggregation", "median", "differential privacy"],
+            ),
+        ] {
+            let error = parse(text).validate().unwrap_err().to_string();
+            for word in words {
+                assert!(error.contains(word), "{text}: {error} lacks {word}");
+            }
+        }
+        assert!(toml::from_str::<FederationSpec>("sites = 3").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! `RemoteSite`: a site on another node, as the coordinator sees it.
+//!
+//! **Owns** nothing but the site's name and address. **Takes** the messages of a
+//! local `SiteTrainer` ([`SiteTrainerMsg`]), so a coordinator calls sites here and
+//! elsewhere alike: `Train` streams the global weights to the site's node
+//! (`Federation/Train`, in chunks) and reads back its report and encoded update;
+//! `Evaluate` streams the weights judged and reads back the losses. Each call runs in
+//! its own task, so a site that is slow to answer one round does not hold back the
+//! next message. **Supervised by** the deployment loop, which starts one per remote
+//! site when it starts a coordinator and stops them with it. **On failure**: a node
+//! that cannot be reached or refuses is answered as [`TrainingError::Remote`]; the
+//! coordinator counts the site failed for that round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fogmesh_actors::{SiteEvaluation, SiteReport, SiteTrainerMsg, TrainingError};
+use fogmesh_models::federated::EncodedUpdate;
+use fogmesh_proto::federation_client::FederationClient;
+use fogmesh_proto::FederationHeader;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tonic::transport::Channel;
+use tonic::Request;
+
+use super::service::work_to;
+use super::{chunks, receive, SiteCallError};
+use crate::cluster_key::KEY_HEADER;
+use crate::dialer::{Dialer, LinkError};
+use crate::membership::Membership;
+
+pub struct RemoteSite;
+
+pub struct RemoteSiteArgs {
+    /// The site's node.
+    pub site: String,
+    /// Its gRPC address when the coordinator started.
+    pub addr: String,
+    /// Where a newer address is gossiped (the node restarted elsewhere), read at each
+    /// call.
+    pub membership: Option<Arc<Membership>>,
+    pub federation: String,
+    pub dialer: Dialer,
+}
+
+pub struct RemoteSiteState {
+    site: Arc<str>,
+    addr: Arc<str>,
+    membership: Option<Arc<Membership>>,
+    federation: Arc<str>,
+    dialer: Dialer,
+}
+
+pub(super) async fn client(
+    dialer: &Dialer,
+    addr: &str,
+) -> Result<FederationClient<Channel>, SiteCallError> {
+    let channel = dialer
+        .channel(addr)
+        .await
+        .map_err(|e| SiteCallError::Connect {
+            addr: addr.into(),
+            reason: match e {
+                LinkError::Unreachable { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?
+        .channel;
+    // Weights of a large model take a while; tonic's default message limit is kept
+    // because every chunk is far below it.
+    Ok(FederationClient::new(channel))
+}
+
+/// Adds the mesh key, where the dialer has one, to a call.
+pub(super) fn with_key<T>(dialer: &Dialer, request: &mut Request<T>) {
+    if let Some(value) = dialer.key().and_then(|k| k.as_str().parse().ok()) {
+        request.metadata_mut().insert(KEY_HEADER, value);
+    }
+}
+
+impl RemoteSiteState {
+    fn addr(&self) -> String {
+        self.membership
+            .as_ref()
+            .and_then(|m| m.members().get(&*self.site).map(|m| m.card.grpc.clone()))
+            .unwrap_or_else(|| self.addr.to_string())
+    }
+
+    fn failed(&self, error: SiteCallError) -> TrainingError {
+        TrainingError::Remote {
+            site: self.site.to_string(),
+            source: Box::new(error),
+        }
+    }
+
+    async fn train(
+        &self,
+        round: u64,
+        global: Arc<Vec<u8>>,
+        work: &fogmesh_actors::RoundWork,
+    ) -> Result<SiteReport, SiteCallError> {
+        let mut client = client(&self.dialer, &self.addr()).await?;
+        let header = FederationHeader {
+            federation: self.federation.to_string(),
+            round,
+            work: Some(work_to(work)),
+            ..Default::default()
+        };
+        let mut request = Request::new(chunks(header, vec![global]));
+        with_key(&self.dialer, &mut request);
+        let answer = client
+            .train(request)
+            .await
+            .map_err(SiteCallError::Status)?
+            .into_inner();
+        let (header, mut blobs) = receive(answer).await?;
+        if blobs.len() != 1 {
+            return Err(SiteCallError::Invalid {
+                field: "header.blobs",
+                value: blobs.len().to_string(),
+                reason: "a site answers with its update alone: one blob".into(),
+            });
+        }
+        let compression = header.compression.parse().map_err(
+            |e: fogmesh_models::federated::FederatedError| SiteCallError::Invalid {
+                field: "header.compression",
+                value: header.compression.clone(),
+                reason: e.to_string(),
+            },
+        )?;
+        Ok(SiteReport {
+            site: self.site.clone(),
+            round: header.round,
+            update: EncodedUpdate {
+                compression,
+                len: header.values as usize,
+                bytes: blobs.remove(0),
+            },
+            samples: header.samples,
+            loss: header.loss,
+            compute: Duration::try_from_secs_f64(header.compute_s).unwrap_or_default(),
+        })
+    }
+
+    async fn evaluate(&self, weights: Vec<Arc<Vec<u8>>>) -> Result<SiteEvaluation, SiteCallError> {
+        let mut client = client(&self.dialer, &self.addr()).await?;
+        let header = FederationHeader {
+            federation: self.federation.to_string(),
+            ..Default::default()
+        };
+        let mut request = Request::new(chunks(header, weights));
+        with_key(&self.dialer, &mut request);
+        let reply = client
+            .evaluate(request)
+            .await
+            .map_err(SiteCallError::Status)?
+            .into_inner();
+        Ok(SiteEvaluation {
+            losses: reply.losses,
+            windows: reply.windows,
+        })
+    }
+
+    fn copy(&self) -> RemoteSiteState {
+        RemoteSiteState {
+            site: self.site.clone(),
+            addr: self.addr.clone(),
+            membership: self.membership.clone(),
+            federation: self.federation.clone(),
+            dialer: self.dialer.clone(),
+        }
+    }
+}
+
+impl Actor for RemoteSite {
+    type Msg = SiteTrainerMsg;
+    type State = RemoteSiteState;
+    type Arguments = RemoteSiteArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RemoteSiteArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RemoteSiteState {
+            site: args.site.as_str().into(),
+            addr: args.addr.as_str().into(),
+            membership: args.membership,
+            federation: args.federation.as_str().into(),
+            dialer: args.dialer,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let state = state.copy();
+        match message {
+            SiteTrainerMsg::Train {
+                round,
+                global,
+                work,
+                reply,
+            } => {
+                tokio::spawn(async move {
+                    let answer = state
+                        .train(round, global, &work)
+                        .await
+                        .map_err(|e| state.failed(e));
+                    let _ = reply.send(answer);
+                });
+            }
+            SiteTrainerMsg::Evaluate { weights, reply } => {
+                tokio::spawn(async move {
+                    let answer = state.evaluate(weights).await.map_err(|e| state.failed(e));
+                    let _ = reply.send(answer);
+                });
+            }
+            // Windows stay on the site's own node: nothing to observe here.
+            SiteTrainerMsg::Observed(_) => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,344 @@
+//! The `Federation` gRPC service of a node: `Train` and `Evaluate` pass a coordinator's
+//! weights to this node's `SiteTrainer` of the federation and stream back its answer;
+//! `Federate` runs a round now on the federation's coordinator, here or on the node the
+//! deployment loop placed it on.
+//!
+//! Checks, in order: the mesh key for `Train` and `Evaluate` (plaintext nodes in a
+//! mesh; over TLS the authorization layer has admitted only nodes), the framing (`super::receive`), the
+//! work's fields. A site that is not here is `NOT_FOUND`; a site whose training failed
+//! is `ABORTED` with its error. `Federate` passed on to a coordinator that dies before
+//! answering is passed again to the node placed after it, so a round lost with its
+//! coordinator runs once more elsewhere (it was never stored: rounds store only at
+//! their end).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fogmesh_actors::{
+    FederatedCoordinatorMsg, Node, RoundWork, SiteEvaluation, SiteReport, SiteTrainerMsg,
+};
+use fogmesh_models::federated::{Compression, LocalWork};
+use fogmesh_proto::federation_server::Federation as FederationRpc;
+use fogmesh_proto::{
+    FederateReply, FederateRequest, FederationChunk, FederationHeader, SiteEvaluationReply,
+    SiteWork,
+};
+use futures::Stream;
+use ractor::rpc::CallResult;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{chunks, receive, SiteCallError};
+use crate::cluster_key::{self, ClusterKey};
+use crate::deployment::view::lock;
+use crate::services::MeshView;
+
+/// Marks a `Federate` one node passed on: the node it reaches runs it or refuses, and
+/// never passes it further, so two nodes whose views differ cannot pass it back and
+/// forth.
+const PASSED_ON: &str = "fogmesh-passed-on";
+
+/// Longest a `Federate` passed on waits for a new coordinator after losing one.
+const REPLACEMENT_WAIT: Duration = Duration::from_secs(90);
+
+#[derive(Clone)]
+pub(crate) struct FederationService {
+    node_name: String,
+    node: Node,
+    key: Option<ClusterKey>,
+    mesh: Option<MeshView>,
+}
+
+impl FederationService {
+    pub(crate) fn new(
+        node_name: String,
+        node: Node,
+        key: Option<ClusterKey>,
+        mesh: Option<MeshView>,
+    ) -> Self {
+        FederationService {
+            node_name,
+            node,
+            key,
+            mesh,
+        }
+    }
+
+    fn check_key<T>(&self, request: &Request<T>) -> Result<(), SiteCallError> {
+        match &self.key {
+            Some(key) if !cluster_key::carries_key(request, key) => Err(SiteCallError::WrongKey),
+            _ => Ok(()),
+        }
+    }
+
+    fn site(&self, federation: &str) -> Result<ractor::ActorRef<SiteTrainerMsg>, SiteCallError> {
+        self.node
+            .directory
+            .sites
+            .get(federation)
+            .map(|s| s.clone())
+            .ok_or_else(|| SiteCallError::NoSite {
+                node: self.node_name.clone(),
+                federation: federation.into(),
+            })
+    }
+
+    /// Runs a round on the coordinator here, or passes it to the coordinator's node
+    /// (unless it was passed here).
+    async fn federate(
+        &self,
+        expert: &str,
+        passed_on: bool,
+    ) -> Result<FederateReply, SiteCallError> {
+        if let Some(coordinator) = self
+            .node
+            .directory
+            .coordinators
+            .get(expert)
+            .map(|c| c.clone())
+        {
+            let round = match coordinator
+                .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
+                .await
+            {
+                Ok(CallResult::Success(round)) => {
+                    round.map_err(|e| SiteCallError::Round(Box::new(e)))?
+                }
+                _ => return Err(SiteCallError::Unanswered("the coordinator stopped".into())),
+            };
+            return Ok(FederateReply {
+                round_json: serde_json::to_string(&round).unwrap_or_default(),
+                coordinator: self.node_name.clone(),
+            });
+        }
+        let mesh = self
+            .mesh
+            .as_ref()
+            .ok_or_else(|| SiteCallError::NoCoordinator {
+                expert: expert.into(),
+                reason: format!("node `{}` is in no mesh", self.node_name),
+            })?;
+        if passed_on {
+            return Err(SiteCallError::NoCoordinator {
+                expert: expert.into(),
+                reason: format!("node `{}` does not coordinate it (yet)", self.node_name),
+            });
+        }
+        let started = Instant::now();
+        let mut lost: Option<String> = None;
+        loop {
+            let placed = lock(&mesh.deployment).federations.get(expert).cloned();
+            let target = placed.filter(|c| Some(c) != lost.as_ref() && c != &self.node_name);
+            let Some(target) = target else {
+                if started.elapsed() > REPLACEMENT_WAIT || lost.is_none() {
+                    return Err(SiteCallError::NoCoordinator {
+                        expert: expert.into(),
+                        reason: match lost {
+                            Some(node) => format!("its coordinator on `{node}` was lost and no other node took it within {REPLACEMENT_WAIT:?}"),
+                            None => "the mesh spec has no [experts.federation] for it, or no node coordinates it yet".into(),
+                        },
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            };
+            let addr = mesh
+                .membership
+                .members()
+                .get(&target)
+                .map(|m| m.card.grpc.clone());
+            let outcome = match addr {
+                Some(addr) => pass_on(&mesh.dialer, &addr, expert).await,
+                None => Err(SiteCallError::Connect {
+                    addr: target.clone(),
+                    reason: "not a live member".into(),
+                }),
+            };
+            match outcome {
+                // The node placed next has not started its coordinator yet.
+                Err(e)
+                    if e.code() == tonic::Code::NotFound
+                        && started.elapsed() < REPLACEMENT_WAIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable || lost_stream(&e) => {
+                    tracing::warn!(%expert, coordinator = %target, error = %e, "federated round lost with its coordinator; passing it to the next");
+                    lost = Some(target);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether a call broke off rather than being answered.
+fn lost_stream(error: &SiteCallError) -> bool {
+    matches!(error, SiteCallError::Status(s) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal))
+}
+
+async fn pass_on(
+    dialer: &crate::dialer::Dialer,
+    addr: &str,
+    expert: &str,
+) -> Result<FederateReply, SiteCallError> {
+    let mut client = super::remote_site::client(dialer, addr).await?;
+    let mut request = Request::new(FederateRequest {
+        expert: expert.into(),
+    });
+    super::remote_site::with_key(dialer, &mut request);
+    request.metadata_mut().insert(
+        PASSED_ON,
+        tonic::metadata::AsciiMetadataValue::from_static("1"),
+    );
+    client
+        .federate(request)
+        .await
+        .map(Response::into_inner)
+        .map_err(|status| match status.code() {
+            tonic::Code::Unavailable => SiteCallError::Connect {
+                addr: addr.into(),
+                reason: status.message().into(),
+            },
+            _ => SiteCallError::Status(status),
+        })
+}
+
+/// The round's work as the wire says it, checked.
+pub(super) fn work_from(work: &SiteWork) -> Result<RoundWork, SiteCallError> {
+    let compression: Compression =
+        work.compression
+            .parse()
+            .map_err(
+                |e: fogmesh_models::federated::FederatedError| SiteCallError::Invalid {
+                    field: "work.compression",
+                    value: work.compression.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+    let local = LocalWork {
+        epochs: work.epochs as usize,
+        batch_size: work.batch_size as usize,
+        learning_rate: work.learning_rate,
+        proximal_mu: work.proximal_mu,
+        seed: work.seed,
+        max_seconds: work.max_seconds,
+    };
+    local.validate().map_err(|e| SiteCallError::Invalid {
+        field: "work",
+        value: format!("{local:?}"),
+        reason: e.to_string(),
+    })?;
+    Ok(RoundWork {
+        local,
+        compression,
+        echo: work.echo,
+    })
+}
+
+pub(super) fn work_to(work: &RoundWork) -> SiteWork {
+    SiteWork {
+        epochs: work.local.epochs as u32,
+        batch_size: work.local.batch_size as u32,
+        learning_rate: work.local.learning_rate,
+        proximal_mu: work.local.proximal_mu,
+        seed: work.local.seed,
+        max_seconds: work.local.max_seconds,
+        compression: work.compression.to_string(),
+        echo: work.echo,
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<FederationChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FederationRpc for FederationService {
+    type TrainStream = ChunkStream;
+
+    async fn train(
+        &self,
+        request: Request<Streaming<FederationChunk>>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        self.check_key(&request)?;
+        let (header, mut blobs) = receive(request.into_inner()).await?;
+        let work = work_from(&header.work.clone().unwrap_or_default())?;
+        if blobs.len() != 1 {
+            return Err(SiteCallError::Invalid {
+                field: "header.blobs",
+                value: blobs.len().to_string(),
+                reason: "a Train carries the global weights alone: one blob".into(),
+            }
+            .into());
+        }
+        let global = Arc::new(blobs.remove(0));
+        let site = self.site(&header.federation)?;
+        let report: SiteReport = match site
+            .call(
+                |reply| SiteTrainerMsg::Train {
+                    round: header.round,
+                    global,
+                    work: Arc::new(work),
+                    reply,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(CallResult::Success(answer)) => {
+                answer.map_err(|e| SiteCallError::Site(Box::new(e)))?
+            }
+            _ => return Err(SiteCallError::Unanswered("the site stopped".into()).into()),
+        };
+        let answer = FederationHeader {
+            federation: header.federation,
+            round: report.round,
+            site: self.node_name.clone(),
+            samples: report.samples,
+            loss: report.loss,
+            compute_s: report.compute.as_secs_f64(),
+            compression: report.update.compression.to_string(),
+            values: report.update.len as u64,
+            ..Default::default()
+        };
+        let stream = futures::StreamExt::map(
+            chunks(answer, vec![Arc::new(report.update.bytes)]),
+            Ok::<_, Status>,
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn evaluate(
+        &self,
+        request: Request<Streaming<FederationChunk>>,
+    ) -> Result<Response<SiteEvaluationReply>, Status> {
+        self.check_key(&request)?;
+        let (header, blobs) = receive(request.into_inner()).await?;
+        let site = self.site(&header.federation)?;
+        let weights = blobs.into_iter().map(Arc::new).collect();
+        let evaluation: SiteEvaluation = match site
+            .call(|reply| SiteTrainerMsg::Evaluate { weights, reply }, None)
+            .await
+        {
+            Ok(CallResult::Success(answer)) => {
+                answer.map_err(|e| SiteCallError::Site(Box::new(e)))?
+            }
+            _ => return Err(SiteCallError::Unanswered("the site stopped".into()).into()),
+        };
+        Ok(Response::new(SiteEvaluationReply {
+            site: self.node_name.clone(),
+            losses: evaluation.losses,
+            windows: evaluation.windows,
+        }))
+    }
+
+    async fn federate(
+        &self,
+        request: Request<FederateRequest>,
+    ) -> Result<Response<FederateReply>, Status> {
+        // Like `Control`'s calls: an operator's CLI has no mesh key; over TLS the
+        // authorization layer admits operators and nodes only.
+        let passed_on = request.metadata().contains_key(PASSED_ON);
+        let expert = request.into_inner().expert;
+        Ok(Response::new(self.federate(&expert, passed_on).await?))
+    }
+}

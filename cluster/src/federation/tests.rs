@@ -1,0 +1,204 @@
+//! A round between a coordinator and a site on the other side of a real TCP link
+//! (gRPC over loopback through a proxy that records every byte both ways): the
+//! round and its federated evaluation complete, and no two consecutive values of any
+//! window the site holds cross the link in either direction.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fogmesh_actors::{
+    Annunciator, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
+    FederatedCoordinatorMsg, FederationPlan, FederationSite, Node, NodeSpec, Publication,
+    RoundWork, Site, SiteTrainer, SiteTrainerArgs,
+};
+use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::{Aggregation, LocalWork};
+use fogmesh_models::served::Architecture;
+use fogmesh_models::store::ModelStore;
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
+use fogmesh_proto::federation_server::FederationServer;
+use ractor::Actor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{FederationService, RemoteSite, RemoteSiteArgs};
+use crate::dialer::Dialer;
+
+const CHANNELS: i64 = 2;
+const WINDOW: i64 = 16;
+
+fn windows(seed: u64, n: usize) -> Vec<ReplayItem> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| ReplayItem {
+            window: (0..CHANNELS * WINDOW)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+                .collect(),
+            label: None,
+        })
+        .collect()
+}
+
+/// Copies `from` to `to`, appending what crosses to `seen`.
+async fn record<R, W>(mut from: R, mut to: W, seen: Arc<Mutex<Vec<u8>>>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buffer).await {
+        if n == 0 || to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+        seen.lock().unwrap().extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// Forwards `127.0.0.1:<returned port>` to `target`, appending every byte that
+/// crosses, either way, to `seen`.
+async fn recording_proxy(target: std::net::SocketAddr, seen: Arc<Mutex<Vec<u8>>>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::spawn(record(in_read, out_write, seen.clone()));
+            tokio::spawn(record(out_read, in_write, seen.clone()));
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values() {
+    let own = windows(1, 48);
+    let held_out = windows(2, 12);
+    let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
+    let architecture = Architecture::ConvAutoencoder(config.clone());
+
+    let empty = NodeSpec {
+        node: "edge-1".into(),
+        sensors: Vec::new(),
+        routers: Vec::new(),
+        experts: Vec::new(),
+        remote_experts: Vec::new(),
+        restart: Default::default(),
+    };
+    let (node, _) = Node::start(empty, Annunciator::new(16)).await.unwrap();
+    let (site, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: "edge-1".into(),
+            architecture: architecture.clone(),
+            windows: own.clone(),
+            held_out: held_out.clone(),
+            feed: None,
+        },
+    )
+    .await
+    .unwrap();
+    node.directory.sites.insert("ae".into(), site);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    let service = FederationService::new("edge-1".into(), node, None, None);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(FederationServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let proxy = recording_proxy(server_addr, seen.clone()).await;
+
+    let (remote, _) = Actor::spawn(
+        None,
+        RemoteSite,
+        RemoteSiteArgs {
+            site: "edge-1".into(),
+            addr: proxy,
+            membership: None,
+            federation: "ae".into(),
+            dialer: Dialer::new(None, None),
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let (weights, _) = ConvAutoencoder::new(config, tch::Device::Cpu, 3)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let base = store
+        .import(architecture.manifest("ae", "1"), &weights)
+        .unwrap();
+    let (coordinator, _) = Actor::spawn(
+        None,
+        FederatedCoordinator,
+        FederatedCoordinatorArgs {
+            federation: "ae".into(),
+            base,
+            weights: weights.clone(),
+            sites: vec![FederationSite {
+                name: "edge-1".into(),
+                site: Site::Trainer(remote),
+            }],
+            plan: FederationPlan {
+                work: RoundWork {
+                    local: LocalWork {
+                        epochs: 3,
+                        batch_size: 16,
+                        learning_rate: 1e-2,
+                        ..LocalWork::default()
+                    },
+                    ..RoundWork::default()
+                },
+                aggregation: Aggregation::FedAvg,
+                privacy: None,
+                min_sites: 1,
+                deadline: Duration::from_secs(60),
+                seed: 1,
+                gate: Some(EvaluationGate {
+                    max_regression: 10.0,
+                }),
+            },
+            publication: Some(Publication {
+                store,
+                promoter: None,
+            }),
+        },
+    )
+    .await
+    .unwrap();
+    let round = coordinator
+        .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the round completes across the link");
+    assert_eq!(round.sites, ["edge-1"]);
+    assert_eq!(round.samples, own.len() as u64);
+    let evaluation = round
+        .evaluation
+        .expect("the site judged the round's weights");
+    assert_eq!(evaluation.windows, held_out.len() as u64);
+    assert_eq!(round.version.as_deref(), Some("ae@2"));
+
+    let seen = seen.lock().unwrap().clone();
+    // The global weights went down twice (training, evaluation) and the update came
+    // up: the recording saw the round.
+    assert!(seen.len() > 2 * weights.len(), "{} bytes", seen.len());
+    for item in own.iter().chain(&held_out) {
+        for pair in item.window.windows(2) {
+            let bytes: Vec<u8> = pair.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(
+                !seen.windows(bytes.len()).any(|w| w == bytes.as_slice()),
+                "two consecutive window values crossed the link: {pair:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Federated rounds across `fogmesh node` processes: two edge nodes whose sensors feed
+//! an autoencoder are its sites, a cloud node coordinates. A round asked of an edge
+//! node (`fogmesh federate`) is passed to the coordinator, trains on both edges' own
+//! windows, and its version is stored with its lineage and served by every replica;
+//! with one edge `kill -9`ed mid-round the round completes with the other; with the
+//! coordinator's node killed mid-round the round runs again on the next cloud node
+//! and exactly one new version comes of it.
+
+use std::time::Duration;
+
+use crate::fixtures::{full_membership, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
+use fogmesh_models::served::Architecture;
+use fogmesh_models::store::ModelStore;
+use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
+use fogmesh_proto::federation_client::FederationClient;
+use fogmesh_proto::{ApplyRequest, FederateRequest, MeshStatus, Sample, SampleBatch};
+use fogmesh_tests::{CHANNELS, WINDOW};
+use tch::Device;
+
+const SECRET: &str = "federation-test-secret";
+
+fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> NodeSettings<'a> {
+    NodeSettings::new(name, role, ip, SECRET, seeds)
+}
+
+fn spec() -> String {
+    format!(
+        r#"
+[[experts]]
+name = "ae"
+model = "ae@1"
+replicas = 2
+
+[experts.federation]
+min_sites = 1
+deadline_s = 60
+windows = 256
+seed = 5
+
+[experts.federation.local]
+epochs = 300
+batch_size = 16
+learning_rate = 0.003
+
+[[routers]]
+name = "r1"
+policy = "static"
+routes = {{ s1 = ["ae"], s2 = ["ae"] }}
+
+[[sensors]]
+node = "edge-1"
+id = "s1"
+channels = {CHANNELS}
+window = {WINDOW}
+stride = {WINDOW}
+router = "r1"
+normalisation = {{ mode = "none" }}
+
+[[sensors]]
+node = "edge-2"
+id = "s2"
+channels = {CHANNELS}
+window = {WINDOW}
+stride = {WINDOW}
+router = "r1"
+normalisation = {{ mode = "none" }}
+"#
+    )
+}
+
+/// One row of the plant as `sensor` reads it: each site sees its own operating point.
+fn row(sensor: &str, t: u64, rng: &mut SplitMix64) -> Vec<f32> {
+    let offset = if sensor == "s1" { 0.0 } else { 1.5 };
+    (0..CHANNELS)
+        .map(|c| (offset + (0.3 * t as f64 + c as f64).sin() + 0.05 * rng.normal()) as f32)
+        .collect()
+}
+
+async fn push(node: &MeshNode, sensor: &str, rows: std::ops::Range<u64>) {
+    let mut rng = SplitMix64::new(rows.start ^ 0x5eed);
+    let samples: Vec<Sample> = rows
+        .map(|t| Sample {
+            sensor_id: sensor.into(),
+            sequence: t,
+            timestamp_us: fogmesh_tests::START_US + t as i64 * fogmesh_tests::SAMPLE_PERIOD_US,
+            values: row(sensor, t, &mut rng),
+        })
+        .collect();
+    node.ingest()
+        .await
+        .push(SampleBatch { samples })
+        .await
+        .expect("the batch is accepted");
+}
+
+/// The version every live replica of `ae` serves, once all agree.
+fn served(mesh: &MeshStatus) -> Option<String> {
+    let hosts = mesh
+        .placement
+        .iter()
+        .find(|p| p.expert == "ae")
+        .map(|p| p.nodes.clone())
+        .unwrap_or_default();
+    let versions: Vec<&str> = hosts
+        .iter()
+        .filter_map(|h| {
+            mesh.versions
+                .iter()
+                .find(|v| &v.node == h && v.expert == "ae")
+                .map(|v| v.model_version.as_str())
+        })
+        .collect();
+    (versions.len() == 2 && versions.iter().all(|v| *v == versions[0]))
+        .then(|| versions[0].to_string())
+}
+
+async fn all_serve(observer: &MeshNode, version: &str) {
+    poll(
+        &format!("every replica of ae to serve {version}"),
+        Duration::from_secs(90),
+        || async { (served(&observer.mesh().await?)? == version).then_some(()) },
+    )
+    .await;
+}
+
+/// Waits until `coordinator` is in a round: its status says so while it trains.
+async fn in_a_round(coordinator: &MeshNode) {
+    poll("the coordinator to be in a round", LONG, || async {
+        let status = coordinator.status().await?;
+        status
+            .federations
+            .iter()
+            .any(|f| f.last_error == "a round is running")
+            .then_some(())
+    })
+    .await;
+}
+
+fn names(round: &serde_json::Value, field: &str) -> Vec<String> {
+    round[field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_coordinator() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let pki = fogmesh_tests::TestPki::open(&dir.path().join("pki"));
+    let store = pki.signing_store(&dir.path().join("data-cloud-1/models"));
+    let config = AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
+    let model = ConvAutoencoder::new(config.clone(), Device::Cpu, 3).unwrap();
+    let (weights, _) = model.to_safetensors().unwrap();
+    let manifest = fogmesh_models::store::Manifest {
+        metrics: [("threshold".to_string(), 1000.0)].into(),
+        created_us: 1,
+        ..Architecture::ConvAutoencoder(config).manifest("ae", "1")
+    };
+    store
+        .import(manifest, &weights)
+        .expect("the store takes ae@1");
+
+    let cloud1 = MeshNode::start(dir.path(), node("cloud-1", "cloud", "127.0.0.61", &[]));
+    let mut cloud2 = MeshNode::start(
+        dir.path(),
+        node("cloud-2", "cloud", "127.0.0.62", &[&cloud1]),
+    );
+    let edge1 = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.63", &[&cloud1]));
+    let mut edge2 = MeshNode::start(dir.path(), node("edge-2", "edge", "127.0.0.64", &[&cloud1]));
+    let mut cloud1 = cloud1;
+    for n in [&cloud1, &cloud2, &edge1, &edge2] {
+        full_membership(n, 4, LONG).await;
+    }
+    cloud1
+        .control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: spec(),
+            dry_run: false,
+        })
+        .await
+        .expect("the spec with a federation is applied");
+    all_serve(&edge1, "ae@1").await;
+    let rows = WINDOW as u64 * 200;
+    push(&edge1, "s1", 0..rows).await;
+    push(&edge2, "s2", 0..rows).await;
+
+    // 1. A round asked of an edge node (`fogmesh federate`) runs on cloud-1 with both
+    // edges' windows.
+    let first = poll(
+        "a round with both sites",
+        Duration::from_secs(90),
+        || async {
+            let output = edge1
+                .cli()
+                .args(["federate", "--node", &edge1.addr, "ae"])
+                .output()
+                .await
+                .expect("fogmesh federate runs");
+            let round: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            (names(&round, "sites") == ["edge-1", "edge-2"]).then_some(round)
+        },
+    )
+    .await;
+    eprintln!("first round: {first}");
+    assert_eq!(first["version"], "ae@2", "{first}");
+    assert!(first["loss"].as_f64().is_some(), "{first}");
+    assert!(first["bytes_up"].as_u64() > Some(0), "{first}");
+    all_serve(&edge1, "ae@2").await;
+    let stored = ModelStore::open(dir.path().join("data-cloud-1/models"))
+        .get("ae@2")
+        .expect("the coordinator stored the round's version");
+    assert_eq!(stored.parents, ["ae@1"]);
+    let lineage = &stored.training["federated"];
+    assert_eq!(lineage["sites"], serde_json::json!(["edge-1", "edge-2"]));
+    assert_eq!(lineage["samples"], first["samples"]);
+    let status = cloud1.status().await.expect("status");
+    let federation = status
+        .federations
+        .iter()
+        .find(|f| f.expert == "ae")
+        .expect("cloud-1 shows the federation it coordinates");
+    assert_eq!(federation.version, "ae@2");
+    assert_eq!(federation.last_sites, ["edge-1", "edge-2"]);
+    assert!(federation.last_bytes_up > 0 && federation.last_loss.is_some());
+    assert!(edge1.status().await.unwrap().federations.is_empty());
+
+    // 2. A site killed mid-round: the round completes with the other.
+    let asked = tokio::spawn({
+        let channel = edge1.channel(&edge1.operator).await.unwrap();
+        async move {
+            FederationClient::new(channel)
+                .federate(FederateRequest {
+                    expert: "ae".into(),
+                })
+                .await
+        }
+    });
+    in_a_round(&cloud1).await;
+    edge2.kill();
+    let second = asked
+        .await
+        .unwrap()
+        .expect("the round completes without the killed site")
+        .into_inner();
+    let second: serde_json::Value = serde_json::from_str(&second.round_json).unwrap();
+    eprintln!("round with a site killed: {second}");
+    assert_eq!(names(&second, "sites"), ["edge-1"], "{second}");
+    assert_eq!(
+        names(&second, "failed")
+            .into_iter()
+            .chain(names(&second, "stragglers"))
+            .collect::<Vec<_>>(),
+        ["edge-2"]
+    );
+    assert_eq!(second["version"], "ae@3", "{second}");
+    all_serve(&edge1, "ae@3").await;
+
+    // 3. The coordinator's node killed mid-round: the round runs again on cloud-2.
+    let asked = tokio::spawn({
+        let channel = edge1.channel(&edge1.operator).await.unwrap();
+        async move {
+            FederationClient::new(channel)
+                .federate(FederateRequest {
+                    expert: "ae".into(),
+                })
+                .await
+        }
+    });
+    in_a_round(&cloud1).await;
+    cloud1.kill();
+    let third = asked
+        .await
+        .unwrap()
+        .expect("the round runs again on the next coordinator")
+        .into_inner();
+    assert_eq!(third.coordinator, "cloud-2");
+    let third: serde_json::Value = serde_json::from_str(&third.round_json).unwrap();
+    eprintln!("round after the coordinator was killed: {third}");
+    assert_eq!(third["version"], "ae@4", "{third}");
+    all_serve(&edge1, "ae@4").await;
+    for live in ["cloud-2", "edge-1"] {
+        let store = ModelStore::open(dir.path().join(format!("data-{live}/models")));
+        let versions: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.name == "ae")
+            .map(|m| m.version)
+            .collect();
+        assert!(
+            !versions.iter().any(|v| v == "5"),
+            "exactly one version came of the round: {live} holds {versions:?}"
+        );
+    }
+    cloud2.kill();
+}
