@@ -608,6 +608,17 @@ router = "r1"
     }
 
     #[test]
+    fn a_federation_table_needs_a_stored_model() {
+        let text = GOOD.replace(
+            "replicas = 2",
+            "replicas = 2\nfederation = { min_sites = 2 }",
+        );
+        let error = parse(&text).unwrap_err();
+        assert!(error.contains("experts[0].federation"), "{error}");
+        assert!(error.contains("stored model"), "{error}");
+    }
+
+    #[test]
     fn placement_refuses_a_sensor_on_a_node_not_in_the_mesh() {
         let spec = parse(GOOD).unwrap();
         let nodes = vec![candidate("fog-1", Role::Fog), candidate("fog-2", Role::Fog)];

@@ -230,7 +230,7 @@ async fn a_round_stores_a_version_with_its_lineage_and_promotes_it() {
     assert_eq!(lineage["round"], 1);
     assert_eq!(lineage["sites"], serde_json::json!(["site-0", "site-1"]));
     assert_eq!(lineage["samples"], 64);
-    assert_eq!(lineage["aggregation"]["rule"], "fed_avg");
+    assert_eq!(lineage["aggregation"]["rule"], "fedavg");
     // The stored weights are the coordinator's global weights, and they moved.
     let weights = store.weights(&manifest).unwrap();
     let now = global(&actor).await;

@@ -448,3 +448,45 @@ enum StartError {
     #[error("the actor did not start: {0}")]
     Spawn(#[from] ractor::SpawnErr),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Role;
+
+    fn node(name: &str, role: Role) -> Candidate {
+        Candidate {
+            name: name.into(),
+            role,
+            gpus: 0,
+            cpu_load: 0.0,
+            sensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_coordinator_goes_to_the_first_node_of_its_role_or_else_the_first_node() {
+        let federation = FederationSpec::default();
+        let nodes = [
+            node("edge-1", Role::Edge),
+            node("cloud-2", Role::Cloud),
+            node("cloud-1", Role::Cloud),
+        ];
+        assert_eq!(
+            coordinator_of(&federation, &nodes).as_deref(),
+            Some("cloud-1")
+        );
+        // Its node gone: the next of the role.
+        assert_eq!(
+            coordinator_of(&federation, &nodes[..2]).as_deref(),
+            Some("cloud-2")
+        );
+        // No node of the role: the first by name.
+        let edges = [node("edge-2", Role::Edge), node("edge-1", Role::Edge)];
+        assert_eq!(
+            coordinator_of(&federation, &edges).as_deref(),
+            Some("edge-1")
+        );
+        assert_eq!(coordinator_of(&federation, &[]), None);
+    }
+}

@@ -22,15 +22,23 @@ use super::FederatedError;
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Aggregation {
+    #[serde(rename = "fedavg")]
     FedAvg,
-    FedProx { mu: f64 },
-    TrimmedMean { trim: f64 },
+    #[serde(rename = "fedprox")]
+    FedProx {
+        mu: f64,
+    },
+    TrimmedMean {
+        trim: f64,
+    },
     Median,
-    Krum { byzantine: usize },
+    Krum {
+        byzantine: usize,
+    },
 }
 
 impl Aggregation {
-    /// The rule's name as configs and reports write it.
+    /// The rule's name as configs and reports write it (serde's tag says the same).
     pub fn name(&self) -> &'static str {
         match self {
             Aggregation::FedAvg => "fedavg",
@@ -198,6 +206,22 @@ fn krum(updates: &[SiteUpdate<'_>], byzantine: usize) -> Result<Vec<f32>, Federa
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Regression: serde's tag was `fed_avg` while configs and reports say `fedavg`.
+    #[test]
+    fn a_config_names_each_rule_as_reports_do() {
+        for rule in [
+            Aggregation::FedAvg,
+            Aggregation::FedProx { mu: 0.1 },
+            Aggregation::TrimmedMean { trim: 0.1 },
+            Aggregation::Median,
+            Aggregation::Krum { byzantine: 1 },
+        ] {
+            let json = serde_json::to_value(rule).unwrap();
+            assert_eq!(json["rule"], rule.name());
+            assert_eq!(serde_json::from_value::<Aggregation>(json).unwrap(), rule);
+        }
+    }
 
     fn updates(rows: &[Vec<f32>]) -> Vec<SiteUpdate<'_>> {
         rows.iter()
