@@ -75,6 +75,8 @@ pub struct NodeDirectory {
     pub learners: DashMap<String, LearnerHandle>,
     pub sites: DashMap<String, ActorRef<SiteTrainerMsg>>,
     pub coordinators: DashMap<String, ActorRef<FederatedCoordinatorMsg>>,
+    /// Fog aggregators: coordinators of a group of sites under the top coordinator.
+    pub aggregators: DashMap<String, ActorRef<FederatedCoordinatorMsg>>,
 }
 
 impl NodeDirectory {

@@ -52,11 +52,11 @@ pub use expert::{
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use federated::{
-    EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
-    FederatedEvaluation, FederatedRound, FederationError, FederationPlan, FederationSite,
-    FederationSpec, FederationStatus, InvalidFederation, Publication, RoundWork, Site,
-    SiteEvaluation, SiteJudgement, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
-    TrainingError, WindowFeed,
+    BufferedRounds, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
+    FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound, FederationError, FederationGroup,
+    FederationPlan, FederationSite, FederationSpec, FederationStatus, InvalidFederation,
+    Publication, RoundWork, Site, SiteEvaluation, SiteJudgement, SiteReport, SiteTrainer,
+    SiteTrainerArgs, SiteTrainerMsg, TrainingError, WindowFeed,
 };
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,

@@ -187,6 +187,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         deadline: Duration::from_secs(3600),
         seed: options.seed,
         gate: None,
+        buffered: None,
     };
     let args = FederatedCoordinatorArgs {
         federation: "w2".into(),

@@ -648,6 +648,7 @@ async fn federation_statuses(node: &Node) -> Vec<fogmesh_proto::FederationStatus
                     epsilon: s.epsilon,
                     last_version: last.and_then(|r| r.version.clone()).unwrap_or_default(),
                     last_error: s.last_error.unwrap_or_default(),
+                    mode: s.mode.into(),
                 }
             }
             _ => fogmesh_proto::FederationStatus {

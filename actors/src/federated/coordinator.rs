@@ -108,6 +108,10 @@ impl Actor for FederatedCoordinator {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             FederatedCoordinatorMsg::Round { reply } => {
+                if let Some(run) = state.plan.buffered {
+                    self.start_buffered(myself, state, run.updates, run.buffer, reply);
+                    return Ok(());
+                }
                 if state.buffered.is_some() {
                     let _ = reply.send(Err(FederationError::Busy {
                         federation: state.federation.clone(),
@@ -163,6 +167,11 @@ impl Actor for FederatedCoordinator {
                     last: state.last.clone(),
                     last_error: state.last_error.clone(),
                     site_names: state.sites.iter().map(|s| s.name.clone()).collect(),
+                    mode: if state.plan.buffered.is_some() {
+                        "buffered"
+                    } else {
+                        "synchronous"
+                    },
                 });
             }
             FederatedCoordinatorMsg::Evaluate { weights, reply } => {

@@ -42,6 +42,19 @@ pub struct FederationPlan {
     /// Judge each round's weights on the sites' held-out windows before storing them;
     /// `None` stores every round.
     pub gate: Option<EvaluationGate>,
+    /// `Round` runs an asynchronous run (FedBuff) instead of a synchronous round.
+    pub buffered: Option<BufferedRounds>,
+}
+
+/// An asynchronous run (`[experts.federation.buffered]`): each site trains from the newest weights it was
+/// given and is given the newest again when it answers; every `buffer` answers are
+/// combined, each discounted by its staleness, until `updates` are applied; then one
+/// version is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferedRounds {
+    pub buffer: usize,
+    pub updates: usize,
 }
 
 /// When a round's weights become a version: their held-out loss, pooled over the
@@ -144,6 +157,8 @@ pub struct FederationStatus {
     /// Why the last round applied nothing (shown by `fogmesh status`).
     pub last_error: Option<String>,
     pub site_names: Vec<String>,
+    /// What a `Round` runs: "synchronous" or "buffered".
+    pub mode: &'static str,
 }
 
 pub enum FederatedCoordinatorMsg {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fogmesh_models::federated::{Aggregation, Compression, LocalWork, Privacy, RoundAggregator};
 use serde::{Deserialize, Serialize};
 
-use super::interface::{EvaluationGate, FederationPlan};
+use super::interface::{BufferedRounds, EvaluationGate, FederationPlan};
 use super::site_trainer::RoundWork;
 
 /// `[experts.federation]`.
@@ -43,6 +43,20 @@ pub struct FederationSpec {
     pub holdout: f64,
     /// Seeds the sites' samples and the privacy noise.
     pub seed: u64,
+    /// Fog aggregators: each runs the round over its group's sites and passes one
+    /// combined update up; sites in no group answer the coordinator directly.
+    pub groups: Vec<FederationGroup>,
+    /// Rounds as an asynchronous run (FedBuff) instead of synchronous rounds.
+    pub buffered: Option<BufferedRounds>,
+}
+
+/// `[[experts.federation.groups]]`: one fog aggregator and the sites it merges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationGroup {
+    /// The node that aggregates the group.
+    pub aggregator: String,
+    pub sites: Vec<String>,
 }
 
 impl Default for FederationSpec {
@@ -62,6 +76,8 @@ impl Default for FederationSpec {
             windows: 512,
             holdout: 0.2,
             seed: 0,
+            groups: Vec::new(),
+            buffered: None,
         }
     }
 }
@@ -140,6 +156,42 @@ impl FederationSpec {
                 ));
             }
         }
+        let mut grouped = std::collections::BTreeSet::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            if group.aggregator.is_empty() {
+                return Err(invalid(
+                    &format!("groups[{i}].aggregator"),
+                    "\"\"".into(),
+                    "must name the node that aggregates the group".into(),
+                ));
+            }
+            if group.sites.is_empty() {
+                return Err(invalid(
+                    &format!("groups[{i}].sites"),
+                    "[]".into(),
+                    "a group needs at least one site".into(),
+                ));
+            }
+            for site in &group.sites {
+                if !grouped.insert(site.as_str()) {
+                    return Err(invalid(
+                        &format!("groups[{i}].sites"),
+                        format!("{site:?}"),
+                        "a site belongs to one group at most".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(buffered) = self.buffered {
+            for (field, value) in [
+                ("buffered.buffer", buffered.buffer),
+                ("buffered.updates", buffered.updates),
+            ] {
+                if value == 0 {
+                    return Err(invalid(field, "0".into(), "must be at least 1".into()));
+                }
+            }
+        }
         self.plan().work.local.validate().map_err(|e| match e {
             fogmesh_models::ModelError::InvalidOption {
                 field,
@@ -187,6 +239,7 @@ impl FederationSpec {
             deadline: Duration::from_secs_f64(self.deadline_s),
             seed: self.seed,
             gate: self.gate,
+            buffered: self.buffered,
         }
     }
 
@@ -234,6 +287,14 @@ mod tests {
             ("windows = 1", ["windows", "1", "between 2"]),
             ("holdout = 1.0", ["holdout", "1", "[0, 1)"]),
             ("[local]\nepochs = 0", ["local.epochs", "0", "at least one"]),
+            (
+                "[[groups]]\naggregator = \"fog-a\"\nsites = [\"e1\"]\n[[groups]]\naggregator = \"fog-b\"\nsites = [\"e1\"]",
+                ["groups[1].sites", "e1", "one group at most"],
+            ),
+            (
+                "buffered = { buffer = 0, updates = 4 }",
+                ["buffered.buffer", "0", "at least 1"],
+            ),
             (
                 "privacy = { clip_norm = 0.0, noise_multiplier = 1.0 }",
                 ["privacy.clip_norm", "0", "above 0"],

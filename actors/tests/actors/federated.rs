@@ -148,6 +148,7 @@ fn plan(min_sites: usize, deadline: Duration) -> FederationPlan {
         deadline,
         seed: 1,
         gate: None,
+        buffered: None,
     }
 }
 

@@ -1,14 +1,17 @@
 //! The adopted spec's federations (`[experts.federation]`) on this node: a
 //! `SiteTrainer` for each federation this node is a site of, fed by the windows its
-//! own routers had the expert score, and the `FederatedCoordinator` of each federation
-//! placed on this node, with a `RemoteSite` for every site on another node.
+//! own routers had the expert score; the `FederatedCoordinator` of each federation
+//! placed on this node; and a fog aggregator (a coordinator that publishes nothing)
+//! for each group this node aggregates. A coordinator reaches a site or aggregator on
+//! another node through a `RemoteSite`.
 //!
 //! Placement: the coordinator runs on the first usable node (by name) of the
 //! federation's `coordinator_role`, or on the first usable node when none has that
 //! role, so it moves when its node dies (a round in flight there is lost before it
 //! stored anything, and `Federate` passes it on to the new coordinator). The sites are
 //! the nodes the spec names by role or name, or, with neither, the nodes whose sensors
-//! are routed to the expert.
+//! are routed to the expert, and every site of a group. The coordinator asks the sites
+//! in no group and each group's aggregator, which asks its group's sites: two levels.
 //!
 //! A coordinator is started again when its sites or settings change, and when the
 //! expert's version moved by other means than its own rounds (a rollout or rollback):
@@ -19,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use fogmesh_actors::{
     ExpertSpec, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
     FederationSite, FederationSpec, Publication, Site, SiteTrainer, SiteTrainerArgs,
@@ -45,18 +49,41 @@ const IDLE_PROBE: Duration = Duration::from_millis(100);
 pub(super) struct Federations {
     sites: BTreeMap<String, RunningSite>,
     coordinators: BTreeMap<String, RunningCoordinator>,
+    aggregators: BTreeMap<String, RunningCoordinator>,
 }
 
 struct RunningSite {
-    spec: FederationSpec,
+    sample: SiteSample,
     architecture: Architecture,
     actor: ActorRef<SiteTrainerMsg>,
 }
 
+/// What a site's windows depend on: a change to anything else (the round's work, the
+/// rule, the groups) leaves the site and the windows it gathered alone.
+#[derive(PartialEq)]
+struct SiteSample {
+    windows: usize,
+    holdout_every: usize,
+    seed: u64,
+}
+
+impl SiteSample {
+    fn of(federation: &FederationSpec) -> SiteSample {
+        SiteSample {
+            windows: federation.windows,
+            holdout_every: federation.holdout_every(),
+            seed: federation.seed,
+        }
+    }
+}
+
+/// A site as a coordinator asks it: a node, and whether its fog aggregator answers.
+type SiteRef = (String, bool);
+
 #[derive(PartialEq)]
 struct CoordinatorKey {
     spec: FederationSpec,
-    sites: BTreeSet<String>,
+    sites: BTreeSet<SiteRef>,
 }
 
 struct RunningCoordinator {
@@ -78,15 +105,31 @@ impl RunningCoordinator {
     }
 }
 
+/// The top of a federation, or a fog aggregator under it.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Level {
+    Top,
+    Group,
+}
+
 impl Federations {
     pub(super) fn stop(&mut self, deployment: &Deployment) {
         for (expert, site) in std::mem::take(&mut self.sites) {
             deployment.node.directory.sites.remove(&expert);
             site.actor.stop(None);
         }
-        for (expert, coordinator) in std::mem::take(&mut self.coordinators) {
-            deployment.node.directory.coordinators.remove(&expert);
-            coordinator.stop();
+        for level in [Level::Top, Level::Group] {
+            for (expert, coordinator) in std::mem::take(self.level(level)) {
+                deployment.directory_of(level).remove(&expert);
+                coordinator.stop();
+            }
+        }
+    }
+
+    fn level(&mut self, level: Level) -> &mut BTreeMap<String, RunningCoordinator> {
+        match level {
+            Level::Top => &mut self.coordinators,
+            Level::Group => &mut self.aggregators,
         }
     }
 }
@@ -100,10 +143,16 @@ fn sites_of(
     me: &str,
     my_role: &str,
 ) -> BTreeSet<String> {
+    let mut sites: BTreeSet<String> = federation
+        .groups
+        .iter()
+        .flat_map(|g| g.sites.iter().cloned())
+        .collect();
     if federation.roles.is_empty() && federation.nodes.is_empty() {
-        return spec.sensor_nodes(expert);
+        sites.extend(spec.sensor_nodes(expert));
+        return sites;
     }
-    let mut sites: BTreeSet<String> = federation.nodes.iter().cloned().collect();
+    sites.extend(federation.nodes.iter().cloned());
     sites.extend(
         members
             .values()
@@ -126,7 +175,37 @@ pub(super) fn coordinator_of(federation: &FederationSpec, nodes: &[Candidate]) -
         .or_else(|| nodes.iter().map(|c| c.name.clone()).min())
 }
 
+/// What the top coordinator asks: the sites in no group, and each group's aggregator.
+fn top_sites(federation: &FederationSpec, sites: &BTreeSet<String>) -> BTreeSet<SiteRef> {
+    let grouped: BTreeSet<&String> = federation.groups.iter().flat_map(|g| &g.sites).collect();
+    sites
+        .iter()
+        .filter(|s| !grouped.contains(s))
+        .map(|s| (s.clone(), false))
+        .chain(
+            federation
+                .groups
+                .iter()
+                .map(|g| (g.aggregator.clone(), true)),
+        )
+        .collect()
+}
+
+/// One coordinator this node should run.
+struct Wanted<'a> {
+    expert: &'a ExpertSpec,
+    federation: &'a FederationSpec,
+    sites: BTreeSet<SiteRef>,
+}
+
 impl Deployment {
+    fn directory_of(&self, level: Level) -> &DashMap<String, ActorRef<FederatedCoordinatorMsg>> {
+        match level {
+            Level::Top => &self.node.directory.coordinators,
+            Level::Group => &self.node.directory.aggregators,
+        }
+    }
+
     /// Brings this node's sites and coordinators in line with `spec` and the usable
     /// `nodes` (see the module doc).
     pub(super) async fn run_federations(
@@ -140,11 +219,11 @@ impl Deployment {
             .iter()
             .find(|c| c.name == self.node_name)
             .map_or("", |c| c.role.as_str());
-        let wanted: Vec<(&ExpertSpec, &FederationSpec)> = spec.federations();
         let mut placed = BTreeMap::new();
         let mut sites_wanted = BTreeMap::new();
-        let mut coordinators_wanted = BTreeMap::new();
-        for (expert, federation) in wanted {
+        let mut tops = BTreeMap::new();
+        let mut groups = BTreeMap::new();
+        for (expert, federation) in spec.federations() {
             let sites = sites_of(
                 spec,
                 &expert.name,
@@ -156,22 +235,46 @@ impl Deployment {
             if sites.contains(&self.node_name) {
                 sites_wanted.insert(expert.name.clone(), (expert, federation));
             }
+            if let Some(group) = federation
+                .groups
+                .iter()
+                .find(|g| g.aggregator == self.node_name)
+            {
+                let sites = group.sites.iter().map(|s| (s.clone(), false)).collect();
+                groups.insert(
+                    expert.name.clone(),
+                    Wanted {
+                        expert,
+                        federation,
+                        sites,
+                    },
+                );
+            }
             if let Some(coordinator) = coordinator_of(federation, nodes) {
                 if coordinator == self.node_name {
-                    coordinators_wanted.insert(expert.name.clone(), (expert, federation, sites));
+                    let sites = top_sites(federation, &sites);
+                    tops.insert(
+                        expert.name.clone(),
+                        Wanted {
+                            expert,
+                            federation,
+                            sites,
+                        },
+                    );
                 }
                 placed.insert(expert.name.clone(), coordinator);
             }
         }
         lock(&self.state).federations = placed;
 
-        // Sites first, so a coordinator here finds this node's own site.
+        // Sites first, then aggregators, then the top: each finds the level below it
+        // on this node.
         let stale: Vec<String> = running
             .sites
             .iter()
             .filter(|(name, site)| {
                 sites_wanted.get(*name).is_none_or(|(expert, federation)| {
-                    &site.spec != *federation
+                    site.sample != SiteSample::of(federation)
                         || architecture(expert).as_ref() != Some(&site.architecture)
                 })
             })
@@ -201,43 +304,50 @@ impl Deployment {
                 }
             }
         }
+        self.run_level(Level::Group, groups, members, running).await;
+        self.run_level(Level::Top, tops, members, running).await;
+    }
 
-        let names: Vec<String> = running.coordinators.keys().cloned().collect();
+    /// Starts, restarts and stops this node's coordinators of one level.
+    async fn run_level(
+        &self,
+        level: Level,
+        wanted: BTreeMap<String, Wanted<'_>>,
+        members: &BTreeMap<String, Member>,
+        running: &mut Federations,
+    ) {
+        let names: Vec<String> = running.level(level).keys().cloned().collect();
         for name in names {
-            let restart = match coordinators_wanted.get(&name) {
+            let actor = running.level(level)[&name].actor.clone();
+            let restart = match wanted.get(&name) {
                 None => true,
-                Some((expert, federation, sites)) => {
+                Some(w) => {
                     let key = CoordinatorKey {
-                        spec: (*federation).clone(),
-                        sites: sites.clone(),
+                        spec: w.federation.clone(),
+                        sites: w.sites.clone(),
                     };
-                    let coordinator = &running.coordinators[&name];
-                    coordinator.key != key || self.moved_elsewhere(expert, &coordinator.actor).await
+                    running.level(level)[&name].key != key
+                        || (level == Level::Top && self.moved_elsewhere(w.expert, &actor).await)
                 }
             };
-            if restart && self.idle(&running.coordinators[&name].actor).await {
-                if let Some(coordinator) = running.coordinators.remove(&name) {
-                    self.node.directory.coordinators.remove(&name);
+            if restart && self.idle(&actor).await {
+                if let Some(coordinator) = running.level(level).remove(&name) {
+                    self.directory_of(level).remove(&name);
                     coordinator.stop();
-                    tracing::info!(expert = %name, "federation coordinator stopped here");
+                    tracing::info!(expert = %name, ?level, "federation coordinator stopped here");
                 }
             }
         }
-        for (name, (expert, federation, sites)) in coordinators_wanted {
-            if running.coordinators.contains_key(&name) {
+        for (name, w) in wanted {
+            if running.level(level).contains_key(&name) {
                 continue;
             }
-            match self
-                .start_coordinator(expert, federation, sites, members, running)
-                .await
-            {
+            match self.start_coordinator(level, &w, members, running).await {
                 Ok(coordinator) => {
-                    tracing::info!(expert = %name, sites = ?coordinator.key.sites, "federation coordinator started");
-                    self.node
-                        .directory
-                        .coordinators
+                    tracing::info!(expert = %name, ?level, sites = ?coordinator.key.sites, "federation coordinator started");
+                    self.directory_of(level)
                         .insert(name.clone(), coordinator.actor.clone());
-                    running.coordinators.insert(name, coordinator);
+                    running.level(level).insert(name, coordinator);
                 }
                 Err(e) => self.record_error(format!(
                     "the federation coordinator of {name} did not start: {e}"
@@ -313,7 +423,7 @@ impl Deployment {
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args).await?;
         Ok(RunningSite {
-            spec: federation.clone(),
+            sample: SiteSample::of(federation),
             architecture,
             actor,
         })
@@ -321,23 +431,31 @@ impl Deployment {
 
     async fn start_coordinator(
         &self,
-        expert: &ExpertSpec,
-        federation: &FederationSpec,
-        site_names: BTreeSet<String>,
+        level: Level,
+        wanted: &Wanted<'_>,
         members: &BTreeMap<String, Member>,
         running: &Federations,
     ) -> Result<RunningCoordinator, StartError> {
+        let (expert, federation) = (wanted.expert, wanted.federation);
         let stored = expert.source.stored().ok_or(StartError::NotStored)?;
         let store = self.places.models.clone().ok_or(StartError::NoStore)?;
         let mut sites = Vec::new();
         let mut remote = Vec::new();
-        for name in &site_names {
-            let actor = match running
-                .sites
-                .get(&expert.name)
-                .filter(|_| name == &self.node_name)
-            {
-                Some(local) => local.actor.clone(),
+        for (name, aggregate) in &wanted.sites {
+            let here = name == &self.node_name;
+            let local = match (here, aggregate) {
+                (true, false) => running
+                    .sites
+                    .get(&expert.name)
+                    .map(|s| Site::Trainer(s.actor.clone())),
+                (true, true) => running
+                    .aggregators
+                    .get(&expert.name)
+                    .map(|a| Site::Aggregator(a.actor.clone())),
+                (false, _) => None,
+            };
+            let site = match local {
+                Some(site) => site,
                 None => {
                     let args = RemoteSiteArgs {
                         site: name.clone(),
@@ -347,25 +465,38 @@ impl Deployment {
                             .unwrap_or_default(),
                         membership: Some(self.membership.clone()),
                         federation: expert.name.clone(),
+                        aggregate: *aggregate,
                         dialer: self.dialer.clone(),
                     };
-                    let (actor, _) = Actor::spawn(None, RemoteSite, args).await?;
+                    let spawned = Actor::spawn(None, RemoteSite, args).await;
+                    let actor = match spawned {
+                        Ok((actor, _)) => actor,
+                        Err(e) => {
+                            remote
+                                .iter()
+                                .for_each(|r: &ActorRef<SiteTrainerMsg>| r.stop(None));
+                            return Err(e.into());
+                        }
+                    };
                     remote.push(actor.clone());
-                    actor
+                    Site::Trainer(actor)
                 }
             };
             sites.push(FederationSite {
                 name: name.clone(),
-                site: Site::Trainer(actor),
+                site,
             });
         }
-        let promoter = Arc::new(rollout::MeshPromoter {
-            me: self.node_name.clone(),
-            places: self.places.clone(),
-            dialer: self.dialer.clone(),
-            membership: self.membership.clone(),
-            links: self.links.clone(),
-            state: self.state.clone(),
+        let publication = (level == Level::Top).then(|| Publication {
+            store,
+            promoter: Some(Arc::new(rollout::MeshPromoter {
+                me: self.node_name.clone(),
+                places: self.places.clone(),
+                dialer: self.dialer.clone(),
+                membership: self.membership.clone(),
+                links: self.links.clone(),
+                state: self.state.clone(),
+            }) as Arc<dyn fogmesh_actors::Promoter>),
         });
         let args = FederatedCoordinatorArgs {
             federation: expert.name.clone(),
@@ -373,10 +504,7 @@ impl Deployment {
             weights: stored.weights.to_vec(),
             sites,
             plan: federation.plan(),
-            publication: Some(Publication {
-                store,
-                promoter: Some(promoter),
-            }),
+            publication,
         };
         let spawned = Actor::spawn(None, FederatedCoordinator, args).await;
         let actor = match spawned {
@@ -388,19 +516,22 @@ impl Deployment {
                 return Err(StartError::Spawn(e));
             }
         };
-        let schedule = federation.every_s.map(|every| {
-            let actor = actor.clone();
-            let expert = expert.name.clone();
-            tokio::spawn(scheduled_rounds(
-                actor,
-                expert,
-                Duration::from_secs_f64(every),
-            ))
-        });
+        let schedule = federation
+            .every_s
+            .filter(|_| level == Level::Top)
+            .map(|every| {
+                let actor = actor.clone();
+                let expert = expert.name.clone();
+                tokio::spawn(scheduled_rounds(
+                    actor,
+                    expert,
+                    Duration::from_secs_f64(every),
+                ))
+            });
         Ok(RunningCoordinator {
             key: CoordinatorKey {
                 spec: federation.clone(),
-                sites: site_names,
+                sites: wanted.sites.clone(),
             },
             actor,
             remote,

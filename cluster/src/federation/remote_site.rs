@@ -4,7 +4,9 @@
 //! local `SiteTrainer` ([`SiteTrainerMsg`]), so a coordinator calls sites here and
 //! elsewhere alike: `Train` streams the global weights to the site's node
 //! (`Federation/Train`, in chunks) and reads back its report and encoded update;
-//! `Evaluate` streams the weights judged and reads back the losses. Each call runs in
+//! `Evaluate` streams the weights judged and reads back the losses. With `aggregate`
+//! the calls go to the node's fog aggregator of the federation, which runs them over
+//! its group's sites. Each call runs in
 //! its own task, so a site that is slow to answer one round does not hold back the
 //! next message. **Supervised by** the deployment loop, which starts one per remote
 //! site when it starts a coordinator and stops them with it. **On failure**: a node
@@ -39,6 +41,8 @@ pub struct RemoteSiteArgs {
     /// call.
     pub membership: Option<Arc<Membership>>,
     pub federation: String,
+    /// The node's fog aggregator of the federation rather than its own site.
+    pub aggregate: bool,
     pub dialer: Dialer,
 }
 
@@ -47,6 +51,7 @@ pub struct RemoteSiteState {
     addr: Arc<str>,
     membership: Option<Arc<Membership>>,
     federation: Arc<str>,
+    aggregate: bool,
     dialer: Dialer,
 }
 
@@ -103,6 +108,7 @@ impl RemoteSiteState {
             federation: self.federation.to_string(),
             round,
             work: Some(work_to(work)),
+            aggregate: self.aggregate,
             ..Default::default()
         };
         let mut request = Request::new(chunks(header, vec![global]));
@@ -145,6 +151,7 @@ impl RemoteSiteState {
         let mut client = client(&self.dialer, &self.addr()).await?;
         let header = FederationHeader {
             federation: self.federation.to_string(),
+            aggregate: self.aggregate,
             ..Default::default()
         };
         let mut request = Request::new(chunks(header, weights));
@@ -166,6 +173,7 @@ impl RemoteSiteState {
             addr: self.addr.clone(),
             membership: self.membership.clone(),
             federation: self.federation.clone(),
+            aggregate: self.aggregate,
             dialer: self.dialer.clone(),
         }
     }
@@ -186,6 +194,7 @@ impl Actor for RemoteSite {
             addr: args.addr.as_str().into(),
             membership: args.membership,
             federation: args.federation.as_str().into(),
+            aggregate: args.aggregate,
             dialer: args.dialer,
         })
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::{
-    FederatedCoordinatorMsg, Node, RoundWork, SiteEvaluation, SiteReport, SiteTrainerMsg,
+    FederatedCoordinatorMsg, Node, RoundWork, Site, SiteEvaluation, SiteReport, SiteTrainerMsg,
 };
 use fogmesh_models::federated::{Compression, LocalWork};
 use fogmesh_proto::federation_server::Federation as FederationRpc;
@@ -71,16 +71,24 @@ impl FederationService {
         }
     }
 
-    fn site(&self, federation: &str) -> Result<ractor::ActorRef<SiteTrainerMsg>, SiteCallError> {
-        self.node
-            .directory
-            .sites
-            .get(federation)
-            .map(|s| s.clone())
-            .ok_or_else(|| SiteCallError::NoSite {
-                node: self.node_name.clone(),
-                federation: federation.into(),
-            })
+    /// This node's site of `federation`, or with `aggregate` its fog aggregator.
+    fn site(&self, federation: &str, aggregate: bool) -> Result<Site, SiteCallError> {
+        let directory = &self.node.directory;
+        let found = if aggregate {
+            directory
+                .aggregators
+                .get(federation)
+                .map(|a| Site::Aggregator(a.clone()))
+        } else {
+            directory
+                .sites
+                .get(federation)
+                .map(|s| Site::Trainer(s.clone()))
+        };
+        found.ok_or_else(|| SiteCallError::NoSite {
+            node: self.node_name.clone(),
+            federation: federation.into(),
+        })
     }
 
     /// Runs a round on the coordinator here, or passes it to the coordinator's node
@@ -124,23 +132,20 @@ impl FederationService {
                 reason: format!("node `{}` does not coordinate it (yet)", self.node_name),
             });
         }
+        // A coordinator lost mid-round (its node died, or it was restarted) stored
+        // nothing; the round is passed again to whichever node is placed now, once
+        // one answers.
         let started = Instant::now();
-        let mut lost: Option<String> = None;
         loop {
             let placed = lock(&mesh.deployment).federations.get(expert).cloned();
-            let target = placed.filter(|c| Some(c) != lost.as_ref() && c != &self.node_name);
-            let Some(target) = target else {
-                if started.elapsed() > REPLACEMENT_WAIT || lost.is_none() {
+            let target = match placed {
+                Some(target) if target != self.node_name => target,
+                _ => {
                     return Err(SiteCallError::NoCoordinator {
                         expert: expert.into(),
-                        reason: match lost {
-                            Some(node) => format!("its coordinator on `{node}` was lost and no other node took it within {REPLACEMENT_WAIT:?}"),
-                            None => "the mesh spec has no [experts.federation] for it, or no node coordinates it yet".into(),
-                        },
-                    });
+                        reason: "the mesh spec has no [experts.federation] for it, or no node coordinates it yet".into(),
+                    })
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                continue;
             };
             let addr = mesh
                 .membership
@@ -155,16 +160,9 @@ impl FederationService {
                 }),
             };
             match outcome {
-                // The node placed next has not started its coordinator yet.
-                Err(e)
-                    if e.code() == tonic::Code::NotFound
-                        && started.elapsed() < REPLACEMENT_WAIT =>
-                {
+                Err(e) if retried(&e) && started.elapsed() < REPLACEMENT_WAIT => {
+                    tracing::warn!(%expert, coordinator = %target, error = %e, "federated round not run; passing it again");
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) if e.code() == tonic::Code::Unavailable || lost_stream(&e) => {
-                    tracing::warn!(%expert, coordinator = %target, error = %e, "federated round lost with its coordinator; passing it to the next");
-                    lost = Some(target);
                 }
                 other => return other,
             }
@@ -172,9 +170,21 @@ impl FederationService {
     }
 }
 
-/// Whether a call broke off rather than being answered.
-fn lost_stream(error: &SiteCallError) -> bool {
-    matches!(error, SiteCallError::Status(s) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal))
+/// Whether a round passed on was lost with its coordinator (or met none yet) rather
+/// than answered.
+fn retried(error: &SiteCallError) -> bool {
+    let code = error.code();
+    code == tonic::Code::NotFound
+        || code == tonic::Code::Unavailable
+        || matches!(error, SiteCallError::Status(s) if matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal))
+}
+
+/// The answer of a call that was answered.
+fn answered<T>(result: CallResult<T>) -> Option<T> {
+    match result {
+        CallResult::Success(answer) => Some(answer),
+        _ => None,
+    }
 }
 
 async fn pass_on(
@@ -271,24 +281,36 @@ impl FederationRpc for FederationService {
             .into());
         }
         let global = Arc::new(blobs.remove(0));
-        let site = self.site(&header.federation)?;
-        let report: SiteReport = match site
-            .call(
-                |reply| SiteTrainerMsg::Train {
-                    round: header.round,
-                    global,
-                    work: Arc::new(work),
-                    reply,
-                },
-                None,
-            )
-            .await
-        {
-            Ok(CallResult::Success(answer)) => {
-                answer.map_err(|e| SiteCallError::Site(Box::new(e)))?
-            }
-            _ => return Err(SiteCallError::Unanswered("the site stopped".into()).into()),
+        let (round, work) = (header.round, Arc::new(work));
+        let answered = match self.site(&header.federation, header.aggregate)? {
+            Site::Trainer(site) => site
+                .call(
+                    |reply| SiteTrainerMsg::Train {
+                        round,
+                        global,
+                        work,
+                        reply,
+                    },
+                    None,
+                )
+                .await
+                .map_or(None, answered),
+            Site::Aggregator(aggregator) => aggregator
+                .call(
+                    |reply| FederatedCoordinatorMsg::Aggregate {
+                        round,
+                        global,
+                        work,
+                        reply,
+                    },
+                    None,
+                )
+                .await
+                .map_or(None, answered),
         };
+        let report: SiteReport = answered
+            .ok_or_else(|| SiteCallError::Unanswered("the site stopped".into()))?
+            .map_err(|e| SiteCallError::Site(Box::new(e)))?;
         let answer = FederationHeader {
             federation: header.federation,
             round: report.round,
@@ -313,17 +335,23 @@ impl FederationRpc for FederationService {
     ) -> Result<Response<SiteEvaluationReply>, Status> {
         self.check_key(&request)?;
         let (header, blobs) = receive(request.into_inner()).await?;
-        let site = self.site(&header.federation)?;
         let weights = blobs.into_iter().map(Arc::new).collect();
-        let evaluation: SiteEvaluation = match site
-            .call(|reply| SiteTrainerMsg::Evaluate { weights, reply }, None)
-            .await
-        {
-            Ok(CallResult::Success(answer)) => {
-                answer.map_err(|e| SiteCallError::Site(Box::new(e)))?
-            }
-            _ => return Err(SiteCallError::Unanswered("the site stopped".into()).into()),
+        let answered = match self.site(&header.federation, header.aggregate)? {
+            Site::Trainer(site) => site
+                .call(|reply| SiteTrainerMsg::Evaluate { weights, reply }, None)
+                .await
+                .map_or(None, answered),
+            Site::Aggregator(aggregator) => aggregator
+                .call(
+                    |reply| FederatedCoordinatorMsg::Evaluate { weights, reply },
+                    None,
+                )
+                .await
+                .map_or(None, answered),
         };
+        let evaluation: SiteEvaluation = answered
+            .ok_or_else(|| SiteCallError::Unanswered("the site stopped".into()))?
+            .map_err(|e| SiteCallError::Site(Box::new(e)))?;
         Ok(Response::new(SiteEvaluationReply {
             site: self.node_name.clone(),
             losses: evaluation.losses,

@@ -122,6 +122,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
             addr: proxy,
             membership: None,
             federation: "ae".into(),
+            aggregate: false,
             dialer: Dialer::new(None, None),
         },
     )
@@ -165,6 +166,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
                 gate: Some(EvaluationGate {
                     max_regression: 10.0,
                 }),
+                buffered: None,
             },
             publication: Some(Publication {
                 store,

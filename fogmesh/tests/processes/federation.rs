@@ -23,12 +23,14 @@ fn node<'a>(name: &'a str, role: &'a str, ip: &'a str, seeds: &[&MeshNode]) -> N
     NodeSettings::new(name, role, ip, SECRET, seeds)
 }
 
-fn spec() -> String {
+/// The mesh spec: `ae` serving `model`, trained by the federation `federation`
+/// (the lines of its table) with `epochs` of local work.
+fn spec(model: &str, federation: &str, epochs: usize) -> String {
     format!(
         r#"
 [[experts]]
 name = "ae"
-model = "ae@1"
+model = "{model}"
 replicas = 2
 
 [experts.federation]
@@ -36,9 +38,10 @@ min_sites = 1
 deadline_s = 60
 windows = 256
 seed = 5
+{federation}
 
 [experts.federation.local]
-epochs = 300
+epochs = {epochs}
 batch_size = 16
 learning_rate = 0.003
 
@@ -66,6 +69,23 @@ router = "r1"
 normalisation = {{ mode = "none" }}
 "#
     )
+}
+
+/// `ae@1` in cloud-1's store: an untrained autoencoder no window alarms.
+fn store_base(dir: &std::path::Path) {
+    let pki = fogmesh_tests::TestPki::open(&dir.join("pki"));
+    let store = pki.signing_store(&dir.join("data-cloud-1/models"));
+    let config = AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
+    let model = ConvAutoencoder::new(config.clone(), Device::Cpu, 3).unwrap();
+    let (weights, _) = model.to_safetensors().unwrap();
+    let manifest = fogmesh_models::store::Manifest {
+        metrics: [("threshold".to_string(), 1000.0)].into(),
+        created_us: 1,
+        ..Architecture::ConvAutoencoder(config).manifest("ae", "1")
+    };
+    store
+        .import(manifest, &weights)
+        .expect("the store takes ae@1");
 }
 
 /// One row of the plant as `sensor` reads it: each site sees its own operating point.
@@ -180,7 +200,7 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
         .control()
         .await
         .apply(ApplyRequest {
-            spec_toml: spec(),
+            spec_toml: spec("ae@1", "", 300),
             dry_run: false,
         })
         .await
@@ -299,4 +319,106 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
         );
     }
     cloud2.kill();
+}
+
+/// Asks `via` for a round; its report.
+async fn federate(via: &MeshNode) -> Result<serde_json::Value, tonic::Status> {
+    let channel = via.channel(&via.operator).await.expect("the node answers");
+    let reply = FederationClient::new(channel)
+        .federate(FederateRequest {
+            expert: "ae".into(),
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_str(&reply.round_json).expect("the round is JSON"))
+}
+
+async fn apply(node: &MeshNode, text: String) {
+    node.control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: text,
+            dry_run: false,
+        })
+        .await
+        .expect("the spec is applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fog_aggregator_merges_its_edges_under_the_cloud_and_a_buffered_run_stores_one_version() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    store_base(dir.path());
+    let cloud = MeshNode::start(dir.path(), node("cloud-1", "cloud", "127.0.0.71", &[]));
+    let fog = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.72", &[&cloud]));
+    let edge1 = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.73", &[&cloud]));
+    let edge2 = MeshNode::start(dir.path(), node("edge-2", "edge", "127.0.0.74", &[&cloud]));
+    for n in [&cloud, &fog, &edge1, &edge2] {
+        full_membership(n, 4, LONG).await;
+    }
+    let groups =
+        "[[experts.federation.groups]]\naggregator = \"fog-a\"\nsites = [\"edge-1\", \"edge-2\"]";
+    apply(&cloud, spec("ae@1", groups, 60)).await;
+    all_serve(&edge1, "ae@1").await;
+    let rows = WINDOW as u64 * 200;
+    push(&edge1, "s1", 0..rows).await;
+    push(&edge2, "s2", 0..rows).await;
+
+    // Two levels: the cloud asks the fog aggregator, which asks both edges.
+    let round = poll(
+        "a round through the fog aggregator",
+        Duration::from_secs(90),
+        || async {
+            let round = federate(&edge2).await.ok()?;
+            // Each edge holds at most 160 windows to train on: more came from both.
+            (round["samples"].as_u64() > Some(160)).then_some(round)
+        },
+    )
+    .await;
+    eprintln!("two-level round: {round}");
+    assert_eq!(names(&round, "sites"), ["fog-a"], "{round}");
+    let version = round["version"].as_str().expect("a version").to_string();
+    all_serve(&edge1, &version).await;
+    let stored = ModelStore::open(dir.path().join("data-cloud-1/models"))
+        .get(&version)
+        .unwrap();
+    assert_eq!(
+        stored.training["federated"]["sites"],
+        serde_json::json!(["fog-a"])
+    );
+    assert_eq!(stored.training["federated"]["samples"], round["samples"]);
+
+    // Asynchronous: every answer is applied as it comes, four in all, one version.
+    apply(
+        &cloud,
+        spec(&version, "buffered = { buffer = 1, updates = 4 }", 60),
+    )
+    .await;
+    poll("the coordinator to run buffered rounds", LONG, || async {
+        let status = cloud.status().await?;
+        status
+            .federations
+            .iter()
+            .any(|f| f.mode == "buffered")
+            .then_some(())
+    })
+    .await;
+    let run = poll("a buffered run", Duration::from_secs(90), || async {
+        let run = federate(&edge1).await.ok()?;
+        (run["mode"] == "buffered").then_some(run)
+    })
+    .await;
+    eprintln!("buffered run: {run}");
+    assert_eq!(run["applied"], 4, "{run}");
+    let number: u64 = version["ae@".len()..].parse().unwrap();
+    let next = format!("ae@{}", number + 1);
+    assert_eq!(run["version"], next.as_str(), "{run}");
+    all_serve(&edge1, &next).await;
+    let store = ModelStore::open(dir.path().join("data-cloud-1/models"));
+    assert_eq!(store.get(&next).unwrap().parents, [version]);
+    assert!(
+        store.get(&format!("ae@{}", number + 2)).is_err(),
+        "a buffered run stores one version"
+    );
+    drop((fog, edge1, edge2));
 }
