@@ -608,6 +608,32 @@ router = "r1"
     }
 
     #[test]
+    fn the_readme_federation_example_is_the_defaults_plus_one_group() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("### Federated training")
+            .nth(1)
+            .and_then(|s| s.split("```toml").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("the README documents [experts.federation]");
+        let table: toml::Table = toml::from_str(example).expect("the example parses");
+        let spec: FederationSpec = table["experts"]["federation"]
+            .clone()
+            .try_into()
+            .expect("the example is a federation table");
+        spec.validate().expect("the example is valid");
+        let defaults = FederationSpec::default();
+        assert_eq!(
+            FederationSpec {
+                groups: Vec::new(),
+                ..spec.clone()
+            },
+            defaults
+        );
+        assert_eq!(spec.groups[0].aggregator, "fog-a");
+    }
+
+    #[test]
     fn a_federation_table_needs_a_stored_model() {
         let text = GOOD.replace(
             "replicas = 2",

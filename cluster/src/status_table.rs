@@ -496,6 +496,52 @@ mod tests {
     }
 
     #[test]
+    fn a_federation_shows_its_rounds_sites_bytes_and_loss() {
+        let status = NodeStatus {
+            node: "cloud-1".into(),
+            federations: vec![fogmesh_proto::FederationStatus {
+                expert: "pump-ae".into(),
+                rounds: 7,
+                version: "pump-ae@8".into(),
+                sites: vec!["edge-1".into(), "edge-2".into()],
+                last_sites: vec!["edge-1".into()],
+                last_left_out: vec!["edge-2".into()],
+                last_bytes_up: 23368,
+                last_bytes_down: 47920,
+                last_loss: Some(0.01234),
+                epsilon: None,
+                last_version: "pump-ae@8".into(),
+                last_error: String::new(),
+                mode: "synchronous".into(),
+            }],
+            ..Default::default()
+        };
+        let text = render(&status, "10.0.0.9:7700", 0, None);
+        let lines: Vec<&str> = text.lines().collect();
+        let row = lines
+            .iter()
+            .position(|l| l.starts_with("pump-ae"))
+            .expect("a federation line");
+        assert_eq!(cells(lines[row - 1])[0], "FEDERATION", "{text}");
+        assert_eq!(
+            cells(lines[row]),
+            [
+                "pump-ae",
+                "pump-ae@8",
+                "7",
+                "edge-1,edge-2",
+                "edge-1",
+                "23368",
+                "47920",
+                "0.0123"
+            ],
+            "{text}"
+        );
+        assert_eq!(lines[row + 1], "  left out of the last round: edge-2");
+        assert_eq!(lines[row + 2], "  last round stored: pump-ae@8");
+    }
+
+    #[test]
     fn a_learner_shows_its_phase_outcomes_and_last_gate() {
         let status = NodeStatus {
             node: "fog-1".into(),

@@ -174,7 +174,8 @@ pub enum SiteTrainerMsg {
     Observed(Arc<ScoredWindow>),
 }
 
-// Local for now: global weights reach a site on another node through the model store.
+// Local: a site on another node is reached through `RemoteSite` and the `Federation`
+// service, which move weights and updates in chunks.
 impl ractor::Message for SiteTrainerMsg {}
 
 pub struct SiteTrainer;
