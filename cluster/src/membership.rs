@@ -41,6 +41,9 @@ pub const SERVING_KEY: &str = "serving";
 /// Which model version each expert this node serves runs, so a rollout's progress can
 /// be read from any node.
 pub const VERSIONS_KEY: &str = "versions";
+/// The drifts each continual learner on this node has detected, by expert: a
+/// federation that runs on drift hears of them wherever its coordinator is.
+pub const DRIFTS_KEY: &str = "drifts";
 
 /// How often a node gossips with a few others.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
@@ -114,6 +117,8 @@ pub struct Member {
     pub serving: Vec<String>,
     /// Expert → the model version its replica here serves.
     pub versions: BTreeMap<String, String>,
+    /// Expert → drifts its learner here has detected since the learner started.
+    pub drifts: BTreeMap<String, u64>,
 }
 
 /// Why gossip did not start.
@@ -224,6 +229,10 @@ pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Me
                 .unwrap_or_default(),
             versions: state
                 .get(VERSIONS_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            drifts: state
+                .get(DRIFTS_KEY)
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
         };

@@ -194,6 +194,13 @@ impl MeshSpec {
                         format!("expert `{}` does not serve a stored model: only experts with `model = \"name@version\"` federate", config.name),
                     ));
                 }
+                if federation.on_drift && config.learning.is_none() {
+                    return Err(invalid(
+                        format!("experts[{i}].federation.on_drift"),
+                        "true".into(),
+                        format!("expert `{}` has no [experts.learning] whose learner would report a drift", config.name),
+                    ));
+                }
                 federation.validate().map_err(|e| {
                     invalid(
                         format!("experts[{i}].federation.{}", e.field),
@@ -631,6 +638,14 @@ router = "r1"
             defaults
         );
         assert_eq!(spec.groups[0].aggregator, "fog-a");
+    }
+
+    #[test]
+    fn rounds_on_drift_need_a_learner_to_report_it() {
+        let text = "[[experts]]\nname = \"ae\"\nmodel = \"ae@1\"\n\n[experts.federation]\non_drift = true\n";
+        let error = parse(text).unwrap_err();
+        assert!(error.contains("experts[0].federation.on_drift"), "{error}");
+        assert!(error.contains("[experts.learning]"), "{error}");
     }
 
     #[test]

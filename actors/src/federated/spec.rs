@@ -25,6 +25,9 @@ pub struct FederationSpec {
     pub coordinator_role: String,
     /// Seconds between rounds; none: rounds run on `fogmesh federate EXPERT` only.
     pub every_s: Option<f64>,
+    /// Also a round whenever the expert's continual learner (`[experts.learning]`, on
+    /// whichever node) detects a drift.
+    pub on_drift: bool,
     /// The fewest site answers a round applies.
     pub min_sites: usize,
     /// Seconds a round waits for its sites; later answers are dropped (stragglers).
@@ -66,6 +69,7 @@ impl Default for FederationSpec {
             nodes: Vec::new(),
             coordinator_role: "cloud".into(),
             every_s: None,
+            on_drift: false,
             min_sites: 1,
             deadline_s: 60.0,
             aggregation: Aggregation::FedAvg,

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use super::view::lock;
 use super::Deployment;
 use crate::federation::{RemoteSite, RemoteSiteArgs};
-use crate::membership::Member;
+use crate::membership::{Member, DRIFTS_KEY};
 use crate::mesh_spec::MeshSpec;
 use crate::placement::Candidate;
 use crate::rollout;
@@ -91,6 +91,8 @@ struct RunningCoordinator {
     actor: ActorRef<FederatedCoordinatorMsg>,
     remote: Vec<ActorRef<SiteTrainerMsg>>,
     schedule: Option<JoinHandle<()>>,
+    /// The mesh's drift count of the expert when last looked at (`on_drift`).
+    drifts: u64,
 }
 
 impl RunningCoordinator {
@@ -173,6 +175,19 @@ pub(super) fn coordinator_of(federation: &FederationSpec, nodes: &[Candidate]) -
         .map(|c| c.name.clone())
         .min()
         .or_else(|| nodes.iter().map(|c| c.name.clone()).min())
+}
+
+/// Drifts the learners of `expert` have gossiped, summed over the mesh.
+fn drifts_of(members: &BTreeMap<String, Member>, expert: &str) -> u64 {
+    members.values().filter_map(|m| m.drifts.get(expert)).sum()
+}
+
+/// Whether the mesh's drift count rose since `seen`, which becomes `now` (a learner that
+/// restarted counts from zero again: a fall is no drift).
+fn drifted(seen: &mut u64, now: u64) -> bool {
+    let rose = now > *seen;
+    *seen = now;
+    rose
 }
 
 /// What the top coordinator asks: the sites in no group, and each group's aggregator.
@@ -306,6 +321,37 @@ impl Deployment {
         }
         self.run_level(Level::Group, groups, members, running).await;
         self.run_level(Level::Top, tops, members, running).await;
+        for (expert, federation) in spec.federations() {
+            let Some(coordinator) = running.coordinators.get_mut(&expert.name) else {
+                continue;
+            };
+            if drifted(&mut coordinator.drifts, drifts_of(members, &expert.name))
+                && federation.on_drift
+            {
+                tracing::info!(expert = %expert.name, "a learner reported a drift: federated round");
+                tokio::spawn(one_round(coordinator.actor.clone(), expert.name.clone()));
+            }
+        }
+    }
+
+    /// Gossips the drifts this node's learners detected, when they changed.
+    pub(super) async fn publish_drifts(&self, published: &mut BTreeMap<String, u64>) {
+        let drifts: BTreeMap<String, u64> = self
+            .node
+            .directory
+            .learners
+            .iter()
+            .map(|l| (l.key().clone(), l.value().shared.snapshot().drifts))
+            .collect();
+        if &drifts != published {
+            self.membership
+                .set(
+                    DRIFTS_KEY,
+                    serde_json::to_string(&drifts).unwrap_or_default(),
+                )
+                .await;
+            *published = drifts;
+        }
     }
 
     /// Starts, restarts and stops this node's coordinators of one level.
@@ -536,7 +582,28 @@ impl Deployment {
             actor,
             remote,
             schedule,
+            // Drifts before the coordinator started were answered, or not, by its
+            // predecessor.
+            drifts: drifts_of(members, &expert.name),
         })
+    }
+}
+
+/// One round, logged.
+async fn one_round(actor: ActorRef<FederatedCoordinatorMsg>, expert: String) -> bool {
+    match actor
+        .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
+        .await
+    {
+        Ok(CallResult::Success(Ok(round))) => {
+            tracing::info!(%expert, round = round.round, version = ?round.version, sites = ?round.sites, "federated round");
+            true
+        }
+        Ok(CallResult::Success(Err(e))) => {
+            tracing::warn!(%expert, error = %e, "federated round applied nothing");
+            true
+        }
+        _ => false,
     }
 }
 
@@ -550,17 +617,8 @@ async fn scheduled_rounds(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match actor
-            .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
-            .await
-        {
-            Ok(CallResult::Success(Ok(round))) => {
-                tracing::info!(%expert, round = round.round, version = ?round.version, sites = ?round.sites, "scheduled federated round")
-            }
-            Ok(CallResult::Success(Err(e))) => {
-                tracing::warn!(%expert, error = %e, "scheduled federated round applied nothing")
-            }
-            _ => return,
+        if !one_round(actor.clone(), expert.clone()).await {
+            return;
         }
     }
 }
@@ -593,6 +651,39 @@ mod tests {
             cpu_load: 0.0,
             sensors: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_round_follows_a_rise_in_the_mesh_drift_count_only() {
+        let member = |name: &str, drifts: u64| {
+            let card = crate::membership::MemberCard {
+                role: "edge".into(),
+                grpc: String::new(),
+                cores: 1,
+                memory_bytes: 0,
+                gpus: Vec::new(),
+                up_since_us: 0,
+            };
+            let member = Member {
+                name: name.into(),
+                card,
+                load: Default::default(),
+                spec: None,
+                placement: None,
+                serving: Vec::new(),
+                versions: BTreeMap::new(),
+                drifts: [("ae".to_string(), drifts), ("other".to_string(), 9)].into(),
+            };
+            (name.to_string(), member)
+        };
+        let members: BTreeMap<_, _> = [member("edge-1", 2), member("edge-2", 1)].into();
+        assert_eq!(drifts_of(&members, "ae"), 3);
+        let mut seen = 3;
+        assert!(!drifted(&mut seen, 3), "nothing new");
+        assert!(drifted(&mut seen, 4), "a learner drifted");
+        assert!(!drifted(&mut seen, 1), "a learner restarted: no drift");
+        assert!(drifted(&mut seen, 2));
+        assert_eq!(seen, 2);
     }
 
     #[test]

@@ -201,6 +201,7 @@ placement = { roles = ["fog"] }
                 placement: None,
                 serving: serving.iter().map(|s| s.to_string()).collect(),
                 versions: BTreeMap::new(),
+                drifts: BTreeMap::new(),
             },
         )
     }

@@ -111,6 +111,7 @@ impl Deployment {
         let mut learners: BTreeMap<String, RunningLearner> = BTreeMap::new();
         // Federation sites and coordinators that run here.
         let mut federations = federations::Federations::default();
+        let mut drifts_published = BTreeMap::new();
         if let Some(spec) = &own_spec {
             tracing::info!(
                 version = spec.version,
@@ -289,6 +290,7 @@ impl Deployment {
                 }
             }
             if applied.is_some() {
+                self.publish_drifts(&mut drifts_published).await;
                 self.run_federations(spec, &nodes, &members, &mut federations)
                     .await;
             }

@@ -1,7 +1,7 @@
 //! Federated rounds across the mesh's nodes: the `Federation` gRPC service a site's
 //! node serves (`service`), the [`RemoteSite`] actor through which a coordinator on
 //! another node reaches a site as if it were local (`remote_site`), and the framing
-//! both use (here).
+//! both use (here: the chunk framing, the wire form of a round's work, dialing).
 //!
 //! The contract (`FederationChunk` in the proto): weights and updates cross in chunks
 //! of [`CHUNK_BYTES`], never as one message, like the `ModelStore`'s versions. The
@@ -21,11 +21,17 @@ mod tests;
 
 use std::sync::Arc;
 
+use fogmesh_actors::RoundWork;
+use fogmesh_models::federated::{Compression, LocalWork};
 use fogmesh_models::weights::sha256_hex;
-use fogmesh_proto::{BlobRef, FederationChunk, FederationHeader};
+use fogmesh_proto::federation_client::FederationClient;
+use fogmesh_proto::{BlobRef, FederationChunk, FederationHeader, SiteWork};
 use futures::{Stream, StreamExt};
-use tonic::{Code, Status};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
 
+use crate::cluster_key::KEY_HEADER;
+use crate::dialer::{Dialer, LinkError};
 use crate::model_store::{CHUNK_BYTES, MAX_MODEL_BYTES};
 
 pub use remote_site::{RemoteSite, RemoteSiteArgs};
@@ -103,6 +109,78 @@ impl SiteCallError {
 impl From<SiteCallError> for Status {
     fn from(error: SiteCallError) -> Status {
         Status::new(error.code(), error.to_string())
+    }
+}
+
+/// A `Federation` client for the node at `addr`.
+pub(crate) async fn client(
+    dialer: &Dialer,
+    addr: &str,
+) -> Result<FederationClient<Channel>, SiteCallError> {
+    let channel = dialer
+        .channel(addr)
+        .await
+        .map_err(|e| SiteCallError::Connect {
+            addr: addr.into(),
+            reason: match e {
+                LinkError::Unreachable { reason, .. } => reason,
+                other => other.to_string(),
+            },
+        })?
+        .channel;
+    // tonic's default message limit holds: every chunk is far below it.
+    Ok(FederationClient::new(channel))
+}
+
+/// Adds the mesh key, where the dialer has one, to a call.
+pub(crate) fn with_key<T>(dialer: &Dialer, request: &mut Request<T>) {
+    if let Some(value) = dialer.key().and_then(|k| k.as_str().parse().ok()) {
+        request.metadata_mut().insert(KEY_HEADER, value);
+    }
+}
+
+/// The round's work as the wire says it, checked.
+pub(crate) fn work_from(work: &SiteWork) -> Result<RoundWork, SiteCallError> {
+    let compression: Compression =
+        work.compression
+            .parse()
+            .map_err(
+                |e: fogmesh_models::federated::FederatedError| SiteCallError::Invalid {
+                    field: "work.compression",
+                    value: work.compression.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+    let local = LocalWork {
+        epochs: work.epochs as usize,
+        batch_size: work.batch_size as usize,
+        learning_rate: work.learning_rate,
+        proximal_mu: work.proximal_mu,
+        seed: work.seed,
+        max_seconds: work.max_seconds,
+    };
+    local.validate().map_err(|e| SiteCallError::Invalid {
+        field: "work",
+        value: format!("{local:?}"),
+        reason: e.to_string(),
+    })?;
+    Ok(RoundWork {
+        local,
+        compression,
+        echo: work.echo,
+    })
+}
+
+pub(crate) fn work_to(work: &RoundWork) -> SiteWork {
+    SiteWork {
+        epochs: work.local.epochs as u32,
+        batch_size: work.local.batch_size as u32,
+        learning_rate: work.local.learning_rate,
+        proximal_mu: work.local.proximal_mu,
+        seed: work.local.seed,
+        max_seconds: work.local.max_seconds,
+        compression: work.compression.to_string(),
+        echo: work.echo,
     }
 }
 

@@ -18,16 +18,12 @@ use std::time::Duration;
 
 use fogmesh_actors::{SiteEvaluation, SiteReport, SiteTrainerMsg, TrainingError};
 use fogmesh_models::federated::EncodedUpdate;
-use fogmesh_proto::federation_client::FederationClient;
 use fogmesh_proto::FederationHeader;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tonic::transport::Channel;
 use tonic::Request;
 
-use super::service::work_to;
-use super::{chunks, receive, SiteCallError};
-use crate::cluster_key::KEY_HEADER;
-use crate::dialer::{Dialer, LinkError};
+use super::{chunks, client, receive, with_key, work_to, SiteCallError};
+use crate::dialer::Dialer;
 use crate::membership::Membership;
 
 pub struct RemoteSite;
@@ -53,33 +49,6 @@ pub struct RemoteSiteState {
     federation: Arc<str>,
     aggregate: bool,
     dialer: Dialer,
-}
-
-pub(super) async fn client(
-    dialer: &Dialer,
-    addr: &str,
-) -> Result<FederationClient<Channel>, SiteCallError> {
-    let channel = dialer
-        .channel(addr)
-        .await
-        .map_err(|e| SiteCallError::Connect {
-            addr: addr.into(),
-            reason: match e {
-                LinkError::Unreachable { reason, .. } => reason,
-                other => other.to_string(),
-            },
-        })?
-        .channel;
-    // Weights of a large model take a while; tonic's default message limit is kept
-    // because every chunk is far below it.
-    Ok(FederationClient::new(channel))
-}
-
-/// Adds the mesh key, where the dialer has one, to a call.
-pub(super) fn with_key<T>(dialer: &Dialer, request: &mut Request<T>) {
-    if let Some(value) = dialer.key().and_then(|k| k.as_str().parse().ok()) {
-        request.metadata_mut().insert(KEY_HEADER, value);
-    }
 }
 
 impl RemoteSiteState {

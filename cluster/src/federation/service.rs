@@ -16,19 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_actors::{
-    FederatedCoordinatorMsg, Node, RoundWork, Site, SiteEvaluation, SiteReport, SiteTrainerMsg,
+    FederatedCoordinatorMsg, Node, Site, SiteEvaluation, SiteReport, SiteTrainerMsg,
 };
-use fogmesh_models::federated::{Compression, LocalWork};
 use fogmesh_proto::federation_server::Federation as FederationRpc;
 use fogmesh_proto::{
     FederateReply, FederateRequest, FederationChunk, FederationHeader, SiteEvaluationReply,
-    SiteWork,
 };
 use futures::Stream;
 use ractor::rpc::CallResult;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, receive, SiteCallError};
+use super::{chunks, client, receive, with_key, work_from, SiteCallError};
 use crate::cluster_key::{self, ClusterKey};
 use crate::deployment::view::lock;
 use crate::services::MeshView;
@@ -192,11 +190,11 @@ async fn pass_on(
     addr: &str,
     expert: &str,
 ) -> Result<FederateReply, SiteCallError> {
-    let mut client = super::remote_site::client(dialer, addr).await?;
+    let mut client = client(dialer, addr).await?;
     let mut request = Request::new(FederateRequest {
         expert: expert.into(),
     });
-    super::remote_site::with_key(dialer, &mut request);
+    with_key(dialer, &mut request);
     request.metadata_mut().insert(
         PASSED_ON,
         tonic::metadata::AsciiMetadataValue::from_static("1"),
@@ -212,51 +210,6 @@ async fn pass_on(
             },
             _ => SiteCallError::Status(status),
         })
-}
-
-/// The round's work as the wire says it, checked.
-pub(super) fn work_from(work: &SiteWork) -> Result<RoundWork, SiteCallError> {
-    let compression: Compression =
-        work.compression
-            .parse()
-            .map_err(
-                |e: fogmesh_models::federated::FederatedError| SiteCallError::Invalid {
-                    field: "work.compression",
-                    value: work.compression.clone(),
-                    reason: e.to_string(),
-                },
-            )?;
-    let local = LocalWork {
-        epochs: work.epochs as usize,
-        batch_size: work.batch_size as usize,
-        learning_rate: work.learning_rate,
-        proximal_mu: work.proximal_mu,
-        seed: work.seed,
-        max_seconds: work.max_seconds,
-    };
-    local.validate().map_err(|e| SiteCallError::Invalid {
-        field: "work",
-        value: format!("{local:?}"),
-        reason: e.to_string(),
-    })?;
-    Ok(RoundWork {
-        local,
-        compression,
-        echo: work.echo,
-    })
-}
-
-pub(super) fn work_to(work: &RoundWork) -> SiteWork {
-    SiteWork {
-        epochs: work.local.epochs as u32,
-        batch_size: work.local.batch_size as u32,
-        learning_rate: work.local.learning_rate,
-        proximal_mu: work.local.proximal_mu,
-        seed: work.local.seed,
-        max_seconds: work.local.max_seconds,
-        compression: work.compression.to_string(),
-        echo: work.echo,
-    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<FederationChunk, Status>> + Send>>;
