@@ -184,6 +184,9 @@ pub(crate) fn work_to(work: &RoundWork) -> SiteWork {
     }
 }
 
+/// The most a receiver reserves for a blob before its bytes arrive.
+const PREALLOCATE_BYTES: u64 = 16 << 20;
+
 /// `header` listing `blobs`, then each blob in [`CHUNK_BYTES`] pieces, made as the
 /// stream is read.
 pub(crate) fn chunks(
@@ -239,7 +242,9 @@ where
     let mut blobs: Vec<Vec<u8>> = header
         .blobs
         .iter()
-        .map(|b| Vec::with_capacity(b.bytes as usize))
+        // Room for what arrives, not for what a header claims: a header alone must not
+        // make a node reserve gigabytes.
+        .map(|b| Vec::with_capacity(b.bytes.min(PREALLOCATE_BYTES) as usize))
         .collect();
     let mut current = 0;
     let mut received = 0u64;

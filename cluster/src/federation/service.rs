@@ -90,60 +90,77 @@ impl FederationService {
     }
 
     /// Runs a round on the coordinator here, or passes it to the coordinator's node
-    /// (unless it was passed here).
+    /// (unless it was passed here). A coordinator lost mid-round (its node died, or it
+    /// was restarted) stored nothing: the round is passed again to whichever node is
+    /// placed now, here included, once one answers.
     async fn federate(
         &self,
         expert: &str,
         passed_on: bool,
     ) -> Result<FederateReply, SiteCallError> {
-        if let Some(coordinator) = self
-            .node
-            .directory
-            .coordinators
-            .get(expert)
-            .map(|c| c.clone())
-        {
-            let round = match coordinator
-                .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
-                .await
-            {
-                Ok(CallResult::Success(round)) => {
-                    round.map_err(|e| SiteCallError::Round(Box::new(e)))?
-                }
-                _ => return Err(SiteCallError::Unanswered("the coordinator stopped".into())),
-            };
-            return Ok(FederateReply {
-                round_json: serde_json::to_string(&round).unwrap_or_default(),
-                coordinator: self.node_name.clone(),
-            });
-        }
-        let mesh = self
-            .mesh
-            .as_ref()
-            .ok_or_else(|| SiteCallError::NoCoordinator {
-                expert: expert.into(),
-                reason: format!("node `{}` is in no mesh", self.node_name),
-            })?;
-        if passed_on {
-            return Err(SiteCallError::NoCoordinator {
-                expert: expert.into(),
-                reason: format!("node `{}` does not coordinate it (yet)", self.node_name),
-            });
-        }
-        // A coordinator lost mid-round (its node died, or it was restarted) stored
-        // nothing; the round is passed again to whichever node is placed now, once
-        // one answers.
         let started = Instant::now();
+        let no_coordinator = |reason: String| SiteCallError::NoCoordinator {
+            expert: expert.into(),
+            reason,
+        };
         loop {
+            let waited_enough = started.elapsed() >= REPLACEMENT_WAIT;
+            let local = self
+                .node
+                .directory
+                .coordinators
+                .get(expert)
+                .map(|c| c.clone());
+            if let Some(coordinator) = local {
+                match coordinator
+                    .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
+                    .await
+                {
+                    Ok(CallResult::Success(round)) => {
+                        let round = round.map_err(|e| SiteCallError::Round(Box::new(e)))?;
+                        return Ok(FederateReply {
+                            round_json: serde_json::to_string(&round).unwrap_or_default(),
+                            coordinator: self.node_name.clone(),
+                        });
+                    }
+                    _ if !passed_on && !waited_enough => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
+                    }
+                    _ => return Err(SiteCallError::Unanswered("the coordinator stopped".into())),
+                }
+            }
+            let Some(mesh) = self.mesh.as_ref() else {
+                return Err(no_coordinator(format!(
+                    "node `{}` is in no mesh",
+                    self.node_name
+                )));
+            };
+            if passed_on {
+                return Err(no_coordinator(format!(
+                    "node `{}` does not coordinate it (yet)",
+                    self.node_name
+                )));
+            }
             let placed = lock(&mesh.deployment).federations.get(expert).cloned();
             let target = match placed {
-                Some(target) if target != self.node_name => target,
-                _ => {
-                    return Err(SiteCallError::NoCoordinator {
-                        expert: expert.into(),
-                        reason: "the mesh spec has no [experts.federation] for it, or no node coordinates it yet".into(),
-                    })
+                None => {
+                    return Err(no_coordinator(
+                        "the mesh spec has no [experts.federation] for it, or no node coordinates it yet".into(),
+                    ))
                 }
+                // Placed here, and starting.
+                Some(target) if target == self.node_name => {
+                    if waited_enough {
+                        return Err(no_coordinator(format!(
+                            "node `{}` was placed to coordinate it but did not start within {REPLACEMENT_WAIT:?}",
+                            self.node_name
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Some(target) => target,
             };
             let addr = mesh
                 .membership
@@ -158,7 +175,7 @@ impl FederationService {
                 }),
             };
             match outcome {
-                Err(e) if retried(&e) && started.elapsed() < REPLACEMENT_WAIT => {
+                Err(e) if retried(&e) && !waited_enough => {
                     tracing::warn!(%expert, coordinator = %target, error = %e, "federated round not run; passing it again");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
