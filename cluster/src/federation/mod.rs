@@ -78,8 +78,8 @@ pub enum SiteCallError {
     Site(#[source] Box<fogmesh_actors::TrainingError>),
     #[error("{0}")]
     Round(#[source] Box<fogmesh_actors::FederationError>),
-    #[error("the actor did not answer: {0}")]
-    Unanswered(String),
+    #[error("the {callee} stopped before it answered")]
+    Unanswered { callee: &'static str },
     #[error("cannot reach {addr}: {reason}")]
     Connect { addr: String, reason: String },
     #[error("{}: {}", .0.code(), .0.message())]
@@ -100,7 +100,7 @@ impl SiteCallError {
             SiteCallError::Round(_) => Code::FailedPrecondition,
             SiteCallError::WrongKey => Code::PermissionDenied,
             SiteCallError::Site(_) => Code::Aborted,
-            SiteCallError::Unanswered(_) | SiteCallError::Connect { .. } => Code::Unavailable,
+            SiteCallError::Unanswered { .. } | SiteCallError::Connect { .. } => Code::Unavailable,
             SiteCallError::Status(status) => status.code(),
         }
     }

@@ -127,7 +127,11 @@ impl FederationService {
                         tokio::time::sleep(Duration::from_millis(250)).await;
                         continue;
                     }
-                    _ => return Err(SiteCallError::Unanswered("the coordinator stopped".into())),
+                    _ => {
+                        return Err(SiteCallError::Unanswered {
+                            callee: "coordinator",
+                        })
+                    }
                 }
             }
             let Some(mesh) = self.mesh.as_ref() else {
@@ -279,7 +283,7 @@ impl FederationRpc for FederationService {
                 .map_or(None, answered),
         };
         let report: SiteReport = answered
-            .ok_or_else(|| SiteCallError::Unanswered("the site stopped".into()))?
+            .ok_or_else(|| SiteCallError::Unanswered { callee: "site" })?
             .map_err(|e| SiteCallError::Site(Box::new(e)))?;
         let answer = FederationHeader {
             federation: header.federation,
@@ -320,7 +324,7 @@ impl FederationRpc for FederationService {
                 .map_or(None, answered),
         };
         let evaluation: SiteEvaluation = answered
-            .ok_or_else(|| SiteCallError::Unanswered("the site stopped".into()))?
+            .ok_or_else(|| SiteCallError::Unanswered { callee: "site" })?
             .map_err(|e| SiteCallError::Site(Box::new(e)))?;
         Ok(Response::new(SiteEvaluationReply {
             site: self.node_name.clone(),
