@@ -5,6 +5,7 @@
 //! Every outbound gRPC connection of fogmesh goes through [`Dialer::channel`], so
 //! there is one place that decides how the mesh's traffic is protected.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use fogmesh_trust::{MeshTls, PeerIdentity};
@@ -42,6 +43,9 @@ pub struct Dialer {
     /// Sent as `fogmesh-cluster-key` metadata on model-store calls, for nodes that
     /// still check it (plaintext meshes); TLS nodes go by the certificate's role.
     key: Option<ClusterKey>,
+    /// The local address outgoing connections leave from (`[cluster] dial_from`);
+    /// the operating system's choice when `None`.
+    source: Option<IpAddr>,
 }
 
 /// A connected channel and, over TLS, the node that answered.
@@ -55,7 +59,17 @@ impl Dialer {
     /// Mutual TLS when `tls` is given, plaintext otherwise; `key` is the mesh's
     /// key where the caller knows it.
     pub fn new(tls: Option<MeshTls>, key: Option<ClusterKey>) -> Dialer {
-        Dialer { tls, key }
+        Dialer {
+            tls,
+            key,
+            source: None,
+        }
+    }
+
+    /// The same dialer, its connections leaving from `source` (or from the address
+    /// the operating system picks, with `None`).
+    pub fn dialing_from(self, source: Option<IpAddr>) -> Dialer {
+        Dialer { source, ..self }
     }
 
     /// The mesh key this dialer presents, if any.
@@ -81,10 +95,11 @@ impl Dialer {
             .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .local_address(self.source);
         let connected = match &self.tls {
             Some(tls) => tls
-                .connect(&endpoint)
+                .connect(&endpoint, self.source)
                 .await
                 .map(|(channel, peer)| Connected {
                     channel,

@@ -128,6 +128,24 @@ pub enum MembershipError {
     Bind { addr: SocketAddr, reason: String },
 }
 
+/// Where a node gossips: the UDP address it binds, and the one peers send to (the
+/// same unless a relay or a NAT stands in between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipAddress {
+    pub bind: SocketAddr,
+    pub advertised: SocketAddr,
+}
+
+impl GossipAddress {
+    /// Bound and advertised alike.
+    pub fn direct(addr: SocketAddr) -> GossipAddress {
+        GossipAddress {
+            bind: addr,
+            advertised: addr,
+        }
+    }
+}
+
 /// This node's membership: its gossip task and what it knows of the others.
 pub struct Membership {
     handle: ChitchatHandle,
@@ -135,22 +153,22 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts gossiping on `gossip_addr`, introducing this node with `card`.
+    /// Starts gossiping on `gossip.bind`, introducing this node with `card`.
     /// `generation` tells a restarted node from its former self (the start time).
     pub async fn start(
         name: &str,
         generation: u64,
-        gossip_addr: SocketAddr,
+        gossip: GossipAddress,
         seeds: &[String],
         key: &ClusterKey,
         secret: &Secret,
         card: &MemberCard,
     ) -> Result<Membership, MembershipError> {
         let config = ChitchatConfig {
-            chitchat_id: ChitchatId::new(name.to_string(), generation, gossip_addr),
+            chitchat_id: ChitchatId::new(name.to_string(), generation, gossip.advertised),
             cluster_id: key.as_str().to_string(),
             gossip_interval: GOSSIP_INTERVAL,
-            listen_addr: gossip_addr,
+            listen_addr: gossip.bind,
             seed_nodes: seeds.to_vec(),
             failure_detector_config: FailureDetectorConfig {
                 initial_interval: GOSSIP_INTERVAL,
@@ -171,7 +189,7 @@ impl Membership {
             chitchat::spawn_chitchat(config, vec![(CARD_KEY.to_string(), card)], &transport)
                 .await
                 .map_err(|e| MembershipError::Bind {
-                    addr: gossip_addr,
+                    addr: gossip.bind,
                     reason: format!("{e:#}"),
                 })?;
         let live = handle.chitchat().lock().await.live_nodes_watcher();

@@ -27,7 +27,7 @@ use crate::dialer::{Dialer, LinkError};
 use crate::link;
 use crate::link_service::ClusterLinkService;
 use crate::membership::{
-    LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
+    GossipAddress, LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
 };
 use crate::peer_links::{
     LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
@@ -132,7 +132,13 @@ impl Mesh {
             Membership::start(
                 &settings.name,
                 generation,
-                settings.grpc_addr,
+                GossipAddress {
+                    bind: settings.grpc_addr,
+                    advertised: settings
+                        .cluster
+                        .advertise_gossip
+                        .unwrap_or(settings.grpc_addr),
+                },
                 &settings.cluster.seeds,
                 &key,
                 &settings.cluster.secret,

@@ -274,7 +274,8 @@ impl NodeServer {
                     dialer: Dialer::new(
                         tls.clone(),
                         Some(ClusterKey::from_secret(cluster.secret.expose())),
-                    ),
+                    )
+                    .dialing_from(cluster.dial_from),
                 };
                 Some(Mesh::start(settings, node.clone(), shutdown.clone()).await?)
             }

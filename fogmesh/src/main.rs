@@ -103,6 +103,11 @@ enum Command {
     },
     /// The embedded default: a local node watching a replayed Tennessee Eastman plant.
     Demo(commands::demo::DemoArgs),
+    /// Run a plant's mesh on this machine from a scenario: zones, nodes (each a real
+    /// `fogmesh node` process), simulated links, a schedule of faults and the
+    /// expectations checked at the end. Prints the report as one JSON object and writes
+    /// it with an HTML page; exits non-zero when an expectation failed.
+    Sim(commands::sim::SimArgs),
     /// The model store: weights addressed by sha256, a manifest per version.
     Models {
         /// The store's folder.
@@ -153,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
-        use commands::{alerts, bench, ca, demo, eval, merge, mesh, models, node, train};
+        use commands::{alerts, bench, ca, demo, eval, merge, mesh, models, node, sim, train};
         match cli.command {
             Command::Node { config } => node::run(&config).await,
             Command::Status { node, identity } => mesh::status(&identity.dialer()?, &node).await,
@@ -186,6 +191,7 @@ fn main() -> anyhow::Result<()> {
                 expert,
             } => mesh::federate(&identity.dialer()?, &node, &expert).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Sim(args) => sim::run(args).await,
             Command::Models { store, action } => models::run(&store, action).await,
             Command::Train(args) => train::run(args).await,
             Command::Merge(flags) => merge::run(flags).await,

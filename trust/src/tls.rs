@@ -11,6 +11,7 @@
 //! compares the identity [`MeshTls::connect`] returns with the name the peer claims.
 
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig, Uri};
 
 use crate::authority::read;
@@ -205,14 +206,17 @@ impl MeshTls {
 
     /// Connects `endpoint` over mutual TLS and returns the channel with the identity
     /// of the node that answered. `endpoint` keeps its own settings (timeouts,
-    /// keepalive, windows); its scheme is ignored.
+    /// keepalive, windows); its scheme is ignored. With `source`, the connection leaves
+    /// from that local address (a node on a multi-homed host, or a simulated node whose
+    /// links the simulator tells apart by source address).
     pub async fn connect(
         &self,
         endpoint: &Endpoint,
+        source: Option<IpAddr>,
     ) -> Result<(Channel, PeerIdentity), tonic::transport::Error> {
         let answered = Arc::new(Mutex::new(None));
         let channel = endpoint
-            .connect_with_connector(self.connector(answered.clone()))
+            .connect_with_connector(self.connector(answered.clone(), source))
             .await?;
         let identity = answered
             .lock()
@@ -225,6 +229,7 @@ impl MeshTls {
     fn connector(
         &self,
         answered: Arc<Mutex<Option<PeerIdentity>>>,
+        source: Option<IpAddr>,
     ) -> impl tower::Service<
         Uri,
         Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
@@ -250,7 +255,10 @@ impl MeshTls {
                     .trim_end_matches(']')
                     .to_string();
                 let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let tcp = match source {
+                    None => TcpStream::connect((host.as_str(), port)).await?,
+                    Some(source) => connect_from(source, &host, port).await?,
+                };
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from(host).map_err(|_| invalid("a bad host"))?;
                 let tls = connector.connect(name, tcp).await?;
@@ -269,6 +277,28 @@ impl MeshTls {
             }
         })
     }
+}
+
+/// A TCP connection to `host:port` leaving from `source` (any free port).
+async fn connect_from(source: IpAddr, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for target in tokio::net::lookup_host((host, port)).await? {
+        let socket = match target {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host}:{port} resolves to no address"),
+        )
+    }))
 }
 
 /// Reads the identity of a connected client from the certificates tonic hands a

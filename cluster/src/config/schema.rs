@@ -6,7 +6,7 @@
 //! an error instead of a silently ignored setting.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use fogmesh_actors::{BatchingSpec, FederationSpec, LearningSpec, SensorStreamSpec, WhenFull};
@@ -156,6 +156,17 @@ pub struct ClusterSection {
     /// The gRPC address other nodes dial; defaults to the bound `node.listen`.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// The UDP address other nodes gossip to (`ip:port`); defaults to the bound
+    /// `node.listen`. Set where gossip reaches the node through a relay or a NAT,
+    /// as `advertise` does for gRPC.
+    #[serde(default)]
+    pub advertise_gossip: Option<SocketAddr>,
+    /// The local IP address this node's outgoing connections leave from; by default
+    /// the operating system picks one. For a host with one address per network
+    /// (a gateway between zones), and for `fogmesh sim`, whose simulated links tell
+    /// nodes apart by the address they connect from.
+    #[serde(default)]
+    pub dial_from: Option<IpAddr>,
     /// Where the node keeps the mesh's deployment spec across restarts.
     pub data: PathBuf,
 }

@@ -23,6 +23,18 @@ pub enum Workload {
         #[arg(long, default_value_t = 1_000)]
         flood_limit: u64,
     },
+    /// `fogmesh sim` at scale: a generated plant of NODES `fogmesh node` processes on
+    /// three levels, run for SECONDS after the mesh forms: nodes, simulated and wall
+    /// seconds, their ratio, and memory per node (resident, and proportional: libtorch's
+    /// pages are shared by all the processes).
+    Sim {
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// W2: federated rounds of CLIENTS site actors training the W1 autoencoder on
     /// their own non-IID windows (or echoing, `--local-work none`), merged by FedAvg:
     /// round time, the slowest site's work, the framework's overhead, bytes per round,
@@ -153,6 +165,39 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
                 .await
                 .context("running the flood benchmark")?;
             print_json(&report)
+        }
+        Workload::Sim {
+            nodes,
+            seconds,
+            seed,
+        } => {
+            use fogmesh_simulations::sim;
+            let text = sim::scenario::generated_plant(nodes, seconds, seed);
+            let scenario = sim::scenario::Scenario::parse(
+                &text,
+                std::path::Path::new("generated-plant.toml"),
+            )?;
+            let out =
+                std::env::temp_dir().join(format!("fogmesh-bench-sim-{}", std::process::id()));
+            let options = sim::SimOptions {
+                binary: std::env::current_exe().context("finding the fogmesh binary")?,
+                out: out.clone(),
+            };
+            let report = sim::run(&scenario, &options).await;
+            let _ = std::fs::remove_dir_all(&out);
+            let report = report.with_context(|| format!("simulating {nodes} nodes"))?;
+            print_json(&serde_json::json!({
+                "nodes": report.nodes,
+                "zones": report.zones,
+                "levels": report.levels,
+                "formed_after_s": report.formed_after_s,
+                "simulated_s": report.simulated_s,
+                "wall_s": report.wall_s,
+                "sim_to_wall": report.sim_to_wall,
+                "rss_mib_per_node": report.rss_mib_per_node,
+                "pss_mib_per_node": report.pss_mib_per_node,
+                "trace_events": report.trace_events,
+            }))
         }
         Workload::Federated {
             clients,

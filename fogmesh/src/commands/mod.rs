@@ -10,4 +10,5 @@ pub mod merge;
 pub mod mesh;
 pub mod models;
 pub mod node;
+pub mod sim;
 pub mod train;

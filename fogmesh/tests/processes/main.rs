@@ -2,7 +2,8 @@
 //! the command line itself (`cli`: no `LD_LIBRARY_PATH`, signals, bad configs), meshes of
 //! `fogmesh node` processes on their own loopback addresses (`mesh`: membership,
 //! `kill -9`, partitions, re-placement), versions rolled across them (`rollout`), federated
-//! rounds across them (`federation`) and a
+//! rounds across them (`federation`), `fogmesh sim` on the bundled scenarios
+//! (`simulation`) and a
 //! node with an edge log killed again and again under load (`durability`).
 //! The binary is the one cargo built for this package (`CARGO_BIN_EXE_fogmesh`).
 
@@ -13,3 +14,4 @@ mod fixtures;
 mod linkage;
 mod mesh;
 mod rollout;
+mod simulation;

@@ -1,0 +1,523 @@
+//! `fogmesh sim scenario.toml`: a plant's fog mesh run on one machine, every node a
+//! real `fogmesh node` process, every byte between nodes carried by a simulated
+//! network with the scenario's latency, jitter, bandwidth and loss, and a seeded
+//! schedule of faults; a report (JSON and a self-contained HTML page) at the end.
+//!
+//! A run:
+//! 1. [`SimulatedNetwork::start`] binds a front address per node on a free
+//!    `127.<net>/16`; [`Fleet::prepare`] writes each node's `node.toml` (home address,
+//!    fronts advertised, `dial_from`, plaintext) and starts the nodes that form the mesh.
+//! 2. The mesh forms: the simulator waits until every node sees every other over a
+//!    ready link (at most `formation_s`), then starts the clock (t = 0) and applies the
+//!    scenario's `mesh.toml`, if any.
+//! 3. Every `observe_ms` the [`Observer`] reads each node's view; faults and joins are
+//!    carried out at their times, as close as the simulator's own work allows (each
+//!    fault records when it was done).
+//! 4. At `duration_s` the expectations are checked on the trace ([`expect`]) and the
+//!    report written ([`report`]).
+//!
+//! Why processes, and what that costs, is in ARCHITECTURE.md ("The simulator"): the
+//! simulated clock is the wall clock, so a run takes as long as it simulates, and the
+//! trace's timings vary from run to run with the machine's scheduling.
+
+pub mod expect;
+pub mod fleet;
+pub mod network;
+pub mod observer;
+pub mod report;
+pub mod scenario;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fogmesh_cluster::cluster_key::ClusterKey;
+use fogmesh_cluster::dialer::Dialer;
+use fogmesh_cluster::mesh_spec::MeshSpec;
+use fogmesh_proto::control_client::ControlClient;
+use fogmesh_proto::ApplyRequest;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use self::expect::{Evidence, FaultRecord, RoundRecord};
+use self::fleet::{Fleet, FleetError, NodeLife};
+use self::network::SimulatedNetwork;
+use self::observer::{EventKind, Observer, TraceEvent};
+use self::report::SimReport;
+use self::scenario::{FaultAction, Scenario};
+
+/// How long an apply may take before it counts as unanswered.
+const APPLY_WITHIN: Duration = Duration::from_secs(20);
+/// How often the memory of the node processes is read.
+const MEMORY_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("cannot bind the simulated network on loopback: {0}")]
+    Network(std::io::Error),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error("the mesh did not form within {formation_s} s: {detail} (node logs under {folder})")]
+    Formation {
+        formation_s: f64,
+        detail: String,
+        folder: PathBuf,
+    },
+    #[error("cannot write the report to {path}: {source}")]
+    Report {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where a run keeps its nodes' folders and report, and which binary runs a node.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// The `fogmesh` binary (`fogmesh sim` passes its own).
+    pub binary: PathBuf,
+    /// Nodes' folders (`nodes/<name>`), `report.json` and `report.html`.
+    pub out: PathBuf,
+}
+
+/// Runs `scenario` to its end and writes its report under `options.out`.
+pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport, SimError> {
+    let wall = Instant::now();
+    std::fs::create_dir_all(&options.out).map_err(|source| SimError::Report {
+        path: options.out.clone(),
+        source,
+    })?;
+    let network = SimulatedNetwork::start(scenario)
+        .await
+        .map_err(SimError::Network)?;
+    let addresses = network.addresses();
+    let secret = format!("fogmesh-sim-{}-{}", scenario.name, scenario.seed);
+    let initial: Vec<usize> = (0..scenario.nodes.len())
+        .filter(|&i| scenario.nodes[i].join_at_s.is_none())
+        .collect();
+    let seeds = &initial[..1];
+    let mut fleet = Fleet::prepare(
+        &options.binary,
+        &options.out,
+        &scenario.nodes,
+        addresses,
+        &secret,
+        seeds,
+    )?;
+    let dialer = Dialer::new(None, Some(ClusterKey::from_secret(&secret)));
+    let names: Vec<String> = scenario.nodes.iter().map(|n| n.name.clone()).collect();
+    let mut observer = Observer::new(addresses, names.clone(), dialer.clone());
+    let mut trace = Vec::new();
+
+    for &i in &initial {
+        fleet.start(i)?;
+        trace.push(event(0.0, EventKind::Started, &names[i], None));
+    }
+    let formation_started = Instant::now();
+    let observe = Duration::from_millis(scenario.observe_ms);
+    let mut memory = MemoryRecord::default();
+    loop {
+        let views = observer
+            .round(&initial, formation_started, &mut trace)
+            .await;
+        if observer::converged(&views, &initial) {
+            break;
+        }
+        if formation_started.elapsed().as_secs_f64() > scenario.formation_s {
+            let detail = initial
+                .iter()
+                .map(|&i| match views.get(&i) {
+                    Some(Some(v)) => {
+                        format!("{} sees {} of {}", names[i], v.up.len(), initial.len() - 1)
+                    }
+                    _ => format!("{} does not answer ({})", names[i], last_line(&fleet, i)),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(SimError::Formation {
+                formation_s: scenario.formation_s,
+                detail,
+                folder: options.out.join("nodes"),
+            });
+        }
+        tokio::time::sleep(observe).await;
+    }
+    let formed_after_s = formation_started.elapsed().as_secs_f64();
+    // Events while the mesh formed were timed from its start: they come before t = 0.
+    for e in &mut trace {
+        e.t_s -= formed_after_s;
+    }
+
+    let clock = Instant::now();
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<(usize, f64, String)>();
+    if let Some(mesh) = &scenario.mesh {
+        spawn_apply(
+            &dialer,
+            addresses.home(initial[0]).to_string(),
+            mesh_text(mesh, &scenario.folder),
+            usize::MAX,
+            clock,
+            applied_tx.clone(),
+        );
+    }
+    let mut schedule: Vec<Step> = scenario
+        .faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Step {
+            at_s: f.at_s,
+            what: StepKind::Fault(i),
+        })
+        .chain(scenario.nodes.iter().enumerate().filter_map(|(i, n)| {
+            n.join_at_s.map(|at_s| Step {
+                at_s,
+                what: StepKind::Join(i),
+            })
+        }))
+        .collect();
+    schedule.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    let mut next_step = 0;
+    let mut rounds = Vec::new();
+    let mut ran = vec![false; names.len()];
+    let mut last_memory = Instant::now();
+    memory.read(&fleet);
+    loop {
+        let t = clock.elapsed().as_secs_f64();
+        while next_step < schedule.len() && schedule[next_step].at_s <= t {
+            let step = &schedule[next_step];
+            next_step += 1;
+            match step.what {
+                StepKind::Join(i) => {
+                    fleet.start(i)?;
+                    trace.push(event(
+                        t,
+                        EventKind::Started,
+                        &names[i],
+                        Some("joins".into()),
+                    ));
+                }
+                StepKind::Fault(index) => {
+                    let record = carry_out(
+                        scenario,
+                        index,
+                        &mut fleet,
+                        &network,
+                        &dialer,
+                        clock,
+                        &applied_tx,
+                    )?;
+                    let detail = describe(&record);
+                    for node in record.nodes.iter().chain(record.from.iter()).take(1) {
+                        trace.push(event(
+                            record.done_at_s,
+                            EventKind::Fault,
+                            node,
+                            Some(detail.clone()),
+                        ));
+                    }
+                    faults.push(record);
+                }
+            }
+        }
+        while let Ok((index, at, outcome)) = applied_rx.try_recv() {
+            settle_apply(
+                &names,
+                initial[0],
+                &mut faults,
+                &mut trace,
+                index,
+                at,
+                outcome,
+            );
+        }
+        if t >= scenario.duration_s {
+            break;
+        }
+        let running: Vec<usize> = (0..names.len()).filter(|&i| fleet.answering(i)).collect();
+        let views = observer.round(&running, clock, &mut trace).await;
+        for (&i, view) in &views {
+            ran[i] |= view.is_some();
+        }
+        rounds.push(RoundRecord {
+            t_s: clock.elapsed().as_secs_f64(),
+            converged: observer::converged(&views, &running),
+        });
+        if last_memory.elapsed() >= MEMORY_EVERY {
+            memory.read(&fleet);
+            last_memory = Instant::now();
+        }
+        let next = clock + Duration::from_secs_f64(t) + observe;
+        tokio::time::sleep_until(next.max(Instant::now())).await;
+    }
+    // An apply still in flight gets its answer (or its time-out) into the report.
+    let waiting = faults
+        .iter()
+        .filter(|f| f.action == FaultAction::Apply && f.outcome.is_none())
+        .count()
+        + usize::from(
+            scenario.mesh.is_some() && !trace.iter().any(|e| e.kind == EventKind::Applied),
+        );
+    for _ in 0..waiting {
+        match tokio::time::timeout(APPLY_WITHIN, applied_rx.recv()).await {
+            Ok(Some((index, at, outcome))) => settle_apply(
+                &names,
+                initial[0],
+                &mut faults,
+                &mut trace,
+                index,
+                at,
+                outcome,
+            ),
+            _ => break,
+        }
+    }
+    memory.read(&fleet);
+    let simulated_s = clock.elapsed().as_secs_f64();
+    trace.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
+    let evidence = Evidence {
+        scenario,
+        trace: &trace,
+        faults: &faults,
+        rounds: &rounds,
+        ran: &ran,
+    };
+    let checks = expect::check(&evidence);
+    let lives: Vec<NodeLife> = (0..names.len()).map(|i| fleet.life(i)).collect();
+    drop(fleet);
+    let report = SimReport::new(report::Run {
+        scenario,
+        formed_after_s,
+        simulated_s,
+        wall_s: wall.elapsed().as_secs_f64(),
+        memory_mib: memory.per_node(),
+        trace,
+        faults,
+        checks,
+        traffic: network.traffic(),
+        lives,
+    });
+    report.write(&options.out)?;
+    Ok(report)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    at_s: f64,
+    what: StepKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StepKind {
+    Fault(usize),
+    Join(usize),
+}
+
+/// The most memory the node processes held at once, per node.
+#[derive(Debug, Default)]
+struct MemoryRecord {
+    rss_per_node: f64,
+    pss_per_node: f64,
+}
+
+impl MemoryRecord {
+    fn read(&mut self, fleet: &Fleet) {
+        let (rss, pss, nodes) = fleet.memory_mib();
+        if nodes > 0 {
+            self.rss_per_node = self.rss_per_node.max(rss / nodes as f64);
+            self.pss_per_node = self.pss_per_node.max(pss / nodes as f64);
+        }
+    }
+
+    fn per_node(&self) -> (f64, f64) {
+        (self.rss_per_node, self.pss_per_node)
+    }
+}
+
+fn event(t_s: f64, kind: EventKind, node: &str, detail: Option<String>) -> TraceEvent {
+    TraceEvent {
+        t_s,
+        kind,
+        node: node.to_string(),
+        peer: None,
+        detail,
+    }
+}
+
+fn last_line(fleet: &Fleet, i: usize) -> String {
+    let tail = fleet.log_tail(i, 1);
+    if tail.is_empty() {
+        "its log is empty".into()
+    } else {
+        format!("its log ends: {tail}")
+    }
+}
+
+fn mesh_text(text: &str, folder: &Path) -> String {
+    let folder = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
+    MeshSpec::absolute_text(text, &folder).unwrap_or_else(|_| text.to_string())
+}
+
+fn carry_out(
+    scenario: &Scenario,
+    index: usize,
+    fleet: &mut Fleet,
+    network: &SimulatedNetwork,
+    dialer: &Dialer,
+    clock: Instant,
+    applied: &mpsc::UnboundedSender<(usize, f64, String)>,
+) -> Result<FaultRecord, SimError> {
+    let fault = &scenario.faults[index];
+    // The moment it takes effect: a signal lands when sent, a link changes when set.
+    let done_at_s = clock.elapsed().as_secs_f64();
+    let nodes: Vec<usize> = fault
+        .nodes
+        .iter()
+        .filter_map(|n| scenario.index_of(n))
+        .collect();
+    let from = scenario.resolve(&fault.from);
+    // A zone on the `to` side may contain the `from` side (a cell cut off from the
+    // plant above it): links inside the `from` side stay as they are.
+    let to: Vec<usize> = scenario
+        .resolve(&fault.to)
+        .difference(&from)
+        .copied()
+        .collect();
+    let from: Vec<usize> = from.into_iter().collect();
+    match fault.action {
+        FaultAction::Kill => nodes.iter().for_each(|&i| fleet.kill(i)),
+        FaultAction::Freeze => {
+            for &i in &nodes {
+                fleet.freeze(i)?;
+            }
+        }
+        FaultAction::Thaw => {
+            for &i in &nodes {
+                fleet.thaw(i)?;
+            }
+        }
+        FaultAction::Restart => {
+            for &i in &nodes {
+                fleet.start(i)?;
+            }
+        }
+        FaultAction::Cut | FaultAction::Heal => {
+            let open = fault.action == FaultAction::Heal;
+            network.set_open(&from, &to, open);
+            if !fault.one_way {
+                network.set_open(&to, &from, open);
+            }
+        }
+        FaultAction::Degrade => {
+            let link = fault.link.unwrap_or_default();
+            network.degrade(&from, &to, link);
+            if !fault.one_way {
+                network.degrade(&to, &from, link);
+            }
+        }
+        FaultAction::Apply => {
+            let text = fault
+                .mesh
+                .as_ref()
+                .and_then(|m| std::fs::read_to_string(scenario.folder.join(m)).ok())
+                .or_else(|| scenario.mesh.clone())
+                .unwrap_or_default();
+            if let Some(&node) = nodes.first() {
+                spawn_apply(
+                    dialer,
+                    network.addresses().home(node).to_string(),
+                    mesh_text(&text, &scenario.folder),
+                    index,
+                    clock,
+                    applied.clone(),
+                );
+            }
+        }
+    }
+    let name = |set: &[usize]| -> Vec<String> {
+        set.iter()
+            .map(|&i| scenario.nodes[i].name.clone())
+            .collect()
+    };
+    Ok(FaultRecord {
+        index,
+        action: fault.action,
+        at_s: fault.at_s,
+        done_at_s,
+        nodes: name(&nodes),
+        from: name(&from),
+        to: name(&to),
+        outcome: None,
+    })
+}
+
+fn describe(record: &FaultRecord) -> String {
+    let action = format!("{:?}", record.action).to_lowercase();
+    if record.from.is_empty() {
+        format!("{action} {}", record.nodes.join(", "))
+    } else {
+        format!(
+            "{action} {} → {}",
+            summarise(&record.from),
+            summarise(&record.to)
+        )
+    }
+}
+
+fn summarise(names: &[String]) -> String {
+    match names.len() {
+        0..=3 => names.join(", "),
+        n => format!("{}, … ({n} nodes)", names[..2].join(", ")),
+    }
+}
+
+fn spawn_apply(
+    dialer: &Dialer,
+    addr: String,
+    text: String,
+    index: usize,
+    clock: Instant,
+    done: mpsc::UnboundedSender<(usize, f64, String)>,
+) {
+    let dialer = dialer.clone();
+    tokio::spawn(async move {
+        let asked = async {
+            let channel = dialer
+                .channel(&addr)
+                .await
+                .map_err(|e| e.to_string())?
+                .channel;
+            ControlClient::new(channel)
+                .apply(ApplyRequest {
+                    spec_toml: text,
+                    dry_run: false,
+                })
+                .await
+                .map(|_| "accepted".to_string())
+                .map_err(|status| format!("refused: {}", status.message()))
+        };
+        let outcome = match tokio::time::timeout(APPLY_WITHIN, asked).await {
+            Ok(Ok(accepted)) => accepted,
+            Ok(Err(refused)) => refused,
+            Err(_) => format!("no answer within {} s", APPLY_WITHIN.as_secs()),
+        };
+        let _ = done.send((index, clock.elapsed().as_secs_f64(), outcome));
+    });
+}
+
+fn settle_apply(
+    names: &[String],
+    first: usize,
+    faults: &mut [FaultRecord],
+    trace: &mut Vec<TraceEvent>,
+    index: usize,
+    at: f64,
+    outcome: String,
+) {
+    let node = match faults.iter_mut().find(|f| f.index == index) {
+        Some(record) => {
+            record.outcome = Some(outcome.clone());
+            record.nodes.first().cloned().unwrap_or_default()
+        }
+        None => names[first].clone(),
+    };
+    trace.push(event(at, EventKind::Applied, &node, Some(outcome)));
+}

@@ -1,0 +1,213 @@
+//! Reads every simulated node's view of the mesh (`Control.GetMesh`, at its home
+//! address: the simulator's own control plane, outside the simulated links) and turns
+//! changes into trace events: node A starts or stops seeing peer B up (a member over a
+//! ready link), a node stops or starts answering, a node's spec version or the leader
+//! it knows changes.
+//!
+//! A node that does not answer within [`ANSWER_WITHIN`] (frozen, killed, overloaded)
+//! gives no view that round; its last view is kept, so no event is made up for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use fogmesh_cluster::dialer::Dialer;
+use fogmesh_proto::control_client::ControlClient;
+use fogmesh_proto::{MeshRequest, MeshStatus};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::sim::network::Addresses;
+
+/// How long a node may take to give its view before it counts as not answering.
+pub const ANSWER_WITHIN: Duration = Duration::from_millis(400);
+
+/// What the trace records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The simulator started the node's process (`detail`: first or again).
+    Started,
+    /// A scheduled fault was carried out (`detail`: what).
+    Fault,
+    /// `node` stopped seeing `peer` as a member over a ready link.
+    SeesDown,
+    /// `node` sees `peer` as a member over a ready link again (or for the first time
+    /// after the mesh formed).
+    SeesUp,
+    /// `node` stopped answering the simulator.
+    Silent,
+    /// `node` answers again.
+    Answering,
+    /// `node` holds a new spec version (`detail`).
+    Spec,
+    /// A `mesh.toml` was applied through `node` (`detail`: accepted or the refusal).
+    Applied,
+}
+
+/// One thing that happened, `t_s` seconds after the clock started (negative while
+/// the mesh formed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TraceEvent {
+    pub t_s: f64,
+    pub kind: EventKind,
+    pub node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One node's view in one round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// Peers seen as members over a ready link.
+    pub up: BTreeSet<usize>,
+    pub spec_version: u64,
+}
+
+pub struct Observer {
+    addresses: Addresses,
+    names: Vec<String>,
+    index: BTreeMap<String, usize>,
+    dialer: Dialer,
+    channels: Vec<Option<Channel>>,
+    last: Vec<Option<View>>,
+    answering: Vec<bool>,
+}
+
+impl Observer {
+    pub fn new(addresses: Addresses, names: Vec<String>, dialer: Dialer) -> Observer {
+        let n = names.len();
+        Observer {
+            addresses,
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i))
+                .collect(),
+            names,
+            dialer,
+            channels: vec![None; n],
+            last: vec![None; n],
+            answering: vec![false; n],
+        }
+    }
+
+    /// Reads the views of `nodes` at once; appends what changed to `trace`, each event
+    /// timed from `clock` by when its node answered (or was given up on), and returns
+    /// this round's views (`None`: did not answer).
+    pub async fn round(
+        &mut self,
+        nodes: &[usize],
+        clock: Instant,
+        trace: &mut Vec<TraceEvent>,
+    ) -> BTreeMap<usize, Option<View>> {
+        let reads = nodes.iter().map(|&i| {
+            let channel = self.channels[i].clone();
+            let dialer = self.dialer.clone();
+            let addr = self.addresses.home(i).to_string();
+            async move {
+                let read = async {
+                    let channel = match channel {
+                        Some(c) => c,
+                        None => dialer.channel(&addr).await.ok()?.channel,
+                    };
+                    let status = ControlClient::new(channel.clone())
+                        .get_mesh(MeshRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    Some((channel, status))
+                };
+                let answer = tokio::time::timeout(ANSWER_WITHIN, read)
+                    .await
+                    .ok()
+                    .flatten();
+                (i, clock.elapsed().as_secs_f64(), answer)
+            }
+        });
+        let answers = futures::future::join_all(reads).await;
+        let mut views = BTreeMap::new();
+        for (i, t_s, answer) in answers {
+            let node = self.names[i].clone();
+            let event = |kind, peer: Option<&str>, detail: Option<String>| TraceEvent {
+                t_s,
+                kind,
+                node: node.clone(),
+                peer: peer.map(str::to_string),
+                detail,
+            };
+            let Some((channel, status)) = answer else {
+                self.channels[i] = None;
+                if self.answering[i] {
+                    self.answering[i] = false;
+                    trace.push(event(EventKind::Silent, None, None));
+                }
+                views.insert(i, None);
+                continue;
+            };
+            self.channels[i] = Some(channel);
+            if !self.answering[i] {
+                self.answering[i] = true;
+                if self.last[i].is_some() {
+                    trace.push(event(EventKind::Answering, None, None));
+                }
+            }
+            let view = self.view_of(i, &status);
+            let before = self.last[i].take();
+            if let Some(before) = &before {
+                for gone in before.up.difference(&view.up) {
+                    trace.push(event(EventKind::SeesDown, Some(&self.names[*gone]), None));
+                }
+                for back in view.up.difference(&before.up) {
+                    trace.push(event(EventKind::SeesUp, Some(&self.names[*back]), None));
+                }
+            }
+            if before
+                .as_ref()
+                .is_none_or(|b| b.spec_version != view.spec_version)
+                && view.spec_version > 0
+            {
+                trace.push(event(
+                    EventKind::Spec,
+                    None,
+                    Some(format!("v{}", view.spec_version)),
+                ));
+            }
+            self.last[i] = Some(view.clone());
+            views.insert(i, Some(view));
+        }
+        views
+    }
+
+    fn view_of(&self, i: usize, status: &MeshStatus) -> View {
+        View {
+            up: status
+                .members
+                .iter()
+                .filter(|m| m.link == "ready")
+                .filter_map(|m| self.index.get(&m.node).copied())
+                .filter(|&peer| peer != i)
+                .collect(),
+            spec_version: status.spec_version,
+        }
+    }
+}
+
+/// Whether every node of `expected` answered and sees every other one up, all on
+/// the same spec version.
+pub fn converged(views: &BTreeMap<usize, Option<View>>, expected: &[usize]) -> bool {
+    let mut versions = BTreeSet::new();
+    for &i in expected {
+        let Some(Some(view)) = views.get(&i) else {
+            return false;
+        };
+        if expected.iter().any(|&p| p != i && !view.up.contains(&p)) {
+            return false;
+        }
+        versions.insert(view.spec_version);
+    }
+    versions.len() <= 1
+}
