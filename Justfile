@@ -60,6 +60,34 @@ setup-broker:
     $sudo apt-get update
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto
 
+# Installs Debian's chromium with apt-get (through sudo when not root): the simulation
+# test opens a `fogmesh sim` report in it, headless and offline, and checks a screenshot.
+# Make sure the headless browser chromium (Debian package) is installed.
+setup-browser:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if command -v chromium >/dev/null 2>&1; then
+        echo "setup-browser: chromium present ($(command -v chromium))"
+        exit 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: chromium is not installed and apt-get is not available;" >&2
+        echo "       install the chromium browser with your package manager" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -eq 0 ]; then
+        sudo=""
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo="sudo"
+    else
+        echo "error: chromium is not installed, and installing it needs root (no sudo here);" >&2
+        echo "       install it as root: apt-get update && apt-get install -y chromium" >&2
+        exit 1
+    fi
+    echo "setup-browser: installing chromium: ${sudo:+$sudo }apt-get update && apt-get install -y chromium"
+    $sudo apt-get update
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
 # Run the end-to-end demo on the TEP recordings.
 demo: setup
     cargo run --release -p fogmesh -- demo
@@ -67,8 +95,8 @@ demo: setup
 # Release mode on purpose: the tch-heavy tests (model training and scoring) are many
 # times slower in a debug build, and the release build is the one that ships.
 # Extra arguments go to cargo: `just test -p fogmesh-actors`, `just test -- --nocapture`.
-# Run every test in the workspace (release build; needs setup and the broker binary).
-test *ARGS: setup setup-broker
+# Run every test in the workspace (release build; needs setup, the broker and the browser).
+test *ARGS: setup setup-broker setup-browser
     cargo test --workspace --release "$@"
 
 # They run in `just test` as well; this recipe shows their counts (CI runs it after the tests).
@@ -107,6 +135,15 @@ bench: setup
 # Long chaos runs kept out of CI: 100 `kill -9`s of a node with an edge log under load.
 soak: setup
     cargo test --workspace --release --test processes -- --ignored soak
+
+# A researcher's first simulation: a 22-node plant on three levels, faults and all;
+# the report lands in sim-out/plant/report.html. Extra arguments go to `fogmesh sim`.
+# Run the bundled plant simulation (or pass another scenario's path and flags).
+sim *ARGS: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ "$#" -eq 0 ]; then set -- simulations/scenarios/plant.toml; fi
+    cargo run --release -p fogmesh -- sim "$@"
 
 # Clippy builds torch-sys, which needs the PyTorch wheel, hence the dependency. It runs
 # in the release profile, like `just test`, so after a test build it reuses what that

@@ -18,7 +18,7 @@
 //! process died is noticed much sooner by its cluster link closing, and the mesh view
 //! (`crate::mesh`) combines the two.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -205,6 +205,18 @@ impl Membership {
     /// generation wins over its former self until gossip declares that one dead).
     pub fn members(&self) -> BTreeMap<String, Member> {
         members_of(&self.live.borrow())
+    }
+
+    /// Every node gossip knows by name: the live ones, this one included, and those it
+    /// has declared dead and not yet forgotten (after `dead_node_grace_period`).
+    pub async fn known(&self) -> BTreeSet<String> {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        chitchat
+            .live_nodes()
+            .chain(chitchat.dead_nodes())
+            .map(|id| id.node_id.to_string())
+            .collect()
     }
 
     /// Publishes (or replaces) one of this node's keys.

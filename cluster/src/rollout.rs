@@ -39,7 +39,9 @@ use fogmesh_models::store::{Manifest, ModelStore, StoreError};
 use fogmesh_models::ModelError;
 
 use crate::config::ConfigError;
-use crate::deployment::view::{candidates, lock, DeploymentState, RolloutOutcome, RolloutRecord};
+use crate::deployment::view::{
+    candidates, lock, DeploymentState, Quorum, RolloutOutcome, RolloutRecord,
+};
 use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
@@ -56,6 +58,12 @@ pub enum RolloutError {
     NotInMesh(String),
     #[error("no mesh spec has been applied yet: `fogmesh apply` one first")]
     NoSpec,
+    #[error("this node reaches {reachable} of the {known} nodes the mesh knows, and a rollout needs a majority ({majority}): on one side of a partition it could roll out a version the other side never sees; retry on a node that reaches a majority")]
+    NoQuorum {
+        reachable: usize,
+        known: usize,
+        majority: usize,
+    },
     #[error("the mesh spec has no expert `{0}`")]
     UnknownExpert(String),
     #[error("expert `{expert}` serves {serving}, not a stored model: only experts with `model = \"name@version\"` roll out")]
@@ -151,6 +159,19 @@ pub async fn run(
         .ok_or_else(|| RolloutError::NotInMesh(ctx.me.to_string()))?;
     let current = lock(ctx.state).spec.clone().ok_or(RolloutError::NoSpec)?;
     let members = ctx.membership.members();
+    let quorum = Quorum::of(
+        ctx.me,
+        &ctx.membership.known().await,
+        &members,
+        &ctx.links.borrow(),
+    );
+    if !quorum.holds() {
+        return Err(RolloutError::NoQuorum {
+            reachable: quorum.reachable,
+            known: quorum.known,
+            majority: quorum.majority(),
+        });
+    }
     let peers = peer_addresses(&members, ctx.me);
     let named = MeshSpec::stored_models(&current.text)
         .map_err(|e| RolloutError::SpecSyntax(Box::new(e)))?;

@@ -59,7 +59,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::alert_journal::{self, live_alert, JournalFilter};
 use crate::capabilities::Capabilities;
 use crate::config::{Limits, Role};
-use crate::deployment::{candidates, place_new, DeploymentState};
+use crate::deployment::{candidates, place_new, DeploymentState, Quorum};
 use crate::ingest::Ingestor;
 use crate::membership::Membership;
 use crate::mesh_spec::{MeshSpec, StoredSpec};
@@ -395,6 +395,20 @@ impl Control for NodeServices {
         )
         .map_err(ServiceError::Spec)?;
         let links = mesh.links.borrow().clone();
+        let quorum = Quorum::of(
+            &self.inner.node.name,
+            &mesh.membership.known().await,
+            &members,
+            &links,
+        );
+        if !request.dry_run && !quorum.holds() {
+            return Err(ServiceError::NoQuorum {
+                reachable: quorum.reachable,
+                known: quorum.known,
+                majority: quorum.majority(),
+            }
+            .into());
+        }
         let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
         let assignment =
             place_new(&spec, &nodes, &Default::default()).map_err(ServiceError::Placement)?;

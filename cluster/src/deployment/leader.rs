@@ -154,7 +154,7 @@ pub fn start_move(spec: &MeshSpec, nodes: &[Candidate], experts: &mut Assignment
 mod tests {
     use super::*;
     use crate::config::Role;
-    use crate::membership::{LoadCard, MemberCard};
+    use crate::deployment::view::tests::member;
 
     const TWO_EXPERTS: &str = r#"
 [[experts]]
@@ -180,30 +180,6 @@ placement = { roles = ["fog"] }
             cpu_load: 0.0,
             sensors: Vec::new(),
         }
-    }
-
-    fn member(name: &str, serving: &[&str]) -> (String, Member) {
-        let card = MemberCard {
-            role: "fog".into(),
-            grpc: format!("{name}:7700"),
-            cores: 2,
-            memory_bytes: 1 << 30,
-            gpus: Vec::new(),
-            up_since_us: 0,
-        };
-        (
-            name.to_string(),
-            Member {
-                name: name.into(),
-                card,
-                load: LoadCard::default(),
-                spec: None,
-                placement: None,
-                serving: serving.iter().map(|s| s.to_string()).collect(),
-                versions: BTreeMap::new(),
-                drifts: BTreeMap::new(),
-            },
-        )
     }
 
     fn assignment(pairs: &[(&str, &[&str])]) -> Assignment {

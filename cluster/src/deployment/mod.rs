@@ -66,7 +66,7 @@ pub use leader::{
 };
 use view::lock;
 pub use view::{
-    candidates, gossiped_placements, gossiped_specs, DeploymentState, PublishedPlacement,
+    candidates, gossiped_placements, gossiped_specs, DeploymentState, PublishedPlacement, Quorum,
     RolloutOutcome, RolloutRecord, MAX_UNUSABLE_SPECS,
 };
 

@@ -6,7 +6,7 @@
 //! It sits below both the loop ([`super`]) and mesh rollouts ([`crate::rollout`]),
 //! which read and write the same state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -126,6 +126,54 @@ pub fn candidates(
         .collect()
 }
 
+/// How many of the nodes the mesh knows this node reaches: the condition for changing
+/// what the whole mesh runs (`Control.Apply`, `Control.Rollout`). Two sides of a
+/// partition cannot both reach a majority, so they cannot apply two different specs,
+/// or roll out two versions, under one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quorum {
+    /// This node and the members it has a ready link to.
+    pub reachable: usize,
+    /// Every node gossip knows, live or declared dead and not yet forgotten.
+    pub known: usize,
+}
+
+impl Quorum {
+    pub fn of(
+        me: &str,
+        known: &BTreeSet<String>,
+        members: &BTreeMap<String, Member>,
+        links: &LinkView,
+    ) -> Quorum {
+        let reachable = members
+            .keys()
+            .filter(|name| {
+                name.as_str() == me
+                    || links
+                        .get(*name)
+                        .is_some_and(|l| l.state == LinkState::Ready)
+            })
+            .count();
+        let mut all: BTreeSet<&str> = known.iter().map(String::as_str).collect();
+        all.extend(members.keys().map(String::as_str));
+        all.insert(me);
+        Quorum {
+            reachable: reachable.max(1),
+            known: all.len(),
+        }
+    }
+
+    /// A strict majority.
+    pub fn holds(&self) -> bool {
+        self.reachable * 2 > self.known
+    }
+
+    /// The fewest nodes that make a majority.
+    pub fn majority(&self) -> usize {
+        self.known / 2 + 1
+    }
+}
+
 /// Load in quarter-core steps: placement should follow real differences in load, not
 /// the noise between two samples of the same one-minute average.
 fn load_step(cpu: f64) -> f64 {
@@ -165,4 +213,71 @@ pub struct RolloutRecord {
     /// Nodes lost during the prepare phase.
     pub lost: Vec<String>,
     pub detail: String,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::membership::{LoadCard, MemberCard};
+    use crate::peer_links::LinkInfo;
+
+    pub(crate) fn member(name: &str, serving: &[&str]) -> (String, Member) {
+        let card = MemberCard {
+            role: "fog".into(),
+            grpc: format!("{name}:7700"),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpus: Vec::new(),
+            up_since_us: 0,
+        };
+        (
+            name.to_string(),
+            Member {
+                name: name.into(),
+                card,
+                load: LoadCard::default(),
+                spec: None,
+                placement: None,
+                serving: serving.iter().map(|s| s.to_string()).collect(),
+                versions: BTreeMap::new(),
+                drifts: BTreeMap::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_quorum_is_a_strict_majority_of_every_node_gossip_knows() {
+        let ready = |state| LinkInfo {
+            state,
+            since: std::time::Instant::now(),
+            rtt: None,
+            last_error: None,
+        };
+        let members: BTreeMap<String, Member> =
+            ["a", "b", "c"].iter().map(|n| member(n, &[])).collect();
+        let known: BTreeSet<String> = ["a", "b", "c"].iter().map(|n| n.to_string()).collect();
+        let mut links: LinkView = BTreeMap::new();
+        links.insert("b".into(), ready(LinkState::Ready));
+        links.insert("c".into(), ready(LinkState::Ready));
+        let all = Quorum::of("a", &known, &members, &links);
+        assert_eq!((all.reachable, all.known, all.holds()), (3, 3, true));
+        // Cut off from c: two of three still make a majority.
+        links.insert("c".into(), ready(LinkState::Dialing));
+        let two = Quorum::of("a", &known, &members, &links);
+        assert_eq!((two.reachable, two.holds(), two.majority()), (2, true, 2));
+        // The minority side: gossip has declared both others dead, but knows them.
+        let alone: BTreeMap<String, Member> = [member("c", &[])].into_iter().collect();
+        let minority = Quorum::of("c", &known, &alone, &BTreeMap::new());
+        assert_eq!(
+            (minority.reachable, minority.known, minority.holds()),
+            (1, 3, false)
+        );
+        // Two of four is not a majority: a 2|2 split applies nothing anywhere.
+        let mut four = known.clone();
+        four.insert("d".into());
+        assert!(!Quorum::of("a", &four, &members, &links).holds());
+        // A lone node that has only ever known itself decides alone.
+        let solo = Quorum::of("a", &BTreeSet::new(), &BTreeMap::new(), &BTreeMap::new());
+        assert!(solo.holds());
+    }
 }

@@ -3,7 +3,9 @@
 //! The reliability figures are asserted here: a black-holed link and a frozen peer
 //! declared down within 5 s, convergence within 10 s of healing, no node declared down
 //! without a cause, also under 5 % loss (60 s here; the simulated 30 minutes in
-//! `just soak`).
+//! `just soak`), and a 2|1 split whose minority refuses to apply a spec. The plant
+//! scenario (22 nodes on three levels) runs in under two minutes, and its report opens
+//! in headless Chromium, offline, showing the nodes and the timeline.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,4 +131,118 @@ async fn soak_thirty_minutes_of_five_percent_loss_declare_no_node_down() {
     let spurious = figure(&report, "no_spurious_down", None);
     assert_eq!(spurious["figure"], 0.0, "{spurious}");
     assert!(exited_ok && report["simulated_s"].as_f64().unwrap_or(0.0) >= 1_800.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minority_of_a_split_refuses_to_apply_and_takes_the_majoritys_spec_after_the_heal() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (report, exited_ok) = simulate("split.toml", dir.path(), &[]);
+    let refused = figure(&report, "applied", Some(1));
+    assert_eq!(refused["passed"], true, "{refused}");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("reaches 1 of the 3 nodes")),
+        "{refused}"
+    );
+    assert_eq!(figure(&report, "applied", Some(2))["passed"], true);
+    let healed = figure(&report, "converged", Some(3));
+    assert!(
+        healed["passed"] == true && healed["figure"].as_f64() <= Some(10.0),
+        "{healed}"
+    );
+    assert!(exited_ok);
+    // Every node ends on the spec the majority applied (v1 at the start, v2 in the split).
+    let last_spec = |node: &str| {
+        report["timeline"]
+            .as_array()
+            .expect("timeline")
+            .iter()
+            .rfind(|e| e["kind"] == "spec" && e["node"] == node)
+            .map(|e| e["detail"].clone())
+    };
+    for node in ["node-1", "node-2", "node-3"] {
+        assert_eq!(last_spec(node), Some(Value::from("v2")), "{node}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offline_in_chromium() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (report, exited_ok) = simulate("plant.toml", dir.path(), &[]);
+    assert!(exited_ok, "{}", report["expectations"]);
+    assert_eq!(
+        (report["nodes"].as_u64(), report["levels"].as_u64()),
+        (Some(22), Some(3))
+    );
+    let wall = report["wall_s"].as_f64().expect("wall_s");
+    assert!(wall < 120.0, "the plant took {wall} s");
+
+    let page = dir.path().join("report.html");
+    let shot = dir.path().join("report.png");
+    let chromium = |args: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--hide-scrollbars",
+                "--window-size=1200,1600",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.path().join("chromium").display()
+            ))
+            .args(args)
+            .arg(format!("file://{}", page.display()))
+            .output()
+            .expect("Debian's chromium is installed (just setup-browser)")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    for shown in [
+        "id=\"topology\"",
+        "id=\"timeline\"",
+        "gw-1a-2",
+        "site2-server-1",
+        "cell-2b",
+        "passed",
+    ] {
+        assert!(
+            dom.contains(shown),
+            "{shown} is not in the page Chromium rendered"
+        );
+    }
+    let taken = chromium(&[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        shot.is_file(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&shot).expect("the screenshot"),
+    ));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("a size")];
+    let frame = reader.next_frame(&mut pixels).expect("a frame");
+    let step = frame.color_type.samples();
+    let count = |wanted: [u8; 3]| {
+        pixels[..frame.buffer_size()]
+            .chunks(step)
+            .filter(|p| p.len() >= 3 && p[..3].iter().zip(wanted).all(|(a, b)| a.abs_diff(b) < 24))
+            .count()
+    };
+    // Green running nodes in the topology, red spans in the timeline.
+    let (green, red) = (count([0x3a, 0x9d, 0x5d]), count([0xc0, 0x39, 0x2b]));
+    assert!(
+        green > 500 && red > 200,
+        "green {green} px, red {red} px in the screenshot"
+    );
 }

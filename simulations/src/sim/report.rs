@@ -229,7 +229,7 @@ impl SimReport {
              <title>fogmesh sim: {name}</title><style>{CSS}</style></head><body>\
              <h1>fogmesh sim: {name}</h1>\
              <p class=\"{class}\" id=\"verdict\">{verdict}</p>\
-             <p>{nodes} nodes in {zones} zones on {levels} levels; seed {seed}; \
+             <p>Nodes: {nodes}; zones: {zones}; levels: {levels}; seed {seed}; \
              mesh formed in {formed:.1} s, then {sim:.1} s simulated in {wall:.1} s of wall time \
              (simulated / wall {ratio:.2}); {pss:.1} MiB per node (proportional), \
              {rss:.1} MiB resident; trace {events} events, sha256 <code>{hash}</code>.</p>",
@@ -263,7 +263,7 @@ impl SimReport {
         }
         out.push_str("</table><h2>Topology</h2>");
         out.push_str(&self.topology_svg());
-        out.push_str("<h2>Timeline</h2><p>Each row is a node; red where other nodes saw it down (darker: more of them), grey where it did not answer the simulator; a vertical line per fault.</p>");
+        out.push_str("<h2>Timeline</h2><p>Time 0 is when the mesh had formed (the nodes started before it). Each row is a node; red where other nodes saw it down (darker: more of them), grey where it did not answer the simulator; a dashed line per fault, numbered as in the table below.</p>");
         out.push_str(&self.timeline_svg());
         out.push_str("<h2>Faults</h2><table id=\"faults\"><tr><th>#</th><th>planned (s)</th><th>done (s)</th><th>what</th><th>outcome</th></tr>");
         for f in &self.faults {
@@ -376,9 +376,7 @@ impl SimReport {
                 }
             }
         }
-        format!(
-            "<svg id=\"topology\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{y:.0}\">{lines}{body}</svg>"
-        )
+        format!("<svg id=\"topology\" width=\"{width:.0}\" height=\"{y:.0}\">{lines}{body}</svg>")
     }
 
     fn timeline_svg(&self) -> String {
@@ -476,20 +474,24 @@ impl SimReport {
             );
         }
         let zero = x(0.0);
+        let bottom = height - 4.0;
         let _ = write!(
             marks,
             "<line class=\"clock\" x1=\"{zero:.1}\" y1=\"12\" x2=\"{zero:.1}\" y2=\"{:.1}\"/>\
-             <text class=\"axis\" x=\"{LEFT:.1}\" y=\"{:.1}\">{start:.1} s (nodes start)</text>\
-             <text class=\"axis\" x=\"{zero:.1}\" y=\"{:.1}\">0 s (mesh formed)</text>\
-             <text class=\"axis end\" x=\"{:.1}\" y=\"{:.1}\">{end:.1} s</text>",
+             <text class=\"axis mid\" x=\"{zero:.1}\" y=\"{bottom:.1}\">0 s</text>\
+             <text class=\"axis end\" x=\"{:.1}\" y=\"{bottom:.1}\">{end:.1} s</text>",
             height - 18.0,
-            height - 4.0,
-            height - 4.0,
             LEFT + PLOT,
-            height - 4.0
         );
+        // The nodes' start, when it does not crowd the clock's start.
+        if zero - LEFT > 40.0 {
+            let _ = write!(
+                marks,
+                "<text class=\"axis\" x=\"{LEFT:.1}\" y=\"{bottom:.1}\">{start:.1} s</text>"
+            );
+        }
         format!(
-            "<svg id=\"timeline\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0}\" height=\"{height:.0}\">{body}{labels}{marks}</svg>",
+            "<svg id=\"timeline\" width=\"{:.0}\" height=\"{height:.0}\">{body}{labels}{marks}</svg>",
             LEFT + PLOT + 20.0
         )
     }
@@ -522,7 +524,7 @@ table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;pad
 .conduit{stroke:#7a8ca5;stroke-width:2;stroke-dasharray:4 3}\
 .down{fill:#c0392b}.silent{fill:#999;fill-opacity:.5}\
 .fault line{stroke:#333;stroke-dasharray:3 2}.fault text,.axis{font-size:11px}\
-.clock{stroke:#3a9d5d}.label{font-size:10px;text-anchor:end}.axis.end{text-anchor:end}";
+.clock{stroke:#3a9d5d}.label{font-size:10px;text-anchor:end}.axis.end{text-anchor:end}.axis.mid{text-anchor:middle}";
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
