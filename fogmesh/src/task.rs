@@ -1,7 +1,7 @@
-//! The one pattern every long-running command shares: run a library entry point on a
-//! blocking thread (training and evaluation hold a core for minutes and must not stall
-//! the async runtime), name what was being done when it fails, and print the result as
-//! one JSON object on stdout.
+//! The patterns long-running commands share: run a library entry point on a blocking
+//! thread (training and evaluation hold a core for minutes and must not stall the async
+//! runtime), name what was being done when it fails, print the result as one JSON
+//! object on stdout, and stop in order on Ctrl-C or SIGTERM.
 
 use anyhow::Context;
 use serde::Serialize;
@@ -31,4 +31,17 @@ pub fn print_json(report: &impl Serialize) -> anyhow::Result<()> {
         serde_json::to_string(report).context("writing the report as JSON")?
     );
     Ok(())
+}
+
+/// Resolves on Ctrl-C from a terminal or SIGTERM from systemd or a container runtime.
+/// SIGTERM is caught from the moment this returns, before the future is first polled.
+pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }

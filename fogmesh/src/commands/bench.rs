@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use fogmesh_bench::{federated, flood, ingest, merge, swap, training_speed, w1, w1_remote};
 
-use crate::task::{blocking, print_json};
+use crate::task::{blocking, print_json, stop_signal};
 
 #[derive(Subcommand)]
 pub enum Workload {
@@ -34,6 +34,10 @@ pub enum Workload {
         seconds: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Keep the nodes' folders and the report (`report.json`, `report.html`) here
+        /// instead of removing them.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// W2: federated rounds of CLIENTS site actors training the W1 autoencoder on
     /// their own non-IID windows (or echoing, `--local-work none`), merged by FedAvg:
@@ -170,6 +174,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             nodes,
             seconds,
             seed,
+            out: keep,
         } => {
             use fogmesh_simulations::sim;
             let text = sim::scenario::generated_plant(nodes, seconds, seed);
@@ -177,14 +182,21 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
                 &text,
                 std::path::Path::new("generated-plant.toml"),
             )?;
-            let out =
-                std::env::temp_dir().join(format!("fogmesh-bench-sim-{}", std::process::id()));
+            let out = keep.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("fogmesh-bench-sim-{}", std::process::id()))
+            });
             let options = sim::SimOptions {
                 binary: std::env::current_exe().context("finding the fogmesh binary")?,
                 out: out.clone(),
             };
-            let report = sim::run(&scenario, &options).await;
-            let _ = std::fs::remove_dir_all(&out);
+            let stop = stop_signal()?;
+            let report = tokio::select! {
+                report = sim::run(&scenario, &options) => report,
+                () = stop => Err(sim::SimError::Stopped),
+            };
+            if keep.is_none() {
+                let _ = std::fs::remove_dir_all(&out);
+            }
             let report = report.with_context(|| format!("simulating {nodes} nodes"))?;
             print_json(&serde_json::json!({
                 "nodes": report.nodes,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use fogmesh_simulations::sim::{self, scenario::Scenario, SimOptions};
 
-use crate::task::print_json;
+use crate::task::{print_json, stop_signal};
 
 #[derive(clap::Args)]
 pub struct SimArgs {
@@ -53,9 +53,13 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         scenario.seed,
         out.join("nodes").display()
     );
-    let report = sim::run(&scenario, &options)
-        .await
-        .with_context(|| format!("simulating {}", args.scenario.display()))?;
+    // Stopping the run drops it, and with it every node process it started.
+    let stop = stop_signal()?;
+    let report = tokio::select! {
+        report = sim::run(&scenario, &options) => report,
+        () = stop => Err(sim::SimError::Stopped),
+    }
+    .with_context(|| format!("simulating {}", args.scenario.display()))?;
     for check in &report.expectations {
         eprintln!(
             "  {} {}: {}",

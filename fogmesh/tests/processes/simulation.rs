@@ -246,3 +246,46 @@ async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offlin
         "green {green} px, red {red} px in the screenshot"
     );
 }
+
+/// The node processes whose working folder is under `dir`.
+fn nodes_running_under(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+/// Regression: a `fogmesh sim` stopped by a signal left every node process running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulation_stopped_by_sigterm_takes_its_nodes_with_it() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let dir = dir.path().canonicalize().expect("a real path");
+    let mut sim = Command::new(fogmesh_binary())
+        .arg("sim")
+        .arg(scenario("reliability.toml"))
+        .arg("--out")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("fogmesh sim starts");
+    crate::fixtures::poll("the four nodes to run", crate::fixtures::LONG, || async {
+        (nodes_running_under(&dir).len() == 4).then_some(())
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &sim.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = sim.wait().expect("fogmesh sim exits");
+    assert!(!exit.success(), "a stopped run is not a passed run");
+    crate::fixtures::poll("no node process left", crate::fixtures::LONG, || async {
+        nodes_running_under(&dir).is_empty().then_some(())
+    })
+    .await;
+}

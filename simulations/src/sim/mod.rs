@@ -62,6 +62,8 @@ pub enum SimError {
         detail: String,
         folder: PathBuf,
     },
+    #[error("stopped by a signal; every node process was killed")]
+    Stopped,
     #[error("cannot write the report to {path}: {source}")]
     Report {
         path: PathBuf,
