@@ -20,7 +20,7 @@
 //!   keepalive usually closes a silent link first; the heartbeat also covers a peer
 //!   whose transport is alive but whose actors are stuck.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -86,6 +86,9 @@ pub struct LinkInfo {
     /// Median-free, last heartbeat round trip.
     pub rtt: Option<Duration>,
     pub last_error: Option<String>,
+    /// The link has been ready since this node last heard of the peer: it is a node
+    /// that passed admission, not only a name in gossip.
+    pub ever_ready: bool,
 }
 
 /// Peer name → link.
@@ -184,10 +187,11 @@ struct Peer {
     missed_beats: u32,
     rtt: Option<Duration>,
     last_error: Option<String>,
+    ever_ready: bool,
 }
 
 impl Peer {
-    fn new(addr: Option<String>) -> Peer {
+    fn new(addr: Option<String>, ever_ready: bool) -> Peer {
         let now = Instant::now();
         Peer {
             addr,
@@ -200,6 +204,7 @@ impl Peer {
             missed_beats: 0,
             rtt: None,
             last_error: None,
+            ever_ready,
         }
     }
 
@@ -209,6 +214,7 @@ impl Peer {
             metrics::counter!(telemetry::LINK_TRANSITIONS, "peer" => peer.to_string(), "state" => state.as_str()).increment(1);
             self.state = state;
             self.since = Instant::now();
+            self.ever_ready |= state == LinkState::Ready;
         }
     }
 
@@ -229,6 +235,10 @@ pub struct PeerLinksState {
     node_server: ActorRef<NodeServerMessage>,
     view: watch::Sender<LinkView>,
     peers: BTreeMap<String, Peer>,
+    /// Every peer whose link has been ready since this node started: a peer gossip
+    /// drops and brings back keeps `ever_ready` (a healed partition's far side is
+    /// still part of the mesh before its links re-form).
+    admitted: BTreeSet<String>,
 }
 
 /// Forwards ractor_cluster's (synchronous) session callbacks to the actor.
@@ -291,6 +301,7 @@ impl Actor for PeerLinks {
             node_server: args.node_server,
             view: args.view,
             peers: BTreeMap::new(),
+            admitted: BTreeSet::new(),
         })
     }
 
@@ -303,10 +314,11 @@ impl Actor for PeerLinks {
         match message {
             PeerLinksMsg::Peers(live) => {
                 for (name, addr) in &live {
+                    let admitted = state.admitted.contains(name);
                     let peer = state
                         .peers
                         .entry(name.clone())
-                        .or_insert_with(|| Peer::new(None));
+                        .or_insert_with(|| Peer::new(None, admitted));
                     if peer.addr.as_deref() != Some(addr.as_str()) {
                         peer.addr = Some(addr.clone());
                         peer.next_dial = Instant::now();
@@ -370,10 +382,11 @@ impl PeerLinksState {
         if name == self.node {
             return;
         }
+        let admitted = self.admitted.contains(&name);
         let peer = self
             .peers
             .entry(name.clone())
-            .or_insert_with(|| Peer::new(None));
+            .or_insert_with(|| Peer::new(None, admitted));
         let id = info.node_id;
         let current = peer.session.as_ref().map(|(id, _)| *id);
         match event {
@@ -442,7 +455,12 @@ impl PeerLinksState {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        for (name, peer) in &self.peers {
+            if peer.ever_ready && !self.admitted.contains(name) {
+                self.admitted.insert(name.clone());
+            }
+        }
         let view: LinkView = self
             .peers
             .iter()
@@ -454,6 +472,7 @@ impl PeerLinksState {
                         since: p.since,
                         rtt: p.rtt,
                         last_error: p.last_error.clone(),
+                        ever_ready: p.ever_ready,
                     },
                 )
             })

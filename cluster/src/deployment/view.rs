@@ -134,7 +134,9 @@ pub fn candidates(
 pub struct Quorum {
     /// This node and the members it has a ready link to.
     pub reachable: usize,
-    /// Every node gossip knows, live or declared dead and not yet forgotten.
+    /// Every node gossip knows, live or declared dead and not yet forgotten, less the
+    /// live ones this node has never had a ready link to (a name in gossip that never
+    /// passed admission cannot hold a mesh's changes hostage).
     pub known: usize,
 }
 
@@ -154,8 +156,17 @@ impl Quorum {
                         .is_some_and(|l| l.state == LinkState::Ready)
             })
             .count();
-        let mut all: BTreeSet<&str> = known.iter().map(String::as_str).collect();
-        all.extend(members.keys().map(String::as_str));
+        let counts = |name: &str| {
+            name == me
+                || !members.contains_key(name)
+                || links.get(name).is_some_and(|l| l.ever_ready)
+        };
+        let mut all: BTreeSet<&str> = known
+            .iter()
+            .map(String::as_str)
+            .chain(members.keys().map(String::as_str))
+            .filter(|name| counts(name))
+            .collect();
         all.insert(me);
         Quorum {
             reachable: reachable.max(1),
@@ -252,6 +263,7 @@ pub(crate) mod tests {
             since: std::time::Instant::now(),
             rtt: None,
             last_error: None,
+            ever_ready: true,
         };
         let members: BTreeMap<String, Member> =
             ["a", "b", "c"].iter().map(|n| member(n, &[])).collect();
@@ -276,6 +288,22 @@ pub(crate) mod tests {
         let mut four = known.clone();
         four.insert("d".into());
         assert!(!Quorum::of("a", &four, &members, &links).holds());
+        // A live name in gossip this node never linked to does not count: a member
+        // holding the secret but never admitted cannot make the others a minority.
+        let mut rogue = members.clone();
+        rogue.extend([member("r", &[])]);
+        let mut with_rogue = known.clone();
+        with_rogue.insert("r".into());
+        let mut rogue_links = links.clone();
+        rogue_links.insert(
+            "r".into(),
+            LinkInfo {
+                ever_ready: false,
+                ..ready(LinkState::Dialing)
+            },
+        );
+        let q = Quorum::of("a", &with_rogue, &rogue, &rogue_links);
+        assert_eq!((q.known, q.holds()), (3, true));
         // A lone node that has only ever known itself decides alone.
         let solo = Quorum::of("a", &BTreeSet::new(), &BTreeMap::new(), &BTreeMap::new());
         assert!(solo.holds());
