@@ -280,6 +280,12 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
     );
     assert_eq!(second["version"], "ae@3", "{second}");
     all_serve(&edge1, "ae@3").await;
+    // The site comes back: with two of the four nodes dead, the two left would be a
+    // minority of the mesh and rightly refuse to roll out the next round's version.
+    edge2.restart();
+    for n in [&edge1, &edge2, &cloud2] {
+        full_membership(n, 4, LONG).await;
+    }
 
     // 3. The coordinator's node killed mid-round: the round runs again on cloud-2.
     let asked = tokio::spawn({
@@ -304,7 +310,7 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
     eprintln!("round after the coordinator was killed: {third}");
     assert_eq!(third["version"], "ae@4", "{third}");
     all_serve(&edge1, "ae@4").await;
-    for live in ["cloud-2", "edge-1"] {
+    for live in ["cloud-2", "edge-1", "edge-2"] {
         let store = ModelStore::open(dir.path().join(format!("data-{live}/models")));
         let versions: Vec<String> = store
             .list()

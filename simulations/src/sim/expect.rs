@@ -26,6 +26,29 @@ pub struct FaultRecord {
     pub outcome: Option<String>,
 }
 
+impl FaultRecord {
+    /// One line: the action and what it acted on (long lists cut short).
+    pub fn describe(&self) -> String {
+        let action = format!("{:?}", self.action).to_lowercase();
+        if self.from.is_empty() {
+            format!("{action} {}", summarise(&self.nodes))
+        } else {
+            format!(
+                "{action} {} → {}",
+                summarise(&self.from),
+                summarise(&self.to)
+            )
+        }
+    }
+}
+
+fn summarise(names: &[String]) -> String {
+    match names.len() {
+        0..=3 => names.join(", "),
+        n => format!("{}, … ({n} nodes)", names[..2].join(", ")),
+    }
+}
+
 /// A round of observation: when, and whether the mesh had converged.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundRecord {

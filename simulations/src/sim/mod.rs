@@ -150,13 +150,14 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
 
     let clock = Instant::now();
     let mut faults: Vec<FaultRecord> = Vec::new();
-    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<(usize, f64, String)>();
+    let (applied_tx, mut applied_rx) = mpsc::unbounded_channel::<Applied>();
+    let mut applies_pending = usize::from(scenario.mesh.is_some());
     if let Some(mesh) = &scenario.mesh {
         spawn_apply(
             &dialer,
             addresses.home(initial[0]).to_string(),
             mesh_text(mesh, &scenario.folder),
-            usize::MAX,
+            None,
             clock,
             applied_tx.clone(),
         );
@@ -207,7 +208,8 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
                         clock,
                         &applied_tx,
                     )?;
-                    let detail = describe(&record);
+                    applies_pending += usize::from(record.action == FaultAction::Apply);
+                    let detail = record.describe();
                     for node in record.nodes.iter().chain(record.from.iter()).take(1) {
                         trace.push(event(
                             record.done_at_s,
@@ -220,16 +222,9 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
                 }
             }
         }
-        while let Ok((index, at, outcome)) = applied_rx.try_recv() {
-            settle_apply(
-                &names,
-                initial[0],
-                &mut faults,
-                &mut trace,
-                index,
-                at,
-                outcome,
-            );
+        while let Ok(applied) = applied_rx.try_recv() {
+            applies_pending -= 1;
+            applied.settle(&names[initial[0]], &mut faults, &mut trace);
         }
         if t >= scenario.duration_s {
             break;
@@ -251,24 +246,9 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         tokio::time::sleep_until(next.max(Instant::now())).await;
     }
     // An apply still in flight gets its answer (or its time-out) into the report.
-    let waiting = faults
-        .iter()
-        .filter(|f| f.action == FaultAction::Apply && f.outcome.is_none())
-        .count()
-        + usize::from(
-            scenario.mesh.is_some() && !trace.iter().any(|e| e.kind == EventKind::Applied),
-        );
-    for _ in 0..waiting {
+    for _ in 0..applies_pending {
         match tokio::time::timeout(APPLY_WITHIN, applied_rx.recv()).await {
-            Ok(Some((index, at, outcome))) => settle_apply(
-                &names,
-                initial[0],
-                &mut faults,
-                &mut trace,
-                index,
-                at,
-                outcome,
-            ),
+            Ok(Some(applied)) => applied.settle(&names[initial[0]], &mut faults, &mut trace),
             _ => break,
         }
     }
@@ -365,7 +345,7 @@ fn carry_out(
     network: &SimulatedNetwork,
     dialer: &Dialer,
     clock: Instant,
-    applied: &mpsc::UnboundedSender<(usize, f64, String)>,
+    applied: &mpsc::UnboundedSender<Applied>,
 ) -> Result<FaultRecord, SimError> {
     let fault = &scenario.faults[index];
     // The moment it takes effect: a signal lands when sent, a link changes when set.
@@ -427,7 +407,7 @@ fn carry_out(
                     dialer,
                     network.addresses().home(node).to_string(),
                     mesh_text(&text, &scenario.folder),
-                    index,
+                    Some(index),
                     clock,
                     applied.clone(),
                 );
@@ -451,33 +431,13 @@ fn carry_out(
     })
 }
 
-fn describe(record: &FaultRecord) -> String {
-    let action = format!("{:?}", record.action).to_lowercase();
-    if record.from.is_empty() {
-        format!("{action} {}", record.nodes.join(", "))
-    } else {
-        format!(
-            "{action} {} → {}",
-            summarise(&record.from),
-            summarise(&record.to)
-        )
-    }
-}
-
-fn summarise(names: &[String]) -> String {
-    match names.len() {
-        0..=3 => names.join(", "),
-        n => format!("{}, … ({n} nodes)", names[..2].join(", ")),
-    }
-}
-
 fn spawn_apply(
     dialer: &Dialer,
     addr: String,
     text: String,
-    index: usize,
+    fault: Option<usize>,
     clock: Instant,
-    done: mpsc::UnboundedSender<(usize, f64, String)>,
+    done: mpsc::UnboundedSender<Applied>,
 ) {
     let dialer = dialer.clone();
     tokio::spawn(async move {
@@ -501,25 +461,41 @@ fn spawn_apply(
             Ok(Err(refused)) => refused,
             Err(_) => format!("no answer within {} s", APPLY_WITHIN.as_secs()),
         };
-        let _ = done.send((index, clock.elapsed().as_secs_f64(), outcome));
+        let _ = done.send(Applied {
+            fault,
+            at_s: clock.elapsed().as_secs_f64(),
+            outcome,
+        });
     });
 }
 
-fn settle_apply(
-    names: &[String],
-    first: usize,
-    faults: &mut [FaultRecord],
-    trace: &mut Vec<TraceEvent>,
-    index: usize,
-    at: f64,
+/// An apply's answer: for fault number `fault`, or (`None`) the scenario's own mesh
+/// applied when the clock started.
+struct Applied {
+    fault: Option<usize>,
+    at_s: f64,
     outcome: String,
-) {
-    let node = match faults.iter_mut().find(|f| f.index == index) {
-        Some(record) => {
-            record.outcome = Some(outcome.clone());
-            record.nodes.first().cloned().unwrap_or_default()
-        }
-        None => names[first].clone(),
-    };
-    trace.push(event(at, EventKind::Applied, &node, Some(outcome)));
+}
+
+impl Applied {
+    /// Records the outcome on its fault and in the trace; the start's apply is told
+    /// to `first_node`.
+    fn settle(self, first_node: &str, faults: &mut [FaultRecord], trace: &mut Vec<TraceEvent>) {
+        let record = self
+            .fault
+            .and_then(|index| faults.iter_mut().find(|f| f.index == index));
+        let node = match record {
+            Some(record) => {
+                record.outcome = Some(self.outcome.clone());
+                record.nodes.first().cloned().unwrap_or_default()
+            }
+            None => first_node.to_string(),
+        };
+        trace.push(event(
+            self.at_s,
+            EventKind::Applied,
+            &node,
+            Some(self.outcome),
+        ));
+    }
 }

@@ -273,7 +273,7 @@ impl SimReport {
                 f.index,
                 f.at_s,
                 f.done_at_s,
-                escape(&what(f)),
+                escape(&f.describe()),
                 escape(f.outcome.as_deref().unwrap_or(""))
             );
         }
@@ -470,7 +470,7 @@ impl SimReport {
                 height - 18.0,
                 fx + 2.0,
                 f.index,
-                escape(&what(f))
+                escape(&f.describe())
             );
         }
         let zero = x(0.0);
@@ -504,15 +504,6 @@ fn silent(body: &mut String, from: f64, to: f64, y: f64, row: f64) {
         (to - from).max(0.5),
         row - 1.0
     );
-}
-
-fn what(f: &FaultRecord) -> String {
-    let action = format!("{:?}", f.action).to_lowercase();
-    if f.from.is_empty() {
-        format!("{action} {}", f.nodes.join(", "))
-    } else {
-        format!("{action} {} → {}", f.from.join(", "), f.to.join(", "))
-    }
 }
 
 const CSS: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
