@@ -139,7 +139,12 @@ fn check_one(ev: &Evidence<'_>, expectation: &Expectation) -> CheckResult {
             )
         }
         Expectation::NoSpuriousDown { nodes } => {
-            let watched: BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
+            let watched: BTreeSet<&str> = ev
+                .scenario
+                .resolve(nodes)
+                .into_iter()
+                .map(|i| ev.scenario.nodes[i].name.as_str())
+                .collect();
             let spurious: Vec<&TraceEvent> = ev
                 .trace
                 .iter()

@@ -254,7 +254,8 @@ pub enum Expectation {
         by: Vec<String>,
     },
     /// No node sees a peer down unless a fault touched one of the two (killed,
-    /// frozen, or a link between them cut). `nodes`: only these are watched.
+    /// frozen, or a link between them cut). `nodes`: only events where one of the two
+    /// is among these nodes (or in these zones) are watched.
     NoSpuriousDown {
         #[serde(default)]
         nodes: Vec<String>,
@@ -609,11 +610,11 @@ impl Scenario {
                 Expectation::Converged { within_s, .. } => check_within(i, *within_s, &mut invalid),
                 Expectation::NoSpuriousDown { nodes } => {
                     for node in nodes {
-                        if !node_names.contains(node.as_str()) {
+                        if !place(node) {
                             invalid(
                                 format!("expect[{i}].nodes"),
                                 format!("{node:?}"),
-                                "a node of the scenario".into(),
+                                "a node or a zone of the scenario".into(),
                             );
                         }
                     }
