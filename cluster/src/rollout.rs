@@ -40,7 +40,7 @@ use fogmesh_models::ModelError;
 
 use crate::config::ConfigError;
 use crate::deployment::view::{
-    candidates, lock, DeploymentState, Quorum, RolloutOutcome, RolloutRecord,
+    candidates, lock, DeploymentState, NoQuorum, Quorum, RolloutOutcome, RolloutRecord,
 };
 use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
@@ -58,12 +58,8 @@ pub enum RolloutError {
     NotInMesh(String),
     #[error("no mesh spec has been applied yet: `fogmesh apply` one first")]
     NoSpec,
-    #[error("this node reaches {reachable} of the {known} nodes the mesh knows, and a rollout needs a majority ({majority}): on one side of a partition it could roll out a version the other side never sees; retry on a node that reaches a majority")]
-    NoQuorum {
-        reachable: usize,
-        known: usize,
-        majority: usize,
-    },
+    #[error(transparent)]
+    NoQuorum(NoQuorum),
     #[error("the mesh spec has no expert `{0}`")]
     UnknownExpert(String),
     #[error("expert `{expert}` serves {serving}, not a stored model: only experts with `model = \"name@version\"` roll out")]
@@ -165,13 +161,9 @@ pub async fn run(
         &members,
         &ctx.links.borrow(),
     );
-    if !quorum.holds() {
-        return Err(RolloutError::NoQuorum {
-            reachable: quorum.reachable,
-            known: quorum.known,
-            majority: quorum.majority(),
-        });
-    }
+    quorum
+        .require("a rollout")
+        .map_err(RolloutError::NoQuorum)?;
     let peers = peer_addresses(&members, ctx.me);
     let named = MeshSpec::stored_models(&current.text)
         .map_err(|e| RolloutError::SpecSyntax(Box::new(e)))?;

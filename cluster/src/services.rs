@@ -401,13 +401,10 @@ impl Control for NodeServices {
             &members,
             &links,
         );
-        if !request.dry_run && !quorum.holds() {
-            return Err(ServiceError::NoQuorum {
-                reachable: quorum.reachable,
-                known: quorum.known,
-                majority: quorum.majority(),
-            }
-            .into());
+        if !request.dry_run {
+            quorum
+                .require("applying a spec")
+                .map_err(ServiceError::NoQuorum)?;
         }
         let nodes = candidates(&members, &links, &self.inner.node.name, &spec);
         let assignment =

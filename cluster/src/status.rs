@@ -29,7 +29,7 @@ use tonic::{Code, Status};
 
 use crate::cluster_key::NODE_HEADER;
 use crate::config::ConfigError;
-use crate::deployment::ApplyError;
+use crate::deployment::{ApplyError, NoQuorum};
 use crate::rollout::RolloutError;
 
 /// Why the node refused a request.
@@ -130,12 +130,8 @@ pub enum ServiceError {
     UnnamedPeer,
     /// A spec version of `u64::MAX` is known: no later version can exist. Only a forged
     /// or corrupt spec gets there.
-    #[error("this node reaches {reachable} of the {known} nodes the mesh knows, and applying a spec needs a majority ({majority}): on one side of a partition it could apply a spec the other side never sees; retry on a node that reaches a majority")]
-    NoQuorum {
-        reachable: usize,
-        known: usize,
-        majority: usize,
-    },
+    #[error(transparent)]
+    NoQuorum(NoQuorum),
     #[error("the mesh knows spec version {known}, the largest there is: no newer spec can be applied (a forged or corrupt spec is in the mesh)")]
     SpecVersionExhausted { known: u64 },
     #[error(
@@ -268,7 +264,7 @@ impl ServiceError {
                 // Nothing changed and a retry reads the new spec: the caller may run it
                 // again as is.
                 RolloutError::Raced { .. } => Code::Aborted,
-                RolloutError::NoQuorum { .. } => Code::Unavailable,
+                RolloutError::NoQuorum(_) => Code::Unavailable,
                 RolloutError::Thread(_) => Code::Internal,
             },
             ServiceError::DeploymentPoisoned => Code::Internal,
@@ -276,7 +272,7 @@ impl ServiceError {
             ServiceError::UnnamedPeer => Code::InvalidArgument,
             ServiceError::SpecVersionExhausted { .. } => Code::FailedPrecondition,
             // The same call succeeds once the partition heals, or on the other side.
-            ServiceError::NoQuorum { .. } => Code::Unavailable,
+            ServiceError::NoQuorum(_) => Code::Unavailable,
             ServiceError::UploadStalled { .. } => Code::DeadlineExceeded,
             ServiceError::Journal(_) => Code::Unavailable,
             ServiceError::NameNotCertified { .. }
@@ -357,7 +353,7 @@ impl ServiceError {
                 RolloutError::Missing { .. } => "version_missing",
                 RolloutError::Spec(_) | RolloutError::SpecSyntax(_) => "invalid_spec",
                 RolloutError::Raced { .. } => "raced",
-                RolloutError::NoQuorum { .. } => "no_quorum",
+                RolloutError::NoQuorum(_) => "no_quorum",
                 RolloutError::SpecVersionExhausted { .. } => "spec_version_exhausted",
                 RolloutError::Downgrade { .. } => "downgrade",
                 RolloutError::Thread(_) => "thread",
@@ -366,7 +362,7 @@ impl ServiceError {
             ServiceError::LinkRefused { .. } => "wrong_cluster_secret",
             ServiceError::UnnamedPeer => "unnamed_peer",
             ServiceError::SpecVersionExhausted { .. } => "spec_version_exhausted",
-            ServiceError::NoQuorum { .. } => "no_quorum",
+            ServiceError::NoQuorum(_) => "no_quorum",
             ServiceError::NameNotCertified { .. } => "name_not_certified",
             ServiceError::NoCertificate { .. } => "no_certificate",
             ServiceError::UploadStalled { .. } => "upload_stalled",

@@ -66,8 +66,8 @@ pub use leader::{
 };
 use view::lock;
 pub use view::{
-    candidates, gossiped_placements, gossiped_specs, DeploymentState, PublishedPlacement, Quorum,
-    RolloutOutcome, RolloutRecord, MAX_UNUSABLE_SPECS,
+    candidates, gossiped_placements, gossiped_specs, DeploymentState, NoQuorum, PublishedPlacement,
+    Quorum, RolloutOutcome, RolloutRecord, MAX_UNUSABLE_SPECS,
 };
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).

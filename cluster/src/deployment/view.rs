@@ -110,12 +110,7 @@ pub fn candidates(
     let sensors = spec.sensors_by_node();
     members
         .values()
-        .filter(|m| {
-            m.name == me
-                || links
-                    .get(&m.name)
-                    .is_some_and(|l| l.state == LinkState::Ready)
-        })
+        .filter(|m| reachable(me, &m.name, links))
         .map(|m| Candidate {
             name: m.name.clone(),
             role: role_of(&m.card.role),
@@ -149,12 +144,7 @@ impl Quorum {
     ) -> Quorum {
         let reachable = members
             .keys()
-            .filter(|name| {
-                name.as_str() == me
-                    || links
-                        .get(*name)
-                        .is_some_and(|l| l.state == LinkState::Ready)
-            })
+            .filter(|name| reachable(me, name, links))
             .count();
         let counts = |name: &str| {
             name == me
@@ -183,6 +173,34 @@ impl Quorum {
     pub fn majority(&self) -> usize {
         self.known / 2 + 1
     }
+
+    /// `Ok` with a majority; else the refusal of `change` ("applying a spec").
+    pub fn require(&self, change: &'static str) -> Result<(), NoQuorum> {
+        if self.holds() {
+            return Ok(());
+        }
+        Err(NoQuorum {
+            change,
+            reachable: self.reachable,
+            known: self.known,
+            majority: self.majority(),
+        })
+    }
+}
+
+/// A change to what the whole mesh runs, refused on a node without a majority.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this node reaches {reachable} of the {known} nodes the mesh knows, and {change} needs a majority ({majority}): on one side of a partition it could make a change the other side never sees; retry on a node that reaches a majority")]
+pub struct NoQuorum {
+    pub change: &'static str,
+    pub reachable: usize,
+    pub known: usize,
+    pub majority: usize,
+}
+
+/// This node itself, or a peer it has a ready link to.
+fn reachable(me: &str, name: &str, links: &LinkView) -> bool {
+    name == me || links.get(name).is_some_and(|l| l.state == LinkState::Ready)
 }
 
 /// Load in quarter-core steps: placement should follow real differences in load, not

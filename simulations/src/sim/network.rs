@@ -209,10 +209,8 @@ pub struct SimulatedNetwork {
 
 struct Inner {
     addresses: Addresses,
-    nodes: usize,
-    seed: u64,
-    /// The scenario's links, kept to make a link on first use.
-    plan: Box<dyn Fn(usize, usize) -> LinkSpec + Send + Sync>,
+    /// Its links are made from it on first use.
+    scenario: Scenario,
     links: DashMap<(usize, usize), Arc<Link>>,
     /// Front UDP sockets by node: a datagram for `i` from `j` leaves from `j`'s.
     fronts: Vec<Arc<UdpSocket>>,
@@ -234,12 +232,9 @@ impl SimulatedNetwork {
             };
             match bind_fronts(addresses, nodes).await {
                 Ok((tcp, udp)) => {
-                    let links = scenario.clone();
                     let inner = Arc::new(Inner {
                         addresses,
-                        nodes,
-                        seed: scenario.seed,
-                        plan: Box::new(move |a, b| links.link(a, b)),
+                        scenario: scenario.clone(),
                         links: DashMap::new(),
                         fronts: udp,
                     });
@@ -325,8 +320,9 @@ impl Inner {
         self.links
             .entry((from, to))
             .or_insert_with(|| {
-                let seed = self.seed ^ ((from as u64) << 32 | to as u64).wrapping_mul(0x9E37);
-                Arc::new(Link::new((self.plan)(from, to), seed))
+                let seed =
+                    self.scenario.seed ^ ((from as u64) << 32 | to as u64).wrapping_mul(0x9E37);
+                Arc::new(Link::new(self.scenario.link(from, to), seed))
             })
             .clone()
     }
@@ -357,7 +353,9 @@ async fn accept(inner: Arc<Inner>, to: usize, listener: TcpListener, stop: Cance
         let Ok((client, peer)) = accepted else {
             continue;
         };
-        let from = inner.addresses.node_at_home(peer.ip(), inner.nodes);
+        let from = inner
+            .addresses
+            .node_at_home(peer.ip(), inner.scenario.nodes.len());
         tokio::spawn(carry_connection(
             inner.clone(),
             from,
@@ -465,7 +463,10 @@ async fn relay_datagrams(inner: Arc<Inner>, to: usize, stop: CancellationToken) 
         let Ok((n, peer)) = received else {
             continue;
         };
-        let Some(from) = inner.addresses.node_at_home(peer.ip(), inner.nodes) else {
+        let Some(from) = inner
+            .addresses
+            .node_at_home(peer.ip(), inner.scenario.nodes.len())
+        else {
             continue;
         };
         let link = inner.link(from, to);
