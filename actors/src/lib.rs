@@ -52,11 +52,12 @@ pub use expert::{
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
 pub use federated::{
-    BufferedRounds, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
-    FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound, FederationError, FederationGroup,
-    FederationPlan, FederationSite, FederationSpec, FederationStatus, InvalidFederation,
-    Publication, RoundWork, Site, SiteEvaluation, SiteJudgement, SiteReport, SiteTrainer,
-    SiteTrainerArgs, SiteTrainerMsg, TrainingError, WindowFeed,
+    BufferedRounds, DistillRound, Distillation, DistillationSpec, EvaluationGate,
+    FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedEvaluation,
+    FederatedRound, FederationError, FederationGroup, FederationPlan, FederationSite,
+    FederationSpec, FederationStatus, InvalidFederation, Publication, RoundWork, Site,
+    SiteEvaluation, SiteJudgement, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
+    TrainingError, WindowFeed,
 };
 pub use merger::{
     MergeOutcome, MergeRefused, MergeRequest, Merger, MergerArgs, MergerMsg, MergerShared,

@@ -161,6 +161,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
                 .collect(),
             held_out: Vec::new(),
             feed: None,
+            network: None,
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args)
             .await
@@ -179,6 +180,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
             },
             compression: options.compression,
             echo: !options.local_epoch,
+            distill: None,
         },
         aggregation: Aggregation::FedAvg,
         privacy: None,
@@ -188,6 +190,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         seed: options.seed,
         gate: None,
         buffered: None,
+        distillation: None,
     };
     let args = FederatedCoordinatorArgs {
         federation: "w2".into(),

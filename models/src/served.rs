@@ -203,6 +203,42 @@ impl Architecture {
         }
     }
 
+    /// The same network with `hidden` channels: a narrower or wider model of the same
+    /// windows and outputs, as the sites of a federated distillation may run.
+    pub fn with_hidden(&self, hidden: i64) -> Result<Architecture, ModelError> {
+        let changed = match self {
+            Architecture::ConvAutoencoder(config) => {
+                Architecture::ConvAutoencoder(AutoencoderConfig {
+                    hidden,
+                    ..config.clone()
+                })
+            }
+            Architecture::FaultClassifier { config, classes } => Architecture::FaultClassifier {
+                config: ClassifierConfig { hidden, ..*config },
+                classes: classes.clone(),
+            },
+            other => {
+                return Err(ModelError::InvalidOption {
+                    field: "hidden",
+                    value: hidden.to_string(),
+                    reason: format!(
+                        "only conv_autoencoder and fault_classifier take another width, not {}",
+                        other.manifest_fields().0
+                    ),
+                })
+            }
+        };
+        if !(1..=4096).contains(&hidden) {
+            return Err(ModelError::InvalidOption {
+                field: "hidden",
+                value: hidden.to_string(),
+                reason: "must be between 1 and 4096".into(),
+            });
+        }
+        changed.validate()?;
+        Ok(changed)
+    }
+
     /// The window the network takes, as `[channels, length]`.
     pub fn input_shape(&self) -> [i64; 2] {
         match self {

@@ -159,6 +159,17 @@ impl<'a> WeightFile<'a> {
         })
     }
 
+    /// The shape of tensor `name` (`MissingTensor` when there is none).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        self.file
+            .tensor(name)
+            .map(|view| view.shape().to_vec())
+            .map_err(|_| ModelError::MissingTensor {
+                origin: self.origin.clone(),
+                name: name.to_string(),
+            })
+    }
+
     /// The values of tensor `name`, row-major, after checking that it exists
     /// (`MissingTensor`), has `shape` (`TensorShape`), is f32 and is finite (`Weights`).
     pub fn values(&self, name: &str, shape: &[i64]) -> Result<Vec<f32>, ModelError> {

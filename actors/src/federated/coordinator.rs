@@ -12,6 +12,11 @@
 //!   passes the [`EvaluationGate`] the weights are stored as a version with their
 //!   lineage and handed to the [`Promoter`], as a continual learner's candidate is.
 //!   Either way the global weights go on to the next round.
+//!   With [`FederationPlan::distillation`] a round is a distillation round instead:
+//!   the sites answer with their outputs on the shared windows, the coordinator
+//!   averages them by windows and trains the federation's network to match that
+//!   consensus on the same windows; the result is judged, stored and promoted the
+//!   same way.
 //! - [`FederatedCoordinatorMsg::Buffered`]: an asynchronous run (FedBuff): every site
 //!   trains from the newest weights it was given and is given the newest again as
 //!   soon as it answers; every `buffer` answers are combined, each discounted by its
@@ -97,6 +102,7 @@ impl Actor for FederatedCoordinator {
             last: None,
             last_error: None,
             buffered: None,
+            consensus: Arc::new(Vec::new()),
         })
     }
 
@@ -119,8 +125,13 @@ impl Actor for FederatedCoordinator {
                     return Ok(());
                 }
                 let work = Arc::new(state.plan.work.clone());
-                let outcome = match state.synchronous(work).await {
-                    Ok((mut report, _)) => match state.publish(&mut report).await {
+                let ran = if state.plan.distillation.is_some() {
+                    state.distilled().await
+                } else {
+                    state.synchronous(work).await.map(|(report, _)| report)
+                };
+                let outcome = match ran {
+                    Ok(mut report) => match state.publish(&mut report).await {
                         Ok(()) => {
                             state.last = Some(report.clone());
                             Ok(report)
@@ -169,6 +180,8 @@ impl Actor for FederatedCoordinator {
                     site_names: state.sites.iter().map(|s| s.name.clone()).collect(),
                     mode: if state.plan.buffered.is_some() {
                         "buffered"
+                    } else if state.plan.distillation.is_some() {
+                        "distillation"
                     } else {
                         "synchronous"
                     },
@@ -233,6 +246,14 @@ impl FederatedCoordinator {
         if state.buffered.is_some() {
             let _ = reply.send(Err(FederationError::Busy {
                 federation: state.federation.clone(),
+            }));
+            return;
+        }
+        if state.plan.distillation.is_some() {
+            let _ = reply.send(Err(FederationError::Invalid {
+                field: "buffered",
+                value: format!("{{ buffer = {buffer}, updates = {versions} }}"),
+                reason: "a distillation federation runs synchronous rounds only",
             }));
             return;
         }

@@ -58,6 +58,13 @@ pub enum FederationError {
         #[source]
         source: FederatedError,
     },
+    #[error("federation `{federation}` round {round}: distilling the consensus into the federation's network failed: {source}")]
+    Distill {
+        federation: String,
+        round: u64,
+        #[source]
+        source: Box<LocalTrainingError>,
+    },
     #[error("federation `{federation}`: the global weights cannot be written: {source}")]
     Weights {
         federation: String,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fogmesh_models::continual::ReplayItem;
 use fogmesh_models::federated::{Aggregation, Privacy};
 use fogmesh_models::store::{Manifest, ModelStore};
 use ractor::{ActorRef, RpcReplyPort};
@@ -44,6 +45,20 @@ pub struct FederationPlan {
     pub gate: Option<EvaluationGate>,
     /// `Round` runs an asynchronous run (FedBuff) instead of a synchronous round.
     pub buffered: Option<BufferedRounds>,
+    /// `Round` runs a distillation round instead of averaging weights.
+    pub distillation: Option<Distillation>,
+}
+
+/// Federated distillation (`[experts.federation.distillation]`): the sites, whose
+/// networks may differ, answer with their outputs on the shared windows; the
+/// coordinator averages them by windows (the consensus), trains the federation's
+/// network to match it on the same windows, and passes it down with the next round.
+#[derive(Debug, Clone)]
+pub struct Distillation {
+    /// Unlabelled windows every site may see.
+    pub shared: Arc<Vec<ReplayItem>>,
+    /// The weight of the distance to the consensus in the sites' objective.
+    pub weight: f64,
 }
 
 /// An asynchronous run (`[experts.federation.buffered]`): each site trains from the newest weights it was
@@ -157,7 +172,7 @@ pub struct FederationStatus {
     /// Why the last round applied nothing (shown by `fogmesh status`).
     pub last_error: Option<String>,
     pub site_names: Vec<String>,
-    /// What a `Round` runs: "synchronous" or "buffered".
+    /// What a `Round` runs: "synchronous", "buffered" or "distillation".
     pub mode: &'static str,
 }
 

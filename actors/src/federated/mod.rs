@@ -16,11 +16,14 @@ mod spec;
 pub use coordinator::FederatedCoordinator;
 pub use error::{FederationError, TrainingError};
 pub use interface::{
-    Answer, BufferedRounds, EvaluationGate, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
-    FederatedEvaluation, FederatedRound, FederationPlan, FederationSite, FederationStatus,
-    Publication, Site, SiteJudgement,
+    Answer, BufferedRounds, Distillation, EvaluationGate, FederatedCoordinatorArgs,
+    FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound, FederationPlan, FederationSite,
+    FederationStatus, Publication, Site, SiteJudgement,
 };
 pub use site_trainer::{
-    RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
+    DistillRound, RoundWork, SiteEvaluation, SiteReport, SiteTrainer, SiteTrainerArgs,
+    SiteTrainerMsg, WindowFeed,
 };
-pub use spec::{FederationGroup, FederationSpec, InvalidFederation, MAX_SITE_WINDOWS};
+pub use spec::{
+    DistillationSpec, FederationGroup, FederationSpec, InvalidFederation, MAX_SITE_WINDOWS,
+};

@@ -5,8 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogmesh_models::federated::{Contribution, RoundAggregator};
+use fogmesh_models::federated::distill::{consensus, distill_locally};
+use fogmesh_models::federated::{decode, Contribution, LocalTrainingError, RoundAggregator};
 use fogmesh_models::merge::{MergeError, Weights};
+use fogmesh_models::served::Architecture;
 use fogmesh_models::store::Manifest;
 use ractor::RpcReplyPort;
 
@@ -15,7 +17,7 @@ use super::interface::{
     Answer, EvaluationGate, FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound,
     FederationPlan, FederationSite, Publication, Site, SiteJudgement,
 };
-use super::site_trainer::{RoundWork, SiteEvaluation, SiteTrainerMsg};
+use super::site_trainer::{DistillRound, RoundWork, SiteEvaluation, SiteTrainerMsg};
 use crate::node_agent::{call_within, Unanswered};
 use crate::telemetry;
 
@@ -38,6 +40,9 @@ pub struct FederatedCoordinatorState {
     /// Why the last round applied nothing, for status (cleared by a round that did).
     pub(super) last_error: Option<String>,
     pub(super) buffered: Option<BufferedRun>,
+    /// The sites' outputs on the shared windows agreed in the last distillation
+    /// round (empty before the first).
+    pub(super) consensus: Arc<Vec<f32>>,
 }
 
 /// An asynchronous run in progress.
@@ -139,6 +144,10 @@ impl FederatedCoordinatorState {
                     "mu": self.plan.work.local.proximal_mu,
                 },
                 "privacy": self.plan.privacy,
+                "distillation": self.plan.distillation.as_ref().map(|d| serde_json::json!({
+                    "weight": d.weight,
+                    "shared_windows": d.shared.len(),
+                })),
                 "epsilon": report.epsilon,
                 "applied": report.applied,
                 "evaluation": &report.evaluation,
@@ -324,6 +333,124 @@ impl FederatedCoordinatorState {
         report.compute_s = slowest.as_secs_f64();
         report.seconds = started.elapsed().as_secs_f64();
         Ok((report, combined.delta))
+    }
+}
+
+impl FederatedCoordinatorState {
+    /// One distillation round: the sites' outputs on the shared windows, their
+    /// consensus by windows, and the federation's network trained to match it.
+    pub(super) async fn distilled(&mut self) -> Result<FederatedRound, FederationError> {
+        let Some(distillation) = self.plan.distillation.clone() else {
+            return Err(FederationError::Invalid {
+                field: "distillation",
+                value: "none".into(),
+                reason: "the federation has no [experts.federation.distillation]",
+            });
+        };
+        let started = Instant::now();
+        self.rounds += 1;
+        let round = self.rounds;
+        let work = Arc::new(RoundWork {
+            distill: Some(DistillRound {
+                shared: distillation.shared.clone(),
+                consensus: self.consensus.clone(),
+                weight: distillation.weight,
+            }),
+            ..self.plan.work.clone()
+        });
+        let answers = self.gather(round, &work).await;
+        let mut report = self.new_report("distillation");
+        let down = self.global_bytes.len()
+            + 4 * (self.consensus.len()
+                + distillation
+                    .shared
+                    .iter()
+                    .map(|w| w.window.len())
+                    .sum::<usize>());
+        report.bytes_down = (down * self.sites.len()) as u64;
+        let mut outputs = Vec::new();
+        let (mut loss_sum, mut slowest) = (0.0, Duration::ZERO);
+        for (site, answer) in self.sites.iter().zip(answers) {
+            match answer {
+                Answer::Report(r) => {
+                    report.sites.push(site.name.clone());
+                    report.samples += r.samples;
+                    report.bytes_up += r.update.bytes.len() as u64;
+                    loss_sum += r.loss.unwrap_or(0.0) * r.samples as f64;
+                    slowest = slowest.max(r.compute);
+                    let values = decode(&r.update).map_err(|source| FederationError::Combine {
+                        federation: self.federation.clone(),
+                        round,
+                        source,
+                    })?;
+                    outputs.push((values, r.samples));
+                }
+                Answer::Late => report.stragglers.push(site.name.clone()),
+                Answer::Failed => report.failed.push(site.name.clone()),
+            }
+        }
+        if outputs.len() < self.plan.min_sites.max(1) {
+            return Err(FederationError::TooFewSites {
+                federation: self.federation.clone(),
+                round,
+                asked: self.sites.len(),
+                answered: outputs.len(),
+                needed: self.plan.min_sites.max(1),
+                stragglers: report.stragglers,
+                failed: report.failed,
+            });
+        }
+        let views: Vec<(&[f32], u64)> = outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
+        let agreed = Arc::new(
+            consensus(&views).map_err(|source| FederationError::Combine {
+                federation: self.federation.clone(),
+                round,
+                source,
+            })?,
+        );
+        let distill_failed = |source: LocalTrainingError| FederationError::Distill {
+            federation: self.federation.clone(),
+            round,
+            source: Box::new(source),
+        };
+        let architecture =
+            Architecture::from_manifest(&self.manifest).map_err(|e| distill_failed(e.into()))?;
+        let (global, shared, target) = (
+            self.global_bytes.clone(),
+            distillation.shared.clone(),
+            agreed.clone(),
+        );
+        let local = self.plan.work.local.clone();
+        let trained = tokio::task::spawn_blocking(move || {
+            tch::set_num_threads(1);
+            distill_locally(
+                &architecture,
+                &global,
+                &[],
+                &shared,
+                &target,
+                distillation.weight,
+                &local,
+                round,
+                tch::Device::cuda_if_available(),
+            )
+        })
+        .await
+        .map_err(|source| FederationError::Thread {
+            federation: self.federation.clone(),
+            source,
+        })?
+        .map_err(distill_failed)?;
+        self.global = Weights::from_safetensors(&trained.weights, &self.federation)
+            .map_err(self.error_weights())?;
+        self.global_bytes = Arc::new(trained.weights);
+        self.applied += 1;
+        self.consensus = agreed;
+        report.loss = (report.samples > 0).then(|| loss_sum / report.samples as f64);
+        report.applied = 1;
+        report.compute_s = slowest.as_secs_f64();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
     }
 }
 

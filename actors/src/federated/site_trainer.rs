@@ -19,6 +19,13 @@
 //! and holds every n-th out for evaluation, so what it trains on follows the plant
 //! without growing.
 //!
+//! In a distillation round ([`RoundWork::distill`]) the site trains its own network,
+//! which may be narrower or wider than the federation's ([`SiteTrainerArgs::network`]),
+//! on its windows while matching last round's consensus on the shared windows, and
+//! answers with its outputs on the shared windows instead of an update. The site keeps
+//! that network from round to round; it starts from the global weights when it is the
+//! federation's network, newly initialised otherwise.
+//!
 //! Local work ([`train_locally`]) runs on a blocking thread with one libtorch
 //! intra-op thread, so a site never holds up the async runtime and many sites share
 //! the cores fairly. With [`RoundWork::echo`] a site sends back a zero update without
@@ -28,12 +35,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fogmesh_models::continual::{ReplayItem, Reservoir};
+use fogmesh_models::federated::distill::{distill_locally, initial_weights, outputs_on};
 use fogmesh_models::federated::{
     held_out_loss, train_locally, Compression, Compressor, EncodedUpdate, LocalTrainingError,
     LocalWork,
 };
 use fogmesh_models::merge::Weights;
 use fogmesh_models::served::Architecture;
+use fogmesh_models::ModelError;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -48,6 +57,20 @@ pub struct RoundWork {
     pub compression: Compression,
     /// Send a zero update without training (W2's `--local-work none`).
     pub echo: bool,
+    /// A distillation round: the site answers with its outputs on the shared windows.
+    pub distill: Option<DistillRound>,
+}
+
+/// What a site needs for a distillation round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillRound {
+    /// Unlabelled windows every site may see (the federation's shared set).
+    pub shared: Arc<Vec<ReplayItem>>,
+    /// The sites' outputs on `shared` agreed last round, as
+    /// [`outputs_on`] lays them out; empty in a federation's first round.
+    pub consensus: Arc<Vec<f32>>,
+    /// The weight of the distance to the consensus against the site's own loss.
+    pub weight: f64,
 }
 
 impl Default for RoundWork {
@@ -57,6 +80,7 @@ impl Default for RoundWork {
             local: LocalWork::default(),
             compression: Compression::None,
             echo: false,
+            distill: None,
         }
     }
 }
@@ -73,6 +97,9 @@ pub struct SiteTrainerArgs {
     /// Windows that keep coming (a site on a mesh node); they join `windows` and
     /// `held_out` as they arrive.
     pub feed: Option<WindowFeed>,
+    /// The site's own network in distillation rounds when it differs from the
+    /// federation's (`None`: the federation's).
+    pub network: Option<Architecture>,
 }
 
 /// The windows of a site on a mesh node: those its node's routers had `expert` score.
@@ -104,6 +131,9 @@ pub struct SiteTrainerState {
     held_out: Arc<Vec<ReplayItem>>,
     compressor: Option<Compressor>,
     fed: Option<FedSample>,
+    /// The network distillation rounds train, and its weights once a round made them.
+    network: Option<Arc<Architecture>>,
+    distilled: Option<Arc<Vec<u8>>>,
 }
 
 impl SiteTrainerState {
@@ -211,6 +241,8 @@ impl Actor for SiteTrainer {
             held_out: Arc::new(args.held_out),
             compressor: None,
             fed,
+            network: args.network.map(Arc::new),
+            distilled: None,
         })
     }
 
@@ -264,6 +296,11 @@ impl Actor for SiteTrainer {
                 return Ok(());
             }
         };
+        if let Some(distill) = work.distill.clone() {
+            let outcome = self.distill(state, round, global, &work, distill).await;
+            let _ = reply.send(outcome);
+            return Ok(());
+        }
         let site = state.site.clone();
         let (architecture, windows) = (state.architecture.clone(), state.windows.clone());
         // A federation that changes its encoding starts the residual afresh.
@@ -303,6 +340,90 @@ impl Actor for SiteTrainer {
         // The coordinator may have given up on this round (a straggler).
         let _ = reply.send(outcome);
         Ok(())
+    }
+}
+
+impl SiteTrainer {
+    /// A distillation round: own work plus the consensus, then outputs on the shared
+    /// windows.
+    async fn distill(
+        &self,
+        state: &mut SiteTrainerState,
+        round: u64,
+        global: Arc<Vec<u8>>,
+        work: &RoundWork,
+        distill: DistillRound,
+    ) -> Result<SiteReport, TrainingError> {
+        let site = state.site.clone();
+        let federation = state.architecture.clone();
+        let network = state.network.clone().unwrap_or_else(|| federation.clone());
+        let (windows, start) = (state.windows.clone(), state.distilled.clone());
+        let local = work.local.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            tch::set_num_threads(1);
+            let device = tch::Device::cuda_if_available();
+            let failed = |source: LocalTrainingError| TrainingError::Local {
+                site: site.to_string(),
+                source: Box::new(source),
+            };
+            if windows.is_empty() {
+                return Err(failed(
+                    ModelError::Shape {
+                        what: "site windows",
+                        expected: "at least one window to train on".into(),
+                        got: "0 windows: the site has seen none of the expert's windows yet".into(),
+                    }
+                    .into(),
+                ));
+            }
+            let weights = match start {
+                Some(weights) => weights.to_vec(),
+                None if network == federation => global.to_vec(),
+                None => initial_weights(&network, local.seed, device).map_err(failed)?,
+            };
+            // The first round has no consensus yet: the site trains on its own windows
+            // alone (a weight of 0 against its own outputs).
+            let (consensus, weight) = if distill.consensus.is_empty() {
+                let own =
+                    outputs_on(&network, &weights, &distill.shared, device).map_err(failed)?;
+                (own, 0.0)
+            } else {
+                (distill.consensus.to_vec(), distill.weight)
+            };
+            let trained = distill_locally(
+                &network,
+                &weights,
+                &windows,
+                &distill.shared,
+                &consensus,
+                weight,
+                &local,
+                round,
+                device,
+            )
+            .map_err(failed)?;
+            let outputs =
+                outputs_on(&network, &trained.weights, &distill.shared, device).map_err(failed)?;
+            Ok((trained, outputs, started.elapsed()))
+        })
+        .await
+        .unwrap_or_else(|source| {
+            Err(TrainingError::Thread {
+                site: state.site.to_string(),
+                source,
+            })
+        });
+        let (trained, outputs, compute) = done?;
+        state.distilled = Some(Arc::new(trained.weights));
+        Ok(SiteReport {
+            site: state.site.clone(),
+            round,
+            update: Compressor::new(Compression::None).compress(&outputs),
+            samples: trained.samples,
+            loss: Some(trained.loss),
+            compute,
+        })
     }
 }
 

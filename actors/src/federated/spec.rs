@@ -3,6 +3,8 @@
 //! local work and windows, and how updates are encoded, protected and combined. The
 //! checks name the field by its path inside `federation` ([`InvalidFederation`]).
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fogmesh_models::federated::{Aggregation, Compression, LocalWork, Privacy, RoundAggregator};
@@ -51,6 +53,33 @@ pub struct FederationSpec {
     pub groups: Vec<FederationGroup>,
     /// Rounds as an asynchronous run (FedBuff) instead of synchronous rounds.
     pub buffered: Option<BufferedRounds>,
+    /// Rounds of federated distillation instead of averaged weights: sites whose
+    /// networks differ learn from each other's outputs on shared windows.
+    pub distillation: Option<DistillationSpec>,
+}
+
+/// `[experts.federation.distillation]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillationSpec {
+    /// A safetensors file on the coordinator's node holding the unlabelled windows
+    /// every site may see: one f32 tensor `windows`, `[n, channels, length]` or
+    /// `[n, channels × length]`. Only windows the plant agreed to share belong here:
+    /// every round sends them to every site.
+    pub shared: PathBuf,
+    /// The weight of the distance to the consensus in a site's objective.
+    #[serde(default = "DistillationSpec::default_weight")]
+    pub weight: f64,
+    /// Sites whose network is narrower or wider than the expert's: node name →
+    /// hidden channels (the others train the expert's network).
+    #[serde(default)]
+    pub hidden: BTreeMap<String, i64>,
+}
+
+impl DistillationSpec {
+    fn default_weight() -> f64 {
+        1.0
+    }
 }
 
 /// `[[experts.federation.groups]]`: one fog aggregator and the sites it merges.
@@ -82,6 +111,7 @@ impl Default for FederationSpec {
             seed: 0,
             groups: Vec::new(),
             buffered: None,
+            distillation: None,
         }
     }
 }
@@ -196,6 +226,9 @@ impl FederationSpec {
                 }
             }
         }
+        if let Some(distillation) = &self.distillation {
+            self.validate_distillation(distillation)?;
+        }
         self.plan().work.local.validate().map_err(|e| match e {
             fogmesh_models::ModelError::InvalidOption {
                 field,
@@ -226,7 +259,73 @@ impl FederationSpec {
         Ok(())
     }
 
-    /// Every round's plan; FedProx's `mu` becomes the sites' proximal weight.
+    /// Distillation exchanges outputs, not updates: the settings that shape updates
+    /// have nothing to work on and are refused rather than ignored.
+    fn validate_distillation(
+        &self,
+        distillation: &DistillationSpec,
+    ) -> Result<(), InvalidFederation> {
+        let invalid = |field: &str, value: String, reason: &str| InvalidFederation {
+            field: field.to_string(),
+            value,
+            reason: reason.to_string(),
+        };
+        if distillation.shared.as_os_str().is_empty() {
+            return Err(invalid(
+                "distillation.shared",
+                "\"\"".into(),
+                "must name the safetensors file of shared windows",
+            ));
+        }
+        if !(distillation.weight.is_finite() && distillation.weight > 0.0) {
+            return Err(invalid(
+                "distillation.weight",
+                distillation.weight.to_string(),
+                "must be a finite number above 0",
+            ));
+        }
+        if let Some((node, hidden)) = distillation
+            .hidden
+            .iter()
+            .find(|(_, h)| !(1..=4096).contains(*h))
+        {
+            return Err(invalid(
+                &format!("distillation.hidden.{node}"),
+                hidden.to_string(),
+                "must be between 1 and 4096",
+            ));
+        }
+        let conflicts = [
+            ("groups", !self.groups.is_empty(), "(groups)"),
+            ("buffered", self.buffered.is_some(), "(a table)"),
+            ("privacy", self.privacy.is_some(), "(a table)"),
+        ];
+        if let Some((field, _, value)) = conflicts.iter().find(|(_, set, _)| *set) {
+            return Err(invalid(
+                field,
+                value.to_string(),
+                "distillation rounds run synchronously over the sites directly, without privacy noise: leave it out",
+            ));
+        }
+        if self.compression != Compression::None {
+            return Err(invalid(
+                "compression",
+                self.compression.to_string(),
+                "distillation sends outputs, not updates: use none",
+            ));
+        }
+        if self.aggregation != Aggregation::FedAvg {
+            return Err(invalid(
+                "aggregation",
+                self.aggregation.name().into(),
+                "distillation averages outputs by windows: use fedavg",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every round's plan; FedProx's `mu` becomes the sites' proximal weight. A
+    /// distillation's shared windows are read where the coordinator runs.
     pub fn plan(&self) -> FederationPlan {
         FederationPlan {
             work: RoundWork {
@@ -236,6 +335,7 @@ impl FederationSpec {
                 },
                 compression: self.compression,
                 echo: false,
+                distill: None,
             },
             aggregation: self.aggregation,
             privacy: self.privacy,
@@ -244,6 +344,7 @@ impl FederationSpec {
             seed: self.seed,
             gate: self.gate,
             buffered: self.buffered,
+            distillation: None,
         }
     }
 
@@ -314,5 +415,35 @@ mod tests {
             }
         }
         assert!(toml::from_str::<FederationSpec>("sites = 3").is_err());
+        for (text, words) in [
+            (
+                "[distillation]\nshared = \"s.safetensors\"\nweight = 0.0",
+                ["distillation.weight", "0", "above 0"],
+            ),
+            (
+                "[distillation]\nshared = \"s.safetensors\"\nhidden = { edge-1 = 0 }",
+                ["distillation.hidden.edge-1", "0", "between 1 and 4096"],
+            ),
+            (
+                "compression = \"int8\"\n[distillation]\nshared = \"s.safetensors\"",
+                ["compression", "int8", "outputs, not updates"],
+            ),
+            (
+                "aggregation = { rule = \"median\" }\n[distillation]\nshared = \"s.safetensors\"",
+                ["aggregation", "median", "fedavg"],
+            ),
+            (
+                "buffered = { buffer = 1, updates = 2 }\n[distillation]\nshared = \"s.safetensors\"",
+                ["buffered", "(a table)", "synchronously"],
+            ),
+        ] {
+            let error = parse(text).validate().unwrap_err().to_string();
+            for word in words {
+                assert!(error.contains(word), "{text}: {error} lacks {word}");
+            }
+        }
+        parse("[distillation]\nshared = \"s.safetensors\"\nhidden = { edge-1 = 8 }")
+            .validate()
+            .unwrap();
     }
 }

@@ -83,6 +83,7 @@ async fn trainer(site: u64, n: usize) -> FederationSite {
             // Another stretch of the same regime (the seed's parity picks it).
             held_out: windows(site + 1000, 8),
             feed: None,
+            network: None,
         },
     )
     .await
@@ -149,10 +150,11 @@ fn plan(min_sites: usize, deadline: Duration) -> FederationPlan {
         seed: 1,
         gate: None,
         buffered: None,
+        distillation: None,
     }
 }
 
-async fn coordinator(
+pub(crate) async fn coordinator(
     name: &str,
     (base, weights): (Manifest, Vec<u8>),
     sites: Vec<FederationSite>,
@@ -176,7 +178,7 @@ async fn coordinator(
     actor
 }
 
-async fn ask<T: Send + 'static>(
+pub(crate) async fn ask<T: Send + 'static>(
     actor: &ActorRef<FederatedCoordinatorMsg>,
     message: impl FnOnce(RpcReplyPort<T>) -> FederatedCoordinatorMsg,
 ) -> T {
@@ -186,7 +188,7 @@ async fn ask<T: Send + 'static>(
     }
 }
 
-async fn round(
+pub(crate) async fn round(
     actor: &ActorRef<FederatedCoordinatorMsg>,
 ) -> Result<FederatedRound, FederationError> {
     ask(actor, |reply| FederatedCoordinatorMsg::Round { reply }).await
@@ -508,6 +510,7 @@ async fn nothing_a_site_sends_holds_a_value_of_its_windows() {
             windows: own,
             held_out,
             feed: None,
+            network: None,
         },
     )
     .await

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use fogmesh_actors::{
-    ExpertSpec, FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg,
-    FederationSite, FederationSpec, Publication, Site, SiteTrainer, SiteTrainerArgs,
-    SiteTrainerMsg, WindowFeed,
+    Distillation, DistillationSpec, ExpertSpec, FederatedCoordinator, FederatedCoordinatorArgs,
+    FederatedCoordinatorMsg, FederationSite, FederationSpec, Publication, Site, SiteTrainer,
+    SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
 };
+use fogmesh_models::federated::distill::read_shared;
 use fogmesh_models::served::Architecture;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
@@ -55,6 +56,8 @@ pub(super) struct Federations {
 struct RunningSite {
     sample: SiteSample,
     architecture: Architecture,
+    /// This node's own network in distillation rounds, where it differs.
+    network: Option<Architecture>,
     actor: ActorRef<SiteTrainerMsg>,
 }
 
@@ -291,6 +294,7 @@ impl Deployment {
                 sites_wanted.get(*name).is_none_or(|(expert, federation)| {
                     site.sample != SiteSample::of(federation)
                         || architecture(expert).as_ref() != Some(&site.architecture)
+                        || self.site_network(expert, federation).ok().flatten() != site.network
                 })
             })
             .map(|(name, _)| name.clone())
@@ -454,6 +458,7 @@ impl Deployment {
         federation: &FederationSpec,
     ) -> Result<RunningSite, StartError> {
         let architecture = architecture(expert).ok_or(StartError::NotStored)?;
+        let network = self.site_network(expert, federation)?;
         let args = SiteTrainerArgs {
             site: self.node_name.clone(),
             architecture: architecture.clone(),
@@ -466,13 +471,33 @@ impl Deployment {
                 holdout_every: federation.holdout_every(),
                 seed: federation.seed,
             }),
+            network: network.clone(),
         };
         let (actor, _) = Actor::spawn(None, SiteTrainer, args).await?;
         Ok(RunningSite {
             sample: SiteSample::of(federation),
             architecture,
+            network,
             actor,
         })
+    }
+
+    /// The network this node trains in distillation rounds when the spec gives it
+    /// another width than the expert's.
+    fn site_network(
+        &self,
+        expert: &ExpertSpec,
+        federation: &FederationSpec,
+    ) -> Result<Option<Architecture>, StartError> {
+        let Some(hidden) = federation
+            .distillation
+            .as_ref()
+            .and_then(|d| d.hidden.get(&self.node_name))
+        else {
+            return Ok(None);
+        };
+        let architecture = architecture(expert).ok_or(StartError::NotStored)?;
+        Ok(Some(architecture.with_hidden(*hidden)?))
     }
 
     async fn start_coordinator(
@@ -544,12 +569,24 @@ impl Deployment {
                 state: self.state.clone(),
             }) as Arc<dyn fogmesh_actors::Promoter>),
         });
+        let mut plan = federation.plan();
+        if let Some(distillation) = &federation.distillation {
+            match shared_windows(expert, distillation).await {
+                Ok(shared) => plan.distillation = Some(shared),
+                Err(e) => {
+                    for site in remote {
+                        site.stop(None);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let args = FederatedCoordinatorArgs {
             federation: expert.name.clone(),
             base: stored.manifest.clone(),
             weights: stored.weights.to_vec(),
             sites,
-            plan: federation.plan(),
+            plan,
             publication,
         };
         let spawned = Actor::spawn(None, FederatedCoordinator, args).await;
@@ -623,6 +660,24 @@ async fn scheduled_rounds(
     }
 }
 
+/// A distillation's shared windows, read from this node's disk (the coordinator's).
+async fn shared_windows(
+    expert: &ExpertSpec,
+    distillation: &DistillationSpec,
+) -> Result<Distillation, StartError> {
+    let input = architecture(expert)
+        .ok_or(StartError::NotStored)?
+        .input_shape();
+    let path = distillation.shared.clone();
+    let shared = tokio::task::spawn_blocking(move || read_shared(&path, input))
+        .await
+        .map_err(StartError::Thread)??;
+    Ok(Distillation {
+        shared: Arc::new(shared),
+        weight: distillation.weight,
+    })
+}
+
 fn architecture(expert: &ExpertSpec) -> Option<Architecture> {
     Architecture::from_manifest(&expert.source.stored()?.manifest).ok()
 }
@@ -636,6 +691,10 @@ enum StartError {
     NoStore,
     #[error("the actor did not start: {0}")]
     Spawn(#[from] ractor::SpawnErr),
+    #[error("distillation: {0}")]
+    Distillation(#[from] fogmesh_models::ModelError),
+    #[error("the thread reading the shared windows stopped: {0}")]
+    Thread(#[source] tokio::task::JoinError),
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@ mod tests;
 
 use std::sync::Arc;
 
-use fogmesh_actors::RoundWork;
+use fogmesh_actors::{DistillRound, RoundWork};
+use fogmesh_models::continual::ReplayItem;
 use fogmesh_models::federated::{Compression, LocalWork};
 use fogmesh_models::weights::sha256_hex;
 use fogmesh_proto::federation_client::FederationClient;
@@ -168,7 +169,63 @@ pub(crate) fn work_from(work: &SiteWork) -> Result<RoundWork, SiteCallError> {
         local,
         compression,
         echo: work.echo,
+        distill: None,
     })
+}
+
+/// A distillation round's part as the wire carries it: the shared windows and the
+/// consensus, little-endian f32, cut into windows of `work.shared_window_values`.
+pub(crate) fn distill_from(
+    work: &SiteWork,
+    shared: &[u8],
+    consensus: &[u8],
+) -> Result<Option<DistillRound>, SiteCallError> {
+    let Some(weight) = work.distill_weight else {
+        return Ok(None);
+    };
+    if !(weight.is_finite() && weight > 0.0) {
+        return Err(SiteCallError::Invalid {
+            field: "work.distill_weight",
+            value: weight.to_string(),
+            reason: "must be a finite number above 0".into(),
+        });
+    }
+    let per_window = work.shared_window_values as usize;
+    let values = |field: &'static str, bytes: &[u8], per: usize| {
+        if per == 0 || !bytes.len().is_multiple_of(4 * per) {
+            return Err(SiteCallError::Invalid {
+                field,
+                value: format!("{} bytes", bytes.len()),
+                reason: format!("must be whole windows of {per} f32 values"),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect::<Vec<f32>>())
+    };
+    let shared: Vec<ReplayItem> = values("shared windows", shared, per_window)?
+        .chunks(per_window)
+        .map(|w| ReplayItem {
+            window: w.to_vec(),
+            label: None,
+        })
+        .collect();
+    let consensus = if consensus.is_empty() {
+        Vec::new()
+    } else {
+        values("consensus", consensus, shared.len().max(1))?
+    };
+    Ok(Some(DistillRound {
+        shared: Arc::new(shared),
+        consensus: Arc::new(consensus),
+        weight,
+    }))
+}
+
+/// `values` as little-endian f32 bytes.
+pub(crate) fn f32_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values.flat_map(f32::to_le_bytes).collect()
 }
 
 pub(crate) fn work_to(work: &RoundWork) -> SiteWork {
@@ -181,6 +238,12 @@ pub(crate) fn work_to(work: &RoundWork) -> SiteWork {
         max_seconds: work.local.max_seconds,
         compression: work.compression.to_string(),
         echo: work.echo,
+        distill_weight: work.distill.as_ref().map(|d| d.weight),
+        shared_window_values: work
+            .distill
+            .as_ref()
+            .and_then(|d| d.shared.first())
+            .map_or(0, |w| w.window.len() as u64),
     }
 }
 

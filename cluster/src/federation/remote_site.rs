@@ -3,7 +3,8 @@
 //! **Owns** nothing but the site's name and address. **Takes** the messages of a
 //! local `SiteTrainer` ([`SiteTrainerMsg`]), so a coordinator calls sites here and
 //! elsewhere alike: `Train` streams the global weights to the site's node
-//! (`Federation/Train`, in chunks) and reads back its report and encoded update;
+//! (`Federation/Train`, in chunks; a distillation round adds the shared windows and the
+//! consensus) and reads back its report and encoded update (or outputs);
 //! `Evaluate` streams the weights judged and reads back the losses. With `aggregate`
 //! the calls go to the node's fog aggregator of the federation, which runs them over
 //! its group's sites. Each call runs in
@@ -22,7 +23,7 @@ use fogmesh_proto::FederationHeader;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tonic::Request;
 
-use super::{chunks, client, receive, with_key, work_to, SiteCallError};
+use super::{chunks, client, f32_bytes, receive, with_key, work_to, SiteCallError};
 use crate::dialer::Dialer;
 use crate::membership::Membership;
 
@@ -80,7 +81,17 @@ impl RemoteSiteState {
             aggregate: self.aggregate,
             ..Default::default()
         };
-        let mut request = Request::new(chunks(header, vec![global]));
+        let blobs = match &work.distill {
+            None => vec![global],
+            Some(distill) => vec![
+                global,
+                Arc::new(f32_bytes(
+                    distill.shared.iter().flat_map(|w| w.window.iter().copied()),
+                )),
+                Arc::new(f32_bytes(distill.consensus.iter().copied())),
+            ],
+        };
+        let mut request = Request::new(chunks(header, blobs));
         with_key(&self.dialer, &mut request);
         let answer = client
             .train(request)

@@ -26,7 +26,7 @@ use futures::Stream;
 use ractor::rpc::CallResult;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, client, receive, with_key, work_from, SiteCallError};
+use super::{chunks, client, distill_from, receive, with_key, work_from, SiteCallError};
 use crate::cluster_key::{self, ClusterKey};
 use crate::deployment::view::lock;
 use crate::services::MeshView;
@@ -245,14 +245,33 @@ impl FederationRpc for FederationService {
     ) -> Result<Response<ChunkStream>, Status> {
         self.check_key(&request)?;
         let (header, mut blobs) = receive(request.into_inner()).await?;
-        let work = work_from(&header.work.clone().unwrap_or_default())?;
-        if blobs.len() != 1 {
+        let wire_work = header.work.clone().unwrap_or_default();
+        let mut work = work_from(&wire_work)?;
+        let expected = if wire_work.distill_weight.is_some() {
+            3
+        } else {
+            1
+        };
+        if blobs.len() != expected {
             return Err(SiteCallError::Invalid {
                 field: "header.blobs",
                 value: blobs.len().to_string(),
-                reason: "a Train carries the global weights alone: one blob".into(),
+                reason: format!(
+                    "a Train carries the global weights (and, distilling, the shared windows and the consensus): {expected} blobs"
+                ),
             }
             .into());
+        }
+        if expected == 3 && header.aggregate {
+            return Err(SiteCallError::Invalid {
+                field: "header.aggregate",
+                value: "true".into(),
+                reason: "distillation rounds go to sites, not to fog aggregators".into(),
+            }
+            .into());
+        }
+        if expected == 3 {
+            work.distill = distill_from(&wire_work, &blobs[1], &blobs[2])?;
         }
         let global = Arc::new(blobs.remove(0));
         let (round, work) = (header.round, Arc::new(work));

@@ -1,15 +1,16 @@
 //! A round between a coordinator and a site on the other side of a real TCP link
 //! (gRPC over loopback through a proxy that records every byte both ways): the
 //! round and its federated evaluation complete, and no two consecutive values of any
-//! window the site holds cross the link in either direction.
+//! window the site holds cross the link in either direction; the same for a
+//! distillation round with a site whose network is narrower than the federation's.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fogmesh_actors::{
-    Annunciator, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
+    Annunciator, Distillation, EvaluationGate, FederatedCoordinator, FederatedCoordinatorArgs,
     FederatedCoordinatorMsg, FederationPlan, FederationSite, Node, NodeSpec, Publication,
-    RoundWork, Site, SiteTrainer, SiteTrainerArgs,
+    RoundWork, Site, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg,
 };
 use fogmesh_models::continual::ReplayItem;
 use fogmesh_models::federated::{Aggregation, LocalWork};
@@ -17,7 +18,7 @@ use fogmesh_models::served::Architecture;
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
 use fogmesh_proto::federation_server::FederationServer;
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -73,13 +74,9 @@ async fn recording_proxy(target: std::net::SocketAddr, seen: Arc<Mutex<Vec<u8>>>
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values() {
-    let own = windows(1, 48);
-    let held_out = windows(2, 12);
-    let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
-    let architecture = Architecture::ConvAutoencoder(config.clone());
-
+/// A `SiteTrainer` of federation `ae` on node `edge-1`, served over gRPC behind a
+/// recording proxy, and the `RemoteSite` a coordinator reaches it through.
+async fn remote_site(args: SiteTrainerArgs) -> (ActorRef<SiteTrainerMsg>, Arc<Mutex<Vec<u8>>>) {
     let empty = NodeSpec {
         node: "edge-1".into(),
         sensors: Vec::new(),
@@ -89,19 +86,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
         restart: Default::default(),
     };
     let (node, _) = Node::start(empty, Annunciator::new(16)).await.unwrap();
-    let (site, _) = Actor::spawn(
-        None,
-        SiteTrainer,
-        SiteTrainerArgs {
-            site: "edge-1".into(),
-            architecture: architecture.clone(),
-            windows: own.clone(),
-            held_out: held_out.clone(),
-            feed: None,
-        },
-    )
-    .await
-    .unwrap();
+    let (site, _) = Actor::spawn(None, SiteTrainer, args).await.unwrap();
     node.directory.sites.insert("ae".into(), site);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server_addr = listener.local_addr().unwrap();
@@ -128,6 +113,37 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
     )
     .await
     .unwrap();
+    (remote, seen)
+}
+
+/// Whether two consecutive values of any of `items`' windows are in `seen`.
+fn assert_no_window_values(seen: &[u8], items: &[ReplayItem]) {
+    for item in items {
+        for pair in item.window.windows(2) {
+            let bytes: Vec<u8> = pair.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(
+                !seen.windows(bytes.len()).any(|w| w == bytes.as_slice()),
+                "two consecutive window values crossed the link: {pair:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values() {
+    let own = windows(1, 48);
+    let held_out = windows(2, 12);
+    let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
+    let architecture = Architecture::ConvAutoencoder(config.clone());
+    let (remote, seen) = remote_site(SiteTrainerArgs {
+        site: "edge-1".into(),
+        architecture: architecture.clone(),
+        windows: own.clone(),
+        held_out: held_out.clone(),
+        feed: None,
+        network: None,
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path());
     let (weights, _) = ConvAutoencoder::new(config, tch::Device::Cpu, 3)
@@ -167,6 +183,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
                     max_regression: 10.0,
                 }),
                 buffered: None,
+                distillation: None,
             },
             publication: Some(Publication {
                 store,
@@ -194,13 +211,120 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
     // The global weights went down twice (training, evaluation) and the update came
     // up: the recording saw the round.
     assert!(seen.len() > 2 * weights.len(), "{} bytes", seen.len());
-    for item in own.iter().chain(&held_out) {
-        for pair in item.window.windows(2) {
-            let bytes: Vec<u8> = pair.iter().flat_map(|v| v.to_le_bytes()).collect();
-            assert!(
-                !seen.windows(bytes.len()).any(|w| w == bytes.as_slice()),
-                "two consecutive window values crossed the link: {pair:?}"
-            );
-        }
+    assert_no_window_values(&seen, &own);
+    assert_no_window_values(&seen, &held_out);
+}
+
+/// Distillation rounds with a site on the other side of the link whose autoencoder is
+/// narrower than the federation's: the shared windows and the consensus go down, its
+/// outputs on them come up, both sites judge the federation's network on their
+/// held-out windows, and each round is stored. The site's own windows never cross.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only() {
+    let own = windows(1, 48);
+    let held_out = windows(2, 12);
+    let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
+    let architecture = Architecture::ConvAutoencoder(config.clone());
+    let narrow = architecture.with_hidden(8).unwrap();
+    let (remote, seen) = remote_site(SiteTrainerArgs {
+        site: "edge-1".into(),
+        architecture: architecture.clone(),
+        windows: own.clone(),
+        held_out: held_out.clone(),
+        feed: None,
+        network: Some(narrow),
+    })
+    .await;
+    let (local, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: "server-1".into(),
+            architecture: architecture.clone(),
+            windows: windows(3, 48),
+            held_out: windows(4, 12),
+            feed: None,
+            network: None,
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let (weights, _) = ConvAutoencoder::new(config, tch::Device::Cpu, 3)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let base = store
+        .import(architecture.manifest("ae", "1"), &weights)
+        .unwrap();
+    let shared = Arc::new(windows(5, 24));
+    let (coordinator, _) = Actor::spawn(
+        None,
+        FederatedCoordinator,
+        FederatedCoordinatorArgs {
+            federation: "ae".into(),
+            base,
+            weights: weights.clone(),
+            sites: vec![
+                FederationSite {
+                    name: "edge-1".into(),
+                    site: Site::Trainer(remote),
+                },
+                FederationSite {
+                    name: "server-1".into(),
+                    site: Site::Trainer(local),
+                },
+            ],
+            plan: FederationPlan {
+                work: RoundWork {
+                    local: LocalWork {
+                        epochs: 3,
+                        batch_size: 16,
+                        learning_rate: 1e-2,
+                        ..LocalWork::default()
+                    },
+                    ..RoundWork::default()
+                },
+                aggregation: Aggregation::FedAvg,
+                privacy: None,
+                min_sites: 2,
+                deadline: Duration::from_secs(60),
+                seed: 1,
+                gate: Some(EvaluationGate {
+                    max_regression: 10.0,
+                }),
+                buffered: None,
+                distillation: Some(Distillation {
+                    shared: shared.clone(),
+                    weight: 1.0,
+                }),
+            },
+            publication: Some(Publication {
+                store,
+                promoter: None,
+            }),
+        },
+    )
+    .await
+    .unwrap();
+    for version in ["ae@2", "ae@3"] {
+        let round = coordinator
+            .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the distillation round completes across the link");
+        assert_eq!(round.mode, "distillation");
+        assert_eq!(round.sites, ["edge-1", "server-1"]);
+        // Each site's reconstructions of the shared windows, as f32.
+        let outputs = shared.len() * (CHANNELS * WINDOW) as usize * 4;
+        assert_eq!(round.bytes_up, 2 * outputs as u64);
+        let evaluation = round.evaluation.expect("the sites judged the weights");
+        assert_eq!(evaluation.windows, 24, "{}", evaluation.reason);
+        assert_eq!(round.version.as_deref(), Some(version));
     }
+    let seen = seen.lock().unwrap().clone();
+    assert_no_window_values(&seen, &own);
+    assert_no_window_values(&seen, &held_out);
 }

@@ -53,7 +53,7 @@ pub enum Dataset {
         #[arg(long, default_value_t = 0.0)]
         server_momentum: f64,
         /// Local epochs per round.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 2)]
         local_epochs: usize,
         /// Which policies to run (comma-separated); all by default.
         #[arg(long, value_delimiter = ',')]

@@ -4,7 +4,8 @@
 //! windows, and its version is stored with its lineage and served by every replica;
 //! with one edge `kill -9`ed mid-round the round completes with the other; with the
 //! coordinator's node killed mid-round the round runs again on the next cloud node
-//! and exactly one new version comes of it.
+//! and exactly one new version comes of it. Two levels, a buffered run and a
+//! distillation round between sites whose networks differ run on a four-node mesh.
 
 use std::time::Duration;
 
@@ -426,5 +427,70 @@ async fn a_fog_aggregator_merges_its_edges_under_the_cloud_and_a_buffered_run_st
         store.get(&format!("ae@{}", number + 2)).is_err(),
         "a buffered run stores one version"
     );
+
+    // Distillation: edge-1 trains a narrower autoencoder than the expert's; the sites
+    // exchange only their outputs on windows the plant shares, and the cloud's network
+    // learns from their consensus.
+    let shared = dir.path().join("shared-windows.safetensors");
+    write_shared(&shared);
+    let distillation = format!(
+        "[experts.federation.distillation]\nshared = \"{}\"\nhidden = {{ edge-1 = 8 }}",
+        shared.display()
+    );
+    apply(&cloud, spec(&next, &distillation, 20)).await;
+    poll(
+        "the coordinator to run distillation rounds",
+        LONG,
+        || async {
+            let status = cloud.status().await?;
+            status
+                .federations
+                .iter()
+                .any(|f| f.mode == "distillation")
+                .then_some(())
+        },
+    )
+    .await;
+    // edge-1's site started again with its own network, and without windows.
+    push(&edge1, "s1", rows..2 * rows).await;
+    push(&edge2, "s2", rows..2 * rows).await;
+    let round = poll("a distillation round", Duration::from_secs(90), || async {
+        let round = federate(&edge1).await.ok()?;
+        (names(&round, "sites").len() == 2).then_some(round)
+    })
+    .await;
+    eprintln!("distillation round: {round}");
+    assert_eq!(round["mode"], "distillation", "{round}");
+    let distilled = round["version"].as_str().expect("a version").to_string();
+    all_serve(&edge2, &distilled).await;
+    let stored = store.get(&distilled).unwrap();
+    assert_eq!(stored.training["federated"]["mode"], "distillation");
+    assert_eq!(
+        stored.training["federated"]["distillation"]["shared_windows"],
+        SHARED_WINDOWS as u64
+    );
     drop((fog, edge1, edge2));
+}
+
+const SHARED_WINDOWS: usize = 32;
+
+/// Windows of both operating points, unlabelled, as a plant would export what it agreed
+/// to share: `[n, channels, window]` in a safetensors file.
+fn write_shared(path: &std::path::Path) {
+    let mut rng = SplitMix64::new(77);
+    let mut values = Vec::new();
+    for w in 0..SHARED_WINDOWS as u64 {
+        let sensor = if w % 2 == 0 { "s1" } else { "s2" };
+        let rows: Vec<Vec<f32>> = (0..WINDOW as u64)
+            .map(|t| row(sensor, 10_000 + w * WINDOW as u64 + t, &mut rng))
+            .collect();
+        values.extend((0..CHANNELS).flat_map(|c| rows.iter().map(move |r| r[c])));
+    }
+    let windows = tch::Tensor::from_slice(&values).view([
+        SHARED_WINDOWS as i64,
+        CHANNELS as i64,
+        WINDOW as i64,
+    ]);
+    tch::Tensor::write_safetensors(&[("windows", &windows)], path)
+        .expect("the shared windows are written");
 }

@@ -9,14 +9,19 @@
 //! ones ([`distill_locally`]). Only outputs on the shared windows cross the mesh: no
 //! weights, no site's own windows.
 
+use std::path::Path;
+
 use tch::{Device, Tensor};
 
 use super::local::{LocalTrainingError, LocalWork};
 use super::FederatedError;
+use crate::autoencoder::ConvAutoencoder;
+use crate::classifier::FaultClassifier;
 use crate::continual::{ReplayItem, Shadow};
 use crate::error::ModelError;
 use crate::served::Architecture;
 use crate::training;
+use crate::weights::WeightFile;
 
 /// A site's network after a distillation round.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,10 +88,89 @@ pub fn consensus(outputs: &[(&[f32], u64)]) -> Result<Vec<f32>, FederatedError> 
     Ok(sum.into_iter().map(|v| v as f32).collect())
 }
 
+/// Most shared windows a distillation federation takes: every round sends them to
+/// every site.
+pub const MAX_SHARED_WINDOWS: usize = 4096;
+
+/// The tensor of a shared-windows file.
+pub const SHARED_TENSOR: &str = "windows";
+
+/// A distillation federation's shared windows from a safetensors file: one f32
+/// tensor `windows` of shape `[n, channels, length]` or `[n, channels × length]`
+/// matching `input` (`[channels, length]`), with 1 ≤ n ≤ [`MAX_SHARED_WINDOWS`].
+pub fn read_shared(path: &Path, input: [i64; 2]) -> Result<Vec<ReplayItem>, ModelError> {
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| ModelError::Weights {
+        origin: origin.clone(),
+        reason: format!("cannot read the shared windows: {e}"),
+    })?;
+    let file = WeightFile::parse(&bytes, None, &origin)?;
+    let shape = file.shape(SHARED_TENSOR)?;
+    let per_window = (input[0] * input[1]) as usize;
+    let n = shape.first().copied().unwrap_or(0);
+    let fits = match shape.as_slice() {
+        [_, values] => *values == per_window,
+        [_, channels, length] => [*channels as i64, *length as i64] == input,
+        _ => false,
+    };
+    if !fits || !(1..=MAX_SHARED_WINDOWS).contains(&n) {
+        return Err(ModelError::TensorShape {
+            origin,
+            name: SHARED_TENSOR.into(),
+            expected: format!(
+                "[n, {}, {}] or [n, {per_window}] with 1 <= n <= {MAX_SHARED_WINDOWS}",
+                input[0], input[1]
+            ),
+            got: format!("{shape:?}"),
+        });
+    }
+    let dims: Vec<i64> = shape.iter().map(|d| *d as i64).collect();
+    let values = file.values(SHARED_TENSOR, &dims)?;
+    Ok(values
+        .chunks(per_window)
+        .map(|window| ReplayItem {
+            window: window.to_vec(),
+            label: None,
+        })
+        .collect())
+}
+
+/// Newly initialised weights of `architecture` (a site whose network differs from the
+/// federation's starts from these), safetensors.
+pub fn initial_weights(
+    architecture: &Architecture,
+    seed: i64,
+    device: Device,
+) -> Result<Vec<u8>, LocalTrainingError> {
+    let bytes = match architecture {
+        Architecture::ConvAutoencoder(config) => {
+            ConvAutoencoder::new(config.clone(), device, seed)?
+                .to_safetensors()?
+                .0
+        }
+        Architecture::FaultClassifier { config, .. } => {
+            FaultClassifier::new(*config, device, seed)?
+                .to_safetensors()?
+                .0
+        }
+        other => {
+            return Err(ModelError::InvalidOption {
+                field: "architecture",
+                value: other.manifest_fields().0,
+                reason: "only conv_autoencoder and fault_classifier are distilled".into(),
+            }
+            .into())
+        }
+    };
+    Ok(bytes)
+}
+
 /// Trains the site's network (`weights`) on its own windows, plus `distill_weight` ×
 /// the distance between its outputs on `shared` and `consensus` (as [`outputs_on`]
 /// lays them out). Each step takes a batch of own windows and the same number of
-/// shared ones.
+/// shared ones. With no own windows (a coordinator distilling the consensus into the
+/// federation's network, FedDF's server step) only the distance is trained, over the
+/// shared windows.
 #[allow(clippy::too_many_arguments)]
 pub fn distill_locally(
     architecture: &Architecture,
@@ -112,10 +196,11 @@ pub fn distill_locally(
     shadow.check("site windows", own)?;
     shadow.check("shared windows", shared)?;
     let own: Vec<&ReplayItem> = own.iter().filter(|i| shadow.usable(i)).collect();
-    if own.is_empty() || shared.is_empty() {
+    let server = own.is_empty() && distill_weight > 0.0;
+    if (own.is_empty() && !server) || shared.is_empty() {
         return Err(ModelError::Shape {
             what: "distillation windows",
-            expected: "at least one usable own window and one shared window".into(),
+            expected: "at least one shared window, and one usable own window unless only the consensus is matched".into(),
             got: format!("{} own, {} shared", own.len(), shared.len()),
         }
         .into());
@@ -143,23 +228,32 @@ pub fn distill_locally(
         .and_then(|t| t.f_view(shape.as_slice()))
         .and_then(|t| t.f_to_device(device))
         .map_err(ModelError::from)?;
-    let (data, labels) = shadow.batch(&own, device)?;
+    let own_batch = if server {
+        None
+    } else {
+        Some(shadow.batch(&own, device)?)
+    };
     let n_shared = shared.len() as i64;
     let objective = |indices: &Tensor| {
-        let batch = data.f_index_select(0, indices)?;
+        // The same positions, wrapped onto the shared windows.
+        let picked = indices.f_remainder(n_shared)?;
+        let distance = shadow
+            .distillation_loss(
+                &shared_windows.f_index_select(0, &picked)?,
+                &targets.f_index_select(0, &picked)?,
+            )?
+            .f_mul_scalar(distill_weight)?;
+        let Some((data, labels)) = &own_batch else {
+            return Ok(distance);
+        };
         let target = labels
             .as_ref()
             .map(|t| t.f_index_select(0, indices))
             .transpose()?;
-        let own_loss = shadow.loss(&batch, target.as_ref())?;
-        // The same positions, wrapped onto the shared windows.
-        let picked = indices.f_remainder(n_shared)?;
-        let distance = shadow.distillation_loss(
-            &shared_windows.f_index_select(0, &picked)?,
-            &targets.f_index_select(0, &picked)?,
-        )?;
-        own_loss.f_add(&distance.f_mul_scalar(distill_weight)?)
+        let own_loss = shadow.loss(&data.f_index_select(0, indices)?, target.as_ref())?;
+        own_loss.f_add(&distance)
     };
+    let samples = if server { shared.len() } else { own.len() };
     let options = training::TrainOptions {
         epochs: work.epochs,
         batch_size: work.batch_size,
@@ -171,7 +265,7 @@ pub fn distill_locally(
     };
     let report = training::train(
         shadow.var_store(),
-        own.len(),
+        samples,
         &options,
         &objective,
         &mut |_| {},
@@ -179,7 +273,7 @@ pub fn distill_locally(
     let (weights, _) = shadow.to_safetensors()?;
     Ok(Distilled {
         weights,
-        samples: own.len() as u64,
+        samples: samples as u64,
         loss: report.best_validation_loss,
     })
 }
@@ -303,6 +397,47 @@ mod tests {
             assert!(by_itself < 0.7, "site {i} alone: {by_itself}");
             assert!(together > 0.9, "site {i} distilled: {together}");
         }
+    }
+
+    #[test]
+    fn shared_windows_are_read_in_either_shape_and_a_wrong_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<f32> = (0..3 * 16).map(|v| v as f32).collect();
+        let write = |name: &str, shape: &[i64]| {
+            let path = dir.path().join(name);
+            let tensor = Tensor::from_slice(&values).view(shape);
+            Tensor::write_safetensors(&[(SHARED_TENSOR, &tensor)], &path).unwrap();
+            path
+        };
+        for shape in [[3, 2, 8].as_slice(), [3, 16].as_slice()] {
+            let shared = read_shared(&write("ok.safetensors", shape), [2, 8]).unwrap();
+            assert_eq!(shared.len(), 3);
+            assert_eq!(shared[1].window, values[16..32]);
+            assert!(shared.iter().all(|w| w.label.is_none()));
+        }
+        let refused = read_shared(&write("wide.safetensors", &[2, 24]), [2, 8])
+            .unwrap_err()
+            .to_string();
+        for words in ["windows", "[2, 24]", "[n, 2, 8] or [n, 16]", "4096"] {
+            assert!(refused.contains(words), "{refused} lacks {words}");
+        }
+        let missing = read_shared(&dir.path().join("none.safetensors"), [2, 8]).unwrap_err();
+        assert!(missing
+            .to_string()
+            .contains("cannot read the shared windows"));
+    }
+
+    #[test]
+    fn only_the_networks_distillation_trains_take_another_width() {
+        let (architecture, _) = classifier(8, 1);
+        let wide = architecture.with_hidden(24).unwrap();
+        let Architecture::FaultClassifier { config, .. } = &wide else {
+            panic!("a classifier")
+        };
+        assert_eq!(config.hidden, 24);
+        assert!(initial_weights(&wide, 1, Device::Cpu).is_ok());
+        let refused = architecture.with_hidden(0).unwrap_err().to_string();
+        assert!(refused.contains("hidden") && refused.contains("between 1 and 4096"));
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! Federated distillation through the actors: two sites whose classifiers differ in
+//! width, each seeing normal operation and one fault of its own, answer with their
+//! outputs on shared unlabelled windows; the coordinator's classifier, which never sees
+//! a label, learns every class from their consensus, and each round is stored as an
+//! ordinary version with its lineage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fogmesh_actors::{
+    Distillation, FederationPlan, FederationSite, Publication, RoundWork, Site, SiteTrainer,
+    SiteTrainerArgs,
+};
+use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
+use fogmesh_models::continual::ReplayItem;
+use fogmesh_models::federated::{Aggregation, LocalWork};
+use fogmesh_models::served::{Architecture, Classes};
+use fogmesh_models::store::ModelStore;
+use fogmesh_models::SplitMix64;
+use ractor::Actor;
+
+use crate::federated::{ask, coordinator, round};
+
+const CLASSES: usize = 3;
+
+fn classifier(hidden: i64) -> Architecture {
+    Architecture::FaultClassifier {
+        config: ClassifierConfig {
+            channels: 2,
+            window: 8,
+            hidden,
+            classes: CLASSES as i64,
+        },
+        classes: Classes {
+            names: vec!["normal".into(), "leak".into(), "clog".into()],
+            normal: 0,
+        },
+    }
+}
+
+/// Class c's windows sit at level c − 1, with noise; unlabelled when `labelled` is
+/// false.
+fn items(classes: &[i64], n: usize, seed: u64, labelled: bool) -> Vec<ReplayItem> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n)
+        .map(|i| {
+            let class = classes[i % classes.len()];
+            ReplayItem {
+                window: (0..16)
+                    .map(|_| (class as f64 - 1.0 + 0.2 * rng.normal()) as f32)
+                    .collect(),
+                label: labelled.then_some(class),
+            }
+        })
+        .collect()
+}
+
+async fn site(
+    name: &str,
+    network: Option<Architecture>,
+    classes: &[i64],
+    seed: u64,
+) -> FederationSite {
+    let (actor, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: name.into(),
+            architecture: classifier(16),
+            windows: items(classes, 60, seed, true),
+            held_out: items(classes, 12, seed + 100, true),
+            feed: None,
+            network,
+        },
+    )
+    .await
+    .unwrap();
+    FederationSite {
+        name: name.into(),
+        site: Site::Trainer(actor),
+    }
+}
+
+fn accuracy(weights: &[u8], test: &[ReplayItem]) -> f64 {
+    let Architecture::FaultClassifier { config, .. } = classifier(16) else {
+        unreachable!()
+    };
+    let model = FaultClassifier::from_safetensors(config, weights, None, tch::Device::Cpu).unwrap();
+    let windows: Vec<f32> = test.iter().flat_map(|i| i.window.clone()).collect();
+    let predicted = model.predict(&windows).unwrap();
+    let right = predicted
+        .iter()
+        .zip(test)
+        .filter(|(p, i)| Some(**p) == i.label)
+        .count();
+    right as f64 / test.len() as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let Architecture::FaultClassifier { config, .. } = classifier(16) else {
+        unreachable!()
+    };
+    let (weights, _) = FaultClassifier::new(config, tch::Device::Cpu, 5)
+        .unwrap()
+        .to_safetensors()
+        .unwrap();
+    let base = store
+        .import(classifier(16).manifest("valve-clf", "1"), &weights)
+        .unwrap();
+    let sites = vec![
+        site("gateway-1", Some(classifier(8)), &[0, 1], 1).await,
+        site("server-1", Some(classifier(24)), &[0, 2], 2).await,
+    ];
+    let shared = Arc::new(items(&[0, 1, 2], 30, 3, false));
+    let plan = FederationPlan {
+        work: RoundWork {
+            local: LocalWork {
+                epochs: 3,
+                batch_size: 16,
+                learning_rate: 1e-2,
+                ..LocalWork::default()
+            },
+            ..RoundWork::default()
+        },
+        aggregation: Aggregation::FedAvg,
+        privacy: None,
+        min_sites: 2,
+        deadline: Duration::from_secs(60),
+        seed: 1,
+        gate: None,
+        buffered: None,
+        distillation: Some(Distillation {
+            shared: shared.clone(),
+            weight: 1.0,
+        }),
+    };
+    let actor = coordinator(
+        "valve-clf",
+        (base, weights.clone()),
+        sites,
+        plan,
+        Some(Publication {
+            store: store.clone(),
+            promoter: None,
+        }),
+    )
+    .await;
+    let test = items(&[0, 1, 2], 90, 4, true);
+    let before = accuracy(&weights, &test);
+    for r in 1..=6 {
+        let report = round(&actor).await.expect("a distillation round");
+        assert_eq!(report.mode, "distillation");
+        assert_eq!(report.sites, ["gateway-1", "server-1"]);
+        assert_eq!(report.samples, 120);
+        // Each site's class probabilities on every shared window, as f32.
+        assert_eq!(report.bytes_up, (2 * shared.len() * CLASSES * 4) as u64);
+        assert_eq!(
+            report.version.as_deref(),
+            Some(format!("valve-clf@{}", r + 1).as_str())
+        );
+    }
+    let stored = store.get("valve-clf@7").unwrap();
+    assert_eq!(stored.training["federated"]["mode"], "distillation");
+    assert_eq!(
+        stored.training["federated"]["distillation"]["shared_windows"],
+        30
+    );
+    let global = ask(&actor, |reply| {
+        fogmesh_actors::FederatedCoordinatorMsg::Global { reply }
+    })
+    .await;
+    let after = accuracy(&global, &test);
+    assert!(before < 0.5, "the untrained classifier: {before}");
+    assert!(after > 0.9, "after distillation: {after}");
+}
