@@ -45,6 +45,7 @@ mod services;
 pub mod status;
 pub mod status_table;
 pub mod telemetry;
+pub mod zone;
 
 pub use config::{
     ClusterSection, ConfigError, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection,

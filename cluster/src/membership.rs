@@ -60,6 +60,9 @@ pub struct MemberCard {
     pub memory_bytes: u64,
     pub gpus: Vec<GpuCard>,
     pub up_since_us: i64,
+    /// `[node] zone`; empty when the node names none.
+    #[serde(default)]
+    pub zone: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +104,15 @@ impl MemberCard {
                 })
                 .collect(),
             up_since_us,
+            zone: String::new(),
+        }
+    }
+
+    /// The card of a node in `zone`.
+    pub fn in_zone(self, zone: Option<&str>) -> Self {
+        MemberCard {
+            zone: zone.unwrap_or_default().to_string(),
+            ..self
         }
     }
 }

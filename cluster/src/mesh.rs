@@ -49,6 +49,8 @@ pub enum MeshError {
 pub struct MeshSettings {
     pub name: String,
     pub role: Role,
+    /// `[node] zone`.
+    pub zone: Option<String>,
     pub cluster: ClusterSection,
     /// `[cluster] data`, resolved against the config file.
     pub data: PathBuf,
@@ -124,7 +126,8 @@ impl Mesh {
             advertise,
             &settings.capabilities,
             settings.up_since_us,
-        );
+        )
+        .in_zone(settings.zone.as_deref());
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);

@@ -5,8 +5,8 @@
 //! - a sensor names its `node` (a stream is read where its source is);
 //! - an expert says how many `replicas` it wants (on distinct nodes) and its
 //!   `placement` rules: `roles` it may run on, whether it needs a `gpu`, a sensor it
-//!   should run `near`, and `max_per_node` (a node hosting it hosts at most that many
-//!   experts in all);
+//!   should run `near`, `max_per_node` (a node hosting it hosts at most that many
+//!   experts in all) and a `zone` pattern its hosts must sit in;
 //! - a router runs on every node that hosts a sensor routed through it.
 //!
 //! Relative paths (weights, gates) resolve against the spec file's folder when it is
@@ -32,6 +32,7 @@ use crate::config::{
     Role, RouterConfig,
 };
 use crate::placement::{Assignment, Candidate, Demand};
+use crate::zone::ZonePattern;
 
 /// Largest spec text the mesh gossips (every node carries a copy in each gossip digest).
 pub const MAX_SPEC_BYTES: usize = 32 * 1024;
@@ -44,6 +45,8 @@ pub struct PlacementRules {
     pub gpu: bool,
     pub near: Option<String>,
     pub max_per_node: Option<usize>,
+    /// Only nodes whose `[node] zone` this pattern matches (`site-1/*`).
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -166,6 +169,15 @@ impl MeshSpec {
                     "must be at least 1".into(),
                 ));
             }
+            if let Some(zone) = &placement.zone {
+                ZonePattern::parse(zone).map_err(|e| {
+                    invalid(
+                        format!("experts[{i}].placement.zone"),
+                        format!("{zone:?}"),
+                        e.reason,
+                    )
+                })?;
+            }
             // serde fills in `max_wait_us` when absent; the table says if it was written.
             let us_written = table.contains_key("max_wait_us");
             let mut config: ExpertConfig = toml::Value::Table(table).try_into().map_err(syntax)?;
@@ -235,6 +247,7 @@ impl MeshSpec {
             node: NodeSection {
                 name: "mesh".into(),
                 role: Role::Cloud,
+                zone: None,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
                 metrics_public: false,
@@ -419,6 +432,11 @@ impl MeshSpec {
                 needs_gpu: e.placement.gpu,
                 near: e.placement.near.clone(),
                 max_per_node: e.placement.max_per_node,
+                zone: e
+                    .placement
+                    .zone
+                    .as_deref()
+                    .and_then(|z| ZonePattern::parse(z).ok()),
             })
             .collect()
     }
@@ -518,6 +536,7 @@ router = "r1"
             gpus: 0,
             cpu_load: 0.0,
             sensors: Vec::new(),
+            zone: String::new(),
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! The rules, and why:
 //! - A replica goes only to a node whose role the expert accepts (any role when it
-//!   names none) and that has a GPU when the expert needs one. Replicas of one expert
+//!   names none), that has a GPU when the expert needs one, and that sits in a zone the
+//!   expert's zone pattern matches when it names one. Replicas of one expert
 //!   go to distinct nodes, so losing one node never takes out two of them.
 //! - Co-tenancy: a node hosts no more experts than the smallest `max_per_node` among
 //!   the experts it hosts, so an expert that asked for room gets it.
@@ -33,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Role;
+use crate::zone::ZonePattern;
 
 /// A live node that may host experts.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,8 @@ pub struct Candidate {
     pub cpu_load: f64,
     /// Sensor stream ids pinned to this node.
     pub sensors: Vec<String>,
+    /// `[node] zone` (empty: none).
+    pub zone: String,
 }
 
 /// What one expert asks of its hosts.
@@ -59,6 +63,8 @@ pub struct Demand {
     pub near: Option<String>,
     /// A node hosting this expert hosts at most this many experts in total (this one included). None = no limit.
     pub max_per_node: Option<usize>,
+    /// Only nodes in a zone this pattern matches.
+    pub zone: Option<ZonePattern>,
 }
 
 /// Expert name -> names of the nodes hosting its replicas (sorted by node name).
@@ -251,6 +257,7 @@ fn busy(node: &Candidate) -> f64 {
 fn is_eligible(demand: &Demand, node: &Candidate) -> bool {
     (demand.roles.is_empty() || demand.roles.contains(&node.role))
         && (!demand.needs_gpu || node.gpus > 0)
+        && demand.zone.as_ref().is_none_or(|z| z.matches(&node.zone))
 }
 
 fn sorted_nodes(nodes: &[Candidate]) -> Result<Vec<&Candidate>, PlacementError> {
@@ -292,6 +299,24 @@ fn ordered_demands(demands: &[Demand]) -> Result<Vec<&Demand>, PlacementError> {
 
 /// Says which constraint no live node meets, for a demand with no eligible node.
 fn ineligibility_reason(demand: &Demand, nodes: &[&Candidate]) -> String {
+    if let Some(zone) = &demand.zone {
+        let inside: Vec<&Candidate> = nodes
+            .iter()
+            .copied()
+            .filter(|n| zone.matches(&n.zone))
+            .collect();
+        if inside.is_empty() {
+            return format!("zone {zone}: no live node is in it");
+        }
+        let unzoned = Demand {
+            zone: None,
+            ..demand.clone()
+        };
+        return format!(
+            "in zone {zone}: {}",
+            ineligibility_reason(&unzoned, &inside)
+        );
+    }
     let has_gpu = nodes.iter().any(|node| node.gpus > 0);
     let has_role = nodes.iter().any(|node| demand.roles.contains(&node.role));
     let roles = (!demand.roles.is_empty()).then(|| {
@@ -343,6 +368,7 @@ mod tests {
             gpus,
             cpu_load,
             sensors: Vec::new(),
+            zone: String::new(),
         }
     }
 
@@ -358,6 +384,7 @@ mod tests {
             needs_gpu: false,
             near: None,
             max_per_node: None,
+            zone: None,
         }
     }
 
@@ -370,6 +397,65 @@ mod tests {
             .iter()
             .map(|(expert, nodes)| ((*expert).to_owned(), names(nodes)))
             .collect()
+    }
+
+    fn zoned(name: &str, zone: &str) -> Candidate {
+        Candidate {
+            zone: zone.to_owned(),
+            ..fog(name, 0.0)
+        }
+    }
+
+    #[test]
+    fn a_zone_pattern_keeps_replicas_inside_its_zones() {
+        let nodes = [
+            zoned("cloud-1", "cloud"),
+            zoned("gw-1", "site-1/area-1/cell-1"),
+            zoned("gw-2", "site-1/area-2/cell-1"),
+            zoned("gw-3", "site-2/area-1/cell-1"),
+            fog("loose", 0.0),
+        ];
+        let site = Demand {
+            zone: Some(ZonePattern::parse("site-1/*").unwrap()),
+            ..demand("cell-ae", 2)
+        };
+        let placed = place(&[site.clone()], &nodes, &Assignment::new());
+        assert_eq!(placed, Ok(assignment(&[("cell-ae", &["gw-1", "gw-2"])])));
+        // Three replicas do not fit in site-1: the error says so by zone.
+        let err = place(
+            &[Demand {
+                replicas: 3,
+                ..site
+            }],
+            &nodes,
+            &Assignment::new(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PlacementError::TooFewNodes { eligible: 2, .. }),
+            "{err}"
+        );
+        let nowhere = Demand {
+            zone: Some(ZonePattern::parse("site-9").unwrap()),
+            ..demand("lost", 1)
+        };
+        assert_eq!(
+            place(&[nowhere], &nodes, &Assignment::new())
+                .unwrap_err()
+                .to_string(),
+            "expert `lost` cannot be placed: zone site-9: no live node is in it"
+        );
+        let gpu_in_cloud = Demand {
+            zone: Some(ZonePattern::parse("cloud").unwrap()),
+            needs_gpu: true,
+            ..demand("vision", 1)
+        };
+        assert_eq!(
+            place(&[gpu_in_cloud], &nodes, &Assignment::new())
+                .unwrap_err()
+                .to_string(),
+            "expert `vision` cannot be placed: in zone cloud: needs a GPU and no live node has one"
+        );
     }
 
     #[test]
@@ -742,6 +828,8 @@ mod tests {
 
     const SENSORS: [&str; 3] = ["s0", "s1", "s2"];
     const ROLES: [Role; 3] = [Role::Edge, Role::Fog, Role::Cloud];
+    const ZONES: [&str; 4] = ["site-1/cell-1", "site-1/cell-2", "site-2/cell-1", ""];
+    const PATTERNS: [&str; 3] = ["site-1", "site-1/*", "*/cell-1"];
 
     fn arb_nodes() -> impl Strategy<Value = Vec<Candidate>> {
         let spec = (
@@ -750,17 +838,19 @@ mod tests {
             // Few distinct loads, so ties and the name tie-break are exercised.
             (0u8..=4).prop_map(|quarters| f64::from(quarters) / 4.0),
             prop::sample::subsequence(SENSORS.to_vec(), 0..=2),
+            prop::sample::select(ZONES.to_vec()),
         );
         prop::collection::vec(spec, 0..7).prop_map(|specs| {
             specs
                 .into_iter()
                 .enumerate()
-                .map(|(i, (role, gpus, cpu_load, sensors))| Candidate {
+                .map(|(i, (role, gpus, cpu_load, sensors, zone))| Candidate {
                     name: format!("node-{i}"),
                     role,
                     gpus,
                     cpu_load,
                     sensors: names(&sensors),
+                    zone: zone.to_owned(),
                 })
                 .collect()
         })
@@ -773,19 +863,21 @@ mod tests {
             prop::bool::weighted(0.3),
             prop::option::of(prop::sample::select(SENSORS.to_vec())),
             prop::option::weighted(0.4, 1usize..4),
+            prop::option::weighted(0.3, prop::sample::select(PATTERNS.to_vec())),
         );
         prop::collection::vec(spec, 0..5).prop_map(|specs| {
             specs
                 .into_iter()
                 .enumerate()
                 .map(
-                    |(i, (replicas, roles, needs_gpu, near, max_per_node))| Demand {
+                    |(i, (replicas, roles, needs_gpu, near, max_per_node, zone))| Demand {
                         expert: format!("expert-{i}"),
                         replicas,
                         roles,
                         needs_gpu,
                         near: near.map(str::to_owned),
                         max_per_node,
+                        zone: zone.map(|z| ZonePattern::parse(z).unwrap()),
                     },
                 )
                 .collect()

@@ -264,6 +264,7 @@ impl NodeServer {
                 let settings = MeshSettings {
                     name: config.node.name.clone(),
                     role: config.node.role,
+                    zone: config.node.zone.clone(),
                     data: config.resolve(&cluster.data),
                     cluster: cluster.clone(),
                     grpc_addr,

@@ -461,6 +461,7 @@ impl Control for NodeServices {
                     link_rtt_ms: link.and_then(|l| l.rtt).map(|d| d.as_secs_f64() * 1e3),
                     node: m.name,
                     role: m.card.role,
+                    zone: m.card.zone,
                     address: m.card.grpc,
                     capabilities: Some(NodeCapabilities {
                         cores: m.card.cores,

@@ -34,7 +34,7 @@ pub fn plain(table: &mut Table, right_aligned: &[usize]) -> String {
 pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
     let mut members = Table::new();
     members.set_header([
-        "NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS",
+        "NODE", "ROLE", "ZONE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS",
     ]);
     for m in &mesh.members {
         let capabilities = m.capabilities.clone().unwrap_or_default();
@@ -56,6 +56,11 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
         members.add_row([
             m.node.clone(),
             m.role.clone(),
+            if m.zone.is_empty() {
+                "-".to_string()
+            } else {
+                m.zone.clone()
+            },
             m.address.clone(),
             capabilities.cores.to_string(),
             format!("{:.1} GiB", gib(capabilities.memory_bytes)),
@@ -65,7 +70,7 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
             gpus,
         ]);
     }
-    let mut out = plain(&mut members, &[3, 4, 5, 6]);
+    let mut out = plain(&mut members, &[4, 5, 6, 7]);
     let _ = writeln!(
         out,
         "\n\nspec v{}, placement epoch {} by {}",
@@ -642,6 +647,11 @@ mod tests {
             up_since_us: 0,
             link: link.into(),
             link_rtt_ms: rtt,
+            zone: if node == "fog-3" {
+                String::new()
+            } else {
+                "site-1/area-2".into()
+            },
         };
         let mesh = MeshStatus {
             node: "fog-1".into(),
@@ -680,7 +690,7 @@ mod tests {
         };
         assert_eq!(
             cells(&line("NODE")),
-            ["NODE", "ROLE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS"],
+            ["NODE", "ROLE", "ZONE", "ADDRESS", "CORES", "MEMORY", "LOAD", "UP", "LINK", "GPUS"],
             "{text}"
         );
         for (node, link) in [
@@ -689,9 +699,14 @@ mod tests {
             ("fog-3", "down"),
         ] {
             let address = format!("{node}.plant:7700");
+            let zone = if node == "fog-3" {
+                "-"
+            } else {
+                "site-1/area-2"
+            };
             assert_eq!(
                 cells(&line(node)),
-                [node, "fog", &address, "8", "32.0 GiB", "0.50", "1m 5s", link, "-"],
+                [node, "fog", zone, &address, "8", "32.0 GiB", "0.50", "1m 5s", link, "-"],
                 "{text}"
             );
         }

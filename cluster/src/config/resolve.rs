@@ -108,6 +108,10 @@ impl NodeConfig {
         if self.node.name.is_empty() {
             return Err(self.invalid("node.name".into(), "\"\"", "must not be empty"));
         }
+        if let Some(zone) = &self.node.zone {
+            crate::zone::check_zone(zone)
+                .map_err(|e| self.invalid("node.zone".into(), format!("{zone:?}"), e.reason))?;
+        }
         if let Some(addr) = self.node.metrics_listen {
             if !addr.ip().is_loopback() && !self.node.metrics_public {
                 return Err(self.invalid(

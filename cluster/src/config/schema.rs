@@ -49,6 +49,10 @@ pub struct NodeConfig {
 pub struct NodeSection {
     pub name: String,
     pub role: Role,
+    /// Where the node sits in the plant's network, from the top down
+    /// (`site-1/area-2/cell-3`); placement rules may name zones.
+    #[serde(default)]
+    pub zone: Option<String>,
     /// gRPC address; port 0 picks a free port (see `RunningNodeServer::grpc_addr`).
     pub listen: SocketAddr,
     /// Prometheus HTTP endpoint (`GET /metrics`); none when absent. It is plaintext

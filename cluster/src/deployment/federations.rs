@@ -709,6 +709,7 @@ mod tests {
             gpus: 0,
             cpu_load: 0.0,
             sensors: Vec::new(),
+            zone: String::new(),
         }
     }
 
@@ -722,6 +723,7 @@ mod tests {
                 memory_bytes: 0,
                 gpus: Vec::new(),
                 up_since_us: 0,
+                zone: String::new(),
             };
             let member = Member {
                 name: name.into(),

@@ -179,6 +179,7 @@ placement = { roles = ["fog"] }
             gpus: 0,
             cpu_load: 0.0,
             sensors: Vec::new(),
+            zone: String::new(),
         }
     }
 

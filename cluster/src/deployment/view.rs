@@ -117,6 +117,7 @@ pub fn candidates(
             gpus: m.card.gpus.len() as u32,
             cpu_load: load_step(m.load.cpu),
             sensors: sensors.get(&m.name).cloned().unwrap_or_default(),
+            zone: m.card.zone.clone(),
         })
         .collect()
 }
@@ -258,6 +259,7 @@ pub(crate) mod tests {
             memory_bytes: 1 << 30,
             gpus: Vec::new(),
             up_since_us: 0,
+            zone: String::new(),
         };
         (
             name.to_string(),

@@ -81,6 +81,8 @@ pub struct NodeSettings<'a> {
     pub seeds: Vec<String>,
     /// The address peers dial instead of the node's own (a proxy).
     pub advertise: Option<String>,
+    /// `[node] zone`.
+    pub zone: Option<&'a str>,
 }
 
 impl MeshNode {
@@ -101,10 +103,14 @@ impl MeshNode {
             .advertise
             .map(|a| format!("advertise = {a:?}\n"))
             .unwrap_or_default();
+        let zone = settings
+            .zone
+            .map(|z| format!("zone = {z:?}\n"))
+            .unwrap_or_default();
         let pki = TestPki::open(&dir.join("pki"));
         let role = settings.role.parse().expect("a node role");
         let config = format!(
-            "[node]\nname = {:?}\nrole = {:?}\nlisten = {addr:?}\n\n[cluster]\nsecret = {:?}\nseeds = [{seeds}]\n{advertise}data = {:?}\n{}",
+            "[node]\nname = {:?}\nrole = {:?}\n{zone}listen = {addr:?}\n\n[cluster]\nsecret = {:?}\nseeds = [{seeds}]\n{advertise}data = {:?}\n{}",
             settings.name,
             settings.role,
             settings.secret,
@@ -238,6 +244,7 @@ impl<'a> NodeSettings<'a> {
             secret,
             seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
             advertise: None,
+            zone: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The fog mesh as it runs in a plant: separate `fogmesh node` processes on their own
 //! loopback addresses, joined by gossip and gRPC cluster links. Shown here: full
 //! membership, a spec refused whole when it cannot be placed, a spec placed by its
-//! constraints, windows scored on another node, a `kill -9` of the node holding the
+//! constraints (roles, zones), windows scored on another node, a `kill -9` of the node holding the
 //! expert while windows flow (every window scored exactly once, none lost), a silent
 //! partition detected and healed, and a node with the wrong secret refused.
 //!
@@ -180,9 +180,31 @@ impl WindowFlow {
 async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node() {
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
-    let edge = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.21", &[]));
-    let fog_a = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.22", &[&edge]));
-    let fog_b = MeshNode::start(dir.path(), node("fog-b", "fog", "127.0.0.23", &[&edge]));
+    let in_zone = |settings, zone| NodeSettings {
+        zone: Some(zone),
+        ..settings
+    };
+    let edge = MeshNode::start(
+        dir.path(),
+        in_zone(
+            node("edge-1", "edge", "127.0.0.21", &[]),
+            "site-1/area-1/cell-1",
+        ),
+    );
+    let fog_a = MeshNode::start(
+        dir.path(),
+        in_zone(
+            node("fog-a", "fog", "127.0.0.22", &[&edge]),
+            "site-1/area-1",
+        ),
+    );
+    let fog_b = MeshNode::start(
+        dir.path(),
+        in_zone(
+            node("fog-b", "fog", "127.0.0.23", &[&edge]),
+            "site-1/area-2",
+        ),
+    );
     let joined = Instant::now();
     for n in [&edge, &fog_a, &fog_b] {
         full_membership(n, 3).await;
@@ -215,6 +237,31 @@ async fn the_mesh_places_scores_across_nodes_and_survives_a_killed_expert_node()
         "{}",
         unknown_node.message()
     );
+    let no_zone = apply(&edge, spec("edge-1", "placement = { zone = \"site-9/*\" }"))
+        .await
+        .expect_err("no node in site-9");
+    assert_eq!(no_zone.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        no_zone
+            .message()
+            .contains("zone site-9/*: no live node is in it"),
+        "{}",
+        no_zone.message()
+    );
+    assert_eq!(edge.mesh().await.expect("mesh status").spec_version, 0);
+    // A zone pattern picks its node: area-2 holds fog-b alone, and `site-1/*` rules
+    // out nothing but zone-less nodes (a dry run stores nothing).
+    let zoned = edge
+        .control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: spec("edge-1", "placement = { zone = \"site-1/area-2\" }"),
+            dry_run: true,
+        })
+        .await
+        .expect("a zone with a node is placed")
+        .into_inner();
+    assert_eq!(zoned.placement[0].nodes, ["fog-b"]);
     assert_eq!(edge.mesh().await.expect("mesh status").spec_version, 0);
 
     // Placed by its constraints: a fog node, never the edge node holding the sensor.

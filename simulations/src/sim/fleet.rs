@@ -57,11 +57,13 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Writes every node's `node.toml` under `folder`; starts none.
+    /// Writes every node's `node.toml` under `folder` (node `i` in `zones[i]`, its zone
+    /// path); starts none.
     pub fn prepare(
         binary: &Path,
         folder: &Path,
         plans: &[NodePlan],
+        zones: &[String],
         addresses: Addresses,
         secret: &str,
         seeds: &[usize],
@@ -81,13 +83,14 @@ impl Fleet {
             std::fs::create_dir_all(&node_folder).map_err(prepare)?;
             let front = addresses.front(i).to_string();
             let config = format!(
-                "# Written by fogmesh sim: node {i} of the scenario, zone {zone}.\n\
-                 [node]\nname = {name:?}\nrole = {role:?}\nlisten = {listen:?}\n\n\
+                "# Written by fogmesh sim: node {i} of the scenario.\n\
+                 [node]\nname = {name:?}\nrole = {role:?}\nzone = {zone:?}\n\
+                 listen = {listen:?}\n\n\
                  [cluster]\nsecret = {secret:?}\nseeds = [{seed_list}]\n\
                  advertise = {front:?}\nadvertise_gossip = {front:?}\n\
                  dial_from = {dial_from:?}\ndata = \"data\"\n\n\
                  [tls]\ninsecure = true\n",
-                zone = plan.zone,
+                zone = zones[i],
                 name = plan.name,
                 role = plan.role,
                 listen = addresses.home(i).to_string(),

@@ -96,10 +96,16 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         .filter(|&i| scenario.nodes[i].join_at_s.is_none())
         .collect();
     let seeds = &initial[..1];
+    let zones: Vec<String> = scenario
+        .nodes
+        .iter()
+        .map(|n| scenario.zone_path(&n.zone))
+        .collect();
     let mut fleet = Fleet::prepare(
         &options.binary,
         &options.out,
         &scenario.nodes,
+        &zones,
         addresses,
         &secret,
         seeds,

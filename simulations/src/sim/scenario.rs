@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use fogmesh_cluster::zone::{check_zone, MAX_ZONE_DEPTH, MAX_ZONE_SEGMENT};
 use serde::{Deserialize, Serialize};
 
 /// The most nodes one scenario may start (each is a `fogmesh node` process).
@@ -366,6 +367,14 @@ impl Scenario {
             );
         }
         for (i, zone) in zones.iter().enumerate() {
+            // A zone's name is one level of the path its nodes get as `[node] zone`.
+            if zone.name.contains('/') || check_zone(&zone.name).is_err() {
+                invalid(
+                    format!("zones[{i}].name"),
+                    format!("{:?}", zone.name),
+                    format!("1 to {MAX_ZONE_SEGMENT} letters, digits, `-` or `_`"),
+                );
+            }
             zone.link.check(&format!("zones[{i}].link"), &mut invalid);
             zone.uplink
                 .check(&format!("zones[{i}].uplink"), &mut invalid);
@@ -396,6 +405,13 @@ impl Scenario {
                     break;
                 }
                 at = up;
+            }
+            if seen.len() >= MAX_ZONE_DEPTH {
+                invalid(
+                    "zones.parent".into(),
+                    format!("{:?}", zone.name),
+                    format!("{} levels deep, at most {MAX_ZONE_DEPTH}", seen.len() + 1),
+                );
             }
         }
 
@@ -748,6 +764,13 @@ impl Scenario {
 
     pub fn index_of(&self, node: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.name == node)
+    }
+
+    /// The zone's path from the root (`plant/site-1/cell-a`): the node's `[node] zone`.
+    pub fn zone_path(&self, zone: &str) -> String {
+        let mut path = self.ancestors(zone);
+        path.reverse();
+        path.join("/")
     }
 
     /// The zone's depth in the tree (the root is level 0).

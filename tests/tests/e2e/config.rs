@@ -64,6 +64,11 @@ fn malformed_configs_name_the_file_the_field_and_the_value() {
         ),
         ("stride 0", replace_first("stride = 8", "stride = 0"), vec!["sensors[0].stride", "= 0"]),
         (
+            "zone with a blank level",
+            replace_first("role = \"edge\"", "role = \"edge\"\nzone = \"site-1//cell-3\""),
+            vec!["node.zone", "site-1//cell-3", "level 2"],
+        ),
+        (
             "plaintext metrics on the network",
             replace_first("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nmetrics_listen = \"0.0.0.0:9100\""),
             vec!["node.metrics_listen", "0.0.0.0:9100", "metrics_public = true"],
