@@ -419,7 +419,7 @@ mod tests {
             zone: Some(ZonePattern::parse("site-1/*").unwrap()),
             ..demand("cell-ae", 2)
         };
-        let placed = place(&[site.clone()], &nodes, &Assignment::new());
+        let placed = place(std::slice::from_ref(&site), &nodes, &Assignment::new());
         assert_eq!(placed, Ok(assignment(&[("cell-ae", &["gw-1", "gw-2"])])));
         // Three replicas do not fit in site-1: the error says so by zone.
         let err = place(
