@@ -174,7 +174,7 @@ impl MeshSpec {
                     invalid(
                         format!("experts[{i}].placement.zone"),
                         format!("{zone:?}"),
-                        e.reason,
+                        e.to_string(),
                     )
                 })?;
             }

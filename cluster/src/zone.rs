@@ -16,13 +16,19 @@ pub const MAX_ZONE_DEPTH: usize = 8;
 /// Longest name of one zone in a path.
 pub const MAX_ZONE_SEGMENT: usize = 63;
 
-/// A zone path or pattern that cannot be used: what is wrong, with the value and the
-/// limit.
+/// Why a zone path or pattern cannot be used, with the limit it broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("zone {value:?}: {reason}")]
-pub struct InvalidZone {
-    pub value: String,
-    pub reason: String,
+pub enum InvalidZone {
+    #[error("{levels} levels, at most {MAX_ZONE_DEPTH}")]
+    TooDeep { levels: usize },
+    #[error("level {level} is {length} characters; each level's name has 1 to {MAX_ZONE_SEGMENT}")]
+    Length { level: usize, length: usize },
+    #[error("level {level} holds {found:?}; names take letters, digits, `-` and `_`{}", if *.wildcards { ", or are `*`" } else { "" })]
+    Character {
+        level: usize,
+        found: char,
+        wildcards: bool,
+    },
 }
 
 /// A validated zone pattern.
@@ -33,37 +39,32 @@ pub struct ZonePattern {
 
 /// The segments of a zone path, each checked; `*` is taken where `wildcards` is set.
 fn segments(value: &str, wildcards: bool) -> Result<Vec<String>, InvalidZone> {
-    let invalid = |reason: String| InvalidZone {
-        value: value.to_string(),
-        reason,
-    };
     let parts: Vec<&str> = value.split('/').collect();
     if parts.len() > MAX_ZONE_DEPTH {
-        return Err(invalid(format!(
-            "{} levels, at most {MAX_ZONE_DEPTH}",
-            parts.len()
-        )));
+        return Err(InvalidZone::TooDeep {
+            levels: parts.len(),
+        });
     }
     for (depth, part) in parts.iter().enumerate() {
+        let level = depth + 1;
         if wildcards && *part == "*" {
             continue;
         }
         if part.is_empty() || part.len() > MAX_ZONE_SEGMENT {
-            return Err(invalid(format!(
-                "level {} is {} characters; each level's name has 1 to {MAX_ZONE_SEGMENT}",
-                depth + 1,
-                part.len()
-            )));
+            return Err(InvalidZone::Length {
+                level,
+                length: part.len(),
+            });
         }
-        if let Some(c) = part
+        if let Some(found) = part
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
         {
-            return Err(invalid(format!(
-                "level {} holds {c:?}; names take letters, digits, `-` and `_`{}",
-                depth + 1,
-                if wildcards { ", or are `*`" } else { "" }
-            )));
+            return Err(InvalidZone::Character {
+                level,
+                found,
+                wildcards,
+            });
         }
     }
     Ok(parts.into_iter().map(String::from).collect())

@@ -125,8 +125,8 @@ impl Actor for FederatedCoordinator {
                     return Ok(());
                 }
                 let work = Arc::new(state.plan.work.clone());
-                let ran = if state.plan.distillation.is_some() {
-                    state.distilled().await
+                let ran = if let Some(distillation) = state.plan.distillation.clone() {
+                    state.distilled(distillation).await
                 } else {
                     state.synchronous(work).await.map(|(report, _)| report)
                 };

@@ -14,10 +14,10 @@ use ractor::RpcReplyPort;
 
 use super::error::FederationError;
 use super::interface::{
-    Answer, EvaluationGate, FederatedCoordinatorMsg, FederatedEvaluation, FederatedRound,
-    FederationPlan, FederationSite, Publication, Site, SiteJudgement,
+    Answer, Distillation, EvaluationGate, FederatedCoordinatorMsg, FederatedEvaluation,
+    FederatedRound, FederationPlan, FederationSite, Publication, Site, SiteJudgement,
 };
-use super::site_trainer::{DistillRound, RoundWork, SiteEvaluation, SiteTrainerMsg};
+use super::site_trainer::{DistillRound, RoundWork, SiteEvaluation, SiteReport, SiteTrainerMsg};
 use crate::node_agent::{call_within, Unanswered};
 use crate::telemetry;
 
@@ -283,7 +283,40 @@ impl FederatedCoordinatorState {
         let answers = self.gather(round, &work).await;
         let mut report = self.new_report("synchronous");
         report.bytes_down = (self.global_bytes.len() * self.sites.len()) as u64;
-        let mut contributions = Vec::new();
+        let contributions: Vec<Contribution> = self
+            .tally(round, answers, &mut report)?
+            .into_iter()
+            .map(|r| Contribution {
+                update: r.update,
+                samples: r.samples,
+                staleness: 0,
+            })
+            .collect();
+        let combined =
+            self.aggregator
+                .combine(&contributions)
+                .map_err(|source| FederationError::Combine {
+                    federation: self.federation.clone(),
+                    round,
+                    source,
+                })?;
+        self.apply(&combined.delta)?;
+        report.epsilon = self.aggregator.epsilon();
+        report.applied = 1;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok((report, combined.delta))
+    }
+
+    /// The reports among a round's `answers`, with `report`'s sites, windows, bytes
+    /// up, left-out sites, mean loss (by windows) and slowest compute filled in; fewer
+    /// than `min_sites` reports refuse the round.
+    fn tally(
+        &self,
+        round: u64,
+        answers: Vec<Answer>,
+        report: &mut FederatedRound,
+    ) -> Result<Vec<SiteReport>, FederationError> {
+        let mut reports = Vec::new();
         let (mut loss_sum, mut loss_samples) = (0.0, 0u64);
         let mut slowest = Duration::ZERO;
         for (site, answer) in self.sites.iter().zip(answers) {
@@ -297,56 +330,34 @@ impl FederatedCoordinatorState {
                         loss_samples += r.samples;
                     }
                     slowest = slowest.max(r.compute);
-                    contributions.push(Contribution {
-                        update: r.update,
-                        samples: r.samples,
-                        staleness: 0,
-                    });
+                    reports.push(r);
                 }
                 Answer::Late => report.stragglers.push(site.name.clone()),
                 Answer::Failed => report.failed.push(site.name.clone()),
             }
         }
-        if contributions.len() < self.plan.min_sites.max(1) {
+        if reports.len() < self.plan.min_sites.max(1) {
             return Err(FederationError::TooFewSites {
                 federation: self.federation.clone(),
                 round,
                 asked: self.sites.len(),
-                answered: contributions.len(),
+                answered: reports.len(),
                 needed: self.plan.min_sites.max(1),
-                stragglers: report.stragglers,
-                failed: report.failed,
+                stragglers: std::mem::take(&mut report.stragglers),
+                failed: std::mem::take(&mut report.failed),
             });
         }
-        let combined =
-            self.aggregator
-                .combine(&contributions)
-                .map_err(|source| FederationError::Combine {
-                    federation: self.federation.clone(),
-                    round,
-                    source,
-                })?;
-        self.apply(&combined.delta)?;
         report.loss = (loss_samples > 0).then(|| loss_sum / loss_samples as f64);
-        report.epsilon = self.aggregator.epsilon();
-        report.applied = 1;
         report.compute_s = slowest.as_secs_f64();
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok((report, combined.delta))
+        Ok(reports)
     }
-}
 
-impl FederatedCoordinatorState {
     /// One distillation round: the sites' outputs on the shared windows, their
     /// consensus by windows, and the federation's network trained to match it.
-    pub(super) async fn distilled(&mut self) -> Result<FederatedRound, FederationError> {
-        let Some(distillation) = self.plan.distillation.clone() else {
-            return Err(FederationError::Invalid {
-                field: "distillation",
-                value: "none".into(),
-                reason: "the federation has no [experts.federation.distillation]",
-            });
-        };
+    pub(super) async fn distilled(
+        &mut self,
+        distillation: Distillation,
+    ) -> Result<FederatedRound, FederationError> {
         let started = Instant::now();
         self.rounds += 1;
         let round = self.rounds;
@@ -368,46 +379,19 @@ impl FederatedCoordinatorState {
                     .map(|w| w.window.len())
                     .sum::<usize>());
         report.bytes_down = (down * self.sites.len()) as u64;
-        let mut outputs = Vec::new();
-        let (mut loss_sum, mut slowest) = (0.0, Duration::ZERO);
-        for (site, answer) in self.sites.iter().zip(answers) {
-            match answer {
-                Answer::Report(r) => {
-                    report.sites.push(site.name.clone());
-                    report.samples += r.samples;
-                    report.bytes_up += r.update.bytes.len() as u64;
-                    loss_sum += r.loss.unwrap_or(0.0) * r.samples as f64;
-                    slowest = slowest.max(r.compute);
-                    let values = decode(&r.update).map_err(|source| FederationError::Combine {
-                        federation: self.federation.clone(),
-                        round,
-                        source,
-                    })?;
-                    outputs.push((values, r.samples));
-                }
-                Answer::Late => report.stragglers.push(site.name.clone()),
-                Answer::Failed => report.failed.push(site.name.clone()),
-            }
-        }
-        if outputs.len() < self.plan.min_sites.max(1) {
-            return Err(FederationError::TooFewSites {
-                federation: self.federation.clone(),
-                round,
-                asked: self.sites.len(),
-                answered: outputs.len(),
-                needed: self.plan.min_sites.max(1),
-                stragglers: report.stragglers,
-                failed: report.failed,
-            });
-        }
+        let combine_failed = |source| FederationError::Combine {
+            federation: self.federation.clone(),
+            round,
+            source,
+        };
+        let outputs = self
+            .tally(round, answers, &mut report)?
+            .iter()
+            .map(|r| decode(&r.update).map(|values| (values, r.samples)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(combine_failed)?;
         let views: Vec<(&[f32], u64)> = outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
-        let agreed = Arc::new(
-            consensus(&views).map_err(|source| FederationError::Combine {
-                federation: self.federation.clone(),
-                round,
-                source,
-            })?,
-        );
+        let agreed = Arc::new(consensus(&views).map_err(combine_failed)?);
         let distill_failed = |source: LocalTrainingError| FederationError::Distill {
             federation: self.federation.clone(),
             round,
@@ -446,9 +430,7 @@ impl FederatedCoordinatorState {
         self.global_bytes = Arc::new(trained.weights);
         self.applied += 1;
         self.consensus = agreed;
-        report.loss = (report.samples > 0).then(|| loss_sum / report.samples as f64);
         report.applied = 1;
-        report.compute_s = slowest.as_secs_f64();
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

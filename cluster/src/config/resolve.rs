@@ -109,8 +109,9 @@ impl NodeConfig {
             return Err(self.invalid("node.name".into(), "\"\"", "must not be empty"));
         }
         if let Some(zone) = &self.node.zone {
-            crate::zone::check_zone(zone)
-                .map_err(|e| self.invalid("node.zone".into(), format!("{zone:?}"), e.reason))?;
+            crate::zone::check_zone(zone).map_err(|e| {
+                self.invalid("node.zone".into(), format!("{zone:?}"), e.to_string())
+            })?;
         }
         if let Some(addr) = self.node.metrics_listen {
             if !addr.ip().is_loopback() && !self.node.metrics_public {

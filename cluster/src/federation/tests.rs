@@ -129,23 +129,17 @@ fn assert_no_window_values(seen: &[u8], items: &[ReplayItem]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values() {
-    let own = windows(1, 48);
-    let held_out = windows(2, 12);
+/// A coordinator of `ae` (an untrained autoencoder, stored as `ae@1` in `dir`) over
+/// `sites`, every one of which must answer; its rounds are judged (any loss up to 11×
+/// the incumbent's passes) and stored. The base weights beside it.
+async fn coordinator(
+    dir: &std::path::Path,
+    sites: Vec<FederationSite>,
+    distillation: Option<Distillation>,
+) -> (ActorRef<FederatedCoordinatorMsg>, Vec<u8>) {
     let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
     let architecture = Architecture::ConvAutoencoder(config.clone());
-    let (remote, seen) = remote_site(SiteTrainerArgs {
-        site: "edge-1".into(),
-        architecture: architecture.clone(),
-        windows: own.clone(),
-        held_out: held_out.clone(),
-        feed: None,
-        network: None,
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = ModelStore::open(dir.path());
+    let store = ModelStore::open(dir);
     let (weights, _) = ConvAutoencoder::new(config, tch::Device::Cpu, 3)
         .unwrap()
         .to_safetensors()
@@ -153,17 +147,15 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
     let base = store
         .import(architecture.manifest("ae", "1"), &weights)
         .unwrap();
-    let (coordinator, _) = Actor::spawn(
+    let min_sites = sites.len();
+    let (actor, _) = Actor::spawn(
         None,
         FederatedCoordinator,
         FederatedCoordinatorArgs {
             federation: "ae".into(),
             base,
             weights: weights.clone(),
-            sites: vec![FederationSite {
-                name: "edge-1".into(),
-                site: Site::Trainer(remote),
-            }],
+            sites,
             plan: FederationPlan {
                 work: RoundWork {
                     local: LocalWork {
@@ -176,14 +168,14 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
                 },
                 aggregation: Aggregation::FedAvg,
                 privacy: None,
-                min_sites: 1,
+                min_sites,
                 deadline: Duration::from_secs(60),
                 seed: 1,
                 gate: Some(EvaluationGate {
                     max_regression: 10.0,
                 }),
                 buffered: None,
-                distillation: None,
+                distillation,
             },
             publication: Some(Publication {
                 store,
@@ -193,6 +185,33 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
     )
     .await
     .unwrap();
+    (actor, weights)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values() {
+    let own = windows(1, 48);
+    let held_out = windows(2, 12);
+    let architecture = Architecture::ConvAutoencoder(AutoencoderConfig::w1(CHANNELS, WINDOW));
+    let (remote, seen) = remote_site(SiteTrainerArgs {
+        site: "edge-1".into(),
+        architecture: architecture.clone(),
+        windows: own.clone(),
+        held_out: held_out.clone(),
+        feed: None,
+        network: None,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, weights) = coordinator(
+        dir.path(),
+        vec![FederationSite {
+            name: "edge-1".into(),
+            site: Site::Trainer(remote),
+        }],
+        None,
+    )
+    .await;
     let round = coordinator
         .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
         .await
@@ -223,8 +242,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
 async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only() {
     let own = windows(1, 48);
     let held_out = windows(2, 12);
-    let config = AutoencoderConfig::w1(CHANNELS, WINDOW);
-    let architecture = Architecture::ConvAutoencoder(config.clone());
+    let architecture = Architecture::ConvAutoencoder(AutoencoderConfig::w1(CHANNELS, WINDOW));
     let narrow = architecture.with_hidden(8).unwrap();
     let (remote, seen) = remote_site(SiteTrainerArgs {
         site: "edge-1".into(),
@@ -249,65 +267,26 @@ async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = ModelStore::open(dir.path());
-    let (weights, _) = ConvAutoencoder::new(config, tch::Device::Cpu, 3)
-        .unwrap()
-        .to_safetensors()
-        .unwrap();
-    let base = store
-        .import(architecture.manifest("ae", "1"), &weights)
-        .unwrap();
     let shared = Arc::new(windows(5, 24));
-    let (coordinator, _) = Actor::spawn(
-        None,
-        FederatedCoordinator,
-        FederatedCoordinatorArgs {
-            federation: "ae".into(),
-            base,
-            weights: weights.clone(),
-            sites: vec![
-                FederationSite {
-                    name: "edge-1".into(),
-                    site: Site::Trainer(remote),
-                },
-                FederationSite {
-                    name: "server-1".into(),
-                    site: Site::Trainer(local),
-                },
-            ],
-            plan: FederationPlan {
-                work: RoundWork {
-                    local: LocalWork {
-                        epochs: 3,
-                        batch_size: 16,
-                        learning_rate: 1e-2,
-                        ..LocalWork::default()
-                    },
-                    ..RoundWork::default()
-                },
-                aggregation: Aggregation::FedAvg,
-                privacy: None,
-                min_sites: 2,
-                deadline: Duration::from_secs(60),
-                seed: 1,
-                gate: Some(EvaluationGate {
-                    max_regression: 10.0,
-                }),
-                buffered: None,
-                distillation: Some(Distillation {
-                    shared: shared.clone(),
-                    weight: 1.0,
-                }),
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _) = coordinator(
+        dir.path(),
+        vec![
+            FederationSite {
+                name: "edge-1".into(),
+                site: Site::Trainer(remote),
             },
-            publication: Some(Publication {
-                store,
-                promoter: None,
-            }),
-        },
+            FederationSite {
+                name: "server-1".into(),
+                site: Site::Trainer(local),
+            },
+        ],
+        Some(Distillation {
+            shared: shared.clone(),
+            weight: 1.0,
+        }),
     )
-    .await
-    .unwrap();
+    .await;
     for version in ["ae@2", "ae@3"] {
         let round = coordinator
             .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
