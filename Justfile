@@ -32,47 +32,37 @@ setup: _python-deps
     python3 scripts/make_elpv.py --out data/elpv
     python3 scripts/export_minilm.py --out data/minilm
 
-# Installs with apt-get (through sudo when not root). It is not started here: the tests
-# start their own broker on a free loopback port.
+# It is not started here: the tests start their own broker on a free loopback port.
 # Make sure the MQTT broker mosquitto (Debian package) is installed.
 setup-broker:
-    #!/usr/bin/env bash
-    set -euo pipefail
-    if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
-        echo "setup-broker: mosquitto present ($(command -v mosquitto || echo /usr/sbin/mosquitto))"
-        exit 0
-    fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        echo "error: mosquitto is not installed and apt-get is not available;" >&2
-        echo "       install the MQTT broker mosquitto with your package manager" >&2
-        exit 1
-    fi
-    if [ "$(id -u)" -eq 0 ]; then
-        sudo=""
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo="sudo"
-    else
-        echo "error: mosquitto is not installed, and installing it needs root (no sudo here);" >&2
-        echo "       install it as root: apt-get update && apt-get install -y mosquitto" >&2
-        exit 1
-    fi
-    echo "setup-broker: installing mosquitto: ${sudo:+$sudo }apt-get update && apt-get install -y mosquitto"
-    $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto
+    @{{ just_executable() }} _system-package mosquitto mosquitto "the MQTT broker mosquitto"
 
-# Installs Debian's chromium with apt-get (through sudo when not root): the simulation
-# test opens a `fogmesh sim` report in it, headless and offline, and checks a screenshot.
+# The simulation test opens a `fogmesh sim` report in it, headless and offline, and
+# checks a screenshot.
 # Make sure the headless browser chromium (Debian package) is installed.
 setup-browser:
+    @{{ just_executable() }} _system-package chromium chromium "the chromium browser"
+
+# The zone test makes direct links between zones impossible with nftables rules, in a
+# network namespace of its own (`unshare`, util-linux; `ip`, iproute2).
+# Make sure nft (Debian package nftables), unshare and ip are installed.
+setup-network:
+    @{{ just_executable() }} _system-package nft nftables "nftables"
+    @{{ just_executable() }} _system-package unshare util-linux "util-linux"
+    @{{ just_executable() }} _system-package ip iproute2 "iproute2"
+
+# Installs PACKAGE with apt-get (through sudo when not root) unless COMMAND is found,
+# on PATH or in /usr/sbin.
+_system-package command package what:
     #!/usr/bin/env bash
     set -euo pipefail
-    if command -v chromium >/dev/null 2>&1; then
-        echo "setup-browser: chromium present ($(command -v chromium))"
+    if command -v "{{ command }}" >/dev/null 2>&1 || [ -x "/usr/sbin/{{ command }}" ]; then
+        echo "setup: {{ command }} present ($(command -v "{{ command }}" || echo "/usr/sbin/{{ command }}"))"
         exit 0
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "error: chromium is not installed and apt-get is not available;" >&2
-        echo "       install the chromium browser with your package manager" >&2
+        echo "error: {{ what }} is not installed and apt-get is not available;" >&2
+        echo "       install {{ package }} with your package manager" >&2
         exit 1
     fi
     if [ "$(id -u)" -eq 0 ]; then
@@ -80,13 +70,13 @@ setup-browser:
     elif command -v sudo >/dev/null 2>&1; then
         sudo="sudo"
     else
-        echo "error: chromium is not installed, and installing it needs root (no sudo here);" >&2
-        echo "       install it as root: apt-get update && apt-get install -y chromium" >&2
+        echo "error: {{ what }} is not installed, and installing it needs root (no sudo here);" >&2
+        echo "       install it as root: apt-get update && apt-get install -y {{ package }}" >&2
         exit 1
     fi
-    echo "setup-browser: installing chromium: ${sudo:+$sudo }apt-get update && apt-get install -y chromium"
+    echo "setup: installing {{ package }}: ${sudo:+$sudo }apt-get update && apt-get install -y {{ package }}"
     $sudo apt-get update
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "{{ package }}"
 
 # Run the end-to-end demo on the TEP recordings.
 demo: setup
@@ -95,8 +85,8 @@ demo: setup
 # Release mode on purpose: the tch-heavy tests (model training and scoring) are many
 # times slower in a debug build, and the release build is the one that ships.
 # Extra arguments go to cargo: `just test -p fogmesh-actors`, `just test -- --nocapture`.
-# Run every test in the workspace (release build; needs setup, the broker and the browser).
-test *ARGS: setup setup-broker setup-browser
+# Run every test in the workspace (release build; needs setup, the broker, the browser and nftables).
+test *ARGS: setup setup-broker setup-browser setup-network
     cargo test --workspace --release "$@"
 
 # They run in `just test` as well; this recipe shows their counts (CI runs it after the tests).

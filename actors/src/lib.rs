@@ -21,6 +21,7 @@ pub mod directory;
 pub mod error;
 pub mod expert;
 pub mod expert_endpoint;
+pub mod expert_relay;
 pub mod federated;
 pub mod merger;
 pub mod node_agent;
@@ -51,6 +52,7 @@ pub use expert::{
     StoredModel,
 };
 pub use expert_endpoint::{ExpertEndpoint, ExpertEndpointMsg, EXPERT_SCOPE};
+pub use expert_relay::{ExpertRelay, ExpertRelayMsg, MAX_RELAY_HOPS, RELAY_GROUP, RELAY_SCOPE};
 pub use federated::{
     BufferedRounds, DistillRound, Distillation, DistillationSpec, EvaluationGate,
     FederatedCoordinator, FederatedCoordinatorArgs, FederatedCoordinatorMsg, FederatedEvaluation,

@@ -28,8 +28,14 @@ pub const ALERTS: &str = "fogmesh_alerts_total";
 pub const ACTOR_RESTARTS: &str = "fogmesh_actor_restarts_total";
 /// Attempts a router made again on another replica after one failed (labels `router`, `expert`).
 pub const ROUTER_RETRIES: &str = "fogmesh_router_retries_total";
+/// Windows a router scored without an optional expert none of whose replicas it
+/// reached (labels `router`, `expert`).
+pub const ROUTER_OPTIONAL_SKIPPED: &str = "fogmesh_router_optional_skipped_total";
 /// Windows a router sent to a replica on another node (labels `router`, `expert`).
 pub const ROUTER_REMOTE: &str = "fogmesh_router_remote_windows_total";
+/// Windows a gateway's relay carried between zones (labels `expert`, `outcome`:
+/// `scored` or `unavailable`).
+pub const RELAYED_WINDOWS: &str = "fogmesh_relayed_windows_total";
 /// Repeated requests an expert endpoint answered from its cache (label `expert`).
 pub const ENDPOINT_DUPLICATES: &str = "fogmesh_endpoint_duplicates_total";
 /// Windows a continual learner took in (label `expert`).

@@ -130,6 +130,7 @@ fn node_spec(sensors: usize) -> NodeSpec {
         routers: vec![RouterSpec {
             name: "plant".into(),
             policy: RoutingPolicy::Static { routes },
+            optional: Vec::new(),
         }],
         experts: vec![ExpertSpec {
             name: "ae".into(),

@@ -312,6 +312,7 @@ pub(crate) fn node_spec(options: &W1Options, gate: Option<SoftmaxGate>) -> NodeS
         routers: vec![RouterSpec {
             name: ROUTER.into(),
             policy,
+            optional: Vec::new(),
         }],
         experts: experts
             .iter()

@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::capabilities::{Capabilities, Load};
 use crate::cluster_key::ClusterKey;
 use crate::gossip_seal::SealedUdpTransport;
+use crate::zone::share_a_zone;
 
 pub const CARD_KEY: &str = "card";
 pub const LOAD_KEY: &str = "load";
@@ -44,6 +45,10 @@ pub const VERSIONS_KEY: &str = "versions";
 /// The drifts each continual learner on this node has detected, by expert: a
 /// federation that runs on drift hears of them wherever its coordinator is.
 pub const DRIFTS_KEY: &str = "drifts";
+
+/// The peers a node has a ready cluster link to (JSON list of names): a node reaches
+/// the nodes of other zones through the links its gateways report.
+pub const LINKS_KEY: &str = "links";
 
 /// How often a node gossips with a few others.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
@@ -63,6 +68,12 @@ pub struct MemberCard {
     /// `[node] zone`; empty when the node names none.
     #[serde(default)]
     pub zone: String,
+    /// `[node] conduits`: the other zones this node is a gateway into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conduits: Vec<String>,
+    /// `[node] segmented`: the node links only within its zones.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub segmented: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,15 +116,33 @@ impl MemberCard {
                 .collect(),
             up_since_us,
             zone: String::new(),
+            conduits: Vec::new(),
+            segmented: false,
         }
     }
 
-    /// The card of a node in `zone`.
-    pub fn in_zone(self, zone: Option<&str>) -> Self {
+    /// The card of a node in `zone`, a gateway into `conduits`, linking only within
+    /// them when `segmented`.
+    pub fn in_zone(self, zone: Option<&str>, conduits: &[String], segmented: bool) -> Self {
         MemberCard {
             zone: zone.unwrap_or_default().to_string(),
+            conduits: conduits.to_vec(),
+            segmented,
             ..self
         }
+    }
+
+    /// Whether this node and `other` may hold a cluster link: always, unless one of
+    /// them is segmented; then only when they share a zone.
+    pub fn may_link(&self, other: &MemberCard) -> bool {
+        !(self.segmented || other.segmented) || share_a_zone(self.zones(), other.zones())
+    }
+
+    /// Every zone the node is in: its own, then those its conduits reach into.
+    pub fn zones(&self) -> impl Iterator<Item = &str> + Clone {
+        std::iter::once(self.zone.as_str())
+            .filter(|z| !z.is_empty())
+            .chain(self.conduits.iter().map(String::as_str))
     }
 }
 
@@ -131,6 +160,8 @@ pub struct Member {
     pub versions: BTreeMap<String, String>,
     /// Expert → drifts its learner here has detected since the learner started.
     pub drifts: BTreeMap<String, u64>,
+    /// The peers it has a ready link to ([`LINKS_KEY`]).
+    pub links: BTreeSet<String>,
 }
 
 /// Why gossip did not start.
@@ -275,6 +306,10 @@ pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Me
                 .unwrap_or_default(),
             drifts: state
                 .get(DRIFTS_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            links: state
+                .get(LINKS_KEY)
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
         };

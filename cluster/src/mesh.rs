@@ -1,5 +1,6 @@
 //! A node's place in the mesh: the ractor_cluster node server, the cluster links,
-//! gossip membership and the deployment loop, started together for a node whose
+//! gossip membership, the deployment loop and, on a gateway (a node with
+//! `[node] conduits`), the relay between its zones, started together for a node whose
 //! config has a `[cluster]` section and stopped together with it.
 //!
 //! ractor_cluster always opens a TCP listener of its own; it is bound to loopback
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fogmesh_actors::{Node, NodeSpec};
+use fogmesh_actors::{ExpertRelay, ExpertRelayMsg, Node, NodeSpec};
 use ractor::{Actor, ActorRef};
 use ractor_cluster::NodeServerMessage;
 use tokio::sync::watch;
@@ -27,10 +28,11 @@ use crate::dialer::{Dialer, LinkError};
 use crate::link;
 use crate::link_service::ClusterLinkService;
 use crate::membership::{
-    GossipAddress, LoadCard, MemberCard, Membership, MembershipError, LOAD_INTERVAL, LOAD_KEY,
+    GossipAddress, LoadCard, MemberCard, Membership, MembershipError, LINKS_KEY, LOAD_INTERVAL,
+    LOAD_KEY,
 };
 use crate::peer_links::{
-    LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
+    LinkState, LinkView, NodeProbe, NodeProbeMsg, PeerLinks, PeerLinksArgs, PeerLinksMsg,
 };
 use crate::telemetry;
 
@@ -51,6 +53,10 @@ pub struct MeshSettings {
     pub role: Role,
     /// `[node] zone`.
     pub zone: Option<String>,
+    /// `[node] conduits`.
+    pub conduits: Vec<String>,
+    /// `[node] segmented`.
+    pub segmented: bool,
     pub cluster: ClusterSection,
     /// `[cluster] data`, resolved against the config file.
     pub data: PathBuf,
@@ -76,6 +82,7 @@ pub struct Mesh {
     pub membership: Arc<Membership>,
     pub deployment: Arc<Mutex<DeploymentState>>,
     probe: ActorRef<NodeProbeMsg>,
+    relay: Option<ActorRef<ExpertRelayMsg>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -101,6 +108,20 @@ impl Mesh {
         let (probe, _) = Actor::spawn(None, NodeProbe, settings.name.clone())
             .await
             .map_err(|e| MeshError::NodeServer(e.to_string()))?;
+        // A gateway carries windows between its zones; others have nothing to relay.
+        let relay = match settings.conduits.is_empty() {
+            true => None,
+            false => Some(
+                Actor::spawn(
+                    None,
+                    ExpertRelay,
+                    (settings.name.clone(), node.directory.clone()),
+                )
+                .await
+                .map_err(|e| MeshError::NodeServer(e.to_string()))?
+                .0,
+            ),
+        };
         let (view_tx, link_view) = watch::channel(LinkView::new());
         let (links, _) = Actor::spawn(
             None,
@@ -127,7 +148,11 @@ impl Mesh {
             &settings.capabilities,
             settings.up_since_us,
         )
-        .in_zone(settings.zone.as_deref());
+        .in_zone(
+            settings.zone.as_deref(),
+            &settings.conduits,
+            settings.segmented,
+        );
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -160,8 +185,14 @@ impl Mesh {
         )));
         tasks.push(tokio::spawn(feed_peers(
             settings.name.clone(),
+            card.clone(),
             membership.clone(),
             links.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(publish_links(
+            membership.clone(),
+            link_view.clone(),
             shutdown.clone(),
         )));
         tasks.push(tokio::spawn(publish_load(
@@ -194,6 +225,7 @@ impl Mesh {
             membership,
             deployment,
             probe,
+            relay,
             tasks,
         })
     }
@@ -214,6 +246,9 @@ impl Mesh {
         }
         self.links.stop(None);
         self.probe.stop(None);
+        if let Some(relay) = self.relay {
+            relay.stop(None);
+        }
         self.node_server.stop(None);
         if let Ok(membership) = Arc::try_unwrap(self.membership) {
             membership.shutdown().await;
@@ -246,9 +281,12 @@ async fn ask_seeds(seeds: Vec<String>, dialer: Dialer, key: ClusterKey, me: Stri
     }
 }
 
-/// Tells the link keeper which peers gossip knows, whenever that changes.
+/// Tells the link keeper which peers gossip knows and this node may link to (its
+/// zones' when either is segmented, see [`MemberCard::may_link`]), whenever that
+/// changes.
 async fn feed_peers(
     me: String,
+    card: MemberCard,
     membership: Arc<Membership>,
     links: ActorRef<PeerLinksMsg>,
     shutdown: CancellationToken,
@@ -271,7 +309,7 @@ async fn feed_peers(
         }
         let peers: BTreeMap<String, String> = members
             .into_values()
-            .filter(|m| m.name != me)
+            .filter(|m| m.name != me && card.may_link(&m.card))
             .map(|m| (m.name, m.card.grpc))
             .collect();
         known = peers.clone();
@@ -281,6 +319,35 @@ async fn feed_peers(
         tokio::select! {
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// Gossips which peers this node has a ready link to, whenever that changes: nodes
+/// in other zones reach this one through the links gateways report
+/// (`crate::deployment::view::Reach`).
+async fn publish_links(
+    membership: Arc<Membership>,
+    mut view: watch::Receiver<LinkView>,
+    shutdown: CancellationToken,
+) {
+    let mut published = None;
+    loop {
+        let ready: Vec<String> = view
+            .borrow_and_update()
+            .iter()
+            .filter(|(_, link)| link.state == LinkState::Ready)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if published.as_ref() != Some(&ready) {
+            membership
+                .set(LINKS_KEY, serde_json::to_string(&ready).unwrap_or_default())
+                .await;
+            published = Some(ready);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = view.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -248,6 +248,8 @@ impl MeshSpec {
                 name: "mesh".into(),
                 role: Role::Cloud,
                 zone: None,
+                conduits: Vec::new(),
+                segmented: false,
                 listen: ([127, 0, 0, 1], 0).into(),
                 metrics_listen: None,
                 metrics_public: false,

@@ -265,6 +265,8 @@ impl NodeServer {
                     name: config.node.name.clone(),
                     role: config.node.role,
                     zone: config.node.zone.clone(),
+                    conduits: config.node.conduits.clone(),
+                    segmented: config.node.segmented,
                     data: config.resolve(&cluster.data),
                     cluster: cluster.clone(),
                     grpc_addr,

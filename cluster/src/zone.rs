@@ -15,6 +15,8 @@ use std::fmt;
 pub const MAX_ZONE_DEPTH: usize = 8;
 /// Longest name of one zone in a path.
 pub const MAX_ZONE_SEGMENT: usize = 63;
+/// Most zones one gateway joins to its own.
+pub const MAX_CONDUITS: usize = 16;
 
 /// Why a zone path or pattern cannot be used, with the limit it broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,9 +106,38 @@ impl fmt::Display for ZonePattern {
     }
 }
 
+/// Whether two nodes share a zone, counting each node's own and those its conduits
+/// reach into; a node with no zone shares none.
+pub fn share_a_zone<'a>(
+    mut mine: impl Iterator<Item = &'a str>,
+    theirs: impl Iterator<Item = &'a str> + Clone,
+) -> bool {
+    mine.any(|zone| theirs.clone().any(|other| other == zone))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gateway_shares_a_zone_with_both_sides_and_the_sides_none() {
+        let cell = ["plant/area/cell"];
+        let area = ["plant/area"];
+        let gateway = ["plant/area", "plant/area/cell"];
+        let cloud = ["cloud"];
+        let share = |a: &[&str], b: &[&str]| share_a_zone(a.iter().copied(), b.iter().copied());
+        assert!(share(&cell, &cell));
+        assert!(
+            !share(&cell, &area),
+            "an area is another segment than its cells"
+        );
+        assert!(!share(&cell, &cloud));
+        assert!(share(&cell, &gateway) && share(&gateway, &area));
+        assert!(
+            !share(&[], &cloud) && !share(&[], &[]),
+            "no zone, no segment"
+        );
+    }
 
     #[test]
     fn a_pattern_matches_its_zone_and_what_lies_inside_it() {

@@ -239,6 +239,7 @@ pub async fn run(
         routers: vec![RouterSpec {
             name: "plant".into(),
             policy: RoutingPolicy::Static { routes },
+            optional: Vec::new(),
         }],
         experts,
         remote_experts: Vec::new(),

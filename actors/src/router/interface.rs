@@ -57,6 +57,11 @@ impl RoutingPolicy {
 pub struct RouterSpec {
     pub name: String,
     pub policy: RoutingPolicy,
+    /// Experts a window is scored without when no replica of theirs answers (none on
+    /// this node, none linked, no relay through a gateway gets through): a zone cut
+    /// off from the cloud keeps scoring on its own experts, their weights
+    /// renormalised. A window none of whose experts answers still fails.
+    pub optional: Vec<String>,
 }
 
 impl RouterSpec {
@@ -68,6 +73,18 @@ impl RouterSpec {
             value,
             reason,
         };
+        let experts = self.policy.experts();
+        if let Some(unknown) = self
+            .optional
+            .iter()
+            .find(|e| !experts.contains(&e.as_str()))
+        {
+            return Err(invalid(
+                "optional",
+                unknown.clone(),
+                "names an expert this router never sends to".into(),
+            ));
+        }
         match &self.policy {
             RoutingPolicy::Static { routes } => {
                 if let Some((sensor, _)) = routes.iter().find(|(_, experts)| experts.is_empty()) {

@@ -33,7 +33,15 @@
 //! or stays silent past the [`RetryPolicy`]'s attempt timeout is skipped and the next
 //! one tried, and with none left the window waits, with jittered backoff
 //! ([`RETRY_WAIT`]), for a replica to appear (a lost node's expert re-placed elsewhere)
-//! until the policy's deadline. Each window still yields exactly one verdict.
+//! until the policy's deadline. Each window still yields exactly one verdict. Replicas
+//! in other zones, which this node does not link to, are reached through a gateway's
+//! [`crate::ExpertRelay`], tried after every replica this node links to.
+//!
+//! Optional experts ([`RouterSpec::optional`]) are asked once, without waiting for a
+//! replica to appear: when none answers, the window is scored by the other experts,
+//! their weights renormalised, and the skip is counted
+//! (`fogmesh_router_optional_skipped_total`). A cell cut off from the cloud keeps
+//! scoring on its own experts that way.
 
 pub(crate) mod interface;
 
@@ -54,6 +62,7 @@ use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
 use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
+use crate::expert_relay::{ExpertRelayMsg, MAX_RELAY_HOPS, RELAY_GROUP, RELAY_SCOPE};
 use crate::node_agent::Undelivered;
 use crate::sample::Window;
 use crate::telemetry;
@@ -70,6 +79,8 @@ pub struct RouterState {
     policy: RoutingPolicy,
     /// Expert names as shared strings, so a verdict does not allocate per expert.
     names: HashMap<String, Arc<str>>,
+    /// Experts a window is scored without when none of their replicas is reachable.
+    optional: HashSet<Arc<str>>,
     shared: Arc<RouterShared>,
     replicas: Arc<Replicas>,
 }
@@ -94,6 +105,12 @@ impl Actor for Router {
         Ok(RouterState {
             policy: args.spec.policy,
             names,
+            optional: args
+                .spec
+                .optional
+                .iter()
+                .map(|n| n.as_str().into())
+                .collect(),
             shared: args.shared,
             replicas: args.replicas,
         })
@@ -127,6 +144,7 @@ impl Actor for Router {
 struct Pending {
     expert: Arc<str>,
     weight: f32,
+    optional: bool,
     first: FirstAttempt,
 }
 
@@ -199,6 +217,7 @@ impl RouterState {
                     None => FirstAttempt::Elsewhere,
                 };
                 Pending {
+                    optional: self.optional.contains(&expert),
                     expert,
                     weight,
                     first,
@@ -230,6 +249,23 @@ pub struct Replicas {
     pub directory: Arc<NodeDirectory>,
     outstanding: DashMap<ActorId, usize>,
     pub retry: RetryPolicy,
+}
+
+/// Where a window goes when no replica is on this node.
+enum Replica {
+    /// A replica on a node this one links to.
+    Endpoint(ActorRef<ExpertEndpointMsg>),
+    /// A gateway's relay into the zones beyond.
+    Relay(ActorRef<ExpertRelayMsg>),
+}
+
+impl Replica {
+    fn id(&self) -> ActorId {
+        match self {
+            Replica::Endpoint(endpoint) => endpoint.get_id(),
+            Replica::Relay(relay) => relay.get_id(),
+        }
+    }
 }
 
 /// How long a router keeps trying to get a window scored.
@@ -291,46 +327,70 @@ impl Replicas {
         })
     }
 
-    /// Remote replicas of `expert` not in `tried`, least outstanding work first.
-    fn remote_candidates(
-        &self,
-        expert: &str,
-        tried: &HashSet<ActorId>,
-    ) -> Vec<ActorRef<ExpertEndpointMsg>> {
-        let mut members: Vec<(usize, ActorCell)> =
-            ractor::pg::get_scoped_members(&EXPERT_SCOPE.to_string(), &expert.to_string())
-                .into_iter()
-                .filter(|cell| !cell.get_id().is_local() && !tried.contains(&cell.get_id()))
-                .map(|cell| {
-                    let load = self.outstanding.get(&cell.get_id()).map_or(0, |n| *n);
-                    (load, cell)
-                })
-                .collect();
-        members.sort_by_key(|(load, cell)| (*load, cell.get_id().pid()));
-        members.into_iter().map(|(_, cell)| cell.into()).collect()
+    /// Remote replicas of `expert` not in `tried`, least outstanding work first; then,
+    /// with relay hops left, the gateways' relays on other nodes, least busy first.
+    fn remote_candidates(&self, expert: &str, tried: &HashSet<ActorId>, hops: u8) -> Vec<Replica> {
+        let by_load = |scope: &str, group: &str| {
+            let mut members: Vec<(usize, ActorCell)> =
+                ractor::pg::get_scoped_members(&scope.to_string(), &group.to_string())
+                    .into_iter()
+                    .filter(|cell| !cell.get_id().is_local() && !tried.contains(&cell.get_id()))
+                    .map(|cell| {
+                        let load = self.outstanding.get(&cell.get_id()).map_or(0, |n| *n);
+                        (load, cell)
+                    })
+                    .collect();
+            members.sort_by_key(|(load, cell)| (*load, cell.get_id().pid()));
+            members.into_iter().map(|(_, cell)| cell)
+        };
+        let mut replicas: Vec<Replica> = by_load(EXPERT_SCOPE, expert)
+            .map(|cell| Replica::Endpoint(cell.into()))
+            .collect();
+        if hops > 0 {
+            replicas
+                .extend(by_load(RELAY_SCOPE, RELAY_GROUP).map(|cell| Replica::Relay(cell.into())));
+        }
+        replicas
     }
 
     async fn ask_remote(
         &self,
-        endpoint: &ActorRef<ExpertEndpointMsg>,
+        replica: &Replica,
         expert: &str,
         window: &Window,
+        hops: u8,
     ) -> Result<ExpertVerdict, ScoreError> {
-        let id = endpoint.get_id();
+        let id = replica.id();
         *self.outstanding.entry(id).or_insert(0) += 1;
-        let answer = endpoint
-            .call(
-                |reply| {
-                    ExpertEndpointMsg::Score(
-                        window.sensor_id.to_string(),
-                        window.sequence,
-                        window.values.to_vec(),
-                        reply,
-                    )
-                },
-                Some(self.retry.attempt_timeout),
-            )
-            .await;
+        let timeout = Some(self.retry.attempt_timeout);
+        let sensor = window.sensor_id.to_string();
+        let values = window.values.to_vec();
+        let answer = match replica {
+            Replica::Endpoint(endpoint) => endpoint
+                .call(
+                    |reply| ExpertEndpointMsg::Score(sensor, window.sequence, values, reply),
+                    timeout,
+                )
+                .await
+                .map_err(|e| Undelivered::from(&e)),
+            Replica::Relay(relay) => relay
+                .call(
+                    |reply| {
+                        ExpertRelayMsg::Score(
+                            expert.to_string(),
+                            sensor,
+                            window.sequence,
+                            vec![window.channels as u32, window.length as u32],
+                            values,
+                            hops.saturating_sub(1),
+                            reply,
+                        )
+                    },
+                    timeout,
+                )
+                .await
+                .map_err(|e| Undelivered::from(&e)),
+        };
         if let Some(mut n) = self.outstanding.get_mut(&id) {
             *n = n.saturating_sub(1);
         }
@@ -348,9 +408,9 @@ impl Replicas {
             Ok(ractor::rpc::CallResult::SenderError) => {
                 Err(unavailable(Unavailability::Gone { replica }))
             }
-            Err(e) => Err(unavailable(Unavailability::NotDelivered {
+            Err(source) => Err(unavailable(Unavailability::NotDelivered {
                 replica,
-                source: Undelivered::from(&e),
+                source,
             })),
         }
     }
@@ -366,9 +426,46 @@ impl Replicas {
         expert: &Arc<str>,
         window: &Window,
     ) -> Result<ExpertVerdict, ScoreError> {
+        self.seek(router, expert, window, MAX_RELAY_HOPS, self.retry.deadline)
+            .await
+    }
+
+    /// [`Replicas::verdict`] with `hops` relays left to pass through: the replicas
+    /// this node links to come first, and gateways' relays only after them.
+    pub async fn verdict_via(
+        &self,
+        router: &str,
+        expert: &Arc<str>,
+        window: &Window,
+        hops: u8,
+    ) -> Result<ExpertVerdict, ScoreError> {
+        self.seek(router, expert, window, hops, self.retry.deadline)
+            .await
+    }
+
+    /// One pass over the replicas and relays, with no wait for one to appear: for
+    /// an optional expert, whose window goes on without it.
+    async fn verdict_if_reachable(
+        &self,
+        router: &str,
+        expert: &Arc<str>,
+        window: &Window,
+    ) -> Result<ExpertVerdict, ScoreError> {
+        self.seek(router, expert, window, MAX_RELAY_HOPS, Duration::ZERO)
+            .await
+    }
+
+    async fn seek(
+        &self,
+        router: &str,
+        expert: &Arc<str>,
+        window: &Window,
+        hops: u8,
+        patience: Duration,
+    ) -> Result<ExpertVerdict, ScoreError> {
         // tokio's clock, not the OS's: the retry deadline and its backoff sleeps must
         // agree, and tests drive both on paused time.
-        let deadline = tokio::time::Instant::now() + self.retry.deadline;
+        let deadline = tokio::time::Instant::now() + patience;
         let mut backoff = RETRY_WAIT.build();
         let mut last_error = None;
         let retries = metrics::counter!(telemetry::ROUTER_RETRIES, "router" => router.to_string(), "expert" => expert.to_string());
@@ -392,14 +489,17 @@ impl Replicas {
             }
             let mut tried = HashSet::new();
             loop {
-                let Some(endpoint) = self.remote_candidates(expert, &tried).into_iter().next()
+                let Some(replica) = self
+                    .remote_candidates(expert, &tried, hops)
+                    .into_iter()
+                    .next()
                 else {
                     break;
                 };
                 check_remote_size(expert, window)?;
-                tried.insert(endpoint.get_id());
+                tried.insert(replica.id());
                 metrics::counter!(telemetry::ROUTER_REMOTE, "router" => router.to_string(), "expert" => expert.to_string()).increment(1);
-                match self.ask_remote(&endpoint, expert, window).await {
+                match self.ask_remote(&replica, expert, window, hops).await {
                     Err(e @ ScoreError::ExpertUnavailable { .. }) => {
                         tracing::debug!(%router, %expert, error = %e, "replica failed; trying another");
                         retries.increment(1);
@@ -412,7 +512,7 @@ impl Replicas {
             if now >= deadline {
                 return Err(last_error.unwrap_or_else(|| ScoreError::ExpertUnavailable {
                     expert: expert.to_string(),
-                    reason: Unavailability::NoReplica(self.retry.deadline),
+                    reason: Unavailability::NoReplica(patience),
                 }));
             }
             // Never exhausted (no max times); the cap stands in should that change.
@@ -430,6 +530,8 @@ async fn gather(
 ) -> Result<ScoredWindow, ScoreError> {
     let mut experts = Vec::with_capacity(pending.len());
     let mut score = 0.0f32;
+    let mut answered = 0.0f32;
+    let mut skipped = None;
     for p in pending {
         let first = match p.first {
             FirstAttempt::Local(reply) => Some(reply.await.unwrap_or_else(|_| {
@@ -441,6 +543,20 @@ async fn gather(
             FirstAttempt::Elsewhere => None,
         };
         let verdict = match first {
+            Some(Err(ScoreError::ExpertUnavailable { .. })) | None if p.optional => {
+                match replicas
+                    .verdict_if_reachable(&shared.name, &p.expert, window)
+                    .await
+                {
+                    Err(e @ ScoreError::ExpertUnavailable { .. }) => {
+                        metrics::counter!(telemetry::ROUTER_OPTIONAL_SKIPPED, "router" => shared.name.to_string(), "expert" => p.expert.to_string())
+                            .increment(1);
+                        skipped = Some(e);
+                        continue;
+                    }
+                    other => other?,
+                }
+            }
             Some(Err(ScoreError::ExpertUnavailable { .. })) | None => {
                 replicas.verdict(&shared.name, &p.expert, window).await?
             }
@@ -450,6 +566,7 @@ async fn gather(
             expert: p.expert.to_string(),
         })?;
         score += p.weight * verdict.score / threshold;
+        answered += p.weight;
         experts.push(ExpertOpinion {
             expert: p.expert,
             model_version: verdict.model_version,
@@ -458,6 +575,18 @@ async fn gather(
             gate_weight: p.weight,
             class: verdict.class,
         });
+    }
+    if experts.is_empty() {
+        if let Some(unreachable) = skipped {
+            return Err(unreachable);
+        }
+    }
+    // The experts that answered share the weight of those skipped.
+    if skipped.is_some() && answered > 0.0 {
+        score /= answered;
+        for opinion in &mut experts {
+            opinion.gate_weight /= answered;
+        }
     }
     Ok(ScoredWindow {
         sensor_id: window.sensor_id.clone(),

@@ -117,6 +117,7 @@ fn node_spec(expert: ExpertSpec) -> NodeSpec {
             policy: RoutingPolicy::Static {
                 routes: HashMap::from([(SENSOR.to_string(), vec![EXPERT.to_string()])]),
             },
+            optional: Vec::new(),
         }],
         experts: vec![expert],
         remote_experts: Vec::new(),

@@ -60,6 +60,7 @@ pub fn static_node() -> NodeSpec {
             policy: RoutingPolicy::Static {
                 routes: HashMap::from([("pump-1".to_string(), vec!["pump-ae".to_string()])]),
             },
+            optional: Vec::new(),
         }],
         experts: vec![expert("pump-ae", 1)],
         remote_experts: Vec::new(),
@@ -297,6 +298,7 @@ async fn the_learned_gate_combines_its_top_k_experts() {
                 top_k: 2,
                 gate: gate.clone(),
             },
+            optional: Vec::new(),
         }],
         experts: vec![expert("a", 1), expert("b", 2), expert("c", 3)],
         remote_experts: Vec::new(),
@@ -368,6 +370,65 @@ async fn specs_that_cannot_run_are_refused_with_the_reason() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("field `stride` = 0"), "{err}");
+}
+
+fn pump_window(sequence: u64) -> Window {
+    Window {
+        sensor_id: "pump-1".into(),
+        sequence,
+        start_us: 0,
+        end_us: 7_000,
+        channels: CHANNELS,
+        length: WINDOW,
+        values: (0..CHANNELS * WINDOW)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect::<Vec<_>>()
+            .into(),
+        quality: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_window_is_scored_without_an_optional_expert_no_replica_of_which_answers() {
+    // `cloud-ae` runs elsewhere (another zone, cut off): no replica or relay answers.
+    let mut spec = static_node();
+    spec.routers[0].policy = RoutingPolicy::Static {
+        routes: HashMap::from([(
+            "pump-1".to_string(),
+            vec!["pump-ae".to_string(), "cloud-ae".to_string()],
+        )]),
+    };
+    spec.routers[0].optional = vec!["cloud-ae".into()];
+    spec.remote_experts = vec![expert("cloud-ae", 2)];
+    let alone = {
+        let (node, join) = Node::start(static_node(), Annunciator::new(64))
+            .await
+            .unwrap();
+        let window = node.score("by-asset", pump_window(3)).await.unwrap();
+        node.shutdown(join).await;
+        window
+    };
+    let (node, join) = Node::start(spec.clone(), Annunciator::new(64))
+        .await
+        .unwrap();
+    let without = node.score("by-asset", pump_window(3)).await.unwrap();
+    assert_eq!(without.experts.len(), 1);
+    assert_eq!(&*without.experts[0].expert, "pump-ae");
+    assert_eq!(
+        without.experts[0].gate_weight, 1.0,
+        "the weight left to the one that answered"
+    );
+    assert_eq!(without.score, alone.score);
+    assert_eq!(node.snapshot().routers[0].failed, 0);
+    node.shutdown(join).await;
+
+    // An optional expert the router never sends to is refused.
+    spec.routers[0].optional = vec!["ghost-ae".into()];
+    let err = Node::start(spec, Annunciator::new(1)).await.err().unwrap();
+    assert!(
+        err.to_string().contains("optional") && err.to_string().contains("ghost-ae"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

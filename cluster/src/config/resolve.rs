@@ -103,6 +103,49 @@ impl NodeConfig {
         }
     }
 
+    /// `[node] conduits`: zones, each once, other than the node's own, which it needs
+    /// (as does `segmented`).
+    fn check_conduits(&self) -> Result<(), ConfigError> {
+        if self.node.segmented && self.node.zone.is_none() {
+            return Err(self.invalid(
+                "node.segmented".into(),
+                "true",
+                "a segmented node links only within its zone: set node.zone too",
+            ));
+        }
+        let conduits = &self.node.conduits;
+        if conduits.is_empty() {
+            return Ok(());
+        }
+        let Some(own) = &self.node.zone else {
+            return Err(self.invalid(
+                "node.conduits".into(),
+                format!("{conduits:?}"),
+                "a gateway joins its own zone to others: set node.zone too",
+            ));
+        };
+        if conduits.len() > crate::zone::MAX_CONDUITS {
+            return Err(self.invalid(
+                "node.conduits".into(),
+                format!("{} zones", conduits.len()),
+                format!("at most {}", crate::zone::MAX_CONDUITS),
+            ));
+        }
+        for (i, zone) in conduits.iter().enumerate() {
+            let field = format!("node.conduits[{i}]");
+            crate::zone::check_zone(zone)
+                .map_err(|e| self.invalid(field.clone(), format!("{zone:?}"), e.to_string()))?;
+            if zone == own || conduits[..i].contains(zone) {
+                return Err(self.invalid(
+                    field,
+                    format!("{zone:?}"),
+                    "names a zone this node is already in",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// What the file alone decides; the rest is the actors' validation.
     pub(super) fn check(&self) -> Result<(), ConfigError> {
         if self.node.name.is_empty() {
@@ -113,6 +156,7 @@ impl NodeConfig {
                 self.invalid("node.zone".into(), format!("{zone:?}"), e.to_string())
             })?;
         }
+        self.check_conduits()?;
         if let Some(addr) = self.node.metrics_listen {
             if !addr.ip().is_loopback() && !self.node.metrics_public {
                 return Err(self.invalid(
@@ -827,6 +871,7 @@ impl NodeConfig {
         Ok(RouterSpec {
             name: router.name().to_string(),
             policy,
+            optional: router.optional().to_vec(),
         })
     }
 

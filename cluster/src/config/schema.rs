@@ -53,6 +53,16 @@ pub struct NodeSection {
     /// (`site-1/area-2/cell-3`); placement rules may name zones.
     #[serde(default)]
     pub zone: Option<String>,
+    /// The other zones this node joins as their gateway (the conduits it carries):
+    /// nodes link only within a zone, so traffic between zones goes through nodes
+    /// that are in both. At most [`crate::zone::MAX_CONDUITS`].
+    #[serde(default)]
+    pub conduits: Vec<String>,
+    /// The node's zones are closed network segments, as on a plant network built to
+    /// IEC 62443: it links only to nodes that share one of its zones (its own and its
+    /// conduits'), and reaches the rest through gateways. Needs `zone`.
+    #[serde(default)]
+    pub segmented: bool,
     /// gRPC address; port 0 picks a free port (see `RunningNodeServer::grpc_addr`).
     pub listen: SocketAddr,
     /// Prometheus HTTP endpoint (`GET /metrics`); none when absent. It is plaintext
@@ -343,6 +353,9 @@ pub enum RouterConfig {
     Static {
         name: String,
         routes: HashMap<String, Vec<String>>,
+        /// Experts a window is scored without when none of their replicas answers.
+        #[serde(default)]
+        optional: Vec<String>,
     },
     /// `gate`: a JSON file holding a trained `SoftmaxGate`; its output `i` is
     /// `experts[i]`.
@@ -351,6 +364,8 @@ pub enum RouterConfig {
         experts: Vec<String>,
         top_k: usize,
         gate: PathBuf,
+        #[serde(default)]
+        optional: Vec<String>,
     },
 }
 
@@ -358,6 +373,14 @@ impl RouterConfig {
     pub fn name(&self) -> &str {
         match self {
             RouterConfig::Static { name, .. } | RouterConfig::LearnedGate { name, .. } => name,
+        }
+    }
+
+    pub fn optional(&self) -> &[String] {
+        match self {
+            RouterConfig::Static { optional, .. } | RouterConfig::LearnedGate { optional, .. } => {
+                optional
+            }
         }
     }
 }

@@ -724,6 +724,8 @@ mod tests {
                 gpus: Vec::new(),
                 up_since_us: 0,
                 zone: String::new(),
+                conduits: Vec::new(),
+                segmented: false,
             };
             let member = Member {
                 name: name.into(),
@@ -734,6 +736,7 @@ mod tests {
                 serving: Vec::new(),
                 versions: BTreeMap::new(),
                 drifts: [("ae".to_string(), drifts), ("other".to_string(), 9)].into(),
+                links: Default::default(),
             };
             (name.to_string(), member)
         };

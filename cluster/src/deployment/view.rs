@@ -108,9 +108,10 @@ pub fn candidates(
     spec: &MeshSpec,
 ) -> Vec<Candidate> {
     let sensors = spec.sensors_by_node();
+    let reach = reach(me, members, links);
     members
         .values()
-        .filter(|m| reachable(me, &m.name, links))
+        .filter(|m| reach.contains(m.name.as_str()))
         .map(|m| Candidate {
             name: m.name.clone(),
             role: role_of(&m.card.role),
@@ -143,14 +144,17 @@ impl Quorum {
         members: &BTreeMap<String, Member>,
         links: &LinkView,
     ) -> Quorum {
-        let reachable = members
-            .keys()
-            .filter(|name| reachable(me, name, links))
+        let reachable = reach(me, members, links)
+            .into_iter()
+            .filter(|name| members.contains_key(*name))
             .count();
+        // Another zone's node never has a link to this one; a ready link it reports,
+        // or a gateway reports to it, is its proof of admission.
         let counts = |name: &str| {
             name == me
-                || !members.contains_key(name)
                 || links.get(name).is_some_and(|l| l.ever_ready)
+                || members.get(name).is_none_or(|m| !m.links.is_empty())
+                || members.values().any(|m| m.links.contains(name))
         };
         let mut all: BTreeSet<&str> = known
             .iter()
@@ -199,9 +203,39 @@ pub struct NoQuorum {
     pub majority: usize,
 }
 
-/// This node itself, or a peer it has a ready link to.
-fn reachable(me: &str, name: &str, links: &LinkView) -> bool {
-    name == me || links.get(name).is_some_and(|l| l.state == LinkState::Ready)
+/// The live nodes this node reaches: itself, the peers it has a ready link to, and,
+/// through each gateway it reaches (a node with conduits, which relays between its
+/// zones), the peers that gateway reports ready links to. Only gateways extend the
+/// reach: a window crosses from one zone to another through a gateway's relay, never
+/// through an ordinary node, so in a flat mesh this is this node and its ready links.
+pub fn reach<'a>(
+    me: &'a str,
+    members: &'a BTreeMap<String, Member>,
+    links: &'a LinkView,
+) -> BTreeSet<&'a str> {
+    let mut reached: BTreeSet<&str> = BTreeSet::from([me]);
+    let mut gateways: Vec<&Member> = Vec::new();
+    for (name, link) in links {
+        if link.state == LinkState::Ready {
+            if let Some(member) = members.get(name) {
+                reached.insert(member.name.as_str());
+                gateways.push(member);
+            }
+        }
+    }
+    while let Some(gateway) = gateways.pop() {
+        if gateway.card.conduits.is_empty() {
+            continue;
+        }
+        for peer in &gateway.links {
+            if let Some(member) = members.get(peer) {
+                if reached.insert(member.name.as_str()) {
+                    gateways.push(member);
+                }
+            }
+        }
+    }
+    reached
 }
 
 /// Load in quarter-core steps: placement should follow real differences in load, not
@@ -260,6 +294,8 @@ pub(crate) mod tests {
             gpus: Vec::new(),
             up_since_us: 0,
             zone: String::new(),
+            conduits: Vec::new(),
+            segmented: false,
         };
         (
             name.to_string(),
@@ -272,6 +308,7 @@ pub(crate) mod tests {
                 serving: serving.iter().map(|s| s.to_string()).collect(),
                 versions: BTreeMap::new(),
                 drifts: BTreeMap::new(),
+                links: BTreeSet::new(),
             },
         )
     }
@@ -327,5 +364,49 @@ pub(crate) mod tests {
         // A lone node that has only ever known itself decides alone.
         let solo = Quorum::of("a", &BTreeSet::new(), &BTreeMap::new(), &BTreeMap::new());
         assert!(solo.holds());
+    }
+
+    #[test]
+    fn other_zones_are_reached_through_gateways_only() {
+        let ready = LinkInfo {
+            state: LinkState::Ready,
+            since: std::time::Instant::now(),
+            rtt: None,
+            last_error: None,
+            ever_ready: true,
+        };
+        // cell - gw - cloud, and cloud - cloud-2 behind it.
+        let mut members: BTreeMap<String, Member> = ["cell", "gw", "cloud", "cloud-2"]
+            .iter()
+            .map(|n| member(n, &[]))
+            .collect();
+        let report = |members: &mut BTreeMap<String, Member>, node: &str, peers: &[&str]| {
+            let m = members.get_mut(node).unwrap();
+            m.links = peers.iter().map(|p| p.to_string()).collect();
+        };
+        report(&mut members, "gw", &["cell", "cloud"]);
+        report(&mut members, "cloud", &["gw", "cloud-2"]);
+        let links: LinkView = [("gw".to_string(), ready.clone())].into();
+        fn names(set: BTreeSet<&str>) -> Vec<String> {
+            set.into_iter().map(String::from).collect()
+        }
+        assert_eq!(
+            names(reach("cell", &members, &links)),
+            ["cell", "gw"],
+            "a node without conduits relays nothing"
+        );
+        members.get_mut("gw").unwrap().card.conduits = vec!["cloud".into()];
+        assert_eq!(
+            names(reach("cell", &members, &links)),
+            ["cell", "cloud", "gw"],
+            "a gateway's links, not those of the nodes beyond it"
+        );
+        let known: BTreeSet<String> = members.keys().cloned().collect();
+        let q = Quorum::of("cell", &known, &members, &links);
+        assert_eq!((q.reachable, q.known, q.holds()), (3, 4, true));
+        // The gateway loses the cloud: the cell and the gateway are half of four.
+        report(&mut members, "gw", &["cell"]);
+        let cut = Quorum::of("cell", &known, &members, &links);
+        assert_eq!((cut.reachable, cut.holds()), (2, false));
     }
 }

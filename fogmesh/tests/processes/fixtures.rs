@@ -83,6 +83,11 @@ pub struct NodeSettings<'a> {
     pub advertise: Option<String>,
     /// `[node] zone`.
     pub zone: Option<&'a str>,
+    /// `[node] conduits`.
+    pub conduits: &'a [&'a str],
+    /// `[node] segmented`; such a node also dials from its own address, so that
+    /// rules on addresses tell its connections from others'.
+    pub segmented: bool,
 }
 
 impl MeshNode {
@@ -103,10 +108,18 @@ impl MeshNode {
             .advertise
             .map(|a| format!("advertise = {a:?}\n"))
             .unwrap_or_default();
-        let zone = settings
+        let mut zone = settings
             .zone
             .map(|z| format!("zone = {z:?}\n"))
             .unwrap_or_default();
+        if !settings.conduits.is_empty() {
+            zone.push_str(&format!("conduits = {:?}\n", settings.conduits));
+        }
+        let mut advertise = advertise;
+        if settings.segmented {
+            zone.push_str("segmented = true\n");
+            advertise.push_str(&format!("dial_from = {:?}\n", settings.ip));
+        }
         let pki = TestPki::open(&dir.join("pki"));
         let role = settings.role.parse().expect("a node role");
         let config = format!(
@@ -245,6 +258,8 @@ impl<'a> NodeSettings<'a> {
             seeds: seeds.iter().map(|n| n.addr.clone()).collect(),
             advertise: None,
             zone: None,
+            conduits: &[],
+            segmented: false,
         }
     }
 }

@@ -69,6 +69,21 @@ fn malformed_configs_name_the_file_the_field_and_the_value() {
             vec!["node.zone", "site-1//cell-3", "level 2"],
         ),
         (
+            "conduits without a zone",
+            replace_first("role = \"edge\"", "role = \"edge\"\nconduits = [\"cloud\"]"),
+            vec!["node.conduits", "cloud", "set node.zone too"],
+        ),
+        (
+            "a conduit into its own zone",
+            replace_first("role = \"edge\"", "role = \"edge\"\nzone = \"plant/area\"\nconduits = [\"cloud\", \"plant/area\"]"),
+            vec!["node.conduits[1]", "plant/area", "already in"],
+        ),
+        (
+            "segmented without a zone",
+            replace_first("role = \"edge\"", "role = \"edge\"\nsegmented = true"),
+            vec!["node.segmented", "set node.zone too"],
+        ),
+        (
             "plaintext metrics on the network",
             replace_first("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nmetrics_listen = \"0.0.0.0:9100\""),
             vec!["node.metrics_listen", "0.0.0.0:9100", "metrics_public = true"],
@@ -87,6 +102,11 @@ fn malformed_configs_name_the_file_the_field_and_the_value() {
             "unknown expert",
             replace_first("[\"pump-ae\"]", "[\"no-such-expert\"]"),
             vec!["routers[0].routes", "no-such-expert"],
+        ),
+        (
+            "optional expert the router never sends to",
+            replace_first("policy = \"static\"", "policy = \"static\"\noptional = [\"ghost-ae\"]"),
+            vec!["routers[0].optional", "ghost-ae", "never sends to"],
         ),
         (
             "window the expert does not take",
