@@ -176,30 +176,31 @@ impl Mesh {
         );
         tracing::info!(node = %settings.name, gossip = %settings.grpc_addr, seeds = ?settings.cluster.seeds, "joining the mesh");
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(ask_seeds(
-            settings.cluster.seeds.clone(),
-            settings.dialer.clone(),
-            key.clone(),
-            settings.name.clone(),
-        )));
-        tasks.push(tokio::spawn(feed_peers(
-            settings.name.clone(),
-            card.clone(),
-            membership.clone(),
-            links.clone(),
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(publish_links(
-            membership.clone(),
-            link_view.clone(),
-            shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(publish_load(
-            membership.clone(),
-            settings.capabilities.clone(),
-            shutdown.clone(),
-        )));
+        let mut tasks = vec![
+            tokio::spawn(ask_seeds(
+                settings.cluster.seeds.clone(),
+                settings.dialer.clone(),
+                key.clone(),
+                settings.name.clone(),
+            )),
+            tokio::spawn(feed_peers(
+                settings.name.clone(),
+                card.clone(),
+                membership.clone(),
+                links.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(publish_links(
+                membership.clone(),
+                link_view.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(publish_load(
+                membership.clone(),
+                settings.capabilities.clone(),
+                shutdown.clone(),
+            )),
+        ];
         let deployment = Arc::new(Mutex::new(DeploymentState::default()));
         tasks.push(tokio::spawn(
             Deployment {

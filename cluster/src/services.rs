@@ -462,6 +462,7 @@ impl Control for NodeServices {
                     node: m.name,
                     role: m.card.role,
                     zone: m.card.zone,
+                    conduits: m.card.conduits,
                     address: m.card.grpc,
                     capabilities: Some(NodeCapabilities {
                         cores: m.card.cores,

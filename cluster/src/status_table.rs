@@ -56,11 +56,7 @@ pub fn render_mesh(mesh: &MeshStatus, now_us: i64) -> String {
         members.add_row([
             m.node.clone(),
             m.role.clone(),
-            if m.zone.is_empty() {
-                "-".to_string()
-            } else {
-                m.zone.clone()
-            },
+            zone_cell(&m.zone, &m.conduits),
             m.address.clone(),
             capabilities.cores.to_string(),
             format!("{:.1} GiB", gib(capabilities.memory_bytes)),
@@ -336,6 +332,15 @@ pub fn render(
         let _ = writeln!(out, "\n{}", plain(&mut sensors, &[1, 2, 3, 4, 5, 6, 7]));
     }
     out
+}
+
+/// A node's zone, and the zones a gateway joins it to: `plant/area (gateway: cloud)`.
+fn zone_cell(zone: &str, conduits: &[String]) -> String {
+    match (zone.is_empty(), conduits.is_empty()) {
+        (true, _) => "-".to_string(),
+        (false, true) => zone.to_string(),
+        (false, false) => format!("{zone} (gateway: {})", conduits.join(", ")),
+    }
 }
 
 fn gpu_name(name: &str, index: u32) -> String {
@@ -652,6 +657,11 @@ mod tests {
             } else {
                 "site-1/area-2".into()
             },
+            conduits: if node == "fog-2" {
+                vec!["cloud".into()]
+            } else {
+                Vec::new()
+            },
         };
         let mesh = MeshStatus {
             node: "fog-1".into(),
@@ -699,10 +709,10 @@ mod tests {
             ("fog-3", "down"),
         ] {
             let address = format!("{node}.plant:7700");
-            let zone = if node == "fog-3" {
-                "-"
-            } else {
-                "site-1/area-2"
+            let zone = match node {
+                "fog-3" => "-",
+                "fog-2" => "site-1/area-2 (gateway: cloud)",
+                _ => "site-1/area-2",
             };
             assert_eq!(
                 cells(&line(node)),

@@ -34,6 +34,10 @@ pub enum Workload {
         seconds: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Zones as closed segments: nodes link only within their zones, the site
+        /// servers are the gateways between them (`[node] segmented`).
+        #[arg(long)]
+        segmented: bool,
         /// Keep the nodes' folders and the report (`report.json`, `report.html`) here
         /// instead of removing them.
         #[arg(long)]
@@ -174,10 +178,11 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             nodes,
             seconds,
             seed,
+            segmented,
             out: keep,
         } => {
             use fogmesh_simulations::sim;
-            let text = sim::scenario::generated_plant(nodes, seconds, seed);
+            let text = sim::scenario::generated_plant(nodes, seconds, seed, segmented);
             let scenario = sim::scenario::Scenario::parse(
                 &text,
                 std::path::Path::new("generated-plant.toml"),
@@ -200,6 +205,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             let report = report.with_context(|| format!("simulating {nodes} nodes"))?;
             print_json(&serde_json::json!({
                 "nodes": report.nodes,
+                "segmented": segmented,
                 "zones": report.zones,
                 "levels": report.levels,
                 "formed_after_s": report.formed_after_s,

@@ -67,6 +67,9 @@ router = "r1"
     )
 }
 
+/// A scored window: its sequence and the experts that gave an opinion on it.
+type Scored = (u64, Vec<String>);
+
 /// Runs `nft -f -` with `rules`.
 fn nft(rules: &str) {
     let mut child = Command::new("nft")
@@ -229,7 +232,6 @@ async fn zones_in_this_namespace() {
     assert_eq!(hosts("cell-ae"), Some(vec!["cell-1".to_string()]));
     assert_eq!(hosts("cloud-ae"), Some(vec!["cloud-1".to_string()]));
 
-    // Every scored window: its sequence and the experts that gave an opinion.
     poll("the sensor to start on the cell", LONG, || async {
         cell.status()
             .await?
@@ -239,7 +241,7 @@ async fn zones_in_this_namespace() {
             .then_some(())
     })
     .await;
-    let scored: Arc<Mutex<Vec<(u64, Vec<String>)>>> = Arc::default();
+    let scored: Arc<Mutex<Vec<Scored>>> = Arc::default();
     let mut alerts = cell
         .inference()
         .await

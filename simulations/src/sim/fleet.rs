@@ -57,8 +57,8 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Writes every node's `node.toml` under `folder` (node `i` in `zones[i]`, its zone
-    /// path); starts none.
+    /// Writes every node's `node.toml` under `folder` (node `i` with `zones[i]`, the
+    /// `[node]` lines placing it: its zone path, and a gateway's conduits); starts none.
     pub fn prepare(
         binary: &Path,
         folder: &Path,
@@ -84,7 +84,7 @@ impl Fleet {
             let front = addresses.front(i).to_string();
             let config = format!(
                 "# Written by fogmesh sim: node {i} of the scenario.\n\
-                 [node]\nname = {name:?}\nrole = {role:?}\nzone = {zone:?}\n\
+                 [node]\nname = {name:?}\nrole = {role:?}\n{zone}\
                  listen = {listen:?}\n\n\
                  [cluster]\nsecret = {secret:?}\nseeds = [{seed_list}]\n\
                  advertise = {front:?}\nadvertise_gossip = {front:?}\n\

@@ -96,10 +96,8 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         .filter(|&i| scenario.nodes[i].join_at_s.is_none())
         .collect();
     let seeds = &initial[..1];
-    let zones: Vec<String> = scenario
-        .nodes
-        .iter()
-        .map(|n| scenario.zone_path(&n.zone))
+    let zones: Vec<String> = (0..scenario.nodes.len())
+        .map(|i| scenario.zone_settings(i))
         .collect();
     let mut fleet = Fleet::prepare(
         &options.binary,
@@ -126,7 +124,7 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         let views = observer
             .round(&initial, formation_started, &mut trace)
             .await;
-        if observer::converged(&views, &initial) {
+        if observer::converged(&views, &initial, &|a, b| scenario.may_link(a, b)) {
             break;
         }
         if formation_started.elapsed().as_secs_f64() > scenario.formation_s {
@@ -242,7 +240,7 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         }
         rounds.push(RoundRecord {
             t_s: clock.elapsed().as_secs_f64(),
-            converged: observer::converged(&views, &running),
+            converged: observer::converged(&views, &running, &|a, b| scenario.may_link(a, b)),
         });
         if last_memory.elapsed() >= MEMORY_EVERY {
             memory.read(&fleet);

@@ -196,15 +196,23 @@ impl Observer {
     }
 }
 
-/// Whether every node of `expected` answered and sees every other one up, all on
-/// the same spec version.
-pub fn converged(views: &BTreeMap<usize, Option<View>>, expected: &[usize]) -> bool {
+/// Whether every node of `expected` answered and sees every other one it may link to
+/// up (`may_link`: every pair in a flat mesh, those sharing a zone in a segmented
+/// one), all on the same spec version.
+pub fn converged(
+    views: &BTreeMap<usize, Option<View>>,
+    expected: &[usize],
+    may_link: &dyn Fn(usize, usize) -> bool,
+) -> bool {
     let mut versions = BTreeSet::new();
     for &i in expected {
         let Some(Some(view)) = views.get(&i) else {
             return false;
         };
-        if expected.iter().any(|&p| p != i && !view.up.contains(&p)) {
+        if expected
+            .iter()
+            .any(|&p| p != i && may_link(i, p) && !view.up.contains(&p))
+        {
             return false;
         }
         versions.insert(view.spec_version);

@@ -143,6 +143,10 @@ struct SimulationSection {
     /// A `mesh.toml` applied when the clock starts (relative to the scenario).
     #[serde(default)]
     mesh: Option<PathBuf>,
+    /// Zones are closed segments (`[node] segmented` on every node): nodes link only
+    /// within their zones, and between zones through the nodes with `conduits`.
+    #[serde(default)]
+    segmented: bool,
 }
 
 fn default_seed() -> u64 {
@@ -181,6 +185,9 @@ struct NodeGroup {
     role: String,
     #[serde(default)]
     zone: Option<String>,
+    /// Other zones these nodes are gateways into (`[node] conduits`).
+    #[serde(default)]
+    conduits: Vec<String>,
     /// Started this many seconds after the clock starts (a node joining); by default
     /// before it, as part of the mesh that forms.
     #[serde(default)]
@@ -193,6 +200,9 @@ pub struct NodePlan {
     pub name: String,
     pub role: String,
     pub zone: String,
+    /// The zones it is a gateway into, by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub conduits: Vec<String>,
     pub join_at_s: Option<f64>,
 }
 
@@ -276,6 +286,8 @@ pub struct Scenario {
     pub duration_s: f64,
     pub formation_s: f64,
     pub observe_ms: u64,
+    /// Nodes link only within their zones (see [`Scenario::may_link`]).
+    pub segmented: bool,
     pub zones: Vec<ZoneSpec>,
     pub nodes: Vec<NodePlan>,
     pub faults: Vec<FaultSpec>,
@@ -443,6 +455,15 @@ impl Scenario {
                     format!("one of the zones {names:?}"),
                 );
             }
+            for (c, conduit) in group.conduits.iter().enumerate() {
+                if !names.contains(conduit.as_str()) || *conduit == zone {
+                    invalid(
+                        format!("nodes[{i}].conduits[{c}]"),
+                        format!("{conduit:?}"),
+                        format!("one of the zones {names:?} other than the node's own"),
+                    );
+                }
+            }
             if let Some(at) = group.join_at_s {
                 if !(at.is_finite() && at >= 0.0 && at <= sim.duration_s) {
                     invalid(
@@ -469,6 +490,7 @@ impl Scenario {
                     },
                     role: group.role.clone(),
                     zone: zone.clone(),
+                    conduits: group.conduits.clone(),
                     join_at_s: group.join_at_s,
                 });
             }
@@ -672,6 +694,7 @@ impl Scenario {
             duration_s: sim.duration_s,
             formation_s: sim.formation_s,
             observe_ms: sim.observe_ms,
+            segmented: sim.segmented,
             zones,
             nodes,
             faults: file.faults,
@@ -773,6 +796,32 @@ impl Scenario {
         path.join("/")
     }
 
+    /// Node `i`'s `[node]` lines that place it: its zone path and, on a gateway, its
+    /// conduits; `segmented` on every node of a segmented scenario.
+    pub fn zone_settings(&self, i: usize) -> String {
+        let node = &self.nodes[i];
+        let mut lines = format!("zone = {:?}\n", self.zone_path(&node.zone));
+        if !node.conduits.is_empty() {
+            let paths: Vec<String> = node.conduits.iter().map(|z| self.zone_path(z)).collect();
+            lines.push_str(&format!("conduits = {paths:?}\n"));
+        }
+        if self.segmented {
+            lines.push_str("segmented = true\n");
+        }
+        lines
+    }
+
+    /// Whether nodes `a` and `b` link directly: always in a flat mesh; in a segmented
+    /// one when they share a zone, a gateway's conduits counted (the rule the nodes
+    /// themselves follow, `[node] segmented`).
+    pub fn may_link(&self, a: usize, b: usize) -> bool {
+        let zones = |i: usize| {
+            let node = &self.nodes[i];
+            std::iter::once(node.zone.as_str()).chain(node.conduits.iter().map(String::as_str))
+        };
+        !self.segmented || zones(a).any(|z| zones(b).any(|other| other == z))
+    }
+
     /// The zone's depth in the tree (the root is level 0).
     pub fn level(&self, zone: &str) -> usize {
         self.ancestors(zone).len() - 1
@@ -780,16 +829,18 @@ impl Scenario {
 }
 
 /// A plant of `nodes` nodes on three levels, for `fogmesh bench sim`: a cloud zone, one
-/// site per 24 nodes with two servers each, and a cell of edge gateways under each
-/// site; LAN links inside zones, slower conduits between them, no faults.
-pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64) -> String {
+/// site per 24 nodes with two servers each, and cells of at most
+/// [`GENERATED_CELL`] edge gateways under each site; LAN links inside zones, slower
+/// conduits between them, no faults. `segmented`: zones are closed segments and the
+/// site servers the gateways into the cloud and their site's cells.
+pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64, segmented: bool) -> String {
     let nodes = nodes.max(1);
     let cloud = (nodes / 50).max(1).min(nodes);
     let rest = nodes - cloud;
     let sites = (rest / 24).max(1);
     let mut text = format!(
         "[simulation]\nname = \"plant-{nodes}\"\nseed = {seed}\nduration_s = {duration_s}\n\
-         formation_s = 600\nobserve_ms = 1000\n\n\
+         formation_s = 600\nobserve_ms = 1000\nsegmented = {segmented}\n\n\
          [[zones]]\nname = \"cloud\"\nlink = {{ latency_ms = 0.5 }}\n\n\
          [[nodes]]\nname = \"cloud\"\ncount = {cloud}\nrole = \"cloud\"\nzone = \"cloud\"\n\n"
     );
@@ -801,25 +852,33 @@ pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64) -> String {
         }
         let servers = here.min(2);
         let gateways = here - servers;
+        let cells = gateways.div_ceil(GENERATED_CELL);
+        let mut conduits = vec!["\"cloud\"".to_string()];
+        conduits.extend((1..=cells).map(|c| format!("\"cell-{site}-{c}\"")));
         text.push_str(&format!(
             "[[zones]]\nname = \"site-{site}\"\nparent = \"cloud\"\n\
              link = {{ latency_ms = 0.3 }}\n\
              uplink = {{ latency_ms = 15, jitter_ms = 3, bandwidth_mbps = 100 }}\n\n\
              [[nodes]]\nname = \"site{site}-server\"\ncount = {servers}\nrole = \"fog\"\n\
-             zone = \"site-{site}\"\n\n"
+             zone = \"site-{site}\"\nconduits = [{}]\n\n",
+            conduits.join(", ")
         ));
-        if gateways > 0 {
+        for cell in 1..=cells {
+            let here = gateways / cells + usize::from(cell <= gateways % cells);
             text.push_str(&format!(
-                "[[zones]]\nname = \"cell-{site}\"\nparent = \"site-{site}\"\n\
+                "[[zones]]\nname = \"cell-{site}-{cell}\"\nparent = \"site-{site}\"\n\
                  link = {{ latency_ms = 0.2 }}\n\
                  uplink = {{ latency_ms = 2, jitter_ms = 0.5, bandwidth_mbps = 100 }}\n\n\
-                 [[nodes]]\nname = \"gw-{site}\"\ncount = {gateways}\nrole = \"edge\"\n\
-                 zone = \"cell-{site}\"\n\n"
+                 [[nodes]]\nname = \"gw-{site}-{cell}\"\ncount = {here}\nrole = \"edge\"\n\
+                 zone = \"cell-{site}-{cell}\"\n\n"
             ));
         }
     }
     text
 }
+
+/// Most edge gateways in one cell of a generated plant.
+pub const GENERATED_CELL: usize = 11;
 
 fn check_within(i: usize, within_s: f64, invalid: &mut dyn FnMut(String, String, String)) {
     if !(within_s.is_finite() && within_s > 0.0) {
@@ -976,13 +1035,38 @@ to = ["cloud"]
     #[test]
     fn generated_plants_have_the_nodes_asked_for_on_three_levels() {
         for nodes in [1, 3, 20, 100, 1_000] {
-            let s = parse(&generated_plant(nodes, 10.0, 1)).expect("a valid generated plant");
+            let s =
+                parse(&generated_plant(nodes, 10.0, 1, false)).expect("a valid generated plant");
             assert_eq!(s.nodes.len(), nodes);
             if nodes >= 20 {
                 let deepest = s.zones.iter().map(|z| s.level(&z.name)).max();
                 assert_eq!(deepest, Some(2), "{nodes}");
             }
         }
+        // Segmented: a cell's gateway links to its cell and its site's servers, never
+        // to the cloud or another cell; the servers reach all three levels.
+        let s = parse(&generated_plant(100, 10.0, 1, true)).expect("a valid segmented plant");
+        let at = |name: &str| s.index_of(name).unwrap_or_else(|| panic!("no node {name}"));
+        let links = |i: usize| {
+            (0..s.nodes.len())
+                .filter(|&j| j != i && s.may_link(i, j))
+                .count()
+        };
+        assert!(s.may_link(at("gw-1-1-1"), at("gw-1-1-2")));
+        assert!(s.may_link(at("gw-1-1-1"), at("site1-server-1")));
+        assert!(!s.may_link(at("gw-1-1-1"), at("cloud-1")));
+        assert!(!s.may_link(at("gw-1-1-1"), at("gw-1-2-1")));
+        assert!(s.may_link(at("site1-server-1"), at("cloud-1")));
+        assert!(
+            links(at("gw-1-1-1")) < GENERATED_CELL + 2,
+            "{}",
+            links(at("gw-1-1-1"))
+        );
+        assert!(
+            !parse(&generated_plant(100, 10.0, 1, false))
+                .unwrap()
+                .segmented
+        );
     }
 
     #[test]
