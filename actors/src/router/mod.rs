@@ -62,7 +62,7 @@ use crate::directory::{ExpertHandle, NodeDirectory};
 use crate::error::{ScoreError, Unavailability};
 use crate::expert::ExpertVerdict;
 use crate::expert_endpoint::{decode_verdict, ExpertEndpointMsg, EXPERT_SCOPE};
-use crate::expert_relay::{ExpertRelayMsg, MAX_RELAY_HOPS, RELAY_GROUP, RELAY_SCOPE};
+use crate::expert_relay::message::{ExpertRelayMsg, MAX_RELAY_HOPS, RELAY_GROUP, RELAY_SCOPE};
 use crate::node_agent::Undelivered;
 use crate::sample::Window;
 use crate::telemetry;

@@ -23,8 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::RactorClusterMessage;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::directory::NodeDirectory;
 use crate::error::{ScoreError, Unavailability};
@@ -34,13 +33,10 @@ use crate::router::{Replicas, RetryPolicy};
 use crate::sample::Window;
 use crate::telemetry;
 
-/// The process-group scope relays join.
-pub const RELAY_SCOPE: &str = "fogmesh.relays";
-/// The one group of [`RELAY_SCOPE`]: every gateway's relay, whatever its zones.
-pub const RELAY_GROUP: &str = "gateways";
-/// Relays a window may pass through on its way to a replica: a cell, its area, the
-/// site and the cloud are three conduits apart, with one to spare.
-pub const MAX_RELAY_HOPS: u8 = 4;
+pub mod message;
+
+pub use message::{ExpertRelayMsg, MAX_RELAY_HOPS, RELAY_GROUP, RELAY_SCOPE};
+
 /// Longest a relay works on one window: under a router's attempt timeout
 /// ([`RetryPolicy::default`]), so the router hears "unavailable" and moves on rather
 /// than timing out on the relay.
@@ -50,24 +46,6 @@ const RELAY_RETRY: RetryPolicy = RetryPolicy {
     attempt_timeout: Duration::from_secs(1),
     deadline: Duration::ZERO,
 };
-
-/// Messages routers and relays on other nodes send. Adding variants is
-/// wire-compatible; renaming or reordering fields is not.
-#[derive(RactorClusterMessage)]
-pub enum ExpertRelayMsg {
-    /// `(expert, sensor id, window sequence, [channels, length], channel-major values,
-    /// relay hops left)` → [`encode_verdict`] bytes.
-    #[rpc]
-    Score(
-        String,
-        String,
-        u64,
-        Vec<u32>,
-        Vec<f32>,
-        u8,
-        RpcReplyPort<Vec<u8>>,
-    ),
-}
 
 pub struct ExpertRelay;
 
