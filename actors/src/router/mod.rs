@@ -327,8 +327,9 @@ impl Replicas {
         })
     }
 
-    /// Remote replicas of `expert` not in `tried`, least outstanding work first; then,
-    /// with relay hops left, the gateways' relays on other nodes, least busy first.
+    /// Remote replicas of `expert` not in `tried`, least outstanding work first; once
+    /// none is left, with relay hops left, the gateways' relays on other nodes, least
+    /// busy first.
     fn remote_candidates(&self, expert: &str, tried: &HashSet<ActorId>, hops: u8) -> Vec<Replica> {
         let by_load = |scope: &str, group: &str| {
             let mut members: Vec<(usize, ActorCell)> =
@@ -346,7 +347,9 @@ impl Replicas {
         let mut replicas: Vec<Replica> = by_load(EXPERT_SCOPE, expert)
             .map(|cell| Replica::Endpoint(cell.into()))
             .collect();
-        if hops > 0 {
+        // Relays come after every replica this node links to, so a window with one
+        // left untried, the usual case, does not look them up.
+        if replicas.is_empty() && hops > 0 {
             replicas
                 .extend(by_load(RELAY_SCOPE, RELAY_GROUP).map(|cell| Replica::Relay(cell.into())));
         }

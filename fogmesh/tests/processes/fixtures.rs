@@ -15,7 +15,7 @@ use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::inference_client::InferenceClient;
 use fogmesh_proto::ingest_client::IngestClient;
 use fogmesh_proto::telemetry_client::TelemetryClient;
-use fogmesh_proto::SampleBatch;
+use fogmesh_proto::{Alert, AlertFilter, SampleBatch};
 use fogmesh_proto::{MeshRequest, MeshStatus, MetricsRequest, NodeStatus, StatusRequest};
 pub use fogmesh_tests::poll;
 use fogmesh_tests::{normal_values, samples, TestPki, WINDOW};
@@ -293,6 +293,51 @@ pub static ONE_MESH_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::cons
 /// The longest any wait in a mesh test may take before it counts as a failure; the
 /// waits themselves end on events, not on this.
 pub const LONG: Duration = Duration::from_secs(40);
+
+/// Waits until `sensor` runs on `node`, then keeps `keep(alert)` of every window the
+/// node scores for it (`WatchAlerts`, normal windows included), in the order the node
+/// published them, until the returned task is aborted.
+pub async fn collect_scored<T: Send + 'static>(
+    node: &MeshNode,
+    sensor: &str,
+    keep: impl Fn(Alert) -> T + Send + 'static,
+) -> (Arc<std::sync::Mutex<Vec<T>>>, tokio::task::JoinHandle<()>) {
+    poll(
+        &format!("{sensor} to start on {}", node.name),
+        LONG,
+        || async {
+            node.status()
+                .await?
+                .sensors
+                .iter()
+                .any(|s| s.sensor_id == sensor)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut alerts = node
+        .inference()
+        .await
+        .watch_alerts(AlertFilter {
+            sensor_ids: vec![sensor.into()],
+            include_normal: true,
+            from_cursor: None,
+        })
+        .await
+        .expect("watching scored windows")
+        .into_inner();
+    let kept: Arc<std::sync::Mutex<Vec<T>>> = Arc::default();
+    let collector = {
+        let kept = kept.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(alert)) = alerts.message().await {
+                let value = keep(alert);
+                kept.lock().unwrap().push(value);
+            }
+        })
+    };
+    (kept, collector)
+}
 
 /// Pushes window `window` of `sensor` (normal readings) to `node` and waits
 /// until `arrived` says it was scored. A `WatchAlerts` subscriber receives verdicts in

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::fixtures::{
-    barrier_window, poll, BlackholeProxy, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
+    barrier_window, collect_scored, poll, BlackholeProxy, MeshNode, NodeSettings, LONG,
+    ONE_MESH_AT_A_TIME,
 };
-use fogmesh_proto::{AlertFilter, ApplyRequest, SampleBatch};
+use fogmesh_proto::{ApplyRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 
 const SECRET: &str = "mesh-test-secret";
@@ -89,34 +90,7 @@ struct WindowFlow {
 
 impl WindowFlow {
     async fn start(edge: &MeshNode, windows: u64) -> WindowFlow {
-        poll("the sensor to start on the edge node", LONG, || async {
-            edge.status()
-                .await?
-                .sensors
-                .iter()
-                .any(|s| s.sensor_id == "s1")
-                .then_some(())
-        })
-        .await;
-        let mut inference = edge.inference().await;
-        let mut scored = inference
-            .watch_alerts(AlertFilter {
-                sensor_ids: vec!["s1".into()],
-                include_normal: true,
-                from_cursor: None,
-            })
-            .await
-            .expect("watching scored windows")
-            .into_inner();
-        let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let collector = {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                while let Ok(Some(window)) = scored.message().await {
-                    seen.lock().unwrap().push(window.window_sequence);
-                }
-            })
-        };
+        let (seen, collector) = collect_scored(edge, "s1", |w| w.window_sequence).await;
         let producer = {
             let mut ingest = edge.ingest().await;
             tokio::spawn(async move {

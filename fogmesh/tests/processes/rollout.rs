@@ -11,16 +11,16 @@
 //! between nodes.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::fixtures::{
-    barrier_window, full_membership, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
+    barrier_window, collect_scored, full_membership, poll, MeshNode, NodeSettings, LONG,
+    ONE_MESH_AT_A_TIME,
 };
 use fogmesh_models::served::Architecture;
 use fogmesh_models::store::{Manifest, ModelStore};
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
-use fogmesh_proto::{AlertFilter, ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
+use fogmesh_proto::{ApplyRequest, MeshStatus, RolloutRequest, SampleBatch};
 use fogmesh_tests::{metric_value, normal_values, samples, CHANNELS, WINDOW};
 use tch::Device;
 
@@ -167,40 +167,15 @@ async fn a_version_rolls_out_across_the_mesh_through_a_killed_node_and_rolls_bac
     let hosts = all_serve(&edge, "ae@1", None).await;
 
     // Windows flow while the version changes; each scored window names its version.
-    poll("the sensor on the edge node", LONG, || async {
-        edge.status()
-            .await?
-            .sensors
-            .iter()
-            .any(|s| s.sensor_id == "s1")
-            .then_some(())
+    let (seen, collector) = collect_scored(&edge, "s1", |alert| {
+        let version = alert
+            .experts
+            .first()
+            .map(|e| e.model_version.clone())
+            .unwrap_or_default();
+        (alert.window_sequence, version)
     })
     .await;
-    let mut watch = edge
-        .inference()
-        .await
-        .watch_alerts(AlertFilter {
-            sensor_ids: vec!["s1".into()],
-            include_normal: true,
-            from_cursor: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let seen: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
-    let collector = {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(alert)) = watch.message().await {
-                let version = alert
-                    .experts
-                    .first()
-                    .map(|e| e.model_version.clone())
-                    .unwrap_or_default();
-                seen.lock().unwrap().push((alert.window_sequence, version));
-            }
-        })
-    };
     let producer = {
         let mut ingest = edge.ingest().await;
         tokio::spawn(async move {

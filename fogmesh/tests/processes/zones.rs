@@ -13,11 +13,11 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fixtures::{poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
-use fogmesh_proto::{AlertFilter, ApplyRequest, SampleBatch};
+use crate::fixtures::{collect_scored, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
+use fogmesh_proto::{ApplyRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 
 const SECRET: &str = "zone-test-secret";
@@ -232,39 +232,11 @@ async fn zones_in_this_namespace() {
     assert_eq!(hosts("cell-ae"), Some(vec!["cell-1".to_string()]));
     assert_eq!(hosts("cloud-ae"), Some(vec!["cloud-1".to_string()]));
 
-    poll("the sensor to start on the cell", LONG, || async {
-        cell.status()
-            .await?
-            .sensors
-            .iter()
-            .any(|s| s.sensor_id == "s1")
-            .then_some(())
+    let (scored, collector) = collect_scored(&cell, "s1", |alert| -> Scored {
+        let experts = alert.experts.iter().map(|e| e.expert.clone()).collect();
+        (alert.window_sequence, experts)
     })
     .await;
-    let scored: Arc<Mutex<Vec<Scored>>> = Arc::default();
-    let mut alerts = cell
-        .inference()
-        .await
-        .watch_alerts(AlertFilter {
-            sensor_ids: vec!["s1".into()],
-            include_normal: true,
-            from_cursor: None,
-        })
-        .await
-        .expect("watching scored windows")
-        .into_inner();
-    let collector = {
-        let scored = scored.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(alert)) = alerts.message().await {
-                let experts = alert.experts.iter().map(|e| e.expert.clone()).collect();
-                scored
-                    .lock()
-                    .unwrap()
-                    .push((alert.window_sequence, experts));
-            }
-        })
-    };
     // A window every 50 ms until told to stop; returns how many it pushed.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let producer = {
