@@ -199,6 +199,7 @@ pub async fn run(options: &BenchFederatedOptions) -> Result<W2Report, BenchFeder
         sites,
         plan,
         publication: None,
+        spent: Default::default(),
     };
     let (coordinator, _) = Actor::spawn(None, FederatedCoordinator, args)
         .await

@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use fogmesh_models::federated::PrivacySpent;
 use fogmesh_trust::Secret;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -45,6 +46,11 @@ pub const VERSIONS_KEY: &str = "versions";
 /// The drifts each continual learner on this node has detected, by expert: a
 /// federation that runs on drift hears of them wherever its coordinator is.
 pub const DRIFTS_KEY: &str = "drifts";
+
+/// The most each federation's private rounds are known to have spent (JSON map: expert
+/// → rounds and ρ): every node repeats the most it heard, so a coordinator started
+/// after its predecessor's node died goes on counting.
+pub const PRIVACY_KEY: &str = "privacy";
 
 /// The peers a node has a ready cluster link to (JSON list of names): a node reaches
 /// the nodes of other zones through the links its gateways report.
@@ -162,6 +168,9 @@ pub struct Member {
     pub drifts: BTreeMap<String, u64>,
     /// The peers it has a ready link to ([`LINKS_KEY`]).
     pub links: BTreeSet<String>,
+    /// Expert → the most its federation's private rounds are known to have spent
+    /// ([`PRIVACY_KEY`]).
+    pub privacy: BTreeMap<String, PrivacySpent>,
 }
 
 /// Why gossip did not start.
@@ -310,6 +319,10 @@ pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Me
                 .unwrap_or_default(),
             links: state
                 .get(LINKS_KEY)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .unwrap_or_default(),
+            privacy: state
+                .get(PRIVACY_KEY)
                 .and_then(|s| serde_json::from_str(s).ok())
                 .unwrap_or_default(),
         };

@@ -89,7 +89,7 @@ impl Default for FederatedEvalOptions {
             fedprox_mu: 0.01,
             server_momentum: 0.0,
             alphas: vec![0.5, 0.1],
-            compression: Compression::TopKInt8 { fraction: 0.15 },
+            compression: Compression::TopKInt8 { fraction: 0.25 },
             privacy: Privacy {
                 clip_norm: 1.0,
                 noise_multiplier: 0.3,
@@ -211,6 +211,10 @@ pub struct PolicyResult {
     /// The first round after which accuracy (on every fourth test window) stayed within
     /// one point of the last round's; federated policies only.
     pub rounds_to_converge: Option<usize>,
+    /// Accuracy on every fourth test window after each round (federated policies
+    /// only): the curve `rounds_to_converge` reads.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accuracy_by_round: Vec<f64>,
     pub bytes: u64,
     pub bytes_down: u64,
     /// ε of `(ε, 1e-5)`-DP spent (`fedavg_dp` only).
@@ -662,6 +666,7 @@ fn run_policy(
         per_site: Vec::new(),
         rounds,
         rounds_to_converge: None,
+        accuracy_by_round: Vec::new(),
         bytes: 0,
         bytes_down: 0,
         epsilon: None,
@@ -738,6 +743,7 @@ fn run_policy(
             // tracked[r] follows round r + 1; convergence starts after the last miss.
             let last_miss = tracked.iter().rposition(|a| *a < last - 0.01);
             result.rounds_to_converge = Some(last_miss.map_or(1, |r| r + 2));
+            result.accuracy_by_round = tracked;
             result.bytes = up;
             result.bytes_down = down;
             result.epsilon = epsilon;

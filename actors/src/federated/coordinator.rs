@@ -2,7 +2,8 @@
 //!
 //! **Owns** the federation's global weights and the version they descend from, its
 //! sites, the [`FederationPlan`] and the [`RoundAggregator`] (rule, noise generator,
-//! privacy accountant). **Takes**
+//! privacy accountant, which goes on from what its predecessors spent,
+//! [`FederatedCoordinatorArgs::spent`]). **Takes**
 //! - [`FederatedCoordinatorMsg::Round`]: a synchronous round. Every site gets the
 //!   global weights and the round's work; the answers that arrive within the deadline
 //!   are combined (stragglers and failed sites are left out of that round, not waited
@@ -66,8 +67,9 @@ impl Actor for FederatedCoordinator {
         args: FederatedCoordinatorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let global = Weights::from_safetensors(&args.weights, &args.base.id())?;
-        let aggregator =
+        let mut aggregator =
             RoundAggregator::new(args.plan.aggregation, args.plan.privacy, args.plan.seed)?;
+        aggregator.resume_privacy(args.spent)?;
         args.plan.work.local.validate()?;
         if let Some(gate) = args.plan.gate {
             if !(gate.max_regression.is_finite() && gate.max_regression > -1.0) {
@@ -175,6 +177,7 @@ impl Actor for FederatedCoordinator {
                     sites: state.sites.len(),
                     weights_sha256: fogmesh_models::weights::sha256_hex(&state.global_bytes),
                     epsilon: state.aggregator.epsilon(),
+                    privacy_spent: state.aggregator.privacy_spent(),
                     last: state.last.clone(),
                     last_error: state.last_error.clone(),
                     site_names: state.sites.iter().map(|s| s.name.clone()).collect(),

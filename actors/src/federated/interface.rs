@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fogmesh_models::continual::ReplayItem;
-use fogmesh_models::federated::{Aggregation, Privacy};
+use fogmesh_models::federated::{Aggregation, Privacy, PrivacySpent};
 use fogmesh_models::store::{Manifest, ModelStore};
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
@@ -119,6 +119,9 @@ pub struct FederatedCoordinatorArgs {
     pub plan: FederationPlan,
     /// `None` for a fog aggregator: its results go to its parent.
     pub publication: Option<Publication>,
+    /// What the federation's earlier coordinators' private rounds spent: this one's
+    /// accountant goes on from it (zero for a new federation or without privacy).
+    pub spent: PrivacySpent,
 }
 
 /// What a round (or a buffered run) did.
@@ -168,6 +171,9 @@ pub struct FederationStatus {
     /// sha256 of the global weights now: the same seed gives the same hash.
     pub weights_sha256: String,
     pub epsilon: Option<f64>,
+    /// What the private rounds have spent, earlier coordinators' included; `None`
+    /// without privacy.
+    pub privacy_spent: Option<PrivacySpent>,
     pub last: Option<FederatedRound>,
     /// Why the last round applied nothing (shown by `fogmesh status`).
     pub last_error: Option<String>,

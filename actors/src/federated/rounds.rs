@@ -149,6 +149,7 @@ impl FederatedCoordinatorState {
                     "shared_windows": d.shared.len(),
                 })),
                 "epsilon": report.epsilon,
+                "privacy_spent": self.aggregator.privacy_spent(),
                 "applied": report.applied,
                 "evaluation": &report.evaluation,
             }

@@ -171,6 +171,7 @@ pub(crate) async fn coordinator(
             sites,
             plan,
             publication,
+            spent: Default::default(),
         },
     )
     .await

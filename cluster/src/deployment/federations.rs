@@ -13,6 +13,11 @@
 //! are routed to the expert, and every site of a group. The coordinator asks the sites
 //! in no group and each group's aggregator, which asks its group's sites: two levels.
 //!
+//! Privacy spent outlives the coordinator that spent it: each node gossips the most it
+//! has heard each federation's private rounds spent (`PRIVACY_KEY`), from its own
+//! coordinators and the mesh, and a coordinator starts its accountant from the larger
+//! of that and its base version's lineage.
+//!
 //! A coordinator is started again when its sites or settings change, and when the
 //! expert's version moved by other means than its own rounds (a rollout or rollback):
 //! never while a round runs (it answers no status then), so a change cannot cut a
@@ -25,11 +30,13 @@ use std::time::Duration;
 use dashmap::DashMap;
 use fogmesh_actors::{
     Distillation, DistillationSpec, ExpertSpec, FederatedCoordinator, FederatedCoordinatorArgs,
-    FederatedCoordinatorMsg, FederationSite, FederationSpec, Publication, Site, SiteTrainer,
-    SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
+    FederatedCoordinatorMsg, FederationSite, FederationSpec, FederationStatus, Publication, Site,
+    SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
 };
 use fogmesh_models::federated::distill::read_shared;
+use fogmesh_models::federated::PrivacySpent;
 use fogmesh_models::served::Architecture;
+use fogmesh_models::store::Manifest;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
@@ -37,7 +44,7 @@ use tokio::task::JoinHandle;
 use super::view::lock;
 use super::Deployment;
 use crate::federation::{RemoteSite, RemoteSiteArgs};
-use crate::membership::{Member, DRIFTS_KEY};
+use crate::membership::{Member, DRIFTS_KEY, PRIVACY_KEY};
 use crate::mesh_spec::MeshSpec;
 use crate::placement::Candidate;
 use crate::rollout;
@@ -51,6 +58,9 @@ pub(super) struct Federations {
     sites: BTreeMap<String, RunningSite>,
     coordinators: BTreeMap<String, RunningCoordinator>,
     aggregators: BTreeMap<String, RunningCoordinator>,
+    /// The most each federation's private rounds are known to have spent: heard from
+    /// the mesh and this node's own coordinators, gossiped as [`PRIVACY_KEY`].
+    spent: BTreeMap<String, PrivacySpent>,
 }
 
 struct RunningSite {
@@ -191,6 +201,25 @@ fn drifted(seen: &mut u64, now: u64) -> bool {
     let rose = now > *seen;
     *seen = now;
     rose
+}
+
+/// Records `spent` for `expert` unless more is known already.
+fn hear_spent(known: &mut BTreeMap<String, PrivacySpent>, expert: &str, spent: PrivacySpent) {
+    let entry = known.entry(expert.to_string()).or_default();
+    if spent.rho > entry.rho {
+        *entry = spent;
+    }
+}
+
+/// What a federation's private rounds had spent when `version` was stored, by its
+/// lineage (nothing for a version no private round made).
+fn spent_by_lineage(version: &Manifest) -> PrivacySpent {
+    version
+        .training
+        .get("federated")
+        .and_then(|f| f.get("privacy_spent"))
+        .and_then(|spent| serde_json::from_value(spent.clone()).ok())
+        .unwrap_or_default()
 }
 
 /// What the top coordinator asks: the sites in no group, and each group's aggregator.
@@ -358,6 +387,39 @@ impl Deployment {
         }
     }
 
+    /// Takes in what the mesh and this node's coordinators say the federations' private
+    /// rounds spent, and gossips the most known when it grew. A coordinator busy in a
+    /// round is heard from at the next pass, or when it is stopped.
+    pub(super) async fn publish_privacy(
+        &self,
+        members: &BTreeMap<String, Member>,
+        running: &mut Federations,
+    ) {
+        let mut known = running.spent.clone();
+        for member in members.values() {
+            for (expert, spent) in &member.privacy {
+                hear_spent(&mut known, expert, *spent);
+            }
+        }
+        for (expert, coordinator) in &running.coordinators {
+            if let Some(spent) = status(&coordinator.actor)
+                .await
+                .and_then(|s| s.privacy_spent)
+            {
+                hear_spent(&mut known, expert, spent);
+            }
+        }
+        if known != running.spent {
+            self.membership
+                .set(
+                    PRIVACY_KEY,
+                    serde_json::to_string(&known).unwrap_or_default(),
+                )
+                .await;
+            running.spent = known;
+        }
+    }
+
     /// Starts, restarts and stops this node's coordinators of one level.
     async fn run_level(
         &self,
@@ -380,7 +442,15 @@ impl Deployment {
                         || (level == Level::Top && self.moved_elsewhere(w.expert, &actor).await)
                 }
             };
-            if restart && self.idle(&actor).await {
+            // Between rounds only; what its last rounds spent is kept for its successor.
+            let idle = match restart {
+                true => status(&actor).await,
+                false => None,
+            };
+            if let Some(idle) = idle {
+                if let Some(spent) = idle.privacy_spent.filter(|_| level == Level::Top) {
+                    hear_spent(&mut running.spent, &name, spent);
+                }
                 if let Some(coordinator) = running.level(level).remove(&name) {
                     self.directory_of(level).remove(&name);
                     coordinator.stop();
@@ -406,19 +476,6 @@ impl Deployment {
         }
     }
 
-    /// Whether a coordinator answers at once (it is between rounds).
-    async fn idle(&self, actor: &ActorRef<FederatedCoordinatorMsg>) -> bool {
-        matches!(
-            actor
-                .call(
-                    |reply| FederatedCoordinatorMsg::Status { reply },
-                    Some(IDLE_PROBE)
-                )
-                .await,
-            Ok(CallResult::Success(_))
-        )
-    }
-
     /// Whether the expert serves a version that neither is the coordinator's nor
     /// came before it (a rollout or rollback by someone else).
     async fn moved_elsewhere(
@@ -429,13 +486,7 @@ impl Deployment {
         let Some(serving) = expert.source.stored().map(|s| s.manifest.id()) else {
             return false;
         };
-        let Ok(CallResult::Success(status)) = actor
-            .call(
-                |reply| FederatedCoordinatorMsg::Status { reply },
-                Some(IDLE_PROBE),
-            )
-            .await
-        else {
+        let Some(status) = status(actor).await else {
             return false;
         };
         if status.version == serving {
@@ -581,6 +632,14 @@ impl Deployment {
                 }
             }
         }
+        // A fog aggregator's noise is its own; the federation's figure is the top's.
+        let mut spent = BTreeMap::new();
+        if level == Level::Top {
+            hear_spent(&mut spent, &expert.name, spent_by_lineage(&stored.manifest));
+            if let Some(known) = running.spent.get(&expert.name) {
+                hear_spent(&mut spent, &expert.name, *known);
+            }
+        }
         let args = FederatedCoordinatorArgs {
             federation: expert.name.clone(),
             base: stored.manifest.clone(),
@@ -588,6 +647,7 @@ impl Deployment {
             sites,
             plan,
             publication,
+            spent: spent.remove(&expert.name).unwrap_or_default(),
         };
         let spawned = Actor::spawn(None, FederatedCoordinator, args).await;
         let actor = match spawned {
@@ -623,6 +683,20 @@ impl Deployment {
             // predecessor.
             drifts: drifts_of(members, &expert.name),
         })
+    }
+}
+
+/// A coordinator's status if it answers at once (it is between rounds).
+async fn status(actor: &ActorRef<FederatedCoordinatorMsg>) -> Option<FederationStatus> {
+    match actor
+        .call(
+            |reply| FederatedCoordinatorMsg::Status { reply },
+            Some(IDLE_PROBE),
+        )
+        .await
+    {
+        Ok(CallResult::Success(status)) => Some(status),
+        _ => None,
     }
 }
 
@@ -737,6 +811,7 @@ mod tests {
                 versions: BTreeMap::new(),
                 drifts: [("ae".to_string(), drifts), ("other".to_string(), 9)].into(),
                 links: Default::default(),
+                privacy: Default::default(),
             };
             (name.to_string(), member)
         };
@@ -774,5 +849,27 @@ mod tests {
             Some("edge-1")
         );
         assert_eq!(coordinator_of(&federation, &[]), None);
+    }
+
+    #[test]
+    fn the_most_spent_record_wins_and_a_lineage_carries_its_own() {
+        let spent = |rounds, rho| PrivacySpent { rounds, rho };
+        let mut known = BTreeMap::new();
+        hear_spent(&mut known, "ae", spent(3, 1.5));
+        hear_spent(&mut known, "ae", spent(2, 1.0));
+        hear_spent(&mut known, "pump", spent(1, 0.5));
+        assert_eq!(known["ae"], spent(3, 1.5));
+        hear_spent(&mut known, "ae", spent(4, 2.0));
+        assert_eq!(known["ae"], spent(4, 2.0));
+        assert_eq!(known["pump"], spent(1, 0.5));
+
+        let mut version =
+            Architecture::ConvAutoencoder(fogmesh_models::autoencoder::AutoencoderConfig::w1(2, 8))
+                .manifest("ae", "3");
+        assert_eq!(spent_by_lineage(&version), PrivacySpent::default());
+        version.training = serde_json::json!({
+            "federated": {"round": 2, "epsilon": 40.1, "privacy_spent": {"rounds": 2, "rho": 1.0}}
+        });
+        assert_eq!(spent_by_lineage(&version), spent(2, 1.0));
     }
 }

@@ -291,6 +291,7 @@ impl Deployment {
             }
             if applied.is_some() {
                 self.publish_drifts(&mut drifts_published).await;
+                self.publish_privacy(&members, &mut federations).await;
                 self.run_federations(spec, &nodes, &members, &mut federations)
                     .await;
             }

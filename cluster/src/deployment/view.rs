@@ -309,6 +309,7 @@ pub(crate) mod tests {
                 versions: BTreeMap::new(),
                 drifts: BTreeMap::new(),
                 links: BTreeSet::new(),
+                privacy: BTreeMap::new(),
             },
         )
     }

@@ -181,6 +181,7 @@ async fn coordinator(
                 store,
                 promoter: None,
             }),
+            spent: Default::default(),
         },
     )
     .await

@@ -47,7 +47,7 @@ pub enum Dataset {
         #[arg(long, value_delimiter = ',', default_value = "0.5,0.1")]
         alpha: Vec<f64>,
         /// The encoding of `fedavg_compressed`'s updates.
-        #[arg(long, default_value = "topk:0.15+int8")]
+        #[arg(long, default_value = "topk:0.25+int8")]
         compression: Compression,
         /// The coordinator's server momentum (FedAvgM); 0 for plain FedAvg steps.
         #[arg(long, default_value_t = 0.0)]

@@ -201,7 +201,13 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
         .control()
         .await
         .apply(ApplyRequest {
-            spec_toml: spec("ae@1", "", 300),
+            // Privacy noise small enough to leave training alone: the test reads the
+            // accountant's count across coordinators, not ε's size.
+            spec_toml: spec(
+                "ae@1",
+                "privacy = { clip_norm = 10.0, noise_multiplier = 0.001 }",
+                300,
+            ),
             dry_run: false,
         })
         .await
@@ -311,6 +317,24 @@ async fn federated_rounds_train_on_each_edge_and_survive_a_lost_site_and_a_lost_
     eprintln!("round after the coordinator was killed: {third}");
     assert_eq!(third["version"], "ae@4", "{third}");
     all_serve(&edge1, "ae@4").await;
+    // cloud-2's accountant went on from cloud-1's rounds: privacy spent is never
+    // forgotten with the node that spent it.
+    let store = ModelStore::open(dir.path().join("data-cloud-2/models"));
+    let spent = |version: &str| {
+        let lineage = store.get(version).expect("the version is stored").training;
+        let spent = &lineage["federated"]["privacy_spent"];
+        (
+            spent["rounds"].as_u64().unwrap_or(0),
+            lineage["federated"]["epsilon"].as_f64(),
+        )
+    };
+    let (two, three, four) = (spent("ae@2"), spent("ae@3"), spent("ae@4"));
+    assert_eq!((two.0, three.0), (1, 2));
+    assert!(four.0 >= 3, "ae@4 counts {} private rounds", four.0);
+    assert!(
+        two.1 < three.1 && three.1 < four.1,
+        "{two:?} {three:?} {four:?}"
+    );
     for live in ["cloud-2", "edge-1", "edge-2"] {
         let store = ModelStore::open(dir.path().join(format!("data-{live}/models")));
         let versions: Vec<String> = store

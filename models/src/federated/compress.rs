@@ -5,11 +5,15 @@
 //!   magnitude / 127) then one i8 per value: a block's scale follows its own layer's
 //!   magnitudes instead of the largest in the whole model.
 //! - `topk:<fraction>`: the `ceil(fraction · n)` values of largest magnitude: their
-//!   count (u32), their indices ascending, each as the gap from the one before in LEB128
-//!   (one byte for gaps below 128, which a fraction above 1 % nearly always gives), then
-//!   their values as f32; the rest read back as 0.
-//! - `topk:<fraction>+int8`: the count, the same gaps, then the kept values as `int8`
-//!   blocks.
+//!   count (u32), their indices, then their values as f32; the rest read back as 0.
+//!   The indices take whichever form is shorter, named by one byte: `0`, ascending,
+//!   each as the gap from the one before in LEB128 (one byte for gaps below 128, which
+//!   a fraction above 1 % nearly always gives); `1`, a bitmap of `ceil(n / 8)` bytes,
+//!   bit `i % 8` of byte `i / 8` set for a kept index `i` (shorter once more than
+//!   about one value in eight is kept: an eighth of a byte per value, not a byte per
+//!   kept one).
+//! - `topk:<fraction>+int8`: the count, the indices in the same two forms, then the
+//!   kept values as `int8` blocks.
 //!
 //! Error feedback (Seide et al. 2014, Karimireddy et al. 2019): a site's [`Compressor`]
 //! compresses its delta plus what earlier rounds left out, and keeps what this round
@@ -197,18 +201,36 @@ fn quantise(values: &[f32], bytes: &mut Vec<u8>) -> Vec<f32> {
     sent
 }
 
-/// Ascending `indices` as LEB128 gaps: each index minus one past the one before (the
-/// first: minus 0).
-fn write_gaps(bytes: &mut Vec<u8>, indices: &[usize]) {
+/// The index forms' tags.
+const GAPS: u8 = 0;
+const BITMAP: u8 = 1;
+
+/// Ascending `indices` out of `len` values, as gaps or as a bitmap, whichever is
+/// shorter: first its tag, then the form. Gaps are LEB128: each index minus one past
+/// the one before (the first: minus 0).
+fn write_indices(bytes: &mut Vec<u8>, indices: &[usize], len: usize) {
+    let mut gaps = Vec::with_capacity(indices.len());
     let mut next = 0usize;
     for &i in indices {
         let mut gap = (i - next) as u32;
         while gap >= 0x80 {
-            bytes.push((gap as u8 & 0x7f) | 0x80);
+            gaps.push((gap as u8 & 0x7f) | 0x80);
             gap >>= 7;
         }
-        bytes.push(gap as u8);
+        gaps.push(gap as u8);
         next = i + 1;
+    }
+    let bitmap_len = len.div_ceil(8);
+    if gaps.len() <= bitmap_len {
+        bytes.push(GAPS);
+        bytes.extend_from_slice(&gaps);
+    } else {
+        bytes.push(BITMAP);
+        let start = bytes.len();
+        bytes.resize(start + bitmap_len, 0);
+        for &i in indices {
+            bytes[start + i / 8] |= 1 << (i % 8);
+        }
     }
 }
 
@@ -227,7 +249,7 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
         Compression::TopK { fraction } => {
             let kept = top_k(values, fraction);
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
-            write_gaps(&mut bytes, &kept);
+            write_indices(&mut bytes, &kept, values.len());
             for i in kept {
                 bytes.extend_from_slice(&values[i].to_le_bytes());
                 sent[i] = values[i];
@@ -236,7 +258,7 @@ fn encode(compression: Compression, values: &[f32]) -> (Vec<u8>, Vec<f32>) {
         Compression::TopKInt8 { fraction } => {
             let kept = top_k(values, fraction);
             bytes.extend_from_slice(&(kept.len() as u32).to_le_bytes());
-            write_gaps(&mut bytes, &kept);
+            write_indices(&mut bytes, &kept, values.len());
             let chosen: Vec<f32> = kept.iter().map(|i| values[*i]).collect();
             for (i, v) in kept.iter().zip(quantise(&chosen, &mut bytes)) {
                 sent[*i] = v;
@@ -319,20 +341,41 @@ impl<'a> Reader<'a> {
         Err(self.malformed("an index gap does not fit 32 bits"))
     }
 
-    /// `count` indices written as gaps, each below `expected`.
+    /// `count` indices, each below `expected`, in either form.
     fn indices(&mut self, count: usize) -> Result<Vec<usize>, FederatedError> {
         if count > self.expected {
             return Err(self.malformed("it keeps more values than the update has"));
         }
         let mut indices = Vec::with_capacity(count);
-        let mut next = 0usize;
-        for _ in 0..count {
-            let i = next
-                .checked_add(self.gap()? as usize)
-                .filter(|i| *i < self.expected)
-                .ok_or_else(|| self.malformed("an index out of range"))?;
-            indices.push(i);
-            next = i + 1;
+        match self.take(1)?[0] {
+            GAPS => {
+                let mut next = 0usize;
+                for _ in 0..count {
+                    let i = next
+                        .checked_add(self.gap()? as usize)
+                        .filter(|i| *i < self.expected)
+                        .ok_or_else(|| self.malformed("an index out of range"))?;
+                    indices.push(i);
+                    next = i + 1;
+                }
+            }
+            BITMAP => {
+                let bitmap = self.take(self.expected.div_ceil(8))?;
+                for (byte, bits) in bitmap.iter().enumerate() {
+                    for bit in 0..8 {
+                        if bits & (1 << bit) != 0 {
+                            indices.push(byte * 8 + bit);
+                        }
+                    }
+                }
+                if indices.last().is_some_and(|i| *i >= self.expected) {
+                    return Err(self.malformed("an index out of range"));
+                }
+                if indices.len() != count {
+                    return Err(self.malformed("its bitmap keeps another count of values"));
+                }
+            }
+            _ => return Err(self.malformed("its indices are in no known form")),
         }
         Ok(indices)
     }
@@ -451,8 +494,10 @@ mod tests {
                 prop_assert!(delta[i].abs() <= smallest_kept);
                 prop_assert_eq!(decoded[i], 0.0);
             }
-            // Gaps below 128 take one byte each.
-            prop_assert_eq!(encoded.bytes.len(), 4 + 5 * k);
+            // The count, the form's tag, one byte per gap (all below 128 here) or the
+            // bitmap where that is shorter, the values.
+            let indices = k.min(delta.len().div_ceil(8));
+            prop_assert_eq!(encoded.bytes.len(), 4 + 1 + indices + 4 * k);
         }
 
         #[test]
@@ -518,7 +563,7 @@ mod tests {
         }
         // One value kept, its gap written in six bytes: more than 32 bits.
         let mut bytes = 1u32.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        bytes.extend_from_slice(&[GAPS, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
         bytes.extend_from_slice(&1f32.to_le_bytes());
         let refused = decode(&EncodedUpdate {
             compression: Compression::TopK { fraction: 0.5 },
@@ -528,6 +573,36 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(refused.contains("32 bits"), "{refused}");
+    }
+
+    #[test]
+    fn dense_indices_go_as_a_bitmap_and_stray_bits_are_refused() {
+        let delta: Vec<f32> = (0..1000).map(|i| (i % 13) as f32 - 6.0).collect();
+        let compression = Compression::TopKInt8 { fraction: 0.3 };
+        let encoded = Compressor::new(compression).compress(&delta);
+        // 300 gaps would take 300 bytes; the bitmap takes 125.
+        assert_eq!(encoded.bytes[4], BITMAP);
+        assert_eq!(encoded.bytes.len(), 4 + 1 + 125 + 2 * 4 + 300);
+        let decoded = decode(&encoded).unwrap();
+        let sent = decoded.iter().filter(|v| **v != 0.0).count();
+        assert_eq!(sent, 300);
+        for (d, v) in decoded.iter().zip(&delta) {
+            assert!(*d == 0.0 || (d - v).abs() < 0.03, "{d} against {v}");
+        }
+        let mut miscounted = encoded.clone();
+        miscounted.bytes[5] ^= 0b1000_0000;
+        let refused = decode(&miscounted).unwrap_err().to_string();
+        assert!(refused.contains("another count"), "{refused}");
+        // A 995-value update's bitmap has 5 bits past its end in the last byte.
+        let mut beyond = encoded;
+        beyond.len = 995;
+        beyond.bytes[5 + 124] |= 0b1000_0000;
+        let refused = decode(&beyond).unwrap_err().to_string();
+        assert!(refused.contains("out of range"), "{refused}");
+        let mut unknown = Compressor::new(compression).compress(&delta);
+        unknown.bytes[4] = 7;
+        let refused = decode(&unknown).unwrap_err().to_string();
+        assert!(refused.contains("no known form"), "{refused}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod round;
 pub use aggregate::{aggregate, Aggregation, SiteUpdate};
 pub use compress::{decode, Compression, Compressor, EncodedUpdate};
 pub use local::{held_out_loss, train_locally, LocalTrainingError, LocalUpdate, LocalWork};
-pub use privacy::{add_noise, clip, GaussianAccountant};
+pub use privacy::{add_noise, clip, GaussianAccountant, PrivacySpent};
 pub use round::{Combined, Contribution, Privacy, RoundAggregator};
 
 /// Why updates could not be combined, compressed or read back.

@@ -6,8 +6,11 @@
 //! (Mironov 2017): a round with noise multiplier `z` is `(α, α / (2z²))`-RDP for every
 //! order `α > 1`, `R` rounds compose to `(α, R·α / (2z²))`, and converting to
 //! `(ε, δ)`-DP, `ε = R·α / (2z²) + ln(1/δ) / (α − 1)`, minimised over `α`, gives
-//! `ε = R / (2z²) + √(2R·ln(1/δ)) / z`. Every site takes part in every round here, so
+//! `ε = R / (2z²) + √(2R·ln(1/δ)) / z`; rounds of different `z` add their `1 / (2z²)`
+//! (ρ), and `ε = ρ + 2·√(ρ·ln(1/δ))`. Every site takes part in every round here, so
 //! no amplification by subsampling is claimed: the figure is an upper bound.
+
+use serde::{Deserialize, Serialize};
 
 use super::FederatedError;
 
@@ -34,12 +37,24 @@ pub fn add_noise(update: &mut [f32], std: f64, rng: &mut crate::SplitMix64) {
     }
 }
 
+/// What a federation's private rounds have spent, carried from one coordinator to the
+/// next (in each version's lineage and in gossip) so a coordinator started again goes
+/// on counting instead of starting from nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrivacySpent {
+    /// Private rounds combined.
+    pub rounds: u64,
+    /// Their Rényi cost per order: `Σ 1 / (2 z²)` over the rounds, so rounds of
+    /// different noise multipliers compose.
+    pub rho: f64,
+}
+
 /// The privacy a sequence of Gaussian rounds has spent.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GaussianAccountant {
     noise_multiplier: f64,
     delta: f64,
-    rounds: u64,
+    spent: PrivacySpent,
 }
 
 impl GaussianAccountant {
@@ -63,27 +78,44 @@ impl GaussianAccountant {
         Ok(GaussianAccountant {
             noise_multiplier,
             delta,
-            rounds: 0,
+            spent: PrivacySpent::default(),
         })
+    }
+
+    /// Goes on from what earlier rounds spent (a coordinator's predecessor).
+    pub fn resume(&mut self, spent: PrivacySpent) -> Result<(), FederatedError> {
+        if !(spent.rho.is_finite() && spent.rho >= 0.0) || (spent.rounds == 0) != (spent.rho == 0.0)
+        {
+            return Err(FederatedError::Invalid {
+                field: "privacy_spent",
+                value: format!("{} rounds, rho {}", spent.rounds, spent.rho),
+                reason: "rho must be a finite number, above 0 exactly when rounds are",
+            });
+        }
+        self.spent = spent;
+        Ok(())
     }
 
     /// One more round spent.
     pub fn record_round(&mut self) {
-        self.rounds += 1;
+        self.spent.rounds += 1;
+        self.spent.rho += 1.0 / (2.0 * self.noise_multiplier * self.noise_multiplier);
     }
 
     pub fn rounds(&self) -> u64 {
-        self.rounds
+        self.spent.rounds
     }
 
-    /// ε of `(ε, δ)`-DP for the rounds so far (0 before the first).
+    pub fn spent(&self) -> PrivacySpent {
+        self.spent
+    }
+
+    /// ε of `(ε, δ)`-DP for the rounds so far (0 before the first): the order-wise
+    /// cost `α·ρ` plus `ln(1/δ) / (α − 1)`, minimised over `α`, is
+    /// `ρ + 2·√(ρ·ln(1/δ))`.
     pub fn epsilon(&self) -> f64 {
-        let r = self.rounds as f64;
-        let z = self.noise_multiplier;
-        if self.rounds == 0 {
-            return 0.0;
-        }
-        r / (2.0 * z * z) + (2.0 * r * (1.0 / self.delta).ln()).sqrt() / z
+        let rho = self.spent.rho;
+        rho + 2.0 * (rho * (1.0 / self.delta).ln()).sqrt()
     }
 }
 
@@ -160,5 +192,51 @@ mod tests {
         assert!(refused.contains("noise_multiplier = 0"), "{refused}");
         let refused = GaussianAccountant::new(1.0, 1.0).unwrap_err().to_string();
         assert!(refused.contains("delta = 1"), "{refused}");
+        let mut accountant = GaussianAccountant::new(1.0, 1e-5).unwrap();
+        for spent in [
+            PrivacySpent {
+                rounds: 2,
+                rho: f64::NAN,
+            },
+            PrivacySpent {
+                rounds: 2,
+                rho: -1.0,
+            },
+            PrivacySpent {
+                rounds: 0,
+                rho: 1.0,
+            },
+            PrivacySpent {
+                rounds: 3,
+                rho: 0.0,
+            },
+        ] {
+            let refused = accountant.resume(spent).unwrap_err().to_string();
+            assert!(refused.contains("privacy_spent"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn a_resumed_accountant_goes_on_counting_across_noise_settings() {
+        let mut first = GaussianAccountant::new(1.0, 1e-5).unwrap();
+        for _ in 0..3 {
+            first.record_round();
+        }
+        let mut next = GaussianAccountant::new(1.0, 1e-5).unwrap();
+        next.resume(first.spent()).unwrap();
+        next.record_round();
+        assert_eq!(next.rounds(), 4);
+        assert!((next.epsilon() - after(4, 1.0, 1e-5)).abs() < 1e-9);
+        // Two rounds at z = 2 then two at z = 1 cost less than four at z = 1, more
+        // than four at z = 2.
+        let mut quieter = GaussianAccountant::new(2.0, 1e-5).unwrap();
+        quieter.record_round();
+        quieter.record_round();
+        let mut louder = GaussianAccountant::new(1.0, 1e-5).unwrap();
+        louder.resume(quieter.spent()).unwrap();
+        louder.record_round();
+        louder.record_round();
+        assert!(louder.epsilon() < after(4, 1.0, 1e-5));
+        assert!(louder.epsilon() > after(4, 2.0, 1e-5));
     }
 }

@@ -19,7 +19,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::{add_noise, clip, SiteUpdate};
-use super::{aggregate, decode, Aggregation, EncodedUpdate, FederatedError, GaussianAccountant};
+use super::{
+    aggregate, decode, Aggregation, EncodedUpdate, FederatedError, GaussianAccountant, PrivacySpent,
+};
 use crate::SplitMix64;
 
 /// Differential privacy for every round of a federation.
@@ -64,6 +66,7 @@ pub struct Combined {
 pub struct RoundAggregator {
     aggregation: Aggregation,
     privacy: Option<(Privacy, GaussianAccountant)>,
+    seed: u64,
     rng: SplitMix64,
     momentum: f64,
     velocity: Vec<f32>,
@@ -103,6 +106,7 @@ impl RoundAggregator {
         Ok(RoundAggregator {
             aggregation,
             privacy,
+            seed,
             rng: SplitMix64::new(seed),
             momentum: 0.0,
             velocity: Vec::new(),
@@ -129,6 +133,25 @@ impl RoundAggregator {
     /// ε spent by the rounds combined so far; `None` without privacy.
     pub fn epsilon(&self) -> Option<f64> {
         self.privacy.as_ref().map(|(_, a)| a.epsilon())
+    }
+
+    /// What the private rounds combined so far spent, this aggregator's predecessors'
+    /// included; `None` without privacy.
+    pub fn privacy_spent(&self) -> Option<PrivacySpent> {
+        self.privacy.as_ref().map(|(_, a)| a.spent())
+    }
+
+    /// Goes on from a predecessor's spending (without privacy, nothing to resume). The
+    /// noise restarts from a stream of the seed and the rounds spent, so a coordinator
+    /// started again never adds the noise its predecessor already added to another
+    /// aggregate (two releases with the same noise would give away their difference).
+    pub fn resume_privacy(&mut self, spent: PrivacySpent) -> Result<(), FederatedError> {
+        if let Some((_, accountant)) = &mut self.privacy {
+            accountant.resume(spent)?;
+            self.rng =
+                SplitMix64::new(self.seed ^ spent.rounds.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+        Ok(())
     }
 
     /// Decodes and combines `contributions`; with privacy, spends one round.
@@ -296,5 +319,29 @@ mod tests {
                 .delta
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn a_resumed_aggregator_counts_on_and_never_repeats_its_predecessors_noise() {
+        let privacy = Privacy {
+            clip_norm: 1.0,
+            noise_multiplier: 0.5,
+            delta: 1e-5,
+        };
+        let round = [contribution(&[0.0; 32], 1, 0)];
+        let mut first = RoundAggregator::new(Aggregation::FedAvg, Some(privacy), 4).unwrap();
+        let first_noise = first.combine(&round).unwrap().delta;
+        first.combine(&round).unwrap();
+        let spent = first.privacy_spent().unwrap();
+        assert_eq!(spent.rounds, 2);
+        let mut next = RoundAggregator::new(Aggregation::FedAvg, Some(privacy), 4).unwrap();
+        next.resume_privacy(spent).unwrap();
+        let next_noise = next.combine(&round).unwrap().delta;
+        assert_ne!(next_noise, first_noise);
+        assert_eq!(next.privacy_spent().unwrap().rounds, 3);
+        assert!(next.epsilon().unwrap() > first.epsilon().unwrap());
+        let mut plain = RoundAggregator::new(Aggregation::FedAvg, None, 4).unwrap();
+        plain.resume_privacy(spent).unwrap();
+        assert_eq!(plain.privacy_spent(), None);
     }
 }
