@@ -105,6 +105,7 @@ impl Actor for FederatedCoordinator {
             last_error: None,
             buffered: None,
             consensus: Arc::new(Vec::new()),
+            shared_sent: false,
         })
     }
 

@@ -43,6 +43,9 @@ pub struct FederatedCoordinatorState {
     /// The sites' outputs on the shared windows agreed in the last distillation
     /// round (empty before the first).
     pub(super) consensus: Arc<Vec<f32>>,
+    /// Whether a distillation round sent the shared windows already (counted in its
+    /// bytes down once).
+    pub(super) shared_sent: bool,
 }
 
 /// An asynchronous run in progress.
@@ -372,13 +375,12 @@ impl FederatedCoordinatorState {
         });
         let answers = self.gather(round, &work).await;
         let mut report = self.new_report("distillation");
-        let down = self.global_bytes.len()
-            + 4 * (self.consensus.len()
-                + distillation
-                    .shared
-                    .iter()
-                    .map(|w| w.window.len())
-                    .sum::<usize>());
+        // The shared windows go down once; a site's node holds them for later rounds.
+        let shared = match std::mem::replace(&mut self.shared_sent, true) {
+            true => 0,
+            false => distillation.shared.iter().map(|w| w.window.len()).sum(),
+        };
+        let down = self.global_bytes.len() + 4 * (self.consensus.len() + shared);
         report.bytes_down = (down * self.sites.len()) as u64;
         let combine_failed = |source| FederationError::Combine {
             federation: self.federation.clone(),

@@ -65,7 +65,7 @@ pub struct DistillationSpec {
     /// A safetensors file on the coordinator's node holding the unlabelled windows
     /// every site may see: one f32 tensor `windows`, `[n, channels, length]` or
     /// `[n, channels × length]`. Only windows the plant agreed to share belong here:
-    /// every round sends them to every site.
+    /// they go to every site (once; its node keeps them for the rounds after).
     pub shared: PathBuf,
     /// The weight of the distance to the consensus in a site's objective.
     #[serde(default = "DistillationSpec::default_weight")]

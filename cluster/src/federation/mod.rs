@@ -71,6 +71,10 @@ pub enum SiteCallError {
     },
     #[error("node `{node}` is no site of federation `{federation}`")]
     NoSite { node: String, federation: String },
+    #[error(
+        "federation `{federation}`: no shared windows of sha256 {sha256} are held here; send them"
+    )]
+    SharedUnknown { federation: String, sha256: String },
     #[error("no federation of expert `{expert}` runs in this mesh: {reason}")]
     NoCoordinator { expert: String, reason: String },
     #[error("the call carries no key of this mesh")]
@@ -98,7 +102,11 @@ impl SiteCallError {
             | SiteCallError::Invalid { .. } => Code::InvalidArgument,
             SiteCallError::TooLarge { .. } => Code::ResourceExhausted,
             SiteCallError::NoSite { .. } | SiteCallError::NoCoordinator { .. } => Code::NotFound,
-            SiteCallError::Round(_) => Code::FailedPrecondition,
+            // A `Train` never runs a round, so there FAILED_PRECONDITION can only mean
+            // the shared windows are missing: the coordinator's side resends them.
+            SiteCallError::Round(_) | SiteCallError::SharedUnknown { .. } => {
+                Code::FailedPrecondition
+            }
             SiteCallError::WrongKey => Code::PermissionDenied,
             SiteCallError::Site(_) => Code::Aborted,
             SiteCallError::Unanswered { .. } | SiteCallError::Connect { .. } => Code::Unavailable,
@@ -173,11 +181,40 @@ pub(crate) fn work_from(work: &SiteWork) -> Result<RoundWork, SiteCallError> {
     })
 }
 
-/// A distillation round's part as the wire carries it: the shared windows and the
-/// consensus, little-endian f32, cut into windows of `work.shared_window_values`.
+/// Little-endian f32 `bytes` as whole windows of `per` values each.
+fn f32_windows(field: &'static str, bytes: &[u8], per: usize) -> Result<Vec<f32>, SiteCallError> {
+    if per == 0 || !bytes.len().is_multiple_of(4 * per) {
+        return Err(SiteCallError::Invalid {
+            field,
+            value: format!("{} bytes", bytes.len()),
+            reason: format!("must be whole windows of {per} f32 values"),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// The shared windows as the wire carries them: little-endian f32, cut into windows of
+/// `work.shared_window_values`.
+pub(crate) fn shared_from(work: &SiteWork, bytes: &[u8]) -> Result<Vec<ReplayItem>, SiteCallError> {
+    let per_window = work.shared_window_values as usize;
+    Ok(f32_windows("shared windows", bytes, per_window)?
+        .chunks(per_window)
+        .map(|w| ReplayItem {
+            window: w.to_vec(),
+            label: None,
+        })
+        .collect())
+}
+
+/// A distillation round's part: the shared windows (received now or before) and the
+/// consensus as the wire carries it (little-endian f32, one run of values per shared
+/// window).
 pub(crate) fn distill_from(
     work: &SiteWork,
-    shared: &[u8],
+    shared: Arc<Vec<ReplayItem>>,
     consensus: &[u8],
 ) -> Result<Option<DistillRound>, SiteCallError> {
     let Some(weight) = work.distill_weight else {
@@ -190,34 +227,13 @@ pub(crate) fn distill_from(
             reason: "must be a finite number above 0".into(),
         });
     }
-    let per_window = work.shared_window_values as usize;
-    let values = |field: &'static str, bytes: &[u8], per: usize| {
-        if per == 0 || !bytes.len().is_multiple_of(4 * per) {
-            return Err(SiteCallError::Invalid {
-                field,
-                value: format!("{} bytes", bytes.len()),
-                reason: format!("must be whole windows of {per} f32 values"),
-            });
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect::<Vec<f32>>())
-    };
-    let shared: Vec<ReplayItem> = values("shared windows", shared, per_window)?
-        .chunks(per_window)
-        .map(|w| ReplayItem {
-            window: w.to_vec(),
-            label: None,
-        })
-        .collect();
     let consensus = if consensus.is_empty() {
         Vec::new()
     } else {
-        values("consensus", consensus, shared.len().max(1))?
+        f32_windows("consensus", consensus, shared.len().max(1))?
     };
     Ok(Some(DistillRound {
-        shared: Arc::new(shared),
+        shared,
         consensus: Arc::new(consensus),
         weight,
     }))
@@ -244,6 +260,7 @@ pub(crate) fn work_to(work: &RoundWork) -> SiteWork {
             .as_ref()
             .and_then(|d| d.shared.first())
             .map_or(0, |w| w.window.len() as u64),
+        shared_sha256: String::new(),
     }
 }
 

@@ -3,8 +3,8 @@
 //! **Owns** nothing but the site's name and address. **Takes** the messages of a
 //! local `SiteTrainer` ([`SiteTrainerMsg`]), so a coordinator calls sites here and
 //! elsewhere alike: `Train` streams the global weights to the site's node
-//! (`Federation/Train`, in chunks; a distillation round adds the shared windows and the
-//! consensus) and reads back its report and encoded update (or outputs);
+//! (`Federation/Train`, in chunks; a distillation round adds the consensus, and the
+//! shared windows until the site has answered a round with them) and reads back its report and encoded update (or outputs);
 //! `Evaluate` streams the weights judged and reads back the losses. With `aggregate`
 //! the calls go to the node's fog aggregator of the federation, which runs them over
 //! its group's sites. Each call runs in
@@ -14,7 +14,7 @@
 //! that cannot be reached or refuses is answered as [`TrainingError::Remote`]; the
 //! coordinator counts the site failed for that round.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fogmesh_actors::{SiteEvaluation, SiteReport, SiteTrainerMsg, TrainingError};
@@ -50,6 +50,8 @@ pub struct RemoteSiteState {
     federation: Arc<str>,
     aggregate: bool,
     dialer: Dialer,
+    /// The digest of the shared windows the site answered a round with: it holds them.
+    shared_held: Arc<Mutex<Option<String>>>,
 }
 
 impl RemoteSiteState {
@@ -60,6 +62,12 @@ impl RemoteSiteState {
             .unwrap_or_else(|| self.addr.to_string())
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.shared_held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn failed(&self, error: SiteCallError) -> TrainingError {
         TrainingError::Remote {
             site: self.site.to_string(),
@@ -67,29 +75,72 @@ impl RemoteSiteState {
         }
     }
 
+    /// One `Train`. A distillation round's shared windows go down only while the site is
+    /// not known to hold them; when it no longer does (its node restarted), they go
+    /// again at once.
     async fn train(
         &self,
         round: u64,
         global: Arc<Vec<u8>>,
         work: &fogmesh_actors::RoundWork,
     ) -> Result<SiteReport, SiteCallError> {
+        let shared = work.distill.as_ref().map(|distill| {
+            let bytes = f32_bytes(distill.shared.iter().flat_map(|w| w.window.iter().copied()));
+            let digest = fogmesh_models::weights::sha256_hex(&bytes);
+            (Arc::new(bytes), digest)
+        });
+        let held = shared
+            .as_ref()
+            .is_some_and(|(_, digest)| self.held().as_ref() == Some(digest));
+        let answer = match self
+            .send_train(round, &global, work, shared.as_ref(), held)
+            .await
+        {
+            Err(SiteCallError::Status(status))
+                if held && status.code() == tonic::Code::FailedPrecondition =>
+            {
+                self.send_train(round, &global, work, shared.as_ref(), false)
+                    .await
+            }
+            answer => answer,
+        };
+        if let (Ok(_), Some((_, digest))) = (&answer, &shared) {
+            *self.held() = Some(digest.clone());
+        }
+        answer
+    }
+
+    async fn send_train(
+        &self,
+        round: u64,
+        global: &Arc<Vec<u8>>,
+        work: &fogmesh_actors::RoundWork,
+        shared: Option<&(Arc<Vec<u8>>, String)>,
+        held: bool,
+    ) -> Result<SiteReport, SiteCallError> {
         let mut client = client(&self.dialer, &self.addr()).await?;
+        let mut site_work = work_to(work);
+        let blobs = match (&work.distill, shared) {
+            (Some(distill), Some((bytes, digest))) => {
+                site_work.shared_sha256 = digest.clone();
+                vec![
+                    global.clone(),
+                    if held {
+                        Arc::new(Vec::new())
+                    } else {
+                        bytes.clone()
+                    },
+                    Arc::new(f32_bytes(distill.consensus.iter().copied())),
+                ]
+            }
+            _ => vec![global.clone()],
+        };
         let header = FederationHeader {
             federation: self.federation.to_string(),
             round,
-            work: Some(work_to(work)),
+            work: Some(site_work),
             aggregate: self.aggregate,
             ..Default::default()
-        };
-        let blobs = match &work.distill {
-            None => vec![global],
-            Some(distill) => vec![
-                global,
-                Arc::new(f32_bytes(
-                    distill.shared.iter().flat_map(|w| w.window.iter().copied()),
-                )),
-                Arc::new(f32_bytes(distill.consensus.iter().copied())),
-            ],
         };
         let mut request = Request::new(chunks(header, blobs));
         with_key(&self.dialer, &mut request);
@@ -155,6 +206,7 @@ impl RemoteSiteState {
             federation: self.federation.clone(),
             aggregate: self.aggregate,
             dialer: self.dialer.clone(),
+            shared_held: self.shared_held.clone(),
         }
     }
 }
@@ -176,6 +228,7 @@ impl Actor for RemoteSite {
             federation: args.federation.as_str().into(),
             aggregate: args.aggregate,
             dialer: args.dialer,
+            shared_held: Arc::default(),
         })
     }
 

@@ -5,7 +5,10 @@
 //!
 //! Checks, in order: the mesh key for `Train` and `Evaluate` (plaintext nodes in a
 //! mesh; over TLS the authorization layer has admitted only nodes), the framing (`super::receive`), the
-//! work's fields. A site that is not here is `NOT_FOUND`; a site whose training failed
+//! work's fields. A distillation round's shared windows are kept per federation, so
+//! the rounds after carry only their digest (`FAILED_PRECONDITION` when this node does
+//! not hold them, after a restart: the coordinator's side then sends them again). A
+//! site that is not here is `NOT_FOUND`; a site whose training failed
 //! is `ABORTED` with its error. `Federate` passed on to a coordinator that dies before
 //! answering is passed again to the node placed after it, so a round lost with its
 //! coordinator runs once more elsewhere (it was never stored: rounds store only at
@@ -15,18 +18,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dashmap::DashMap;
 use fogmesh_actors::{
     FederatedCoordinatorMsg, Node, Site, SiteEvaluation, SiteReport, SiteTrainerMsg,
 };
+use fogmesh_models::continual::ReplayItem;
 use fogmesh_proto::federation_server::Federation as FederationRpc;
 use fogmesh_proto::{
     FederateReply, FederateRequest, FederationChunk, FederationHeader, SiteEvaluationReply,
+    SiteWork,
 };
 use futures::Stream;
 use ractor::rpc::CallResult;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{chunks, client, distill_from, receive, with_key, work_from, SiteCallError};
+use super::{
+    chunks, client, distill_from, receive, shared_from, with_key, work_from, SiteCallError,
+};
 use crate::cluster_key::{self, ClusterKey};
 use crate::deployment::view::lock;
 use crate::services::MeshView;
@@ -39,12 +47,18 @@ const PASSED_ON: &str = "fogmesh-passed-on";
 /// Longest a `Federate` passed on waits for a new coordinator after losing one.
 const REPLACEMENT_WAIT: Duration = Duration::from_secs(90);
 
+/// A federation's shared windows as last received: their digest and the windows.
+type HeldShared = (String, Arc<Vec<ReplayItem>>);
+
 #[derive(Clone)]
 pub(crate) struct FederationService {
     node_name: String,
     node: Node,
     key: Option<ClusterKey>,
     mesh: Option<MeshView>,
+    /// Each federation's shared windows, kept so later distillation rounds need not
+    /// carry them again.
+    pub(super) shared: Arc<DashMap<String, HeldShared>>,
 }
 
 impl FederationService {
@@ -59,6 +73,7 @@ impl FederationService {
             node,
             key,
             mesh,
+            shared: Arc::new(DashMap::new()),
         }
     }
 
@@ -67,6 +82,32 @@ impl FederationService {
             Some(key) if !cluster_key::carries_key(request, key) => Err(SiteCallError::WrongKey),
             _ => Ok(()),
         }
+    }
+
+    /// A distillation round's shared windows: those it carries, kept for the rounds
+    /// after; or, when it carries none but names a digest, those received before.
+    fn shared_windows(
+        &self,
+        federation: &str,
+        work: &SiteWork,
+        bytes: &[u8],
+    ) -> Result<Arc<Vec<ReplayItem>>, SiteCallError> {
+        if bytes.is_empty() && !work.shared_sha256.is_empty() {
+            return self
+                .shared
+                .get(federation)
+                .filter(|held| held.0 == work.shared_sha256)
+                .map(|held| held.1.clone())
+                .ok_or_else(|| SiteCallError::SharedUnknown {
+                    federation: federation.into(),
+                    sha256: work.shared_sha256.clone(),
+                });
+        }
+        let windows = Arc::new(shared_from(work, bytes)?);
+        let digest = fogmesh_models::weights::sha256_hex(bytes);
+        self.shared
+            .insert(federation.to_string(), (digest, windows.clone()));
+        Ok(windows)
     }
 
     /// This node's site of `federation`, or with `aggregate` its fog aggregator.
@@ -271,7 +312,8 @@ impl FederationRpc for FederationService {
             .into());
         }
         if expected == 3 {
-            work.distill = distill_from(&wire_work, &blobs[1], &blobs[2])?;
+            let shared = self.shared_windows(&header.federation, &wire_work, &blobs[1])?;
+            work.distill = distill_from(&wire_work, shared, &blobs[2])?;
         }
         let global = Arc::new(blobs.remove(0));
         let (round, work) = (header.round, Arc::new(work));

@@ -75,8 +75,15 @@ async fn recording_proxy(target: std::net::SocketAddr, seen: Arc<Mutex<Vec<u8>>>
 }
 
 /// A `SiteTrainer` of federation `ae` on node `edge-1`, served over gRPC behind a
-/// recording proxy, and the `RemoteSite` a coordinator reaches it through.
-async fn remote_site(args: SiteTrainerArgs) -> (ActorRef<SiteTrainerMsg>, Arc<Mutex<Vec<u8>>>) {
+/// recording proxy; the `RemoteSite` a coordinator reaches it through, what crossed,
+/// and the service (what the node holds between rounds).
+async fn remote_site(
+    args: SiteTrainerArgs,
+) -> (
+    ActorRef<SiteTrainerMsg>,
+    Arc<Mutex<Vec<u8>>>,
+    FederationService,
+) {
     let empty = NodeSpec {
         node: "edge-1".into(),
         sensors: Vec::new(),
@@ -93,7 +100,7 @@ async fn remote_site(args: SiteTrainerArgs) -> (ActorRef<SiteTrainerMsg>, Arc<Mu
     let service = FederationService::new("edge-1".into(), node, None, None);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(FederationServer::new(service))
+            .add_service(FederationServer::new(service.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -113,7 +120,7 @@ async fn remote_site(args: SiteTrainerArgs) -> (ActorRef<SiteTrainerMsg>, Arc<Mu
     )
     .await
     .unwrap();
-    (remote, seen)
+    (remote, seen, service)
 }
 
 /// Whether two consecutive values of any of `items`' windows are in `seen`.
@@ -194,7 +201,7 @@ async fn a_round_across_a_link_carries_weights_and_updates_but_no_window_values(
     let own = windows(1, 48);
     let held_out = windows(2, 12);
     let architecture = Architecture::ConvAutoencoder(AutoencoderConfig::w1(CHANNELS, WINDOW));
-    let (remote, seen) = remote_site(SiteTrainerArgs {
+    let (remote, seen, _) = remote_site(SiteTrainerArgs {
         site: "edge-1".into(),
         architecture: architecture.clone(),
         windows: own.clone(),
@@ -245,7 +252,7 @@ async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only
     let held_out = windows(2, 12);
     let architecture = Architecture::ConvAutoencoder(AutoencoderConfig::w1(CHANNELS, WINDOW));
     let narrow = architecture.with_hidden(8).unwrap();
-    let (remote, seen) = remote_site(SiteTrainerArgs {
+    let (remote, seen, service) = remote_site(SiteTrainerArgs {
         site: "edge-1".into(),
         architecture: architecture.clone(),
         windows: own.clone(),
@@ -270,7 +277,7 @@ async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only
     .unwrap();
     let shared = Arc::new(windows(5, 24));
     let dir = tempfile::tempdir().unwrap();
-    let (coordinator, _) = coordinator(
+    let (coordinator, weights) = coordinator(
         dir.path(),
         vec![
             FederationSite {
@@ -288,7 +295,24 @@ async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only
         }),
     )
     .await;
-    for version in ["ae@2", "ae@3"] {
+    // How often the first shared window's bytes crossed the link.
+    let first: Vec<u8> = shared[0]
+        .window
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let crossings = || {
+        let seen = seen.lock().unwrap();
+        seen.windows(first.len())
+            .filter(|w| *w == first.as_slice())
+            .count()
+    };
+    let mut bytes_down = Vec::new();
+    for version in ["ae@2", "ae@3", "ae@4"] {
+        if version == "ae@4" {
+            // The site's node restarted and holds the shared windows no more.
+            service.shared.clear();
+        }
         let round = coordinator
             .call(|reply| FederatedCoordinatorMsg::Round { reply }, None)
             .await
@@ -303,7 +327,16 @@ async fn a_distillation_round_across_a_link_moves_outputs_on_shared_windows_only
         let evaluation = round.evaluation.expect("the sites judged the weights");
         assert_eq!(evaluation.windows, 24, "{}", evaluation.reason);
         assert_eq!(round.version.as_deref(), Some(version));
+        bytes_down.push(round.bytes_down);
+        // The shared windows went down with the first round only, and again once the
+        // site no longer held them.
+        let expected = if version == "ae@4" { 2 } else { 1 };
+        assert_eq!(crossings(), expected, "after the round of {version}");
     }
+    // Down to each of the two sites: the weights and the shared windows in the first
+    // round; the weights and the consensus (one output per shared value) after.
+    let per_site = (weights.len() + shared.len() * (CHANNELS * WINDOW) as usize * 4) as u64;
+    assert_eq!(bytes_down, [2 * per_site; 3]);
     let seen = seen.lock().unwrap().clone();
     assert_no_window_values(&seen, &own);
     assert_no_window_values(&seen, &held_out);
