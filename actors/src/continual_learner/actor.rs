@@ -11,6 +11,8 @@
 //! [`Annunciator`] by a task the learner owns), [`ContinualLearnerMsg::Label`] (the
 //! plant's label for a recent window),
 //! [`ContinualLearnerMsg::Learn`] (run a round now, answered with its report),
+//! [`ContinualLearnerMsg::Windows`] (the windows it holds, for its node's federation
+//! site),
 //! [`ContinualLearnerMsg::Tick`] (the `every_s` schedule). **Supervised by** whoever
 //! started it through [`ContinualLearner::start`] (on a node: the node server): it is
 //! not restarted in the same process; an unexpected stop is logged, counted in
@@ -40,7 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fogmesh_edge_log::EdgeLog;
-use fogmesh_models::continual::Reservoir;
+use fogmesh_models::continual::{ReplayItem, Reservoir};
 use fogmesh_models::drift::{Drift, KsDrift, PageHinkley};
 use fogmesh_models::store::ModelStore;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -79,6 +81,11 @@ pub enum ContinualLearnerMsg {
     /// Runs a round now; answered with its report once it ends.
     Learn {
         reply: RpcReplyPort<Result<RoundReport, LearnerError>>,
+    },
+    /// The windows the learner holds, for its node's federation site to train on:
+    /// the reservoir and the recent windows, with the labels the plant gave them.
+    Windows {
+        reply: RpcReplyPort<Vec<ReplayItem>>,
     },
     /// The `every_s` schedule.
     Tick,
@@ -250,6 +257,11 @@ impl Actor for ContinualLearner {
                 window_sequence,
                 label,
             } => state.label(&sensor, window_sequence, label),
+            ContinualLearnerMsg::Windows { reply } => {
+                let mut windows = state.observed.reservoir_items();
+                windows.extend(state.observed.recent_items());
+                let _ = reply.send(windows);
+            }
             ContinualLearnerMsg::Learn { reply } => {
                 if let Err(e) = state.start_round(Trigger::Command, Some(reply), &myself) {
                     tracing::info!(expert = %state.expert, error = %e, "learning round not started");

@@ -13,11 +13,17 @@
 //! training error, are answered as [`TrainingError`]; the actor keeps its windows and
 //! takes the next round.
 //!
-//! A site on a mesh node takes its windows from a [`WindowFeed`]: the windows the
-//! node's routers had the federation's expert score, from the node's annunciator
-//! ([`SiteTrainerMsg::Observed`]). It keeps a uniform sample of them (a reservoir)
-//! and holds every n-th out for evaluation, so what it trains on follows the plant
-//! without growing.
+//! A site on a mesh node takes its windows from a [`WindowFeed`]. Where the node runs
+//! the expert's continual learner, each round asks it for the windows it holds (its
+//! reservoir and recent windows, with the labels the plant gave them, kept across a
+//! restart in the edge log): the site trains on those, holding out the windows whose
+//! values hash to 0 modulo `holdout_every`, the same ones every time they are asked
+//! for. Otherwise, or while the learner holds none or does not answer within
+//! [`LEARNER_WAIT`], it trains on its own sample of the windows the node's routers
+//! had the federation's expert score, from the node's annunciator
+//! ([`SiteTrainerMsg::Observed`]): a uniform sample (a reservoir) with every n-th
+//! window held out for evaluation, so what it trains on follows the plant without
+//! growing.
 //!
 //! In a distillation round ([`RoundWork::distill`]) the site trains its own network,
 //! which may be narrower or wider than the federation's ([`SiteTrainerArgs::network`]),
@@ -43,12 +49,15 @@ use fogmesh_models::federated::{
 use fogmesh_models::merge::Weights;
 use fogmesh_models::served::Architecture;
 use fogmesh_models::ModelError;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use super::error::TrainingError;
 use crate::annunciator::ScoredWindow;
+use crate::continual_learner::ContinualLearnerMsg;
+use crate::directory::NodeDirectory;
 
 /// What a coordinator asks of every site in a round.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +120,28 @@ pub struct WindowFeed {
     /// Every how many windows one is held out instead (0: none).
     pub holdout_every: usize,
     pub seed: u64,
+    /// The node's actors, where the site finds the expert's continual learner.
+    pub learners: Option<Arc<NodeDirectory>>,
+}
+
+/// How long a round waits for the learner's windows before taking the site's own.
+pub const LEARNER_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `item` is one of the windows a site holds out of training: its values'
+/// FNV-1a hash is 0 modulo `every` (never with `every` 0), so the choice does not
+/// depend on where the window sits in the learner's buffers.
+fn held_out_by_hash(item: &ReplayItem, every: usize) -> bool {
+    if every == 0 {
+        return false;
+    }
+    let hash = item
+        .window
+        .iter()
+        .flat_map(|v| v.to_bits().to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    hash % every as u64 == 0
 }
 
 /// A fed site's samples of what came, turned into `windows` and `held_out` when a
@@ -119,6 +150,8 @@ struct FedSample {
     train: Reservoir,
     held_out: Reservoir,
     holdout_every: usize,
+    expert: Arc<str>,
+    learners: Option<Arc<NodeDirectory>>,
     seen: u64,
     changed: bool,
     forwarder: JoinHandle<()>,
@@ -137,9 +170,34 @@ pub struct SiteTrainerState {
 }
 
 impl SiteTrainerState {
-    /// Takes in what came since the last round.
-    fn refresh(&mut self) {
-        if let Some(fed) = self.fed.as_mut().filter(|f| f.changed) {
+    /// Takes in the windows to train and judge on: the learner's, or what came to the
+    /// site's own sample since the last round.
+    async fn refresh(&mut self) {
+        let Some(fed) = self.fed.as_mut() else { return };
+        let learner = fed.learners.as_ref().and_then(|l| l.learner(&fed.expert));
+        if let Some(learner) = learner {
+            let asked = learner
+                .actor
+                .call(
+                    |reply| ContinualLearnerMsg::Windows { reply },
+                    Some(LEARNER_WAIT),
+                )
+                .await;
+            if let Ok(CallResult::Success(windows)) = asked {
+                if !windows.is_empty() {
+                    let (held_out, train): (Vec<_>, Vec<_>) = windows
+                        .into_iter()
+                        .partition(|w| held_out_by_hash(w, fed.holdout_every));
+                    self.windows = Arc::new(train);
+                    self.held_out = Arc::new(held_out);
+                    // The site's own sample stands in again whenever the learner
+                    // cannot.
+                    fed.changed = true;
+                    return;
+                }
+            }
+        }
+        if fed.changed {
             self.windows = Arc::new(fed.train.items().to_vec());
             self.held_out = Arc::new(fed.held_out.items().to_vec());
             fed.changed = false;
@@ -229,6 +287,8 @@ impl Actor for SiteTrainer {
                     feed.seed.wrapping_add(1),
                 )?,
                 holdout_every: feed.holdout_every,
+                expert: feed.expert.clone(),
+                learners: feed.learners,
                 seen: 0,
                 changed: false,
                 forwarder: tokio::spawn(forward(feed.windows, feed.expert, myself)),
@@ -267,7 +327,7 @@ impl Actor for SiteTrainer {
             state.observe(window);
             return Ok(());
         }
-        state.refresh();
+        state.refresh().await;
         let (round, global, work, reply) = match message {
             SiteTrainerMsg::Observed(_) => return Ok(()),
             SiteTrainerMsg::Train {

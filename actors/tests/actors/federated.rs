@@ -3,7 +3,8 @@
 //! time is left out of the round, and a round with too few answers applies nothing; a
 //! stopped site counts as failed; two levels (fog aggregators under a cloud
 //! coordinator) give the flat federation's weights; a buffered (FedBuff) run applies
-//! exactly the versions asked and stores one version.
+//! exactly the versions asked and stores one version; a site on a node trains on its
+//! continual learner's windows, and on its own sample when there is no learner.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -563,4 +564,142 @@ async fn nothing_a_site_sends_holds_a_value_of_its_windows() {
         "{leaked} window values found in what the site sent"
     );
     site.stop(None);
+}
+
+/// A continual learner that holds `windows`, as far as its node's site can tell.
+struct HoldingLearner;
+
+impl Actor for HoldingLearner {
+    type Msg = fogmesh_actors::ContinualLearnerMsg;
+    type State = Vec<ReplayItem>;
+    type Arguments = Vec<ReplayItem>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        windows: Vec<ReplayItem>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(windows)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        windows: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let fogmesh_actors::ContinualLearnerMsg::Windows { reply } = message {
+            let _ = reply.send(windows.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Trains a round of `site` and judges the base weights on what it holds out: the
+/// windows trained on and the windows judged on.
+async fn train_and_judge(site: &ActorRef<SiteTrainerMsg>) -> (u64, u64) {
+    let global = Arc::new(base_weights());
+    let work = Arc::new(RoundWork::default());
+    let report = site
+        .call(
+            |reply| SiteTrainerMsg::Train {
+                round: 1,
+                global: global.clone(),
+                work,
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let CallResult::Success(report) = report else {
+        panic!("the site answered no report")
+    };
+    let report = report.expect("the site trains");
+    let judged = site
+        .call(
+            |reply| SiteTrainerMsg::Evaluate {
+                weights: vec![global],
+                reply,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let CallResult::Success(judged) = judged else {
+        panic!("the site answered no evaluation")
+    };
+    (report.samples, judged.expect("the site judges").windows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_on_a_node_trains_on_its_learners_windows_and_on_its_own_sample_without_one() {
+    let directory = Arc::new(fogmesh_actors::NodeDirectory::default());
+    let (_scored, feed) = tokio::sync::broadcast::channel(16);
+    let (site, _) = Actor::spawn(
+        None,
+        SiteTrainer,
+        SiteTrainerArgs {
+            site: "edge-1".into(),
+            architecture: architecture(),
+            windows: Vec::new(),
+            held_out: Vec::new(),
+            feed: Some(fogmesh_actors::WindowFeed {
+                windows: feed,
+                expert: "pump-ae".into(),
+                capacity: 64,
+                holdout_every: 4,
+                seed: 1,
+                learners: Some(directory.clone()),
+            }),
+            network: None,
+        },
+    )
+    .await
+    .unwrap();
+    // The site's own sample: 12 windows its node's routers had the expert score.
+    for (sequence, item) in windows(2, 12).into_iter().enumerate() {
+        let scored = fogmesh_actors::ScoredWindow {
+            sensor_id: "s1".into(),
+            router: "r1".into(),
+            window_sequence: sequence as u64,
+            start_us: 0,
+            end_us: 0,
+            quality: Default::default(),
+            score: 0.5,
+            anomalous: false,
+            experts: Vec::new(),
+            values: item.window.into(),
+            late: None,
+        };
+        site.cast(SiteTrainerMsg::Observed(Arc::new(scored)))
+            .unwrap();
+    }
+    // The learner holds 40 other windows (its reservoir and recent ones).
+    let (learner, _) = Actor::spawn(None, HoldingLearner, windows(1, 40))
+        .await
+        .unwrap();
+    directory.learners.insert(
+        "pump-ae".into(),
+        fogmesh_actors::directory::LearnerHandle {
+            actor: learner.clone(),
+            shared: fogmesh_actors::continual_learner::ContinualLearnerShared::new(
+                "pump-ae",
+                "pump-ae@1",
+            ),
+        },
+    );
+    let (trained, judged) = train_and_judge(&site).await;
+    assert_eq!(trained + judged, 40, "{trained} trained, {judged} judged");
+    assert!(
+        judged > 0 && trained > judged,
+        "{trained} trained, {judged} judged"
+    );
+    // Asked again, the learner's windows split the same way.
+    assert_eq!(train_and_judge(&site).await, (trained, judged));
+
+    // Without a learner, the site's own sample: every fourth window held out.
+    directory.learners.remove("pump-ae");
+    learner.stop(None);
+    assert_eq!(train_and_judge(&site).await, (9, 3));
 }

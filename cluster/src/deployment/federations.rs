@@ -521,6 +521,7 @@ impl Deployment {
                 capacity: federation.windows,
                 holdout_every: federation.holdout_every(),
                 seed: federation.seed,
+                learners: Some(self.node.directory.clone()),
             }),
             network: network.clone(),
         };
