@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fogmesh_models::federated::distill::{consensus, distill_locally};
+use fogmesh_models::federated::distill::{consensus, distill_locally, onto_outputs};
 use fogmesh_models::federated::{decode, Contribution, LocalTrainingError, RoundAggregator};
 use fogmesh_models::merge::{MergeError, Weights};
 use fogmesh_models::served::Architecture;
@@ -387,14 +387,7 @@ impl FederatedCoordinatorState {
             round,
             source,
         };
-        let outputs = self
-            .tally(round, answers, &mut report)?
-            .iter()
-            .map(|r| decode(&r.update).map(|values| (values, r.samples)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(combine_failed)?;
-        let views: Vec<(&[f32], u64)> = outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
-        let agreed = Arc::new(consensus(&views).map_err(combine_failed)?);
+        let reports = self.tally(round, answers, &mut report)?;
         let distill_failed = |source: LocalTrainingError| FederationError::Distill {
             federation: self.federation.clone(),
             round,
@@ -402,6 +395,36 @@ impl FederatedCoordinatorState {
         };
         let architecture =
             Architecture::from_manifest(&self.manifest).map_err(|e| distill_failed(e.into()))?;
+        let agreed = if self.plan.privacy.is_some() {
+            // Each site's outputs clipped, weighed equally and noised as an update is;
+            // the noised mean then put back among the network's outputs.
+            let contributions: Vec<Contribution> = reports
+                .iter()
+                .map(|r| Contribution {
+                    update: r.update.clone(),
+                    samples: r.samples,
+                    staleness: 0,
+                })
+                .collect();
+            let mut noised = self
+                .aggregator
+                .combine(&contributions)
+                .map_err(combine_failed)?
+                .delta;
+            report.epsilon = self.aggregator.epsilon();
+            onto_outputs(&architecture, &mut noised);
+            noised
+        } else {
+            let outputs = reports
+                .iter()
+                .map(|r| decode(&r.update).map(|values| (values, r.samples)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(combine_failed)?;
+            let views: Vec<(&[f32], u64)> =
+                outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
+            consensus(&views).map_err(combine_failed)?
+        };
+        let agreed = Arc::new(agreed);
         let (global, shared, target) = (
             self.global_bytes.clone(),
             distillation.shared.clone(),

@@ -298,13 +298,12 @@ impl FederationSpec {
         let conflicts = [
             ("groups", !self.groups.is_empty(), "(groups)"),
             ("buffered", self.buffered.is_some(), "(a table)"),
-            ("privacy", self.privacy.is_some(), "(a table)"),
         ];
         if let Some((field, _, value)) = conflicts.iter().find(|(_, set, _)| *set) {
             return Err(invalid(
                 field,
                 value.to_string(),
-                "distillation rounds run synchronously over the sites directly, without privacy noise: leave it out",
+                "distillation rounds run synchronously over the sites directly: leave it out",
             ));
         }
         if self.compression != Compression::None {

@@ -2,7 +2,8 @@
 //! width, each seeing normal operation and one fault of its own, answer with their
 //! outputs on shared unlabelled windows; the coordinator's classifier, which never sees
 //! a label, learns every class from their consensus, and each round is stored as an
-//! ordinary version with its lineage.
+//! ordinary version with its lineage; with privacy, the consensus is noised and ε
+//! spent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use fogmesh_actors::{
 };
 use fogmesh_models::classifier::{ClassifierConfig, FaultClassifier};
 use fogmesh_models::continual::ReplayItem;
-use fogmesh_models::federated::{Aggregation, LocalWork};
+use fogmesh_models::federated::{Aggregation, LocalWork, Privacy};
 use fogmesh_models::served::{Architecture, Classes};
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::SplitMix64;
@@ -96,8 +97,11 @@ fn accuracy(weights: &[u8], test: &[ReplayItem]) -> f64 {
     right as f64 / test.len() as f64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
+/// Six distillation rounds between two sites of other widths, each knowing normal
+/// operation and one fault of its own, with `privacy` on their outputs: the store and
+/// the coordinator's classifier's accuracy on all three classes before and after (and
+/// the folder the store lives in).
+async fn six_rounds(privacy: Option<Privacy>) -> (tempfile::TempDir, ModelStore, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path());
     let Architecture::FaultClassifier { config, .. } = classifier(16) else {
@@ -126,7 +130,7 @@ async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
             ..RoundWork::default()
         },
         aggregation: Aggregation::FedAvg,
-        privacy: None,
+        privacy,
         min_sites: 2,
         deadline: Duration::from_secs(60),
         seed: 1,
@@ -150,6 +154,7 @@ async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
     .await;
     let test = items(&[0, 1, 2], 90, 4, true);
     let before = accuracy(&weights, &test);
+    let mut epsilon = 0.0;
     for r in 1..=6 {
         let report = round(&actor).await.expect("a distillation round");
         assert_eq!(report.mode, "distillation");
@@ -161,6 +166,14 @@ async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
             report.version.as_deref(),
             Some(format!("valve-clf@{}", r + 1).as_str())
         );
+        match privacy {
+            None => assert_eq!(report.epsilon, None),
+            Some(_) => {
+                let spent = report.epsilon.expect("a private round spends ε");
+                assert!(spent > epsilon, "round {r}: ε {spent} after {epsilon}");
+                epsilon = spent;
+            }
+        }
     }
     let stored = store.get("valve-clf@7").unwrap();
     assert_eq!(stored.training["federated"]["mode"], "distillation");
@@ -173,6 +186,28 @@ async fn sites_of_other_widths_teach_the_coordinators_network_every_class() {
     })
     .await;
     let after = accuracy(&global, &test);
+    (dir, store, before, after)
+}
+
+/// Without privacy, then with it: each site's outputs clipped and the consensus
+/// noised (then put back among probabilities), ε growing round by round and kept in
+/// the lineage, and with light noise the classes still learned. One test, the two in
+/// turn: the networks start from libtorch's process-wide generator, seeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_of_other_widths_teach_the_coordinators_network_every_class_in_private_too() {
+    let (_dir, _, before, after) = six_rounds(None).await;
     assert!(before < 0.5, "the untrained classifier: {before}");
     assert!(after > 0.9, "after distillation: {after}");
+
+    // 30 windows of 3 probabilities: a site's outputs have an L2 norm of at most √30.
+    let privacy = Privacy {
+        clip_norm: 30f64.sqrt(),
+        noise_multiplier: 0.05,
+        delta: 1e-5,
+    };
+    let (_dir, store, _, after) = six_rounds(Some(privacy)).await;
+    let lineage = &store.get("valve-clf@7").unwrap().training["federated"];
+    assert_eq!(lineage["privacy_spent"]["rounds"], 6);
+    assert!(lineage["epsilon"].as_f64() > Some(0.0), "{lineage}");
+    assert!(after > 0.8, "after private distillation: {after}");
 }

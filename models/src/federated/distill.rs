@@ -57,6 +57,25 @@ pub fn outputs_on(
     Ok(out)
 }
 
+/// Puts a noised consensus back among the outputs `architecture` can give: a
+/// classifier's class probabilities, per window, clamped at 0 and scaled to sum to 1
+/// (uniform where noise left none above 0); an autoencoder's reconstructions as they
+/// are. Post-processing: it costs no privacy.
+pub fn onto_outputs(architecture: &Architecture, values: &mut [f32]) {
+    let Architecture::FaultClassifier { config, .. } = architecture else {
+        return;
+    };
+    let classes = config.classes.max(1) as usize;
+    for window in values.chunks_mut(classes) {
+        window.iter_mut().for_each(|v| *v = v.max(0.0));
+        let sum: f32 = window.iter().sum();
+        let n = window.len() as f32;
+        window
+            .iter_mut()
+            .for_each(|v| *v = if sum > 0.0 { *v / sum } else { 1.0 / n });
+    }
+}
+
 /// The sites' outputs averaged, each weighted by its windows.
 pub fn consensus(outputs: &[(&[f32], u64)]) -> Result<Vec<f32>, FederatedError> {
     let (first, _) = outputs.first().ok_or(FederatedError::NoUpdates)?;
@@ -449,5 +468,28 @@ mod tests {
             refused,
             FederatedError::LengthMismatch { index: 1, .. }
         ));
+    }
+
+    #[test]
+    fn a_noised_consensus_goes_back_to_probabilities_for_a_classifier_only() {
+        let classifier = Architecture::FaultClassifier {
+            config: crate::classifier::ClassifierConfig {
+                channels: 2,
+                window: 8,
+                hidden: 4,
+                classes: 3,
+            },
+            classes: crate::served::Classes {
+                names: vec!["normal".into(), "leak".into(), "clog".into()],
+                normal: 0,
+            },
+        };
+        let mut noised = vec![0.5, -0.25, 1.5, -1.0, -2.0, -0.5];
+        onto_outputs(&classifier, &mut noised);
+        assert_eq!(noised, [0.25, 0.0, 0.75, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]);
+        let autoencoder = Architecture::ConvAutoencoder(crate::AutoencoderConfig::w1(2, 8));
+        let mut reconstructions = vec![-0.5, 2.0];
+        onto_outputs(&autoencoder, &mut reconstructions);
+        assert_eq!(reconstructions, [-0.5, 2.0]);
     }
 }
