@@ -138,6 +138,13 @@ async fn the_minority_of_a_split_refuses_to_apply_and_takes_the_majoritys_spec_a
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     let (report, exited_ok) = simulate("split.toml", dir.path(), &[]);
+    // The nodes and the simulator's applies went over mutual TLS.
+    assert_eq!(report["tls"], true);
+    let node_1 = std::fs::read_to_string(dir.path().join("nodes/node-1/node.toml")).unwrap();
+    assert!(
+        node_1.contains("cert = ") && !node_1.contains("insecure"),
+        "{node_1}"
+    );
     let refused = figure(&report, "applied", Some(1));
     assert_eq!(refused["passed"], true, "{refused}");
     assert!(

@@ -14,6 +14,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
+use fogmesh_trust::TlsFiles;
+
 use crate::sim::network::Addresses;
 use crate::sim::scenario::NodePlan;
 
@@ -56,6 +58,16 @@ pub struct Fleet {
     nodes: Vec<FleetNode>,
 }
 
+/// How every node of a run joins the mesh.
+pub struct Joining<'a> {
+    /// `[cluster] secret`.
+    pub secret: &'a str,
+    /// The nodes the others dial first.
+    pub seeds: &'a [usize],
+    /// Node `i` proves itself with `identities[i]`; `None`: every node runs plaintext.
+    pub identities: Option<&'a [TlsFiles]>,
+}
+
 impl Fleet {
     /// Writes every node's `node.toml` under `folder` (node `i` with `zones[i]`, the
     /// `[node]` lines placing it: its zone path, and a gateway's conduits); starts none.
@@ -65,9 +77,13 @@ impl Fleet {
         plans: &[NodePlan],
         zones: &[String],
         addresses: Addresses,
-        secret: &str,
-        seeds: &[usize],
+        joining: Joining<'_>,
     ) -> Result<Fleet, FleetError> {
+        let Joining {
+            secret,
+            seeds,
+            identities,
+        } = joining;
         let seed_list = seeds
             .iter()
             .map(|&s| format!("{:?}", addresses.front(s).to_string()))
@@ -89,7 +105,20 @@ impl Fleet {
                  [cluster]\nsecret = {secret:?}\nseeds = [{seed_list}]\n\
                  advertise = {front:?}\nadvertise_gossip = {front:?}\n\
                  dial_from = {dial_from:?}\ndata = \"data\"\n\n\
-                 [tls]\ninsecure = true\n",
+                 [tls]\n{tls}",
+                tls = match identities.map(|files| &files[i]) {
+                    // Absolute: the node runs in its own folder.
+                    Some(files) => {
+                        let whole = |path: &Path| std::fs::canonicalize(path).map_err(prepare);
+                        format!(
+                            "ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                            whole(&files.ca)?,
+                            whole(&files.cert)?,
+                            whole(&files.key)?
+                        )
+                    }
+                    None => "insecure = true\n".into(),
+                },
                 zone = zones[i],
                 name = plan.name,
                 role = plan.role,

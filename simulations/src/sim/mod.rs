@@ -6,7 +6,8 @@
 //! A run:
 //! 1. [`SimulatedNetwork::start`] binds a front address per node on a free
 //!    `127.<net>/16`; [`Fleet::prepare`] writes each node's `node.toml` (home address,
-//!    fronts advertised, `dial_from`, plaintext) and starts the nodes that form the mesh.
+//!    fronts advertised, `dial_from`; plaintext, or with `tls` certificates of a mesh
+//!    CA made for the run) and starts the nodes that form the mesh.
 //! 2. The mesh forms: the simulator waits until every node sees every other over a
 //!    ready link (at most `formation_s`), then starts the clock (t = 0) and applies the
 //!    scenario's `mesh.toml`, if any.
@@ -35,11 +36,12 @@ use fogmesh_cluster::dialer::Dialer;
 use fogmesh_cluster::mesh_spec::MeshSpec;
 use fogmesh_proto::control_client::ControlClient;
 use fogmesh_proto::ApplyRequest;
+use fogmesh_trust::{IssueRequest, MeshCa, MeshTls, Role, TlsFiles, TrustError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::expect::{Evidence, FaultRecord, RoundRecord};
-use self::fleet::{Fleet, FleetError, NodeLife};
+use self::fleet::{Fleet, FleetError, Joining, NodeLife};
 use self::network::SimulatedNetwork;
 use self::observer::{EventKind, Observer, TraceEvent};
 use self::report::SimReport;
@@ -62,6 +64,8 @@ pub enum SimError {
         detail: String,
         folder: PathBuf,
     },
+    #[error("cannot make the run's mesh CA and certificates: {0}")]
+    Identity(#[from] TrustError),
     #[error("stopped by a signal; every node process was killed")]
     Stopped,
     #[error("cannot write the report to {path}: {source}")]
@@ -78,6 +82,44 @@ pub struct SimOptions {
     pub binary: PathBuf,
     /// Nodes' folders (`nodes/<name>`), `report.json` and `report.html`.
     pub out: PathBuf,
+}
+
+/// A mesh CA made afresh under `out/ca`, a certificate for every node (in its folder,
+/// `certs/`) and the observer's operator identity, which the simulator's `Control`
+/// calls (views, applies) present.
+fn identities(scenario: &Scenario, out: &Path) -> Result<(Vec<TlsFiles>, MeshTls), SimError> {
+    let ca_folder = out.join("ca");
+    match std::fs::remove_dir_all(&ca_folder) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(SimError::Identity(TrustError::Io {
+                path: ca_folder,
+                source: e,
+            }))
+        }
+        _ => {}
+    }
+    let ca = MeshCa::init(&ca_folder, &format!("sim-{}", scenario.name))?;
+    let issue = |name: &str, role: Role, folder: PathBuf| -> Result<TlsFiles, SimError> {
+        let files = MeshCa::issued_files(&folder, name);
+        for old in [&files.cert, &files.key, &files.ca] {
+            let _ = std::fs::remove_file(old);
+        }
+        let request = IssueRequest {
+            name: name.into(),
+            role,
+            sensors: Vec::new(),
+            days: 2,
+        };
+        Ok(ca.issue(&request, &folder)?)
+    };
+    let mut nodes = Vec::with_capacity(scenario.nodes.len());
+    for plan in &scenario.nodes {
+        let role = plan.role.parse::<Role>()?;
+        let folder = out.join("nodes").join(&plan.name).join("certs");
+        nodes.push(issue(&plan.name, role, folder)?);
+    }
+    let observer = issue("sim-observer", Role::Operator, out.join("observer"))?;
+    Ok((nodes, MeshTls::load(&observer)?))
 }
 
 /// Runs `scenario` to its end and writes its report under `options.out`.
@@ -99,16 +141,26 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
     let zones: Vec<String> = (0..scenario.nodes.len())
         .map(|i| scenario.zone_settings(i))
         .collect();
+    let identities = match scenario.tls {
+        true => Some(identities(scenario, &options.out)?),
+        false => None,
+    };
     let mut fleet = Fleet::prepare(
         &options.binary,
         &options.out,
         &scenario.nodes,
         &zones,
         addresses,
-        &secret,
-        seeds,
+        Joining {
+            secret: &secret,
+            seeds,
+            identities: identities.as_ref().map(|(nodes, _)| nodes.as_slice()),
+        },
     )?;
-    let dialer = Dialer::new(None, Some(ClusterKey::from_secret(&secret)));
+    let dialer = Dialer::new(
+        identities.map(|(_, observer)| observer),
+        Some(ClusterKey::from_secret(&secret)),
+    );
     let names: Vec<String> = scenario.nodes.iter().map(|n| n.name.clone()).collect();
     let mut observer = Observer::new(addresses, names.clone(), dialer.clone());
     let mut trace = Vec::new();

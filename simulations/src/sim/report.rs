@@ -46,6 +46,8 @@ pub struct SimReport {
     pub nodes: usize,
     pub zones: usize,
     pub levels: usize,
+    /// The nodes ran with certificates of a mesh CA made for the run.
+    pub tls: bool,
     pub passed: bool,
     /// Seconds from the moment the mesh formed to the end.
     pub simulated_s: f64,
@@ -183,6 +185,7 @@ impl SimReport {
             nodes: scenario.nodes.len(),
             zones: scenario.zones.len(),
             levels,
+            tls: scenario.tls,
             passed: run.checks.iter().all(|c| c.passed),
             simulated_s: round3(run.simulated_s),
             wall_s: round3(run.wall_s),

@@ -147,6 +147,10 @@ struct SimulationSection {
     /// within their zones, and between zones through the nodes with `conduits`.
     #[serde(default)]
     segmented: bool,
+    /// Nodes prove who they are with certificates of a mesh CA the run makes (as a
+    /// plant's nodes do), instead of plaintext links that carry the mesh secret.
+    #[serde(default)]
+    tls: bool,
 }
 
 fn default_seed() -> u64 {
@@ -288,6 +292,8 @@ pub struct Scenario {
     pub observe_ms: u64,
     /// Nodes link only within their zones (see [`Scenario::may_link`]).
     pub segmented: bool,
+    /// Nodes run with `[tls]` certificates of a mesh CA made for the run.
+    pub tls: bool,
     pub zones: Vec<ZoneSpec>,
     pub nodes: Vec<NodePlan>,
     pub faults: Vec<FaultSpec>,
@@ -695,6 +701,7 @@ impl Scenario {
             formation_s: sim.formation_s,
             observe_ms: sim.observe_ms,
             segmented: sim.segmented,
+            tls: sim.tls,
             zones,
             nodes,
             faults: file.faults,
