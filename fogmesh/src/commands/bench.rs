@@ -38,6 +38,10 @@ pub enum Workload {
         /// servers are the gateways between them (`[node] segmented`).
         #[arg(long)]
         segmented: bool,
+        /// Nodes prove who they are with certificates of a mesh CA made for the run
+        /// (mutual TLS on every link) instead of running plaintext.
+        #[arg(long)]
+        tls: bool,
         /// Keep the nodes' folders and the report (`report.json`, `report.html`) here
         /// instead of removing them.
         #[arg(long)]
@@ -179,10 +183,12 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             seconds,
             seed,
             segmented,
+            tls,
             out: keep,
         } => {
             use fogmesh_simulations::sim;
-            let text = sim::scenario::generated_plant(nodes, seconds, seed, segmented);
+            let layout = sim::scenario::PlantLayout { segmented, tls };
+            let text = sim::scenario::generated_plant(nodes, seconds, seed, layout);
             let scenario = sim::scenario::Scenario::parse(
                 &text,
                 std::path::Path::new("generated-plant.toml"),
@@ -206,6 +212,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             print_json(&serde_json::json!({
                 "nodes": report.nodes,
                 "segmented": segmented,
+                "tls": tls,
                 "zones": report.zones,
                 "levels": report.levels,
                 "formed_after_s": report.formed_after_s,

@@ -835,19 +835,29 @@ impl Scenario {
     }
 }
 
+/// How a generated plant's network is laid out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlantLayout {
+    /// Zones are closed segments, the site servers the gateways into the cloud and
+    /// their site's cells.
+    pub segmented: bool,
+    /// Nodes prove who they are with certificates of a mesh CA made for the run.
+    pub tls: bool,
+}
+
 /// A plant of `nodes` nodes on three levels, for `fogmesh bench sim`: a cloud zone, one
 /// site per 24 nodes with two servers each, and cells of at most
 /// [`GENERATED_CELL`] edge gateways under each site; LAN links inside zones, slower
-/// conduits between them, no faults. `segmented`: zones are closed segments and the
-/// site servers the gateways into the cloud and their site's cells.
-pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64, segmented: bool) -> String {
+/// conduits between them, no faults, laid out as `layout` says.
+pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64, layout: PlantLayout) -> String {
+    let PlantLayout { segmented, tls } = layout;
     let nodes = nodes.max(1);
     let cloud = (nodes / 50).max(1).min(nodes);
     let rest = nodes - cloud;
     let sites = (rest / 24).max(1);
     let mut text = format!(
         "[simulation]\nname = \"plant-{nodes}\"\nseed = {seed}\nduration_s = {duration_s}\n\
-         formation_s = 600\nobserve_ms = 1000\nsegmented = {segmented}\n\n\
+         formation_s = 600\nobserve_ms = 1000\nsegmented = {segmented}\ntls = {tls}\n\n\
          [[zones]]\nname = \"cloud\"\nlink = {{ latency_ms = 0.5 }}\n\n\
          [[nodes]]\nname = \"cloud\"\ncount = {cloud}\nrole = \"cloud\"\nzone = \"cloud\"\n\n"
     );
@@ -1042,8 +1052,8 @@ to = ["cloud"]
     #[test]
     fn generated_plants_have_the_nodes_asked_for_on_three_levels() {
         for nodes in [1, 3, 20, 100, 1_000] {
-            let s =
-                parse(&generated_plant(nodes, 10.0, 1, false)).expect("a valid generated plant");
+            let s = parse(&generated_plant(nodes, 10.0, 1, PlantLayout::default()))
+                .expect("a valid generated plant");
             assert_eq!(s.nodes.len(), nodes);
             if nodes >= 20 {
                 let deepest = s.zones.iter().map(|z| s.level(&z.name)).max();
@@ -1052,7 +1062,12 @@ to = ["cloud"]
         }
         // Segmented: a cell's gateway links to its cell and its site's servers, never
         // to the cloud or another cell; the servers reach all three levels.
-        let s = parse(&generated_plant(100, 10.0, 1, true)).expect("a valid segmented plant");
+        let layout = PlantLayout {
+            segmented: true,
+            tls: true,
+        };
+        let s = parse(&generated_plant(100, 10.0, 1, layout)).expect("a valid segmented plant");
+        assert!(s.tls);
         let at = |name: &str| s.index_of(name).unwrap_or_else(|| panic!("no node {name}"));
         let links = |i: usize| {
             (0..s.nodes.len())
@@ -1070,7 +1085,7 @@ to = ["cloud"]
             links(at("gw-1-1-1"))
         );
         assert!(
-            !parse(&generated_plant(100, 10.0, 1, false))
+            !parse(&generated_plant(100, 10.0, 1, PlantLayout::default()))
                 .unwrap()
                 .segmented
         );
