@@ -634,13 +634,16 @@ impl Deployment {
             }
         }
         // A fog aggregator's noise is its own; the federation's figure is the top's.
-        let mut spent = BTreeMap::new();
-        if level == Level::Top {
-            hear_spent(&mut spent, &expert.name, spent_by_lineage(&stored.manifest));
-            if let Some(known) = running.spent.get(&expert.name) {
-                hear_spent(&mut spent, &expert.name, *known);
+        let spent = match level {
+            Level::Top => {
+                let lineage = spent_by_lineage(&stored.manifest);
+                match running.spent.get(&expert.name) {
+                    Some(known) if known.rho > lineage.rho => *known,
+                    _ => lineage,
+                }
             }
-        }
+            Level::Group => PrivacySpent::default(),
+        };
         let args = FederatedCoordinatorArgs {
             federation: expert.name.clone(),
             base: stored.manifest.clone(),
@@ -648,7 +651,7 @@ impl Deployment {
             sites,
             plan,
             publication,
-            spent: spent.remove(&expert.name).unwrap_or_default(),
+            spent,
         };
         let spawned = Actor::spawn(None, FederatedCoordinator, args).await;
         let actor = match spawned {
