@@ -18,7 +18,7 @@
 //! process died is noticed much sooner by its cluster link closing, and the mesh view
 //! (`crate::mesh`) combines the two.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -56,7 +56,8 @@ pub const PRIVACY_KEY: &str = "privacy";
 /// the nodes of other zones through the links its gateways report.
 pub const LINKS_KEY: &str = "links";
 
-/// How often a node gossips with a few others.
+/// How often a node gossips with a few others unless `[cluster] gossip_interval_ms`
+/// says otherwise.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a node republishes its load.
 pub const LOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -95,11 +96,20 @@ pub struct LoadCard {
     pub memory_available_bytes: u64,
 }
 
+/// The steps a gossiped load moves in. Every key a node sets wakes every member's
+/// deployment loop and is copied into every member's gossip state, so a reading that
+/// changed by less than a step is not republished: placement compares loads far
+/// coarser than this, and a quiet plant's gossip stays quiet.
+pub const CPU_STEP: f64 = 0.05;
+pub const MEMORY_STEP_BYTES: u64 = 256 << 20;
+
 impl From<Load> for LoadCard {
+    /// The reading rounded to [`CPU_STEP`] and down to [`MEMORY_STEP_BYTES`].
     fn from(load: Load) -> Self {
         LoadCard {
-            cpu: load.cpu,
-            memory_available_bytes: load.memory_available_bytes,
+            cpu: (load.cpu / CPU_STEP).round() * CPU_STEP,
+            memory_available_bytes: load.memory_available_bytes / MEMORY_STEP_BYTES
+                * MEMORY_STEP_BYTES,
         }
     }
 }
@@ -180,20 +190,22 @@ pub enum MembershipError {
     Bind { addr: SocketAddr, reason: String },
 }
 
-/// Where a node gossips: the UDP address it binds, and the one peers send to (the
-/// same unless a relay or a NAT stands in between).
+/// Where and how often a node gossips: the UDP address it binds, the one peers send
+/// to (the same unless a relay or a NAT stands in between), and its interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GossipAddress {
+pub struct GossipSettings {
     pub bind: SocketAddr,
     pub advertised: SocketAddr,
+    pub interval: Duration,
 }
 
-impl GossipAddress {
-    /// Bound and advertised alike.
-    pub fn direct(addr: SocketAddr) -> GossipAddress {
-        GossipAddress {
+impl GossipSettings {
+    /// Bound and advertised alike, every [`GOSSIP_INTERVAL`].
+    pub fn direct(addr: SocketAddr) -> GossipSettings {
+        GossipSettings {
             bind: addr,
             advertised: addr,
+            interval: GOSSIP_INTERVAL,
         }
     }
 }
@@ -202,6 +214,7 @@ impl GossipAddress {
 pub struct Membership {
     handle: ChitchatHandle,
     live: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+    parsed: std::sync::Mutex<ParsedMembers>,
 }
 
 impl Membership {
@@ -210,7 +223,7 @@ impl Membership {
     pub async fn start(
         name: &str,
         generation: u64,
-        gossip: GossipAddress,
+        gossip: GossipSettings,
         seeds: &[String],
         key: &ClusterKey,
         secret: &Secret,
@@ -219,12 +232,12 @@ impl Membership {
         let config = ChitchatConfig {
             chitchat_id: ChitchatId::new(name.to_string(), generation, gossip.advertised),
             cluster_id: key.as_str().to_string(),
-            gossip_interval: GOSSIP_INTERVAL,
+            gossip_interval: gossip.interval,
             listen_addr: gossip.bind,
             seed_nodes: seeds.to_vec(),
             failure_detector_config: FailureDetectorConfig {
-                initial_interval: GOSSIP_INTERVAL,
-                max_interval: Duration::from_secs(2),
+                initial_interval: gossip.interval,
+                max_interval: (gossip.interval * 10).max(Duration::from_secs(2)),
                 dead_node_grace_period: Duration::from_secs(600),
                 ..FailureDetectorConfig::default()
             },
@@ -245,7 +258,11 @@ impl Membership {
                     reason: format!("{e:#}"),
                 })?;
         let live = handle.chitchat().lock().await.live_nodes_watcher();
-        Ok(Membership { handle, live })
+        Ok(Membership {
+            handle,
+            live,
+            parsed: std::sync::Mutex::default(),
+        })
     }
 
     /// Wakes whenever a node joins, leaves or changes a key.
@@ -256,7 +273,12 @@ impl Membership {
     /// The live nodes, this one included, by name (a restarted node's newest
     /// generation wins over its former self until gossip declares that one dead).
     pub fn members(&self) -> BTreeMap<String, Member> {
-        members_of(&self.live.borrow())
+        let live = self.live.borrow();
+        let mut parsed = self
+            .parsed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        parsed.members(&live)
     }
 
     /// Every node gossip knows by name: the live ones, this one included, and those it
@@ -287,51 +309,154 @@ impl Membership {
     }
 }
 
-pub fn members_of(live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Member> {
-    let mut newest: BTreeMap<String, (u64, Member)> = BTreeMap::new();
-    for (id, state) in live {
-        let Some(card) = state
-            .get(CARD_KEY)
-            .and_then(|c| serde_json::from_str::<MemberCard>(c).ok())
-        else {
-            continue;
-        };
-        let member = Member {
-            name: id.node_id.to_string(),
-            card,
-            load: state
-                .get(LOAD_KEY)
-                .and_then(|l| serde_json::from_str(l).ok())
-                .unwrap_or_default(),
-            spec: state.get(SPEC_KEY).map(str::to_string),
-            placement: state.get(PLACEMENT_KEY).map(str::to_string),
-            serving: state
-                .get(SERVING_KEY)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default(),
-            versions: state
-                .get(VERSIONS_KEY)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default(),
-            drifts: state
-                .get(DRIFTS_KEY)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default(),
-            links: state
-                .get(LINKS_KEY)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default(),
-            privacy: state
-                .get(PRIVACY_KEY)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .unwrap_or_default(),
-        };
-        match newest.get(&member.name) {
-            Some((generation, _)) if *generation >= id.generation_id => {}
-            _ => {
-                newest.insert(member.name.clone(), (id.generation_id, member));
+/// One live node's keys parsed, or `None` for a node that has not published its card.
+fn parse_member(id: &ChitchatId, state: &NodeState) -> Option<Member> {
+    let card = state
+        .get(CARD_KEY)
+        .and_then(|c| serde_json::from_str::<MemberCard>(c).ok())?;
+    Some(Member {
+        name: id.node_id.to_string(),
+        card,
+        load: state
+            .get(LOAD_KEY)
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default(),
+        spec: state.get(SPEC_KEY).map(str::to_string),
+        placement: state.get(PLACEMENT_KEY).map(str::to_string),
+        serving: state
+            .get(SERVING_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        versions: state
+            .get(VERSIONS_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        drifts: state
+            .get(DRIFTS_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        links: state
+            .get(LINKS_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+        privacy: state
+            .get(PRIVACY_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
+    })
+}
+
+/// Parsed members by gossip identity, each with the state version it was parsed at:
+/// a node's keys are parsed again only after they change. Without it every member was
+/// parsed on every read, and reads follow every key any node sets, so a mesh's parsing
+/// grew with the cube of its size.
+#[derive(Default)]
+struct ParsedMembers {
+    by_id: HashMap<ChitchatId, (u64, Option<Member>)>,
+}
+
+impl ParsedMembers {
+    fn members(&mut self, live: &BTreeMap<ChitchatId, NodeState>) -> BTreeMap<String, Member> {
+        self.by_id.retain(|id, _| live.contains_key(id));
+        let mut newest: BTreeMap<String, (u64, Member)> = BTreeMap::new();
+        for (id, state) in live {
+            let parsed = match self.by_id.get(id) {
+                Some((version, parsed)) if *version == state.max_version() => parsed,
+                _ => {
+                    let entry = (state.max_version(), parse_member(id, state));
+                    &self
+                        .by_id
+                        .entry(id.clone())
+                        .insert_entry(entry)
+                        .into_mut()
+                        .1
+                }
+            };
+            let Some(member) = parsed else { continue };
+            match newest.get(&member.name) {
+                Some((generation, _)) if *generation >= id.generation_id => {}
+                _ => {
+                    newest.insert(member.name.clone(), (id.generation_id, member.clone()));
+                }
             }
         }
+        newest.into_iter().map(|(name, (_, m))| (name, m)).collect()
     }
-    newest.into_iter().map(|(name, (_, m))| (name, m)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, generation: u64, cpu: f64) -> (ChitchatId, NodeState) {
+        let id = ChitchatId::new(name, generation, "127.0.0.1:7000".parse().unwrap());
+        let mut state = NodeState::for_test();
+        let card = MemberCard {
+            role: "edge".into(),
+            grpc: "127.0.0.1:7000".into(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+            gpus: Vec::new(),
+            up_since_us: 0,
+            zone: String::new(),
+            conduits: Vec::new(),
+            segmented: false,
+        };
+        state.set(CARD_KEY, serde_json::to_string(&card).unwrap());
+        state.set(
+            LOAD_KEY,
+            serde_json::to_string(&LoadCard {
+                cpu,
+                memory_available_bytes: 0,
+            })
+            .unwrap(),
+        );
+        (id, state)
+    }
+
+    #[test]
+    fn load_is_gossiped_in_steps() {
+        let card = |cpu, memory_available_bytes| {
+            LoadCard::from(Load {
+                cpu,
+                memory_available_bytes,
+            })
+        };
+        assert_eq!(card(0.512, 1_000 << 20), card(0.49, 800 << 20));
+        assert_eq!(card(0.512, 1_000 << 20).memory_available_bytes, 768 << 20);
+        assert_ne!(card(0.52, 1 << 30), card(0.58, 1 << 30));
+        assert_ne!(card(0.5, 1 << 30), card(0.5, 2 << 30));
+    }
+
+    #[test]
+    fn a_changed_key_is_read_again_and_a_gone_node_forgotten() {
+        let mut parsed = ParsedMembers::default();
+        let mut live: BTreeMap<_, _> = [node("a", 1, 0.1), node("b", 1, 0.2)].into();
+        assert_eq!(parsed.members(&live)["a"].load.cpu, 0.1);
+        let (id_a, _) = node("a", 1, 0.0);
+        live.get_mut(&id_a)
+            .unwrap()
+            .set(LOAD_KEY, r#"{"cpu":0.7,"memory_available_bytes":0}"#);
+        let members = parsed.members(&live);
+        assert_eq!(members["a"].load.cpu, 0.7);
+        assert_eq!(members["b"].load.cpu, 0.2);
+        live.remove(&id_a);
+        assert_eq!(parsed.members(&live).keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(parsed.by_id.len(), 1);
+    }
+
+    #[test]
+    fn a_restarted_node_is_its_newest_generation_and_a_cardless_one_is_not_a_member() {
+        let mut parsed = ParsedMembers::default();
+        let (cardless_id, _) = node("c", 1, 0.0);
+        let live: BTreeMap<_, _> = [
+            node("a", 2, 0.9),
+            node("a", 1, 0.1),
+            (cardless_id, NodeState::for_test()),
+        ]
+        .into();
+        let members = parsed.members(&live);
+        assert_eq!(members.len(), 1);
+        assert_eq!(members["a"].load.cpu, 0.9);
+    }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fogmesh_actors::{ExpertRelay, ExpertRelayMsg, Node, NodeSpec};
 use ractor::{Actor, ActorRef};
@@ -28,7 +28,7 @@ use crate::dialer::{Dialer, LinkError};
 use crate::link;
 use crate::link_service::ClusterLinkService;
 use crate::membership::{
-    GossipAddress, LoadCard, MemberCard, Membership, MembershipError, LINKS_KEY, LOAD_INTERVAL,
+    GossipSettings, LoadCard, MemberCard, Membership, MembershipError, LINKS_KEY, LOAD_INTERVAL,
     LOAD_KEY,
 };
 use crate::peer_links::{
@@ -160,12 +160,13 @@ impl Mesh {
             Membership::start(
                 &settings.name,
                 generation,
-                GossipAddress {
+                GossipSettings {
                     bind: settings.grpc_addr,
                     advertised: settings
                         .cluster
                         .advertise_gossip
                         .unwrap_or(settings.grpc_addr),
+                    interval: Duration::from_millis(settings.cluster.gossip_interval_ms),
                 },
                 &settings.cluster.seeds,
                 &key,
@@ -261,7 +262,7 @@ impl Mesh {
 /// loudly when one refuses (the secret differs: this node will never join).
 async fn ask_seeds(seeds: Vec<String>, dialer: Dialer, key: ClusterKey, me: String) {
     let mut pending = seeds;
-    let mut delay = std::time::Duration::from_millis(200);
+    let mut delay = Duration::from_millis(200);
     while !pending.is_empty() {
         let mut unreachable = Vec::new();
         for seed in pending {
@@ -278,7 +279,7 @@ async fn ask_seeds(seeds: Vec<String>, dialer: Dialer, key: ClusterKey, me: Stri
         }
         pending = unreachable;
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -321,6 +322,7 @@ async fn feed_peers(
             () = shutdown.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
         }
+        tokio::time::sleep(crate::deployment::PASS_GAP).await;
     }
 }
 
@@ -350,6 +352,9 @@ async fn publish_links(
             () = shutdown.cancelled() => return,
             changed = view.changed() => if changed.is_err() { return },
         }
+        // Links come up in bursts (a node joining links to its whole zone): one key
+        // change for the burst, not one per link, for every member to copy.
+        tokio::time::sleep(crate::deployment::PASS_GAP).await;
     }
 }
 

@@ -34,3 +34,8 @@ pub use error::EdgeLogError;
 pub use log::{Batch, EdgeLog, EdgeLogOptions, JournalPage, StreamLog, DEFAULT_JOURNAL_RETENTION};
 pub use record::{ParkedWindow, Sample, StreamPosition};
 pub use schema::{Appended, EdgeLogStats, JournalMark, OutboxUsage, MAX_GROUP};
+
+/// Windows in the outbox waiting for a verdict (a gauge).
+pub const PARKED_WINDOWS: &str = "fogmesh_edge_log_parked_windows";
+/// Windows dropped from the outbox without a verdict (labels `sensor`, `reason`).
+pub const OUTBOX_DROPPED: &str = "fogmesh_outbox_dropped_windows_total";

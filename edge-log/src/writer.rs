@@ -173,7 +173,7 @@ impl Writer {
     pub(crate) fn run(mut self, jobs: &mpsc::Receiver<Job>) {
         let commits = metrics::counter!("fogmesh_edge_log_commits_total");
         let group_size = metrics::histogram!("fogmesh_edge_log_group_appends");
-        let parked = metrics::gauge!("fogmesh_edge_log_parked_windows");
+        let parked = metrics::gauge!(crate::PARKED_WINDOWS);
         while let Ok(first) = jobs.recv() {
             let mut group = Group::default();
             let mut next = Some(first);
@@ -375,7 +375,7 @@ impl Writer {
         }
         for (reason, drops) in [("full", dropped_full), ("expired", expired)] {
             for (sensor, n) in drops {
-                metrics::counter!("fogmesh_outbox_dropped_windows_total", "sensor" => sensor.to_string(), "reason" => reason).increment(n);
+                metrics::counter!(crate::OUTBOX_DROPPED, "sensor" => sensor.to_string(), "reason" => reason).increment(n);
             }
         }
         if journal != self.journal {

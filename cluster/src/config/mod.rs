@@ -37,7 +37,9 @@ use fogmesh_actors::SpecError;
 use fogmesh_models::ModelError;
 
 pub(crate) use resolve::fold_max_wait;
-pub use resolve::{MqttBroker, ReplayJob, MAX_MESSAGE_BYTES_LIMIT, MIN_SECRET_LEN};
+pub use resolve::{
+    MqttBroker, ReplayJob, GOSSIP_INTERVAL_MS, MAX_MESSAGE_BYTES_LIMIT, MIN_SECRET_LEN,
+};
 pub use schema::{
     ClusterSection, ExpertConfig, Limits, MqttConfig, NodeConfig, NodeSection, ReplayConfig,
     ReplayStreamConfig, Role, RouterConfig, TlsSection,

@@ -25,6 +25,8 @@ use crate::model_seal::{MeshSeal, DEFAULT_MODEL_SIGNERS};
 
 use super::{ConfigError, ExpertConfig, MqttConfig, NodeConfig, RouterConfig};
 
+/// The gossip intervals `[cluster] gossip_interval_ms` takes.
+pub const GOSSIP_INTERVAL_MS: std::ops::RangeInclusive<u64> = 50..=10_000;
 /// Shortest accepted cluster secret.
 pub const MIN_SECRET_LEN: usize = 12;
 
@@ -279,6 +281,17 @@ impl NodeConfig {
                     "cluster.secret".into(),
                     format!("<{} characters>", cluster.secret.expose().chars().count()),
                     format!("must have at least {MIN_SECRET_LEN} characters"),
+                ));
+            }
+            if !GOSSIP_INTERVAL_MS.contains(&cluster.gossip_interval_ms) {
+                return Err(self.invalid(
+                    "cluster.gossip_interval_ms".into(),
+                    cluster.gossip_interval_ms.to_string(),
+                    format!(
+                        "must be {} to {} milliseconds",
+                        GOSSIP_INTERVAL_MS.start(),
+                        GOSSIP_INTERVAL_MS.end()
+                    ),
                 ));
             }
             for (i, seed) in cluster.seeds.iter().enumerate() {
@@ -1001,6 +1014,40 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("plant-7-very-secret"), "{printed}");
         assert!(printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
+    fn the_gossip_interval_defaults_to_200_ms_and_is_refused_outside_its_range() {
+        let cluster = |extra: &str| {
+            parse(&format!(
+                "[cluster]\nsecret = \"plant-7-very-secret\"\ndata = \"mesh\"\n{extra}"
+            ))
+        };
+        let default = cluster("").unwrap();
+        assert_eq!(default.cluster.unwrap().gossip_interval_ms, 200);
+        assert_eq!(
+            cluster("gossip_interval_ms = 1000\n")
+                .unwrap()
+                .cluster
+                .unwrap()
+                .gossip_interval_ms,
+            1000
+        );
+        for bad in [10, 60_000] {
+            match cluster(&format!("gossip_interval_ms = {bad}\n")) {
+                Err(ConfigError::Invalid {
+                    field,
+                    value,
+                    reason,
+                    ..
+                }) => {
+                    assert_eq!(field, "cluster.gossip_interval_ms");
+                    assert_eq!(value, bad.to_string());
+                    assert!(reason.contains("50 to 10000"), "{reason}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

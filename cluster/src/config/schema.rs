@@ -183,6 +183,17 @@ pub struct ClusterSection {
     pub dial_from: Option<IpAddr>,
     /// Where the node keeps the mesh's deployment spec across restarts.
     pub data: PathBuf,
+    /// How often the node gossips with a few others, in milliseconds (50 to 10,000).
+    /// Every node's gossip work grows with the number of members, so a large mesh
+    /// on small machines gossips less often; the failure detector follows it, so a
+    /// silent node is declared dead later (its cluster links still notice in a few
+    /// seconds).
+    #[serde(default = "default_gossip_interval_ms")]
+    pub gossip_interval_ms: u64,
+}
+
+fn default_gossip_interval_ms() -> u64 {
+    200
 }
 
 /// `[tls]`: the node's identity on the network. Either `ca`, `cert` and `key`

@@ -72,6 +72,9 @@ pub use view::{
 
 /// How often the loop runs without being woken (load changes, missed wake-ups).
 pub const ROUND_INTERVAL: Duration = Duration::from_millis(500);
+/// The least time between two passes: the wake-ups of a burst of gossip (a hundred
+/// members each setting a key) are taken as one pass, not one pass each.
+pub const PASS_GAP: Duration = Duration::from_millis(100);
 /// The node's own deployment loop and what it needs.
 pub struct Deployment {
     pub node_name: String,
@@ -121,6 +124,7 @@ impl Deployment {
         }
         let mut tick = tokio::time::interval(ROUND_INTERVAL);
         let started = std::time::Instant::now();
+        let mut last_pass = tokio::time::Instant::now();
         loop {
             // A watch whose sender is gone (gossip or the link keeper stopped) would
             // answer at once forever; its branch then sits out and the tick drives.
@@ -136,6 +140,8 @@ impl Deployment {
                 Ok(()) = links.changed() => {}
                 _ = tick.tick() => {}
             }
+            tokio::time::sleep_until(last_pass + PASS_GAP).await;
+            last_pass = tokio::time::Instant::now();
             let members = self.membership.members();
             let link_view = links.borrow().clone();
 

@@ -42,6 +42,11 @@ pub enum Workload {
         /// (mutual TLS on every link) instead of running plaintext.
         #[arg(long)]
         tls: bool,
+        /// Every node's `[cluster] gossip_interval_ms` (default 200): each node's
+        /// gossip work grows with the mesh, so a large plant on two cores gossips less
+        /// often.
+        #[arg(long)]
+        gossip_interval_ms: Option<u64>,
         /// Keep the nodes' folders and the report (`report.json`, `report.html`) here
         /// instead of removing them.
         #[arg(long)]
@@ -184,10 +189,15 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
             seed,
             segmented,
             tls,
+            gossip_interval_ms,
             out: keep,
         } => {
             use fogmesh_simulations::sim;
-            let layout = sim::scenario::PlantLayout { segmented, tls };
+            let layout = sim::scenario::PlantLayout {
+                segmented,
+                tls,
+                gossip_interval_ms,
+            };
             let text = sim::scenario::generated_plant(nodes, seconds, seed, layout);
             let scenario = sim::scenario::Scenario::parse(
                 &text,
@@ -213,6 +223,7 @@ pub async fn run(workload: Workload) -> anyhow::Result<()> {
                 "nodes": report.nodes,
                 "segmented": segmented,
                 "tls": tls,
+                "gossip_interval_ms": scenario.gossip_interval_ms,
                 "zones": report.zones,
                 "levels": report.levels,
                 "formed_after_s": report.formed_after_s,

@@ -4,8 +4,9 @@
 //! declared down within 5 s, convergence within 10 s of healing, no node declared down
 //! without a cause, also under 5 % loss (60 s here; the simulated 30 minutes in
 //! `just soak`), and a 2|1 split whose minority refuses to apply a spec. The plant
-//! scenario (22 nodes on three levels) runs in under two minutes, and its report opens
-//! in headless Chromium, offline, showing the nodes and the timeline.
+//! scenario (22 nodes on three levels, field devices replaying TEP) runs in under two
+//! minutes, and its report opens in headless Chromium, offline, showing the nodes, the
+//! timeline, the windows and the versions served; so does the 100-node segmented plant's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,21 +175,12 @@ async fn the_minority_of_a_split_refuses_to_apply_and_takes_the_majoritys_spec_a
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offline_in_chromium() {
-    let _turn = ONE_MESH_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().expect("a temporary folder");
-    let (report, exited_ok) = simulate("plant.toml", dir.path(), &[]);
-    assert!(exited_ok, "{}", report["expectations"]);
-    assert_eq!(
-        (report["nodes"].as_u64(), report["levels"].as_u64()),
-        (Some(22), Some(3))
-    );
-    let wall = report["wall_s"].as_f64().expect("wall_s");
-    assert!(wall < 120.0, "the plant took {wall} s");
-
-    let page = dir.path().join("report.html");
-    let shot = dir.path().join("report.png");
+/// Opens `dir/report.html` in headless Chromium, offline: the DOM it rendered, and
+/// how many pixels of its screenshot are green (running nodes in the topology) and
+/// red (spans where nodes were seen down in the timeline).
+fn open_in_chromium(dir: &Path) -> (String, usize, usize) {
+    let page = dir.join("report.html");
+    let shot = dir.join("report.png");
     let chromium = |args: &[&str]| {
         Command::new("chromium")
             .args([
@@ -205,7 +197,7 @@ async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offlin
             ])
             .arg(format!(
                 "--user-data-dir={}",
-                dir.path().join("chromium").display()
+                dir.join("chromium").display()
             ))
             .args(args)
             .arg(format!("file://{}", page.display()))
@@ -213,20 +205,7 @@ async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offlin
             .expect("Debian's chromium is installed (just setup-browser)")
     };
     let dom = chromium(&["--dump-dom"]);
-    let dom = String::from_utf8_lossy(&dom.stdout);
-    for shown in [
-        "id=\"topology\"",
-        "id=\"timeline\"",
-        "gw-1a-2",
-        "site2-server-1",
-        "cell-2b",
-        "passed",
-    ] {
-        assert!(
-            dom.contains(shown),
-            "{shown} is not in the page Chromium rendered"
-        );
-    }
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
     let taken = chromium(&[&format!("--screenshot={}", shot.display())]);
     assert!(
         shot.is_file(),
@@ -246,10 +225,106 @@ async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offlin
             .filter(|p| p.len() >= 3 && p[..3].iter().zip(wanted).all(|(a, b)| a.abs_diff(b) < 24))
             .count()
     };
-    // Green running nodes in the topology, red spans in the timeline.
     let (green, red) = (count([0x3a, 0x9d, 0x5d]), count([0xc0, 0x39, 0x2b]));
+    (dom, green, red)
+}
+
+/// The field devices of a report each had rows acknowledged, and the nodes they feed
+/// scored windows of them.
+fn assert_sensors_scored(report: &Value) {
+    let sensors = report["sensors"].as_array().expect("sensors");
+    assert!(!sensors.is_empty());
+    for device in sensors {
+        assert!(
+            device["rows_acked"].as_u64() > Some(0),
+            "nothing acknowledged: {device}"
+        );
+        let node = &device["node"];
+        let windows = report["windows"]
+            .as_array()
+            .expect("windows")
+            .iter()
+            .find(|w| &w["node"] == node)
+            .unwrap_or_else(|| panic!("no windows of {node}"));
+        assert!(windows["scored"].as_u64() > Some(0), "{windows}");
+    }
+    let versions = report["versions"].as_array().expect("versions");
+    assert!(
+        versions
+            .iter()
+            .any(|v| v["expert"] == "ae" && v["version"] == "v1"),
+        "{versions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offline_in_chromium() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (report, exited_ok) = simulate("plant.toml", dir.path(), &[]);
+    assert!(exited_ok, "{}", report["expectations"]);
+    assert_eq!(
+        (report["nodes"].as_u64(), report["levels"].as_u64()),
+        (Some(22), Some(3))
+    );
+    let wall = report["wall_s"].as_f64().expect("wall_s");
+    assert!(wall < 120.0, "the plant took {wall} s");
+    assert_sensors_scored(&report);
+    assert_eq!(figure(&report, "active_versions", None)["figure"], 1.0);
+
+    let (dom, green, red) = open_in_chromium(dir.path());
+    for shown in [
+        "id=\"topology\"",
+        "id=\"timeline\"",
+        "id=\"windows\"",
+        "id=\"versions\"",
+        "gw-1a-2",
+        "site2-server-1",
+        "cell-2b",
+        "reactor-1a",
+        "passed",
+    ] {
+        assert!(
+            dom.contains(shown),
+            "{shown} is not in the page Chromium rendered"
+        );
+    }
     assert!(
         green > 500 && red > 200,
+        "green {green} px, red {red} px in the screenshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_node_segmented_plant_runs_and_its_report_opens_offline_in_chromium() {
+    let _turn = ONE_MESH_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let (report, exited_ok) = simulate("plant-100.toml", dir.path(), &[]);
+    assert!(exited_ok, "{}", report["expectations"]);
+    assert_eq!(
+        (report["nodes"].as_u64(), report["levels"].as_u64()),
+        (Some(100), Some(3))
+    );
+    assert!(report["sim_to_wall"].as_f64() > Some(0.0));
+    assert!(report["pss_mib_per_node"].as_f64() > Some(0.0));
+    assert_sensors_scored(&report);
+
+    let (dom, green, red) = open_in_chromium(dir.path());
+    for shown in [
+        "id=\"topology\"",
+        "id=\"timeline\"",
+        "gw-4-3-7",
+        "site3-server-2",
+        "cell-2-2",
+        "passed",
+    ] {
+        assert!(
+            dom.contains(shown),
+            "{shown} is not in the page Chromium rendered"
+        );
+    }
+    assert!(
+        green > 500 && red > 20,
         "green {green} px, red {red} px in the screenshot"
     );
 }

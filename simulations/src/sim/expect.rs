@@ -2,7 +2,7 @@
 //! (seconds to detect, spurious downs counted, seconds to converge) whether it passed
 //! or not, so a failing run still says by how much.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -49,11 +49,13 @@ fn summarise(names: &[String]) -> String {
     }
 }
 
-/// A round of observation: when, and whether the mesh had converged.
-#[derive(Debug, Clone, Copy)]
+/// A round of observation: when, whether the mesh had converged, and which model
+/// versions of each expert the answering nodes served.
+#[derive(Debug, Clone)]
 pub struct RoundRecord {
     pub t_s: f64,
     pub converged: bool,
+    pub versions: BTreeMap<String, BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,7 +63,8 @@ pub struct CheckResult {
     pub expectation: Expectation,
     pub passed: bool,
     /// The measured figure: seconds (declared_down, converged) or a count
-    /// (no_spurious_down); `None` when what it waits for never happened.
+    /// (no_spurious_down; active_versions: the most versions seen at once); `None`
+    /// when what it waits for never happened.
     pub figure: Option<f64>,
     pub detail: String,
 }
@@ -203,6 +206,30 @@ fn check_one(ev: &Evidence<'_>, expectation: &Expectation) -> CheckResult {
                 None => result(false, None, "the apply did not answer".into()),
             }
         }
+        Expectation::ActiveVersions { expert, at_most } => {
+            let busiest = ev
+                .rounds
+                .iter()
+                .filter(|r| r.t_s >= 0.0)
+                .filter_map(|r| Some((r.t_s, r.versions.get(expert)?)))
+                .max_by_key(|(_, versions)| versions.len());
+            match busiest {
+                None => result(
+                    false,
+                    None,
+                    format!("no answering node served {expert} after the clock started"),
+                ),
+                Some((t_s, versions)) => result(
+                    versions.len() <= *at_most,
+                    Some(versions.len() as f64),
+                    format!(
+                        "at most {} version(s) of {expert} served at once ({} at {t_s:.2} s)",
+                        versions.len(),
+                        versions.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ),
+            }
+        }
     }
 }
 
@@ -263,4 +290,72 @@ fn excused(ev: &Evidence<'_>, watcher: &str, peer: &str, t_s: f64) -> bool {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn round(t_s: f64, versions: &[(&str, &[&str])]) -> RoundRecord {
+        RoundRecord {
+            t_s,
+            converged: true,
+            versions: versions
+                .iter()
+                .map(|(expert, v)| {
+                    (
+                        expert.to_string(),
+                        v.iter().map(|s| s.to_string()).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn active_versions(rounds: &[RoundRecord]) -> CheckResult {
+        let scenario = Scenario::parse(
+            "[simulation]\nname = \"v\"\nduration_s = 10\n\n[[nodes]]\nname = \"n\"\ncount = 2\n\
+             role = \"fog\"\n\n[[expect]]\ncheck = \"active_versions\"\nexpert = \"ae\"\nat_most = 1\n",
+            Path::new("v.toml"),
+        )
+        .expect("a valid scenario");
+        check(&Evidence {
+            scenario: &scenario,
+            trace: &[],
+            faults: &[],
+            rounds,
+            ran: &[true, true],
+        })
+        .remove(0)
+    }
+
+    #[test]
+    fn two_versions_served_at_once_fail_and_one_at_a_time_passes() {
+        let rollout = [
+            round(-1.0, &[("ae", &["v0", "v1"])]),
+            round(0.5, &[("ae", &["v1"])]),
+            round(1.0, &[("ae", &["v2"]), ("other", &["a", "b"])]),
+        ];
+        let passed = active_versions(&rollout);
+        assert!(passed.passed, "{}", passed.detail);
+        assert_eq!(passed.figure, Some(1.0));
+
+        let split = [
+            round(0.5, &[("ae", &["v1"])]),
+            round(1.0, &[("ae", &["v1", "v2"])]),
+        ];
+        let failed = active_versions(&split);
+        assert!(!failed.passed);
+        assert_eq!(failed.figure, Some(2.0));
+        assert!(
+            failed.detail.contains("v1, v2 at 1.00 s"),
+            "{}",
+            failed.detail
+        );
+
+        let never = active_versions(&[round(0.5, &[])]);
+        assert!(!never.passed);
+        assert_eq!(never.figure, None);
+    }
 }

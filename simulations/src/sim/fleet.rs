@@ -66,6 +66,8 @@ pub struct Joining<'a> {
     pub seeds: &'a [usize],
     /// Node `i` proves itself with `identities[i]`; `None`: every node runs plaintext.
     pub identities: Option<&'a [TlsFiles]>,
+    /// `[cluster] gossip_interval_ms`.
+    pub gossip_interval_ms: u64,
 }
 
 impl Fleet {
@@ -83,6 +85,7 @@ impl Fleet {
             secret,
             seeds,
             identities,
+            gossip_interval_ms,
         } = joining;
         let seed_list = seeds
             .iter()
@@ -104,7 +107,8 @@ impl Fleet {
                  listen = {listen:?}\n\n\
                  [cluster]\nsecret = {secret:?}\nseeds = [{seed_list}]\n\
                  advertise = {front:?}\nadvertise_gossip = {front:?}\n\
-                 dial_from = {dial_from:?}\ndata = \"data\"\n\n\
+                 dial_from = {dial_from:?}\ndata = \"data\"\n\
+                 gossip_interval_ms = {gossip_interval_ms}\n\n\
                  [tls]\n{tls}",
                 tls = match identities.map(|files| &files[i]) {
                     // Absolute: the node runs in its own folder.

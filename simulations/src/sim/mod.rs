@@ -27,8 +27,10 @@ pub mod network;
 pub mod observer;
 pub mod report;
 pub mod scenario;
+pub mod sensors;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fogmesh_cluster::cluster_key::ClusterKey;
@@ -39,6 +41,7 @@ use fogmesh_proto::ApplyRequest;
 use fogmesh_trust::{IssueRequest, MeshCa, MeshTls, Role, TlsFiles, TrustError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use self::expect::{Evidence, FaultRecord, RoundRecord};
 use self::fleet::{Fleet, FleetError, Joining, NodeLife};
@@ -46,6 +49,7 @@ use self::network::SimulatedNetwork;
 use self::observer::{EventKind, Observer, TraceEvent};
 use self::report::SimReport;
 use self::scenario::{FaultAction, Scenario};
+use self::sensors::{Device, DeviceCounts, DeviceError, NodeWindows, SensorSummary};
 
 /// How long an apply may take before it counts as unanswered.
 const APPLY_WITHIN: Duration = Duration::from_secs(20);
@@ -66,6 +70,8 @@ pub enum SimError {
     },
     #[error("cannot make the run's mesh CA and certificates: {0}")]
     Identity(#[from] TrustError),
+    #[error("a field device cannot run: {0}")]
+    Device(#[from] DeviceError),
     #[error("stopped by a signal; every node process was killed")]
     Stopped,
     #[error("cannot write the report to {path}: {source}")]
@@ -84,10 +90,20 @@ pub struct SimOptions {
     pub out: PathBuf,
 }
 
+/// The identities of a run over TLS.
+struct Identities {
+    /// Node `i`'s files.
+    nodes: Vec<TlsFiles>,
+    /// The observer's operator identity: the simulator's `Control` calls (views,
+    /// applies) present it.
+    observer: MeshTls,
+    /// The field devices' sensor identity, naming every `[[sensors]]` id.
+    devices: MeshTls,
+}
+
 /// A mesh CA made afresh under `out/ca`, a certificate for every node (in its folder,
-/// `certs/`) and the observer's operator identity, which the simulator's `Control`
-/// calls (views, applies) present.
-fn identities(scenario: &Scenario, out: &Path) -> Result<(Vec<TlsFiles>, MeshTls), SimError> {
+/// `certs/`), the observer's and the devices'.
+fn identities(scenario: &Scenario, out: &Path) -> Result<Identities, SimError> {
     let ca_folder = out.join("ca");
     match std::fs::remove_dir_all(&ca_folder) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -99,7 +115,11 @@ fn identities(scenario: &Scenario, out: &Path) -> Result<(Vec<TlsFiles>, MeshTls
         _ => {}
     }
     let ca = MeshCa::init(&ca_folder, &format!("sim-{}", scenario.name))?;
-    let issue = |name: &str, role: Role, folder: PathBuf| -> Result<TlsFiles, SimError> {
+    let issue = |name: &str,
+                 role: Role,
+                 sensors: Vec<String>,
+                 folder: PathBuf|
+     -> Result<TlsFiles, SimError> {
         let files = MeshCa::issued_files(&folder, name);
         for old in [&files.cert, &files.key, &files.ca] {
             let _ = std::fs::remove_file(old);
@@ -107,7 +127,7 @@ fn identities(scenario: &Scenario, out: &Path) -> Result<(Vec<TlsFiles>, MeshTls
         let request = IssueRequest {
             name: name.into(),
             role,
-            sensors: Vec::new(),
+            sensors,
             days: 2,
         };
         Ok(ca.issue(&request, &folder)?)
@@ -116,10 +136,21 @@ fn identities(scenario: &Scenario, out: &Path) -> Result<(Vec<TlsFiles>, MeshTls
     for plan in &scenario.nodes {
         let role = plan.role.parse::<Role>()?;
         let folder = out.join("nodes").join(&plan.name).join("certs");
-        nodes.push(issue(&plan.name, role, folder)?);
+        nodes.push(issue(&plan.name, role, Vec::new(), folder)?);
     }
-    let observer = issue("sim-observer", Role::Operator, out.join("observer"))?;
-    Ok((nodes, MeshTls::load(&observer)?))
+    let observer = issue(
+        "sim-observer",
+        Role::Operator,
+        Vec::new(),
+        out.join("observer"),
+    )?;
+    let ids = scenario.sensors.iter().map(|s| s.id.clone()).collect();
+    let devices = issue("sim-devices", Role::Sensor, ids, out.join("devices"))?;
+    Ok(Identities {
+        nodes,
+        observer: MeshTls::load(&observer)?,
+        devices: MeshTls::load(&devices)?,
+    })
 }
 
 /// Runs `scenario` to its end and writes its report under `options.out`.
@@ -154,13 +185,22 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         Joining {
             secret: &secret,
             seeds,
-            identities: identities.as_ref().map(|(nodes, _)| nodes.as_slice()),
+            identities: identities.as_ref().map(|ids| ids.nodes.as_slice()),
+            gossip_interval_ms: scenario.gossip_interval_ms,
         },
     )?;
-    let dialer = Dialer::new(
-        identities.map(|(_, observer)| observer),
-        Some(ClusterKey::from_secret(&secret)),
-    );
+    let (observer_tls, devices_tls) = match identities {
+        Some(ids) => (Some(ids.observer), Some(ids.devices)),
+        None => (None, None),
+    };
+    let dialer = Dialer::new(observer_tls, Some(ClusterKey::from_secret(&secret)));
+    let devices_dialer = Dialer::new(devices_tls, Some(ClusterKey::from_secret(&secret)));
+    let devices = scenario
+        .sensors
+        .iter()
+        .enumerate()
+        .map(|(i, plan)| Device::load(i, plan))
+        .collect::<Result<Vec<_>, _>>()?;
     let names: Vec<String> = scenario.nodes.iter().map(|n| n.name.clone()).collect();
     let mut observer = Observer::new(addresses, names.clone(), dialer.clone());
     let mut trace = Vec::new();
@@ -218,6 +258,22 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
             applied_tx.clone(),
         );
     }
+    let stop_devices = CancellationToken::new();
+    let device_counts: Vec<Arc<DeviceCounts>> = devices
+        .into_iter()
+        .map(|device| {
+            let counts = Arc::new(DeviceCounts::default());
+            let node = scenario.index_of(&device.plan.node).unwrap_or_default();
+            tokio::spawn(device.run(
+                addresses.home(node).to_string(),
+                devices_dialer.clone(),
+                clock,
+                stop_devices.clone(),
+                counts.clone(),
+            ));
+            counts
+        })
+        .collect();
     let mut schedule: Vec<Step> = scenario
         .faults
         .iter()
@@ -293,6 +349,7 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         rounds.push(RoundRecord {
             t_s: clock.elapsed().as_secs_f64(),
             converged: observer::converged(&views, &running, &|a, b| scenario.may_link(a, b)),
+            versions: observer::active_versions(&views),
         });
         if last_memory.elapsed() >= MEMORY_EVERY {
             memory.read(&fleet);
@@ -310,6 +367,22 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
     }
     memory.read(&fleet);
     let simulated_s = clock.elapsed().as_secs_f64();
+    stop_devices.cancel();
+    let sensors = scenario
+        .sensors
+        .iter()
+        .zip(&device_counts)
+        .map(|(plan, counts)| SensorSummary::new(plan, counts))
+        .collect();
+    let windows = futures::future::join_all(
+        (0..names.len())
+            .filter(|&i| fleet.answering(i))
+            .map(|i| NodeWindows::read(&names[i], addresses.home(i).to_string(), &dialer)),
+    )
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
     trace.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
     let evidence = Evidence {
         scenario,
@@ -332,6 +405,8 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         checks,
         traffic: network.traffic(),
         lives,
+        sensors,
+        windows,
     });
     report.write(&options.out)?;
     Ok(report)

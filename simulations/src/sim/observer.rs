@@ -1,8 +1,8 @@
 //! Reads every simulated node's view of the mesh (`Control.GetMesh`, at its home
 //! address: the simulator's own control plane, outside the simulated links) and turns
 //! changes into trace events: node A starts or stops seeing peer B up (a member over a
-//! ready link), a node stops or starts answering, a node's spec version or the leader
-//! it knows changes.
+//! ready link), a node stops or starts answering, a node's spec version changes, a
+//! node starts serving another model version of an expert or stops serving it.
 //!
 //! A node that does not answer within [`ANSWER_WITHIN`] (frozen, killed, overloaded)
 //! gives no view that round; its last view is kept, so no event is made up for it.
@@ -44,6 +44,9 @@ pub enum EventKind {
     Spec,
     /// A `mesh.toml` was applied through `node` (`detail`: accepted or the refusal).
     Applied,
+    /// `node` serves another model version of an expert (`detail`: `expert version`),
+    /// or stopped serving it (`expert -`).
+    Serves,
 }
 
 /// One thing that happened, `t_s` seconds after the clock started (negative while
@@ -65,6 +68,8 @@ pub struct View {
     /// Peers seen as members over a ready link.
     pub up: BTreeSet<usize>,
     pub spec_version: u64,
+    /// Expert → the model version the node's own replica serves.
+    pub serving: BTreeMap<String, String>,
 }
 
 pub struct Observer {
@@ -176,6 +181,23 @@ impl Observer {
                     Some(format!("v{}", view.spec_version)),
                 ));
             }
+            let before_serving = before.as_ref().map(|b| &b.serving);
+            let experts: BTreeSet<&String> = view
+                .serving
+                .keys()
+                .chain(before_serving.into_iter().flat_map(BTreeMap::keys))
+                .collect();
+            for expert in experts {
+                let now = view.serving.get(expert);
+                if before_serving.and_then(|b| b.get(expert)) != now {
+                    let version = now.map_or("-", String::as_str);
+                    trace.push(event(
+                        EventKind::Serves,
+                        None,
+                        Some(format!("{expert} {version}")),
+                    ));
+                }
+            }
             self.last[i] = Some(view.clone());
             views.insert(i, Some(view));
         }
@@ -192,8 +214,30 @@ impl Observer {
                 .filter(|&peer| peer != i)
                 .collect(),
             spec_version: status.spec_version,
+            serving: status
+                .versions
+                .iter()
+                .filter(|v| v.node == self.names[i])
+                .map(|v| (v.expert.clone(), v.model_version.clone()))
+                .collect(),
         }
     }
+}
+
+/// Expert → the distinct model versions the answering nodes' own replicas serve.
+pub fn active_versions(
+    views: &BTreeMap<usize, Option<View>>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut active: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for view in views.values().flatten() {
+        for (expert, version) in &view.serving {
+            active
+                .entry(expert.clone())
+                .or_default()
+                .insert(version.clone());
+        }
+    }
+    active
 }
 
 /// Whether every node of `expected` answered and sees every other one it may link to

@@ -22,6 +22,7 @@ use crate::sim::fleet::NodeLife;
 use crate::sim::network::LinkTraffic;
 use crate::sim::observer::{EventKind, TraceEvent};
 use crate::sim::scenario::Scenario;
+use crate::sim::sensors::{NodeWindows, SensorSummary};
 use crate::sim::SimError;
 
 /// What a finished run hands the report.
@@ -37,6 +38,8 @@ pub struct Run<'a> {
     pub checks: Vec<CheckResult>,
     pub traffic: Vec<LinkTraffic>,
     pub lives: Vec<NodeLife>,
+    pub sensors: Vec<SensorSummary>,
+    pub windows: Vec<NodeWindows>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,7 +69,22 @@ pub struct SimReport {
     pub topology: Topology,
     pub nodes_summary: Vec<NodeSummary>,
     pub traffic: Vec<ZoneTraffic>,
+    /// Which model version each node's replica of each expert served, as it changed.
+    pub versions: Vec<VersionChange>,
+    /// What each field device sent and had acknowledged.
+    pub sensors: Vec<SensorSummary>,
+    /// Each node's windows at the end, by its own counters (nodes that answered).
+    pub windows: Vec<NodeWindows>,
     pub timeline: Vec<TraceEvent>,
+}
+
+/// A node started serving `version` of `expert` at `t_s`, or stopped (`None`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionChange {
+    pub t_s: f64,
+    pub node: String,
+    pub expert: String,
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,6 +219,22 @@ impl SimReport {
             topology,
             nodes_summary,
             traffic: traffic.into_values().collect(),
+            sensors: run.sensors,
+            windows: run.windows,
+            versions: run
+                .trace
+                .iter()
+                .filter(|e| e.kind == EventKind::Serves)
+                .filter_map(|e| {
+                    let (expert, version) = e.detail.as_deref()?.split_once(' ')?;
+                    Some(VersionChange {
+                        t_s: round3(e.t_s),
+                        node: e.node.clone(),
+                        expert: expert.to_string(),
+                        version: (version != "-").then(|| version.to_string()),
+                    })
+                })
+                .collect(),
             timeline: run
                 .trace
                 .into_iter()
@@ -278,6 +312,43 @@ impl SimReport {
                 f.done_at_s,
                 escape(&f.describe()),
                 escape(f.outcome.as_deref().unwrap_or(""))
+            );
+        }
+        out.push_str("</table><h2>Sensors and windows</h2><p>Each field device replays its recording into its node from the moment the mesh formed, sending a batch again until the node acknowledges it.</p><table id=\"sensors\"><tr><th>sensor</th><th>node</th><th>rows sent</th><th>rows acknowledged</th><th>batches sent again</th><th>last refusal</th></tr>");
+        for d in &self.sensors {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&d.id),
+                escape(&d.node),
+                d.rows_sent,
+                d.rows_acked,
+                d.resends,
+                escape(d.last_refusal.as_deref().unwrap_or(""))
+            );
+        }
+        out.push_str("</table><p>Windows per node at the end, by the node's own counters since its process last started (nodes that cut, scored or hold none are left out).</p><table id=\"windows\"><tr><th>node</th><th>cut</th><th>scored</th><th>failed</th><th>dropped</th><th>waiting in the outbox</th></tr>");
+        for w in self.windows.iter().filter(|w| !w.is_idle()) {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&w.node),
+                w.cut,
+                w.scored,
+                w.failed,
+                w.dropped,
+                w.waiting
+            );
+        }
+        out.push_str("</table><h2>Versions served</h2><p>Each change of the model version a node's replica of an expert serves (times as in the timeline; negative: before the mesh had formed).</p><table id=\"versions\"><tr><th>t (s)</th><th>node</th><th>expert</th><th>version</th></tr>");
+        for v in &self.versions {
+            let _ = write!(
+                out,
+                "<tr><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                v.t_s,
+                escape(&v.node),
+                escape(&v.expert),
+                escape(v.version.as_deref().unwrap_or("stopped"))
             );
         }
         out.push_str("</table><h2>Traffic between zones</h2><table id=\"traffic\"><tr><th>from</th><th>to</th><th>bytes</th><th>datagrams</th><th>dropped</th><th>delayed TCP chunks</th></tr>");

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use fogmesh_cluster::config::GOSSIP_INTERVAL_MS;
 use fogmesh_cluster::zone::{check_zone, MAX_ZONE_DEPTH, MAX_ZONE_SEGMENT};
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +122,8 @@ struct ScenarioFile {
     zones: Vec<ZoneSpec>,
     nodes: Vec<NodeGroup>,
     #[serde(default)]
+    sensors: Vec<SensorPlan>,
+    #[serde(default)]
     faults: Vec<FaultSpec>,
     #[serde(default)]
     expect: Vec<Expectation>,
@@ -140,6 +143,9 @@ struct SimulationSection {
     /// How often every node's view of the mesh is read, in milliseconds.
     #[serde(default = "default_observe_ms")]
     observe_ms: u64,
+    /// Every node's `[cluster] gossip_interval_ms`.
+    #[serde(default = "default_gossip_interval_ms")]
+    gossip_interval_ms: u64,
     /// A `mesh.toml` applied when the clock starts (relative to the scenario).
     #[serde(default)]
     mesh: Option<PathBuf>,
@@ -161,6 +167,9 @@ fn default_formation_s() -> f64 {
 }
 fn default_observe_ms() -> u64 {
     250
+}
+fn default_gossip_interval_ms() -> u64 {
+    200
 }
 
 /// A zone of the plant network: an ISA-95 level's cell, area, site or the cloud.
@@ -209,6 +218,39 @@ pub struct NodePlan {
     pub conduits: Vec<String>,
     pub join_at_s: Option<f64>,
 }
+
+/// `[[sensors]]`: a field device replaying a recording into one node's sensor stream
+/// (see `crate::sim::sensors`). The stream itself, its router and the experts are
+/// declared by the scenario's `mesh.toml`, as on a plant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorPlan {
+    /// The sensor stream's id.
+    pub id: String,
+    /// The node the device is wired to.
+    pub node: String,
+    /// A fogrec recording, relative to the scenario (`just setup` makes TEP's under
+    /// `data/tep`).
+    pub recording: PathBuf,
+    /// The recording's columns, in the stream's channel order.
+    pub columns: Vec<String>,
+    /// Recording seconds per simulated second.
+    #[serde(default = "default_speed")]
+    pub speed: f64,
+    /// Rows per `Ingest` batch.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+}
+
+fn default_speed() -> f64 {
+    1.0
+}
+fn default_batch_rows() -> usize {
+    10
+}
+
+/// Most rows one device sends per batch.
+pub const MAX_BATCH_ROWS: usize = 10_000;
 
 /// What a fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +322,9 @@ pub enum Expectation {
     Converged { fault: usize, within_s: f64 },
     /// The apply of fault number `fault` was refused (`accepted = false`) or taken.
     Applied { fault: usize, accepted: bool },
+    /// In no observation after the clock started did the answering nodes' replicas
+    /// of `expert` serve more than `at_most` model versions between them.
+    ActiveVersions { expert: String, at_most: usize },
 }
 
 /// A checked scenario.
@@ -290,12 +335,15 @@ pub struct Scenario {
     pub duration_s: f64,
     pub formation_s: f64,
     pub observe_ms: u64,
+    pub gossip_interval_ms: u64,
     /// Nodes link only within their zones (see [`Scenario::may_link`]).
     pub segmented: bool,
     /// Nodes run with `[tls]` certificates of a mesh CA made for the run.
     pub tls: bool,
     pub zones: Vec<ZoneSpec>,
     pub nodes: Vec<NodePlan>,
+    /// The field devices, their recordings' paths resolved against the scenario's folder.
+    pub sensors: Vec<SensorPlan>,
     pub faults: Vec<FaultSpec>,
     pub expect: Vec<Expectation>,
     /// The text of the `mesh.toml` applied at the start, if any.
@@ -356,6 +404,17 @@ impl Scenario {
                 "simulation.observe_ms".into(),
                 sim.observe_ms.to_string(),
                 "from 50 to 60000".into(),
+            );
+        }
+        if !GOSSIP_INTERVAL_MS.contains(&sim.gossip_interval_ms) {
+            invalid(
+                "simulation.gossip_interval_ms".into(),
+                sim.gossip_interval_ms.to_string(),
+                format!(
+                    "from {} to {}",
+                    GOSSIP_INTERVAL_MS.start(),
+                    GOSSIP_INTERVAL_MS.end()
+                ),
             );
         }
 
@@ -524,6 +583,51 @@ impl Scenario {
             );
         }
 
+        let mut sensor_ids = BTreeSet::new();
+        for (i, sensor) in file.sensors.iter().enumerate() {
+            if !valid_name(&sensor.id) {
+                invalid(
+                    format!("sensors[{i}].id"),
+                    format!("{:?}", sensor.id),
+                    "1 to 64 letters, digits, '-' or '_'".into(),
+                );
+            } else if !sensor_ids.insert(sensor.id.as_str()) {
+                invalid(
+                    format!("sensors[{i}].id"),
+                    format!("{:?}", sensor.id),
+                    "a sensor id not used by another device".into(),
+                );
+            }
+            if !node_names.contains(sensor.node.as_str()) {
+                invalid(
+                    format!("sensors[{i}].node"),
+                    format!("{:?}", sensor.node),
+                    "a node of the scenario".into(),
+                );
+            }
+            if sensor.columns.is_empty() {
+                invalid(
+                    format!("sensors[{i}].columns"),
+                    "[]".into(),
+                    "at least one column of the recording".into(),
+                );
+            }
+            if !(sensor.speed.is_finite() && sensor.speed > 0.0 && sensor.speed <= 10_000.0) {
+                invalid(
+                    format!("sensors[{i}].speed"),
+                    sensor.speed.to_string(),
+                    "above 0, at most 10000".into(),
+                );
+            }
+            if !(1..=MAX_BATCH_ROWS).contains(&sensor.batch_rows) {
+                invalid(
+                    format!("sensors[{i}].batch_rows"),
+                    sensor.batch_rows.to_string(),
+                    format!("from 1 to {MAX_BATCH_ROWS}"),
+                );
+            }
+        }
+
         let place = |name: &str| node_names.contains(name) || names.contains(name);
         for (i, fault) in file.faults.iter().enumerate() {
             if !(fault.at_s.is_finite() && fault.at_s >= 0.0 && fault.at_s <= sim.duration_s) {
@@ -610,7 +714,7 @@ impl Scenario {
                 Expectation::DeclaredDown { fault, .. }
                 | Expectation::Converged { fault, .. }
                 | Expectation::Applied { fault, .. } => Some(*fault),
-                Expectation::NoSpuriousDown { .. } => None,
+                Expectation::NoSpuriousDown { .. } | Expectation::ActiveVersions { .. } => None,
             };
             if let Some(fault) = fault {
                 if fault >= file.faults.len() {
@@ -664,6 +768,22 @@ impl Scenario {
                     }
                 }
                 Expectation::Applied { .. } => {}
+                Expectation::ActiveVersions { expert, at_most } => {
+                    if expert.trim().is_empty() {
+                        invalid(
+                            format!("expect[{i}].expert"),
+                            "\"\"".into(),
+                            "an expert's name".into(),
+                        );
+                    }
+                    if *at_most == 0 {
+                        invalid(
+                            format!("expect[{i}].at_most"),
+                            "0".into(),
+                            "at least 1".into(),
+                        );
+                    }
+                }
             }
         }
 
@@ -700,10 +820,19 @@ impl Scenario {
             duration_s: sim.duration_s,
             formation_s: sim.formation_s,
             observe_ms: sim.observe_ms,
+            gossip_interval_ms: sim.gossip_interval_ms,
             segmented: sim.segmented,
             tls: sim.tls,
             zones,
             nodes,
+            sensors: file
+                .sensors
+                .iter()
+                .map(|sensor| SensorPlan {
+                    recording: folder.join(&sensor.recording),
+                    ..sensor.clone()
+                })
+                .collect(),
             faults: file.faults,
             expect: file.expect,
             mesh,
@@ -843,6 +972,8 @@ pub struct PlantLayout {
     pub segmented: bool,
     /// Nodes prove who they are with certificates of a mesh CA made for the run.
     pub tls: bool,
+    /// Every node's `[cluster] gossip_interval_ms`; `None`: the default.
+    pub gossip_interval_ms: Option<u64>,
 }
 
 /// A plant of `nodes` nodes on three levels, for `fogmesh bench sim`: a cloud zone, one
@@ -850,14 +981,20 @@ pub struct PlantLayout {
 /// [`GENERATED_CELL`] edge gateways under each site; LAN links inside zones, slower
 /// conduits between them, no faults, laid out as `layout` says.
 pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64, layout: PlantLayout) -> String {
-    let PlantLayout { segmented, tls } = layout;
+    let PlantLayout {
+        segmented,
+        tls,
+        gossip_interval_ms,
+    } = layout;
+    let gossip_interval_ms = gossip_interval_ms.unwrap_or_else(default_gossip_interval_ms);
     let nodes = nodes.max(1);
     let cloud = (nodes / 50).max(1).min(nodes);
     let rest = nodes - cloud;
     let sites = (rest / 24).max(1);
     let mut text = format!(
         "[simulation]\nname = \"plant-{nodes}\"\nseed = {seed}\nduration_s = {duration_s}\n\
-         formation_s = 600\nobserve_ms = 1000\nsegmented = {segmented}\ntls = {tls}\n\n\
+         formation_s = 600\nobserve_ms = 1000\ngossip_interval_ms = {gossip_interval_ms}\n\
+         segmented = {segmented}\ntls = {tls}\n\n\
          [[zones]]\nname = \"cloud\"\nlink = {{ latency_ms = 0.5 }}\n\n\
          [[nodes]]\nname = \"cloud\"\ncount = {cloud}\nrole = \"cloud\"\nzone = \"cloud\"\n\n"
     );
@@ -1033,6 +1170,28 @@ to = ["cloud"]
             }
             other => panic!("{other:?}"),
         }
+        for (expectation, field) in [
+            ("expert = \"ae\"\nat_most = 0", "expect[0].at_most"),
+            ("expert = \" \"\nat_most = 1", "expect[0].expert"),
+        ] {
+            let text = format!("{PLANT}\n[[expect]]\ncheck = \"active_versions\"\n{expectation}\n");
+            match parse(&text) {
+                Err(ScenarioError::Invalid { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{expectation}: {other:?}"),
+            }
+        }
+        let slow_gossip = PLANT.replacen(
+            "duration_s = 30",
+            "duration_s = 30\ngossip_interval_ms = 20",
+            1,
+        );
+        match parse(&slow_gossip) {
+            Err(ScenarioError::Invalid { field, value, .. }) => assert_eq!(
+                (field.as_str(), value.as_str()),
+                ("simulation.gossip_interval_ms", "20")
+            ),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             parse("[simulation]\nname = 1"),
             Err(ScenarioError::Syntax { .. })
@@ -1065,9 +1224,11 @@ to = ["cloud"]
         let layout = PlantLayout {
             segmented: true,
             tls: true,
+            gossip_interval_ms: Some(1000),
         };
         let s = parse(&generated_plant(100, 10.0, 1, layout)).expect("a valid segmented plant");
         assert!(s.tls);
+        assert_eq!(s.gossip_interval_ms, 1000);
         let at = |name: &str| s.index_of(name).unwrap_or_else(|| panic!("no node {name}"));
         let links = |i: usize| {
             (0..s.nodes.len())

@@ -283,7 +283,7 @@ async fn forged_gossip_is_neither_heard_nor_adopted() {
 #[tokio::test]
 async fn a_member_gossiping_an_unreadable_spec_cannot_freeze_the_mesh() {
     use fogmesh_cluster::capabilities::Capabilities;
-    use fogmesh_cluster::membership::{GossipAddress, MemberCard, Membership, SPEC_KEY};
+    use fogmesh_cluster::membership::{GossipSettings, MemberCard, Membership, SPEC_KEY};
     use fogmesh_cluster::mesh_spec::StoredSpec;
 
     const SECRET: &str = "member-test-secret";
@@ -297,7 +297,7 @@ async fn a_member_gossiping_an_unreadable_spec_cannot_freeze_the_mesh() {
     let member = Membership::start(
         "rogue",
         1,
-        GossipAddress::direct(member_addr),
+        GossipSettings::direct(member_addr),
         &[node.server.grpc_addr().to_string()],
         &ClusterKey::from_secret(SECRET),
         &secret,
