@@ -177,7 +177,7 @@ async fn the_minority_of_a_split_refuses_to_apply_and_takes_the_majoritys_spec_a
 
 /// Opens `dir/report.html` in headless Chromium, offline: the DOM it rendered, and
 /// how many pixels of its screenshot are green (running nodes in the topology) and
-/// red (spans where nodes were seen down in the timeline).
+/// red (spans where most nodes saw a node down in the timeline).
 fn open_in_chromium(dir: &Path) -> (String, usize, usize) {
     let page = dir.join("report.html");
     let shot = dir.join("report.png");
@@ -309,7 +309,7 @@ async fn a_hundred_node_segmented_plant_runs_and_its_report_opens_offline_in_chr
     assert!(report["pss_mib_per_node"].as_f64() > Some(0.0));
     assert_sensors_scored(&report);
 
-    let (dom, green, red) = open_in_chromium(dir.path());
+    let (dom, green, _) = open_in_chromium(dir.path());
     for shown in [
         "id=\"topology\"",
         "id=\"timeline\"",
@@ -323,10 +323,10 @@ async fn a_hundred_node_segmented_plant_runs_and_its_report_opens_offline_in_chr
             "{shown} is not in the page Chromium rendered"
         );
     }
-    assert!(
-        green > 500 && red > 20,
-        "green {green} px, red {red} px in the screenshot"
-    );
+    // The segmented plant's faults are seen by a node's few linked peers, so its
+    // timeline's spans are pale (the shade says how many of the 99 saw it): no red to
+    // count, only the running nodes' green.
+    assert!(green > 500, "green {green} px in the screenshot");
 }
 
 /// The node processes whose working folder is under `dir`.
