@@ -121,9 +121,10 @@ bench: setup
     cargo run --release -p fogmesh -- bench federated
     cargo run --release -p fogmesh -- bench federated --clients 100 --local-work none
 
-# CI runs a short version of each (10 kills).
-# Long chaos runs kept out of CI: 100 `kill -9`s of a node with an edge log under load.
-soak: setup
+# CI runs a short version of each (10 kills, 60 s of loss, the 22-node plant).
+# Long and heavy runs kept out of CI: 100 `kill -9`s of a node with an edge log under
+# load, 30 simulated minutes of 5 % loss, the 100-node plant (about 20 GiB).
+soak: setup setup-browser
     cargo test --workspace --release --test processes -- --ignored soak
 
 # A researcher's first simulation: a 22-node plant on three levels, faults and all;

@@ -25,7 +25,8 @@
 //! loads it once, checked against the pinned hash.
 //!
 //! Every node also runs [`ensure_local`] before it parses an adopted spec: a version
-//! the spec names that its store lacks is copied from the first peer that has it.
+//! the spec names that its store lacks is copied from the first peer that has it,
+//! asking the peers it has a ready link to first ([`peer_addresses`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,7 +47,7 @@ use crate::dialer::Dialer;
 use crate::membership::{Member, Membership};
 use crate::mesh_spec::{MeshSpec, ModelPlaces, StoredSpec};
 use crate::model_store::{download_version, upload_version, TransferError};
-use crate::peer_links::LinkView;
+use crate::peer_links::{LinkState, LinkView};
 
 /// Longest one node may take to receive a version in the prepare phase.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -164,7 +165,7 @@ pub async fn run(
     quorum
         .require("a rollout")
         .map_err(RolloutError::NoQuorum)?;
-    let peers = peer_addresses(&members, ctx.me);
+    let peers = peer_addresses(&members, ctx.me, &ctx.links.borrow());
     let named = MeshSpec::stored_models(&current.text)
         .map_err(|e| RolloutError::SpecSyntax(Box::new(e)))?;
     ensure_local(&named, &store, &peers, ctx.dialer).await?;
@@ -349,11 +350,22 @@ fn unreachable(error: &TransferError) -> bool {
     }
 }
 
-/// The peers a version may come from: every member but `me`, by gRPC address.
-pub fn peer_addresses(members: &BTreeMap<String, Member>, me: &str) -> Vec<(String, String)> {
-    members
-        .values()
-        .filter(|m| m.name != me)
+/// The peers a version may come from: every member but `me`, by gRPC address, those
+/// `me` has a ready link to first. In a segmented plant the others may be out of its
+/// reach, and asking one of them first waits out a dial that cannot succeed.
+pub fn peer_addresses(
+    members: &BTreeMap<String, Member>,
+    me: &str,
+    links: &LinkView,
+) -> Vec<(String, String)> {
+    let mut peers: Vec<&Member> = members.values().filter(|m| m.name != me).collect();
+    peers.sort_by_key(|m| {
+        links
+            .get(&m.name)
+            .is_none_or(|l| l.state != LinkState::Ready)
+    });
+    peers
+        .into_iter()
         .map(|m| (m.name.clone(), m.card.grpc.clone()))
         .collect()
 }
@@ -567,6 +579,48 @@ mod tests {
             store.import(m.clone(), &[i as u8; 8]).unwrap();
         }
         (dir, store)
+    }
+
+    #[test]
+    fn versions_are_asked_of_linked_peers_first() {
+        use crate::capabilities::Capabilities;
+        use crate::membership::{LoadCard, MemberCard};
+        use crate::peer_links::LinkInfo;
+        let member = |name: &str| Member {
+            name: name.into(),
+            card: MemberCard::new("edge", format!("{name}:7700"), &Capabilities::probe(), 0),
+            load: LoadCard::default(),
+            spec: None,
+            placement: None,
+            serving: Vec::new(),
+            versions: BTreeMap::new(),
+            drifts: BTreeMap::new(),
+            links: Default::default(),
+            privacy: BTreeMap::new(),
+        };
+        let members: BTreeMap<String, Member> = ["a-cloud", "b-gateway", "c-me", "d-cell"]
+            .into_iter()
+            .map(|n| (n.to_string(), member(n)))
+            .collect();
+        let link = |state| LinkInfo {
+            state,
+            since: std::time::Instant::now(),
+            rtt: None,
+            last_error: None,
+            ever_ready: true,
+        };
+        let links: LinkView = [
+            ("b-gateway".to_string(), link(LinkState::Ready)),
+            ("d-cell".to_string(), link(LinkState::Ready)),
+            ("a-cloud".to_string(), link(LinkState::Down)),
+        ]
+        .into();
+        let order: Vec<String> = peer_addresses(&members, "c-me", &links)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(order, ["b-gateway", "d-cell", "a-cloud"]);
+        assert_eq!(peer_addresses(&members, "c-me", &LinkView::new()).len(), 3);
     }
 
     #[test]

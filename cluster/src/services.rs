@@ -383,7 +383,11 @@ impl Control for NodeServices {
         if let Some(store) = &mesh.places.models {
             let ids =
                 MeshSpec::stored_models(&request.spec_toml).map_err(ServiceError::SpecSyntax)?;
-            let peers = crate::rollout::peer_addresses(&members, &self.inner.node.name);
+            let peers = crate::rollout::peer_addresses(
+                &members,
+                &self.inner.node.name,
+                &mesh.links.borrow(),
+            );
             crate::rollout::ensure_local(&ids, store, &peers, &mesh.dialer)
                 .await
                 .map_err(ServiceError::SpecModelsMissing)?;

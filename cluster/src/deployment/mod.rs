@@ -318,7 +318,7 @@ impl Deployment {
         if ids.is_empty() {
             return Ok(());
         }
-        let peers = rollout::peer_addresses(members, &self.node_name);
+        let peers = rollout::peer_addresses(members, &self.node_name, &self.links.borrow());
         rollout::ensure_local(&ids, store, &peers, &self.dialer).await?;
         Ok(())
     }

@@ -42,9 +42,9 @@ pub enum Workload {
         /// (mutual TLS on every link) instead of running plaintext.
         #[arg(long)]
         tls: bool,
-        /// Every node's `[cluster] gossip_interval_ms` (default 200): each node's
-        /// gossip work grows with the mesh, so a large plant on two cores gossips less
-        /// often.
+        /// Every node's `[cluster] gossip_interval_ms` (default: 200 up to 50 nodes,
+        /// 500 above): each node's gossip work grows with the mesh, so a large plant on
+        /// two cores gossips less often.
         #[arg(long)]
         gossip_interval_ms: Option<u64>,
         /// Keep the nodes' folders and the report (`report.json`, `report.html`) here

@@ -6,7 +6,8 @@
 //! `just soak`), and a 2|1 split whose minority refuses to apply a spec. The plant
 //! scenario (22 nodes on three levels, field devices replaying TEP) runs in under two
 //! minutes, and its report opens in headless Chromium, offline, showing the nodes, the
-//! timeline, the windows and the versions served; so does the 100-node segmented plant's.
+//! timeline, the windows and the versions served; so does the 100-node segmented
+//! plant's (`just soak`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -295,8 +296,12 @@ async fn a_plant_on_three_levels_runs_in_two_minutes_and_its_report_opens_offlin
     );
 }
 
+/// In `just soak`, not CI: a hundred node processes take about 20 GiB and both cores
+/// of a two-core machine, and while they start, links can miss their heartbeats on a
+/// machine with anything else to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_node_segmented_plant_runs_and_its_report_opens_offline_in_chromium() {
+#[ignore = "100 node processes, about 20 GiB; `just soak`"]
+async fn soak_a_hundred_node_segmented_plant_runs_and_its_report_opens_offline_in_chromium() {
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     let (report, exited_ok) = simulate("plant-100.toml", dir.path(), &[]);

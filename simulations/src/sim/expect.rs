@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::sim::observer::{EventKind, TraceEvent};
 use crate::sim::scenario::{Expectation, FaultAction, Scenario};
+use crate::sim::sensors::{NodeWindows, SensorSummary};
 
 /// A fault as it was carried out.
 #[derive(Debug, Clone, Serialize)]
@@ -63,8 +64,9 @@ pub struct CheckResult {
     pub expectation: Expectation,
     pub passed: bool,
     /// The measured figure: seconds (declared_down, converged) or a count
-    /// (no_spurious_down; active_versions: the most versions seen at once); `None`
-    /// when what it waits for never happened.
+    /// (no_spurious_down; active_versions: the most versions seen at once;
+    /// no_acked_sample_lost: acknowledged rows its node does not hold); `None` when
+    /// what it waits for never happened.
     pub figure: Option<f64>,
     pub detail: String,
 }
@@ -76,6 +78,10 @@ pub struct Evidence<'a> {
     pub rounds: &'a [RoundRecord],
     /// For each node, whether it ran (answered at least once) after the clock started.
     pub ran: &'a [bool],
+    /// What each field device sent and had acknowledged.
+    pub sensors: &'a [SensorSummary],
+    /// The counters of the nodes that answered at the end.
+    pub windows: &'a [NodeWindows],
 }
 
 pub fn check(evidence: &Evidence<'_>) -> Vec<CheckResult> {
@@ -206,6 +212,45 @@ fn check_one(ev: &Evidence<'_>, expectation: &Expectation) -> CheckResult {
                 None => result(false, None, "the apply did not answer".into()),
             }
         }
+        Expectation::NoAckedSampleLost {} => {
+            let mut lost = 0;
+            let mut checked = 0;
+            let mut problems = Vec::new();
+            for device in ev.sensors {
+                let restarted = ev.faults.iter().any(|f| {
+                    matches!(f.action, FaultAction::Kill | FaultAction::Restart)
+                        && f.nodes.contains(&device.node)
+                });
+                if restarted {
+                    continue;
+                }
+                let Some(node) = ev.windows.iter().find(|w| w.node == device.node) else {
+                    problems.push(format!("{} did not answer at the end", device.node));
+                    continue;
+                };
+                checked += 1;
+                let accepted = node.accepted.get(&device.id).copied().unwrap_or(0);
+                if accepted < device.rows_acked {
+                    lost += device.rows_acked - accepted;
+                    problems.push(format!(
+                        "{} acknowledged {} rows of {} but holds {accepted}",
+                        device.node, device.rows_acked, device.id
+                    ));
+                }
+            }
+            let detail = match problems.first() {
+                None if checked > 0 => {
+                    format!("every acknowledged row was held by its node ({checked} devices)")
+                }
+                None => "no device on a node that was neither killed nor restarted".to_string(),
+                Some(first) => format!("{} problem(s); the first: {first}", problems.len()),
+            };
+            result(
+                problems.is_empty() && checked > 0,
+                Some(lost as f64),
+                detail,
+            )
+        }
         Expectation::ActiveVersions { expert, at_most } => {
             let busiest = ev
                 .rounds
@@ -326,8 +371,68 @@ mod tests {
             faults: &[],
             rounds,
             ran: &[true, true],
+            sensors: &[],
+            windows: &[],
         })
         .remove(0)
+    }
+
+    #[test]
+    fn an_acknowledged_row_its_node_does_not_hold_is_lost() {
+        let scenario = Scenario::parse(
+            "[simulation]\nname = \"s\"\nduration_s = 10\n\n[[nodes]]\nname = \"gw\"\ncount = 2\n\
+             role = \"edge\"\n\n[[sensors]]\nid = \"r\"\nnode = \"gw-1\"\nrecording = \"r.fogrec\"\n\
+             columns = [\"a\"]\n\n[[sensors]]\nid = \"q\"\nnode = \"gw-2\"\n\
+             recording = \"q.fogrec\"\ncolumns = [\"a\"]\n\n[[expect]]\ncheck = \"no_acked_sample_lost\"\n",
+            Path::new("s.toml"),
+        )
+        .expect("a valid scenario");
+        let device = |id: &str, node: &str, rows_acked| SensorSummary {
+            id: id.into(),
+            node: node.into(),
+            rows_sent: rows_acked,
+            rows_acked,
+            resends: 0,
+            last_refusal: None,
+        };
+        let node = |name: &str, sensor: &str, accepted| NodeWindows {
+            node: name.into(),
+            accepted: [(sensor.to_string(), accepted)].into(),
+            ..NodeWindows::default()
+        };
+        let sensors = [device("r", "gw-1", 600), device("q", "gw-2", 300)];
+        let judge = |windows: &[NodeWindows]| {
+            check(&Evidence {
+                scenario: &scenario,
+                trace: &[],
+                faults: &[],
+                rounds: &[],
+                ran: &[true, true],
+                sensors: &sensors,
+                windows,
+            })
+            .remove(0)
+        };
+        let held = judge(&[node("gw-1", "r", 610), node("gw-2", "q", 300)]);
+        assert!(held.passed, "{}", held.detail);
+        assert_eq!(held.figure, Some(0.0));
+        let short = judge(&[node("gw-1", "r", 590), node("gw-2", "q", 300)]);
+        assert!(!short.passed);
+        assert_eq!(short.figure, Some(10.0));
+        assert!(
+            short
+                .detail
+                .contains("gw-1 acknowledged 600 rows of r but holds 590"),
+            "{}",
+            short.detail
+        );
+        let silent = judge(&[node("gw-1", "r", 600)]);
+        assert!(!silent.passed);
+        assert!(
+            silent.detail.contains("gw-2 did not answer"),
+            "{}",
+            silent.detail
+        );
     }
 
     #[test]

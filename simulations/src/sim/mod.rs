@@ -368,13 +368,13 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
     memory.read(&fleet);
     let simulated_s = clock.elapsed().as_secs_f64();
     stop_devices.cancel();
-    let sensors = scenario
+    let sensors: Vec<SensorSummary> = scenario
         .sensors
         .iter()
         .zip(&device_counts)
         .map(|(plan, counts)| SensorSummary::new(plan, counts))
         .collect();
-    let windows = futures::future::join_all(
+    let windows: Vec<NodeWindows> = futures::future::join_all(
         (0..names.len())
             .filter(|&i| fleet.answering(i))
             .map(|i| NodeWindows::read(&names[i], addresses.home(i).to_string(), &dialer)),
@@ -390,6 +390,8 @@ pub async fn run(scenario: &Scenario, options: &SimOptions) -> Result<SimReport,
         faults: &faults,
         rounds: &rounds,
         ran: &ran,
+        sensors: &sensors,
+        windows: &windows,
     };
     let checks = expect::check(&evidence);
     let lives: Vec<NodeLife> = (0..names.len()).map(|i| fleet.life(i)).collect();

@@ -325,6 +325,10 @@ pub enum Expectation {
     /// In no observation after the clock started did the answering nodes' replicas
     /// of `expert` serve more than `at_most` model versions between them.
     ActiveVersions { expert: String, at_most: usize },
+    /// Every `[[sensors]]` device's node, at the end, had accepted every row it
+    /// acknowledged to the device (devices on a node killed or restarted are not
+    /// checked: its counters start afresh with its process).
+    NoAckedSampleLost {},
 }
 
 /// A checked scenario.
@@ -714,7 +718,9 @@ impl Scenario {
                 Expectation::DeclaredDown { fault, .. }
                 | Expectation::Converged { fault, .. }
                 | Expectation::Applied { fault, .. } => Some(*fault),
-                Expectation::NoSpuriousDown { .. } | Expectation::ActiveVersions { .. } => None,
+                Expectation::NoSpuriousDown { .. }
+                | Expectation::ActiveVersions { .. }
+                | Expectation::NoAckedSampleLost {} => None,
             };
             if let Some(fault) = fault {
                 if fault >= file.faults.len() {
@@ -768,6 +774,15 @@ impl Scenario {
                     }
                 }
                 Expectation::Applied { .. } => {}
+                Expectation::NoAckedSampleLost {} => {
+                    if file.sensors.is_empty() {
+                        invalid(
+                            format!("expect[{i}].check"),
+                            "\"no_acked_sample_lost\"".into(),
+                            "a scenario with [[sensors]]".into(),
+                        );
+                    }
+                }
                 Expectation::ActiveVersions { expert, at_most } => {
                     if expert.trim().is_empty() {
                         invalid(
@@ -972,9 +987,15 @@ pub struct PlantLayout {
     pub segmented: bool,
     /// Nodes prove who they are with certificates of a mesh CA made for the run.
     pub tls: bool,
-    /// Every node's `[cluster] gossip_interval_ms`; `None`: the default.
+    /// Every node's `[cluster] gossip_interval_ms`; `None`: the default up to
+    /// [`LARGE_PLANT`] nodes, [`LARGE_PLANT_GOSSIP_MS`] above.
     pub gossip_interval_ms: Option<u64>,
 }
+
+/// Above this many nodes a generated plant gossips every [`LARGE_PLANT_GOSSIP_MS`]:
+/// at the default 200 ms, two cores cannot carry a hundred nodes' gossip.
+pub const LARGE_PLANT: usize = 50;
+pub const LARGE_PLANT_GOSSIP_MS: u64 = 500;
 
 /// A plant of `nodes` nodes on three levels, for `fogmesh bench sim`: a cloud zone, one
 /// site per 24 nodes with two servers each, and cells of at most
@@ -986,7 +1007,11 @@ pub fn generated_plant(nodes: usize, duration_s: f64, seed: u64, layout: PlantLa
         tls,
         gossip_interval_ms,
     } = layout;
-    let gossip_interval_ms = gossip_interval_ms.unwrap_or_else(default_gossip_interval_ms);
+    let gossip_interval_ms = gossip_interval_ms.unwrap_or(if nodes > LARGE_PLANT {
+        LARGE_PLANT_GOSSIP_MS
+    } else {
+        default_gossip_interval_ms()
+    });
     let nodes = nodes.max(1);
     let cloud = (nodes / 50).max(1).min(nodes);
     let rest = nodes - cloud;
@@ -1180,6 +1205,28 @@ to = ["cloud"]
                 other => panic!("{expectation}: {other:?}"),
             }
         }
+        match parse(&format!(
+            "{PLANT}\n[[expect]]\ncheck = \"no_acked_sample_lost\"\n"
+        )) {
+            Err(ScenarioError::Invalid { field, reason, .. }) => {
+                assert_eq!(field, "expect[0].check");
+                assert!(reason.contains("[[sensors]]"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        for (from, to, field) in [
+            ("node = \"gw-1\"", "node = \"gw-9\"", "sensors[0].node"),
+            ("speed = 60", "speed = 0", "sensors[0].speed"),
+            ("batch_rows = 5", "batch_rows = 0", "sensors[0].batch_rows"),
+            ("columns = [\"a\"]", "columns = []", "sensors[0].columns"),
+        ] {
+            let device = "\n[[sensors]]\nid = \"r\"\nnode = \"gw-1\"\nrecording = \"r.fogrec\"\n\
+                          columns = [\"a\"]\nspeed = 60\nbatch_rows = 5\n";
+            match parse(&format!("{PLANT}{}", device.replacen(from, to, 1))) {
+                Err(ScenarioError::Invalid { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
         let slow_gossip = PLANT.replacen(
             "duration_s = 30",
             "duration_s = 30\ngossip_interval_ms = 20",
@@ -1245,11 +1292,16 @@ to = ["cloud"]
             "{}",
             links(at("gw-1-1-1"))
         );
-        assert!(
-            !parse(&generated_plant(100, 10.0, 1, PlantLayout::default()))
-                .unwrap()
-                .segmented
-        );
+        let flat = parse(&generated_plant(100, 10.0, 1, PlantLayout::default())).unwrap();
+        assert!(!flat.segmented);
+        assert_eq!(flat.gossip_interval_ms, LARGE_PLANT_GOSSIP_MS);
+        let small = parse(&generated_plant(
+            LARGE_PLANT,
+            10.0,
+            1,
+            PlantLayout::default(),
+        ));
+        assert_eq!(small.unwrap().gossip_interval_ms, 200);
     }
 
     #[test]

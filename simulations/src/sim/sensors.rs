@@ -11,9 +11,12 @@
 //! producer does.
 //!
 //! At the end the simulator reads every running node's counters (`Telemetry.Metrics`)
-//! for the windows its streams cut, its routers scored, failed or dropped, and those
-//! still waiting in its outbox ([`NodeWindows`]).
+//! for the samples its streams accepted, the windows they cut, its routers scored,
+//! failed or dropped, and those still waiting in its outbox ([`NodeWindows`]); the
+//! `no_acked_sample_lost` check compares each device's acknowledged rows with what
+//! its node accepted.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -246,12 +249,15 @@ pub struct NodeWindows {
     pub dropped: u64,
     /// Still waiting in its outbox for a verdict.
     pub waiting: u64,
+    /// Samples its streams accepted, by sensor id.
+    pub accepted: BTreeMap<String, u64>,
 }
 
 impl NodeWindows {
     /// Whether the node cut, scored and holds no window.
     pub fn is_idle(&self) -> bool {
         self.cut + self.scored + self.failed + self.dropped + self.waiting == 0
+            && self.accepted.is_empty()
     }
 
     /// The figures of `node` from its Prometheus text.
@@ -266,8 +272,28 @@ impl NodeWindows {
                 })
                 .sum::<f64>() as u64
         };
+        let mut accepted = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Some((name, labels)) = series.split_once('{') else {
+                continue;
+            };
+            if name != fogmesh_actors::telemetry::SAMPLES_ACCEPTED {
+                continue;
+            }
+            let sensor = labels
+                .split_once("sensor=\"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(sensor, _)| sensor);
+            if let (Some(sensor), Ok(value)) = (sensor, value.parse::<f64>()) {
+                *accepted.entry(sensor.to_string()).or_default() += value as u64;
+            }
+        }
         NodeWindows {
             node: node.to_string(),
+            accepted,
             cut: sum(fogmesh_actors::telemetry::WINDOWS_CUT),
             scored: sum(fogmesh_actors::telemetry::WINDOWS_ROUTED),
             failed: sum(fogmesh_actors::telemetry::ROUTING_FAILURES),
@@ -304,7 +330,9 @@ mod tests {
                     fogmesh_windows_total_other 99\n\
                     fogmesh_router_windows_total{router=\"r\"} 12\n\
                     fogmesh_router_failures_total{router=\"r\",reason=\"unavailable\"} 2\n\
-                    fogmesh_edge_log_parked_windows 3\n";
+                    fogmesh_edge_log_parked_windows 3\n\
+                    fogmesh_samples_accepted_total{sensor=\"a\"} 170\n\
+                    fogmesh_samples_accepted_total{sensor=\"b\",x=\"y\"} 90\n";
         assert_eq!(
             NodeWindows::from_metrics("gw", text),
             NodeWindows {
@@ -314,7 +342,9 @@ mod tests {
                 failed: 2,
                 dropped: 0,
                 waiting: 3,
+                accepted: [("a".to_string(), 170), ("b".to_string(), 90)].into(),
             }
         );
+        assert!(NodeWindows::from_metrics("idle", "# nothing\n").is_idle());
     }
 }
