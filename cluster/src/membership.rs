@@ -3,8 +3,9 @@
 //! detector that Quickwit runs in production).
 //!
 //! Each node publishes a few keys about itself: [`CARD_KEY`] (role, gRPC address,
-//! cores, memory, GPUs, up since; set once), [`LOAD_KEY`] (refreshed every
-//! [`LOAD_INTERVAL`]), and the deployment's [`SPEC_KEY`] and [`PLACEMENT_KEY`] (see
+//! cores, memory, GPUs, up since; set once), [`LOAD_KEY`] (read every
+//! [`LOAD_INTERVAL`], republished when it moved by a step), and the deployment's
+//! [`SPEC_KEY`] and [`PLACEMENT_KEY`] (see
 //! `crate::deployment`). Every node learns every other node's keys from any node it
 //! gossips with, so seeds are only needed to join.
 //!
@@ -59,7 +60,7 @@ pub const LINKS_KEY: &str = "links";
 /// How often a node gossips with a few others unless `[cluster] gossip_interval_ms`
 /// says otherwise.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_millis(200);
-/// How often a node republishes its load.
+/// How often a node reads its load (and republishes it if it moved by a step).
 pub const LOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What a node says about itself when it joins.
