@@ -583,24 +583,11 @@ mod tests {
 
     #[test]
     fn versions_are_asked_of_linked_peers_first() {
-        use crate::capabilities::Capabilities;
-        use crate::membership::{LoadCard, MemberCard};
+        use crate::deployment::view::tests::member;
         use crate::peer_links::LinkInfo;
-        let member = |name: &str| Member {
-            name: name.into(),
-            card: MemberCard::new("edge", format!("{name}:7700"), &Capabilities::probe(), 0),
-            load: LoadCard::default(),
-            spec: None,
-            placement: None,
-            serving: Vec::new(),
-            versions: BTreeMap::new(),
-            drifts: BTreeMap::new(),
-            links: Default::default(),
-            privacy: BTreeMap::new(),
-        };
         let members: BTreeMap<String, Member> = ["a-cloud", "b-gateway", "c-me", "d-cell"]
             .into_iter()
-            .map(|n| (n.to_string(), member(n)))
+            .map(|n| member(n, &[]))
             .collect();
         let link = |state| LinkInfo {
             state,

@@ -178,7 +178,7 @@ impl Device {
                 .fetch_add(self.plan.batch_rows as u64, Ordering::Relaxed);
             loop {
                 let pushed = async {
-                    let ingest = match client.take() {
+                    let mut ingest = match client.take() {
                         Some(c) => c,
                         None => IngestClient::new(
                             dialer
@@ -188,8 +188,7 @@ impl Device {
                                 .channel,
                         ),
                     };
-                    let mut call = ingest.clone();
-                    let ack = call
+                    let ack = ingest
                         .push(batch.clone())
                         .await
                         .map_err(|s| format!("{}: {}", s.code(), s.message()))?;
