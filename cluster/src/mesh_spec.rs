@@ -220,6 +220,29 @@ impl MeshSpec {
                         format!("expert `{}`: {}", config.name, e.reason),
                     )
                 })?;
+                let patterns = federation
+                    .zones
+                    .iter()
+                    .enumerate()
+                    .map(|(z, zone)| (format!("zones[{z}]"), zone))
+                    .chain(
+                        federation
+                            .groups
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(g, group)| {
+                                Some((format!("groups[{g}].zone"), group.zone.as_ref()?))
+                            }),
+                    );
+                for (field, zone) in patterns {
+                    ZonePattern::parse(zone).map_err(|e| {
+                        invalid(
+                            format!("experts[{i}].federation.{field}"),
+                            format!("{zone:?}"),
+                            e.to_string(),
+                        )
+                    })?;
+                }
             }
             experts.push(MeshExpert {
                 config,
@@ -667,6 +690,23 @@ router = "r1"
         let error = parse(text).unwrap_err();
         assert!(error.contains("experts[0].federation.on_drift"), "{error}");
         assert!(error.contains("[experts.learning]"), "{error}");
+    }
+
+    #[test]
+    fn federation_zones_are_checked_as_zone_patterns() {
+        for (table, field) in [
+            ("zones = [\"site-1/*\", \"site 2\"]", "federation.zones[1]"),
+            (
+                "[[experts.federation.groups]]\naggregator = \"fog-a\"\nzone = \"a//b\"",
+                "federation.groups[0].zone",
+            ),
+        ] {
+            let text = format!(
+                "[[experts]]\nname = \"ae\"\nmodel = \"ae@1\"\n\n[experts.federation]\n{table}\n"
+            );
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains(field), "{error}");
+        }
     }
 
     #[test]

@@ -17,11 +17,14 @@ use super::site_trainer::RoundWork;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FederationSpec {
-    /// Nodes of these roles are sites; with `nodes` empty too, the sites are the nodes
-    /// whose sensors are routed to the expert (they hold its windows).
+    /// Nodes of these roles are sites; with `nodes` and `zones` empty too, the sites
+    /// are the nodes whose sensors are routed to the expert (they hold its windows).
     pub roles: Vec<String>,
     /// These nodes are sites (besides any of `roles`).
     pub nodes: Vec<String>,
+    /// Nodes whose `[node] zone` one of these patterns matches are sites too
+    /// (`site-1/*`: every zone inside `site-1`).
+    pub zones: Vec<String>,
     /// The coordinator runs on the first live node of this role by name, or on the
     /// first live node by name when none has it.
     pub coordinator_role: String,
@@ -88,7 +91,13 @@ impl DistillationSpec {
 pub struct FederationGroup {
     /// The node that aggregates the group.
     pub aggregator: String,
+    /// Sites by name; each is a site of the federation.
+    #[serde(default)]
     pub sites: Vec<String>,
+    /// Also the federation's other sites in a zone this pattern matches (a site that
+    /// two groups' zones match is the first group's; one a group names, that group's).
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 impl Default for FederationSpec {
@@ -96,6 +105,7 @@ impl Default for FederationSpec {
         FederationSpec {
             roles: Vec::new(),
             nodes: Vec::new(),
+            zones: Vec::new(),
             coordinator_role: "cloud".into(),
             every_s: None,
             on_drift: false,
@@ -191,6 +201,7 @@ impl FederationSpec {
             }
         }
         let mut grouped = std::collections::BTreeSet::new();
+        let mut aggregators = std::collections::BTreeSet::new();
         for (i, group) in self.groups.iter().enumerate() {
             if group.aggregator.is_empty() {
                 return Err(invalid(
@@ -199,11 +210,18 @@ impl FederationSpec {
                     "must name the node that aggregates the group".into(),
                 ));
             }
-            if group.sites.is_empty() {
+            if !aggregators.insert(group.aggregator.as_str()) {
+                return Err(invalid(
+                    &format!("groups[{i}].aggregator"),
+                    format!("{:?}", group.aggregator),
+                    "a node aggregates one group at most".into(),
+                ));
+            }
+            if group.sites.is_empty() && group.zone.is_none() {
                 return Err(invalid(
                     &format!("groups[{i}].sites"),
                     "[]".into(),
-                    "a group needs at least one site".into(),
+                    "a group needs at least one site or a zone".into(),
                 ));
             }
             for site in &group.sites {
@@ -394,6 +412,14 @@ mod tests {
             (
                 "[[groups]]\naggregator = \"fog-a\"\nsites = [\"e1\"]\n[[groups]]\naggregator = \"fog-b\"\nsites = [\"e1\"]",
                 ["groups[1].sites", "e1", "one group at most"],
+            ),
+            (
+                "[[groups]]\naggregator = \"fog-a\"\nsites = [\"e1\"]\n[[groups]]\naggregator = \"fog-a\"\nzone = \"site-2\"",
+                ["groups[1].aggregator", "fog-a", "one group at most"],
+            ),
+            (
+                "[[groups]]\naggregator = \"fog-a\"",
+                ["groups[0].sites", "[]", "at least one site or a zone"],
             ),
             (
                 "buffered = { buffer = 0, updates = 4 }",

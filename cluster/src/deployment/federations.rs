@@ -9,9 +9,11 @@
 //! federation's `coordinator_role`, or on the first usable node when none has that
 //! role, so it moves when its node dies (a round in flight there is lost before it
 //! stored anything, and `Federate` passes it on to the new coordinator). The sites are
-//! the nodes the spec names by role or name, or, with neither, the nodes whose sensors
-//! are routed to the expert, and every site of a group. The coordinator asks the sites
-//! in no group and each group's aggregator, which asks its group's sites: two levels.
+//! the nodes the spec names by role, name or zone pattern, or, with none of these, the
+//! nodes whose sensors are routed to the expert, and every site a group names. A group
+//! takes the sites it names and the federation's other sites in its zone. The
+//! coordinator asks the sites in no group and the aggregator of each group with a
+//! site, which asks its group's sites: two levels.
 //!
 //! Privacy spent outlives the coordinator that spent it: each node gossips the most it
 //! has heard each federation's private rounds spent (`PRIVACY_KEY`), from its own
@@ -48,6 +50,7 @@ use crate::membership::{Member, DRIFTS_KEY, PRIVACY_KEY};
 use crate::mesh_spec::MeshSpec;
 use crate::placement::Candidate;
 use crate::rollout;
+use crate::zone::ZonePattern;
 
 /// How long the loop waits for a coordinator's status before taking it as busy.
 const IDLE_PROBE: Duration = Duration::from_millis(100);
@@ -157,13 +160,14 @@ fn sites_of(
     members: &BTreeMap<String, Member>,
     me: &str,
     my_role: &str,
+    zones: &BTreeMap<String, String>,
 ) -> BTreeSet<String> {
     let mut sites: BTreeSet<String> = federation
         .groups
         .iter()
         .flat_map(|g| g.sites.iter().cloned())
         .collect();
-    if federation.roles.is_empty() && federation.nodes.is_empty() {
+    if federation.roles.is_empty() && federation.nodes.is_empty() && federation.zones.is_empty() {
         sites.extend(spec.sensor_nodes(expert));
         return sites;
     }
@@ -177,7 +181,52 @@ fn sites_of(
     if federation.roles.iter().any(|r| r == my_role) {
         sites.insert(me.to_string());
     }
+    let patterns: Vec<ZonePattern> = federation
+        .zones
+        .iter()
+        .filter_map(|z| ZonePattern::parse(z).ok())
+        .collect();
+    sites.extend(
+        zones
+            .iter()
+            .filter(|(_, zone)| patterns.iter().any(|p| p.matches(zone)))
+            .map(|(node, _)| node.clone()),
+    );
     sites
+}
+
+/// Each group's sites: those it names, then the federation's other `sites` whose zone
+/// (by node name in `zones`) its pattern matches. A site a group names stays in that
+/// group; one two groups' zones match goes to the first.
+fn group_sites(
+    federation: &FederationSpec,
+    sites: &BTreeSet<String>,
+    zones: &BTreeMap<String, String>,
+) -> Vec<BTreeSet<String>> {
+    let named: BTreeSet<&String> = federation.groups.iter().flat_map(|g| &g.sites).collect();
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    federation
+        .groups
+        .iter()
+        .map(|group| {
+            let mut members: BTreeSet<String> = group.sites.iter().cloned().collect();
+            if let Some(pattern) = group
+                .zone
+                .as_deref()
+                .and_then(|z| ZonePattern::parse(z).ok())
+            {
+                members.extend(
+                    sites
+                        .iter()
+                        .filter(|s| !named.contains(s) && !taken.contains(*s))
+                        .filter(|s| zones.get(*s).is_some_and(|z| pattern.matches(z)))
+                        .cloned(),
+                );
+            }
+            taken.extend(members.iter().cloned());
+            members
+        })
+        .collect()
 }
 
 /// The node that coordinates a federation among the usable ones.
@@ -222,9 +271,14 @@ fn spent_by_lineage(version: &Manifest) -> PrivacySpent {
         .unwrap_or_default()
 }
 
-/// What the top coordinator asks: the sites in no group, and each group's aggregator.
-fn top_sites(federation: &FederationSpec, sites: &BTreeSet<String>) -> BTreeSet<SiteRef> {
-    let grouped: BTreeSet<&String> = federation.groups.iter().flat_map(|g| &g.sites).collect();
+/// What the top coordinator asks: the sites in no group, and the aggregator of each
+/// group with a site (`groups`, from [`group_sites`]).
+fn top_sites(
+    federation: &FederationSpec,
+    sites: &BTreeSet<String>,
+    groups: &[BTreeSet<String>],
+) -> BTreeSet<SiteRef> {
+    let grouped: BTreeSet<&String> = groups.iter().flatten().collect();
     sites
         .iter()
         .filter(|s| !grouped.contains(s))
@@ -233,7 +287,9 @@ fn top_sites(federation: &FederationSpec, sites: &BTreeSet<String>) -> BTreeSet<
             federation
                 .groups
                 .iter()
-                .map(|g| (g.aggregator.clone(), true)),
+                .zip(groups)
+                .filter(|(_, members)| !members.is_empty())
+                .map(|(g, _)| (g.aggregator.clone(), true)),
         )
         .collect()
 }
@@ -266,6 +322,12 @@ impl Deployment {
             .iter()
             .find(|c| c.name == self.node_name)
             .map_or("", |c| c.role.as_str());
+        let zones: BTreeMap<String, String> = members
+            .values()
+            .map(|m| (m.name.clone(), m.card.zone.clone()))
+            .chain(nodes.iter().map(|c| (c.name.clone(), c.zone.clone())))
+            .filter(|(_, zone)| !zone.is_empty())
+            .collect();
         let mut placed = BTreeMap::new();
         let mut sites_wanted = BTreeMap::new();
         let mut tops = BTreeMap::new();
@@ -278,16 +340,20 @@ impl Deployment {
                 members,
                 &self.node_name,
                 my_role,
+                &zones,
             );
+            let grouped = group_sites(federation, &sites, &zones);
             if sites.contains(&self.node_name) {
                 sites_wanted.insert(expert.name.clone(), (expert, federation));
             }
-            if let Some(group) = federation
+            if let Some(members) = federation
                 .groups
                 .iter()
-                .find(|g| g.aggregator == self.node_name)
+                .zip(&grouped)
+                .find(|(g, members)| g.aggregator == self.node_name && !members.is_empty())
+                .map(|(_, members)| members)
             {
-                let sites = group.sites.iter().map(|s| (s.clone(), false)).collect();
+                let sites = members.iter().map(|s| (s.clone(), false)).collect();
                 groups.insert(
                     expert.name.clone(),
                     Wanted {
@@ -299,7 +365,7 @@ impl Deployment {
             }
             if let Some(coordinator) = coordinator_of(federation, nodes) {
                 if coordinator == self.node_name {
-                    let sites = top_sites(federation, &sites);
+                    let sites = top_sites(federation, &sites, &grouped);
                     tops.insert(
                         expert.name.clone(),
                         Wanted {
@@ -827,6 +893,60 @@ mod tests {
         assert!(!drifted(&mut seen, 1), "a learner restarted: no drift");
         assert!(drifted(&mut seen, 2));
         assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn zones_name_sites_and_fog_groups_by_place() {
+        let federation: FederationSpec = toml::from_str(
+            "zones = [\"site-1/*\", \"site-2/area-1\"]\n\n[[groups]]\naggregator = \"server-1\"\nsites = [\"gw-3\"]\n\n[[groups]]\naggregator = \"server-3\"\nzone = \"site-1/area-1\"\n\n[[groups]]\naggregator = \"server-2\"\nzone = \"site-1\"\n\n[[groups]]\naggregator = \"server-9\"\nzone = \"site-9\"\n",
+        )
+        .unwrap();
+        federation.validate().unwrap();
+        let spec = MeshSpec::parse("", std::path::Path::new("mesh.toml")).unwrap();
+        let zones: BTreeMap<String, String> = [
+            ("gw-1", "site-1/area-1/cell-1"),
+            ("gw-2", "site-1/area-2"),
+            ("gw-3", "site-1/area-1"),
+            ("gw-4", "site-2/area-1"),
+            ("gw-5", "site-2/area-2"),
+            ("server-1", "site-1"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (n.to_string(), z.to_string()))
+        .collect();
+        let members: BTreeMap<String, Member> = zones
+            .keys()
+            .filter(|n| *n != "gw-1")
+            .map(|n| crate::deployment::view::tests::member(n, &[]))
+            .collect();
+        // This node (gw-1) is no member of its own view; its zone still counts.
+        let sites = sites_of(&spec, "ae", &federation, &members, "gw-1", "edge", &zones);
+        let names =
+            |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| s.to_string()).collect() };
+        // `site-1/*` is inside site-1 (not server-1 at site-1 itself); gw-5 in no pattern.
+        assert_eq!(sites, names(&["gw-1", "gw-2", "gw-3", "gw-4"]));
+        let groups = group_sites(&federation, &sites, &zones);
+        assert_eq!(
+            groups,
+            vec![
+                names(&["gw-3"]),
+                names(&["gw-1"]),
+                names(&["gw-2"]),
+                names(&[]),
+            ],
+            "named first, then the first zone that matches; an empty zone, no sites"
+        );
+        assert_eq!(
+            top_sites(&federation, &sites, &groups),
+            [
+                ("gw-4".to_string(), false),
+                ("server-1".to_string(), true),
+                ("server-2".to_string(), true),
+                ("server-3".to_string(), true),
+            ]
+            .into(),
+            "the ungrouped site and the aggregators of groups with sites"
+        );
     }
 
     #[test]

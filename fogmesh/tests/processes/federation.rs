@@ -380,15 +380,34 @@ async fn a_fog_aggregator_merges_its_edges_under_the_cloud_and_a_buffered_run_st
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
     store_base(dir.path());
+    let in_zone = |settings, zone| NodeSettings {
+        zone: Some(zone),
+        ..settings
+    };
     let cloud = MeshNode::start(dir.path(), node("cloud-1", "cloud", "127.0.0.71", &[]));
-    let fog = MeshNode::start(dir.path(), node("fog-a", "fog", "127.0.0.72", &[&cloud]));
-    let edge1 = MeshNode::start(dir.path(), node("edge-1", "edge", "127.0.0.73", &[&cloud]));
-    let edge2 = MeshNode::start(dir.path(), node("edge-2", "edge", "127.0.0.74", &[&cloud]));
+    let fog = MeshNode::start(
+        dir.path(),
+        in_zone(node("fog-a", "fog", "127.0.0.72", &[&cloud]), "site-1"),
+    );
+    let edge1 = MeshNode::start(
+        dir.path(),
+        in_zone(
+            node("edge-1", "edge", "127.0.0.73", &[&cloud]),
+            "site-1/cell-1",
+        ),
+    );
+    let edge2 = MeshNode::start(
+        dir.path(),
+        in_zone(
+            node("edge-2", "edge", "127.0.0.74", &[&cloud]),
+            "site-1/cell-2",
+        ),
+    );
     for n in [&cloud, &fog, &edge1, &edge2] {
         full_membership(n, 4, LONG).await;
     }
-    let groups =
-        "[[experts.federation.groups]]\naggregator = \"fog-a\"\nsites = [\"edge-1\", \"edge-2\"]";
+    // The group by place: the sites (the edges, whose sensors feed `ae`) inside site-1.
+    let groups = "[[experts.federation.groups]]\naggregator = \"fog-a\"\nzone = \"site-1/*\"";
     apply(&cloud, spec("ae@1", groups, 60)).await;
     all_serve(&edge1, "ae@1").await;
     let rows = WINDOW as u64 * 200;
