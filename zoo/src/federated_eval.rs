@@ -67,6 +67,12 @@ pub struct FederatedEvalOptions {
     pub trim: f64,
     pub policies: Vec<Policy>,
     pub seed: u64,
+    /// Runs of each policy on the same split, run `r` with the local work's and the
+    /// aggregator's seeds plus `r`: the spread training randomness alone gives.
+    pub repeats: usize,
+    /// libtorch intra-op threads; with more than one a run's sums may add up in
+    /// another order, and top-k's choices make such differences grow.
+    pub threads: usize,
 }
 
 impl Default for FederatedEvalOptions {
@@ -98,6 +104,8 @@ impl Default for FederatedEvalOptions {
             trim: 0.2,
             policies: Policy::ALL.to_vec(),
             seed: 17,
+            repeats: 1,
+            threads: 1,
         }
     }
 }
@@ -198,12 +206,15 @@ impl From<LocalTrainingError> for FederatedEvalError {
     }
 }
 
-/// One policy on one split.
+/// One policy on one split. With repeats, `accuracy` is their mean and every other
+/// figure the first run's.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyResult {
     pub policy: &'static str,
-    /// Share of the pooled test windows classified right.
+    /// Share of the pooled test windows classified right (the mean over repeats).
     pub accuracy: f64,
+    /// Each repeat's accuracy, in the order of their seeds.
+    pub accuracy_runs: Vec<f64>,
     /// Per site, on the test windows of the classes that site trains on (`null` for a
     /// site the split left without windows).
     pub per_site: Vec<Option<f64>>,
@@ -663,6 +674,7 @@ fn run_policy(
     let mut result = PolicyResult {
         policy: policy.name(),
         accuracy: 0.0,
+        accuracy_runs: Vec::new(),
         per_site: Vec::new(),
         rounds,
         rounds_to_converge: None,
@@ -761,6 +773,8 @@ pub fn evaluate(
         ("sites", options.sites),
         ("rounds", options.rounds),
         ("stride", options.stride),
+        ("repeats", options.repeats),
+        ("threads", options.threads),
     ] {
         if value == 0 {
             return Err(FederatedEvalError::Option {
@@ -782,6 +796,7 @@ pub fn evaluate(
         });
     }
     options.work.validate()?;
+    tch::set_num_threads(options.threads as i32);
     let started = Instant::now();
     let bench = Bench::read(options)?;
     let labels: Vec<i64> = bench.train.iter().filter_map(|i| i.label).collect();
@@ -813,9 +828,33 @@ pub fn evaluate(
             policies: Vec::new(),
         };
         for policy in &options.policies {
-            let outcome = run_policy(&bench, options, *policy, &sites, &trained)?;
-            progress(&result, &outcome);
-            result.policies.push(outcome);
+            let mut outcome: Option<PolicyResult> = None;
+            for repeat in 0..options.repeats {
+                let options = FederatedEvalOptions {
+                    work: LocalWork {
+                        seed: options.work.seed + repeat as i64,
+                        ..options.work.clone()
+                    },
+                    seed: options.seed + repeat as u64,
+                    ..options.clone()
+                };
+                let run = run_policy(&bench, &options, *policy, &sites, &trained)?;
+                match &mut outcome {
+                    None => {
+                        outcome = Some(PolicyResult {
+                            accuracy_runs: vec![run.accuracy],
+                            ..run
+                        })
+                    }
+                    Some(first) => first.accuracy_runs.push(run.accuracy),
+                }
+            }
+            if let Some(mut outcome) = outcome {
+                outcome.accuracy =
+                    outcome.accuracy_runs.iter().sum::<f64>() / outcome.accuracy_runs.len() as f64;
+                progress(&result, &outcome);
+                result.policies.push(outcome);
+            }
         }
         splits.push(result);
     }

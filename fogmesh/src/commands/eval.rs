@@ -60,6 +60,13 @@ pub enum Dataset {
         policies: Vec<Policy>,
         #[arg(long, default_value_t = 17)]
         seed: u64,
+        /// Runs of each policy on the same split, each with the next seeds for local
+        /// work and aggregation; the table shows their mean.
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
+        /// libtorch intra-op threads (1 gives the same figures run after run).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Continual learning on a real TEP regime change: never update, naive fine-tuning
     /// and replay + EWC through the validation gate, scored on held-out rows of both
@@ -174,6 +181,8 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
             local_epochs,
             policies,
             seed,
+            repeats,
+            threads,
         } => {
             let defaults = federated_eval::FederatedEvalOptions::default();
             let options = federated_eval::FederatedEvalOptions {
@@ -197,12 +206,14 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
                     policies
                 },
                 seed,
+                repeats,
+                threads,
                 ..defaults
             };
             let report = blocking("evaluating federated training on TEP", move || {
                 federated_eval::evaluate(&options, &mut |split, policy| {
                     eprintln!(
-                        "{:<9} {:>5} {:<22} accuracy {:>5.1}  rounds to converge {:>3}  bytes up {:>11}{}",
+                        "{:<9} {:>5} {:<22} accuracy {:>5.1}  rounds to converge {:>3}  bytes up {:>11}{}{}",
                         split.split,
                         split.alpha.map_or("-".into(), |a| a.to_string()),
                         policy.policy,
@@ -214,6 +225,16 @@ pub async fn run(dataset: Dataset) -> anyhow::Result<()> {
                         policy
                             .epsilon
                             .map_or(String::new(), |e| format!("  epsilon {e:.1}")),
+                        if policy.accuracy_runs.len() > 1 {
+                            let runs: Vec<String> = policy
+                                .accuracy_runs
+                                .iter()
+                                .map(|a| format!("{:.1}", 100.0 * a))
+                                .collect();
+                            format!("  runs {}", runs.join(" "))
+                        } else {
+                            String::new()
+                        },
                     );
                 })
             })
