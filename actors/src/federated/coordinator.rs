@@ -25,7 +25,9 @@
 //! - [`FederatedCoordinatorMsg::Aggregate`]: the same synchronous round asked by a
 //!   coordinator one level up (a fog aggregator for its zone): the global weights and
 //!   work come from the parent, the combined update goes back to it as one site's
-//!   report weighted by all of its sites' windows, and nothing is stored here.
+//!   report weighted by all of its sites' windows, and nothing is stored here. In a
+//!   distillation round the sites' outputs are combined by windows instead and go up
+//!   the same way; the aggregator trains no network of its own.
 //! - [`FederatedCoordinatorMsg::Evaluate`]: a coordinator one level up asks for the
 //!   zone's held-out losses (federated evaluation), pooled over its sites.
 //! - [`FederatedCoordinatorMsg::Status`] and [`FederatedCoordinatorMsg::Global`] (the
@@ -221,7 +223,11 @@ impl FederatedCoordinator {
         state.global = Weights::from_safetensors(&global, &site)
             .map_err(|e| failed(state.error_weights()(e)))?;
         state.global_bytes = global;
-        let outcome = state.synchronous(work).await;
+        let outcome = if work.distill.is_some() {
+            state.relayed_distillation(work).await
+        } else {
+            state.synchronous(work).await
+        };
         record(
             &state.federation,
             outcome.as_ref().ok().map(|(report, _)| report),
@@ -231,7 +237,8 @@ impl FederatedCoordinator {
         Ok(SiteReport {
             site,
             round,
-            // The zone's combined update goes up as it is: its sites compressed theirs.
+            // The zone's combined update (or outputs) goes up as it is: its sites
+            // compressed theirs.
             update: Compressor::new(Compression::None).compress(&delta),
             samples: report.samples,
             loss: report.loss,

@@ -356,6 +356,77 @@ impl FederatedCoordinatorState {
         Ok(reports)
     }
 
+    /// The federation's network, as its base version's manifest names it.
+    fn distilled_architecture(&self, round: u64) -> Result<Architecture, FederationError> {
+        Architecture::from_manifest(&self.manifest).map_err(|e| FederationError::Distill {
+            federation: self.federation.clone(),
+            round,
+            source: Box::new(e.into()),
+        })
+    }
+
+    /// The sites' outputs combined by windows: with privacy each site's clipped,
+    /// weighed equally and noised as an update is, the noised mean then put back among
+    /// the network's outputs.
+    fn agree(
+        &mut self,
+        round: u64,
+        reports: &[SiteReport],
+        architecture: &Architecture,
+        report: &mut FederatedRound,
+    ) -> Result<Vec<f32>, FederationError> {
+        let combine_failed = |source| FederationError::Combine {
+            federation: self.federation.clone(),
+            round,
+            source,
+        };
+        if self.plan.privacy.is_some() {
+            let contributions: Vec<Contribution> = reports
+                .iter()
+                .map(|r| Contribution {
+                    update: r.update.clone(),
+                    samples: r.samples,
+                    staleness: 0,
+                })
+                .collect();
+            let mut noised = self
+                .aggregator
+                .combine(&contributions)
+                .map_err(combine_failed)?
+                .delta;
+            report.epsilon = self.aggregator.epsilon();
+            onto_outputs(architecture, &mut noised);
+            return Ok(noised);
+        }
+        let outputs = reports
+            .iter()
+            .map(|r| decode(&r.update).map(|values| (values, r.samples)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(combine_failed)?;
+        let views: Vec<(&[f32], u64)> = outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
+        consensus(&views).map_err(combine_failed)
+    }
+
+    /// A fog aggregator's part of a distillation round (`work` from the parent): its
+    /// sites' outputs combined by windows, passed up as one site's weighted by all of
+    /// their windows. The parent's consensus of that and its other sites is the one
+    /// it would have reached asking every site itself.
+    pub(super) async fn relayed_distillation(
+        &mut self,
+        work: Arc<RoundWork>,
+    ) -> Result<(FederatedRound, Vec<f32>), FederationError> {
+        let started = Instant::now();
+        self.rounds += 1;
+        let round = self.rounds;
+        let answers = self.gather(round, &work).await;
+        let mut report = self.new_report("distillation");
+        let reports = self.tally(round, answers, &mut report)?;
+        let architecture = self.distilled_architecture(round)?;
+        let agreed = self.agree(round, &reports, &architecture, &mut report)?;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok((report, agreed))
+    }
+
     /// One distillation round: the sites' outputs on the shared windows, their
     /// consensus by windows, and the federation's network trained to match it.
     pub(super) async fn distilled(
@@ -382,49 +453,15 @@ impl FederatedCoordinatorState {
         };
         let down = self.global_bytes.len() + 4 * (self.consensus.len() + shared);
         report.bytes_down = (down * self.sites.len()) as u64;
-        let combine_failed = |source| FederationError::Combine {
-            federation: self.federation.clone(),
-            round,
-            source,
-        };
         let reports = self.tally(round, answers, &mut report)?;
+        let architecture = self.distilled_architecture(round)?;
+        let agreed = Arc::new(self.agree(round, &reports, &architecture, &mut report)?);
+        let federation = self.federation.clone();
         let distill_failed = |source: LocalTrainingError| FederationError::Distill {
-            federation: self.federation.clone(),
+            federation,
             round,
             source: Box::new(source),
         };
-        let architecture =
-            Architecture::from_manifest(&self.manifest).map_err(|e| distill_failed(e.into()))?;
-        let agreed = if self.plan.privacy.is_some() {
-            // Each site's outputs clipped, weighed equally and noised as an update is;
-            // the noised mean then put back among the network's outputs.
-            let contributions: Vec<Contribution> = reports
-                .iter()
-                .map(|r| Contribution {
-                    update: r.update.clone(),
-                    samples: r.samples,
-                    staleness: 0,
-                })
-                .collect();
-            let mut noised = self
-                .aggregator
-                .combine(&contributions)
-                .map_err(combine_failed)?
-                .delta;
-            report.epsilon = self.aggregator.epsilon();
-            onto_outputs(&architecture, &mut noised);
-            noised
-        } else {
-            let outputs = reports
-                .iter()
-                .map(|r| decode(&r.update).map(|values| (values, r.samples)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(combine_failed)?;
-            let views: Vec<(&[f32], u64)> =
-                outputs.iter().map(|(o, n)| (o.as_slice(), *n)).collect();
-            consensus(&views).map_err(combine_failed)?
-        };
-        let agreed = Arc::new(agreed);
         let (global, shared, target) = (
             self.global_bytes.clone(),
             distillation.shared.clone(),

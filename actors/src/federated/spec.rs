@@ -313,15 +313,11 @@ impl FederationSpec {
                 "must be between 1 and 4096",
             ));
         }
-        let conflicts = [
-            ("groups", !self.groups.is_empty(), "(groups)"),
-            ("buffered", self.buffered.is_some(), "(a table)"),
-        ];
-        if let Some((field, _, value)) = conflicts.iter().find(|(_, set, _)| *set) {
+        if self.buffered.is_some() {
             return Err(invalid(
-                field,
-                value.to_string(),
-                "distillation rounds run synchronously over the sites directly: leave it out",
+                "buffered",
+                "(a table)".into(),
+                "distillation rounds run synchronously: leave it out",
             ));
         }
         if self.compression != Compression::None {
@@ -463,5 +459,8 @@ mod tests {
         parse("[distillation]\nshared = \"s.safetensors\"\nhidden = { edge-1 = 8 }")
             .validate()
             .unwrap();
+        parse("[distillation]\nshared = \"s.safetensors\"\n[[groups]]\naggregator = \"fog-a\"\nzone = \"site-1\"")
+            .validate()
+            .expect("a fog aggregator relays a distillation round");
     }
 }

@@ -97,13 +97,8 @@ fn accuracy(weights: &[u8], test: &[ReplayItem]) -> f64 {
     right as f64 / test.len() as f64
 }
 
-/// Six distillation rounds between two sites of other widths, each knowing normal
-/// operation and one fault of its own, with `privacy` on their outputs: the store and
-/// the coordinator's classifier's accuracy on all three classes before and after (and
-/// the folder the store lives in).
-async fn six_rounds(privacy: Option<Privacy>) -> (tempfile::TempDir, ModelStore, f64, f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = ModelStore::open(dir.path());
+/// The coordinator's classifier stored as `valve-clf@1`: its manifest and weights.
+fn stored_base(store: &ModelStore) -> (fogmesh_models::store::Manifest, Vec<u8>) {
     let Architecture::FaultClassifier { config, .. } = classifier(16) else {
         unreachable!()
     };
@@ -114,12 +109,16 @@ async fn six_rounds(privacy: Option<Privacy>) -> (tempfile::TempDir, ModelStore,
     let base = store
         .import(classifier(16).manifest("valve-clf", "1"), &weights)
         .unwrap();
-    let sites = vec![
-        site("gateway-1", Some(classifier(8)), &[0, 1], 1).await,
-        site("server-1", Some(classifier(24)), &[0, 2], 2).await,
-    ];
-    let shared = Arc::new(items(&[0, 1, 2], 30, 3, false));
-    let plan = FederationPlan {
+    (base, weights)
+}
+
+/// Distillation rounds on `shared` among at least `min_sites`, with `privacy`.
+fn distillation_plan(
+    shared: Arc<Vec<ReplayItem>>,
+    privacy: Option<Privacy>,
+    min_sites: usize,
+) -> FederationPlan {
+    FederationPlan {
         work: RoundWork {
             local: LocalWork {
                 epochs: 3,
@@ -131,16 +130,32 @@ async fn six_rounds(privacy: Option<Privacy>) -> (tempfile::TempDir, ModelStore,
         },
         aggregation: Aggregation::FedAvg,
         privacy,
-        min_sites: 2,
+        min_sites,
         deadline: Duration::from_secs(60),
         seed: 1,
         gate: None,
         buffered: None,
         distillation: Some(Distillation {
-            shared: shared.clone(),
+            shared,
             weight: 1.0,
         }),
-    };
+    }
+}
+
+/// Six distillation rounds between two sites of other widths, each knowing normal
+/// operation and one fault of its own, with `privacy` on their outputs: the store and
+/// the coordinator's classifier's accuracy on all three classes before and after (and
+/// the folder the store lives in).
+async fn six_rounds(privacy: Option<Privacy>) -> (tempfile::TempDir, ModelStore, f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let (base, weights) = stored_base(&store);
+    let sites = vec![
+        site("gateway-1", Some(classifier(8)), &[0, 1], 1).await,
+        site("server-1", Some(classifier(24)), &[0, 2], 2).await,
+    ];
+    let shared = Arc::new(items(&[0, 1, 2], 30, 3, false));
+    let plan = distillation_plan(shared.clone(), privacy, 2);
     let actor = coordinator(
         "valve-clf",
         (base, weights.clone()),
@@ -210,4 +225,85 @@ async fn sites_of_other_widths_teach_the_coordinators_network_every_class_in_pri
     assert_eq!(lineage["privacy_spent"]["rounds"], 6);
     assert!(lineage["epsilon"].as_f64() > Some(0.0), "{lineage}");
     assert!(after > 0.8, "after private distillation: {after}");
+}
+
+/// A fog aggregator in a distillation round combines its sites' outputs by windows
+/// and passes them up as one site's: the cloud reaches the flat federation's
+/// consensus, so its network learns the same. The sites train the federation's own
+/// network (from the global weights), so both federations' sites work alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fog_aggregator_relays_distillation_and_two_levels_give_the_flat_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path());
+    let stored = stored_base(&store);
+    let shared = Arc::new(items(&[0, 1, 2], 30, 3, false));
+    let plan = distillation_plan(shared, None, 2);
+    let flat = coordinator(
+        "valve-clf",
+        stored.clone(),
+        vec![
+            site("gateway-1", None, &[0, 1], 1).await,
+            site("gateway-2", None, &[0, 2], 2).await,
+            site("server-1", None, &[0], 3).await,
+        ],
+        plan.clone(),
+        None,
+    )
+    .await;
+    let fog = coordinator(
+        "fog-a",
+        stored.clone(),
+        vec![
+            site("gateway-1", None, &[0, 1], 1).await,
+            site("gateway-2", None, &[0, 2], 2).await,
+        ],
+        plan.clone(),
+        None,
+    )
+    .await;
+    let cloud = coordinator(
+        "valve-clf",
+        stored,
+        vec![
+            FederationSite {
+                name: "fog-a".into(),
+                site: Site::Aggregator(fog.clone()),
+            },
+            site("server-1", None, &[0], 3).await,
+        ],
+        plan,
+        None,
+    )
+    .await;
+    for _ in 0..2 {
+        let levels = round(&cloud).await.expect("a round through the aggregator");
+        assert_eq!(levels.mode, "distillation");
+        assert_eq!(levels.sites, ["fog-a", "server-1"]);
+        assert_eq!(
+            levels.samples, 180,
+            "the aggregator speaks for its sites' windows"
+        );
+        round(&flat).await.expect("a flat round");
+    }
+    let zone = ask(&fog, |reply| {
+        fogmesh_actors::FederatedCoordinatorMsg::Status { reply }
+    })
+    .await;
+    assert_eq!(zone.last.unwrap().sites, ["gateway-1", "gateway-2"]);
+    let global = |actor| async move {
+        let bytes = ask(&actor, |reply| {
+            fogmesh_actors::FederatedCoordinatorMsg::Global { reply }
+        })
+        .await;
+        fogmesh_models::merge::Weights::from_safetensors(&bytes, "global").unwrap()
+    };
+    let (levels, flat) = (global(cloud).await, global(flat).await);
+    let largest = levels
+        .values()
+        .iter()
+        .zip(flat.values())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // A weighted mean of weighted means is the weighted mean; only rounding differs.
+    assert!(largest < 1e-4, "two levels differ from flat by {largest}");
 }

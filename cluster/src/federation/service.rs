@@ -303,14 +303,6 @@ impl FederationRpc for FederationService {
             }
             .into());
         }
-        if expected == 3 && header.aggregate {
-            return Err(SiteCallError::Invalid {
-                field: "header.aggregate",
-                value: "true".into(),
-                reason: "distillation rounds go to sites, not to fog aggregators".into(),
-            }
-            .into());
-        }
         if expected == 3 {
             let shared = self.shared_windows(&header.federation, &wire_work, &blobs[1])?;
             work.distill = distill_from(&wire_work, shared, &blobs[2])?;
