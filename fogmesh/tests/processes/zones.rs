@@ -344,4 +344,61 @@ async fn zones_in_this_namespace() {
                 && l.contains("cloud-ae")),
         "the cell counted the windows scored without the cloud:\n{skipped}"
     );
+
+    // A stored version only the cloud holds crosses the boundary: the cell copies it
+    // from the gateway, which copied it from the cloud, and serves it.
+    store_version(
+        &dir.path().join("data-cloud-1/models"),
+        &dir.path().join("pki"),
+    );
+    let stored = format!(
+        "{}\n[[experts]]\nname = \"cell-stored\"\nmodel = \"ae@1\"\nplacement = {{ zone = \"plant/area/cell\" }}\n",
+        spec()
+    );
+    cloud
+        .control()
+        .await
+        .apply(ApplyRequest {
+            spec_toml: stored,
+            dry_run: false,
+        })
+        .await
+        .expect("the cloud holds ae@1 and applies the spec");
+    poll(
+        "the cell to serve ae@1, copied through its gateway",
+        LONG,
+        || async {
+            let mesh = cell.mesh().await?;
+            mesh.versions
+                .iter()
+                .any(|v| {
+                    v.node == "cell-1" && v.expert == "cell-stored" && v.model_version == "ae@1"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("cell-1.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copied a model version from a peer") && l.contains("gw-1")),
+        "the cell's copy of ae@1 came from its gateway"
+    );
+}
+
+/// Stores `ae@1`, an autoencoder signed by the test PKI, in the store at `models`.
+fn store_version(models: &std::path::Path, pki: &std::path::Path) {
+    let pki = fogmesh_tests::TestPki::open(pki);
+    let store = pki.signing_store(models);
+    let config = fogmesh_models::AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
+    let model = fogmesh_models::ConvAutoencoder::new(config.clone(), tch::Device::Cpu, 3).unwrap();
+    let (weights, _) = model.to_safetensors().unwrap();
+    let manifest = fogmesh_models::store::Manifest {
+        metrics: [("threshold".to_string(), 1000.0)].into(),
+        created_us: 1,
+        ..fogmesh_models::served::Architecture::ConvAutoencoder(config).manifest("ae", "1")
+    };
+    store
+        .import(manifest, &weights)
+        .expect("the store takes ae@1");
 }
