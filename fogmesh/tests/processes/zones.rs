@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fixtures::{collect_scored, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
-use fogmesh_proto::{ApplyRequest, SampleBatch};
+use fogmesh_proto::federation_client::FederationClient;
+use fogmesh_proto::{ApplyRequest, FederateRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
 
 const SECRET: &str = "zone-test-secret";
@@ -351,31 +352,31 @@ async fn zones_in_this_namespace() {
         &dir.path().join("data-cloud-1/models"),
         &dir.path().join("pki"),
     );
-    let stored = format!(
-        "{}\n[[experts]]\nname = \"cell-stored\"\nmodel = \"ae@1\"\nplacement = {{ zone = \"plant/area/cell\" }}\n",
-        spec()
-    );
     cloud
         .control()
         .await
         .apply(ApplyRequest {
-            spec_toml: stored,
+            spec_toml: federated_spec(),
             dry_run: false,
         })
         .await
         .expect("the cloud holds ae@1 and applies the spec");
-    poll(
-        "the cell to serve ae@1, copied through its gateway",
-        LONG,
-        || async {
+    let serves = |version: &'static str| {
+        let cell = &cell;
+        async move {
             let mesh = cell.mesh().await?;
             mesh.versions
                 .iter()
                 .any(|v| {
-                    v.node == "cell-1" && v.expert == "cell-stored" && v.model_version == "ae@1"
+                    v.node == "cell-1" && v.expert == "cell-stored" && v.model_version == version
                 })
                 .then_some(())
-        },
+        }
+    };
+    poll(
+        "the cell to serve ae@1, copied through its gateway",
+        LONG,
+        || serves("ae@1"),
     )
     .await;
     let log = std::fs::read_to_string(dir.path().join("cell-1.log")).unwrap_or_default();
@@ -384,6 +385,67 @@ async fn zones_in_this_namespace() {
             .any(|l| l.contains("copied a model version from a peer") && l.contains("gw-1")),
         "the cell's copy of ae@1 came from its gateway"
     );
+
+    // A federated round crosses it too: the cloud's coordinator asks the gateway, the
+    // fog aggregator of the cell's zone, which asks the cell; the round's version
+    // comes back down to the cell's expert the same way.
+    let mut ingest = cell.ingest().await;
+    for n in pushed..pushed + 40 {
+        let first = n * WINDOW as u64;
+        ingest
+            .push(SampleBatch {
+                samples: samples("s1", first..first + WINDOW as u64, normal_values),
+            })
+            .await
+            .expect("every batch is accepted");
+    }
+    let round = poll("a round through the gateway", LONG, || async {
+        let channel = cloud.channel(&cloud.operator).await?;
+        let reply = FederationClient::new(channel)
+            .federate(FederateRequest {
+                expert: "cell-stored".into(),
+            })
+            .await
+            .ok()?
+            .into_inner();
+        let round: serde_json::Value = serde_json::from_str(&reply.round_json).ok()?;
+        round["version"].as_str().is_some().then_some(round)
+    })
+    .await;
+    eprintln!("round through the gateway: {round}");
+    assert_eq!(round["sites"], serde_json::json!(["gw-1"]), "{round}");
+    assert_eq!(round["version"], "ae@2", "{round}");
+    poll("the cell to serve the round's ae@2", LONG, || {
+        serves("ae@2")
+    })
+    .await;
+}
+
+/// [`spec`] and `cell-stored`: the cell's expert serving the stored `ae@1`, trained by
+/// federated rounds whose site (the cell, where its sensor is) the gateway aggregates.
+fn federated_spec() -> String {
+    let routes = r#"routes = { s1 = ["cell-ae", "cloud-ae"] }"#;
+    spec().replace(
+        routes,
+        r#"routes = { s1 = ["cell-ae", "cloud-ae", "cell-stored"] }"#,
+    ) + r#"
+[[experts]]
+name = "cell-stored"
+model = "ae@1"
+placement = { zone = "plant/area/cell" }
+
+[experts.federation]
+windows = 64
+deadline_s = 60
+
+[experts.federation.local]
+epochs = 1
+batch_size = 16
+
+[[experts.federation.groups]]
+aggregator = "gw-1"
+zone = "plant/area/cell"
+"#
 }
 
 /// Stores `ae@1`, an autoencoder signed by the test PKI, in the store at `models`.
