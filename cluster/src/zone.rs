@@ -84,6 +84,12 @@ impl ZonePattern {
         })
     }
 
+    /// How many levels down the pattern reaches: of two patterns that match a zone,
+    /// the deeper names the smaller part of the plant.
+    pub fn depth(&self) -> usize {
+        self.segments.len()
+    }
+
     /// Whether a node in `zone` (a checked path; empty: no zone) is one of this
     /// pattern's.
     pub fn matches(&self, zone: &str) -> bool {

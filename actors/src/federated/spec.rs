@@ -95,9 +95,14 @@ pub struct FederationGroup {
     #[serde(default)]
     pub sites: Vec<String>,
     /// Also the federation's other sites in a zone this pattern matches (a site that
-    /// two groups' zones match is the first group's; one a group names, that group's).
+    /// several groups' zones match is the deepest pattern's, the first of equals; one a
+    /// group names, that group's).
     #[serde(default)]
     pub zone: Option<String>,
+    /// The aggregator of the group this one answers to (three levels or more: a cell's
+    /// gateway under its area's); none: the federation's coordinator.
+    #[serde(default)]
+    pub within: Option<String>,
 }
 
 impl Default for FederationSpec {
@@ -232,6 +237,34 @@ impl FederationSpec {
                         "a site belongs to one group at most".into(),
                     ));
                 }
+            }
+        }
+        for (i, group) in self.groups.iter().enumerate() {
+            let Some(parent) = &group.within else {
+                continue;
+            };
+            if !aggregators.contains(parent.as_str()) || parent == &group.aggregator {
+                return Err(invalid(
+                    &format!("groups[{i}].within"),
+                    format!("{parent:?}"),
+                    "must name the aggregator of another group".into(),
+                ));
+            }
+            // Up the chain of parents: more steps than groups is a circle.
+            let mut above = Some(parent);
+            for _ in 0..=self.groups.len() {
+                above = self
+                    .groups
+                    .iter()
+                    .find(|g| Some(&g.aggregator) == above)
+                    .and_then(|g| g.within.as_ref());
+            }
+            if above.is_some() {
+                return Err(invalid(
+                    &format!("groups[{i}].within"),
+                    format!("{parent:?}"),
+                    "groups answer to each other in a circle".into(),
+                ));
             }
         }
         if let Some(buffered) = self.buffered {
@@ -416,6 +449,14 @@ mod tests {
             (
                 "[[groups]]\naggregator = \"fog-a\"",
                 ["groups[0].sites", "[]", "at least one site or a zone"],
+            ),
+            (
+                "[[groups]]\naggregator = \"fog-a\"\nsites = [\"e1\"]\nwithin = \"fog-z\"",
+                ["groups[0].within", "fog-z", "another group"],
+            ),
+            (
+                "[[groups]]\naggregator = \"fog-a\"\nsites = [\"e1\"]\nwithin = \"fog-b\"\n[[groups]]\naggregator = \"fog-b\"\nsites = [\"e2\"]\nwithin = \"fog-a\"",
+                ["groups[0].within", "fog-b", "circle"],
             ),
             (
                 "buffered = { buffer = 0, updates = 4 }",

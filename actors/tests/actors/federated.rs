@@ -1,7 +1,7 @@
 //! The `FederatedCoordinator` over real `SiteTrainer`s on a real model store: a round
 //! stores a version with its lineage and promotes it; a site that does not answer in
 //! time is left out of the round, and a round with too few answers applies nothing; a
-//! stopped site counts as failed; two levels (fog aggregators under a cloud
+//! stopped site counts as failed; two and three levels (fog aggregators under a cloud
 //! coordinator) give the flat federation's weights; a buffered (FedBuff) run applies
 //! exactly the versions asked and stores one version; a site on a node trains on its
 //! continual learner's windows, and on its own sample when there is no learner.
@@ -359,7 +359,7 @@ async fn stragglers_and_stopped_sites_are_left_out_and_too_few_answers_apply_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_levels_give_the_flat_federations_weights() {
+async fn two_and_three_levels_give_the_flat_federations_weights() {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path());
     let stored = base(&store);
@@ -395,7 +395,7 @@ async fn two_levels_give_the_flat_federations_weights() {
     .await;
     let cloud = coordinator(
         "pump-ae",
-        stored,
+        stored.clone(),
         vec![
             FederationSite {
                 name: "fog-a".into(),
@@ -410,12 +410,67 @@ async fn two_levels_give_the_flat_federations_weights() {
         None,
     )
     .await;
+    // Three levels: a cell's aggregator under an area's, which also has sites of its own.
+    let cell = coordinator(
+        "cell",
+        stored.clone(),
+        vec![trainer(0, 24).await, trainer(1, 16).await],
+        plan(2, deadline),
+        None,
+    )
+    .await;
+    let area = coordinator(
+        "area",
+        stored.clone(),
+        vec![
+            FederationSite {
+                name: "cell".into(),
+                site: Site::Aggregator(cell.clone()),
+            },
+            trainer(2, 32).await,
+            trainer(3, 8).await,
+        ],
+        plan(3, deadline),
+        None,
+    )
+    .await;
+    let top = coordinator(
+        "pump-ae",
+        stored,
+        vec![FederationSite {
+            name: "area".into(),
+            site: Site::Aggregator(area.clone()),
+        }],
+        plan(1, deadline),
+        None,
+    )
+    .await;
     for _ in 0..2 {
         let levels = round(&cloud).await.unwrap();
         assert_eq!(levels.sites, ["fog-a", "fog-b"]);
         assert_eq!(levels.samples, 80);
+        let three = round(&top).await.unwrap();
+        assert_eq!(
+            (three.sites.as_slice(), three.samples),
+            (&["area".to_string()][..], 80)
+        );
         round(&flat).await.unwrap();
     }
+    assert_eq!(
+        status(&area).await.last.unwrap().sites,
+        ["cell", "site-2", "site-3"]
+    );
+    let three = global(&top).await;
+    let from_flat = three
+        .values()
+        .iter()
+        .zip(global(&flat).await.values())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        from_flat < 1e-5,
+        "three levels differ from flat by {from_flat}"
+    );
     // Each fog aggregator ran its zone's rounds.
     let zone = status(&fog_a).await;
     assert_eq!(zone.rounds, 2);

@@ -11,9 +11,10 @@
 //! stored anything, and `Federate` passes it on to the new coordinator). The sites are
 //! the nodes the spec names by role, name or zone pattern, or, with none of these, the
 //! nodes whose sensors are routed to the expert, and every site a group names. A group
-//! takes the sites it names and the federation's other sites in its zone. The
-//! coordinator asks the sites in no group and the aggregator of each group with a
-//! site, which asks its group's sites: two levels.
+//! takes the sites it names and the federation's other sites in its zone (the deepest
+//! pattern's); groups may sit `within` others. The coordinator asks the sites in no
+//! group and the aggregator of each group within none that has a site below it; each
+//! aggregator asks its group's sites and the aggregators of the groups within it.
 //!
 //! Privacy spent outlives the coordinator that spent it: each node gossips the most it
 //! has heard each federation's private rounds spent (`PRIVACY_KEY`), from its own
@@ -32,8 +33,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use fogmesh_actors::{
     Distillation, DistillationSpec, ExpertSpec, FederatedCoordinator, FederatedCoordinatorArgs,
-    FederatedCoordinatorMsg, FederationSite, FederationSpec, FederationStatus, Publication, Site,
-    SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
+    FederatedCoordinatorMsg, FederationGroup, FederationSite, FederationSpec, FederationStatus,
+    Publication, Site, SiteTrainer, SiteTrainerArgs, SiteTrainerMsg, WindowFeed,
 };
 use fogmesh_models::federated::distill::read_shared;
 use fogmesh_models::federated::PrivacySpent;
@@ -197,36 +198,38 @@ fn sites_of(
 
 /// Each group's sites: those it names, then the federation's other `sites` whose zone
 /// (by node name in `zones`) its pattern matches. A site a group names stays in that
-/// group; one two groups' zones match goes to the first.
+/// group; one several groups' zones match goes to the deepest pattern (a cell's group
+/// before its area's), the first of equals.
 fn group_sites(
     federation: &FederationSpec,
     sites: &BTreeSet<String>,
     zones: &BTreeMap<String, String>,
 ) -> Vec<BTreeSet<String>> {
-    let named: BTreeSet<&String> = federation.groups.iter().flat_map(|g| &g.sites).collect();
-    let mut taken: BTreeSet<String> = BTreeSet::new();
-    federation
+    let mut grouped: Vec<BTreeSet<String>> = federation
         .groups
         .iter()
-        .map(|group| {
-            let mut members: BTreeSet<String> = group.sites.iter().cloned().collect();
-            if let Some(pattern) = group
-                .zone
-                .as_deref()
-                .and_then(|z| ZonePattern::parse(z).ok())
-            {
-                members.extend(
-                    sites
-                        .iter()
-                        .filter(|s| !named.contains(s) && !taken.contains(*s))
-                        .filter(|s| zones.get(*s).is_some_and(|z| pattern.matches(z)))
-                        .cloned(),
-                );
-            }
-            taken.extend(members.iter().cloned());
-            members
-        })
-        .collect()
+        .map(|g| g.sites.iter().cloned().collect())
+        .collect();
+    let named: BTreeSet<&String> = federation.groups.iter().flat_map(|g| &g.sites).collect();
+    let patterns: Vec<Option<ZonePattern>> = federation
+        .groups
+        .iter()
+        .map(|g| g.zone.as_deref().and_then(|z| ZonePattern::parse(z).ok()))
+        .collect();
+    for site in sites.iter().filter(|s| !named.contains(s)) {
+        let Some(zone) = zones.get(site) else {
+            continue;
+        };
+        let deepest = patterns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.as_ref().filter(|p| p.matches(zone))?.depth())))
+            .min_by_key(|(i, depth)| (usize::MAX - depth, *i));
+        if let Some((i, _)) = deepest {
+            grouped[i].insert(site.clone());
+        }
+    }
+    grouped
 }
 
 /// The node that coordinates a federation among the usable ones.
@@ -271,24 +274,69 @@ fn spent_by_lineage(version: &Manifest) -> PrivacySpent {
         .unwrap_or_default()
 }
 
+/// What each group's aggregator asks: its sites (`grouped`, from [`group_sites`]) and
+/// the aggregator of each group that answers to it (`within`) with a site below it.
+/// `None` for a group with no site at or below it: it is left out of the round.
+fn group_asks(
+    federation: &FederationSpec,
+    grouped: &[BTreeSet<String>],
+) -> Vec<Option<BTreeSet<SiteRef>>> {
+    let groups = &federation.groups;
+    let parent = |g: &FederationGroup| {
+        groups
+            .iter()
+            .position(|h| g.within.as_ref() == Some(&h.aggregator))
+    };
+    // A site below a group makes every group above it live; the spec's check keeps
+    // `within` free of circles, so no chain is longer than the groups.
+    let mut live: Vec<bool> = grouped.iter().map(|sites| !sites.is_empty()).collect();
+    for _ in 0..groups.len() {
+        for (i, group) in groups.iter().enumerate() {
+            if let (true, Some(up)) = (live[i], parent(group)) {
+                live[up] = true;
+            }
+        }
+    }
+    groups
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            live[i].then(|| {
+                let children = groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, child)| live[*j] && parent(child) == Some(i))
+                    .map(|(_, child)| (child.aggregator.clone(), true));
+                grouped[i]
+                    .iter()
+                    .map(|s| (s.clone(), false))
+                    .chain(children)
+                    .collect()
+            })
+        })
+        .collect()
+}
+
 /// What the top coordinator asks: the sites in no group, and the aggregator of each
-/// group with a site (`groups`, from [`group_sites`]).
+/// group that answers to no other and has a site below it (`asks`, from
+/// [`group_asks`]).
 fn top_sites(
     federation: &FederationSpec,
     sites: &BTreeSet<String>,
-    groups: &[BTreeSet<String>],
+    grouped: &[BTreeSet<String>],
+    asks: &[Option<BTreeSet<SiteRef>>],
 ) -> BTreeSet<SiteRef> {
-    let grouped: BTreeSet<&String> = groups.iter().flatten().collect();
+    let in_a_group: BTreeSet<&String> = grouped.iter().flatten().collect();
     sites
         .iter()
-        .filter(|s| !grouped.contains(s))
+        .filter(|s| !in_a_group.contains(s))
         .map(|s| (s.clone(), false))
         .chain(
             federation
                 .groups
                 .iter()
-                .zip(groups)
-                .filter(|(_, members)| !members.is_empty())
+                .zip(asks)
+                .filter(|(g, asks)| g.within.is_none() && asks.is_some())
                 .map(|(g, _)| (g.aggregator.clone(), true)),
         )
         .collect()
@@ -343,17 +391,17 @@ impl Deployment {
                 &zones,
             );
             let grouped = group_sites(federation, &sites, &zones);
+            let asks = group_asks(federation, &grouped);
             if sites.contains(&self.node_name) {
                 sites_wanted.insert(expert.name.clone(), (expert, federation));
             }
-            if let Some(members) = federation
+            if let Some(sites) = federation
                 .groups
                 .iter()
-                .zip(&grouped)
-                .find(|(g, members)| g.aggregator == self.node_name && !members.is_empty())
-                .map(|(_, members)| members)
+                .zip(&asks)
+                .find(|(g, _)| g.aggregator == self.node_name)
+                .and_then(|(_, asks)| asks.clone())
             {
-                let sites = members.iter().map(|s| (s.clone(), false)).collect();
                 groups.insert(
                     expert.name.clone(),
                     Wanted {
@@ -365,7 +413,7 @@ impl Deployment {
             }
             if let Some(coordinator) = coordinator_of(federation, nodes) {
                 if coordinator == self.node_name {
-                    let sites = top_sites(federation, &sites, &grouped);
+                    let sites = top_sites(federation, &sites, &grouped, &asks);
                     tops.insert(
                         expert.name.clone(),
                         Wanted {
@@ -926,6 +974,7 @@ mod tests {
         // `site-1/*` is inside site-1 (not server-1 at site-1 itself); gw-5 in no pattern.
         assert_eq!(sites, names(&["gw-1", "gw-2", "gw-3", "gw-4"]));
         let groups = group_sites(&federation, &sites, &zones);
+        let asks = group_asks(&federation, &groups);
         assert_eq!(
             groups,
             vec![
@@ -934,10 +983,10 @@ mod tests {
                 names(&["gw-2"]),
                 names(&[]),
             ],
-            "named first, then the first zone that matches; an empty zone, no sites"
+            "named first, then the deepest zone that matches; an empty zone, no sites"
         );
         assert_eq!(
-            top_sites(&federation, &sites, &groups),
+            top_sites(&federation, &sites, &groups, &asks),
             [
                 ("gw-4".to_string(), false),
                 ("server-1".to_string(), true),
@@ -946,6 +995,62 @@ mod tests {
             ]
             .into(),
             "the ungrouped site and the aggregators of groups with sites"
+        );
+    }
+
+    #[test]
+    fn groups_within_groups_follow_the_plant_down_and_empty_branches_are_left_out() {
+        let federation: FederationSpec = toml::from_str(
+            "[[groups]]\naggregator = \"area-gw\"\nsites = [\"server-1\"]\n\n[[groups]]\naggregator = \"cell-gw-1\"\nzone = \"a/cell-1\"\nwithin = \"area-gw\"\n\n[[groups]]\naggregator = \"cell-gw-2\"\nzone = \"a/cell-2\"\nwithin = \"area-gw\"\n\n[[groups]]\naggregator = \"site-gw\"\nzone = \"b\"\n\n[[groups]]\naggregator = \"b-cell-gw\"\nzone = \"b/cell-9\"\nwithin = \"site-gw\"\n",
+        )
+        .unwrap();
+        federation.validate().unwrap();
+        let zones: BTreeMap<String, String> = [
+            ("gw-1", "a/cell-1"),
+            ("gw-2", "a/cell-1"),
+            ("gw-3", "a/cell-2"),
+            ("gw-9", "b/cell-9"),
+        ]
+        .into_iter()
+        .map(|(n, z)| (n.to_string(), z.to_string()))
+        .collect();
+        let names =
+            |list: &[&str]| -> BTreeSet<String> { list.iter().map(|s| s.to_string()).collect() };
+        let refs = |list: &[(&str, bool)]| -> BTreeSet<SiteRef> {
+            list.iter().map(|(s, a)| (s.to_string(), *a)).collect()
+        };
+        let sites = names(&["server-1", "gw-1", "gw-2", "gw-3", "edge-0"]);
+        let grouped = group_sites(&federation, &sites, &zones);
+        let asks = group_asks(&federation, &grouped);
+        assert_eq!(
+            asks,
+            vec![
+                Some(refs(&[
+                    ("server-1", false),
+                    ("cell-gw-1", true),
+                    ("cell-gw-2", true)
+                ])),
+                Some(refs(&[("gw-1", false), ("gw-2", false)])),
+                Some(refs(&[("gw-3", false)])),
+                None,
+                None,
+            ],
+            "three levels under area-gw; nothing at or below site-gw (gw-9 is no site)"
+        );
+        assert_eq!(
+            top_sites(&federation, &sites, &grouped, &asks),
+            refs(&[("edge-0", false), ("area-gw", true)])
+        );
+        // A site at the bottom makes the branch above it live (server-1, which a group
+        // names, is a site whatever else is).
+        let sites = names(&["server-1", "gw-9"]);
+        let grouped = group_sites(&federation, &sites, &zones);
+        let asks = group_asks(&federation, &grouped);
+        assert_eq!(asks[3], Some(refs(&[("b-cell-gw", true)])));
+        assert_eq!(asks[4], Some(refs(&[("gw-9", false)])));
+        assert_eq!(
+            top_sites(&federation, &sites, &grouped, &asks),
+            refs(&[("area-gw", true), ("site-gw", true)])
         );
     }
 
