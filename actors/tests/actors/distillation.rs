@@ -20,7 +20,7 @@ use fogmesh_models::store::ModelStore;
 use fogmesh_models::SplitMix64;
 use ractor::Actor;
 
-use crate::federated::{ask, coordinator, round};
+use crate::federated::{ask, coordinator, largest_difference, round};
 
 const CLASSES: usize = 3;
 
@@ -290,20 +290,7 @@ async fn a_fog_aggregator_relays_distillation_and_two_levels_give_the_flat_netwo
     })
     .await;
     assert_eq!(zone.last.unwrap().sites, ["gateway-1", "gateway-2"]);
-    let global = |actor| async move {
-        let bytes = ask(&actor, |reply| {
-            fogmesh_actors::FederatedCoordinatorMsg::Global { reply }
-        })
-        .await;
-        fogmesh_models::merge::Weights::from_safetensors(&bytes, "global").unwrap()
-    };
-    let (levels, flat) = (global(cloud).await, global(flat).await);
-    let largest = levels
-        .values()
-        .iter()
-        .zip(flat.values())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let largest = largest_difference(&cloud, &flat).await;
     // A weighted mean of weighted means is the weighted mean; only rounding differs.
     assert!(largest < 1e-4, "two levels differ from flat by {largest}");
 }

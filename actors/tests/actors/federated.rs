@@ -200,9 +200,22 @@ async fn status(actor: &ActorRef<FederatedCoordinatorMsg>) -> FederationStatus {
     ask(actor, |reply| FederatedCoordinatorMsg::Status { reply }).await
 }
 
-async fn global(actor: &ActorRef<FederatedCoordinatorMsg>) -> Weights {
+pub(crate) async fn global(actor: &ActorRef<FederatedCoordinatorMsg>) -> Weights {
     let bytes = ask(actor, |reply| FederatedCoordinatorMsg::Global { reply }).await;
     Weights::from_safetensors(&bytes, "the global weights").unwrap()
+}
+
+/// The largest difference between two coordinators' global weights, value by value.
+pub(crate) async fn largest_difference(
+    a: &ActorRef<FederatedCoordinatorMsg>,
+    b: &ActorRef<FederatedCoordinatorMsg>,
+) -> f32 {
+    let (a, b) = (global(a).await, global(b).await);
+    a.values()
+        .iter()
+        .zip(b.values())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,13 +473,7 @@ async fn two_and_three_levels_give_the_flat_federations_weights() {
         status(&area).await.last.unwrap().sites,
         ["cell", "site-2", "site-3"]
     );
-    let three = global(&top).await;
-    let from_flat = three
-        .values()
-        .iter()
-        .zip(global(&flat).await.values())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let from_flat = largest_difference(&top, &flat).await;
     assert!(
         from_flat < 1e-5,
         "three levels differ from flat by {from_flat}"
@@ -475,17 +482,11 @@ async fn two_and_three_levels_give_the_flat_federations_weights() {
     let zone = status(&fog_a).await;
     assert_eq!(zone.rounds, 2);
     assert_eq!(zone.last.unwrap().sites, ["site-0", "site-1"]);
-    let (levels, flat) = (global(&cloud).await, global(&flat).await);
-    let largest = levels
-        .values()
-        .iter()
-        .zip(flat.values())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let largest = largest_difference(&cloud, &flat).await;
     // A weighted mean of weighted means is the weighted mean; only rounding differs.
     assert!(largest < 1e-5, "two levels differ from flat by {largest}");
     let initial = Weights::from_safetensors(&base_weights(), "initial").unwrap();
-    assert_ne!(levels, initial);
+    assert_ne!(global(&cloud).await, initial);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
