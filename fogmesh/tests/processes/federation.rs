@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use crate::fixtures::{full_membership, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
+use crate::fixtures::{
+    full_membership, poll, store_ae_1, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
+};
 use fogmesh_models::served::Architecture;
 use fogmesh_models::store::ModelStore;
 use fogmesh_models::{AutoencoderConfig, ConvAutoencoder, SplitMix64};
@@ -70,23 +72,6 @@ router = "r1"
 normalisation = {{ mode = "none" }}
 "#
     )
-}
-
-/// `ae@1` in cloud-1's store: an untrained autoencoder no window alarms.
-fn store_base(dir: &std::path::Path) {
-    let pki = fogmesh_tests::TestPki::open(&dir.join("pki"));
-    let store = pki.signing_store(&dir.join("data-cloud-1/models"));
-    let config = AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
-    let model = ConvAutoencoder::new(config.clone(), Device::Cpu, 3).unwrap();
-    let (weights, _) = model.to_safetensors().unwrap();
-    let manifest = fogmesh_models::store::Manifest {
-        metrics: [("threshold".to_string(), 1000.0)].into(),
-        created_us: 1,
-        ..Architecture::ConvAutoencoder(config).manifest("ae", "1")
-    };
-    store
-        .import(manifest, &weights)
-        .expect("the store takes ae@1");
 }
 
 /// One row of the plant as `sensor` reads it: each site sees its own operating point.
@@ -379,7 +364,7 @@ async fn apply(node: &MeshNode, text: String) {
 async fn a_fog_aggregator_merges_its_edges_under_the_cloud_and_a_buffered_run_stores_one_version() {
     let _turn = ONE_MESH_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().expect("a temporary folder");
-    store_base(dir.path());
+    store_ae_1(dir.path());
     let in_zone = |settings, zone| NodeSettings {
         zone: Some(zone),
         ..settings

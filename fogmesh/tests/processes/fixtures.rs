@@ -18,7 +18,7 @@ use fogmesh_proto::telemetry_client::TelemetryClient;
 use fogmesh_proto::{Alert, AlertFilter, SampleBatch};
 use fogmesh_proto::{MeshRequest, MeshStatus, MetricsRequest, NodeStatus, StatusRequest};
 pub use fogmesh_tests::poll;
-use fogmesh_tests::{normal_values, samples, TestPki, WINDOW};
+use fogmesh_tests::{normal_values, samples, TestPki, CHANNELS, WINDOW};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::Channel;
@@ -434,4 +434,22 @@ async fn pump(
             return;
         }
     }
+}
+
+/// `ae@1` in cloud-1's store under `dir`, signed by the test PKI: an untrained
+/// autoencoder no window alarms.
+pub fn store_ae_1(dir: &Path) {
+    let pki = TestPki::open(&dir.join("pki"));
+    let store = pki.signing_store(&dir.join("data-cloud-1/models"));
+    let config = fogmesh_models::AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
+    let model = fogmesh_models::ConvAutoencoder::new(config.clone(), tch::Device::Cpu, 3).unwrap();
+    let (weights, _) = model.to_safetensors().unwrap();
+    let manifest = fogmesh_models::store::Manifest {
+        metrics: [("threshold".to_string(), 1000.0)].into(),
+        created_us: 1,
+        ..fogmesh_models::served::Architecture::ConvAutoencoder(config).manifest("ae", "1")
+    };
+    store
+        .import(manifest, &weights)
+        .expect("the store takes ae@1");
 }

@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fixtures::{collect_scored, poll, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME};
+use crate::fixtures::{
+    collect_scored, poll, store_ae_1, MeshNode, NodeSettings, LONG, ONE_MESH_AT_A_TIME,
+};
 use fogmesh_proto::federation_client::FederationClient;
 use fogmesh_proto::{ApplyRequest, FederateRequest, SampleBatch};
 use fogmesh_tests::{normal_values, samples, CHANNELS, WINDOW};
@@ -348,10 +350,7 @@ async fn zones_in_this_namespace() {
 
     // A stored version only the cloud holds crosses the boundary: the cell copies it
     // from the gateway, which copied it from the cloud, and serves it.
-    store_version(
-        &dir.path().join("data-cloud-1/models"),
-        &dir.path().join("pki"),
-    );
+    store_ae_1(dir.path());
     cloud
         .control()
         .await
@@ -446,21 +445,4 @@ batch_size = 16
 aggregator = "gw-1"
 zone = "plant/area/cell"
 "#
-}
-
-/// Stores `ae@1`, an autoencoder signed by the test PKI, in the store at `models`.
-fn store_version(models: &std::path::Path, pki: &std::path::Path) {
-    let pki = fogmesh_tests::TestPki::open(pki);
-    let store = pki.signing_store(models);
-    let config = fogmesh_models::AutoencoderConfig::w1(CHANNELS as i64, WINDOW as i64);
-    let model = fogmesh_models::ConvAutoencoder::new(config.clone(), tch::Device::Cpu, 3).unwrap();
-    let (weights, _) = model.to_safetensors().unwrap();
-    let manifest = fogmesh_models::store::Manifest {
-        metrics: [("threshold".to_string(), 1000.0)].into(),
-        created_us: 1,
-        ..fogmesh_models::served::Architecture::ConvAutoencoder(config).manifest("ae", "1")
-    };
-    store
-        .import(manifest, &weights)
-        .expect("the store takes ae@1");
 }
